@@ -1,0 +1,264 @@
+"""Find and describe a GPT-NeoX (DeepSpeed) checkpoint: its step folder, layout, TP degree, config and files.
+
+Two layouts are understood:
+
+* pipeline: ``layer_{idx:02d}-model_{rank:02d}-model_states.pt``, one file per source layer per rank
+  (the GPT-NeoX-20B release);
+* sequential: ``mp_rank_{rank:02d}_model_states.pt`` holding ``{"module": {"sequential.{idx}.{key}": t}}``
+  (trained with pipe-parallel-size 0).
+
+Nothing here reads tensor data: `open_checkpoint` parses only the pickled tensor descriptions, so every
+file is checked for presence and readability before the merge writes a byte.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from neoxconv.config import NeoXConfig
+from neoxconv.errors import CheckpointError, ConfigError
+from neoxconv.ptfile import PtArchive, TensorRef, read_pt
+
+log = logging.getLogger(__name__)
+
+_PIPE_FILE = re.compile(r"^layer_(\d+)-model_(\d+)-model_states\.pt$")
+_SEQ_FILE = re.compile(r"^mp_rank_(\d+)_model_states\.pt$")
+_SEQ_KEY = re.compile(r"^sequential\.(\d+)\.(.+)$")
+
+
+class LayerKind(enum.Enum):
+    EMBEDDING = "embedding"
+    BLOCK = "block"
+    FINAL_NORM = "final_norm"
+    READOUT = "readout"
+
+
+@dataclass(frozen=True)
+class SourceLayer:
+    """One pipeline stage that has weights: its source index and what it is."""
+
+    index: int
+    kind: LayerKind
+    block: int | None = None  # 0-based transformer block number for BLOCK layers
+
+    @property
+    def label(self) -> str:
+        return f"layer {self.index:02d} ({self.kind.value}{'' if self.block is None else f' {self.block}'})"
+
+
+def model_layers(config: NeoXConfig, *, with_readout: bool = True) -> list[SourceLayer]:
+    """The source layers of a model, in order, derived from ``num_layers`` alone."""
+    layers = [SourceLayer(config.embedding_index, LayerKind.EMBEDDING)]
+    layers += [SourceLayer(idx, LayerKind.BLOCK, block=b) for b, idx in enumerate(config.block_indices)]
+    layers.append(SourceLayer(config.final_norm_index, LayerKind.FINAL_NORM))
+    if with_readout:
+        layers.append(SourceLayer(config.readout_index, LayerKind.READOUT))
+    return layers
+
+
+def pipeline_file_name(index: int, rank: int) -> str:
+    return f"layer_{index:02d}-model_{rank:02d}-model_states.pt"
+
+
+def sequential_file_name(rank: int) -> str:
+    return f"mp_rank_{rank:02d}_model_states.pt"
+
+
+@dataclass
+class Checkpoint:
+    """A located checkpoint. ``tensors(layer, rank)`` gives that shard's ``{neox_key: TensorRef}``."""
+
+    root: Path
+    step_dir: Path
+    layout: str  # "pipeline" | "sequential"
+    tp_degree: int
+    config: NeoXConfig
+    config_source: str
+    layers: list[SourceLayer]
+    tokenizer: Path | None
+    missing_files: list[str] = field(default_factory=list)
+    _archives: dict[Path, PtArchive] = field(default_factory=dict, repr=False)
+
+    def layer_files(self, layer: SourceLayer) -> list[Path]:
+        if self.layout == "pipeline":
+            return [self.step_dir / pipeline_file_name(layer.index, r) for r in range(self.tp_degree)]
+        return [self.step_dir / sequential_file_name(r) for r in range(self.tp_degree)]
+
+    def source_files(self) -> list[Path]:
+        files: list[Path] = []
+        for layer in self.layers:
+            for f in self.layer_files(layer):
+                if f not in files:
+                    files.append(f)
+        return files
+
+    def archive(self, path: Path) -> PtArchive:
+        if path not in self._archives:
+            self._archives[path] = read_pt(path, lenient=self.layout == "sequential")
+        return self._archives[path]
+
+    def tensors(self, layer: SourceLayer, rank: int) -> dict[str, TensorRef]:
+        path = self.layer_files(layer)[rank]
+        archive = self.archive(path)
+        if self.layout == "pipeline":
+            return archive.tensors()
+        out = {}
+        for key, ref in archive.tensors(("module",)).items():
+            m = _SEQ_KEY.match(key)
+            if m and int(m.group(1)) == layer.index:
+                out[m.group(2)] = ref
+        return out
+
+    def release(self, layer: SourceLayer) -> None:
+        """Forget a pipeline layer's parsed descriptions (sequential files stay: they serve every layer)."""
+        if self.layout == "pipeline":
+            for f in self.layer_files(layer):
+                self._archives.pop(f, None)
+
+
+def find_step_dir(src: Path) -> tuple[Path, Path]:
+    """(root, step_dir) for SRC = a checkpoint root (with ``latest`` or one global_step*) or a step folder."""
+    src = Path(src)
+    if not src.exists():
+        raise CheckpointError(f"{src}: no such file or directory")
+    if not src.is_dir():
+        raise CheckpointError(f"{src}: expected a checkpoint folder, got a file")
+    if _has_weights(src):
+        return src.parent, src
+    latest = src / "latest"
+    if latest.is_file():
+        name = latest.read_text().strip()
+        step = src / name
+        if not step.is_dir():
+            raise CheckpointError(f"{latest}: names {name!r}, but {step} is not a folder")
+        return src, step
+    steps = sorted(p for p in src.glob("global_step*") if p.is_dir())
+    if len(steps) == 1:
+        return src, steps[0]
+    if not steps:
+        raise CheckpointError(
+            f"{src}: no checkpoint here: no layer_*-model_*-model_states.pt or mp_rank_*_model_states.pt files, "
+            "no 'latest' file and no global_step* folder"
+        )
+    raise CheckpointError(
+        f"{src}: several step folders ({', '.join(p.name for p in steps)}) and no 'latest' file; "
+        "pass the step folder itself as SRC"
+    )
+
+
+def _has_weights(d: Path) -> bool:
+    return any(_PIPE_FILE.match(p.name) or _SEQ_FILE.match(p.name) for p in d.iterdir())
+
+
+def find_config(root: Path, step_dir: Path, explicit: Path | None) -> tuple[NeoXConfig, str]:
+    """The model config: ``--config`` (NeoX YAML or config.json), else configs/*.yml near the checkpoint."""
+    if explicit is not None:
+        explicit = Path(explicit)
+        if not explicit.is_file():
+            raise ConfigError(f"{explicit}: no such config file")
+        if explicit.suffix == ".json":
+            return NeoXConfig.from_hf_json(explicit), str(explicit)
+        return NeoXConfig.from_neox_yaml(explicit), str(explicit)
+    for d in (step_dir / "configs", root / "configs", step_dir, root):
+        ymls = sorted(p for p in d.glob("*.y*ml") if p.is_file()) if d.is_dir() else []
+        if ymls:
+            return NeoXConfig.from_neox_yaml(*ymls), ", ".join(str(p) for p in ymls)
+    for d in (step_dir, root):
+        if (d / "config.json").is_file():
+            return NeoXConfig.from_hf_json(d / "config.json"), str(d / "config.json")
+    raise ConfigError(
+        f"{root}: no model config found (looked for configs/*.yml and config.json); "
+        "pass the NeoX YAML the model was trained with, e.g. --config configs/20B.yml"
+    )
+
+
+def find_tokenizer(root: Path, step_dir: Path, explicit: Path | None) -> Path | None:
+    if explicit is not None:
+        if not Path(explicit).is_file():
+            raise CheckpointError(f"{explicit}: no such tokenizer file")
+        return Path(explicit)
+    for d in (root, step_dir):
+        found = sorted(p for p in d.glob("*tokenizer*.json") if p.is_file() and "config" not in p.name)
+        if found:
+            return found[0]
+    return None
+
+
+def _scan_ranks(step_dir: Path) -> tuple[str, dict[int, set[int]]]:
+    """Layout and {layer index: {ranks}} (sequential: {-1: {ranks}})."""
+    pipe: dict[int, set[int]] = {}
+    seq: set[int] = set()
+    for p in step_dir.iterdir():
+        if m := _PIPE_FILE.match(p.name):
+            pipe.setdefault(int(m.group(1)), set()).add(int(m.group(2)))
+        elif m := _SEQ_FILE.match(p.name):
+            seq.add(int(m.group(1)))
+    if pipe:
+        return "pipeline", pipe
+    if seq:
+        return "sequential", {-1: seq}
+    raise CheckpointError(f"{step_dir}: no layer_*-model_*-model_states.pt or mp_rank_*_model_states.pt files")
+
+
+def open_checkpoint(
+    src: Path, *, config_path: Path | None = None, tokenizer_path: Path | None = None, strict: bool = True
+) -> Checkpoint:
+    """Locate everything and check file presence and rank counts (no tensor data is read).
+
+    ``strict=False`` records missing files in ``missing_files`` instead of raising (for ``inspect``).
+    """
+    missing_files: list[str] = []
+    root, step_dir = find_step_dir(Path(src))
+    layout, ranks = _scan_ranks(step_dir)
+    config, config_source = find_config(root, step_dir, config_path)
+
+    if layout == "pipeline":
+        tp = max(len(r) for r in ranks.values())
+        expected_layers = model_layers(config, with_readout=True)
+        readout = config.readout_index
+        if config.tie_word_embeddings and readout not in ranks:
+            expected_layers = model_layers(config, with_readout=False)
+        problems: list[str] = []
+        missing_problems: list[str] = []
+        for layer in expected_layers:
+            have = ranks.get(layer.index, set())
+            missing = sorted(set(range(tp)) - have)
+            if missing:
+                names = [pipeline_file_name(layer.index, r) for r in missing]
+                missing_files += names
+                missing_problems.append(f"{layer.label}: missing {', '.join(names)}")
+            extra = sorted(have - set(range(tp)))
+            if extra:
+                problems.append(f"{layer.label}: unexpected ranks {extra} (TP degree {tp})")
+        known = {layer.index for layer in expected_layers}
+        stray = sorted(set(ranks) - known)
+        if stray:
+            problems.append(
+                f"layer files {stray} do not fit num_layers={config.num_layers} from {config_source} "
+                f"(expected layers {sorted(known)})"
+            )
+        if problems or (strict and missing_problems):
+            raise CheckpointError(f"{step_dir}: " + "; ".join(missing_problems + problems))
+    else:
+        have = ranks[-1]
+        tp = max(have) + 1
+        missing = sorted(set(range(tp)) - have)
+        missing_files = [sequential_file_name(r) for r in missing]
+        if missing and strict:
+            raise CheckpointError(f"{step_dir}: missing {', '.join(missing_files)}")
+        expected_layers = model_layers(config, with_readout=not config.tie_word_embeddings)
+
+    problems = config.tp_model_parallel_check(tp)
+    if problems:
+        raise ConfigError(f"{config_source}: " + "; ".join(problems))
+    ckpt = Checkpoint(
+        root=root, step_dir=step_dir, layout=layout, tp_degree=tp, config=config, config_source=config_source,
+        layers=expected_layers, tokenizer=find_tokenizer(root, step_dir, tokenizer_path),
+        missing_files=missing_files,
+    )
+    log.debug("checkpoint %s: layout %s, TP %d, %d layers", step_dir, layout, tp, len(expected_layers))
+    return ckpt

@@ -1,0 +1,268 @@
+"""`NeoXConfig`: the model's shape and numerics, read from a NeoX YAML or a Hugging Face config.json.
+
+The config is a frozen dataclass. Everything else (head size, rotary width, which source layer index holds
+what) is derived from it, never from folder names or magic numbers.
+
+Source layer indices of the NeoX pipeline layout, for ``num_layers = L``::
+
+    0          embedding            (word_embeddings.weight)
+    1          parameter-free stage (no file)
+    2 .. L+1   transformer blocks 0 .. L-1
+    L+2        parameter-free stage (no file)
+    L+3        final layer norm     (norm.weight, norm.bias)
+    L+4        readout              (final_linear.weight)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from neoxconv.errors import ConfigError
+
+# tanh-approximated GELU is what NeoX's fused bias-GELU kernel computes; Hugging Face calls it gelu_fast.
+GELU_TANH = "gelu_fast"
+GELU_EXACT = "gelu"
+_ACTIVATIONS = (GELU_TANH, GELU_EXACT)
+
+
+@dataclass(frozen=True)
+class NeoXConfig:
+    """Shape and numerics of a GPT-NeoX model (defaults are GPT-NeoX-20B's)."""
+
+    num_layers: int = 44
+    hidden_size: int = 6144
+    num_heads: int = 64
+    vocab_size: int | None = 50432  # padded rows of the embedding; None until known
+    intermediate_size: int | None = None  # None -> 4 * hidden_size
+    max_position_embeddings: int = 2048
+    rotary_pct: float = 0.25
+    rotary_emb_base: float = 10000.0
+    layernorm_eps: float = 1e-5
+    parallel_residual: bool = True  # NeoX "gpt_j_residual": x + attn(ln1(x)) + mlp(ln2(x))
+    tie_word_embeddings: bool = False  # NeoX "no-weight-tying: true" means False here
+    activation: str = GELU_TANH
+    bos_token_id: int = 0
+    eos_token_id: int = 0
+    make_vocab_size_divisible_by: int = 128
+
+    def __post_init__(self) -> None:
+        problems = []
+        for name in ("num_layers", "hidden_size", "num_heads", "max_position_embeddings"):
+            if int(getattr(self, name)) <= 0:
+                problems.append(f"{name} must be positive, got {getattr(self, name)}")
+        if self.hidden_size > 0 and self.num_heads > 0 and self.hidden_size % self.num_heads:
+            problems.append(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        if not 0.0 < self.rotary_pct <= 1.0:
+            problems.append(f"rotary_pct must be in (0, 1], got {self.rotary_pct}")
+        elif self.hidden_size % self.num_heads == 0 and self.rotary_dims % 2:
+            problems.append(f"rotary dims {self.rotary_dims} (head_dim x rotary_pct) must be even")
+        if self.rotary_emb_base <= 0:
+            problems.append(f"rotary_emb_base must be positive, got {self.rotary_emb_base}")
+        if self.activation not in _ACTIVATIONS:
+            problems.append(f"activation must be one of {_ACTIVATIONS}, got {self.activation!r}")
+        if self.vocab_size is not None and self.vocab_size <= 0:
+            problems.append(f"vocab_size must be positive, got {self.vocab_size}")
+        if self.intermediate_size is not None and self.intermediate_size <= 0:
+            problems.append(f"intermediate_size must be positive, got {self.intermediate_size}")
+        if problems:
+            raise ConfigError("invalid model config: " + "; ".join(problems))
+
+    # ----- derived values -------------------------------------------------------------------------
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def rotary_dims(self) -> int:
+        """Features of each head that RoPE rotates (the first ``rotary_pct`` of the head)."""
+        return int(self.head_dim * self.rotary_pct)
+
+    @property
+    def ffn_size(self) -> int:
+        return self.intermediate_size or 4 * self.hidden_size
+
+    @property
+    def embedding_index(self) -> int:
+        return 0
+
+    @property
+    def block_indices(self) -> range:
+        """Source layer indices of the transformer blocks (2 .. L+1)."""
+        return range(2, self.num_layers + 2)
+
+    @property
+    def final_norm_index(self) -> int:
+        return self.num_layers + 3
+
+    @property
+    def readout_index(self) -> int:
+        return self.num_layers + 4
+
+    def with_(self, **changes: Any) -> NeoXConfig:
+        return dataclasses.replace(self, **changes)
+
+    # ----- Hugging Face config.json ---------------------------------------------------------------
+    def to_hf_dict(self, *, torch_dtype: str = "float16") -> dict[str, Any]:
+        """A config.json that transformers 4.x and 5.x both read (legacy rotary keys, explicit act)."""
+        if self.vocab_size is None:
+            raise ConfigError("vocab_size is unknown; it must be set from the embedding before writing config.json")
+        return {
+            "architectures": ["GPTNeoXForCausalLM"],
+            "model_type": "gpt_neox",
+            "hidden_size": self.hidden_size,
+            "num_attention_heads": self.num_heads,
+            "num_hidden_layers": self.num_layers,
+            "intermediate_size": self.ffn_size,
+            "vocab_size": self.vocab_size,
+            "max_position_embeddings": self.max_position_embeddings,
+            "rotary_pct": self.rotary_pct,
+            "rotary_emb_base": self.rotary_emb_base,
+            "layer_norm_eps": self.layernorm_eps,
+            "use_parallel_residual": self.parallel_residual,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "hidden_act": self.activation,
+            "attention_bias": True,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_id,
+            "hidden_dropout": 0.0,
+            "attention_dropout": 0.0,
+            "initializer_range": 0.02,
+            "use_cache": True,
+            "torch_dtype": torch_dtype,
+        }
+
+    @classmethod
+    def from_hf_dict(cls, d: dict[str, Any]) -> NeoXConfig:
+        if d.get("model_type") not in (None, "gpt_neox"):
+            raise ConfigError(f"config.json has model_type {d.get('model_type')!r}, expected 'gpt_neox'")
+        rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
+        try:
+            return cls(
+                num_layers=int(d["num_hidden_layers"]),
+                hidden_size=int(d["hidden_size"]),
+                num_heads=int(d["num_attention_heads"]),
+                vocab_size=int(d["vocab_size"]),
+                intermediate_size=int(d.get("intermediate_size") or 4 * int(d["hidden_size"])),
+                max_position_embeddings=int(d.get("max_position_embeddings", 2048)),
+                rotary_pct=float(d.get("rotary_pct", rope.get("partial_rotary_factor", 0.25))),
+                rotary_emb_base=float(d.get("rotary_emb_base", d.get("rope_theta", rope.get("rope_theta", 10000)))),
+                layernorm_eps=float(d.get("layer_norm_eps", 1e-5)),
+                parallel_residual=bool(d.get("use_parallel_residual", True)),
+                tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+                activation=str(d.get("hidden_act", GELU_EXACT)),
+                bos_token_id=int(d.get("bos_token_id") or 0),
+                eos_token_id=int(d.get("eos_token_id") or 0),
+            )
+        except KeyError as e:
+            raise ConfigError(f"config.json lacks the key {e.args[0]!r}") from None
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"config.json has a bad value: {e}") from None
+
+    @classmethod
+    def from_hf_json(cls, path: Path) -> NeoXConfig:
+        try:
+            d = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ConfigError(f"{path}: cannot read config.json: {e}") from None
+        try:
+            return cls.from_hf_dict(d)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
+
+    # ----- NeoX YAML ------------------------------------------------------------------------------
+    @classmethod
+    def from_neox_dict(cls, raw: dict[str, Any]) -> NeoXConfig:
+        """Build from NeoX arguments; keys may use hyphens or underscores."""
+        d = {str(k).replace("-", "_"): v for k, v in raw.items()}
+        missing = [k for k in ("num_layers", "hidden_size", "num_attention_heads") if k not in d]
+        if missing:
+            raise ConfigError(f"NeoX config lacks {', '.join(missing)}")
+        problems = []
+        if str(d.get("pos_emb", "rotary")) != "rotary":
+            problems.append(f"pos-emb {d['pos_emb']!r} (only 'rotary' is supported)")
+        if str(d.get("norm", "layernorm")) != "layernorm":
+            problems.append(f"norm {d['norm']!r} (only 'layernorm' is supported)")
+        if str(d.get("activation", "gelu")) != "gelu":
+            problems.append(f"activation {d['activation']!r} (only 'gelu' is supported)")
+        if d.get("gpt_j_tied"):
+            problems.append("gpt_j_tied (shared layer norms) is not supported")
+        if problems:
+            raise ConfigError("unsupported NeoX config: " + "; ".join(problems))
+        fused = _as_bool(d.get("bias_gelu_fusion", False))
+        try:
+            return cls(
+                num_layers=int(d["num_layers"]),
+                hidden_size=int(d["hidden_size"]),
+                num_heads=int(d["num_attention_heads"]),
+                vocab_size=int(d["padded_vocab_size"]) if d.get("padded_vocab_size") else None,
+                intermediate_size=int(d["intermediate_size"]) if d.get("intermediate_size") else None,
+                max_position_embeddings=int(d.get("max_position_embeddings") or d.get("seq_length") or 2048),
+                rotary_pct=float(d.get("rotary_pct", 1.0)),
+                rotary_emb_base=float(d.get("rotary_emb_base", 10000)),
+                layernorm_eps=float(d.get("layernorm_epsilon", 1e-5)),
+                parallel_residual=_as_bool(d.get("gpt_j_residual", False)),
+                tie_word_embeddings=not _as_bool(d.get("no_weight_tying", False)),
+                activation=GELU_TANH if fused else GELU_EXACT,
+                make_vocab_size_divisible_by=int(d.get("make_vocab_size_divisible_by", 128)),
+            )
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"NeoX config has a bad value: {e}") from None
+
+    @classmethod
+    def from_neox_yaml(cls, *paths: Path) -> NeoXConfig:
+        """Parse one or more NeoX YAML files (later files override earlier ones, as NeoX does)."""
+        merged: dict[str, Any] = {}
+        for path in paths:
+            merged.update(read_neox_yaml(path))
+        try:
+            return cls.from_neox_dict(merged)
+        except ConfigError as e:
+            where = ", ".join(str(p) for p in paths)
+            raise ConfigError(f"{where}: {e}") from None
+
+    def tp_model_parallel_check(self, tp_degree: int) -> list[str]:
+        """Problems that make this config impossible to split ``tp_degree`` ways (empty if none)."""
+        problems = []
+        if self.num_heads % tp_degree:
+            problems.append(f"num_heads {self.num_heads} is not divisible by the TP degree {tp_degree}")
+        if self.ffn_size % tp_degree:
+            problems.append(f"intermediate size {self.ffn_size} is not divisible by the TP degree {tp_degree}")
+        if self.vocab_size is not None and self.vocab_size % tp_degree:
+            problems.append(f"vocab_size {self.vocab_size} is not divisible by the TP degree {tp_degree}")
+        return problems
+
+
+def _as_bool(v: Any) -> bool:
+    if isinstance(v, str):
+        return v.strip().lower() in ("1", "true", "yes", "on")
+    return bool(v)
+
+
+def read_neox_yaml(path: Path) -> dict[str, Any]:
+    """Read a NeoX YAML config (JSON-like braces, comments, ``True``, trailing commas)."""
+    import yaml
+
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the config: {e}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of NeoX arguments, got {type(data).__name__}")
+    return data
+
+
+def padded_vocab_size(tokenizer_size: int, *, divisible_by: int, tp_degree: int) -> int:
+    """The embedding rows NeoX allocates: round up to a multiple of divisible_by x tp_degree."""
+    multiple = divisible_by * tp_degree
+    return -(-tokenizer_size // multiple) * multiple
+
+
+GPT_NEOX_20B = NeoXConfig()

@@ -1,0 +1,293 @@
+"""`merge_checkpoint`: the whole merge job, one source layer at a time, resumable and crash-safe.
+
+Order of work:
+1. preflight (no tensor data read): locate files, parse every archive's tensor description, check every
+   layer against the rule table and config, check the output folder and the free disk space;
+2. per layer: merge the small tensors (sums, replicas, dropped buffers) in memory, then stream the
+   concatenated weights into ``model-XXXXX-of-YYYYY.safetensors`` (temp name, fsync, rename), then record
+   the layer in the journal ``.neoxconv-journal.json``;
+3. config.json, tokenizer files, ``model.safetensors.index.json`` and finally the manifest ``neoxconv.json``.
+
+An interrupted run leaves the journal; the same command resumes, keeping every layer whose file still
+matches its recorded sha256.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from neoxconv import __version__
+from neoxconv.checkpoint import Checkpoint, LayerKind, open_checkpoint
+from neoxconv.dtypes import canonical_dtype, count_nonfinite
+from neoxconv.errors import CheckpointError, MergeError, OutputError
+from neoxconv.merge import LayerPlan, Rule, TensorPlan, iter_merged_chunks, max_divergence, merge_tensor, plan_layer, resolve_row_bias
+from neoxconv.progress import progress_bar
+from neoxconv.tokenizer_files import eos_token_id, tokenizer_config
+from neoxconv.writer import TMP_SUFFIX, SafetensorsWriter, atomic_write, atomic_write_json, sha256_file
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "neoxconv.json"
+JOURNAL = ".neoxconv-journal.json"
+INDEX = "model.safetensors.index.json"
+MANIFEST_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class MergeOptions:
+    """Everything that changes what `merge` writes (recorded in the manifest) or how it behaves."""
+
+    dtype: str = "auto"  # auto | fp16 | bf16 | fp32
+    row_bias: str = "auto"  # auto | sum | replicated
+    replica_tolerance: float = 1e-2  # max |rank_k - rank_0| for replicated tensors
+    allow_nonfinite: bool = False
+    config_path: Path | None = None
+    tokenizer_path: Path | None = None
+    resume: bool = True
+    force: bool = False
+    quiet: bool = False
+
+    def recorded(self, row_bias_rule: Rule) -> dict[str, Any]:
+        """The options that determine the output bytes (a resume must match them)."""
+        return {"dtype": self.dtype, "row_bias": row_bias_rule.value, "replica_tolerance": self.replica_tolerance}
+
+
+@dataclass
+class MergeReport:
+    out_dir: Path
+    tp_degree: int
+    layout: str
+    files_written: int
+    files_reused: int
+    total_bytes: int
+    warnings: list[str] = field(default_factory=list)
+    max_replica_divergence: float = 0.0
+
+
+def _source_fingerprint(ckpt: Checkpoint) -> dict[str, Any]:
+    return {
+        "step_dir": str(ckpt.step_dir.resolve()),
+        "layout": ckpt.layout,
+        "tp_degree": ckpt.tp_degree,
+        "files": [{"name": p.name, "size": p.stat().st_size} for p in ckpt.source_files()],
+    }
+
+
+def _output_names(n: int) -> list[str]:
+    return [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+
+
+def _load_state(out: Path) -> dict[str, Any] | None:
+    for name in (JOURNAL, MANIFEST):
+        p = out / name
+        if p.is_file():
+            try:
+                state = json.loads(p.read_text())
+            except (OSError, json.JSONDecodeError):
+                continue
+            if isinstance(state, dict) and state.get("tool") == "neoxconv":
+                return state
+    return None
+
+
+def _prepare_out(out: Path, state: dict | None, source: dict, recorded: dict, options: MergeOptions) -> dict:
+    """Check the output folder is safe to write; return the layer entries that may be reused."""
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob(f".*{TMP_SUFFIX}"):
+        stale.unlink()  # our own temporaries from an interrupted run
+    entries = [p for p in out.iterdir()]
+    if state is None:
+        if entries and not options.force:
+            raise OutputError(
+                f"{out}: the folder is not empty and is not a neoxconv output; choose an empty folder or pass --force "
+                "(neoxconv only overwrites the files it writes)"
+            )
+        return {}
+    same = state.get("source") == source and state.get("options") == recorded
+    if not same:
+        if not options.force:
+            raise OutputError(
+                f"{out}: holds a neoxconv output of a different source or different options "
+                f"({state.get('source', {}).get('step_dir')}, {state.get('options')}); "
+                "choose another folder or pass --force to overwrite it"
+            )
+        return {}
+    if not options.resume:
+        return {}
+    return dict(state.get("layers", {}))
+
+
+def _check_disk(out: Path, need: int) -> None:
+    free = shutil.disk_usage(out).free
+    if need > free:
+        raise OutputError(
+            f"{out}: needs {need / 1e9:.2f} GB for the merged model but only {free / 1e9:.2f} GB is free"
+        )
+
+
+def _merge_small(t: TensorPlan, tolerance: float, where: str) -> tuple[np.ndarray, float | None]:
+    """Sum / replicated / drop: whole tensors in memory (they are vectors). Returns (value, divergence)."""
+    arrays = [np.asarray(r.array()) for r in t.shards]
+    divergence = None
+    if t.rule in (Rule.REPLICATED, Rule.DROP):
+        divergence = max_divergence(arrays, t.src_dtype)
+        limit = 0.0 if t.rule is Rule.DROP else tolerance
+        if not divergence <= limit:
+            ranks = ", ".join(r.path.name for r in t.shards)
+            what = "derived buffer differs" if t.rule is Rule.DROP else "replicated tensor diverges"
+            hint = "" if t.rule is Rule.DROP else (
+                " (raise --replica-tolerance to accept it, or use --row-bias sum if this is a row-parallel bias)"
+                if "dense" in t.key else " (raise --replica-tolerance to accept it)"
+            )
+            raise MergeError(
+                f"{where}: {what} across ranks for {t.key!r}: max |rank_k - rank_0| = {divergence:.3g} "
+                f"> tolerance {limit:g} [{ranks}]{hint}"
+            )
+    return merge_tensor(t.rule, arrays, dtype=t.src_dtype, out_dtype=t.out_dtype), divergence
+
+
+def _nonfinite(values: np.ndarray, t: TensorPlan, where: str, allow: bool, warnings: list[str]) -> None:
+    n = count_nonfinite(values, t.out_dtype)
+    if n:
+        msg = f"{where}: {t.key!r} ({t.hf_name}) has {n} non-finite value(s) (inf/nan) after merging to {t.out_dtype}"
+        if not allow:
+            raise MergeError(msg + "; pass --allow-nonfinite to write it anyway")
+        warnings.append(msg)
+        log.warning(msg)
+
+
+def _write_layer(path: Path, plan: LayerPlan, options: MergeOptions, warnings: list[str], bar) -> dict[str, Any]:
+    where = f"{plan.layer.label} [{', '.join(plan.files)}]"
+    small: dict[str, tuple[np.ndarray, float | None]] = {}
+    for t in plan.dropped:
+        _merge_small(t, 0.0, where)
+    for t in plan.tensors:
+        if t.rule in (Rule.SUM, Rule.REPLICATED):
+            small[t.key] = _merge_small(t, options.replica_tolerance, where)
+            _nonfinite(small[t.key][0], t, where, options.allow_nonfinite, warnings)
+    entries = [(t.hf_name, t.out_dtype, t.shape) for t in plan.tensors]
+    tensors_meta: dict[str, Any] = {}
+    with SafetensorsWriter(path, entries) as w:
+        for t in plan.tensors:
+            meta: dict[str, Any] = {"source_key": t.key, "rule": t.rule.value, "dtype": t.out_dtype, "shape": list(t.shape)}
+            if t.key in small:
+                value, divergence = small[t.key]
+                w.write_tensor(t.hf_name, value)
+                if divergence is not None:
+                    meta["max_replica_divergence"] = divergence
+                bar.update(value.nbytes)
+            else:
+                for chunk in iter_merged_chunks(t):
+                    _nonfinite(chunk, t, where, options.allow_nonfinite, warnings)
+                    w.write_chunk(t.hf_name, chunk)
+                    bar.update(chunk.nbytes)
+            tensors_meta[t.hf_name] = meta
+    return {
+        "source_layer": plan.layer.index,
+        "kind": plan.layer.kind.value,
+        "source_files": plan.files,
+        "sha256": w.sha256,
+        "size": w.size,
+        "tensors": tensors_meta,
+        "dropped": {t.key: t.rule.value for t in plan.dropped},
+    }
+
+
+def merge_checkpoint(src: Path, out: Path, options: MergeOptions | None = None) -> MergeReport:
+    """Merge the tensor-parallel checkpoint at ``src`` into a Hugging Face folder ``out``."""
+    options = options or MergeOptions()
+    out = Path(out)
+    ckpt = open_checkpoint(src, config_path=options.config_path, tokenizer_path=options.tokenizer_path)
+    out_dtype = None if options.dtype == "auto" else canonical_dtype(options.dtype)
+    row_bias = resolve_row_bias(options.row_bias, ckpt.config)
+
+    # ---- preflight: every archive's description, every layer's plan; no tensor data read ----
+    emb = ckpt.tensors(ckpt.layers[0], 0).get("word_embeddings.weight")
+    if emb is None:
+        raise CheckpointError(f"{ckpt.layer_files(ckpt.layers[0])[0]}: no 'word_embeddings.weight' in the embedding layer")
+    vocab = emb.shape[0] * ckpt.tp_degree if emb.shape else 0
+    config = ckpt.config
+    if config.vocab_size is None:
+        config = config.with_(vocab_size=vocab)
+    plans: list[LayerPlan] = []
+    for layer in ckpt.layers:
+        files = [p.name for p in ckpt.layer_files(layer)]
+        shards = [ckpt.tensors(layer, r) for r in range(ckpt.tp_degree)]
+        plans.append(plan_layer(layer, shards, files=files, config=config, row_bias=row_bias, out_dtype=out_dtype))
+        ckpt.release(layer)
+    if ckpt.tokenizer is not None:
+        eos = eos_token_id(ckpt.tokenizer)
+        if eos is not None:
+            config = config.with_(bos_token_id=eos, eos_token_id=eos)
+    dtypes = {t.out_dtype for p in plans for t in p.tensors}
+    config_dtype = {"float16": "float16", "bfloat16": "bfloat16", "float32": "float32"}.get(
+        dtypes.pop() if len(dtypes) == 1 else "float32", "float32")
+
+    source = _source_fingerprint(ckpt)
+    recorded = options.recorded(row_bias)
+    reusable = _prepare_out(out, _load_state(out), source, recorded, options)
+    names = _output_names(len(plans))
+    state: dict[str, Any] = {
+        "tool": "neoxconv", "version": __version__, "format": MANIFEST_FORMAT,
+        "source": source, "options": recorded, "layers": {},
+    }
+
+    # which layers are already done (file present and its sha256 as recorded)
+    todo: list[tuple[str, LayerPlan]] = []
+    for name, plan in zip(names, plans):
+        entry = reusable.get(name)
+        path = out / name
+        if entry and entry.get("source_layer") == plan.layer.index and path.is_file() \
+                and path.stat().st_size == entry.get("size") and sha256_file(path) == entry.get("sha256"):
+            state["layers"][name] = entry
+        else:
+            todo.append((name, plan))
+    _check_disk(out, sum(p.nbytes for _, p in todo) + (1 << 20))
+    (out / MANIFEST).unlink(missing_ok=True)  # the manifest only exists beside a complete output
+    atomic_write_json(out / JOURNAL, state)
+
+    # ---- the merge ----
+    warnings: list[str] = []
+    total = sum(p.nbytes for _, p in todo)
+    with progress_bar(total=total, desc="merge", unit="B", quiet=options.quiet) as bar:
+        for name, plan in todo:
+            bar.set_postfix_str(f"{plan.layer.label} -> {name}", refresh=False)
+            state["layers"][name] = _write_layer(out / name, plan, options, warnings, bar)
+            atomic_write_json(out / JOURNAL, state)  # progress survives a crash from here on
+            ckpt.release(plan.layer)
+    state["layers"] = {n: state["layers"][n] for n in names}
+
+    # ---- config, tokenizer, index, manifest (last) ----
+    files: dict[str, str] = {}
+    files["config.json"] = atomic_write_json(out / "config.json", config.to_hf_dict(torch_dtype=config_dtype))
+    if ckpt.tokenizer is not None:
+        files["tokenizer.json"] = atomic_write(out / "tokenizer.json", ckpt.tokenizer.read_bytes())
+        files["tokenizer_config.json"] = atomic_write_json(
+            out / "tokenizer_config.json", tokenizer_config(ckpt.tokenizer, config.max_position_embeddings))
+    weight_map = {t: name for name in names for t in state["layers"][name]["tensors"]}
+    total_size = sum(p.nbytes for p in plans)
+    files[INDEX] = atomic_write_json(
+        out / INDEX, {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))})
+    divergences = [m.get("max_replica_divergence", 0.0) for e in state["layers"].values() for m in e["tensors"].values()]
+    state["files"] = {k: {"sha256": v, "size": (out / k).stat().st_size} for k, v in files.items()}
+    state["config"] = asdict(config)
+    state["tokenizer"] = ckpt.tokenizer.name if ckpt.tokenizer else None
+    state["max_replica_divergence"] = max(divergences, default=0.0)
+    state["warnings"] = warnings
+    atomic_write_json(out / MANIFEST, state)
+    (out / JOURNAL).unlink(missing_ok=True)
+    if ckpt.tokenizer is None:
+        log.warning("no tokenizer found next to the checkpoint; pass --tokenizer FILE to include one")
+    report = MergeReport(
+        out_dir=out, tp_degree=ckpt.tp_degree, layout=ckpt.layout, files_written=len(todo),
+        files_reused=len(plans) - len(todo), total_bytes=total_size, warnings=warnings,
+        max_replica_divergence=state["max_replica_divergence"],
+    )
+    return report

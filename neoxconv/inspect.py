@@ -1,0 +1,57 @@
+"""`inspect_checkpoint`: what a source checkpoint holds, from its tensor descriptions only."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from neoxconv.checkpoint import open_checkpoint
+from neoxconv.merge import plan_layer, resolve_row_bias
+
+
+def inspect_checkpoint(src: Path, *, config_path: Path | None = None) -> dict[str, Any]:
+    """TP degree, layout, shape, dtype, parameter count and the files found / missing. Reads no tensor data."""
+    ckpt = open_checkpoint(src, config_path=config_path, strict=False)
+    config = ckpt.config
+    found = [p.name for p in ckpt.source_files() if p.is_file()]
+    result: dict[str, Any] = {
+        "step_dir": str(ckpt.step_dir),
+        "layout": ckpt.layout,
+        "tp_degree": ckpt.tp_degree,
+        "num_layers": config.num_layers,
+        "hidden_size": config.hidden_size,
+        "num_heads": config.num_heads,
+        "intermediate_size": config.ffn_size,
+        "vocab_size": config.vocab_size,
+        "rotary_pct": config.rotary_pct,
+        "parallel_residual": config.parallel_residual,
+        "activation": config.activation,
+        "config_source": ckpt.config_source,
+        "tokenizer": str(ckpt.tokenizer) if ckpt.tokenizer else None,
+        "files_found": found,
+        "files_missing": list(ckpt.missing_files),
+        "dtype": None,
+        "parameters": None,
+    }
+    if ckpt.missing_files:
+        return result
+    emb = ckpt.tensors(ckpt.layers[0], 0).get("word_embeddings.weight")
+    if emb is not None and config.vocab_size is None:
+        config = config.with_(vocab_size=emb.shape[0] * ckpt.tp_degree)
+        result["vocab_size"] = config.vocab_size
+    row_bias = resolve_row_bias("auto", config)
+    params, dtypes = 0, set()
+    for layer in ckpt.layers:
+        files = [p.name for p in ckpt.layer_files(layer)]
+        shards = [ckpt.tensors(layer, r) for r in range(ckpt.tp_degree)]
+        plan = plan_layer(layer, shards, files=files, config=config, row_bias=row_bias, out_dtype=None)
+        for t in plan.tensors:
+            n = 1
+            for s in t.shape:
+                n *= s
+            params += n
+            dtypes.add(t.src_dtype)
+        ckpt.release(layer)
+    result["parameters"] = params
+    result["dtype"] = dtypes.pop() if len(dtypes) == 1 else sorted(dtypes)
+    return result

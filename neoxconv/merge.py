@@ -1,0 +1,300 @@
+"""The merge rules as one table, pure functions that merge N shards, and per-layer validation.
+
+How T tensor-parallel shards become one tensor (see DESIGN.md section 2):
+
+    CONCAT_ROWS  column- and vocab-parallel: every rank holds a block of output rows -> concat dim 0
+                 (fused QKV is laid out [heads, 3, head_dim], so each rank holds whole heads, in order)
+    CONCAT_COLS  row-parallel weights: every rank holds a block of input columns -> concat dim 1
+    SUM          row-parallel biases with parallel residual: each rank adds its part before the
+                 all-reduce, so the effective bias is the sum (computed in fp32, then cast)
+    REPLICATED   identical on every rank: check agreement within a tolerance, write the fp32 mean
+    DROP         derived buffers (rotary inv_freq, causal-mask buffers): check identical, not written
+
+Row-parallel biases are ``ROW_BIAS`` in the table and resolve to SUM or REPLICATED by option/config.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from neoxconv.checkpoint import LayerKind, SourceLayer
+from neoxconv.config import NeoXConfig
+from neoxconv.dtypes import FLOAT_DTYPES, from_f32, to_f32
+from neoxconv.errors import CheckpointError, MergeError
+from neoxconv.ptfile import TensorRef
+
+
+class Rule(str, enum.Enum):
+    CONCAT_ROWS = "concat_dim0"
+    CONCAT_COLS = "concat_dim1"
+    SUM = "sum"
+    REPLICATED = "replicated"
+    DROP = "drop"
+    ROW_BIAS = "row_bias"  # resolved to SUM or REPLICATED
+
+
+@dataclass(frozen=True)
+class RuleSpec:
+    rule: Rule
+    hf_name: str | None  # "{i}" is the transformer block number; None for dropped keys
+    shape: str  # merged shape in config terms: V vocab, H hidden, F ffn
+
+
+_BLOCK = "gpt_neox.layers.{i}."
+RULES: dict[LayerKind, dict[str, RuleSpec]] = {
+    LayerKind.EMBEDDING: {
+        "word_embeddings.weight": RuleSpec(Rule.CONCAT_ROWS, "gpt_neox.embed_in.weight", "V,H"),
+    },
+    LayerKind.BLOCK: {
+        "input_layernorm.weight": RuleSpec(Rule.REPLICATED, _BLOCK + "input_layernorm.weight", "H"),
+        "input_layernorm.bias": RuleSpec(Rule.REPLICATED, _BLOCK + "input_layernorm.bias", "H"),
+        "attention.query_key_value.weight": RuleSpec(Rule.CONCAT_ROWS, _BLOCK + "attention.query_key_value.weight", "3H,H"),
+        "attention.query_key_value.bias": RuleSpec(Rule.CONCAT_ROWS, _BLOCK + "attention.query_key_value.bias", "3H"),
+        "attention.dense.weight": RuleSpec(Rule.CONCAT_COLS, _BLOCK + "attention.dense.weight", "H,H"),
+        "attention.dense.bias": RuleSpec(Rule.ROW_BIAS, _BLOCK + "attention.dense.bias", "H"),
+        "post_attention_layernorm.weight": RuleSpec(Rule.REPLICATED, _BLOCK + "post_attention_layernorm.weight", "H"),
+        "post_attention_layernorm.bias": RuleSpec(Rule.REPLICATED, _BLOCK + "post_attention_layernorm.bias", "H"),
+        "mlp.dense_h_to_4h.weight": RuleSpec(Rule.CONCAT_ROWS, _BLOCK + "mlp.dense_h_to_4h.weight", "F,H"),
+        "mlp.dense_h_to_4h.bias": RuleSpec(Rule.CONCAT_ROWS, _BLOCK + "mlp.dense_h_to_4h.bias", "F"),
+        "mlp.dense_4h_to_h.weight": RuleSpec(Rule.CONCAT_COLS, _BLOCK + "mlp.dense_4h_to_h.weight", "H,F"),
+        "mlp.dense_4h_to_h.bias": RuleSpec(Rule.ROW_BIAS, _BLOCK + "mlp.dense_4h_to_h.bias", "H"),
+        # derived buffers, deliberately not written
+        "attention.rotary_emb.inv_freq": RuleSpec(Rule.DROP, None, "R"),
+        "attention.bias": RuleSpec(Rule.DROP, None, "*"),
+        "attention.masked_bias": RuleSpec(Rule.DROP, None, "*"),
+    },
+    LayerKind.FINAL_NORM: {
+        "norm.weight": RuleSpec(Rule.REPLICATED, "gpt_neox.final_layer_norm.weight", "H"),
+        "norm.bias": RuleSpec(Rule.REPLICATED, "gpt_neox.final_layer_norm.bias", "H"),
+    },
+    LayerKind.READOUT: {
+        "final_linear.weight": RuleSpec(Rule.CONCAT_ROWS, "embed_out.weight", "V,H"),
+    },
+}
+OPTIONAL_KEYS = {"attention.rotary_emb.inv_freq", "attention.bias", "attention.masked_bias"}
+
+ROW_BIAS_CHOICES = ("auto", "sum", "replicated")
+
+
+def resolve_row_bias(choice: str, config: NeoXConfig) -> Rule:
+    """auto: SUM with parallel residual (NeoX's parallel_output=True), REPLICATED without."""
+    if choice == "sum":
+        return Rule.SUM
+    if choice == "replicated":
+        return Rule.REPLICATED
+    if choice == "auto":
+        return Rule.SUM if config.parallel_residual else Rule.REPLICATED
+    raise ValueError(f"row_bias must be one of {ROW_BIAS_CHOICES}, got {choice!r}")
+
+
+def hf_name(spec: RuleSpec, layer: SourceLayer) -> str | None:
+    if spec.hf_name is None:
+        return None
+    return spec.hf_name.format(i=layer.block)
+
+
+def expected_shape(spec: RuleSpec, config: NeoXConfig) -> tuple[int, ...] | None:
+    """The merged tensor's shape from the config (None: not checked)."""
+    if spec.shape in ("*", "R"):
+        return None
+    sizes = {"V": config.vocab_size, "H": config.hidden_size, "3H": 3 * config.hidden_size, "F": config.ffn_size}
+    dims = tuple(sizes[d] for d in spec.shape.split(","))
+    return None if any(d is None for d in dims) else dims  # type: ignore[return-value]
+
+
+# ----- pure merge functions ------------------------------------------------------------------------
+def merge_tensor(rule: Rule, shards: list[np.ndarray], *, dtype: str, out_dtype: str | None = None) -> np.ndarray:
+    """Merge ``shards`` (numpy arrays holding ``dtype`` values) by ``rule``; result holds ``out_dtype``.
+
+    Sums and means are computed in float32, then cast. DROP returns shard 0 (callers check identity).
+    """
+    out_dtype = out_dtype or dtype
+    if not shards:
+        raise ValueError("no shards to merge")
+    if rule is Rule.CONCAT_ROWS:
+        return _cast(np.concatenate(shards, axis=0), dtype, out_dtype)
+    if rule is Rule.CONCAT_COLS:
+        return _cast(np.concatenate(shards, axis=1), dtype, out_dtype)
+    if rule is Rule.SUM:
+        total = to_f32(shards[0], dtype).copy()
+        for s in shards[1:]:
+            total += to_f32(s, dtype)
+        return from_f32(total, out_dtype)
+    if rule is Rule.REPLICATED:
+        total = to_f32(shards[0], dtype).copy()
+        for s in shards[1:]:
+            total += to_f32(s, dtype)
+        return from_f32(total / np.float32(len(shards)), out_dtype)
+    if rule is Rule.DROP:
+        return np.asarray(shards[0])
+    raise ValueError(f"rule {rule} must be resolved before merging")
+
+
+def split_tensor(rule: Rule, full: np.ndarray, parts: int) -> list[np.ndarray]:
+    """The inverse of `merge_tensor` for the concat and replicated rules (used to build fixtures)."""
+    if rule is Rule.CONCAT_ROWS:
+        return list(np.split(full, parts, axis=0))
+    if rule is Rule.CONCAT_COLS:
+        return list(np.split(full, parts, axis=1))
+    if rule in (Rule.REPLICATED, Rule.DROP):
+        return [full.copy() for _ in range(parts)]
+    raise ValueError(f"{rule} has no unique inverse (a sum can be split many ways)")
+
+
+def _cast(a: np.ndarray, src: str, dst: str) -> np.ndarray:
+    return a if src == dst else from_f32(to_f32(a, src), dst)
+
+
+def max_divergence(shards: list[np.ndarray], dtype: str) -> float:
+    """Largest |shard_k - shard_0| over all ranks and elements (0.0 for identical replicas)."""
+    if dtype not in FLOAT_DTYPES:
+        return 0.0 if all(np.array_equal(shards[0], s) for s in shards[1:]) else float("inf")
+    base = to_f32(shards[0], dtype)
+    worst = 0.0
+    for s in shards[1:]:
+        diff = np.abs(to_f32(s, dtype) - base)
+        worst = max(worst, float(np.nanmax(diff)) if diff.size else 0.0)
+        if np.isnan(diff).any():
+            return float("nan")
+    return worst
+
+
+# ----- per-layer planning and validation --------------------------------------------------------------
+@dataclass
+class TensorPlan:
+    """How one output tensor is made: its rule, its shards, its output name, dtype and shape."""
+
+    key: str
+    hf_name: str
+    rule: Rule
+    shards: list[TensorRef]
+    src_dtype: str
+    out_dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n * {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8}.get(self.out_dtype, 1)
+
+
+@dataclass
+class LayerPlan:
+    layer: SourceLayer
+    files: list[str]
+    tensors: list[TensorPlan] = field(default_factory=list)
+    dropped: list[TensorPlan] = field(default_factory=list)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+
+def _merged_shape(rule: Rule, shapes: list[tuple[int, ...]]) -> tuple[int, ...] | None:
+    first = shapes[0]
+    if rule is Rule.CONCAT_ROWS:
+        if any(len(s) != len(first) or s[1:] != first[1:] for s in shapes) or not first:
+            return None
+        return (sum(s[0] for s in shapes), *first[1:])
+    if rule is Rule.CONCAT_COLS:
+        if any(len(s) != 2 for s in shapes) or any(s[0] != first[0] for s in shapes):
+            return None
+        return (first[0], sum(s[1] for s in shapes))
+    return first if all(s == first for s in shapes) else None
+
+
+def plan_layer(
+    layer: SourceLayer,
+    shards: list[dict[str, TensorRef]],
+    *,
+    files: list[str],
+    config: NeoXConfig,
+    row_bias: Rule,
+    out_dtype: str | None,
+) -> LayerPlan:
+    """Check a layer's shards against the rule table and config (metadata only); every problem at once.
+
+    ``out_dtype=None`` keeps each tensor's source dtype.
+    """
+    table = RULES[layer.kind]
+    problems: list[str] = []
+    bad_keys = False  # unknown/missing keys are a checkpoint problem; the rest are merge problems
+    plan = LayerPlan(layer=layer, files=files)
+    tp = len(shards)
+    for rank, shard in enumerate(shards):
+        unknown = sorted(set(shard) - set(table))
+        if unknown:
+            bad_keys = True
+            problems.append(f"{files[rank]}: unknown key(s) {', '.join(map(repr, unknown))} in a {layer.kind.value} layer")
+        missing = sorted(set(table) - OPTIONAL_KEYS - set(shard))
+        if missing:
+            bad_keys = True
+            problems.append(f"{files[rank]}: missing key(s) {', '.join(map(repr, missing))}")
+    for key, spec in table.items():
+        present = [rank for rank, shard in enumerate(shards) if key in shard]
+        if not present or len(present) != tp:
+            if present and key in OPTIONAL_KEYS:
+                problems.append(f"{key!r}: present on ranks {present} only, of {tp}")
+            continue
+        refs = [shards[r][key] for r in range(tp)]
+        rule = row_bias if spec.rule is Rule.ROW_BIAS else spec.rule
+        dtypes = {r.dtype for r in refs}
+        if len(dtypes) > 1:
+            per_rank = ", ".join(f"rank {i}: {r.dtype}" for i, r in enumerate(refs))
+            problems.append(f"{key!r}: dtype differs between ranks ({per_rank})")
+            continue
+        src_dtype = refs[0].dtype
+        if spec.rule is not Rule.DROP and src_dtype not in FLOAT_DTYPES:
+            problems.append(f"{key!r} in {files[0]}: dtype {src_dtype} is not a floating-point type")
+            continue
+        shapes = [r.shape for r in refs]
+        merged = _merged_shape(rule, shapes)
+        if merged is None:
+            per_rank = ", ".join(f"rank {i}: {list(s)}" for i, s in enumerate(shapes))
+            problems.append(f"{key!r}: shapes do not fit rule {rule.value} ({per_rank})")
+            continue
+        want = expected_shape(spec, config)
+        if spec.shape == "R" and merged != (config.rotary_dims // 2,):
+            problems.append(f"{key!r}: shape {list(merged)}, expected [{config.rotary_dims // 2}] (rotary dims / 2)")
+            continue
+        if want is not None and merged != want:
+            problems.append(
+                f"{key!r}: merged shape {list(merged)} (rule {rule.value} over {tp} ranks), config expects {list(want)}"
+            )
+            continue
+        tp_plan = TensorPlan(
+            key=key, hf_name=hf_name(spec, layer) or key, rule=rule, shards=refs,
+            src_dtype=src_dtype, out_dtype=out_dtype or src_dtype, shape=merged,
+        )
+        (plan.dropped if rule is Rule.DROP else plan.tensors).append(tp_plan)
+    if problems:
+        error = CheckpointError if bad_keys else MergeError
+        raise error(f"{layer.label}, {files[0]}{' ...' if tp > 1 else ''}: " + "; ".join(problems))
+    return plan
+
+
+# ----- streaming the merged bytes -----------------------------------------------------------------------
+def iter_merged_chunks(plan: TensorPlan, *, chunk_bytes: int = 32 << 20) -> Iterator[np.ndarray]:
+    """The merged tensor of a concat rule, as consecutive row blocks (bounded memory)."""
+    arrays = [ref.array() for ref in plan.shards]
+    if plan.rule is Rule.CONCAT_ROWS:
+        for a in arrays:
+            row_bytes = max(1, a[0].nbytes if a.ndim > 1 and len(a) else a.itemsize)
+            step = max(1, chunk_bytes // row_bytes)
+            for i in range(0, len(a), step):
+                yield _cast(np.ascontiguousarray(a[i : i + step]), plan.src_dtype, plan.out_dtype)
+    elif plan.rule is Rule.CONCAT_COLS:
+        rows = arrays[0].shape[0]
+        row_bytes = max(1, sum(a.shape[1] for a in arrays) * arrays[0].itemsize)
+        step = max(1, chunk_bytes // row_bytes)
+        for i in range(0, rows, step):
+            yield merge_tensor(Rule.CONCAT_COLS, [a[i : i + step] for a in arrays],
+                               dtype=plan.src_dtype, out_dtype=plan.out_dtype)
+    else:
+        raise ValueError(f"{plan.rule} is not streamed")

@@ -1,0 +1,351 @@
+"""Read tensors out of ``torch.save`` archives without torch and without running any pickled code.
+
+A ``.pt`` file (torch >= 1.6) is an uncompressed zip: ``<name>/data.pkl`` (a pickle that describes the
+tensors) and ``<name>/data/<key>`` (each storage's raw bytes). We parse the pickle with an unpickler whose
+``find_class`` only knows the tensor/storage rebuild names and hands back inert stand-ins, so a hostile
+``__reduce__`` payload is refused (strict mode) or turned into an inert placeholder (lenient mode, for
+DeepSpeed bookkeeping files) and never executed. Tensor data is then read straight from the file by offset
+(memory-mapped with numpy), which is what lets the merge stream one tensor at a time.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import struct
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from neoxconv.errors import CheckpointError, UnsafePickleError
+
+# torch storage class name -> (our dtype name, bytes per element)
+_STORAGES = {
+    "HalfStorage": "float16",
+    "FloatStorage": "float32",
+    "DoubleStorage": "float64",
+    "BFloat16Storage": "bfloat16",
+    "LongStorage": "int64",
+    "IntStorage": "int32",
+    "ShortStorage": "int16",
+    "CharStorage": "int8",
+    "ByteStorage": "uint8",
+    "BoolStorage": "bool",
+}
+
+# numpy dtype used to hold each dtype's bits (bfloat16 has no numpy type: its bits live in uint16)
+NUMPY_DTYPES = {
+    "float16": np.dtype("<f2"),
+    "float32": np.dtype("<f4"),
+    "float64": np.dtype("<f8"),
+    "bfloat16": np.dtype("<u2"),
+    "int64": np.dtype("<i8"),
+    "int32": np.dtype("<i4"),
+    "int16": np.dtype("<i2"),
+    "int8": np.dtype("i1"),
+    "uint8": np.dtype("u1"),
+    "bool": np.dtype("?"),
+}
+
+_MAX_PICKLE_BYTES = 64 << 20  # the tensor description of one file; real ones are a few kB
+
+
+@dataclass(frozen=True)
+class StorageRef:
+    key: str
+    dtype: str
+    numel: int
+
+
+@dataclass(frozen=True)
+class TensorRef:
+    """Where one tensor's bytes are: file, absolute byte offset of its storage, view geometry."""
+
+    path: Path
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+    storage_offset: int  # elements
+    storage_numel: int
+    data_offset: int  # absolute file offset of the storage's first byte
+    storage_nbytes: int = 0  # size of the storage's zip member
+    storage_crc: int = 0  # CRC-32 the zip directory records for the storage
+
+    @property
+    def covers_storage(self) -> bool:
+        """True when reading this tensor reads every byte of its storage (so its CRC can be checked)."""
+        return self.is_contiguous and self.storage_offset == 0 and self.nbytes == self.storage_nbytes
+
+    @property
+    def itemsize(self) -> int:
+        return NUMPY_DTYPES[self.dtype].itemsize
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.itemsize
+
+    @property
+    def is_contiguous(self) -> bool:
+        expected = 1
+        for size, stride in zip(reversed(self.shape), reversed(self.stride)):
+            if size != 1 and stride != expected:
+                return False
+            expected *= size
+        return True
+
+    @property
+    def byte_offset(self) -> int:
+        """Absolute file offset of the first element (meaningful for contiguous tensors)."""
+        return self.data_offset + self.storage_offset * self.itemsize
+
+    def array(self) -> np.ndarray:
+        """A read-only, memory-mapped numpy view of the tensor (bfloat16 comes back as uint16 bits)."""
+        dt = NUMPY_DTYPES[self.dtype]
+        if self.numel == 0:
+            return np.zeros(self.shape, dtype=dt)
+        if self.is_contiguous:
+            return np.memmap(self.path, dtype=dt, mode="r", offset=self.byte_offset, shape=self.shape)
+        storage = np.memmap(self.path, dtype=dt, mode="r", offset=self.data_offset, shape=(self.storage_numel,))
+        return np.lib.stride_tricks.as_strided(
+            storage[self.storage_offset :],
+            shape=self.shape,
+            strides=tuple(s * dt.itemsize for s in self.stride),
+            writeable=False,
+        )
+
+
+class _Inert:
+    """Base of what lenient mode returns for a global outside the allowlist: inert, absorbs everything."""
+
+    qualname = "?"
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> _Inert:
+        return object.__new__(cls)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __setstate__(self, state: Any) -> None:  # BUILD opcode: keep nothing
+        pass
+
+    def __repr__(self) -> str:
+        return f"<inert {self.qualname}>"
+
+
+def _inert_class(qualname: str) -> type:
+    return type("Inert", (_Inert,), {"qualname": qualname})
+
+
+class _StorageType:
+    def __init__(self, dtype: str) -> None:
+        self.dtype = dtype
+
+
+@dataclass
+class _PendingTensor:
+    storage: StorageRef
+    storage_offset: int
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+
+
+def _rebuild_tensor(storage, storage_offset, size, stride, *_ignored):
+    if not isinstance(storage, StorageRef):
+        raise pickle.UnpicklingError("tensor rebuilt from something that is not a storage")
+    return _PendingTensor(storage, int(storage_offset), tuple(int(s) for s in size), tuple(int(s) for s in stride))
+
+
+def _rebuild_parameter(data, *_ignored):
+    return data
+
+
+def _ordered_dict(*args, **kwargs):
+    return dict(*args, **kwargs)
+
+
+_ALLOWED: dict[tuple[str, str], Any] = {
+    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
+    ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
+    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
+    ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
+    ("collections", "OrderedDict"): _ordered_dict,
+}
+_ALLOWED.update({("torch", name): _StorageType(dtype) for name, dtype in _STORAGES.items()})
+
+
+class _SafeUnpickler(pickle.Unpickler):
+    def __init__(self, data: bytes, *, lenient: bool) -> None:
+        super().__init__(io.BytesIO(data))
+        self.lenient = lenient
+        self.refused: list[str] = []
+
+    def find_class(self, module: str, name: str) -> Any:
+        found = _ALLOWED.get((module, name))
+        if found is not None:
+            return found
+        qualname = f"{module}.{name}"
+        self.refused.append(qualname)
+        if self.lenient:
+            return _inert_class(qualname)
+        raise UnsafePickleError(qualname)
+
+    def persistent_load(self, pid: Any) -> StorageRef:
+        if not (isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage"):
+            raise pickle.UnpicklingError(f"unsupported persistent id {pid!r:.80}")
+        storage_type, key, _location, numel = pid[1], pid[2], pid[3], pid[4]
+        if not isinstance(storage_type, _StorageType):
+            raise pickle.UnpicklingError(f"unsupported storage type {storage_type!r:.80}")
+        return StorageRef(str(key), storage_type.dtype, int(numel))
+
+
+def _data_offset(f, info: zipfile.ZipInfo) -> int:
+    """Absolute offset of a stored zip member's bytes (after its local file header)."""
+    f.seek(info.header_offset)
+    header = f.read(30)
+    if len(header) != 30 or header[:4] != b"PK\x03\x04":
+        raise zipfile.BadZipFile(f"bad local header for {info.filename}")
+    name_len, extra_len = struct.unpack("<HH", header[26:30])
+    return info.header_offset + 30 + name_len + extra_len
+
+
+@dataclass
+class PtArchive:
+    """The tensors of one ``torch.save`` file, found without reading their data."""
+
+    path: Path
+    objects: Any  # the unpickled structure, with TensorRef in place of tensors
+    refused_globals: tuple[str, ...] = ()
+
+    def tensors(self, prefix_path: tuple[str, ...] = ()) -> dict[str, TensorRef]:
+        """The flat ``{key: TensorRef}`` dict at ``prefix_path`` (e.g. ``("module",)``)."""
+        node = self.objects
+        for part in prefix_path:
+            if not isinstance(node, dict) or part not in node:
+                raise CheckpointError(f"{self.path}: no {'/'.join(prefix_path)!r} entry in the archive")
+            node = node[part]
+        if not isinstance(node, dict):
+            raise CheckpointError(f"{self.path}: expected a dict of tensors, got {type(node).__name__}")
+        out: dict[str, TensorRef] = {}
+        for k, v in node.items():
+            if not isinstance(v, TensorRef):
+                raise CheckpointError(f"{self.path}: key {k!r} holds {type(v).__name__}, not a tensor")
+            out[str(k)] = v
+        return out
+
+
+def read_pt(path: Path, *, lenient: bool = False) -> PtArchive:
+    """Open a ``torch.save`` zip archive and describe its tensors, safely.
+
+    ``lenient=False`` (layer files): any global outside the allowlist is refused with
+    `UnsafePickleError`. ``lenient=True`` (bookkeeping files): such globals become inert placeholders.
+    Nothing from the file is ever called.
+    """
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read: {e.strerror or e}") from None
+    if size == 0:
+        raise CheckpointError(f"{path}: the file is empty (0 bytes); re-download or re-copy it")
+    try:
+        with open(path, "rb") as f:
+            if f.read(4) != b"PK\x03\x04":
+                raise CheckpointError(
+                    f"{path}: not a torch zip archive (legacy torch.save format, truncated, or not a checkpoint); "
+                    "re-save it with torch >= 1.6 or re-download it"
+                )
+            f.seek(0)
+            zf = zipfile.ZipFile(f)
+            members = {i.filename: i for i in zf.infolist()}
+            pkl = [n for n in members if n.endswith("/data.pkl") or n == "data.pkl"]
+            if len(pkl) != 1:
+                raise CheckpointError(f"{path}: expected one data.pkl in the archive, found {len(pkl)}")
+            prefix = pkl[0][: -len("data.pkl")]
+            if members[pkl[0]].file_size > _MAX_PICKLE_BYTES:
+                raise CheckpointError(f"{path}: data.pkl is implausibly large ({members[pkl[0]].file_size} bytes)")
+            payload = zf.read(pkl[0])  # checks the CRC of the description
+            unpickler = _SafeUnpickler(payload, lenient=lenient)
+            try:
+                objects = unpickler.load()
+            except UnsafePickleError as e:
+                raise UnsafePickleError(
+                    f"{path}: refused to load: the pickle asks for {e.args[0]!r}, which is not a tensor; "
+                    "nothing from it was executed (the file is corrupt or hostile)"
+                ) from None
+
+            offsets: dict[str, tuple[int, int, int]] = {}
+
+            def locate(storage: StorageRef) -> tuple[int, int, int]:
+                name = f"{prefix}data/{storage.key}"
+                info = members.get(name)
+                if info is None:
+                    raise CheckpointError(f"{path}: storage {storage.key!r} is missing from the archive")
+                if info.compress_type != zipfile.ZIP_STORED:
+                    raise CheckpointError(f"{path}: storage {storage.key!r} is compressed; torch never does this")
+                need = storage.numel * NUMPY_DTYPES[storage.dtype].itemsize
+                if info.file_size < need:
+                    raise CheckpointError(
+                        f"{path}: storage {storage.key!r} has {info.file_size} bytes, needs {need} (truncated?)"
+                    )
+                if name not in offsets:
+                    start = _data_offset(f, info)
+                    if start + info.file_size > size:
+                        raise CheckpointError(f"{path}: storage {storage.key!r} runs past the end of the file")
+                    offsets[name] = (start, info.file_size, info.CRC)
+                return offsets[name]
+
+            def resolve(node: Any, key: str) -> Any:
+                if isinstance(node, _PendingTensor):
+                    st = node.storage
+                    _check_view(path, key, node)
+                    start, nbytes, crc = locate(st)
+                    return TensorRef(
+                        path=path, name=key, dtype=st.dtype, shape=node.shape, stride=node.stride,
+                        storage_offset=node.storage_offset, storage_numel=st.numel, data_offset=start,
+                        storage_nbytes=nbytes, storage_crc=crc,
+                    )
+                if isinstance(node, dict):
+                    return {k: resolve(v, str(k)) for k, v in node.items()}
+                if isinstance(node, (list, tuple)):
+                    return type(node)(resolve(v, key) for v in node)
+                return node
+
+            objects = resolve(objects, "")
+    except CheckpointError:
+        raise
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, pickle.UnpicklingError, EOFError, ValueError,
+            TypeError, AttributeError, IndexError, KeyError, struct.error, RecursionError, MemoryError) as e:
+        raise CheckpointError(f"{path}: corrupt checkpoint file ({type(e).__name__}: {e})"[:400]) from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read: {e.strerror or e}") from None
+    return PtArchive(path=path, objects=objects, refused_globals=tuple(unpickler.refused))
+
+
+def _check_view(path: Path, key: str, t: _PendingTensor) -> None:
+    """The view must stay inside its storage (a corrupt header must not make us read elsewhere)."""
+    if len(t.shape) != len(t.stride) or any(s < 0 for s in t.shape) or any(s < 0 for s in t.stride):
+        raise CheckpointError(f"{path}: tensor {key!r} has a malformed shape/stride {t.shape}/{t.stride}")
+    if t.storage_offset < 0:
+        raise CheckpointError(f"{path}: tensor {key!r} has a negative storage offset")
+    if all(t.shape):
+        last = t.storage_offset + sum((n - 1) * s for n, s in zip(t.shape, t.stride))
+        if last >= t.storage.numel:
+            raise CheckpointError(
+                f"{path}: tensor {key!r} reaches element {last} of a storage with {t.storage.numel} (corrupt header)"
+            )
+
+
+def file_size(path: Path) -> int:
+    return os.stat(path).st_size

@@ -1,0 +1,185 @@
+"""Build random GPT-NeoX checkpoints in the exact 20B release layout, by inverting the merge rule table.
+
+Used by the demo, the tests and the benchmarks. ``write_checkpoint`` returns the *reference* state dict
+(Hugging Face names) that a correct merge must reproduce: concat rules are split evenly, row-parallel
+biases are split into random parts whose fp32 sum (cast to the storage dtype) is the reference bias,
+replicated tensors are copied (optionally with a little per-rank noise).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from neoxconv.checkpoint import SourceLayer, model_layers, pipeline_file_name, sequential_file_name
+from neoxconv.config import GELU_TANH, NeoXConfig
+from neoxconv.merge import RULES, Rule, hf_name
+
+TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+@dataclass(frozen=True)
+class SyntheticSpec:
+    config: NeoXConfig
+    tp_degree: int = 2
+    layout: str = "pipeline"  # or "sequential"
+    dtype: str = "float16"
+    seed: int = 0
+    step: int = 150000
+    replica_noise: float = 0.0  # per-rank noise on replicated tensors
+    full_row_bias_on_every_rank: bool = False  # what older HF->NeoX converters wrote
+    with_inv_freq: bool = True
+    tokenizer: Path | None = None
+
+
+def tiny_config(**overrides) -> NeoXConfig:
+    """A 20B-shaped model at a tiny width (vocab stays 50432 so the real tokenizer fits)."""
+    base = dict(num_layers=2, hidden_size=64, num_heads=4, vocab_size=50432, max_position_embeddings=256,
+                rotary_pct=0.25, parallel_residual=True, activation=GELU_TANH)
+    base.update(overrides)
+    return NeoXConfig(**base)
+
+
+def random_state_dict(config: NeoXConfig, *, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A random GPT-NeoX in Hugging Face names, fp32, scaled so that activations stay O(1)."""
+    g = torch.Generator().manual_seed(seed)
+    H, F, V = config.hidden_size, config.ffn_size, config.vocab_size
+
+    def n(*shape, std=1.0):
+        return torch.randn(*shape, generator=g) * std
+
+    sd = {"gpt_neox.embed_in.weight": n(V, H)}
+    for i in range(config.num_layers):
+        p = f"gpt_neox.layers.{i}."
+        sd.update({
+            p + "input_layernorm.weight": 1 + n(H, std=0.1), p + "input_layernorm.bias": n(H, std=0.1),
+            p + "attention.query_key_value.weight": n(3 * H, H, std=H ** -0.5),
+            p + "attention.query_key_value.bias": n(3 * H, std=0.1),
+            p + "attention.dense.weight": n(H, H, std=H ** -0.5), p + "attention.dense.bias": n(H, std=0.1),
+            p + "post_attention_layernorm.weight": 1 + n(H, std=0.1),
+            p + "post_attention_layernorm.bias": n(H, std=0.1),
+            p + "mlp.dense_h_to_4h.weight": n(F, H, std=H ** -0.5), p + "mlp.dense_h_to_4h.bias": n(F, std=0.1),
+            p + "mlp.dense_4h_to_h.weight": n(H, F, std=F ** -0.5), p + "mlp.dense_4h_to_h.bias": n(H, std=0.1),
+        })
+    sd["gpt_neox.final_layer_norm.weight"] = 1 + n(H, std=0.1)
+    sd["gpt_neox.final_layer_norm.bias"] = n(H, std=0.1)
+    if not config.tie_word_embeddings:
+        sd["embed_out.weight"] = n(V, H, std=H ** -0.5)
+    return sd
+
+
+def inv_freq(config: NeoXConfig) -> torch.Tensor:
+    d = config.rotary_dims
+    return 1.0 / (config.rotary_emb_base ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
+
+
+def split_layer(
+    layer: SourceLayer, reference: dict[str, torch.Tensor], spec: SyntheticSpec, g: torch.Generator
+) -> list[dict[str, torch.Tensor]]:
+    """The T rank shards of one source layer; updates ``reference`` row biases to the parts' true sum."""
+    T, dtype = spec.tp_degree, TORCH_DTYPES[spec.dtype]
+    row_bias = Rule.SUM if spec.config.parallel_residual and not spec.full_row_bias_on_every_rank else Rule.REPLICATED
+    shards: list[dict[str, torch.Tensor]] = [{} for _ in range(T)]
+    for key, rs in RULES[layer.kind].items():
+        rule = row_bias if rs.rule is Rule.ROW_BIAS else rs.rule
+        if rs.hf_name is None:
+            if key == "attention.rotary_emb.inv_freq" and spec.with_inv_freq:
+                for s in shards:
+                    s[key] = inv_freq(spec.config)
+            continue
+        name = hf_name(rs, layer)
+        full = reference[name].to(dtype)
+        if rule is Rule.CONCAT_ROWS:
+            parts = list(full.chunk(T, dim=0))
+        elif rule is Rule.CONCAT_COLS:
+            parts = list(full.chunk(T, dim=1))
+        elif rule is Rule.SUM:
+            target = reference[name].float()
+            parts32 = [torch.randn(target.shape, generator=g) * 0.1 for _ in range(T - 1)]
+            parts32.append(target - sum(parts32, torch.zeros_like(target)))
+            parts = [p.to(dtype) for p in parts32]
+            full = sum((p.float() for p in parts), torch.zeros_like(target)).to(dtype)
+        else:  # REPLICATED
+            parts = [full.clone() for _ in range(T)]
+            if spec.replica_noise:
+                parts = [p + (torch.randn(p.shape, generator=g) * spec.replica_noise).to(dtype) if r else p
+                         for r, p in enumerate(parts)]
+                full = torch.stack([p.float() for p in parts]).mean(0).to(dtype)
+        reference[name] = full
+        for s, p in zip(shards, parts):
+            s[key] = p.contiguous().clone()
+    return shards
+
+
+def neox_yaml(config: NeoXConfig, spec: SyntheticSpec) -> str:
+    """A NeoX-style YAML config (braces, comments, hyphenated keys), as the 20B release ships."""
+    b = lambda v: "true" if v else "false"  # noqa: E731
+    return f"""# synthetic GPT-NeoX config written by neoxconv (same shape of file as configs/20B.yml)
+{{
+  # parallelism settings
+  "pipe-parallel-size": {1 if spec.layout == 'pipeline' else 0},
+  "model-parallel-size": {spec.tp_degree},
+
+  # model settings
+  "num-layers": {config.num_layers},
+  "hidden-size": {config.hidden_size},
+  "num-attention-heads": {config.num_heads},
+  "seq-length": {config.max_position_embeddings},
+  "max-position-embeddings": {config.max_position_embeddings},
+  "norm": "layernorm",
+  "pos-emb": "rotary",
+  "rotary_pct": {config.rotary_pct},
+  "rotary_emb_base": {int(config.rotary_emb_base)},
+  "no-weight-tying": {b(not config.tie_word_embeddings)},
+  "gpt_j_residual": {b(config.parallel_residual)},
+  "output_layer_parallelism": "column",
+  "bias-gelu-fusion": {b(config.activation == GELU_TANH)},
+  "layernorm-epsilon": {config.layernorm_eps},
+  {f'"intermediate_size": {config.intermediate_size},' if config.intermediate_size else ''}
+
+  "optimizer": {{
+    "type": "Adam",
+    "params": {{ "lr": 0.97e-4, "betas": [0.9, 0.95], "eps": 1.0e-8, }}
+    }},
+  "zero_optimization": {{ "stage": 1, "allgather_partitions": True, "overlap_comm": True, }},
+  "fp16": {{ "fp16": {b(spec.dtype == 'float16')}, "enabled": {b(spec.dtype == 'float16')}, "loss_scale": 0 }},
+  "tokenizer_type": "HFTokenizer",
+  "vocab-file": "./20B_checkpoints/20B_tokenizer.json",
+}}
+"""
+
+
+def write_checkpoint(root: Path, spec: SyntheticSpec) -> dict[str, torch.Tensor]:
+    """Write a checkpoint under ``root`` (latest, configs/, global_step*/); return the reference weights."""
+    config = spec.config
+    if config.vocab_size is None:
+        raise ValueError("a synthetic checkpoint needs a vocab_size")
+    root = Path(root)
+    step = root / f"global_step{spec.step}"
+    step.mkdir(parents=True, exist_ok=True)
+    (root / "configs").mkdir(exist_ok=True)
+    (root / "latest").write_text(step.name)
+    (root / "configs" / "model.yml").write_text(neox_yaml(config, spec))
+    if spec.tokenizer is not None:
+        shutil.copyfile(spec.tokenizer, root / "20B_tokenizer.json")
+
+    reference = {k: v.to(TORCH_DTYPES[spec.dtype]) for k, v in random_state_dict(config, seed=spec.seed).items()}
+    g = torch.Generator().manual_seed(spec.seed + 1)
+    module: list[dict[str, torch.Tensor]] = [{} for _ in range(spec.tp_degree)]
+    for layer in model_layers(config, with_readout=not config.tie_word_embeddings):
+        shards = split_layer(layer, reference, spec, g)
+        for rank, shard in enumerate(shards):
+            if spec.layout == "pipeline":
+                torch.save(shard, step / pipeline_file_name(layer.index, rank))
+            else:
+                module[rank].update({f"sequential.{layer.index}.{k}": v for k, v in shard.items()})
+    args = argparse.Namespace(num_layers=config.num_layers, model_parallel_size=spec.tp_degree)
+    for rank in range(spec.tp_degree):
+        bookkeeping = {"module": module[rank] if spec.layout == "sequential" else None, "args": args,
+                       "iteration": spec.step, "mp_world_size": spec.tp_degree, "dp_world_size": 1}
+        torch.save(bookkeeping, step / sequential_file_name(rank))
+    return reference

@@ -1,0 +1,42 @@
+"""What merge needs to know about a Hugging Face ``tokenizer.json`` (read as JSON; no tokenizer library)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from neoxconv.errors import CheckpointError
+
+EOS_TEXT = "<|endoftext|>"
+
+
+def _load(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: not a readable tokenizer.json: {e}") from None
+    if not isinstance(data, dict) or "model" not in data:
+        raise CheckpointError(f"{path}: not a Hugging Face tokenizer.json (no 'model' entry)")
+    return data
+
+
+def eos_token_id(path: Path) -> int | None:
+    """The id of ``<|endoftext|>`` (0 for GPT-NeoX-20B), from added_tokens or the vocabulary."""
+    data = _load(path)
+    for tok in data.get("added_tokens") or []:
+        if tok.get("content") == EOS_TEXT:
+            return int(tok["id"])
+    vocab = (data.get("model") or {}).get("vocab")
+    if isinstance(vocab, dict) and EOS_TEXT in vocab:
+        return int(vocab[EOS_TEXT])
+    return None
+
+
+def tokenizer_config(path: Path, max_length: int) -> dict[str, Any]:
+    """A minimal tokenizer_config.json that AutoTokenizer (transformers 4.x and 5.x) accepts."""
+    has_eos = eos_token_id(path) is not None
+    cfg: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": max_length}
+    if has_eos:
+        cfg.update(bos_token=EOS_TEXT, eos_token=EOS_TEXT, unk_token=EOS_TEXT)
+    return cfg
