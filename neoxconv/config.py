@@ -70,6 +70,8 @@ class NeoXConfig:
             problems.append(f"intermediate_size must be positive, got {self.intermediate_size}")
         if problems:
             raise ConfigError("invalid model config: " + "; ".join(problems))
+        if self.intermediate_size is None:  # normalise, so equal models compare equal
+            object.__setattr__(self, "intermediate_size", 4 * self.hidden_size)
 
     # ----- derived values -------------------------------------------------------------------------
     @property

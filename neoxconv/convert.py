@@ -56,7 +56,7 @@ class MergeOptions:
 
     def recorded(self, row_bias_rule: Rule) -> dict[str, Any]:
         """The options that determine the output bytes (a resume must match them)."""
-        return {"dtype": self.dtype, "row_bias": row_bias_rule.value, "replica_tolerance": self.replica_tolerance}
+        return {"dtype": self.dtype, "row_bias": row_bias_rule.value}
 
 
 @dataclass
@@ -111,13 +111,15 @@ def _prepare_out(out: Path, state: dict | None, source: dict, recorded: dict, op
             )
         return {}
     same = state.get("source") == source and state.get("options") == recorded
-    if not same:
+    if not same and state.get("layers"):
         if not options.force:
             raise OutputError(
                 f"{out}: holds a neoxconv output of a different source or different options "
                 f"({state.get('source', {}).get('step_dir')}, {state.get('options')}); "
                 "choose another folder or pass --force to overwrite it"
             )
+        return {}
+    if not same:  # an earlier run that stopped before its first layer: nothing to keep
         return {}
     if not options.resume:
         return {}

@@ -254,6 +254,10 @@ def plan_layer(
             problems.append(f"{key!r} in {files[0]}: dtype {src_dtype} is not a floating-point type")
             continue
         shapes = [r.shape for r in refs]
+        if any(s != shapes[0] for s in shapes):  # NeoX splits evenly: every rank's shard has one shape
+            per_rank = ", ".join(f"rank {i}: {list(s)}" for i, s in enumerate(shapes))
+            problems.append(f"{key!r}: shape differs between ranks ({per_rank})")
+            continue
         merged = _merged_shape(rule, shapes)
         if merged is None:
             per_rank = ", ".join(f"rank {i}: {list(s)}" for i, s in enumerate(shapes))

@@ -1,0 +1,44 @@
+"""Shared fixtures: tiny GPT-NeoX checkpoints in the real 20B file layout, built once per session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+from neoxconv.synthetic import SyntheticSpec, tiny_config, write_checkpoint  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+REAL_TOKENIZER = REPO.parent / "shared" / "data" / "20B_tokenizer.json"
+COMMITTED_FIXTURE = REPO / "tests" / "fixtures" / "tiny_tp2_fp16"
+
+
+@pytest.fixture(scope="session")
+def real_tokenizer() -> Path | None:
+    return REAL_TOKENIZER if REAL_TOKENIZER.is_file() else None
+
+
+@pytest.fixture(scope="session")
+def make_checkpoint(tmp_path_factory):
+    """``make_checkpoint(tp=2, layout="pipeline", dtype="float16", **spec_and_config_overrides)``.
+
+    Returns ``(root, reference_state_dict, spec)``; identical requests share one checkpoint.
+    """
+    cache: dict[tuple, tuple] = {}
+
+    def make(tp: int = 2, layout: str = "pipeline", dtype: str = "float16", *, seed: int = 0,
+             tokenizer: Path | None = None, config_overrides: dict | None = None, **spec_kw):
+        key = (tp, layout, dtype, seed, str(tokenizer), tuple(sorted((config_overrides or {}).items())),
+               tuple(sorted(spec_kw.items())))
+        if key not in cache:
+            root = tmp_path_factory.mktemp(f"ckpt-tp{tp}-{layout}-{dtype}")
+            spec = SyntheticSpec(tiny_config(**(config_overrides or {})), tp_degree=tp, layout=layout, dtype=dtype,
+                                 seed=seed, tokenizer=tokenizer, **spec_kw)
+            cache[key] = (root, write_checkpoint(root, spec), spec)
+        return cache[key]
+
+    return make
