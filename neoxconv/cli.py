@@ -11,7 +11,7 @@ from pathlib import Path
 import click
 
 from neoxconv import __version__
-from neoxconv.errors import NeoXConvError
+from neoxconv.errors import NeoXConvError, VerificationError
 
 log = logging.getLogger("neoxconv")
 EXIT_INTERRUPTED = 130
@@ -118,6 +118,72 @@ def inspect(src: Path, config_path: Path | None, as_json: bool) -> None:
             click.echo(f"{key:>18}: {len(value)} file(s)")
         else:
             click.echo(f"{key:>18}: {value}")
+
+
+def _parse_ids(value: str | None) -> tuple[int, ...] | None:
+    if not value:
+        return None
+    try:
+        return tuple(int(v) for v in value.replace(" ", "").split(",") if v)
+    except ValueError:
+        raise click.BadParameter("expected comma-separated token ids, e.g. 12092,1533") from None
+
+
+@main.command()
+@click.argument("out", type=click.Path(path_type=Path, file_okay=False))
+@click.option("--prompt", help="Text to continue (needs OUT/tokenizer.json or --tokenizer).")
+@click.option("--ids", "ids_text", help="The prompt as comma-separated token ids instead of text.")
+@click.option("--max-new-tokens", type=int, default=32, show_default=True, help="Tokens to generate (stops at EOS).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="auto = cuda when available.")
+@click.option("--dtype", type=_dtype_choice, default="auto", show_default=True, help="auto = fp16 on cuda, fp32 on cpu.")
+@click.option("--tokenizer", "tokenizer_path", type=click.Path(path_type=Path, dir_okay=False),
+              help="tokenizer.json (default: OUT/tokenizer.json).")
+@click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy.")
+@click.option("--top-k", type=int, default=0, show_default=True, help="Sample from the k most likely tokens (0 = all).")
+@click.option("--top-p", type=float, default=1.0, show_default=True, help="Nucleus sampling mass.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Sampling seed.")
+@click.option("--against", type=click.Path(path_type=Path),
+              help="The unmerged checkpoint: compare with a simulated tensor-parallel forward over its rank shards.")
+@click.option("--against-config", type=click.Path(path_type=Path, dir_okay=False),
+              help="Config for --against when it is not next to that checkpoint.")
+@click.option("--row-bias", type=click.Choice(["auto", "sum", "replicated"]), default="auto", show_default=True,
+              help="How the --against simulation applies row-parallel biases (auto follows the config).")
+@click.option("--reference", type=click.Choice(["hf"]), help="Also compare with transformers' GPTNeoXForCausalLM.")
+@click.option("--int8", is_flag=True, help="Also run LLM.int8 (bitsandbytes) and compare it with full precision.")
+@click.option("--int8-threshold", type=float, default=6.0, show_default=True, help="LLM.int8 outlier threshold.")
+@click.option("--check-hashes/--no-check-hashes", default=None,
+              help="Check every file's sha256 against the manifest (default: on for models under 2 GB).")
+@click.option("--attention", type=click.Choice(["eager", "sdpa"]), default="eager", show_default=True,
+              help="eager: fp32 scores (the reference); sdpa: torch's fused attention kernel.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@_run
+def verify(out: Path, prompt: str | None, ids_text: str | None, max_new_tokens: int, device: str, dtype: str,
+           tokenizer_path: Path | None, temperature: float, top_k: int, top_p: float, seed: int,
+           against: Path | None, against_config: Path | None, row_bias: str, reference: str | None, int8: bool,
+           int8_threshold: float, check_hashes: bool | None, attention: str, as_json: bool, quiet: bool) -> None:
+    """Load the merged folder OUT into neoxconv's own layers, generate, and check the conversion.
+
+    Exit code 7 when a check fails its tolerance. See the README for what each check means.
+    """
+    from neoxconv.generation import Sampling
+    from neoxconv.verify import VerifyOptions, format_report, report_json, verify_model
+
+    try:
+        sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
+    options = VerifyOptions(
+        prompt=prompt, ids=_parse_ids(ids_text), max_new_tokens=max_new_tokens, device=device, dtype=dtype,
+        tokenizer=tokenizer_path, sampling=sampling, against=against, against_config=against_config,
+        row_bias=row_bias, reference=reference, int8=int8, int8_threshold=int8_threshold,
+        check_hashes=check_hashes, attention=attention, quiet=quiet or as_json,
+    )
+    report = verify_model(out, options)
+    click.echo(report_json(report) if as_json else format_report(report))
+    if not report.ok:
+        sys.exit(VerificationError.exit_code)
 
 
 @main.command()

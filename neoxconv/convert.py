@@ -27,6 +27,7 @@ from neoxconv import __version__
 from neoxconv.checkpoint import Checkpoint, LayerKind, open_checkpoint
 from neoxconv.dtypes import canonical_dtype, count_nonfinite
 from neoxconv.errors import CheckpointError, MergeError, OutputError
+from neoxconv.integrity import INDEX, MANIFEST
 from neoxconv.merge import LayerPlan, Rule, TensorPlan, iter_merged_chunks, max_divergence, merge_tensor, plan_layer, resolve_row_bias
 from neoxconv.progress import progress_bar
 from neoxconv.tokenizer_files import eos_token_id, tokenizer_config
@@ -34,9 +35,7 @@ from neoxconv.writer import TMP_SUFFIX, SafetensorsWriter, atomic_write, atomic_
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "neoxconv.json"
 JOURNAL = ".neoxconv-journal.json"
-INDEX = "model.safetensors.index.json"
 MANIFEST_FORMAT = 1
 
 

@@ -1,0 +1,58 @@
+"""LLM.int8 as a separate swap step: replace each block's four linear layers by bitsandbytes' Linear8bitLt.
+
+Embedding, norms and readout stay in the model's dtype (as in LLM.int8). bitsandbytes is imported lazily;
+>= 0.45 runs Linear8bitLt on the CPU as well as on CUDA.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from neoxconv.errors import NeoXConvError
+from neoxconv.layers import NeoXForCausalLM
+
+LINEARS = ("attention.query_key_value", "attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h")
+
+
+def _bnb():
+    try:
+        logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+        import bitsandbytes as bnb
+    except ImportError:
+        raise NeoXConvError("--int8 needs bitsandbytes: pip install 'neoxconv[int8]' (or pip install bitsandbytes)") from None
+    return bnb
+
+
+def quantize_int8(model: NeoXForCausalLM, *, threshold: float = 6.0) -> NeoXForCausalLM:
+    """Swap the linear layers of every transformer block for Linear8bitLt (in place); returns the model."""
+    bnb = _bnb()
+    device = next(model.parameters()).device
+    for block in model.gpt_neox.layers:
+        for path in LINEARS:
+            parent_name, name = path.rsplit(".", 1)
+            parent = block.get_submodule(parent_name)
+            lin: nn.Linear = getattr(parent, name)
+            q = bnb.nn.Linear8bitLt(lin.in_features, lin.out_features, bias=lin.bias is not None,
+                                    has_fp16_weights=False, threshold=threshold, device="meta")
+            weight = lin.weight.data.to("cpu", torch.float16)
+            q.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)
+            if lin.bias is not None:
+                q.bias = nn.Parameter(lin.bias.data.clone(), requires_grad=False)
+            setattr(parent, name, q.to(device))  # moving the Int8Params quantizes them
+            del lin, weight
+    return model
+
+
+def int8_weight_bytes(model: nn.Module) -> int:
+    """Weight bytes including the per-row scales bitsandbytes keeps beside int8 weights."""
+    from neoxconv.loading import weight_bytes
+
+    extra = 0
+    for m in model.modules():
+        scb = getattr(getattr(m, "weight", None), "SCB", None)
+        if isinstance(scb, torch.Tensor):
+            extra += scb.numel() * scb.element_size()
+    return weight_bytes(model) + extra

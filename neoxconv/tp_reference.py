@@ -1,0 +1,107 @@
+"""A simulated tensor-parallel forward over the *unmerged* rank shards: the independent check of a merge.
+
+Each rank computes what GPT-NeoX computes on it, from its own shard files, and the collectives are
+simulated: vocab-parallel embedding lookups are summed (all-reduce), each rank runs attention on its own
+heads and the MLP on its own columns, row-parallel outputs are summed (all-reduce) with each rank's bias
+part added before the sum (parallel residual) or the full bias once after it, and the vocab-parallel
+readout's slices are gathered. Layer norms are each rank's own copy. No merge rule is used, so a merged
+model that disagrees with this forward was merged wrongly.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from neoxconv.checkpoint import LayerKind, open_checkpoint
+from neoxconv.config import GELU_TANH, NeoXConfig
+from neoxconv.layers import RotaryTables, apply_partial_rotary, causal_attention
+from neoxconv.ptfile import TensorRef
+
+
+def _tensor(ref: TensorRef) -> torch.Tensor:
+    a = np.array(ref.array())  # a private copy of the bytes
+    t = torch.from_numpy(a)
+    if ref.dtype == "bfloat16":
+        t = t.view(torch.bfloat16)
+    return t.float()
+
+
+def _ln(x: torch.Tensor, shard: dict[str, TensorRef], prefix: str, eps: float) -> torch.Tensor:
+    return F.layer_norm(x, x.shape[-1:], _tensor(shard[prefix + ".weight"]), _tensor(shard[prefix + ".bias"]), eps)
+
+
+@torch.inference_mode()
+def tensor_parallel_logits(src: Path, ids: list[int], *, row_bias: str = "auto",
+                           config_path: Path | None = None) -> tuple[torch.Tensor, NeoXConfig]:
+    """Logits (T, V) fp32 of the tensor-parallel model at ``src`` on ``ids``, one layer in memory at a time.
+
+    ``row_bias``: 'sum' (each rank adds its part before the all-reduce: NeoX with gpt_j_residual),
+    'replicated' (full bias added once after the all-reduce), or 'auto' (follow the config).
+    """
+    ckpt = open_checkpoint(src, config_path=config_path)
+    config, T = ckpt.config, ckpt.tp_degree
+    if row_bias == "auto":
+        row_bias = "sum" if config.parallel_residual else "replicated"
+    hd, eps = config.head_dim, config.layernorm_eps
+    approximate = "tanh" if config.activation == GELU_TANH else "none"
+    tokens = torch.tensor(ids)
+    n = len(ids)
+    rotary = RotaryTables(config.rotary_dims, config.rotary_emb_base, max(n, 1))
+    cos, sin = rotary(torch.arange(n))
+
+    def row_parallel(partials: list[torch.Tensor], biases: list[torch.Tensor]) -> torch.Tensor:
+        if row_bias == "sum":
+            return sum(p + b for p, b in zip(partials, biases))
+        return sum(partials) + biases[0]
+
+    x = None
+    logits_parts: list[torch.Tensor] = []
+    for layer in ckpt.layers:
+        shards = [ckpt.tensors(layer, r) for r in range(T)]
+        if layer.kind is LayerKind.EMBEDDING:
+            x = torch.zeros(n, config.hidden_size)
+            start = 0
+            for shard in shards:  # VocabParallelEmbedding: each rank looks up its own rows, then all-reduce
+                w = _tensor(shard["word_embeddings.weight"])
+                local = tokens - start
+                inside = (local >= 0) & (local < w.shape[0])
+                x += F.embedding(local.clamp(0, w.shape[0] - 1), w) * inside[:, None]
+                start += w.shape[0]
+        elif layer.kind is LayerKind.BLOCK:
+            attn_parts, attn_bias, mlp_parts, mlp_bias = [], [], [], []
+            for shard in shards:
+                h = _ln(x, shard, "input_layernorm", eps)
+                qkv = F.linear(h, _tensor(shard["attention.query_key_value.weight"]),
+                               _tensor(shard["attention.query_key_value.bias"]))  # (n, 3 H/T)
+                heads = qkv.shape[-1] // (3 * hd)
+                q, k, v = qkv.view(n, heads, 3 * hd).transpose(0, 1).unsqueeze(0).chunk(3, dim=-1)
+                q, k = apply_partial_rotary(q, cos, sin), apply_partial_rotary(k, cos, sin)
+                ctx = causal_attention(q, k, v, q_start=0)[0].transpose(0, 1).reshape(n, heads * hd)
+                attn_parts.append(F.linear(ctx, _tensor(shard["attention.dense.weight"])))
+                attn_bias.append(_tensor(shard["attention.dense.bias"]))
+                mlp_in = _ln(x, shard, "post_attention_layernorm", eps) if config.parallel_residual else None
+                mlp_parts.append(mlp_in)
+            attn = row_parallel(attn_parts, attn_bias)
+            residual = x if config.parallel_residual else x + attn
+            for r, shard in enumerate(shards):
+                h = mlp_parts[r] if config.parallel_residual else _ln(residual, shard, "post_attention_layernorm", eps)
+                up = F.gelu(F.linear(h, _tensor(shard["mlp.dense_h_to_4h.weight"]),
+                                     _tensor(shard["mlp.dense_h_to_4h.bias"])), approximate=approximate)
+                mlp_parts[r] = F.linear(up, _tensor(shard["mlp.dense_4h_to_h.weight"]))
+                mlp_bias.append(_tensor(shard["mlp.dense_4h_to_h.bias"]))
+            mlp = row_parallel(mlp_parts, mlp_bias)
+            x = x + attn + mlp if config.parallel_residual else residual + mlp
+        elif layer.kind is LayerKind.FINAL_NORM:
+            x = [_ln(x, shard, "norm", eps) for shard in shards]  # each rank normalises its own copy
+        elif layer.kind is LayerKind.READOUT:
+            logits_parts = [F.linear(x[r], _tensor(shard["final_linear.weight"])) for r, shard in enumerate(shards)]
+        ckpt.release(layer)
+    if config.tie_word_embeddings:  # readout is the embedding, vocab-parallel
+        emb_layer = ckpt.layers[0]
+        logits_parts = [F.linear(x[r], _tensor(ckpt.tensors(emb_layer, r)["word_embeddings.weight"]))
+                        for r in range(T)]
+    return torch.cat(logits_parts, dim=-1), config

@@ -1,0 +1,293 @@
+"""`verify_model`: load a merged folder into neoxconv's layers, generate, and run checks that catch a bad merge.
+
+Checks (each with its figure and tolerance; any failure makes the CLI exit 7):
+* integrity     manifest, file sizes, sha256 (small models by default), safetensors headers vs config/index;
+                done before any model is built
+* kv_cache      max |logits of cached step-by-step decoding - logits of one uncached forward|
+* against       max |merged model's prompt logits - a simulated tensor-parallel forward over the unmerged
+                rank shards| (``--against SRC``): catches a wrong merge rule
+* reference_hf  max |neoxconv logits - transformers' GPTNeoXForCausalLM.from_pretrained(OUT) logits|
+* sanity        logits finite and not constant over the vocabulary
+* int8_*        with ``--int8``: top-1 agreement with the full-precision model over the generated steps,
+                max logit difference on the prompt, weight memory before and after
+Logit tolerances scale with max(1, max |logit|) and depend on the dtype.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import resource
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from neoxconv.errors import NeoXConvError
+from neoxconv.generation import GenerationResult, Sampling, full_forward_logits, generate
+from neoxconv.integrity import check_output, load_config
+from neoxconv.loading import LoadedModel, load_model, resolve_device, resolve_dtype, weight_bytes
+
+log = logging.getLogger(__name__)
+
+# relative logit tolerances (x max(1, max|logit|)) per compute dtype
+KV_TOL = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 1e-1}
+MODEL_TOL = {torch.float32: 1e-3, torch.float16: 3e-2, torch.bfloat16: 1.5e-1}
+INT8_MIN_AGREEMENT = 0.5
+
+
+@dataclass(frozen=True)
+class VerifyOptions:
+    prompt: str | None = None
+    ids: tuple[int, ...] | None = None
+    max_new_tokens: int = 32
+    device: str = "auto"
+    dtype: str = "auto"
+    tokenizer: Path | None = None
+    sampling: Sampling = Sampling()
+    against: Path | None = None
+    against_config: Path | None = None
+    row_bias: str = "auto"
+    reference: str | None = None  # "hf"
+    int8: bool = False
+    int8_threshold: float = 6.0
+    check_hashes: bool | None = None  # None: when the model is < 2 GB
+    attention: str = "eager"
+    quiet: bool = True
+
+
+@dataclass
+class Check:
+    name: str
+    passed: bool
+    value: float | None = None
+    tolerance: float | None = None
+    detail: str = ""
+
+
+@dataclass
+class VerifyReport:
+    out_dir: str
+    device: str
+    dtype: str
+    prompt_ids: list[int]
+    generated_ids: list[int]
+    text: str
+    checks: list[Check] = field(default_factory=list)
+    kv_cache_max_abs_diff: float = float("nan")
+    tokens_per_second: float = float("nan")
+    prefill_seconds: float = float("nan")
+    load_seconds: float = float("nan")
+    weight_bytes: int = 0
+    peak_memory_bytes: int = 0
+    int8: dict[str, Any] | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return all(c.passed for c in self.checks)
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["ok"] = self.ok
+        d["checks"] = {c.name: {k: v for k, v in asdict(c).items() if k != "name"} for c in self.checks}
+        return _finite_json(d)
+
+
+def _finite_json(o: Any) -> Any:
+    if isinstance(o, float) and not math.isfinite(o):
+        return None
+    if isinstance(o, dict):
+        return {k: _finite_json(v) for k, v in o.items()}
+    if isinstance(o, list):
+        return [_finite_json(v) for v in o]
+    return o
+
+
+def _tokenizer(out: Path, explicit: Path | None):
+    path = Path(explicit) if explicit else Path(out) / "tokenizer.json"
+    if not path.is_file():
+        if explicit:
+            raise NeoXConvError(f"{explicit}: no such tokenizer file")
+        return None
+    from tokenizers import Tokenizer
+
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as e:  # the tokenizers library raises a bare Exception on bad JSON
+        raise NeoXConvError(f"{path}: cannot load the tokenizer: {e}") from None
+
+
+def _max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
+    d = (a.float() - b.float()).abs()
+    return float(d.max()) if d.numel() else 0.0
+
+
+def _scale(t: torch.Tensor) -> float:
+    return max(1.0, float(t.abs().max())) if t.numel() else 1.0
+
+
+def _peak_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def kv_cache_check(model, gen: GenerationResult, dtype: torch.dtype) -> tuple[Check, float]:
+    """Cached logits (prefill + each decode step) vs one uncached forward over the same tokens."""
+    seq = gen.prompt_ids + gen.generated_ids[:-1]
+    full = full_forward_logits(model, seq)  # (P+N-1, V)
+    cached = torch.cat([gen.prompt_logits, gen.step_logits[1:]]) if len(gen.step_logits) > 1 else gen.prompt_logits
+    diff = _max_abs(cached, full)
+    tol = KV_TOL[dtype] * _scale(full)
+    return Check("kv_cache", diff <= tol, diff, tol, f"{len(seq)} positions, cached vs uncached"), diff
+
+
+def sanity_check(gen: GenerationResult) -> Check:
+    logits = torch.cat([gen.prompt_logits, gen.step_logits]) if len(gen.step_logits) else gen.prompt_logits
+    finite = bool(torch.isfinite(logits).all())
+    spread = float(logits.std(dim=-1).min()) if finite else float("nan")
+    passed = finite and spread > 1e-6
+    detail = "logits finite and varying" if passed else ("non-finite logits" if not finite else "constant logits")
+    return Check("sanity", passed, spread, 1e-6, detail)
+
+
+def against_check(model, gen: GenerationResult, options: VerifyOptions, dtype: torch.dtype) -> Check:
+    from neoxconv.tp_reference import tensor_parallel_logits
+
+    tp_logits, _ = tensor_parallel_logits(options.against, gen.prompt_ids, row_bias=options.row_bias,
+                                          config_path=options.against_config)
+    ours = gen.prompt_logits
+    if tp_logits.shape != ours.shape:
+        return Check("against", False, None, None, f"logit shapes differ: TP {list(tp_logits.shape)} vs {list(ours.shape)}")
+    diff = _max_abs(ours, tp_logits)
+    tol = MODEL_TOL[dtype] * _scale(tp_logits)
+    agree = float((ours.argmax(-1) == tp_logits.argmax(-1)).float().mean())
+    return Check("against", diff <= tol, diff, tol,
+                 f"vs simulated tensor-parallel forward of {options.against} (top-1 agreement {agree:.0%})")
+
+
+def reference_hf_check(out: Path, model, gen: GenerationResult, dtype: torch.dtype, device: torch.device) -> Check:
+    try:
+        from transformers import GPTNeoXForCausalLM
+    except ImportError:
+        return Check("reference_hf", False, None, None, "transformers is not installed (pip install transformers)")
+    hf = GPTNeoXForCausalLM.from_pretrained(str(out), dtype=dtype).to(device).eval()
+    with torch.inference_mode():
+        theirs = hf(torch.tensor([gen.prompt_ids], device=device)).logits[0].float().cpu()
+    del hf
+    diff = _max_abs(gen.prompt_logits, theirs)
+    tol = MODEL_TOL[dtype] * _scale(theirs)
+    return Check("reference_hf", diff <= tol, diff, tol, "vs transformers GPTNeoXForCausalLM on the prompt")
+
+
+def int8_checks(loaded: LoadedModel, gen: GenerationResult, options: VerifyOptions) -> tuple[list[Check], dict]:
+    from neoxconv.int8 import int8_weight_bytes, quantize_int8
+
+    before = weight_bytes(loaded.model)
+    quantize_int8(loaded.model, threshold=options.int8_threshold)
+    after = int8_weight_bytes(loaded.model)
+    seq = gen.prompt_ids + gen.generated_ids[:-1]
+    logits = full_forward_logits(loaded.model, seq)  # teacher-forced on the full-precision tokens
+    P = len(gen.prompt_ids)
+    steps = logits[P - 1:]
+    agreement = float((steps.argmax(-1) == torch.tensor(gen.generated_ids)).float().mean()) if gen.generated_ids else 1.0
+    prompt_diff = _max_abs(logits[:P], gen.prompt_logits)
+    int8_gen = generate(loaded.model, gen.prompt_ids, max_new_tokens=len(gen.generated_ids) or 1,
+                        sampling=Sampling(), dtype=loaded.dtype)
+    info = {"weight_bytes_before": before, "weight_bytes_after": after, "memory_ratio": after / before,
+            "top1_agreement": agreement, "prompt_max_abs_logit_diff": prompt_diff,
+            "tokens_per_second": int8_gen.decode_tokens_per_second, "threshold": options.int8_threshold}
+    checks = [
+        Check("int8_top1_agreement", agreement >= INT8_MIN_AGREEMENT, agreement, INT8_MIN_AGREEMENT,
+              f"int8 vs full precision over {len(gen.generated_ids)} generated steps (minimum shown)"),
+        Check("int8_memory", after < before, after / before, 1.0,
+              f"weights {before / 2**20:.1f} MiB -> {after / 2**20:.1f} MiB"),
+    ]
+    return checks, info
+
+
+def verify_model(out: Path, options: VerifyOptions) -> VerifyReport:
+    """Integrity first, then load, generate, and run every requested check."""
+    out = Path(out)
+    config = load_config(out)
+    integrity = check_output(out, config, hashes=options.check_hashes)
+    tokenizer = _tokenizer(out, options.tokenizer)
+    if options.ids:
+        prompt_ids = list(options.ids)
+    elif options.prompt is not None:
+        if tokenizer is None:
+            raise NeoXConvError(f"{out}: no tokenizer.json to encode the prompt; pass --tokenizer FILE or --ids 1,2,3")
+        prompt_ids = tokenizer.encode(options.prompt).ids
+    else:
+        raise NeoXConvError("give a prompt (--prompt TEXT) or token ids (--ids 1,2,3)")
+    if not prompt_ids:
+        raise NeoXConvError("the prompt encodes to no tokens")
+    bad = [i for i in prompt_ids if not 0 <= i < (config.vocab_size or 0)]
+    if bad:
+        raise NeoXConvError(f"token ids {bad[:5]} are outside the vocabulary (size {config.vocab_size})")
+
+    device = resolve_device(options.device)
+    dtype = resolve_dtype(options.dtype, device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    loaded = load_model(out, device=device, dtype=options.dtype if options.dtype != "auto" else dtype,
+                        quiet=options.quiet)
+    loaded.model.set_attention(options.attention)
+    gen = generate(loaded.model, prompt_ids, max_new_tokens=options.max_new_tokens, eos_id=config.eos_token_id,
+                   sampling=options.sampling, dtype=dtype)
+    text = tokenizer.decode(gen.generated_ids) if tokenizer is not None else ""
+    report = VerifyReport(
+        out_dir=str(out), device=str(device), dtype=str(dtype).replace("torch.", ""), prompt_ids=prompt_ids,
+        generated_ids=gen.generated_ids, text=text, tokens_per_second=gen.decode_tokens_per_second,
+        prefill_seconds=gen.prefill_seconds, load_seconds=loaded.load_seconds, weight_bytes=loaded.weight_bytes,
+    )
+    detail = (f"{integrity.files_checked} files, sha256 {'checked' if integrity.hashes_checked else 'not checked'}"
+              if integrity.manifest_found else integrity.notes[0])
+    report.checks.append(Check("integrity", True, None, None, detail))
+    kv, report.kv_cache_max_abs_diff = kv_cache_check(loaded.model, gen, dtype)
+    report.checks.append(kv)
+    report.checks.append(sanity_check(gen))
+    if options.against is not None:
+        report.checks.append(against_check(loaded.model, gen, options, dtype))
+    if options.reference == "hf":
+        report.checks.append(reference_hf_check(out, loaded.model, gen, dtype, device))
+    if options.int8:
+        checks, report.int8 = int8_checks(loaded, gen, options)
+        report.checks.extend(checks)
+    report.peak_memory_bytes = _peak_memory(device)
+    if tokenizer is None:
+        report.notes.append("no tokenizer: generated ids are not decoded")
+    return report
+
+
+def format_report(report: VerifyReport) -> str:
+    lines = [
+        f"prompt ids ({len(report.prompt_ids)}): {report.prompt_ids[:16]}{' ...' if len(report.prompt_ids) > 16 else ''}",
+        f"generated ({len(report.generated_ids)} tokens): {report.text!r}" if report.text
+        else f"generated ids: {report.generated_ids}",
+        f"device {report.device}, dtype {report.dtype}; load {report.load_seconds:.2f} s, prefill "
+        f"{report.prefill_seconds * 1e3:.1f} ms, decode {report.tokens_per_second:.1f} tokens/s, "
+        f"weights {report.weight_bytes / 2**20:.1f} MiB, peak memory {report.peak_memory_bytes / 2**20:.0f} MiB",
+        "",
+        "checks:",
+    ]
+    for c in report.checks:
+        mark = "✓" if c.passed else "✗"
+        fig = "" if c.value is None else f"{c.value:.3g}"
+        tol = "" if c.tolerance is None else f" (tolerance {c.tolerance:.3g})"
+        lines.append(f"  {mark} {c.name:<20} {fig}{tol}  {c.detail}")
+    if report.int8:
+        i = report.int8
+        lines.append(f"int8: weights x{i['memory_ratio']:.2f}, top-1 agreement {i['top1_agreement']:.0%}, "
+                     f"prompt max |dlogit| {i['prompt_max_abs_logit_diff']:.3g}, {i['tokens_per_second']:.1f} tokens/s")
+    lines += [f"note: {n}" for n in report.notes]
+    lines.append("all checks passed" if report.ok else "SOME CHECKS FAILED")
+    return "\n".join(lines)
+
+
+def report_json(report: VerifyReport) -> str:
+    return json.dumps(report.to_json(), ensure_ascii=False)
+
