@@ -11,6 +11,8 @@ from pathlib import Path
 from neoxconv.errors import VerificationError
 
 # where the demo looks for the real GPT-NeoX-20B tokenizer when none is given
+DEMO_PROMPT = "The capital of France is"
+DEMO_IDS = (510, 5347, 273, 6181, 310)  # the same prompt, tokenized by the 20B tokenizer
 TOKENIZER_CANDIDATES = ("20B_tokenizer.json", "../shared/data/20B_tokenizer.json", "shared/data/20B_tokenizer.json")
 
 
@@ -27,7 +29,7 @@ def find_demo_tokenizer(explicit: Path | None = None) -> Path | None:
 
 def run_demo(*, workdir: Path | None = None, tp_degree: int = 2, tokenizer: Path | None = None,
              echo: Callable[[str], None] = print) -> Path:
-    """Synthesize -> inspect -> merge -> check every tensor; returns the merged folder."""
+    """Synthesize -> inspect -> merge -> check every tensor -> verify; returns the merged folder."""
     if workdir is None:
         with tempfile.TemporaryDirectory(prefix="neoxconv-demo-") as tmp:
             return _demo(Path(tmp), tp_degree, tokenizer, echo)
@@ -71,4 +73,15 @@ def _demo(work: Path, tp_degree: int, tokenizer: Path | None, echo: Callable[[st
     if mismatched:
         raise VerificationError(f"demo: merged tensors differ from the synthetic reference: {', '.join(mismatched)}")
     echo(f"demo: all {len(index['weight_map'])} merged tensors equal the reference model's, bit for bit")
+
+    from neoxconv.verify import VerifyOptions, format_report, verify_model
+
+    prompt = dict(prompt=DEMO_PROMPT) if tok is not None else dict(ids=DEMO_IDS)
+    echo(f"demo: verify {out} --against {src} "
+         + (f"--prompt {DEMO_PROMPT!r}" if tok is not None else f"--ids {','.join(map(str, DEMO_IDS))}"))
+    report = verify_model(out, VerifyOptions(max_new_tokens=16, device="cpu", against=src, **prompt))
+    echo(format_report(report))
+    if not report.ok:
+        raise VerificationError("demo: verify reported a failed check")
+    echo("demo: done (the weights are random, so the generated text is gibberish; the checks are what matter)")
     return out

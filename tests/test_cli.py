@@ -68,3 +68,4 @@ def test_demo_runs_end_to_end(tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     assert "no GPT-NeoX tokenizer found" in result.output
     assert "equal the reference" in result.output
+    assert "all checks passed" in result.output and "✓ against" in result.output
