@@ -33,6 +33,14 @@ def _run(fn):
         except KeyboardInterrupt:
             click.echo("neoxconv: interrupted; re-run the same command to resume where it stopped", err=True)
             sys.exit(EXIT_INTERRUPTED)
+        except (click.exceptions.Exit, click.ClickException, SystemExit):
+            raise
+        except Exception as e:  # a bug of ours: still one line, the traceback with --debug
+            if debug:
+                raise
+            click.echo(f"neoxconv: internal error: {type(e).__name__}: {e} "
+                       "(re-run with --debug for the traceback, and please report it)", err=True)
+            sys.exit(1)
 
     return wrapper
 

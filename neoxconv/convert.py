@@ -28,7 +28,8 @@ from neoxconv.checkpoint import Checkpoint, LayerKind, open_checkpoint
 from neoxconv.dtypes import canonical_dtype, count_nonfinite
 from neoxconv.errors import CheckpointError, MergeError, OutputError
 from neoxconv.integrity import INDEX, MANIFEST
-from neoxconv.merge import LayerPlan, Rule, TensorPlan, iter_merged_chunks, max_divergence, merge_tensor, plan_layer, resolve_row_bias
+from neoxconv.interrupt import InterruptGuard, deferred_sigint
+from neoxconv.merge import LayerPlan, Rule, TensorPlan, iter_merged_chunks, max_divergence, merge_tensor, plan_layer, read_checked, resolve_row_bias
 from neoxconv.progress import progress_bar
 from neoxconv.tokenizer_files import eos_token_id, tokenizer_config
 from neoxconv.writer import TMP_SUFFIX, SafetensorsWriter, atomic_write, atomic_write_json, sha256_file
@@ -135,7 +136,7 @@ def _check_disk(out: Path, need: int) -> None:
 
 def _merge_small(t: TensorPlan, tolerance: float, where: str) -> tuple[np.ndarray, float | None]:
     """Sum / replicated / drop: whole tensors in memory (they are vectors). Returns (value, divergence)."""
-    arrays = [np.asarray(r.array()) for r in t.shards]
+    arrays = [read_checked(r, t.key) for r in t.shards]
     divergence = None
     if t.rule in (Rule.REPLICATED, Rule.DROP):
         divergence = max_divergence(arrays, t.src_dtype)
@@ -164,7 +165,8 @@ def _nonfinite(values: np.ndarray, t: TensorPlan, where: str, allow: bool, warni
         log.warning(msg)
 
 
-def _write_layer(path: Path, plan: LayerPlan, options: MergeOptions, warnings: list[str], bar) -> dict[str, Any]:
+def _write_layer(path: Path, plan: LayerPlan, options: MergeOptions, warnings: list[str], bar,
+                 guard: InterruptGuard) -> dict[str, Any]:
     where = f"{plan.layer.label} [{', '.join(plan.files)}]"
     small: dict[str, tuple[np.ndarray, float | None]] = {}
     for t in plan.dropped:
@@ -186,6 +188,7 @@ def _write_layer(path: Path, plan: LayerPlan, options: MergeOptions, warnings: l
                 bar.update(value.nbytes)
             else:
                 for chunk in iter_merged_chunks(t):
+                    guard.check()
                     _nonfinite(chunk, t, where, options.allow_nonfinite, warnings)
                     w.write_chunk(t.hf_name, chunk)
                     bar.update(chunk.nbytes)
@@ -202,8 +205,16 @@ def _write_layer(path: Path, plan: LayerPlan, options: MergeOptions, warnings: l
 
 
 def merge_checkpoint(src: Path, out: Path, options: MergeOptions | None = None) -> MergeReport:
-    """Merge the tensor-parallel checkpoint at ``src`` into a Hugging Face folder ``out``."""
-    options = options or MergeOptions()
+    """Merge the tensor-parallel checkpoint at ``src`` into a Hugging Face folder ``out``.
+
+    A first Ctrl-C is deferred to the next point where no file is half-written, then raises
+    KeyboardInterrupt; the folder is left resumable.
+    """
+    with deferred_sigint() as guard:
+        return _merge(src, out, options or MergeOptions(), guard)
+
+
+def _merge(src: Path, out: Path, options: MergeOptions, guard: InterruptGuard) -> MergeReport:
     out = Path(out)
     ckpt = open_checkpoint(src, config_path=options.config_path, tokenizer_path=options.tokenizer_path)
     out_dtype = None if options.dtype == "auto" else canonical_dtype(options.dtype)
@@ -257,12 +268,15 @@ def merge_checkpoint(src: Path, out: Path, options: MergeOptions | None = None) 
     # ---- the merge ----
     warnings: list[str] = []
     total = sum(p.nbytes for _, p in todo)
+    guard.check()
     with progress_bar(total=total, desc="merge", unit="B", quiet=options.quiet) as bar:
         for name, plan in todo:
+            guard.check()
             bar.set_postfix_str(f"{plan.layer.label} -> {name}", refresh=False)
-            state["layers"][name] = _write_layer(out / name, plan, options, warnings, bar)
+            state["layers"][name] = _write_layer(out / name, plan, options, warnings, bar, guard)
             atomic_write_json(out / JOURNAL, state)  # progress survives a crash from here on
             ckpt.release(plan.layer)
+        guard.check()
     state["layers"] = {n: state["layers"][n] for n in names}
 
     # ---- config, tokenizer, index, manifest (last) ----

@@ -16,6 +16,7 @@ Row-parallel biases are ``ROW_BIAS`` in the table and resolve to SUM or REPLICAT
 from __future__ import annotations
 
 import enum
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -284,21 +285,68 @@ def plan_layer(
 
 
 # ----- streaming the merged bytes -----------------------------------------------------------------------
+class _Crc:
+    """CRC-32 of a shard's bytes as they are read, checked against the zip directory at the end."""
+
+    def __init__(self, ref: TensorRef) -> None:
+        self.ref, self.value = ref, 0
+
+    def update(self, block: np.ndarray) -> np.ndarray:
+        if self.ref.covers_storage:
+            self.value = zlib.crc32(memoryview(np.ascontiguousarray(block)).cast("B"), self.value)
+        return block
+
+    def check(self, key: str) -> None:
+        if self.ref.covers_storage:
+            ok = self.value == self.ref.storage_crc
+        else:  # a view into a larger storage: check the whole storage once
+            ok = storage_crc(self.ref) == self.ref.storage_crc
+        if not ok:
+            raise CheckpointError(
+                f"{self.ref.path}: the data of {key!r} fails its CRC-32 check (the file is corrupt; re-download it)")
+
+
+def storage_crc(ref: TensorRef, *, chunk: int = 16 << 20) -> int:
+    crc = 0
+    with open(ref.path, "rb") as f:
+        f.seek(ref.data_offset)
+        left = ref.storage_nbytes
+        while left > 0:
+            block = f.read(min(chunk, left))
+            if not block:
+                break
+            crc = zlib.crc32(block, crc)
+            left -= len(block)
+    return crc
+
+
+def read_checked(ref: TensorRef, key: str) -> np.ndarray:
+    """A whole (small) tensor, in memory, after its CRC-32 check."""
+    crc = _Crc(ref)
+    a = crc.update(np.array(ref.array()))
+    crc.check(key)
+    return a
+
+
 def iter_merged_chunks(plan: TensorPlan, *, chunk_bytes: int = 32 << 20) -> Iterator[np.ndarray]:
-    """The merged tensor of a concat rule, as consecutive row blocks (bounded memory)."""
+    """The merged tensor of a concat rule, as consecutive row blocks (bounded memory), CRC-checked."""
     arrays = [ref.array() for ref in plan.shards]
+    crcs = [_Crc(ref) for ref in plan.shards]
     if plan.rule is Rule.CONCAT_ROWS:
-        for a in arrays:
+        for a, crc in zip(arrays, crcs):
             row_bytes = max(1, a[0].nbytes if a.ndim > 1 and len(a) else a.itemsize)
             step = max(1, chunk_bytes // row_bytes)
             for i in range(0, len(a), step):
-                yield _cast(np.ascontiguousarray(a[i : i + step]), plan.src_dtype, plan.out_dtype)
+                yield _cast(crc.update(a[i : i + step]), plan.src_dtype, plan.out_dtype)
+            crc.check(plan.key)
     elif plan.rule is Rule.CONCAT_COLS:
         rows = arrays[0].shape[0]
         row_bytes = max(1, sum(a.shape[1] for a in arrays) * arrays[0].itemsize)
         step = max(1, chunk_bytes // row_bytes)
         for i in range(0, rows, step):
-            yield merge_tensor(Rule.CONCAT_COLS, [a[i : i + step] for a in arrays],
-                               dtype=plan.src_dtype, out_dtype=plan.out_dtype)
+            blocks = [crc.update(a[i : i + step]) for a, crc in zip(arrays, crcs)]
+            yield merge_tensor(Rule.CONCAT_COLS, blocks, dtype=plan.src_dtype, out_dtype=plan.out_dtype)
+        for crc in crcs:
+            crc.check(plan.key)
     else:
         raise ValueError(f"{plan.rule} is not streamed")

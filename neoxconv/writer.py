@@ -84,12 +84,14 @@ class _AtomicFile:
                 os.fsync(f.fileno())
                 f.close()
                 os.replace(self.tmp, self.path)
-                fsync_dir(self.path.parent)
-                return
-            except OSError as e:
+            except BaseException as e:  # OSError, or Ctrl-C landing here: no temp file left behind
                 _close_quietly(f)
                 _unlink_quietly(self.tmp)
-                raise _output_error(self.path, e) from None
+                if isinstance(e, OSError):
+                    raise _output_error(self.path, e) from None
+                raise
+            fsync_dir(self.path.parent)
+            return
         _close_quietly(f)
         _unlink_quietly(self.tmp)
 
@@ -162,7 +164,11 @@ class SafetensorsWriter:
 
     def __enter__(self) -> SafetensorsWriter:
         self._file.__enter__()
-        self._file.write(self.header)
+        try:
+            self._file.write(self.header)
+        except BaseException as e:  # __exit__ will not run for a failed __enter__: clean up here
+            self._file.__exit__(type(e), e, e.__traceback__)
+            raise
         return self
 
     def write_chunk(self, name: str, data: np.ndarray) -> None:
