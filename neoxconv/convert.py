@@ -30,6 +30,7 @@ from neoxconv.errors import CheckpointError, MergeError, OutputError
 from neoxconv.integrity import INDEX, MANIFEST
 from neoxconv.interrupt import InterruptGuard, deferred_sigint
 from neoxconv.merge import LayerPlan, Rule, TensorPlan, iter_merged_chunks, max_divergence, merge_tensor, plan_layer, read_checked, resolve_row_bias
+from neoxconv.prefetch import prefetch
 from neoxconv.progress import progress_bar
 from neoxconv.tokenizer_files import eos_token_id, tokenizer_config
 from neoxconv.writer import TMP_SUFFIX, SafetensorsWriter, atomic_write, atomic_write_json, sha256_file
@@ -176,23 +177,27 @@ def _write_layer(path: Path, plan: LayerPlan, options: MergeOptions, warnings: l
             small[t.key] = _merge_small(t, options.replica_tolerance, where)
             _nonfinite(small[t.key][0], t, where, options.allow_nonfinite, warnings)
     entries = [(t.hf_name, t.out_dtype, t.shape) for t in plan.tensors]
-    tensors_meta: dict[str, Any] = {}
-    with SafetensorsWriter(path, entries) as w:
+
+    def chunks():  # runs in a worker thread: read, CRC-check, cast, interleave, check finiteness
         for t in plan.tensors:
-            meta: dict[str, Any] = {"source_key": t.key, "rule": t.rule.value, "dtype": t.out_dtype, "shape": list(t.shape)}
             if t.key in small:
-                value, divergence = small[t.key]
-                w.write_tensor(t.hf_name, value)
-                if divergence is not None:
-                    meta["max_replica_divergence"] = divergence
-                bar.update(value.nbytes)
+                yield t, small[t.key][0]
             else:
                 for chunk in iter_merged_chunks(t):
-                    guard.check()
                     _nonfinite(chunk, t, where, options.allow_nonfinite, warnings)
-                    w.write_chunk(t.hf_name, chunk)
-                    bar.update(chunk.nbytes)
-            tensors_meta[t.hf_name] = meta
+                    yield t, chunk
+
+    with SafetensorsWriter(path, entries) as w:
+        for t, chunk in prefetch(chunks()):  # the main thread hashes and writes
+            guard.check()
+            w.write_chunk(t.hf_name, chunk)
+            bar.update(chunk.nbytes)
+    tensors_meta: dict[str, Any] = {}
+    for t in plan.tensors:
+        meta: dict[str, Any] = {"source_key": t.key, "rule": t.rule.value, "dtype": t.out_dtype, "shape": list(t.shape)}
+        if t.key in small and small[t.key][1] is not None:
+            meta["max_replica_divergence"] = small[t.key][1]
+        tensors_meta[t.hf_name] = meta
     return {
         "source_layer": plan.layer.index,
         "kind": plan.layer.kind.value,

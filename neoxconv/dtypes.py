@@ -74,4 +74,7 @@ def count_nonfinite(a: np.ndarray, dtype: str) -> int:
         return 0
     utype, mask = _EXP_MASK[dtype]
     bits = np.ascontiguousarray(a).view(utype)
-    return int(np.count_nonzero((bits & utype(mask)) == utype(mask)))
+    exponent = np.bitwise_and(bits, utype(mask))
+    if not bits.size or exponent.max() != mask:  # fast path: one pass, one reduction
+        return 0
+    return int(np.count_nonzero(exponent == utype(mask)))

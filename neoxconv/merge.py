@@ -16,6 +16,7 @@ Row-parallel biases are ``ROW_BIAS`` in the table and resolve to SUM or REPLICAT
 from __future__ import annotations
 
 import enum
+import os
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -26,7 +27,7 @@ from neoxconv.checkpoint import LayerKind, SourceLayer
 from neoxconv.config import NeoXConfig
 from neoxconv.dtypes import FLOAT_DTYPES, from_f32, to_f32
 from neoxconv.errors import CheckpointError, MergeError
-from neoxconv.ptfile import TensorRef
+from neoxconv.ptfile import NUMPY_DTYPES, TensorRef
 
 
 class Rule(str, enum.Enum):
@@ -328,25 +329,62 @@ def read_checked(ref: TensorRef, key: str) -> np.ndarray:
     return a
 
 
-def iter_merged_chunks(plan: TensorPlan, *, chunk_bytes: int = 32 << 20) -> Iterator[np.ndarray]:
+class _ShardRows:
+    """Row blocks of one shard, read with ``os.preadv`` into fresh buffers (no mapping: RSS stays small).
+
+    Views that are not contiguous fall back to a memory map of their storage.
+    """
+
+    def __init__(self, ref: TensorRef) -> None:
+        self.ref = ref
+        self.dtype = NUMPY_DTYPES[ref.dtype]
+        self.row_shape = ref.shape[1:]
+        self.row_bytes = self.dtype.itemsize * int(np.prod(self.row_shape, dtype=np.int64)) if ref.shape else 0
+        self._fd = os.open(ref.path, os.O_RDONLY) if ref.is_contiguous else None
+        self._mapped = None if ref.is_contiguous else ref.array()
+
+    def rows(self, start: int, count: int) -> np.ndarray:
+        if self._mapped is not None:
+            return np.ascontiguousarray(self._mapped[start : start + count])
+        buf = np.empty((count, *self.row_shape), dtype=self.dtype)
+        view = memoryview(buf).cast("B")
+        offset, done = self.ref.byte_offset + start * self.row_bytes, 0
+        while done < len(view):
+            n = os.preadv(self._fd, [view[done:]], offset + done)
+            if n <= 0:
+                raise CheckpointError(f"{self.ref.path}: ends inside the data of {self.ref.name!r} (truncated)")
+            done += n
+        return buf
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def iter_merged_chunks(plan: TensorPlan, *, chunk_bytes: int = 16 << 20) -> Iterator[np.ndarray]:
     """The merged tensor of a concat rule, as consecutive row blocks (bounded memory), CRC-checked."""
-    arrays = [ref.array() for ref in plan.shards]
-    crcs = [_Crc(ref) for ref in plan.shards]
-    if plan.rule is Rule.CONCAT_ROWS:
-        for a, crc in zip(arrays, crcs):
-            row_bytes = max(1, a[0].nbytes if a.ndim > 1 and len(a) else a.itemsize)
-            step = max(1, chunk_bytes // row_bytes)
-            for i in range(0, len(a), step):
-                yield _cast(crc.update(a[i : i + step]), plan.src_dtype, plan.out_dtype)
-            crc.check(plan.key)
-    elif plan.rule is Rule.CONCAT_COLS:
-        rows = arrays[0].shape[0]
-        row_bytes = max(1, sum(a.shape[1] for a in arrays) * arrays[0].itemsize)
-        step = max(1, chunk_bytes // row_bytes)
-        for i in range(0, rows, step):
-            blocks = [crc.update(a[i : i + step]) for a, crc in zip(arrays, crcs)]
-            yield merge_tensor(Rule.CONCAT_COLS, blocks, dtype=plan.src_dtype, out_dtype=plan.out_dtype)
-        for crc in crcs:
-            crc.check(plan.key)
-    else:
+    if plan.rule not in (Rule.CONCAT_ROWS, Rule.CONCAT_COLS):
         raise ValueError(f"{plan.rule} is not streamed")
+    readers = [_ShardRows(ref) for ref in plan.shards]
+    crcs = [_Crc(ref) for ref in plan.shards]
+    try:
+        if plan.rule is Rule.CONCAT_ROWS:  # the ranks' bytes back to back
+            for reader, crc in zip(readers, crcs):
+                rows = plan.shards[0].shape[0] if plan.shards[0].shape else 0
+                step = max(1, chunk_bytes // max(1, reader.row_bytes))
+                for i in range(0, rows, step):
+                    yield _cast(crc.update(reader.rows(i, min(step, rows - i))), plan.src_dtype, plan.out_dtype)
+                crc.check(plan.key)
+        else:  # row-parallel: interleave each output row from the ranks' column blocks
+            rows = plan.shape[0]
+            step = max(1, chunk_bytes // max(1, sum(r.row_bytes for r in readers)))
+            for i in range(0, rows, step):
+                n = min(step, rows - i)
+                blocks = [crc.update(r.rows(i, n)) for r, crc in zip(readers, crcs)]
+                yield merge_tensor(Rule.CONCAT_COLS, blocks, dtype=plan.src_dtype, out_dtype=plan.out_dtype)
+            for crc in crcs:
+                crc.check(plan.key)
+    finally:
+        for r in readers:
+            r.close()

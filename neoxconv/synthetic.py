@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from neoxconv.checkpoint import SourceLayer, model_layers, pipeline_file_name, sequential_file_name
+from neoxconv.checkpoint import LayerKind, SourceLayer, model_layers, pipeline_file_name, sequential_file_name
 from neoxconv.config import GELU_TANH, NeoXConfig
 from neoxconv.merge import RULES, Rule, hf_name
 
@@ -44,31 +44,38 @@ def tiny_config(**overrides) -> NeoXConfig:
     return NeoXConfig(**base)
 
 
-def random_state_dict(config: NeoXConfig, *, seed: int = 0) -> dict[str, torch.Tensor]:
-    """A random GPT-NeoX in Hugging Face names, fp32, scaled so that activations stay O(1)."""
-    g = torch.Generator().manual_seed(seed)
+def random_layer(config: NeoXConfig, layer: SourceLayer, g: torch.Generator) -> dict[str, torch.Tensor]:
+    """Random fp32 weights of one source layer, in Hugging Face names, scaled so activations stay O(1)."""
     H, F, V = config.hidden_size, config.ffn_size, config.vocab_size
 
     def n(*shape, std=1.0):
         return torch.randn(*shape, generator=g) * std
 
-    sd = {"gpt_neox.embed_in.weight": n(V, H)}
-    for i in range(config.num_layers):
-        p = f"gpt_neox.layers.{i}."
-        sd.update({
-            p + "input_layernorm.weight": 1 + n(H, std=0.1), p + "input_layernorm.bias": n(H, std=0.1),
-            p + "attention.query_key_value.weight": n(3 * H, H, std=H ** -0.5),
-            p + "attention.query_key_value.bias": n(3 * H, std=0.1),
-            p + "attention.dense.weight": n(H, H, std=H ** -0.5), p + "attention.dense.bias": n(H, std=0.1),
-            p + "post_attention_layernorm.weight": 1 + n(H, std=0.1),
-            p + "post_attention_layernorm.bias": n(H, std=0.1),
-            p + "mlp.dense_h_to_4h.weight": n(F, H, std=H ** -0.5), p + "mlp.dense_h_to_4h.bias": n(F, std=0.1),
-            p + "mlp.dense_4h_to_h.weight": n(H, F, std=F ** -0.5), p + "mlp.dense_4h_to_h.bias": n(H, std=0.1),
-        })
-    sd["gpt_neox.final_layer_norm.weight"] = 1 + n(H, std=0.1)
-    sd["gpt_neox.final_layer_norm.bias"] = n(H, std=0.1)
-    if not config.tie_word_embeddings:
-        sd["embed_out.weight"] = n(V, H, std=H ** -0.5)
+    if layer.kind is LayerKind.EMBEDDING:
+        return {"gpt_neox.embed_in.weight": n(V, H)}
+    if layer.kind is LayerKind.FINAL_NORM:
+        return {"gpt_neox.final_layer_norm.weight": 1 + n(H, std=0.1), "gpt_neox.final_layer_norm.bias": n(H, std=0.1)}
+    if layer.kind is LayerKind.READOUT:
+        return {"embed_out.weight": n(V, H, std=H ** -0.5)}
+    p = f"gpt_neox.layers.{layer.block}."
+    return {
+        p + "input_layernorm.weight": 1 + n(H, std=0.1), p + "input_layernorm.bias": n(H, std=0.1),
+        p + "attention.query_key_value.weight": n(3 * H, H, std=H ** -0.5),
+        p + "attention.query_key_value.bias": n(3 * H, std=0.1),
+        p + "attention.dense.weight": n(H, H, std=H ** -0.5), p + "attention.dense.bias": n(H, std=0.1),
+        p + "post_attention_layernorm.weight": 1 + n(H, std=0.1),
+        p + "post_attention_layernorm.bias": n(H, std=0.1),
+        p + "mlp.dense_h_to_4h.weight": n(F, H, std=H ** -0.5), p + "mlp.dense_h_to_4h.bias": n(F, std=0.1),
+        p + "mlp.dense_4h_to_h.weight": n(H, F, std=F ** -0.5), p + "mlp.dense_4h_to_h.bias": n(H, std=0.1),
+    }
+
+
+def random_state_dict(config: NeoXConfig, *, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A whole random GPT-NeoX in Hugging Face names, fp32."""
+    g = torch.Generator().manual_seed(seed)
+    sd: dict[str, torch.Tensor] = {}
+    for layer in model_layers(config, with_readout=not config.tie_word_embeddings):
+        sd.update(random_layer(config, layer, g))
     return sd
 
 
@@ -153,8 +160,11 @@ def neox_yaml(config: NeoXConfig, spec: SyntheticSpec) -> str:
 """
 
 
-def write_checkpoint(root: Path, spec: SyntheticSpec) -> dict[str, torch.Tensor]:
-    """Write a checkpoint under ``root`` (latest, configs/, global_step*/); return the reference weights."""
+def write_checkpoint(root: Path, spec: SyntheticSpec, *, keep_reference: bool = True) -> dict[str, torch.Tensor]:
+    """Write a checkpoint under ``root`` (latest, configs/, global_step*/); return the reference weights.
+
+    One layer is generated at a time; ``keep_reference=False`` returns {} (for benchmark-sized models).
+    """
     config = spec.config
     if config.vocab_size is None:
         raise ValueError("a synthetic checkpoint needs a vocab_size")
@@ -167,16 +177,20 @@ def write_checkpoint(root: Path, spec: SyntheticSpec) -> dict[str, torch.Tensor]
     if spec.tokenizer is not None:
         shutil.copyfile(spec.tokenizer, root / "20B_tokenizer.json")
 
-    reference = {k: v.to(TORCH_DTYPES[spec.dtype]) for k, v in random_state_dict(config, seed=spec.seed).items()}
-    g = torch.Generator().manual_seed(spec.seed + 1)
+    reference: dict[str, torch.Tensor] = {}
+    g_weights = torch.Generator().manual_seed(spec.seed)
+    g_split = torch.Generator().manual_seed(spec.seed + 1)
     module: list[dict[str, torch.Tensor]] = [{} for _ in range(spec.tp_degree)]
-    for layer in model_layers(config, with_readout=not config.tie_word_embeddings):
-        shards = split_layer(layer, reference, spec, g)
+    for layer in model_layers(config, with_readout=not config.tie_word_embeddings):  # one layer in memory
+        weights = {k: v.to(TORCH_DTYPES[spec.dtype]) for k, v in random_layer(config, layer, g_weights).items()}
+        shards = split_layer(layer, weights, spec, g_split)
         for rank, shard in enumerate(shards):
             if spec.layout == "pipeline":
                 torch.save(shard, step / pipeline_file_name(layer.index, rank))
             else:
                 module[rank].update({f"sequential.{layer.index}.{k}": v for k, v in shard.items()})
+        if keep_reference:
+            reference.update(weights)
     args = argparse.Namespace(num_layers=config.num_layers, model_parallel_size=spec.tp_degree)
     for rank in range(spec.tp_degree):
         bookkeeping = {"module": module[rank] if spec.layout == "sequential" else None, "args": args,

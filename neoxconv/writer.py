@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import struct
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
 
@@ -23,6 +24,30 @@ from neoxconv.dtypes import SAFETENSORS_NAMES
 from neoxconv.errors import OutputError
 
 TMP_SUFFIX = ".neoxconv-tmp"
+_WRITEBACK_BYTES = 32 << 20
+_THREADED_HASH_BYTES = 1 << 20
+
+
+def _load_sync_file_range():
+    try:
+        import ctypes
+        import ctypes.util
+
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        fn = libc.sync_file_range
+        fn.argtypes = [ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_uint]
+        return fn
+    except (OSError, AttributeError):
+        return None
+
+
+_sync_file_range = _load_sync_file_range()
+
+
+def start_writeback(fd: int, offset: int, nbytes: int) -> None:
+    """Ask Linux to start writing a range to disk (SYNC_FILE_RANGE_WRITE), so the final fsync waits less."""
+    if _sync_file_range is not None:
+        _sync_file_range(fd, offset, nbytes, 2)
 _ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8, "int64": 8, "int32": 4,
              "int16": 2, "int8": 1, "uint8": 1, "bool": 1}
 
@@ -56,28 +81,61 @@ class _AtomicFile:
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self.tmp = tmp_path_for(self.path)
-        self.sha256 = hashlib.sha256()
+        self._sha256 = hashlib.sha256()
+        self._hasher: ThreadPoolExecutor | None = None  # hashes chunk k while chunk k is written
+        self._pending: Future | None = None
         self.size = 0
         self._f = None
 
+    @property
+    def sha256(self):
+        self._wait_hash()
+        return self._sha256
+
+    def _wait_hash(self) -> None:
+        if self._pending is not None:
+            self._pending.result()
+            self._pending = None
+
     def __enter__(self) -> _AtomicFile:
         try:
-            self._f = open(self.tmp, "wb")
+            self._f = open(self.tmp, "wb", buffering=0)
         except OSError as e:
             raise _output_error(self.path, e) from None
+        self._flushed = 0  # bytes handed to the kernel's writeback so far
         return self
 
     def write(self, data) -> None:
         mv = memoryview(data).cast("B")
-        self.sha256.update(mv)
+        self._wait_hash()
+        if len(mv) >= _THREADED_HASH_BYTES:
+            if self._hasher is None:
+                self._hasher = ThreadPoolExecutor(1, thread_name_prefix="neoxconv-sha256")
+            self._pending = self._hasher.submit(self._sha256.update, mv)
+        else:
+            self._sha256.update(mv)
         try:
-            self._f.write(mv)
+            done = 0
+            while done < len(mv):
+                n = self._f.write(mv[done:])
+                if not n:
+                    raise OSError(errno.EIO, "write returned 0 bytes")
+                done += n
         except OSError as e:
             raise _output_error(self.path, e) from None
         self.size += len(mv)
+        if self.size - self._flushed >= _WRITEBACK_BYTES:  # start writing to disk now, not at fsync
+            start_writeback(self._f.fileno(), self._flushed, self.size - self._flushed)
+            self._flushed = self.size
 
     def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         f, self._f = self._f, None
+        try:
+            self._wait_hash()
+        finally:
+            if self._hasher is not None:
+                self._hasher.shutdown()
+                self._hasher = None
         if exc_type is None:
             try:
                 f.flush()
