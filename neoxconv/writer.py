@@ -140,7 +140,7 @@ class _AtomicFile:
         else:
             self._sha256.update(mv)
         try:
-            if self._direct:
+            if self._stage is not None:  # O_DIRECT mode (or fell back from it: keep the byte order)
                 self._stage_write(mv)
             else:
                 self._write_all(mv)
@@ -313,6 +313,8 @@ class SafetensorsWriter:
         return self
 
     def write_chunk(self, name: str, data: np.ndarray) -> None:
+        if data.size == 0:
+            return
         while self._pos < len(self.entries) and self._written == self._sizes[self.entries[self._pos][0]]:
             self._pos += 1
             self._written = 0
