@@ -1,0 +1,33 @@
+"""The benchmarks run end to end at toy sizes (their targets are not asserted here: CI machines are noisy)."""
+
+import subprocess
+import sys
+
+from conftest import REPO
+
+
+def _run(script, *args):
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / script), *map(str, args)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout
+
+
+def test_merge_bench_smoke(tmp_path):
+    out = _run("merge_bench.py", "--hidden", 64, "--heads", 4, "--vocab", 1024, "--layers", 1, "--layers", 2,
+               "--runs", 2, "--workdir", tmp_path)
+    assert "ratio merge / (cp+sync)" in out and "outputs identical across runs: yes" in out
+    assert "peak RSS by layer count" in out
+
+
+def test_generate_bench_smoke(tmp_path):
+    out = _run("generate_bench.py", "--hidden", 64, "--heads", 4, "--layers", 1, "--vocab", 1024,
+               "--prompt-len", 4, "--new-tokens", 10, "--runs", 1, "--workdir", tmp_path)
+    assert "same greedy ids: True" in out and "per-step latency" in out
+
+
+def test_gpu_check_runs_on_cpu(tmp_path):
+    out = _run("gpu_check.py", "--device", "cpu", "--hidden", 64, "--heads", 4, "--layers", 1, "--vocab", 1024,
+               "--new-tokens", 4, "--workdir", tmp_path)
+    assert "=== verify fp16 on cpu ===" in out and "=== verify int8 on cpu ===" in out
+    assert "all checks passed" in out
