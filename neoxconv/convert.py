@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from neoxconv import __version__
-from neoxconv.checkpoint import Checkpoint, LayerKind, open_checkpoint
+from neoxconv.checkpoint import Checkpoint, open_checkpoint
 from neoxconv.dtypes import canonical_dtype, count_nonfinite
 from neoxconv.errors import CheckpointError, MergeError, OutputError
 from neoxconv.integrity import INDEX, MANIFEST
@@ -178,18 +178,19 @@ def _write_layer(path: Path, plan: LayerPlan, options: MergeOptions, warnings: l
             _nonfinite(small[t.key][0], t, where, options.allow_nonfinite, warnings)
     entries = [(t.hf_name, t.out_dtype, t.shape) for t in plan.tensors]
 
-    def chunks():  # runs in a worker thread: read, CRC-check, cast, interleave, check finiteness
+    def chunks():  # runs in a worker thread: read, CRC-check, cast, interleave
         for t in plan.tensors:
             if t.key in small:
-                yield t, small[t.key][0]
+                yield t, small[t.key][0], False
             else:
                 for chunk in iter_merged_chunks(t):
-                    _nonfinite(chunk, t, where, options.allow_nonfinite, warnings)
-                    yield t, chunk
+                    yield t, chunk, True
 
     with SafetensorsWriter(path, entries) as w:
-        for t, chunk in prefetch(chunks()):  # the main thread hashes and writes
+        for t, chunk, streamed in prefetch(chunks()):  # this thread checks and writes; a helper hashes
             guard.check()
+            if streamed:
+                _nonfinite(chunk, t, where, options.allow_nonfinite, warnings)
             w.write_chunk(t.hf_name, chunk)
             bar.update(chunk.nbytes)
     tensors_meta: dict[str, Any] = {}

@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-
 from neoxconv.errors import VerificationError
 
-# where the demo looks for the real GPT-NeoX-20B tokenizer when none is given
 DEMO_PROMPT = "The capital of France is"
 DEMO_IDS = (510, 5347, 273, 6181, 310)  # the same prompt, tokenized by the 20B tokenizer
+# where the demo looks for the real GPT-NeoX-20B tokenizer when none is given
 TOKENIZER_CANDIDATES = ("20B_tokenizer.json", "../shared/data/20B_tokenizer.json", "shared/data/20B_tokenizer.json")
 
 
@@ -28,15 +28,16 @@ def find_demo_tokenizer(explicit: Path | None = None) -> Path | None:
 
 
 def run_demo(*, workdir: Path | None = None, tp_degree: int = 2, tokenizer: Path | None = None,
-             echo: Callable[[str], None] = print) -> Path:
-    """Synthesize -> inspect -> merge -> check every tensor -> verify; returns the merged folder."""
+             echo: Callable[[str], None] = print) -> None:
+    """Synthesize -> inspect -> merge -> check every tensor -> verify (in a temporary folder by default)."""
     if workdir is None:
         with tempfile.TemporaryDirectory(prefix="neoxconv-demo-") as tmp:
-            return _demo(Path(tmp), tp_degree, tokenizer, echo)
-    return _demo(Path(workdir), tp_degree, tokenizer, echo)
+            _demo(Path(tmp), tp_degree, tokenizer, echo)
+    else:
+        _demo(Path(workdir), tp_degree, tokenizer, echo)
 
 
-def _demo(work: Path, tp_degree: int, tokenizer: Path | None, echo: Callable[[str], None]) -> Path:
+def _demo(work: Path, tp_degree: int, tokenizer: Path | None, echo: Callable[[str], None]) -> None:
     from safetensors import safe_open
 
     from neoxconv.convert import MergeOptions, merge_checkpoint
@@ -62,7 +63,7 @@ def _demo(work: Path, tp_degree: int, tokenizer: Path | None, echo: Callable[[st
     report = merge_checkpoint(src, out, MergeOptions(quiet=True, force=True))
     echo(f"demo: merged -> {out} ({report.files_written} safetensors files, {report.total_bytes:,} bytes)")
 
-    index = __import__("json").loads((out / "model.safetensors.index.json").read_text())
+    index = json.loads((out / "model.safetensors.index.json").read_text())
     mismatched = []
     for name, file in index["weight_map"].items():
         with safe_open(out / file, framework="pt") as f:
@@ -84,4 +85,3 @@ def _demo(work: Path, tp_degree: int, tokenizer: Path | None, echo: Callable[[st
     if not report.ok:
         raise VerificationError("demo: verify reported a failed check")
     echo("demo: done (the weights are random, so the generated text is gibberish; the checks are what matter)")
-    return out

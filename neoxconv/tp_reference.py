@@ -58,6 +58,21 @@ def tensor_parallel_logits(src: Path, ids: list[int], *, row_bias: str = "auto",
             return sum(p + b for p, b in zip(partials, biases))
         return sum(partials) + biases[0]
 
+    def rank_attention(h: torch.Tensor, shard: dict[str, TensorRef]) -> torch.Tensor:
+        """One rank's attention over its heads; its partial dense output (n, H), bias not added."""
+        qkv = F.linear(h, _tensor(shard["attention.query_key_value.weight"]),
+                       _tensor(shard["attention.query_key_value.bias"]))  # (n, 3 H/T), [heads, 3, hd]
+        heads = qkv.shape[-1] // (3 * hd)
+        q, k, v = qkv.view(n, heads, 3 * hd).transpose(0, 1).unsqueeze(0).chunk(3, dim=-1)  # (1, heads, n, hd)
+        q, k = apply_partial_rotary(q, cos, sin), apply_partial_rotary(k, cos, sin)
+        ctx = causal_attention(q, k, v, q_start=0)[0].transpose(0, 1).reshape(n, heads * hd)
+        return F.linear(ctx, _tensor(shard["attention.dense.weight"]))
+
+    def rank_mlp(h: torch.Tensor, shard: dict[str, TensorRef]) -> torch.Tensor:
+        """One rank's MLP columns; its partial output (n, H), bias not added."""
+        up = F.linear(h, _tensor(shard["mlp.dense_h_to_4h.weight"]), _tensor(shard["mlp.dense_h_to_4h.bias"]))
+        return F.linear(F.gelu(up, approximate=approximate), _tensor(shard["mlp.dense_4h_to_h.weight"]))
+
     x = None
     logits_parts: list[torch.Tensor] = []
     for layer in ckpt.layers:
@@ -72,29 +87,14 @@ def tensor_parallel_logits(src: Path, ids: list[int], *, row_bias: str = "auto",
                 x += F.embedding(local.clamp(0, w.shape[0] - 1), w) * inside[:, None]
                 start += w.shape[0]
         elif layer.kind is LayerKind.BLOCK:
-            attn_parts, attn_bias, mlp_parts, mlp_bias = [], [], [], []
-            for shard in shards:
-                h = _ln(x, shard, "input_layernorm", eps)
-                qkv = F.linear(h, _tensor(shard["attention.query_key_value.weight"]),
-                               _tensor(shard["attention.query_key_value.bias"]))  # (n, 3 H/T)
-                heads = qkv.shape[-1] // (3 * hd)
-                q, k, v = qkv.view(n, heads, 3 * hd).transpose(0, 1).unsqueeze(0).chunk(3, dim=-1)
-                q, k = apply_partial_rotary(q, cos, sin), apply_partial_rotary(k, cos, sin)
-                ctx = causal_attention(q, k, v, q_start=0)[0].transpose(0, 1).reshape(n, heads * hd)
-                attn_parts.append(F.linear(ctx, _tensor(shard["attention.dense.weight"])))
-                attn_bias.append(_tensor(shard["attention.dense.bias"]))
-                mlp_in = _ln(x, shard, "post_attention_layernorm", eps) if config.parallel_residual else None
-                mlp_parts.append(mlp_in)
-            attn = row_parallel(attn_parts, attn_bias)
-            residual = x if config.parallel_residual else x + attn
-            for r, shard in enumerate(shards):
-                h = mlp_parts[r] if config.parallel_residual else _ln(residual, shard, "post_attention_layernorm", eps)
-                up = F.gelu(F.linear(h, _tensor(shard["mlp.dense_h_to_4h.weight"]),
-                                     _tensor(shard["mlp.dense_h_to_4h.bias"])), approximate=approximate)
-                mlp_parts[r] = F.linear(up, _tensor(shard["mlp.dense_4h_to_h.weight"]))
-                mlp_bias.append(_tensor(shard["mlp.dense_4h_to_h.bias"]))
-            mlp = row_parallel(mlp_parts, mlp_bias)
-            x = x + attn + mlp if config.parallel_residual else residual + mlp
+            # attention: each rank on its own heads; partial outputs (+ bias parts) summed by the all-reduce
+            attn = row_parallel([rank_attention(_ln(x, s, "input_layernorm", eps), s) for s in shards],
+                                [_tensor(s["attention.dense.bias"]) for s in shards])
+            mlp_input = x if config.parallel_residual else x + attn
+            # MLP: each rank on its own columns of the 4h projection, then the all-reduce
+            mlp = row_parallel([rank_mlp(_ln(mlp_input, s, "post_attention_layernorm", eps), s) for s in shards],
+                               [_tensor(s["mlp.dense_4h_to_h.bias"]) for s in shards])
+            x = x + attn + mlp if config.parallel_residual else mlp_input + mlp
         elif layer.kind is LayerKind.FINAL_NORM:
             x = [_ln(x, shard, "norm", eps) for shard in shards]  # each rank normalises its own copy
         elif layer.kind is LayerKind.READOUT:

@@ -143,3 +143,15 @@ def test_header_that_disagrees_with_config_is_reported(merged, tmp_path):
     (copy / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(VerificationError, match="config.json implies"):
         verify_model(copy, VerifyOptions(ids=(1, 2), check_hashes=False))
+
+
+@pytest.mark.parametrize("tp, layout, overrides", [
+    (4, "sequential", {"parallel_residual": False, "activation": "gelu"}),
+    (2, "pipeline", {"tie_word_embeddings": True}),
+    (1, "pipeline", {}),
+])
+def test_against_passes_on_right_merges_of_other_architectures(make_checkpoint, tmp_path, tp, layout, overrides):
+    root, _, _ = make_checkpoint(tp, layout, "float32", config_overrides=overrides)
+    merge_checkpoint(root, tmp_path / "out", MergeOptions(quiet=True))
+    report = verify_model(tmp_path / "out", VerifyOptions(ids=PROMPT_IDS, max_new_tokens=4, against=root))
+    assert report.ok, [c for c in report.checks if not c.passed]
