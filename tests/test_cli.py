@@ -69,3 +69,13 @@ def test_demo_runs_end_to_end(tmp_path, monkeypatch):
     assert "no GPT-NeoX tokenizer found" in result.output
     assert "equal the reference" in result.output
     assert "all checks passed" in result.output and "✓ against" in result.output
+
+
+def test_merge_path_does_not_import_torch():
+    """The merge parses .pt archives itself: no torch import (3 s saved), no torch.load of untrusted pickles."""
+    import subprocess
+    import sys
+
+    code = ("import sys, neoxconv.cli, neoxconv.convert, neoxconv.inspect; "
+            "sys.exit(1 if 'torch' in sys.modules else 0)")
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
