@@ -119,12 +119,21 @@ def _prepare_out(out: Path, state: dict | None, source: dict, recorded: dict, op
                 f"({state.get('source', {}).get('step_dir')}, {state.get('options')}); "
                 "choose another folder or pass --force to overwrite it"
             )
+        _remove_previous_output(out, state)
         return {}
     if not same:  # an earlier run that stopped before its first layer: nothing to keep
         return {}
     if not options.resume:
         return {}
     return dict(state.get("layers", {}))
+
+
+def _remove_previous_output(out: Path, state: dict) -> None:
+    """--force over another neoxconv output: remove the files its manifest lists (ours), nothing else."""
+    for name in [*state.get("layers", {}), *state.get("files", {}), MANIFEST, JOURNAL]:
+        path = out / name
+        if path.name == name and path.is_file():  # plain names only, never a path out of the folder
+            path.unlink()
 
 
 def _check_disk(out: Path, need: int) -> None:
@@ -147,7 +156,7 @@ def _merge_small(t: TensorPlan, tolerance: float, where: str) -> tuple[np.ndarra
             what = "derived buffer differs" if t.rule is Rule.DROP else "replicated tensor diverges"
             hint = "" if t.rule is Rule.DROP else (
                 " (raise --replica-tolerance to accept it, or use --row-bias sum if this is a row-parallel bias)"
-                if "dense" in t.key else " (raise --replica-tolerance to accept it)"
+                if t.row_bias else " (raise --replica-tolerance to accept it)"
             )
             raise MergeError(
                 f"{where}: {what} across ranks for {t.key!r}: max |rank_k - rank_0| = {divergence:.3g} "

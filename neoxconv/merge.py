@@ -177,6 +177,7 @@ class TensorPlan:
     src_dtype: str
     out_dtype: str
     shape: tuple[int, ...]
+    row_bias: bool = False  # a row-parallel bias (its rule came from --row-bias / the config)
 
     @property
     def nbytes(self) -> int:
@@ -276,7 +277,7 @@ def plan_layer(
             continue
         tp_plan = TensorPlan(
             key=key, hf_name=hf_name(spec, layer) or key, rule=rule, shards=refs,
-            src_dtype=src_dtype, out_dtype=out_dtype or src_dtype, shape=merged,
+            src_dtype=src_dtype, out_dtype=out_dtype or src_dtype, shape=merged, row_bias=spec.rule is Rule.ROW_BIAS,
         )
         (plan.dropped if rule is Rule.DROP else plan.tensors).append(tp_plan)
     if problems:

@@ -174,6 +174,10 @@ def test_a_foreign_non_empty_output_folder_is_refused_unless_forced(make_checkpo
     merge_checkpoint(root, out, MergeOptions(quiet=True, force=True))
     assert (out / "notes.txt").read_text() == "mine"  # never deletes what it did not write
     # a neoxconv output of a different source is refused too
-    other_root, _, _ = make_checkpoint(1, "pipeline", "float16")
+    other_root, _, _ = make_checkpoint(1, "pipeline", "float16", config_overrides={"num_layers": 1})
     with pytest.raises(OutputError, match="different source"):
         merge_checkpoint(other_root, out, MergeOptions(quiet=True))
+    # forced: the previous output's files go (they were ours), the user's file stays
+    merge_checkpoint(other_root, out, MergeOptions(quiet=True, force=True))
+    assert sorted(p.name for p in out.glob("model-*")) == [f"model-{i:05d}-of-00004.safetensors" for i in (1, 2, 3, 4)]
+    assert (out / "notes.txt").read_text() == "mine"
