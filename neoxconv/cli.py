@@ -173,7 +173,14 @@ def verify(out: Path, prompt: str | None, ids_text: str | None, max_new_tokens: 
            int8_threshold: float, check_hashes: bool | None, attention: str, as_json: bool, quiet: bool) -> None:
     """Load the merged folder OUT into neoxconv's own layers, generate, and check the conversion.
 
-    Exit code 7 when a check fails its tolerance. See the README for what each check means.
+    \b
+    Checks (exit code 7 when one fails its tolerance):
+      integrity     files present, sizes and sha256 as in the manifest, headers agree with config.json
+      kv_cache      cached step-by-step logits vs one uncached forward over the same tokens
+      sanity        logits finite and not constant
+      against       with --against SRC: vs a simulated tensor-parallel forward over the unmerged shards
+      reference_hf  with --reference hf: vs transformers' GPTNeoXForCausalLM
+      int8_*        with --int8: LLM.int8 top-1 agreement and weight memory
     """
     from neoxconv.generation import Sampling
     from neoxconv.verify import VerifyOptions, format_report, report_json, verify_model
