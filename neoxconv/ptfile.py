@@ -11,7 +11,6 @@ DeepSpeed bookkeeping files) and never executed. Tensor data is then read straig
 from __future__ import annotations
 
 import io
-import os
 import pickle
 import struct
 import zipfile
@@ -345,7 +344,3 @@ def _check_view(path: Path, key: str, t: _PendingTensor) -> None:
             raise CheckpointError(
                 f"{path}: tensor {key!r} reaches element {last} of a storage with {t.storage.numel} (corrupt header)"
             )
-
-
-def file_size(path: Path) -> int:
-    return os.stat(path).st_size

@@ -283,8 +283,7 @@ class SafetensorsWriter:
     ::
 
         with SafetensorsWriter(path, [(name, dtype, shape), ...]) as w:
-            w.write_tensor(name, array)            # whole, or
-            w.write_chunk(name, rows); ...         # in consecutive pieces
+            w.write_chunk(name, rows); ...         # a tensor whole or in consecutive pieces
         w.sha256, w.size
     """
 
@@ -326,9 +325,6 @@ class SafetensorsWriter:
             raise RuntimeError(f"{self.path}: {name!r} gets more bytes than its shape holds")
         self._file.write(data)
         self._written += data.nbytes
-
-    def write_tensor(self, name: str, data: np.ndarray) -> None:
-        self.write_chunk(name, data)
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None:
