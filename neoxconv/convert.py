@@ -25,6 +25,7 @@ import numpy as np
 
 from neoxconv import __version__
 from neoxconv.checkpoint import Checkpoint, open_checkpoint
+from neoxconv.config import NeoXConfig
 from neoxconv.dtypes import canonical_dtype, count_nonfinite
 from neoxconv.errors import CheckpointError, MergeError, OutputError
 from neoxconv.integrity import INDEX, MANIFEST
@@ -219,6 +220,26 @@ def _write_layer(path: Path, plan: LayerPlan, options: MergeOptions, warnings: l
     }
 
 
+def plan_checkpoint(ckpt: Checkpoint, *, row_bias: Rule, out_dtype: str | None) -> tuple[NeoXConfig, list[LayerPlan]]:
+    """Every layer's plan, checked against the rule table and the config (tensor descriptions only).
+
+    Returns the config with vocab_size taken from the embedding's rows when the config did not say it.
+    """
+    emb = ckpt.tensors(ckpt.layers[0], 0).get("word_embeddings.weight")
+    if emb is None or not emb.shape:
+        raise CheckpointError(f"{ckpt.layer_files(ckpt.layers[0])[0]}: no 'word_embeddings.weight' in the embedding layer")
+    config = ckpt.config
+    if config.vocab_size is None:
+        config = config.with_(vocab_size=emb.shape[0] * ckpt.tp_degree)
+    plans = []
+    for layer in ckpt.layers:
+        files = [p.name for p in ckpt.layer_files(layer)]
+        shards = [ckpt.tensors(layer, r) for r in range(ckpt.tp_degree)]
+        plans.append(plan_layer(layer, shards, files=files, config=config, row_bias=row_bias, out_dtype=out_dtype))
+        ckpt.release(layer)  # the plan keeps the tensor references it needs
+    return config, plans
+
+
 def merge_checkpoint(src: Path, out: Path, options: MergeOptions | None = None) -> MergeReport:
     """Merge the tensor-parallel checkpoint at ``src`` into a Hugging Face folder ``out``.
 
@@ -236,26 +257,13 @@ def _merge(src: Path, out: Path, options: MergeOptions, guard: InterruptGuard) -
     row_bias = resolve_row_bias(options.row_bias, ckpt.config)
 
     # ---- preflight: every archive's description, every layer's plan; no tensor data read ----
-    emb = ckpt.tensors(ckpt.layers[0], 0).get("word_embeddings.weight")
-    if emb is None:
-        raise CheckpointError(f"{ckpt.layer_files(ckpt.layers[0])[0]}: no 'word_embeddings.weight' in the embedding layer")
-    vocab = emb.shape[0] * ckpt.tp_degree if emb.shape else 0
-    config = ckpt.config
-    if config.vocab_size is None:
-        config = config.with_(vocab_size=vocab)
-    plans: list[LayerPlan] = []
-    for layer in ckpt.layers:
-        files = [p.name for p in ckpt.layer_files(layer)]
-        shards = [ckpt.tensors(layer, r) for r in range(ckpt.tp_degree)]
-        plans.append(plan_layer(layer, shards, files=files, config=config, row_bias=row_bias, out_dtype=out_dtype))
-        ckpt.release(layer)
+    config, plans = plan_checkpoint(ckpt, row_bias=row_bias, out_dtype=out_dtype)
     if ckpt.tokenizer is not None:
         eos = eos_token_id(ckpt.tokenizer)
         if eos is not None:
             config = config.with_(bos_token_id=eos, eos_token_id=eos)
     dtypes = {t.out_dtype for p in plans for t in p.tensors}
-    config_dtype = {"float16": "float16", "bfloat16": "bfloat16", "float32": "float32"}.get(
-        dtypes.pop() if len(dtypes) == 1 else "float32", "float32")
+    config_dtype = dtypes.pop() if len(dtypes) == 1 else "float32"
 
     source = _source_fingerprint(ckpt)
     recorded = options.recorded(row_bias)
@@ -290,7 +298,6 @@ def _merge(src: Path, out: Path, options: MergeOptions, guard: InterruptGuard) -
             bar.set_postfix_str(f"{plan.layer.label} -> {name}", refresh=False)
             state["layers"][name] = _write_layer(out / name, plan, options, warnings, bar, guard)
             atomic_write_json(out / JOURNAL, state)  # progress survives a crash from here on
-            ckpt.release(plan.layer)
         guard.check()
     state["layers"] = {n: state["layers"][n] for n in names}
 

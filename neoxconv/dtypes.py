@@ -33,6 +33,14 @@ _EXP_MASK = {
 }
 
 
+def tensor_nbytes(dtype: str, shape: tuple[int, ...]) -> int:
+    """Bytes of a contiguous tensor of ``dtype`` and ``shape``."""
+    n = NUMPY_DTYPES[dtype].itemsize
+    for s in shape:
+        n *= s
+    return n
+
+
 def canonical_dtype(name: str) -> str:
     try:
         return DTYPE_ALIASES[name.lower()]

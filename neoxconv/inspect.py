@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
 from neoxconv.checkpoint import open_checkpoint
-from neoxconv.merge import plan_layer, resolve_row_bias
+from neoxconv.convert import plan_checkpoint
+from neoxconv.merge import resolve_row_bias
 
 
 def inspect_checkpoint(src: Path, *, config_path: Path | None = None) -> dict[str, Any]:
@@ -35,23 +37,10 @@ def inspect_checkpoint(src: Path, *, config_path: Path | None = None) -> dict[st
     }
     if ckpt.missing_files:
         return result
-    emb = ckpt.tensors(ckpt.layers[0], 0).get("word_embeddings.weight")
-    if emb is not None and config.vocab_size is None:
-        config = config.with_(vocab_size=emb.shape[0] * ckpt.tp_degree)
-        result["vocab_size"] = config.vocab_size
-    row_bias = resolve_row_bias("auto", config)
-    params, dtypes = 0, set()
-    for layer in ckpt.layers:
-        files = [p.name for p in ckpt.layer_files(layer)]
-        shards = [ckpt.tensors(layer, r) for r in range(ckpt.tp_degree)]
-        plan = plan_layer(layer, shards, files=files, config=config, row_bias=row_bias, out_dtype=None)
-        for t in plan.tensors:
-            n = 1
-            for s in t.shape:
-                n *= s
-            params += n
-            dtypes.add(t.src_dtype)
-        ckpt.release(layer)
-    result["parameters"] = params
+    config, plans = plan_checkpoint(ckpt, row_bias=resolve_row_bias("auto", config), out_dtype=None)
+    tensors = [t for plan in plans for t in plan.tensors]
+    dtypes = {t.src_dtype for t in tensors}
+    result["vocab_size"] = config.vocab_size
+    result["parameters"] = sum(math.prod(t.shape) for t in tensors)
     result["dtype"] = dtypes.pop() if len(dtypes) == 1 else sorted(dtypes)
     return result

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from neoxconv.config import NeoXConfig
+from neoxconv.dtypes import canonical_dtype
 from neoxconv.errors import NeoXConvError, VerificationError
 from neoxconv.integrity import INDEX, load_config
 from neoxconv.layers import NeoXForCausalLM, RotaryTables
@@ -18,8 +19,7 @@ from neoxconv.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
-TORCH_DTYPES = {"fp16": torch.float16, "float16": torch.float16, "bf16": torch.bfloat16,
-                "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32}
+TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 def resolve_device(device: str) -> torch.device:
@@ -35,8 +35,8 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if dtype == "auto":
         return torch.float16 if device.type == "cuda" else torch.float32
     try:
-        return TORCH_DTYPES[dtype.lower()]
-    except KeyError:
+        return TORCH_DTYPES[canonical_dtype(dtype)]
+    except ValueError:
         raise NeoXConvError(f"unknown dtype {dtype!r}; use auto, fp16, bf16 or fp32") from None
 
 
@@ -65,9 +65,12 @@ def weight_bytes(model: torch.nn.Module) -> int:
     return total
 
 
-def load_model(out: Path, *, device: str | torch.device = "auto", dtype: str = "auto",
+def load_model(out: Path, *, device: str | torch.device = "auto", dtype: str | torch.dtype = "auto",
                quiet: bool = True) -> LoadedModel:
-    """Build the model on the meta device, then fill it file by file (peak host memory ~ one file)."""
+    """Build the model on the meta device, then fill it file by file (peak host memory ~ one file).
+
+    ``device`` and ``dtype`` take the CLI spellings ('auto', 'cuda', 'fp16', ...) or torch objects.
+    """
     out = Path(out)
     dev = device if isinstance(device, torch.device) else resolve_device(device)
     tdtype = resolve_dtype(dtype, dev) if isinstance(dtype, str) else dtype

@@ -25,7 +25,7 @@ import numpy as np
 
 from neoxconv.checkpoint import LayerKind, SourceLayer
 from neoxconv.config import NeoXConfig
-from neoxconv.dtypes import FLOAT_DTYPES, from_f32, to_f32
+from neoxconv.dtypes import FLOAT_DTYPES, from_f32, tensor_nbytes, to_f32
 from neoxconv.errors import CheckpointError, MergeError
 from neoxconv.ptfile import NUMPY_DTYPES, TensorRef
 
@@ -181,10 +181,7 @@ class TensorPlan:
 
     @property
     def nbytes(self) -> int:
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n * {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8}.get(self.out_dtype, 1)
+        return tensor_nbytes(self.out_dtype, self.shape)
 
 
 @dataclass

@@ -17,9 +17,9 @@ import torch
 
 from neoxconv.checkpoint import LayerKind, SourceLayer, model_layers, pipeline_file_name, sequential_file_name
 from neoxconv.config import GELU_TANH, NeoXConfig
+from neoxconv.loading import TORCH_DTYPES
 from neoxconv.merge import RULES, Rule, hf_name
 
-TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 @dataclass(frozen=True)

@@ -233,8 +233,7 @@ def verify_model(out: Path, options: VerifyOptions) -> VerifyReport:
     dtype = resolve_dtype(options.dtype, device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    loaded = load_model(out, device=device, dtype=options.dtype if options.dtype != "auto" else dtype,
-                        quiet=options.quiet)
+    loaded = load_model(out, device=device, dtype=dtype, quiet=options.quiet)
     loaded.model.set_attention(options.attention)
     gen = generate(loaded.model, prompt_ids, max_new_tokens=options.max_new_tokens, eos_id=config.eos_token_id,
                    sampling=options.sampling, dtype=dtype)

@@ -21,7 +21,7 @@ from types import TracebackType
 
 import numpy as np
 
-from neoxconv.dtypes import SAFETENSORS_NAMES
+from neoxconv.dtypes import SAFETENSORS_NAMES, tensor_nbytes
 from neoxconv.errors import OutputError
 
 TMP_SUFFIX = ".neoxconv-tmp"
@@ -51,8 +51,6 @@ def start_writeback(fd: int, offset: int, nbytes: int) -> None:
     """Ask Linux to start writing a range to disk (SYNC_FILE_RANGE_WRITE), so the final fsync waits less."""
     if _sync_file_range is not None:
         _sync_file_range(fd, offset, nbytes, 2)
-_ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8, "int64": 8, "int32": 4,
-             "int16": 2, "int8": 1, "uint8": 1, "bool": 1}
 
 
 def tmp_path_for(path: Path) -> Path:
@@ -267,9 +265,7 @@ def safetensors_header(entries: list[tuple[str, str, tuple[int, ...]]], metadata
     header: dict[str, object] = {"__metadata__": dict(metadata)}
     offset = 0
     for name, dtype, shape in entries:
-        n = _ITEMSIZE[dtype]
-        for s in shape:
-            n *= s
+        n = tensor_nbytes(dtype, shape)
         header[name] = {"dtype": SAFETENSORS_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
         offset += n
     raw = json.dumps(header, separators=(",", ":")).encode()
@@ -292,12 +288,7 @@ class SafetensorsWriter:
         self.path = Path(path)
         self.entries = list(entries)
         self.header = safetensors_header(self.entries, {"format": "pt", **(metadata or {})})
-        self._sizes = {}
-        for name, dtype, shape in self.entries:
-            n = _ITEMSIZE[dtype]
-            for s in shape:
-                n *= s
-            self._sizes[name] = n
+        self._sizes = {name: tensor_nbytes(dtype, shape) for name, dtype, shape in self.entries}
         self._file = _AtomicFile(self.path, direct=True)
         self._pos = 0  # index into entries of the tensor being written
         self._written = 0  # bytes written of that tensor
