@@ -82,7 +82,7 @@ def generate(model: NeoXForCausalLM, prompt_ids: list[int], *, max_new_tokens: i
     if not prompt_ids:
         raise ValueError("the prompt has no tokens")
     device = next(model.parameters()).device
-    dtype = dtype or model.gpt_neox.embed_in.weight.dtype
+    dtype = dtype or next(model.parameters()).dtype  # the input embedding's (registered first)
     max_len = min(len(prompt_ids) + max_new_tokens, model.config.max_position_embeddings)
     if len(prompt_ids) >= model.config.max_position_embeddings:
         raise ValueError(f"the prompt has {len(prompt_ids)} tokens; the model takes at most "

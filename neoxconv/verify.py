@@ -50,6 +50,7 @@ class VerifyOptions:
     against: Path | None = None
     against_config: Path | None = None
     row_bias: str = "auto"
+    qkv_layout: str = "auto"  # Llama-style GQA checkpoints: auto | blocked | interleaved (for --against)
     reference: str | None = None  # "hf"
     int8: bool = False
     int8_threshold: float = 6.0
@@ -158,7 +159,7 @@ def against_check(model, gen: GenerationResult, options: VerifyOptions, dtype: t
     from neoxconv.tp_reference import tensor_parallel_logits
 
     tp_logits, _ = tensor_parallel_logits(options.against, gen.prompt_ids, row_bias=options.row_bias,
-                                          config_path=options.against_config)
+                                          config_path=options.against_config, qkv_layout=options.qkv_layout)
     ours = gen.prompt_logits
     if tp_logits.shape != ours.shape:
         return Check("against", False, None, None, f"logit shapes differ: TP {list(tp_logits.shape)} vs {list(ours.shape)}")
@@ -171,16 +172,17 @@ def against_check(model, gen: GenerationResult, options: VerifyOptions, dtype: t
 
 def reference_hf_check(out: Path, model, gen: GenerationResult, dtype: torch.dtype, device: torch.device) -> Check:
     try:
-        from transformers import GPTNeoXForCausalLM
+        import transformers
     except ImportError:
         return Check("reference_hf", False, None, None, "transformers is not installed (pip install transformers)")
-    hf = GPTNeoXForCausalLM.from_pretrained(str(out), dtype=dtype).to(device).eval()
+    cls_name = "LlamaForCausalLM" if model.config.architecture == "llama" else "GPTNeoXForCausalLM"
+    hf = getattr(transformers, cls_name).from_pretrained(str(out), dtype=dtype).to(device).eval()
     with torch.inference_mode():
         theirs = hf(torch.tensor([gen.prompt_ids], device=device)).logits[0].float().cpu()
     del hf
     diff = _max_abs(gen.prompt_logits, theirs)
     tol = MODEL_TOL[dtype] * _scale(theirs)
-    return Check("reference_hf", diff <= tol, diff, tol, "vs transformers GPTNeoXForCausalLM on the prompt")
+    return Check("reference_hf", diff <= tol, diff, tol, f"vs transformers {cls_name} on the prompt")
 
 
 def int8_checks(loaded: LoadedModel, gen: GenerationResult, options: VerifyOptions) -> tuple[list[Check], dict]:
