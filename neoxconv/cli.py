@@ -72,6 +72,10 @@ _dtype_choice = click.Choice(["auto", "fp16", "bf16", "fp32"], case_sensitive=Fa
               help="Row-parallel biases (attention.dense, mlp.dense_4h_to_h): sum the ranks' parts (NeoX with "
                    "gpt_j_residual) or check-and-keep-one; auto follows the config. Use 'replicated' for "
                    "checkpoints converted from Hugging Face by older gpt-neox tools (full bias on every rank).")
+@click.option("--qkv-layout", type=click.Choice(["auto", "blocked", "interleaved"]), default="auto", show_default=True,
+              help="Llama-style models with grouped-query attention: each rank's query_key_value rows as [Q|K|V] "
+                   "blocks (gpt-neox since 2024-11) or interleaved per query head (2024-02..2024-11). auto: "
+                   "interleaved for mlp.w1/w2/w3 checkpoints, else blocked (with a warning).")
 @click.option("--replica-tolerance", type=float, default=1e-2, show_default=True,
               help="Largest |rank_k - rank_0| accepted for tensors every rank should hold identically (norms).")
 @click.option("--config", "config_path", type=click.Path(path_type=Path, dir_okay=False),
@@ -84,8 +88,9 @@ _dtype_choice = click.Choice(["auto", "fp16", "bf16", "fp32"], case_sensitive=Fa
               help="Write into a non-empty OUT that is not this source's output (only neoxconv's files are replaced).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary.")
 @_run
-def merge(src: Path, out: Path, dtype: str, row_bias: str, replica_tolerance: float, config_path: Path | None,
-          tokenizer_path: Path | None, allow_nonfinite: bool, no_resume: bool, force: bool, quiet: bool) -> None:
+def merge(src: Path, out: Path, dtype: str, row_bias: str, qkv_layout: str, replica_tolerance: float,
+          config_path: Path | None, tokenizer_path: Path | None, allow_nonfinite: bool, no_resume: bool, force: bool,
+          quiet: bool) -> None:
     """Merge the tensor-parallel checkpoint SRC into a Hugging Face folder OUT.
 
     SRC is a checkpoint root (with 'latest' or one global_step* folder) or a global_step* folder, in the
@@ -95,7 +100,7 @@ def merge(src: Path, out: Path, dtype: str, row_bias: str, replica_tolerance: fl
     """
     from neoxconv.convert import MergeOptions, merge_checkpoint
 
-    options = MergeOptions(dtype=dtype, row_bias=row_bias, replica_tolerance=replica_tolerance,
+    options = MergeOptions(dtype=dtype, row_bias=row_bias, qkv_layout=qkv_layout, replica_tolerance=replica_tolerance,
                            allow_nonfinite=allow_nonfinite, config_path=config_path, tokenizer_path=tokenizer_path,
                            resume=not no_resume, force=force, quiet=quiet)
     report = merge_checkpoint(src, out, options)
@@ -157,7 +162,10 @@ def _parse_ids(value: str | None) -> tuple[int, ...] | None:
               help="Config for --against when it is not next to that checkpoint.")
 @click.option("--row-bias", type=click.Choice(["auto", "sum", "replicated"]), default="auto", show_default=True,
               help="How the --against simulation applies row-parallel biases (auto follows the config).")
-@click.option("--reference", type=click.Choice(["hf"]), help="Also compare with transformers' GPTNeoXForCausalLM.")
+@click.option("--qkv-layout", type=click.Choice(["auto", "blocked", "interleaved"]), default="auto", show_default=True,
+              help="How the --against simulation reads grouped-query QKV rows (Llama-style; as for merge).")
+@click.option("--reference", type=click.Choice(["hf"]),
+              help="Also compare with transformers (GPTNeoXForCausalLM or LlamaForCausalLM).")
 @click.option("--int8", is_flag=True, help="Also run LLM.int8 (bitsandbytes) and compare it with full precision.")
 @click.option("--int8-threshold", type=float, default=6.0, show_default=True, help="LLM.int8 outlier threshold.")
 @click.option("--check-hashes/--no-check-hashes", default=None,
@@ -169,7 +177,8 @@ def _parse_ids(value: str | None) -> tuple[int, ...] | None:
 @_run
 def verify(out: Path, prompt: str | None, ids_text: str | None, max_new_tokens: int, device: str, dtype: str,
            tokenizer_path: Path | None, temperature: float, top_k: int, top_p: float, seed: int,
-           against: Path | None, against_config: Path | None, row_bias: str, reference: str | None, int8: bool,
+           against: Path | None, against_config: Path | None, row_bias: str, qkv_layout: str, reference: str | None,
+           int8: bool,
            int8_threshold: float, check_hashes: bool | None, attention: str, as_json: bool, quiet: bool) -> None:
     """Load the merged folder OUT into neoxconv's own layers, generate, and check the conversion.
 
@@ -179,7 +188,7 @@ def verify(out: Path, prompt: str | None, ids_text: str | None, max_new_tokens: 
       kv_cache      cached step-by-step logits vs one uncached forward over the same tokens
       sanity        logits finite and not constant
       against       with --against SRC: vs a simulated tensor-parallel forward over the unmerged shards
-      reference_hf  with --reference hf: vs transformers' GPTNeoXForCausalLM
+      reference_hf  with --reference hf: vs transformers' GPTNeoXForCausalLM / LlamaForCausalLM
       int8_*        with --int8: LLM.int8 top-1 agreement and weight memory
     """
     from neoxconv.generation import Sampling
@@ -192,7 +201,7 @@ def verify(out: Path, prompt: str | None, ids_text: str | None, max_new_tokens: 
     options = VerifyOptions(
         prompt=prompt, ids=_parse_ids(ids_text), max_new_tokens=max_new_tokens, device=device, dtype=dtype,
         tokenizer=tokenizer_path, sampling=sampling, against=against, against_config=against_config,
-        row_bias=row_bias, reference=reference, int8=int8, int8_threshold=int8_threshold,
+        row_bias=row_bias, qkv_layout=qkv_layout, reference=reference, int8=int8, int8_threshold=int8_threshold,
         check_hashes=check_hashes, attention=attention, quiet=quiet or as_json,
     )
     report = verify_model(out, options)

@@ -7,12 +7,13 @@ from pathlib import Path
 from typing import Any
 
 from neoxconv.checkpoint import open_checkpoint
-from neoxconv.convert import plan_checkpoint
+from neoxconv.convert import checkpoint_qkv_layout, plan_checkpoint
 from neoxconv.merge import resolve_row_bias
 
 
-def inspect_checkpoint(src: Path, *, config_path: Path | None = None) -> dict[str, Any]:
-    """TP degree, layout, shape, dtype, parameter count and the files found / missing. Reads no tensor data."""
+def inspect_checkpoint(src: Path, *, config_path: Path | None = None, qkv_layout: str = "auto") -> dict[str, Any]:
+    """TP degree, layout, architecture, shape, dtype, parameter count, the QKV layout assumed (Llama-style)
+    and the files found / missing. Reads no tensor data."""
     ckpt = open_checkpoint(src, config_path=config_path, strict=False)
     config = ckpt.config
     found = [p.name for p in ckpt.source_files() if p.is_file()]
@@ -20,9 +21,13 @@ def inspect_checkpoint(src: Path, *, config_path: Path | None = None) -> dict[st
         "step_dir": str(ckpt.step_dir),
         "layout": ckpt.layout,
         "tp_degree": ckpt.tp_degree,
+        "architecture": config.architecture,
         "num_layers": config.num_layers,
         "hidden_size": config.hidden_size,
         "num_heads": config.num_heads,
+        "num_kv_heads": config.kv_heads,
+        "norm": config.norm,
+        "norm_eps": config.layernorm_eps,
         "intermediate_size": config.ffn_size,
         "vocab_size": config.vocab_size,
         "rotary_pct": config.rotary_pct,
@@ -32,12 +37,18 @@ def inspect_checkpoint(src: Path, *, config_path: Path | None = None) -> dict[st
         "tokenizer": str(ckpt.tokenizer) if ckpt.tokenizer else None,
         "files_found": found,
         "files_missing": list(ckpt.missing_files),
+        "qkv_layout": None,
         "dtype": None,
         "parameters": None,
     }
     if ckpt.missing_files:
         return result
-    config, plans = plan_checkpoint(ckpt, row_bias=resolve_row_bias("auto", config), out_dtype=None)
+    qkv = checkpoint_qkv_layout(ckpt, qkv_layout)
+    if qkv is not None:
+        result["qkv_layout"] = {"split": qkv.split.value, "assumed": qkv.assumed, "reason": qkv.reason}
+    else:
+        result["qkv_layout"] = {"split": "fused [heads, 3, head_dim] (kept as query_key_value)", "assumed": False}
+    config, plans = plan_checkpoint(ckpt, row_bias=resolve_row_bias("auto", config), out_dtype=None, qkv=qkv)
     tensors = [t for plan in plans for t in plan.tensors]
     dtypes = {t.src_dtype for t in tensors}
     result["vocab_size"] = config.vocab_size

@@ -386,7 +386,8 @@ class TensorPlan:
     shape: tuple[int, ...]
     row_bias: bool = False  # a row-parallel bias (its rule came from --row-bias / the config)
     segments: tuple[tuple[int, int], ...] = ()  # SPLIT_ROWS: (start, count) rows taken from every rank, in order
-    split_label: str = ""  # SPLIT_ROWS: e.g. "qkv_gqa_blocks[1/3]"
+    split: Split | None = None  # SPLIT_ROWS: the resolved split and which part of it this tensor is
+    part: int = 0
     check_storage_crc: bool = True  # SPLIT_ROWS: the first part checks each shard's whole storage, once
 
     @property
@@ -396,7 +397,9 @@ class TensorPlan:
     @property
     def rule_label(self) -> str:
         """The rule as the manifest records it."""
-        return f"{self.rule.value}:{self.split_label}" if self.split_label else self.rule.value
+        if self.split is None:
+            return self.rule.value
+        return f"{self.rule.value}:{self.split.value}[{self.part}]"
 
 
 @dataclass
@@ -529,8 +532,8 @@ def _split_plans(key: str, spec: RuleSpec, split: Split, refs: list[TensorRef], 
                              f"config expects {list(want)}")
         plans.append(TensorPlan(
             key=key, hf_name=name.format(i=layer.block), rule=Rule.SPLIT_ROWS, shards=refs, src_dtype=src_dtype,
-            out_dtype=out_dtype, shape=merged, segments=tuple(segments),
-            split_label=f"{split.value}[{part + 1}/{len(spec.parts)}]", check_storage_crc=part == 0))
+            out_dtype=out_dtype, shape=merged, segments=tuple(segments), split=split, part=part,
+            check_storage_crc=part == 0))
     return plans
 
 
