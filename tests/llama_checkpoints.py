@@ -42,6 +42,8 @@ class LlamaSpec:
     dtype: torch.dtype = torch.float32
     qkv: str = "blocked"  # GQA rows per rank: "blocked" (since 2024-11) or "interleaved" (2024-02..2024-11)
     mlp_keys: str = "linear1"  # or "w1w2w3" (mlp_type: llama, 2023-05..2024-09)
+    tied: bool = False  # weight tying: no final_linear, the readout is the vocab-parallel embedding
+    layout: str = "pipeline"  # or "sequential" (mp_rank_XX_model_states.pt, pipe-parallel-size 0)
     seed: int = 0
 
 
@@ -54,7 +56,7 @@ def hf_llama(spec: LlamaSpec):
         vocab_size=spec.vocab, hidden_size=spec.hidden, intermediate_size=spec.intermediate,
         num_hidden_layers=spec.layers, num_attention_heads=spec.heads, num_key_value_heads=spec.kv_heads,
         max_position_embeddings=spec.max_positions, rms_norm_eps=spec.rms_eps, rope_theta=spec.rope_theta,
-        tie_word_embeddings=False, attention_bias=spec.bias, mlp_bias=spec.bias, bos_token_id=0, eos_token_id=0,
+        tie_word_embeddings=spec.tied, attention_bias=spec.bias, mlp_bias=spec.bias, bos_token_id=0, eos_token_id=0,
         attn_implementation="eager",
     )
     model = LlamaForCausalLM(cfg).eval()
@@ -122,7 +124,8 @@ def neox_shards(model, spec: LlamaSpec) -> dict[int, list[dict[str, torch.Tensor
             ranks.append(d)
         out[i + 2] = ranks
     out[L + 3] = [{"norm.scale": sd["model.norm.weight"]} for _ in range(T)]
-    out[L + 4] = [{"final_linear.weight": _rows(sd["lm_head.weight"], r, T)} for r in range(T)]
+    if not spec.tied:
+        out[L + 4] = [{"final_linear.weight": _rows(sd["lm_head.weight"], r, T)} for r in range(T)]
     return out
 
 
@@ -141,7 +144,7 @@ def neox_yaml(spec: LlamaSpec) -> str:
         '  "pos_emb": "rotary",',
         '  "rotary_pct": 1,',
         f'  "rotary_emb_base": {int(spec.rope_theta)},',
-        '  "no_weight_tying": true,',
+        f'  "no_weight_tying": {str(not spec.tied).lower()},',
         '  "gpt_j_residual": false,',
         '  "norm": "rmsnorm",',
         f'  "rms_norm_epsilon": {spec.rms_eps},' if spec.rms_eps != 1e-8 else "",
@@ -167,8 +170,16 @@ def write_llama_checkpoint(root: Path, spec: LlamaSpec):
     (Path(root) / "latest").write_text("global_step10")
     (Path(root) / "configs").mkdir()
     (Path(root) / "configs" / "model.yml").write_text(neox_yaml(spec))
-    for idx, ranks in neox_shards(model, spec).items():
-        for r, d in enumerate(ranks):
-            torch.save({k: v.clone().contiguous() for k, v in d.items()},
-                       step / f"layer_{idx:02d}-model_{r:02d}-model_states.pt")
+    shards = neox_shards(model, spec)
+    if spec.layout == "pipeline":
+        for idx, ranks in shards.items():
+            for r, d in enumerate(ranks):
+                torch.save({k: v.clone().contiguous() for k, v in d.items()},
+                           step / f"layer_{idx:02d}-model_{r:02d}-model_states.pt")
+        return model
+    for r in range(spec.tp):  # DeepSpeed engine: {"module": module.state_dict(), ...bookkeeping}
+        module = {f"sequential.{idx}.{k}": v.clone().contiguous() for idx, ranks in shards.items()
+                  for k, v in ranks[r].items()}
+        torch.save({"module": module, "iteration": 10, "mp_world_size": spec.tp},
+                   step / f"mp_rank_{r:02d}_model_states.pt")
     return model

@@ -142,6 +142,17 @@ def test_interleaved_linear1_checkpoint_needs_the_option_and_verify_tells(build,
     assert not {c.name: c for c in report.checks}["against"].passed
 
 
+def test_sequential_layout_tied_embeddings_and_biases(build, tmp_path):
+    spec = LlamaSpec(tp=2, heads=4, kv_heads=2, tied=True, bias=True, layout="sequential")
+    root, hf, out = _merged(build, tmp_path, spec)
+    config = json.loads((out / "config.json").read_text())
+    assert config["tie_word_embeddings"] is True and config["attention_bias"] and config["mlp_bias"]
+    assert _rel(_hf_logits(_load(out)), _hf_logits(hf)) <= 1e-5
+    report = verify_model(out, VerifyOptions(ids=tuple(PROMPT), max_new_tokens=4, device="cpu", against=root,
+                                             reference="hf"))
+    assert report.ok, [c for c in report.checks if not c.passed]
+
+
 def test_verify_int8_and_sdpa_on_a_llama_model(build, tmp_path):
     pytest.importorskip("bitsandbytes")
     _, _, out = _merged(build, tmp_path, GQA_TP2)
@@ -215,7 +226,7 @@ def test_a_wrong_rule_is_caught_by_transformers_and_by_verify_against(wrong, bui
         patch(mp)
         merge_checkpoint(root, tmp_path / "out", MergeOptions(quiet=True))
     error = _rel(_hf_logits(_load(tmp_path / "out")), _hf_logits(hf.float()))
-    assert error > 1e-2, f"{wrong}: relative logit error only {error:.2g}"
+    assert error > 1e-3, f"{wrong}: relative logit error only {error:.2g}"  # 100x the proof's tolerance
     report = verify_model(tmp_path / "out", VerifyOptions(ids=tuple(PROMPT), max_new_tokens=2, device="cpu",
                                                           against=root))
     assert not {c.name: c for c in report.checks}["against"].passed, wrong
