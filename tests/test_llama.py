@@ -350,3 +350,42 @@ def test_llama_config_json_round_trip_and_both_rope_keys():
     assert NeoXConfig.from_hf_dict(d) == cfg.with_(bos_token_id=0, eos_token_id=0)
     hc = transformers.LlamaConfig(**{k: v for k, v in d.items() if k not in ("architectures", "model_type")})
     assert hc.num_key_value_heads == 2 and hc.rms_norm_eps == 1e-8 and hc.head_dim == 8
+
+
+# ----- the Llama layers themselves -----------------------------------------------------------------------
+def test_grouped_attention_equals_repeated_kv_heads_and_the_cache_holds_only_kv_heads():
+    from neoxconv.generation import full_forward_logits, generate
+    from neoxconv.kv_cache import KVCache
+    from neoxconv.layers import LlamaForCausalLM, causal_attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, h, 5, 4, generator=g) for h in (6, 2, 2))
+    for start in (0, 3):
+        want = causal_attention(q, k.repeat_interleave(3, dim=1), v.repeat_interleave(3, dim=1), q_start=start)
+        assert torch.allclose(causal_attention(q, k, v, q_start=start), want, atol=1e-6)
+        assert torch.allclose(causal_attention(q, k, v, q_start=start, use_sdpa=True), want, atol=1e-5)
+    cfg = NeoXConfig(num_layers=2, hidden_size=48, num_heads=6, num_kv_heads=2, vocab_size=64, intermediate_size=40,
+                     rotary_pct=1.0, layernorm_eps=1e-8, parallel_residual=False, activation="swiglu", norm="rmsnorm",
+                     attention_bias=False, mlp_bias=False, max_position_embeddings=32)
+    assert KVCache(cfg, batch=1, max_len=8, device="cpu", dtype=torch.float32).layers[0].k.shape == (1, 2, 8, 8)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.2)
+    gen = generate(model, [1, 2, 3], max_new_tokens=6)
+    full = full_forward_logits(model, gen.prompt_ids + gen.generated_ids[:-1])
+    assert torch.allclose(torch.cat([gen.prompt_logits, gen.step_logits[1:]]), full, atol=1e-5)
+
+
+def test_rms_norm_is_gpt_neox_s():
+    from neoxconv.layers import RMSNorm
+
+    x = torch.randn(3, 16, dtype=torch.float16)
+    norm = RMSNorm(16, 1e-8).half()
+    with torch.no_grad():
+        norm.weight.normal_(1, 0.1)
+    # gpt-neox norms.RMSNorm: fp32, scale applied before the cast back
+    x32 = x.float()
+    want = (norm.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + 1e-8))).to(torch.float16)
+    assert torch.equal(norm(x), want)
