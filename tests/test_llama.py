@@ -250,6 +250,25 @@ def test_shards_that_do_not_fit_the_split_are_refused(build, tmp_path):
         merge_checkpoint(root, tmp_path / "out", MergeOptions(quiet=True, config_path=bad))
 
 
+@pytest.mark.parametrize("key,offset", [("attention.query_key_value.weight", 5),  # a byte of Q (part 0)
+                                        ("mlp.linear1.weight", -3)])  # a byte of gate (the last part)
+def test_a_flipped_byte_in_a_split_tensor_is_caught_by_crc(key, offset, build, tmp_path):
+    import shutil
+
+    from neoxconv.errors import NeoXConvError
+    from neoxconv.ptfile import read_pt
+
+    root, _ = build(GQA_TP2)
+    shutil.copytree(root, tmp_path / "src")
+    victim = tmp_path / "src" / "global_step10" / "layer_03-model_01-model_states.pt"
+    ref = read_pt(victim).tensors()[key]
+    data = bytearray(victim.read_bytes())
+    data[ref.byte_offset + (offset if offset >= 0 else ref.nbytes + offset)] ^= 0x10
+    victim.write_bytes(bytes(data))
+    with pytest.raises(NeoXConvError, match=f"layer_03-model_01.*{key}.*CRC"):
+        merge_checkpoint(tmp_path / "src", tmp_path / "out", MergeOptions(quiet=True))
+
+
 # ----- named splits on small tensors ---------------------------------------------------------------------
 def _rows(n, offset=0):
     return np.arange(offset, offset + n, dtype=np.float32)[:, None] * np.ones((1, 2), np.float32)
