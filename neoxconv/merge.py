@@ -528,8 +528,10 @@ def _split_plans(key: str, spec: RuleSpec, split: Split, refs: list[TensorRef], 
         merged = (tp * sum(c for _, c in segments), *shape[1:])
         want = shape_of(part_shape, config)
         if want is not None and merged != want:
+            hint = (" (gpt-neox sizes it from intermediate_size or expansion_factor and mlp_multiple_of, which "
+                    "was 256 before 2024-09-10: check those settings)") if part_shape.startswith("F") else ""
             raise ValueError(f"part {part} ({name.format(i=layer.block)}) would be {list(merged)}, "
-                             f"config expects {list(want)}")
+                             f"config expects {list(want)}{hint}")
         plans.append(TensorPlan(
             key=key, hf_name=name.format(i=layer.block), rule=Rule.SPLIT_ROWS, shards=refs, src_dtype=src_dtype,
             out_dtype=out_dtype, shape=merged, segments=tuple(segments), split=split, part=part,

@@ -32,6 +32,7 @@ class LlamaSpec:
     hidden: int = 64
     heads: int = 8
     kv_heads: int = 2  # == heads: multi-head attention
+    declare_kv_heads: bool = False  # write num_kv_heads to the YAML even when it equals the head count
     layers: int = 2
     intermediate: int = 96  # Hugging Face intermediate_size (gpt-neox ffn_dim_in)
     vocab: int = 256
@@ -137,7 +138,7 @@ def neox_yaml(spec: LlamaSpec) -> str:
         f'  "num_layers": {spec.layers},',
         f'  "hidden_size": {spec.hidden},',
         f'  "num_attention_heads": {spec.heads},',
-        f'  "num_kv_heads": {spec.kv_heads},' if spec.kv_heads != spec.heads else "",
+        f'  "num_kv_heads": {spec.kv_heads},' if spec.kv_heads != spec.heads or spec.declare_kv_heads else "",
         f'  "model_parallel_size": {spec.tp},',
         f'  "seq_length": {spec.max_positions},',
         f'  "max_position_embeddings": {spec.max_positions},',

@@ -28,7 +28,8 @@ transformers = pytest.importorskip("transformers")
 
 PROMPT = [1, 5, 9, 100, 3, 7, 42, 200]
 GQA_TP2 = LlamaSpec(tp=2, heads=8, kv_heads=2)  # fp32, no biases (the Llama recipe)
-MHA_TP4 = LlamaSpec(tp=4, heads=8, kv_heads=8, dtype=torch.float16, bias=True)
+# num_kv_heads declared equal to the head count: multi-head attention to gpt-neox (no GQA split)
+MHA_TP4 = LlamaSpec(tp=4, heads=8, kv_heads=8, declare_kv_heads=True, dtype=torch.float16, bias=True)
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -408,3 +409,11 @@ def test_rms_norm_is_gpt_neox_s():
     x32 = x.float()
     want = (norm.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + 1e-8))).to(torch.float16)
     assert torch.equal(norm(x), want)
+
+
+def test_an_intermediate_size_that_disagrees_with_the_shards_names_the_settings(build, tmp_path):
+    root, _ = build(GQA_TP2)
+    bad = tmp_path / "bad.yml"
+    bad.write_text((root / "configs" / "model.yml").read_text().replace('"mlp_multiple_of": 32', '"mlp_multiple_of": 256'))
+    with pytest.raises(MergeError, match="mlp.linear1.weight.*config expects \\[256, 64\\].*mlp_multiple_of"):
+        merge_checkpoint(root, tmp_path / "out", MergeOptions(quiet=True, config_path=bad))
