@@ -280,6 +280,28 @@ def merge_split(split: Split, part: int, shards: list[np.ndarray], *, heads: int
             pieces.append(shard[start:start + count])
     return np.concatenate(pieces, axis=0)
 
+def join_split(split: Split, parts: list[np.ndarray], tp: int, *, heads: int, kv_heads: int,
+               head_dim: int) -> list[np.ndarray]:
+    """The inverse of `merge_split`: each rank's rows from the Hugging Face ``parts`` (for split/reshard).
+
+    ``heads``/``kv_heads`` are the model's totals. Each part is cut into ``tp`` row blocks; rank r's rows
+    place block r of every part where `split_segments` says it lives.
+    """
+    blocks = [np.split(p, tp, axis=0) for p in parts]
+    shards = []
+    for r in range(tp):
+        rows = sum(b[r].shape[0] for b in blocks)
+        shard = np.empty((rows, *parts[0].shape[1:]), dtype=parts[0].dtype)
+        for part, b in enumerate(blocks):
+            done = 0
+            for start, count in split_segments(split, part, rows, heads=heads // tp, kv_heads=kv_heads // tp,
+                                               head_dim=head_dim):
+                shard[start:start + count] = b[r][done:done + count]
+                done += count
+        shards.append(shard)
+    return shards
+
+
 ROW_BIAS_CHOICES = ("auto", "sum", "replicated")
 
 

@@ -417,3 +417,28 @@ def test_an_intermediate_size_that_disagrees_with_the_shards_names_the_settings(
     bad.write_text((root / "configs" / "model.yml").read_text().replace('"mlp_multiple_of": 32', '"mlp_multiple_of": 256'))
     with pytest.raises(MergeError, match="mlp.linear1.weight.*config expects \\[256, 64\\].*mlp_multiple_of"):
         merge_checkpoint(root, tmp_path / "out", MergeOptions(quiet=True, config_path=bad))
+
+
+@pytest.mark.parametrize("spec", [GQA_TP2, MHA_TP4, LlamaSpec(tp=2, heads=8, kv_heads=2, qkv="interleaved")],
+                         ids=["gqa-blocks", "mha", "gqa-interleaved"])
+def test_join_split_builds_the_ranks_gpt_neox_s_model_code_expects(spec):
+    """The inverse of the merge splits (for split/reshard) equals the generator written from gpt-neox's code."""
+    from llama_checkpoints import hf_llama, neox_shards
+
+    from neoxconv.merge import join_split
+
+    model = hf_llama(spec)
+    sd = {k: v.float().numpy() for k, v in model.state_dict().items()}
+    want = neox_shards(model, spec)[2]  # block 0
+    qkv = {"blocked": Split.QKV_BLOCKS, "interleaved": Split.QKV_INTERLEAVED}[spec.qkv] \
+        if spec.kv_heads != spec.heads else Split.QKV_PER_HEAD
+    kw = dict(heads=spec.heads, kv_heads=spec.kv_heads, head_dim=spec.hidden // spec.heads)
+    p = "model.layers.0."
+    got_qkv = join_split(qkv, [sd[p + f"self_attn.{n}_proj.weight"] for n in "qkv"], spec.tp, **kw)
+    got_l1 = join_split(Split.GATED_HALVES, [sd[p + "mlp.up_proj.weight"], sd[p + "mlp.gate_proj.weight"]],
+                        spec.tp, **kw)
+    for r in range(spec.tp):
+        assert np.array_equal(got_qkv[r], want[r]["attention.query_key_value.weight"].float().numpy())
+        assert np.array_equal(got_l1[r], want[r]["mlp.linear1.weight"].float().numpy())
+    for part, n in enumerate("qkv"):
+        assert np.array_equal(merge_split(qkv, part, got_qkv, **kw), sd[p + f"self_attn.{n}_proj.weight"])
