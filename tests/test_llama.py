@@ -442,3 +442,14 @@ def test_join_split_builds_the_ranks_gpt_neox_s_model_code_expects(spec):
         assert np.array_equal(got_l1[r], want[r]["mlp.linear1.weight"].float().numpy())
     for part, n in enumerate("qkv"):
         assert np.array_equal(merge_split(qkv, part, got_qkv, **kw), sd[p + f"self_attn.{n}_proj.weight"])
+
+
+def test_verify_cli_on_a_llama_folder(build, tmp_path):
+    root, hf, out = _merged(build, tmp_path, GQA_TP2)
+    result = CliRunner().invoke(main, ["verify", str(out), "--ids", ",".join(map(str, PROMPT)), "--max-new-tokens",
+                                       "6", "--device", "cpu", "--against", str(root), "--qkv-layout", "blocked",
+                                       "--reference", "hf", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["ok"] and {"against", "reference_hf", "kv_cache"} <= set(report["checks"])
+    assert "LlamaForCausalLM" in report["checks"]["reference_hf"]["detail"]
