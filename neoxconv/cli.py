@@ -269,7 +269,7 @@ def synth(out: Path, tp_degree: int, layers: int, hidden: int, heads: int | None
     spec = SyntheticSpec(config, tp_degree=tp_degree, layout=layout, dtype={"fp16": "float16", "bf16": "bfloat16",
                          "fp32": "float32"}[dtype], seed=seed, tokenizer=tokenizer_path)
     info = synthesize(out, spec)
-    click.echo(f"wrote a synthetic TP={tp_degree} {dtype} checkpoint ({layout} layout, {layers} layers, hidden {hidden}, "
+    click.echo(f"wrote a synthetic TP={tp_degree} {dtype} checkpoint ({layout} layout, {layers} layer{'s' if layers != 1 else ''}, hidden {hidden}, "
                f"{config.num_heads} heads, vocab {vocab}): {info['parameters']:,} parameters, "
                f"{format_bytes(info['bytes'])} in {info['files']} files under {out}")
 

@@ -10,9 +10,10 @@ Checks (each with its figure and tolerance; any failure makes the CLI exit 7):
 * sanity        logits finite and not constant over the vocabulary
 * int8_*        with ``--int8``: top-1 agreement with the full-precision model over the generated steps,
                 max logit difference on the prompt, weight memory before and after
-Logit tolerances scale with max(1, max |logit|) and depend on the compute dtype; ``against`` compares with
-the source's own weights, so its tolerance follows the coarser of the compute dtype and the dtype the merged
-weights are stored in (read from the safetensors headers): a bf16 merge checked in fp32 gets bf16's.
+Logit tolerances scale with max(1, max |logit|) and depend on the compute dtype. ``against`` compares with
+the source's own weights, so when the merge rounded them (stored in a coarser dtype than the source's, read
+from the safetensors headers) its tolerance is the coarser of the compute dtype and the stored one: a
+``merge --dtype bf16`` checked in fp32 gets bf16's; an fp16 merge of an fp16 source keeps the tight one.
 """
 
 from __future__ import annotations
@@ -156,6 +157,20 @@ def coarser(a: torch.dtype, b: torch.dtype | None) -> torch.dtype:
     return a if b is None or _COARSENESS[a] >= _COARSENESS[b] else b
 
 
+def merge_rounding(out: Path, options: VerifyOptions) -> tuple[torch.dtype, torch.dtype] | None:
+    """(stored, source) dtypes when the merged weights are stored coarser than the ``--against`` source's,
+    i.e. the merge rounded them; None when it did not (or a dtype is unknown)."""
+    from neoxconv.checkpoint import open_checkpoint
+
+    stored = stored_dtype(out)
+    ckpt = open_checkpoint(options.against, config_path=options.against_config)
+    names = {ref.dtype for ref in ckpt.tensors(ckpt.layers[0], 0).values()}  # the embedding: metadata only
+    source = [TORCH_DTYPES[d] for d in names if d in TORCH_DTYPES]
+    if stored is None or len(source) != 1 or _COARSENESS[stored] <= _COARSENESS[source[0]]:
+        return None
+    return stored, source[0]
+
+
 def require_optional(options: VerifyOptions) -> None:
     """Optional dependencies of the requested checks, checked before any work (UsageError: exit 2)."""
     if options.reference == "hf":
@@ -190,9 +205,9 @@ def sanity_check(gen: GenerationResult) -> Check:
 
 
 def against_check(model, gen: GenerationResult, options: VerifyOptions, dtype: torch.dtype,
-                  weights_dtype: torch.dtype | None = None) -> Check:
-    """``dtype``: the compute dtype; ``weights_dtype``: what the merged weights are stored in. The simulation
-    uses the source's own weights in fp32, so the tolerance is the coarser dtype's."""
+                  rounding: tuple[torch.dtype, torch.dtype] | None = None) -> Check:
+    """``dtype``: the compute dtype; ``rounding``: (stored, source) dtypes when the merge rounded the weights.
+    The simulation uses the source's own weights in fp32, so rounding widens the tolerance to its dtype's."""
     from neoxconv.tp_reference import tensor_parallel_logits
 
     tp_logits, _ = tensor_parallel_logits(options.against, gen.prompt_ids, row_bias=options.row_bias,
@@ -201,10 +216,10 @@ def against_check(model, gen: GenerationResult, options: VerifyOptions, dtype: t
     if tp_logits.shape != ours.shape:
         return Check("against", False, None, None, f"logit shapes differ: TP {list(tp_logits.shape)} vs {list(ours.shape)}")
     diff = _max_abs(ours, tp_logits)
-    tol_dtype = coarser(dtype, weights_dtype)
-    tol = MODEL_TOL[tol_dtype] * _scale(tp_logits)
+    tol = MODEL_TOL[coarser(dtype, rounding[0] if rounding else None)] * _scale(tp_logits)
     agree = float((ours.argmax(-1) == tp_logits.argmax(-1)).float().mean())
-    stored = "" if weights_dtype is None else f"; weights stored in {str(weights_dtype).replace('torch.', '')}"
+    name = lambda d: str(d).replace("torch.", "")  # noqa: E731
+    stored = f"; weights stored in {name(rounding[0])}, rounded from {name(rounding[1])}" if rounding else ""
     return Check("against", diff <= tol, diff, tol,
                  f"vs simulated tensor-parallel forward of {options.against} (top-1 agreement {agree:.0%}{stored})")
 
@@ -294,7 +309,7 @@ def verify_model(out: Path, options: VerifyOptions) -> VerifyReport:
     report.checks.append(kv)
     report.checks.append(sanity_check(gen))
     if options.against is not None:
-        report.checks.append(against_check(loaded.model, gen, options, dtype, stored_dtype(out)))
+        report.checks.append(against_check(loaded.model, gen, options, dtype, merge_rounding(out, options)))
     if options.reference == "hf":
         report.checks.append(reference_hf_check(out, loaded.model, gen, dtype, device))
     if options.int8:

@@ -95,11 +95,20 @@ def test_reduced_precision_merge_passes_against_on_cpu(make_checkpoint, tmp_path
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     against = report["checks"]["against"]
-    assert report["dtype"] == "float32" and against["passed"] and f"weights stored in {stored}" in against["detail"]
+    assert report["dtype"] == "float32" and against["passed"]
+    assert f"weights stored in {stored}, rounded from float32" in against["detail"]
     scale = against["tolerance"] / verify.MODEL_TOL[getattr(__import__("torch"), stored)]
     assert scale >= 1.0  # the tolerance is the stored dtype's, times max(1, max|logit|)
     if dtype == "bf16":  # what failed before: bf16 rounding is far above the fp32 tolerance
         assert against["value"] > verify.MODEL_TOL[__import__("torch").float32] * scale
+
+
+def test_unrounded_weights_keep_the_tight_tolerance(fixture_out):
+    """An fp16 source merged to fp16 holds the source's own values: no widening."""
+    result = _run("verify", fixture_out, "--against", COMMITTED_FIXTURE, "--ids", IDS, "--max-new-tokens", 2, "--json")
+    against = json.loads(result.stdout)["checks"]["against"]
+    assert result.exit_code == 0 and "rounded" not in against["detail"]
+    assert against["tolerance"] < verify.MODEL_TOL[__import__("torch").float16]  # fp32's x scale (~3.5), not fp16's
 
 
 def test_bf16_tolerance_still_catches_a_wrong_merge(make_checkpoint, tmp_path, monkeypatch):
