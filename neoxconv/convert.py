@@ -170,8 +170,14 @@ def describe_differences(state: dict, source: dict, recorded: dict) -> list[str]
         diffs.append(f"source files changed since that merge ({', '.join(changed[:3])}"
                      + (f" and {len(changed) - 3} more" if len(changed) > 3 else "") + ")")
     for key in sorted(before_opts.keys() | recorded.keys()):
-        if before_opts.get(key) != recorded.get(key):
-            diffs.append(f"{key.replace('_', '-')}: {before_opts.get(key)} before, {recorded.get(key)} now")
+        before = before_opts.get(key)
+        if before != recorded.get(key):
+            if key == "dtype" and before == "auto":  # say what auto wrote
+                layers = state.get("layers") if isinstance(state.get("layers"), dict) else {}
+                written = {m.get("dtype") for e in layers.values() if isinstance(e, dict)
+                           for m in (e.get("tensors") or {}).values() if isinstance(m, dict)}
+                before = f"auto ({written.pop()})" if len(written) == 1 else before
+            diffs.append(f"{key.replace('_', '-')}: {before} before, {recorded.get(key)} now")
     return diffs or ["its manifest does not match this run"]
 
 
@@ -346,7 +352,7 @@ def _merge(src: Path, out: Path, options: MergeOptions, guard: InterruptGuard) -
     warnings: list[str] = []
     total = sum(p.nbytes for _, p in todo)
     guard.check()
-    with progress_bar(total=total, desc="merge", unit="B", quiet=options.quiet) as bar:
+    with progress_bar(total=total, desc="merge", unit="B", quiet=options.quiet or not todo) as bar:
         for name, plan in todo:
             guard.check()
             bar.set_postfix_str(f"{plan.layer.label} -> {name}", refresh=False)
