@@ -232,6 +232,10 @@ def test_remerge_with_other_options_names_the_difference(tmp_path):
                                      "use --no-resume or another OUT")
     result = _run("merge", COMMITTED_FIXTURE, out, "--dtype", "fp32", "--no-resume", "--json")
     assert result.exit_code == 0 and json.loads(result.stdout)["dtype"] == "float32"
+    auto = tmp_path / "auto"
+    assert _run("merge", COMMITTED_FIXTURE, auto, "-q").exit_code == 0
+    result = _run("merge", COMMITTED_FIXTURE, auto, "--dtype", "bf16")
+    assert result.exit_code == 6 and "dtype: auto (float16) before, bf16 now; use --no-resume" in result.stderr
 
 
 # ----- demo and synth ---------------------------------------------------------------------------------------
