@@ -163,7 +163,7 @@ def _parse_ids(value: str | None) -> tuple[int, ...] | None:
 @click.option("--top-k", type=int, default=0, show_default=True, help="Sample from the k most likely tokens (0 = all).")
 @click.option("--top-p", type=float, default=1.0, show_default=True, help="Nucleus sampling mass.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Sampling seed.")
-@click.option("--against", type=click.Path(path_type=Path),
+@click.option("--against", type=click.Path(path_type=Path, exists=True),
               help="The unmerged checkpoint: compare with a simulated tensor-parallel forward over its rank shards.")
 @click.option("--against-config", type=click.Path(path_type=Path, dir_okay=False),
               help="Config for --against when it is not next to that checkpoint.")

@@ -153,6 +153,10 @@ def stored_dtype(out: Path) -> torch.dtype | None:
     return max(found, key=_COARSENESS.__getitem__, default=None)
 
 
+def _dtype_name(d: torch.dtype) -> str:
+    return str(d).replace("torch.", "")
+
+
 def coarser(a: torch.dtype, b: torch.dtype | None) -> torch.dtype:
     return a if b is None or _COARSENESS[a] >= _COARSENESS[b] else b
 
@@ -218,8 +222,8 @@ def against_check(model, gen: GenerationResult, options: VerifyOptions, dtype: t
     diff = _max_abs(ours, tp_logits)
     tol = MODEL_TOL[coarser(dtype, rounding[0] if rounding else None)] * _scale(tp_logits)
     agree = float((ours.argmax(-1) == tp_logits.argmax(-1)).float().mean())
-    name = lambda d: str(d).replace("torch.", "")  # noqa: E731
-    stored = f"; weights stored in {name(rounding[0])}, rounded from {name(rounding[1])}" if rounding else ""
+    stored = (f"; weights stored in {_dtype_name(rounding[0])}, rounded from {_dtype_name(rounding[1])}"
+              if rounding else "")
     return Check("against", diff <= tol, diff, tol,
                  f"vs simulated tensor-parallel forward of {options.against} (top-1 agreement {agree:.0%}{stored})")
 

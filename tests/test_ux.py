@@ -52,6 +52,7 @@ def test_verify_a_folder_that_is_not_a_merge_output_is_an_input_error(tmp_path, 
     (("--ids", "abc"), "comma-separated token ids"),
     (("--prompt", "hi"), "no tokenizer.json"),
     (("--ids", "1,2", "--tokenizer", "/nonexistent/tokenizer.json"), "no such tokenizer file"),
+    (("--ids", "1,2", "--against", "/nonexistent/checkpoint"), "does not exist"),
 ])
 def test_verify_usage_errors_exit_2(fixture_out, args, says):
     result = _run("verify", fixture_out, *args)
