@@ -79,7 +79,8 @@ _dtype_choice = click.Choice(["auto", "fp16", "bf16", "fp32"], case_sensitive=Fa
 @click.option("--tokenizer", "tokenizer_path", type=click.Path(path_type=Path, dir_okay=False),
               help="tokenizer.json to copy into OUT; default: *tokenizer*.json next to SRC.")
 @click.option("--allow-nonfinite", is_flag=True, help="Warn instead of failing on inf/nan weights.")
-@click.option("--no-resume", is_flag=True, help="Redo every layer even if OUT holds completed ones.")
+@click.option("--no-resume", is_flag=True,
+              help="Redo every layer even if OUT holds completed ones (also over a merge made with other options).")
 @click.option("--force", is_flag=True,
               help="Write into a non-empty OUT that is not this source's output (only neoxconv's files are replaced).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary.")
@@ -229,12 +230,14 @@ def demo(workdir: Path | None, tp_degree: int, tokenizer_path: Path | None) -> N
 
 @main.command()
 @click.argument("out", type=click.Path(path_type=Path))
-@click.option("--tp", "tp_degree", type=int, default=2, show_default=True, help="Tensor-parallel degree (rank files per layer).")
+@click.option("--tp", "tp_degree", type=int, default=2, show_default=True,
+              help="Tensor-parallel degree (rank files per layer).")
 @click.option("--layers", type=int, default=4, show_default=True, help="Transformer blocks (num-layers).")
 @click.option("--hidden", type=int, default=1024, show_default=True, help="Hidden size.")
 @click.option("--heads", type=int, help="Attention heads (default: hidden / 64, at least 1).")
 @click.option("--ffn", type=int, help="MLP width (default: 4 x hidden).")
-@click.option("--vocab", type=int, default=50432, show_default=True, help="Padded vocabulary rows (50432 fits the 20B tokenizer).")
+@click.option("--vocab", type=int, default=50432, show_default=True,
+              help="Padded vocabulary rows (50432 fits the 20B tokenizer).")
 @click.option("--max-positions", type=int, default=2048, show_default=True, help="max-position-embeddings.")
 @click.option("--rotary-pct", type=float, default=0.25, show_default=True, help="Share of each head RoPE rotates.")
 @click.option("--dtype", type=click.Choice(["fp16", "bf16", "fp32"]), default="fp16", show_default=True,
@@ -269,7 +272,8 @@ def synth(out: Path, tp_degree: int, layers: int, hidden: int, heads: int | None
     spec = SyntheticSpec(config, tp_degree=tp_degree, layout=layout, dtype={"fp16": "float16", "bf16": "bfloat16",
                          "fp32": "float32"}[dtype], seed=seed, tokenizer=tokenizer_path)
     info = synthesize(out, spec)
-    click.echo(f"wrote a synthetic TP={tp_degree} {dtype} checkpoint ({layout} layout, {layers} layer{'s' if layers != 1 else ''}, hidden {hidden}, "
+    click.echo(f"wrote a synthetic TP={tp_degree} {dtype} checkpoint ({layout} layout, "
+               f"{layers} layer{'s' if layers != 1 else ''}, hidden {hidden}, "
                f"{config.num_heads} heads, vocab {vocab}): {info['parameters']:,} parameters, "
                f"{format_bytes(info['bytes'])} in {info['files']} files under {out}")
 

@@ -92,8 +92,9 @@ class MergeReport:
         """One line for people: what was written, how fast, in which dtype."""
         rate = f", {format_bytes(self.bytes_written / self.seconds)}/s" if self.bytes_written and self.seconds > 0 else ""
         dtype = self.dtype if isinstance(self.dtype, str) else "/".join(self.dtype)
-        return (f"merged TP={self.tp_degree} ({self.layout}) -> {self.out_dir}: {self.files_written} file(s) written "
-                f"({format_bytes(self.bytes_written)} {dtype} in {self.seconds:.{2 if self.seconds < 10 else 1}f} s{rate}), {self.files_reused} reused; "
+        seconds = f"{self.seconds:.{2 if self.seconds < 10 else 1}f} s"
+        return (f"merged TP={self.tp_degree} ({self.layout}) -> {self.out_dir}: {self.files_written} file(s) "
+                f"written ({format_bytes(self.bytes_written)} {dtype} in {seconds}{rate}), {self.files_reused} reused; "
                 f"model {format_bytes(self.total_bytes)}; row-parallel biases: {self.row_bias}; "
                 f"max replica divergence {self.max_replica_divergence:.3g}")
 
@@ -179,6 +180,15 @@ def describe_differences(state: dict, source: dict, recorded: dict) -> list[str]
                 before = f"auto ({written.pop()})" if len(written) == 1 else before
             diffs.append(f"{key.replace('_', '-')}: {before} before, {recorded.get(key)} now")
     return diffs or ["its manifest does not match this run"]
+
+
+def _reusable_entry(out: Path, name: str, plan: LayerPlan, entry: dict | None) -> dict | None:
+    """The journal entry of a finished file worth re-hashing: same source layer, present, the recorded size."""
+    path = out / name
+    if entry and entry.get("source_layer") == plan.layer.index and path.is_file() \
+            and path.stat().st_size == entry.get("size"):
+        return entry
+    return None
 
 
 def _remove_previous_output(out: Path, state: dict) -> None:
@@ -329,9 +339,8 @@ def _merge(src: Path, out: Path, options: MergeOptions, guard: InterruptGuard) -
 
     # which layers are already done (file present and its sha256 as recorded); a bar while re-hashing them
     todo: list[tuple[str, LayerPlan]] = []
-    candidates = [(name, plan, reusable.get(name)) for name, plan in zip(names, plans)]
-    candidates = [(n, p, e if e and e.get("source_layer") == p.layer.index and (out / n).is_file()
-                   and (out / n).stat().st_size == e.get("size") else None) for n, p, e in candidates]
+    candidates = [(name, plan, _reusable_entry(out, name, plan, reusable.get(name)))
+                  for name, plan in zip(names, plans)]
     recheck = sum(e["size"] for _, _, e in candidates if e)
     with progress_bar(total=recheck, desc="resume: re-check", unit="B",
                       quiet=options.quiet or not recheck) as bar:
