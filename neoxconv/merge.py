@@ -132,13 +132,13 @@ _LLAMA_ATTENTION = {
 # rank, linear2 row-parallel. 2023-05 .. 2024-09 (mlp_type: llama, LLaMAParallelMLP, no biases):
 # silu(w1(x)) * w3(x) -> w2, so w1 is the gate, w3 the up projection.
 LLAMA_MLP_GENERATIONS: dict[str, dict[str, RuleSpec]] = {
-    "linear1": {
+    "linear1/linear2": {
         "mlp.linear1.weight": _gated("weight"),
         "mlp.linear1.bias": _gated("bias"),
         "mlp.linear2.weight": RuleSpec(Rule.CONCAT_COLS, _L + "mlp.down_proj.weight", "H,F"),
         "mlp.linear2.bias": RuleSpec(Rule.ROW_BIAS, _L + "mlp.down_proj.bias", "H", when="mlp_bias"),
     },
-    "w1w2w3": {
+    "w1/w2/w3": {
         "mlp.w1.weight": RuleSpec(Rule.CONCAT_ROWS, _L + "mlp.gate_proj.weight", "F,H"),
         "mlp.w3.weight": RuleSpec(Rule.CONCAT_ROWS, _L + "mlp.up_proj.weight", "F,H"),
         "mlp.w2.weight": RuleSpec(Rule.CONCAT_COLS, _L + "mlp.down_proj.weight", "H,F"),
@@ -146,7 +146,7 @@ LLAMA_MLP_GENERATIONS: dict[str, dict[str, RuleSpec]] = {
 }
 LLAMA_RULES: dict[LayerKind, dict[str, RuleSpec]] = {
     LayerKind.EMBEDDING: {"word_embeddings.weight": RuleSpec(Rule.CONCAT_ROWS, "model.embed_tokens.weight", "V,H")},
-    LayerKind.BLOCK: {**_LLAMA_ATTENTION, **LLAMA_MLP_GENERATIONS["linear1"]},
+    LayerKind.BLOCK: {**_LLAMA_ATTENTION, **LLAMA_MLP_GENERATIONS["linear1/linear2"]},
     LayerKind.FINAL_NORM: {"norm.scale": RuleSpec(Rule.REPLICATED, "model.norm.weight", "H")},
     LayerKind.READOUT: {"final_linear.weight": RuleSpec(Rule.CONCAT_ROWS, "lm_head.weight", "V,H")},
 }
@@ -155,10 +155,10 @@ LLAMA_RULES: dict[LayerKind, dict[str, RuleSpec]] = {
 def block_generation(config: NeoXConfig, keys: set[str] | None) -> str:
     """The key generation a block's keys are written in (the current one when ``keys`` is None)."""
     if config.architecture != LLAMA:
-        return "dense_h_to_4h"
+        return "dense_h_to_4h/dense_4h_to_h"
     if keys is not None and any(k.startswith("mlp.w1.") or k.startswith("mlp.w3.") for k in keys):
-        return "w1w2w3"
-    return "linear1"
+        return "w1/w2/w3"
+    return "linear1/linear2"
 
 
 def rule_table(config: NeoXConfig, kind: LayerKind, generation: str | None = None) -> dict[str, RuleSpec]:
@@ -167,7 +167,7 @@ def rule_table(config: NeoXConfig, kind: LayerKind, generation: str | None = Non
         return RULES[kind]
     table = LLAMA_RULES[kind]
     if kind is LayerKind.BLOCK:
-        table = {**_LLAMA_ATTENTION, **LLAMA_MLP_GENERATIONS[generation or "linear1"]}
+        table = {**_LLAMA_ATTENTION, **LLAMA_MLP_GENERATIONS[generation or "linear1/linear2"]}
     return {k: s for k, s in table.items() if s.when is None or getattr(config, s.when)}
 
 
@@ -220,7 +220,7 @@ def resolve_qkv_split(choice: str, config: NeoXConfig, tp_degree: int, generatio
             raise ConfigError(f"--qkv-layout interleaved is impossible for {config.num_heads} heads, {config.kv_heads} "
                               f"kv heads, head_dim {config.head_dim} at TP {tp_degree} (gpt-neox could not run it)")
         return QkvLayout(Split.QKV_INTERLEAVED, False, "--qkv-layout interleaved")
-    if generation == "w1w2w3":
+    if generation == "w1/w2/w3":
         return QkvLayout(Split.QKV_INTERLEAVED, False,
                          "GQA with mlp.w1/w2/w3 keys: gpt-neox 2024-02..2024-09, rows interleaved per query head")
     if not _interleave_fits(config, tp_degree):

@@ -199,9 +199,9 @@ def _cat_then_split(key_prefix: str, spec: LlamaSpec):
 
 
 def _swap_gate_up(monkeypatch):
-    spec = merge_mod.LLAMA_MLP_GENERATIONS["linear1"]["mlp.linear1.weight"]
+    spec = merge_mod.LLAMA_MLP_GENERATIONS["linear1/linear2"]["mlp.linear1.weight"]
     swapped = merge_mod.RuleSpec(spec.rule, None, spec.shape, split=spec.split, parts=spec.parts[::-1])
-    monkeypatch.setitem(merge_mod.LLAMA_MLP_GENERATIONS["linear1"], "mlp.linear1.weight", swapped)
+    monkeypatch.setitem(merge_mod.LLAMA_MLP_GENERATIONS["linear1/linear2"], "mlp.linear1.weight", swapped)
 
 
 def _gqa_split_on_mha(monkeypatch):
