@@ -285,10 +285,6 @@ class LlamaLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.layernorm_eps)
         self.mlp = SwiGLU(config)
 
-    @property
-    def attention(self) -> GroupedQueryAttention:
-        return self.self_attn
-
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: int,
                 cache: LayerKVCache | None = None) -> torch.Tensor:
         y = x + self.self_attn(self.input_layernorm(x), cos, sin, start, cache)
