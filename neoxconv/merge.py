@@ -16,8 +16,7 @@ Row-parallel biases are ``ROW_BIAS`` in the table and resolve to SUM or REPLICAT
 from __future__ import annotations
 
 import enum
-import os
-import zlib
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -28,6 +27,7 @@ from neoxconv.config import NeoXConfig
 from neoxconv.dtypes import FLOAT_DTYPES, from_f32, tensor_nbytes, to_f32
 from neoxconv.errors import CheckpointError, MergeError
 from neoxconv.ptfile import NUMPY_DTYPES, TensorRef
+from neoxconv.storage import CHUNK_BYTES, SourceReader
 
 
 class Rule(str, enum.Enum):
@@ -284,105 +284,45 @@ def plan_layer(
 
 
 # ----- streaming the merged bytes -----------------------------------------------------------------------
-class _Crc:
-    """CRC-32 of a shard's bytes as they are read, checked against the zip directory at the end."""
+def read_checked(ref: TensorRef, key: str, reader: SourceReader | None = None) -> np.ndarray:
+    """A whole (small) tensor, in memory; its storage's CRC-32 is checked once its last planned read is done.
 
-    def __init__(self, ref: TensorRef) -> None:
-        self.ref, self.value = ref, 0
-
-    def update(self, block: np.ndarray) -> np.ndarray:
-        if self.ref.covers_storage:
-            self.value = zlib.crc32(memoryview(np.ascontiguousarray(block)).cast("B"), self.value)
-        return block
-
-    def check(self, key: str) -> None:
-        if self.ref.covers_storage:
-            ok = self.value == self.ref.storage_crc
-        else:  # a view into a larger storage: check the whole storage once
-            ok = storage_crc(self.ref) == self.ref.storage_crc
-        if not ok:
-            raise CheckpointError(
-                f"{self.ref.path}: the data of {key!r} fails its CRC-32 check (the file is corrupt; re-download it)")
-
-
-def storage_crc(ref: TensorRef, *, chunk: int = 16 << 20) -> int:
-    crc = 0
-    with open(ref.path, "rb") as f:
-        f.seek(ref.data_offset)
-        left = ref.storage_nbytes
-        while left > 0:
-            block = f.read(min(chunk, left))
-            if not block:
-                break
-            crc = zlib.crc32(block, crc)
-            left -= len(block)
-    return crc
-
-
-def read_checked(ref: TensorRef, key: str) -> np.ndarray:
-    """A whole (small) tensor, in memory, after its CRC-32 check."""
-    crc = _Crc(ref)
-    a = crc.update(np.array(ref.array()))
-    crc.check(key)
+    Without ``reader`` the tensor's storage is checked right away (read once).
+    """
+    if reader is None:
+        with SourceReader() as own:
+            return read_checked(ref, key, own)
+    a = reader.read(ref)
+    reader.done(ref, key)
     return a
 
 
-class _ShardRows:
-    """Row blocks of one shard, read with ``os.preadv`` into fresh buffers (no mapping: RSS stays small).
-
-    Views that are not contiguous fall back to a memory map of their storage.
-    """
-
-    def __init__(self, ref: TensorRef) -> None:
-        self.ref = ref
-        self.dtype = NUMPY_DTYPES[ref.dtype]
-        self.row_shape = ref.shape[1:]
-        self.row_bytes = self.dtype.itemsize * int(np.prod(self.row_shape, dtype=np.int64)) if ref.shape else 0
-        self._fd = os.open(ref.path, os.O_RDONLY) if ref.is_contiguous else None
-        self._mapped = None if ref.is_contiguous else ref.array()
-
-    def rows(self, start: int, count: int) -> np.ndarray:
-        if self._mapped is not None:
-            return np.ascontiguousarray(self._mapped[start : start + count])
-        buf = np.empty((count, *self.row_shape), dtype=self.dtype)
-        view = memoryview(buf).cast("B")
-        offset, done = self.ref.byte_offset + start * self.row_bytes, 0
-        while done < len(view):
-            n = os.preadv(self._fd, [view[done:]], offset + done)
-            if n <= 0:
-                raise CheckpointError(f"{self.ref.path}: ends inside the data of {self.ref.name!r} (truncated)")
-            done += n
-        return buf
-
-    def close(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-
-
-def iter_merged_chunks(plan: TensorPlan, *, chunk_bytes: int = 16 << 20) -> Iterator[np.ndarray]:
-    """The merged tensor of a concat rule, as consecutive row blocks (bounded memory), CRC-checked."""
+def iter_merged_chunks(plan: TensorPlan, *, chunk_bytes: int = CHUNK_BYTES,
+                       reader: SourceReader | None = None) -> Iterator[np.ndarray]:
+    """The merged tensor of a concat rule, as consecutive row blocks (bounded memory), CRC-checked by storage."""
     if plan.rule not in (Rule.CONCAT_ROWS, Rule.CONCAT_COLS):
         raise ValueError(f"{plan.rule} is not streamed")
-    readers = [_ShardRows(ref) for ref in plan.shards]
-    crcs = [_Crc(ref) for ref in plan.shards]
-    try:
-        if plan.rule is Rule.CONCAT_ROWS:  # the ranks' bytes back to back
-            for reader, crc in zip(readers, crcs):
-                rows = plan.shards[0].shape[0] if plan.shards[0].shape else 0
-                step = max(1, chunk_bytes // max(1, reader.row_bytes))
-                for i in range(0, rows, step):
-                    yield _cast(crc.update(reader.rows(i, min(step, rows - i))), plan.src_dtype, plan.out_dtype)
-                crc.check(plan.key)
-        else:  # row-parallel: interleave each output row from the ranks' column blocks
-            rows = plan.shape[0]
-            step = max(1, chunk_bytes // max(1, sum(r.row_bytes for r in readers)))
+    if reader is None:
+        with SourceReader(chunk_bytes=chunk_bytes) as own:
+            yield from iter_merged_chunks(plan, chunk_bytes=chunk_bytes, reader=own)
+        return
+
+    def row_bytes(ref: TensorRef) -> int:
+        return NUMPY_DTYPES[ref.dtype].itemsize * math.prod(ref.shape[1:])
+
+    if plan.rule is Rule.CONCAT_ROWS:  # the ranks' bytes back to back
+        for ref in plan.shards:
+            rows = ref.shape[0] if ref.shape else 0
+            step = max(1, chunk_bytes // max(1, row_bytes(ref)))
             for i in range(0, rows, step):
-                n = min(step, rows - i)
-                blocks = [crc.update(r.rows(i, n)) for r, crc in zip(readers, crcs)]
-                yield merge_tensor(Rule.CONCAT_COLS, blocks, dtype=plan.src_dtype, out_dtype=plan.out_dtype)
-            for crc in crcs:
-                crc.check(plan.key)
-    finally:
-        for r in readers:
-            r.close()
+                yield _cast(reader.rows(ref, i, min(step, rows - i)), plan.src_dtype, plan.out_dtype)
+            reader.done(ref, plan.key)
+    else:  # row-parallel: interleave each output row from the ranks' column blocks
+        rows = plan.shape[0]
+        step = max(1, chunk_bytes // max(1, sum(row_bytes(r) for r in plan.shards)))
+        for i in range(0, rows, step):
+            n = min(step, rows - i)
+            blocks = [reader.rows(ref, i, n) for ref in plan.shards]
+            yield merge_tensor(Rule.CONCAT_COLS, blocks, dtype=plan.src_dtype, out_dtype=plan.out_dtype)
+        for ref in plan.shards:
+            reader.done(ref, plan.key)
