@@ -34,6 +34,7 @@ def inspect_checkpoint(src: Path, *, config_path: Path | None = None) -> dict[st
         "files_missing": list(ckpt.missing_files),
         "dtype": None,
         "parameters": None,
+        "key_generation": None,
     }
     if ckpt.missing_files:
         return result
@@ -43,4 +44,6 @@ def inspect_checkpoint(src: Path, *, config_path: Path | None = None) -> dict[st
     result["vocab_size"] = config.vocab_size
     result["parameters"] = sum(math.prod(t.shape) for t in tensors)
     result["dtype"] = dtypes.pop() if len(dtypes) == 1 else sorted(dtypes)
+    generations = sorted({p.key_generation for p in plans if p.key_generation})
+    result["key_generation"] = generations[0] if len(generations) == 1 else (generations or None)
     return result

@@ -66,8 +66,8 @@ RULES: dict[LayerKind, dict[str, RuleSpec]] = {
         "mlp.dense_4h_to_h.bias": RuleSpec(Rule.ROW_BIAS, _BLOCK + "mlp.dense_4h_to_h.bias", "H"),
         # derived buffers, deliberately not written
         "attention.rotary_emb.inv_freq": RuleSpec(Rule.DROP, None, "R"),
-        "attention.bias": RuleSpec(Rule.DROP, None, "*"),
-        "attention.masked_bias": RuleSpec(Rule.DROP, None, "*"),
+        "attention.bias": RuleSpec(Rule.DROP, None, "mask"),  # causal mask [1, 1, P, P]
+        "attention.masked_bias": RuleSpec(Rule.DROP, None, "scalar"),
     },
     LayerKind.FINAL_NORM: {
         "norm.weight": RuleSpec(Rule.REPLICATED, "gpt_neox.final_layer_norm.weight", "H"),
@@ -78,6 +78,30 @@ RULES: dict[LayerKind, dict[str, RuleSpec]] = {
     },
 }
 OPTIONAL_KEYS = {"attention.rotary_emb.inv_freq", "attention.bias", "attention.masked_bias"}
+
+# Key generations: one rule table, several spellings. gpt-neox renamed the GELU MLP's projections in
+# 2024-09 (same math, same Hugging Face names). Each generation maps the rule table's key to the key its
+# files hold (keys not listed are spelled the same); the generation is detected from each file's keys.
+KEY_GENERATIONS: dict[str, dict[str, str]] = {
+    "dense_h_to_4h/dense_4h_to_h": {},  # gpt-neox before 2024-09, the 20B release
+    "linear1/linear2": {  # gpt-neox since 2024-09: linear1 column-parallel, linear2 row-parallel
+        "mlp.dense_h_to_4h.weight": "mlp.linear1.weight",
+        "mlp.dense_h_to_4h.bias": "mlp.linear1.bias",
+        "mlp.dense_4h_to_h.weight": "mlp.linear2.weight",
+        "mlp.dense_4h_to_h.bias": "mlp.linear2.bias",
+    },
+}
+_RENAMED = {k for aliases in KEY_GENERATIONS.values() for k in aliases}
+
+
+def detect_key_generations(keys: set[str]) -> list[str]:
+    """The key generations whose distinctive keys appear in ``keys`` (none for layers without renamed keys)."""
+    found = []
+    for name, aliases in KEY_GENERATIONS.items():
+        distinctive = set(aliases.values()) if aliases else _RENAMED
+        if keys & distinctive:
+            found.append(name)
+    return found
 
 ROW_BIAS_CHOICES = ("auto", "sum", "replicated")
 
@@ -101,7 +125,7 @@ def hf_name(spec: RuleSpec, layer: SourceLayer) -> str | None:
 
 def expected_shape(spec: RuleSpec, config: NeoXConfig) -> tuple[int, ...] | None:
     """The merged tensor's shape from the config (None: not checked)."""
-    if spec.shape in ("*", "R"):
+    if spec.shape in ("*", "R", "mask", "scalar"):
         return None
     sizes = {"V": config.vocab_size, "H": config.hidden_size, "3H": 3 * config.hidden_size, "F": config.ffn_size}
     dims = tuple(sizes[d] for d in spec.shape.split(","))
@@ -190,6 +214,7 @@ class LayerPlan:
     files: list[str]
     tensors: list[TensorPlan] = field(default_factory=list)
     dropped: list[TensorPlan] = field(default_factory=list)
+    key_generation: str | None = None  # which KEY_GENERATIONS spelling the files use (None: no renamed keys)
 
     @property
     def nbytes(self) -> int:
@@ -227,22 +252,32 @@ def plan_layer(
     bad_keys = False  # unknown/missing keys are a checkpoint problem; the rest are merge problems
     plan = LayerPlan(layer=layer, files=files)
     tp = len(shards)
+    generations = [detect_key_generations(set(shard)) for shard in shards]
+    if any(len(g) > 1 for g in generations) or len({tuple(g) for g in generations}) > 1:
+        per_rank = ", ".join(f"{files[r]}: {' + '.join(g) or 'none'}" for r, g in enumerate(generations))
+        raise CheckpointError(f"{layer.label}: MLP key names of different gpt-neox generations mixed ({per_rank})")
+    plan.key_generation = generations[0][0] if generations and generations[0] else None
+    aliases = KEY_GENERATIONS.get(plan.key_generation or "", {})
+    inverse = {v: k for k, v in aliases.items()}
+    shards = [{inverse.get(k, k): ref for k, ref in shard.items()} for shard in shards]  # rule-table keys
     for rank, shard in enumerate(shards):
         unknown = sorted(set(shard) - set(table))
         if unknown:
             bad_keys = True
-            problems.append(f"{files[rank]}: unknown key(s) {', '.join(map(repr, unknown))} in a {layer.kind.value} layer")
-        missing = sorted(set(table) - OPTIONAL_KEYS - set(shard))
+            problems.append(f"{files[rank]}: unknown key(s) {', '.join(map(repr, unknown[:8]))}"
+                            f"{f' (+{len(unknown) - 8} more)' if len(unknown) > 8 else ''} in a {layer.kind.value} layer")
+        missing = sorted(aliases.get(k, k) for k in set(table) - OPTIONAL_KEYS - set(shard))
         if missing:
             bad_keys = True
             problems.append(f"{files[rank]}: missing key(s) {', '.join(map(repr, missing))}")
-    for key, spec in table.items():
-        present = [rank for rank, shard in enumerate(shards) if key in shard]
+    for table_key, spec in table.items():
+        key = aliases.get(table_key, table_key)  # as the files spell it, for messages and the manifest
+        present = [rank for rank, shard in enumerate(shards) if table_key in shard]
         if not present or len(present) != tp:
-            if present and key in OPTIONAL_KEYS:
+            if present and table_key in OPTIONAL_KEYS:
                 problems.append(f"{key!r}: present on ranks {present} only, of {tp}")
             continue
-        refs = [shards[r][key] for r in range(tp)]
+        refs = [shards[r][table_key] for r in range(tp)]
         rule = row_bias if spec.rule is Rule.ROW_BIAS else spec.rule
         dtypes = {r.dtype for r in refs}
         if len(dtypes) > 1:
@@ -262,6 +297,12 @@ def plan_layer(
         if merged is None:
             per_rank = ", ".join(f"rank {i}: {list(s)}" for i, s in enumerate(shapes))
             problems.append(f"{key!r}: shapes do not fit rule {rule.value} ({per_rank})")
+            continue
+        if spec.shape == "mask" and not (len(merged) == 4 and merged[:2] == (1, 1) and merged[2] == merged[3]):
+            problems.append(f"{key!r}: shape {list(merged)}, expected a causal mask [1, 1, P, P]")
+            continue
+        if spec.shape == "scalar" and math.prod(merged) != 1:
+            problems.append(f"{key!r}: shape {list(merged)}, expected a single value")
             continue
         want = expected_shape(spec, config)
         if spec.shape == "R" and merged != (config.rotary_dims // 2,):
