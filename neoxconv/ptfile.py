@@ -14,6 +14,7 @@ import io
 import pickle
 import pickletools
 import struct
+import warnings
 import zipfile
 import zlib
 from dataclasses import dataclass
@@ -249,9 +250,11 @@ _MAX_DEPTH = 64  # containers nested deeper than this are not a checkpoint
 
 def _prescan(payload: bytes) -> None:
     """Walk the opcodes once (nothing is built) and refuse memo indices a real pickler never writes."""
-    for n, (op, arg, _pos) in enumerate(pickletools.genops(payload)):
-        if op.name in _MEMO_PUTS and not (isinstance(arg, int) and 0 <= arg <= n):
-            raise pickle.UnpicklingError(f"memo index {arg!r:.20} at opcode {n} (a real pickle numbers them in order)")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # genops decoding odd protocol-0 strings
+        for n, (op, arg, _pos) in enumerate(pickletools.genops(payload)):
+            if op.name in _MEMO_PUTS and not (isinstance(arg, int) and 0 <= arg <= n):
+                raise pickle.UnpicklingError(f"memo index {arg!r:.20} at opcode {n} (a real pickler numbers them in order)")
 
 
 class _SafeUnpickler(pickle.Unpickler):
@@ -341,9 +344,11 @@ class PtArchive:
             raise CheckpointError(f"{self.path}: expected a dict of tensors, got {type(node).__name__}")
         out: dict[str, TensorRef] = {}
         for k, v in node.items():
+            if not isinstance(k, str):
+                raise CheckpointError(f"{self.path}: a key is a {type(k).__name__}, not a tensor name (corrupt)")
             if not isinstance(v, TensorRef):
                 raise CheckpointError(f"{self.path}: key {_short(k)!r} holds {type(v).__name__}, not a tensor")
-            out[str(k)] = v
+            out[k] = v
         return out
 
 
