@@ -210,3 +210,62 @@ def test_bytes_read_by_a_merge_of_a_view_heavy_checkpoint(tmp_path, layout):
     write_real_checkpoint(root, WriterSpec(tp=2, layout=layout, num_layers=12, clone="none"))
     read, source = measure_bytes_read(root, tmp_path / "out")
     assert read <= 1.1 * source, f"read {read} bytes for {source} bytes of source files ({read / source:.2f}x)"
+
+
+def test_a_storage_bigger_than_the_chunk_budget_is_streamed(written):
+    """Reading every tensor of a flat ZeRO buffer with a 4 KiB budget: peak memory stays near the budget."""
+    import tracemalloc
+
+    from neoxconv.checkpoint import open_checkpoint
+    from neoxconv.convert import plan_checkpoint
+    from neoxconv.merge import Rule, iter_merged_chunks
+    from neoxconv.storage import SourceReader
+
+    root, _, _ = written("seq-zero-cuda-tp2")
+    _, plans = plan_checkpoint(open_checkpoint(root), row_bias=Rule.SUM, out_dtype=None)
+    streamed = [t for p in plans for t in p.tensors if t.rule in (Rule.CONCAT_ROWS, Rule.CONCAT_COLS)]
+    refs = [r for t in streamed for r in t.shards]
+    biggest = max(r.storage_nbytes for r in refs)
+    assert biggest > 40 * 4096
+    with SourceReader(chunk_bytes=4096) as reader:
+        reader.expect(refs)
+        tracemalloc.start()
+        for t in streamed:
+            for chunk in iter_merged_chunks(t, chunk_bytes=4096, reader=reader):
+                assert chunk.nbytes <= 4096 or chunk.shape[0] == 1
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert reader.verified(refs)
+    assert peak < biggest / 3, (peak, biggest)
+
+
+@pytest.mark.parametrize("where", ["padding", "tensor"])
+def test_corrupt_shared_storage_fails_and_leaves_no_unconfirmed_layer(written, tmp_path, where):
+    """A flipped byte in a rank's flat buffer (in a tensor, or in padding no tensor reads) is a CRC error
+    naming the file; layers merged from that buffer before the check are not left under their names."""
+    import shutil
+
+    from neoxconv.errors import CheckpointError
+    from neoxconv.ptfile import read_pt
+
+    root, _, _ = written("seq-zero-cuda-tp2")
+    src = tmp_path / "src"
+    shutil.copytree(root, src)
+    victim = src / "global_step1000" / "mp_rank_01_model_states.pt"
+    refs = read_pt(victim, lenient=True).tensors(("module",))
+    flat = refs["sequential.2.attention.dense.weight"]
+    if where == "tensor":
+        pos = flat.byte_offset + 3
+    else:  # the 16 bytes of padding at the start of the flat buffer
+        pos = flat.data_offset + 2
+        assert all(r.storage_offset * r.itemsize > 2 for r in refs.values() if r.data_offset == flat.data_offset)
+    data = bytearray(victim.read_bytes())
+    data[pos] ^= 0x40
+    victim.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="mp_rank_01_model_states.pt.*CRC-32"):
+        merge_checkpoint(src, tmp_path / "out", MergeOptions(quiet=True))
+    left = sorted(p.name for p in (tmp_path / "out").glob("model-*.safetensors"))
+    journal = tmp_path / "out" / ".neoxconv-journal.json"
+    journaled = set(json.loads(journal.read_text())["layers"]) if journal.exists() else set()
+    assert set(left) <= journaled  # whatever is left under a final name was confirmed
+    assert not (tmp_path / "out" / "neoxconv.json").exists()
