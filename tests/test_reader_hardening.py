@@ -136,7 +136,7 @@ def test_shared_references_stay_shared(tmp_path, make_checkpoint):
     t0 = time.monotonic()
     rc, err, rss = run_cli("merge", str(src), str(tmp_path / "out"), "--quiet", timeout=120)
     assert rc == 0, err
-    assert time.monotonic() - t0 < 60 and rss < 400, rss
+    assert time.monotonic() - t0 < 60 and rss < 150, rss
     # in a layer file (strict), the same structure is a clean, fast refusal
     layer = tmp_path / "layer_00-model_00-model_states.pt"
     torch.save({"word_embeddings.weight": torch.zeros(2, 2), "junk": _nested_shared(60)}, layer)
@@ -150,7 +150,7 @@ def test_huge_memo_index_is_refused_before_unpickling(tmp_path):
     rezip(src / STEP / LAYER, pkl=lambda d: b"\x80\x02]r\x00\x00\x00\x10.")
     rc, err, rss = run_cli("merge", str(src), str(tmp_path / "out"), "--quiet")
     assert rc == 4 and LAYER in err and "memo" in err, err
-    assert rss < 400, rss
+    assert rss < 150, rss
 
 
 def _patch_declared_size(path: Path, member: str, size: int) -> None:
@@ -176,12 +176,12 @@ def test_deflate_bomb_in_data_pkl_is_bounded_by_bytes_inflated(tmp_path):
     """A 1 MB deflated data.pkl once inflated to 2.1 GB: the size guard trusted the zip directory."""
     src = copy_fixture(tmp_path)
     victim = src / STEP / LAYER
-    rezip(victim, pkl=lambda d: d + bytes(512 << 20), deflate_pkl=True)  # a valid pickle, then 512 MiB of zeros
+    rezip(victim, pkl=lambda d: d + bytes(256 << 20), deflate_pkl=True)  # a valid pickle, then 256 MiB of zeros
     _patch_declared_size(victim, prefix_of(victim) + "data.pkl", 4096)  # ... that claims to be 4 KiB
     assert victim.stat().st_size < 4 << 20
     rc, err, rss = run_cli("merge", str(src), str(tmp_path / "out"), "--quiet")
     assert rc == 4 and LAYER in err, err
-    assert rss < 300, f"peak RSS {rss} MB"
+    assert rss < 150, f"peak RSS {rss} MB"
 
 
 def test_deflated_data_pkl_within_bounds_is_read(tmp_path):
@@ -213,7 +213,7 @@ def test_expanded_dropped_buffer_is_compared_without_expanding(tmp_path, make_ch
     assert (step / "layer_02-model_00-model_states.pt").stat().st_size < 1 << 20
     rc, err, rss = run_cli("merge", str(src), str(tmp_path / "out"), "--quiet")
     assert rc == 0, err
-    assert rss < 300, f"peak RSS {rss} MB"
+    assert rss < 150, f"peak RSS {rss} MB"
     manifest = json.loads((tmp_path / "out" / "neoxconv.json").read_text())
     assert any("attention.bias" in e["dropped"] for e in manifest["layers"].values())
 
