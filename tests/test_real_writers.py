@@ -134,6 +134,19 @@ def test_inspect_reports_the_key_generation(written, name, generation):
     assert info["layout"] == VARIANTS[name].layout
 
 
+def test_inspect_cli_says_which_key_generation_it_found(written):
+    from click.testing import CliRunner
+
+    from neoxconv.cli import main
+
+    root, _, _ = written("pipe-linear12")
+    result = CliRunner().invoke(main, ["inspect", str(root), "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["key_generation"] == "linear1/linear2"
+    human = CliRunner().invoke(main, ["inspect", str(root)])
+    assert "key_generation: linear1/linear2" in human.output
+
+
 def test_cuda_tags_and_metadata_are_really_in_the_files(written):
     """The fixtures hold what real files hold (so the tests above test something)."""
     root, _, _ = written("seq-zero-cuda-tp2")
