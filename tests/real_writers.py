@@ -117,6 +117,7 @@ class WriterSpec:
     zero_views: bool = True  # ZeRO 1/2 flat-buffer views, saved without cloning
     clone: str = "none"  # pipeline files: "none" (before Aug 2021), "gpu" (type(sd)({k: v.clone()})), "cpu"
     linear12: bool = False  # gpt-neox since 2024-09 MLP names
+    hf_converter: bool = False  # sequential files as gpt-neox's tools/ckpts/convert_hf_to_sequential.py writes them
     cuda_tag: bool = True
     num_layers: int = 2
     hidden_size: int = 64
@@ -249,6 +250,8 @@ def write_real_checkpoint(root: Path, spec: WriterSpec) -> tuple[dict[str, torch
     (root / "configs" / "model.yml").write_text(neox_yaml(cfg, layout_spec))
     ref = {k: v.half() for k, v in random_state_dict(cfg, seed=spec.seed).items()}
     g = random.Random(spec.seed)
+    full = sequential_full(ref, cfg) if spec.hf_converter else {}
+    hf_sharded: dict = {}
     for rank in range(spec.tp):
         layers = model_layers(cfg, spec.tp, spec.linear12)
         fill_rank(layers, {k: v.float() for k, v in ref.items()}, cfg, rank, spec.tp, spec.linear12)
@@ -258,7 +261,12 @@ def write_real_checkpoint(root: Path, spec: WriterSpec) -> tuple[dict[str, torch
         tag = f"cuda:{rank}" if spec.cuda_tag else None
         with cuda_location(tag):
             if spec.layout == "sequential":
-                state = bookkeeping(spec, cfg, model.state_dict(), model, rank)
+                module_sd = model.state_dict()
+                if spec.hf_converter:
+                    hf_sharded = hf_converter_shards(full, spec.tp) if rank == 0 else hf_sharded
+                    for k in module_sd:  # replace_sharded_seq: same OrderedDict (_metadata kept), new values
+                        module_sd[k] = hf_sharded[rank][k]
+                state = bookkeeping(spec, cfg, module_sd, model, rank)
                 torch.save(state, step / f"mp_rank_{rank:02d}_model_states.pt")
             else:
                 for idx, layer in enumerate(layers):
@@ -277,3 +285,41 @@ def write_real_checkpoint(root: Path, spec: WriterSpec) -> tuple[dict[str, torch
             part = (ref[name].float() / spec.tp).half().float()
             ref[name] = (part * spec.tp).half()
     return ref, cfg
+
+
+def sequential_full(ref: dict[str, torch.Tensor], cfg) -> dict[str, torch.Tensor]:
+    """The TP=1 sequential state dict of the reference (``convert_hf_to_sequential``), fp16, fp16 inv_freq."""
+    out = {"sequential.0.word_embeddings.weight": ref["gpt_neox.embed_in.weight"]}
+    inv = RotaryEmbedding(cfg.rotary_dims, cfg.rotary_emb_base).inv_freq.half()
+    for b in range(cfg.num_layers):
+        p = f"gpt_neox.layers.{b}."
+        for k, v in ref.items():
+            if k.startswith(p):
+                out[f"sequential.{b + 2}.{k[len(p):]}"] = v
+        out[f"sequential.{b + 2}.attention.rotary_emb.inv_freq"] = inv
+    out[f"sequential.{cfg.num_layers + 3}.norm.weight"] = ref["gpt_neox.final_layer_norm.weight"]
+    out[f"sequential.{cfg.num_layers + 3}.norm.bias"] = ref["gpt_neox.final_layer_norm.bias"]
+    out[f"sequential.{cfg.num_layers + 4}.final_linear.weight"] = ref["embed_out.weight"]
+    return out
+
+
+def hf_converter_shards(full: dict[str, torch.Tensor], T: int) -> list[dict[str, torch.Tensor]]:
+    """``shard_sequential_mp``: row biases divided by T, replicated tensors shared, every other tensor a
+    *view* of the full one (``v[a:b, :]`` or ``v[:, a:b]``), so each rank file carries the full storages.
+    (Its padding to multiples of 128 per rank is not exercised: the fixture's sizes are multiples.)"""
+    ranks: list[dict[str, torch.Tensor]] = [{} for _ in range(T)]
+    for k, v in full.items():
+        if k.endswith(("dense_4h_to_h.bias", "attention.dense.bias")):
+            for r in range(T):
+                ranks[r][k] = v / T
+        elif any(x in k for x in ("layernorm", "rotary_emb", "norm.weight", "norm.bias")):
+            for r in range(T):
+                ranks[r][k] = v
+        else:
+            dim = 1 if k.endswith(("attention.dense.weight", "mlp.dense_4h_to_h.weight")) else 0
+            n = v.shape[dim] // T
+            if n % 128:
+                raise ValueError(f"{k}: {n} per rank is not a multiple of 128 (the converter would pad it)")
+            for r in range(T):
+                ranks[r][k] = v[r * n:(r + 1) * n] if dim == 0 else v[:, r * n:(r + 1) * n]
+    return ranks

@@ -32,6 +32,8 @@ VARIANTS = {
     "seq-zero-cuda-tp1": WriterSpec(tp=1, layout="sequential"),
     "seq-zero-linear12-tp4": WriterSpec(tp=4, layout="sequential", linear12=True),
     "seq-plain-state-dict": WriterSpec(tp=2, layout="sequential", zero_views=False, cuda_tag=False),
+    "seq-hf-converter": WriterSpec(tp=2, layout="sequential", zero_views=False, hf_converter=True,
+                                   hidden_size=256, num_layers=1),
     "pipe-views-pre-2021": WriterSpec(tp=2, layout="pipeline", clone="none"),
     "pipe-gpu-clone-2021-2023": WriterSpec(tp=2, layout="pipeline", clone="gpu"),
     "pipe-cpu-clone-since-2023": WriterSpec(tp=2, layout="pipeline", clone="cpu", cuda_tag=False),
@@ -282,3 +284,14 @@ def test_corrupt_shared_storage_fails_and_leaves_no_unconfirmed_layer(written, t
     journaled = set(json.loads(journal.read_text())["layers"]) if journal.exists() else set()
     assert set(left) <= journaled  # whatever is left under a final name was confirmed
     assert not (tmp_path / "out" / "neoxconv.json").exists()
+
+
+def test_hf_converter_files_hold_strided_views_of_full_tensors(written):
+    from neoxconv.ptfile import read_pt
+
+    root, _, _ = written("seq-hf-converter")
+    refs = read_pt(root / "global_step1000" / "mp_rank_01_model_states.pt", lenient=True).tensors(("module",))
+    row = refs["sequential.2.attention.dense.weight"]  # v[:, n:2n] of the full [H, H] weight
+    assert not row.is_contiguous and row.storage_offset == row.shape[1] and row.storage_nbytes == 2 * row.nbytes
+    col = refs["sequential.2.mlp.dense_h_to_4h.weight"]  # v[n:2n] of the full [F, H] weight
+    assert col.is_contiguous and col.storage_offset == col.numel
