@@ -364,3 +364,36 @@ def test_zip64_archive_over_4_gib(tmp_path):
         reader.done(refs["small"], "small")  # its CRC-32 checked
         assert reader.verified([refs["small"]])
     assert torch.equal(torch.load(path, map_location="cpu", weights_only=False, mmap=True)["small"], small)
+
+
+# ---- errors that once escaped as "internal error" (exit 1) ---------------------------------------------
+def _deep_lists(n: int) -> bytes:
+    return b"\x80\x02" + b"]" * n + b"a" * (n - 1) + b"."
+
+
+def _huge_shape(d: bytes) -> bytes:
+    """Every BININT (a 4-byte int: sizes, strides, offsets) becomes 2**31 - 1."""
+    out, i = bytearray(), 0
+    while i < len(d):
+        if d[i:i + 1] == b"J" and i > 0:
+            out += b"J\xff\xff\xff\x7f"
+            i += 5
+        else:
+            out += d[i:i + 1]
+            i += 1
+    return bytes(out)
+
+
+@pytest.mark.parametrize("payload", [
+    pytest.param(lambda d: _deep_lists(100_000), id="deep-nesting(RecursionError)"),
+    pytest.param(lambda d: b"\x80\x02}q\x00}b.", id="build-on-dict(AttributeError)"),
+    pytest.param(lambda d: d.replace(b"K\x01", b"\x8a\x09" + b"\xff" * 8 + b"\x7f", 1), id="huge-int(OverflowError)"),
+    pytest.param(_huge_shape, id="huge-geometry"),
+    pytest.param(lambda d: b"\x80\x02}K\x00K\x01s.", id="int-key(TypeError)"),
+    pytest.param(lambda d: d[: len(d) // 2], id="truncated(EOFError)"),
+])
+def test_hostile_pickles_are_checkpoint_errors_through_the_cli(tmp_path, payload):
+    src = copy_fixture(tmp_path)
+    rezip(src / STEP / LAYER, pkl=payload)
+    rc, err, _ = run_cli("merge", str(src), str(tmp_path / "out"), "--quiet")
+    assert rc == 4 and LAYER in err and "Traceback" not in err and len(err.splitlines()) == 1, err
