@@ -304,14 +304,14 @@ class _SafeUnpickler(pickle.Unpickler):
         return known
 
 
-def _read_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, limit: int) -> bytes:
+def _read_member(path: Path, zf: zipfile.ZipFile, info: zipfile.ZipInfo, limit: int) -> bytes:
     """A member's bytes, inflating at most ``limit`` (the directory's size may lie); CRC checked."""
     out = bytearray()
     with zf.open(info) as fh:
         while block := fh.read(1 << 20):
             out += block
             if len(out) > limit:
-                raise CheckpointError(f"{info.filename} inflates to more than {limit} bytes")
+                raise CheckpointError(f"{path}: {info.filename} inflates to more than {limit} bytes (corrupt or hostile)")
     return bytes(out)
 
 
@@ -387,11 +387,11 @@ def read_pt(path: Path, *, lenient: bool = False) -> PtArchive:
                 raise CheckpointError(f"{path}: expected one data.pkl in the archive, found {len(pkl)}")
             prefix = pkl[0][: -len("data.pkl")]
             order = members.get(prefix + "byteorder")
-            if order is not None and _read_member(zf, order, 16) != b"little":
+            if order is not None and _read_member(path, zf, order, 16) != b"little":
                 raise CheckpointError(f"{path}: saved on a big-endian machine; re-save it on a little-endian one")
             if members[pkl[0]].file_size > _MAX_PICKLE_BYTES:
                 raise CheckpointError(f"{path}: data.pkl is implausibly large ({members[pkl[0]].file_size} bytes)")
-            payload = _read_member(zf, members[pkl[0]], _MAX_PICKLE_BYTES)  # CRC checked; inflation bounded
+            payload = _read_member(path, zf, members[pkl[0]], _MAX_PICKLE_BYTES)  # CRC checked; inflation bounded
             _prescan(payload)
             unpickler = _SafeUnpickler(payload, lenient=lenient)
             try:
