@@ -264,8 +264,9 @@ def plan_layer(
         unknown = sorted(set(shard) - set(table))
         if unknown:
             bad_keys = True
-            problems.append(f"{files[rank]}: unknown key(s) {', '.join(map(repr, unknown[:8]))}"
-                            f"{f' (+{len(unknown) - 8} more)' if len(unknown) > 8 else ''} in a {layer.kind.value} layer")
+            more = f" (+{len(unknown) - 8} more)" if len(unknown) > 8 else ""
+            problems.append(f"{files[rank]}: unknown key(s) {', '.join(map(repr, unknown[:8]))}{more} "
+                            f"in a {layer.kind.value} layer")
         missing = sorted(aliases.get(k, k) for k in set(table) - OPTIONAL_KEYS - set(shard))
         if missing:
             bad_keys = True

@@ -254,7 +254,8 @@ def _prescan(payload: bytes) -> None:
         warnings.simplefilter("ignore", DeprecationWarning)  # genops decoding odd protocol-0 strings
         for n, (op, arg, _pos) in enumerate(pickletools.genops(payload)):
             if op.name in _MEMO_PUTS and not (isinstance(arg, int) and 0 <= arg <= n):
-                raise pickle.UnpicklingError(f"memo index {arg!r:.20} at opcode {n} (a real pickler numbers them in order)")
+                raise pickle.UnpicklingError(
+                    f"memo index {arg!r:.20} at opcode {n} (a real pickler numbers them in order)")
 
 
 class _SafeUnpickler(pickle.Unpickler):
@@ -311,7 +312,8 @@ def _read_member(path: Path, zf: zipfile.ZipFile, info: zipfile.ZipInfo, limit: 
         while block := fh.read(1 << 20):
             out += block
             if len(out) > limit:
-                raise CheckpointError(f"{path}: {info.filename} inflates to more than {limit} bytes (corrupt or hostile)")
+                raise CheckpointError(
+                    f"{path}: {info.filename} inflates to more than {limit} bytes (corrupt or hostile)")
     return bytes(out)
 
 

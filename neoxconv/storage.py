@@ -193,7 +193,8 @@ class SourceReader:
             # stays bounded; those bytes are CRC-checked with the storage's gaps
             mapped = np.memmap(st.path, dtype=dt, mode="r", offset=st.offset + lo * dt.itemsize, shape=(hi - lo,))
             self.bytes_read += math.prod(shape) * dt.itemsize
-            out = np.lib.stride_tricks.as_strided(mapped, shape, tuple(s * dt.itemsize for s in strides), writeable=False)
+            out = np.lib.stride_tricks.as_strided(mapped, shape, tuple(s * dt.itemsize for s in strides),
+                                                  writeable=False)
             return np.ascontiguousarray(out)
         span = np.empty(hi - lo, dtype=dt)
         view = memoryview(span).cast("B")

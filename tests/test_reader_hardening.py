@@ -45,7 +45,8 @@ def rezip(path: Path, *, pkl=None, add=(), deflate_pkl: bool = False) -> None:
                 is_pkl = name.endswith("data.pkl")
                 if is_pkl and pkl is not None:
                     data = pkl(data)
-                out.writestr(name, data, compress_type=zipfile.ZIP_DEFLATED if is_pkl and deflate_pkl else zipfile.ZIP_STORED)
+                deflate = is_pkl and deflate_pkl
+                out.writestr(name, data, compress_type=zipfile.ZIP_DEFLATED if deflate else zipfile.ZIP_STORED)
             for name, data in add:
                 out.writestr(name, data)
     os.replace(tmp, path)
@@ -69,7 +70,8 @@ def run_cli(*args: str, timeout: float = 120) -> tuple[int, str, int]:
                "sys.stderr.write(r.stderr)\n"
                "print(json.dumps([r.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss // 1024]))\n")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    res = subprocess.run([sys.executable, "-c", wrapper, *args], capture_output=True, text=True, timeout=timeout, env=env)
+    res = subprocess.run([sys.executable, "-c", wrapper, *args], capture_output=True, text=True, timeout=timeout,
+                         env=env)
     rc, rss = json.loads(res.stdout.strip().splitlines()[-1])
     return rc, res.stderr, rss
 
