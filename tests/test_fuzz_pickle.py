@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from neoxconv.errors import NeoXConvError
-from neoxconv.ptfile import TensorRef, read_pt
+from neoxconv.ptfile import read_pt
 from neoxconv.storage import SourceReader
 
 from conftest import COMMITTED_FIXTURE, REPO
