@@ -40,7 +40,8 @@ class KVCache:
                  dtype: torch.dtype, layer_devices: list[torch.device] | None = None) -> None:
         shape = (batch, config.num_heads, max_len, config.head_dim)
         devices = layer_devices or [device] * config.num_layers
-        self.layers = [LayerKVCache(torch.zeros(shape, device=d, dtype=dtype), torch.zeros(shape, device=d, dtype=dtype))
+        self.layers = [LayerKVCache(torch.zeros(shape, device=d, dtype=dtype),
+                                    torch.zeros(shape, device=d, dtype=dtype))
                        for d in devices]
         self.max_len = max_len
         self.length = 0  # positions filled so far

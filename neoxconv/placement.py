@@ -41,6 +41,14 @@ from neoxconv.errors import NeoXConvError
 
 log = logging.getLogger(__name__)
 
+
+
+class PlacementError(NeoXConvError):
+    """--max-memory / --device-map ask for devices this run does not have: a usage error (exit 2)."""
+
+    exit_code = 2
+
+
 Device = Union[int, str]  # accelerate's spelling: a CUDA index, "cpu" or "disk"
 DEVICE_MAPS = ("auto", "balanced", "sequential")
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -256,7 +264,7 @@ def plan_placement(model: torch.nn.Module, *, dtype: torch.dtype, main_device: t
     if device_map is None and isinstance(max_memory, dict):
         device_map = "sequential"  # a per-device cap asks for a map
     if device_map is not None and device_map not in DEVICE_MAPS:
-        raise NeoXConvError(f"--device-map {device_map!r}: use one of {', '.join(DEVICE_MAPS)}")
+        raise PlacementError(f"--device-map {device_map!r}: use one of {', '.join(DEVICE_MAPS)}")
 
     if device_map is None:
         if max_memory is None:
@@ -278,7 +286,7 @@ def plan_placement(model: torch.nn.Module, *, dtype: torch.dtype, main_device: t
         named = max_memory if isinstance(max_memory, dict) else {}
         bad = [d for d in named if d != "cpu" and d not in gpus]
         if bad:
-            raise NeoXConvError(f"--max-memory names device {bad[0]}, but this run's devices are "
+            raise PlacementError(f"--max-memory names device {bad[0]}, but this run's devices are "
                                 f"{', '.join(map(str, gpus + ['cpu']))} (--device {main_device.type})")
         order = gpus + ["cpu"]
         caps = {}
@@ -389,6 +397,19 @@ def load_placed(out: Path, model: torch.nn.Module, plan: PlacementPlan, *, dtype
                    offload_index=offload_index or None, force_hooks=True)
     model.neoxconv_placement = plan
     return read
+
+
+def hf_device_map(plan: PlacementPlan, *, hf_class: type, out: Path) -> dict[str, Device]:
+    """The plan in transformers' module names, for ``from_pretrained(device_map=...)`` (reference_hf)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig
+
+    with init_empty_weights():
+        hf = hf_class(AutoConfig.from_pretrained(str(out)))
+    children = {n for n, _ in hf.named_children()}
+    readout = "embed_out" if "embed_out" in children else "lm_head"  # transformers 4.x / 5.x
+    rename = {"embed_out": readout, "rotary": "gpt_neox.rotary_emb"}
+    return {rename.get(u, u): d for u, d in plan.device_map.items()}
 
 
 def execution_devices(model: torch.nn.Module) -> tuple[torch.device, list[torch.device]]:

@@ -19,6 +19,7 @@ import json
 import logging
 import math
 import resource
+import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -184,9 +185,20 @@ def reference_hf_check(out: Path, model, gen: GenerationResult, dtype: torch.dty
         from transformers import GPTNeoXForCausalLM
     except ImportError:
         return Check("reference_hf", False, None, None, "transformers is not installed (pip install transformers)")
-    hf = GPTNeoXForCausalLM.from_pretrained(str(out), dtype=dtype).to(device).eval()
-    with torch.inference_mode():
-        theirs = hf(torch.tensor([gen.prompt_ids], device=device)).logits[0].float().cpu()
+    plan = getattr(model, "neoxconv_placement", None)
+    if plan is None:
+        hf = GPTNeoXForCausalLM.from_pretrained(str(out), dtype=dtype).to(device).eval()
+        with torch.inference_mode():
+            theirs = hf(torch.tensor([gen.prompt_ids], device=device)).logits[0].float().cpu()
+    else:  # the same placement for transformers' model (accelerate under from_pretrained)
+        from neoxconv.placement import hf_device_map
+
+        with tempfile.TemporaryDirectory(prefix="neoxconv-offload-") as offload:
+            device_map = hf_device_map(plan, hf_class=GPTNeoXForCausalLM, out=out)
+            hf = GPTNeoXForCausalLM.from_pretrained(str(out), dtype=dtype, device_map=device_map,
+                                                    offload_folder=offload).eval()
+            with torch.inference_mode():
+                theirs = hf(torch.tensor([gen.prompt_ids], device=plan.main_device)).logits[0].float().cpu()
     del hf
     diff = _max_abs(gen.prompt_logits, theirs)
     tol = MODEL_TOL[dtype] * _scale(theirs)
@@ -297,7 +309,8 @@ def format_report(report: VerifyReport) -> str:
         f"device {report.device}, dtype {report.dtype}; load {report.load_seconds:.2f} s, prefill "
         f"{report.prefill_seconds * 1e3:.1f} ms, decode {report.tokens_per_second:.1f} tokens/s, "
         f"weights {report.weight_bytes / 2**20:.1f} MiB, peak memory {report.peak_memory_bytes / 2**20:.0f} MiB"
-        + (f", {format_bytes(report.offloaded_bytes)} streamed from disk/CPU per forward" if report.offloaded_bytes else ""),
+        + (f", {format_bytes(report.offloaded_bytes)} streamed from disk/CPU per forward"
+           if report.offloaded_bytes else ""),
         "",
         "checks:",
     ]
