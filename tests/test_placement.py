@@ -173,3 +173,13 @@ def test_unknown_gpu_in_a_device_map_on_cpu_is_a_placement_error(merged):
     _, out = merged
     with pytest.raises(PlacementError, match="names device 1"):
         verify_model(out, VerifyOptions(ids=PROMPT, device="cpu", device_map="auto", max_memory={1: 10**9}))
+
+
+def test_against_reads_the_readout_in_blocks_with_the_same_logits(merged, monkeypatch):
+    from neoxconv import tp_reference
+
+    root, _ = merged
+    whole, _ = tp_reference.tensor_parallel_logits(root, list(PROMPT))
+    monkeypatch.setattr(tp_reference, "READ_BLOCK_BYTES", 100 * 64 * 4)  # 100 rows of the readout at a time
+    blocks, _ = tp_reference.tensor_parallel_logits(root, list(PROMPT))
+    torch.testing.assert_close(blocks, whole, rtol=0, atol=1e-5)
