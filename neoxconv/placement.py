@@ -98,7 +98,9 @@ def parse_max_memory(text: str) -> dict[Device, int] | int:
 
 
 def format_bytes(n: int) -> str:
-    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
+    if n >= 2**30:
+        return f"{n / 2**30:.2f} GiB"
+    return f"{n / 2**20:.0f} MiB" if n >= 2**20 else f"{n / 2**10:.0f} KiB"
 
 
 # ----- memory available and used ---------------------------------------------------------------------------
@@ -235,6 +237,12 @@ def unit_sizes(model: torch.nn.Module, dtype: torch.dtype) -> dict[str, int]:
             for u in model_units(model)}
 
 
+def largest_module_bytes(model: torch.nn.Module, dtype: torch.dtype) -> int:
+    """Bytes of the largest single module (Linear, Embedding, ...) in ``dtype``: what one use brings in."""
+    size = torch.finfo(dtype).bits // 8
+    return max((sum(p.numel() for p in m.parameters(recurse=False)) * size for m in model.modules()), default=0)
+
+
 def runtime_reserve(config: NeoXConfig, *, tokens: int, dtype: torch.dtype) -> int:
     """Bytes beyond the weights that a verify run needs on its compute device: KV cache, logits, activations."""
     size = torch.finfo(dtype).bits // 8
@@ -271,7 +279,8 @@ def plan_placement(model: torch.nn.Module, *, dtype: torch.dtype, main_device: t
             avail = available_memory(main) - reserve
             if total <= avail:
                 return None
-            cap = max(avail, 0)
+            # room for a streamed module in the compute dtype and its copy in the files' dtype while it is cast
+            cap = max(avail - largest_module_bytes(model, dtype) * 3 // 2, 0)
             notes.append(f"the model needs {format_bytes(total)} of weights in {str(dtype)[6:]}, {main_device} has "
                          f"{format_bytes(avail + reserve)} available: keeping at most {format_bytes(cap)} resident and "
                          "streaming the rest from disk layer by layer (choose with --max-memory)")
