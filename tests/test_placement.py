@@ -183,3 +183,27 @@ def test_against_reads_the_readout_in_blocks_with_the_same_logits(merged, monkey
     monkeypatch.setattr(tp_reference, "READ_BLOCK_BYTES", 100 * 64 * 4)  # 100 rows of the readout at a time
     blocks, _ = tp_reference.tensor_parallel_logits(root, list(PROMPT))
     torch.testing.assert_close(blocks, whole, rtol=0, atol=1e-5)
+
+
+def test_offloaded_embedding_and_readout_stream_rows(merged, monkeypatch):
+    """Embedding: only the looked-up rows are read; readout: a block of rows at a time; same logits."""
+    _, out = merged
+    ref = generate(load_model(out, device="cpu", dtype="fp32").model, list(PROMPT), max_new_tokens=4)
+    monkeypatch.setattr(placement, "ROW_BLOCK_BYTES", 100 * 64 * 4)  # 100 rows of 50432
+    placed = load_model(out, device="cpu", dtype="fp32", max_memory=ONE_LAYER_CAP)
+    assert isinstance(placed.model.gpt_neox.embed_in, placement.RowStreamedEmbedding)
+    assert isinstance(placed.model.embed_out, placement.RowStreamedLinear)
+    got = generate(placed.model, list(PROMPT), max_new_tokens=4)
+    assert got.generated_ids == ref.generated_ids
+    torch.testing.assert_close(got.prompt_logits, ref.prompt_logits, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("overrides", [{"tie_word_embeddings": True}, {"parallel_residual": False, "activation": "gelu"}])
+def test_other_architectures_with_everything_on_disk(make_checkpoint, tmp_path, overrides):
+    root, _, _ = make_checkpoint(2, "pipeline", "float32", config_overrides=overrides)
+    merge_checkpoint(root, tmp_path / "out", MergeOptions(quiet=True))
+    full = verify_model(tmp_path / "out", VerifyOptions(ids=PROMPT, max_new_tokens=6, device="cpu"))
+    capped = verify_model(tmp_path / "out", VerifyOptions(ids=PROMPT, max_new_tokens=6, device="cpu", max_memory=1,
+                                                          against=root))
+    assert capped.ok, [c for c in capped.checks if not c.passed]
+    assert capped.generated_ids == full.generated_ids and capped.weight_bytes == 0
