@@ -7,12 +7,16 @@ entries, cast to the compute dtype on load): a stage mapped to ``disk`` (or to `
 a GPU) is brought to its execution device one module at a time, just before that module runs, and
 dropped right after. The KV cache of each layer lives on that layer's execution device.
 
-Two things are neoxconv's own, because accelerate does not do them:
+Three things are neoxconv's own, because accelerate does not do them:
 * the device map itself (``plan_placement``): accelerate's ``infer_auto_device_map`` keeps room for the
   largest layer on every device, so a cap below the largest module (the fp32 embedding of a 50k vocabulary
   is ~400 MB at hidden 2048) maps *everything* to disk, and a model mapped entirely to disk fails to load.
   Here the cap bounds the weights kept resident between uses, first fit in execution order; a module
   larger than the cap is mapped to disk, brought in for its use and dropped after (with a note saying so);
+* the offloaded embedding and readout (``RowStreamedEmbedding``, ``RowStreamedLinear``): accelerate brings
+  in whole modules, i.e. all V rows of the embedding to look up one per token, and the whole (V, H) readout
+  in the compute dtype (1.24 GB in fp32 for 20B); here the embedding reads only the rows it looks up and
+  the readout is computed ``ROW_BLOCK_BYTES`` of rows at a time, so neither is ever whole in memory;
 * int8 with offload on the CPU (``quantize_int8_placed``): accelerate re-quantizes ``Int8Params`` through
   ``cuda:0`` on every load, so an offloaded int8 linear on a CPU-only machine cannot be loaded by it.
   An offloaded linear gets a small accelerate ``ModelHook`` that quantizes the weights it loads
@@ -334,6 +338,8 @@ def plan_placement(model: torch.nn.Module, *, dtype: torch.dtype, main_device: t
                              f"({format_bytes(largest_cap)}): "
                              + how.get(unit, "it is brought in for each use and dropped after"))
     placed["rotary"] = main  # cos/sin tables, not weights
+    for note in notes:  # said now, not only in the report: a streamed run of a big model is long
+        log.warning(note)
     plan = PlacementPlan(device_map=placed, main_device=main_device, caps={d: caps[d] for d in order},
                          unit_bytes=sizes, notes=notes)
     if plan.offloaded_units:

@@ -38,5 +38,5 @@ def test_gpu_check_runs_on_cpu(tmp_path):
 def test_bigverify_bench_smoke(tmp_path):
     out = _run("bigverify_bench.py", "--hidden", 64, "--heads", 4, "--layers", 2, "--vocab", 1024,
                "--max-memory", "64KiB", "--new-tokens", 4, "--no-against", "--workdir", tmp_path)
-    assert "identical generated ids: yes" in out and "bytes brought in per generated token" in out
+    assert "identical generated ids: yes" in out and "bytes read per generated token" in out
     assert "peak capped / uncapped" in out

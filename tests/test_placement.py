@@ -207,3 +207,13 @@ def test_other_architectures_with_everything_on_disk(make_checkpoint, tmp_path, 
                                                           against=root))
     assert capped.ok, [c for c in capped.checks if not c.passed]
     assert capped.generated_ids == full.generated_ids and capped.weight_bytes == 0
+
+
+def test_kv_cache_of_each_layer_on_that_layers_device():
+    from neoxconv.kv_cache import KVCache
+    from neoxconv.synthetic import tiny_config
+
+    cfg = tiny_config(num_layers=3)
+    devices = [torch.device("cpu"), torch.device("meta"), torch.device("cpu")]
+    cache = KVCache(cfg, batch=1, max_len=8, device="cpu", dtype=torch.float16, layer_devices=devices)
+    assert [c.k.device for c in cache.layers] == devices and [c.v.device for c in cache.layers] == devices
