@@ -284,8 +284,7 @@ def plan_placement(model: torch.nn.Module, *, dtype: torch.dtype, main_device: t
             avail = available_memory(main) - reserve
             if total <= avail:
                 return None
-            # room for a streamed module in the compute dtype and its copy in the files' dtype while it is cast
-            cap = max(avail - largest_module_bytes(model, dtype) * 3 // 2, 0)
+            cap = max(avail - largest_module_bytes(model, dtype), 0)  # room for one streamed module in use
             notes.append(f"the model needs {format_bytes(total)} of weights in {str(dtype)[6:]}, {main_device} has "
                          f"{format_bytes(avail + reserve)} available: keeping at most {format_bytes(cap)} resident and "
                          "streaming the rest from disk layer by layer (choose with --max-memory)")
@@ -461,6 +460,12 @@ def load_placed(out: Path, model: torch.nn.Module, plan: PlacementPlan, *, dtype
         else:
             resident.setdefault(file, []).append(name)
     tied = config.tie_word_embeddings
+    missing = [n for n, _ in model.named_parameters() if n not in weight_map]  # a tied readout is not listed
+    if missing:
+        from neoxconv.errors import VerificationError
+
+        raise VerificationError(f"{out}: no weights for {', '.join(missing[:8])}"
+                                + (f" and {len(missing) - 8} more" if len(missing) > 8 else ""))
     if tied and "gpt_neox.embed_in.weight" in offload_index:
         offload_index["embed_out.weight"] = offload_index["gpt_neox.embed_in.weight"]
     read = 0
@@ -484,10 +489,15 @@ def load_placed(out: Path, model: torch.nn.Module, plan: PlacementPlan, *, dtype
                                 config.max_position_embeddings).to(plan.main_device)
     accel_map = dict(plan.device_map)
     main = (plan.main_device.index or 0) if plan.main_device.type == "cuda" else "cpu"
-    # accelerate logs a warning about meta parameters for every offloaded model: that is the design here
-    logging.getLogger("accelerate.big_modeling").setLevel(logging.ERROR)
-    dispatch_model(model, accel_map, main_device=main, state_dict=cpu_state or None,
-                   offload_index=offload_index or None, force_hooks=True)
+    # accelerate warns about meta parameters for every offloaded model: that is the design here
+    accelerate_log = logging.getLogger("accelerate.big_modeling")
+    level = accelerate_log.level
+    accelerate_log.setLevel(logging.ERROR)
+    try:
+        dispatch_model(model, accel_map, main_device=main, state_dict=cpu_state or None,
+                       offload_index=offload_index or None, force_hooks=True)
+    finally:
+        accelerate_log.setLevel(level)
     _stream_vocab_modules(model, plan, weight_map, out, dtype)
     model.neoxconv_placement = plan
     return read
