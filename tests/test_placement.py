@@ -180,7 +180,7 @@ def test_against_reads_the_readout_in_blocks_with_the_same_logits(merged, monkey
 
     root, _ = merged
     whole, _ = tp_reference.tensor_parallel_logits(root, list(PROMPT))
-    monkeypatch.setattr(tp_reference, "READ_BLOCK_BYTES", 100 * 64 * 4)  # 100 rows of the readout at a time
+    monkeypatch.setattr(tp_reference, "READ_BLOCK_BYTES", 1000 * 64 * 4)  # 1000 rows of the readout at a time
     blocks, _ = tp_reference.tensor_parallel_logits(root, list(PROMPT))
     torch.testing.assert_close(blocks, whole, rtol=0, atol=1e-5)
 
@@ -189,7 +189,7 @@ def test_offloaded_embedding_and_readout_stream_rows(merged, monkeypatch):
     """Embedding: only the looked-up rows are read; readout: a block of rows at a time; same logits."""
     _, out = merged
     ref = generate(load_model(out, device="cpu", dtype="fp32").model, list(PROMPT), max_new_tokens=4)
-    monkeypatch.setattr(placement, "ROW_BLOCK_BYTES", 100 * 64 * 4)  # 100 rows of 50432
+    monkeypatch.setattr(placement, "ROW_BLOCK_BYTES", 1000 * 64 * 4)  # 1000 rows of 50432: 51 blocks
     placed = load_model(out, device="cpu", dtype="fp32", max_memory=ONE_LAYER_CAP)
     assert isinstance(placed.model.gpt_neox.embed_in, placement.RowStreamedEmbedding)
     assert isinstance(placed.model.embed_out, placement.RowStreamedLinear)
