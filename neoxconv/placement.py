@@ -10,8 +10,7 @@ dropped right after. The KV cache of each layer lives on that layer's execution 
 Three things are neoxconv's own, because accelerate does not do them:
 * the device map itself (``plan_placement``): accelerate's ``infer_auto_device_map`` keeps room for the
   largest layer on every device, so a cap below the largest module (the fp32 embedding of a 50k vocabulary
-  is ~400 MB at hidden 2048) maps *everything* to disk, and a model mapped entirely to disk fails to load.
-  Here the cap bounds the weights kept resident between uses, first fit in execution order; a module
+  is ~400 MB at hidden 2048) maps *everything* to disk, and nothing stays resident. Here the cap bounds the weights kept resident between uses, first fit in execution order; a module
   larger than the cap is mapped to disk, brought in for its use and dropped after (with a note saying so);
 * the offloaded embedding and readout (``RowStreamedEmbedding``, ``RowStreamedLinear``): accelerate brings
   in whole modules, i.e. all V rows of the embedding to look up one per token, and the whole (V, H) readout
@@ -45,7 +44,6 @@ from neoxconv.config import NeoXConfig
 from neoxconv.errors import NeoXConvError
 
 log = logging.getLogger(__name__)
-
 
 
 class PlacementError(NeoXConvError):
@@ -593,8 +591,3 @@ def quantize_int8_placed(model: torch.nn.Module, *, threshold: float) -> None:
                 remove_hook_from_module(lin)
             setattr(parent, name, q)
 
-
-def offload_json(plan: PlacementPlan | None) -> tuple[int, dict[str, str] | None]:
-    if plan is None:
-        return 0, None
-    return plan.offloaded_bytes, plan.to_json()

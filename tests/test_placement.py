@@ -155,7 +155,6 @@ def test_verify_picks_a_cap_when_the_model_does_not_fit(merged, resident, monkey
 def test_stock_accelerate_maps_everything_to_disk_below_the_largest_module(merged):
     """Why the device map is neoxconv's own: accelerate reserves the largest module on every device."""
     accelerate = pytest.importorskip("accelerate")
-    from neoxconv.config import NeoXConfig  # noqa: F401
     from neoxconv.integrity import load_config
     from neoxconv.layers import NeoXForCausalLM
 
