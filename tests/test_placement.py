@@ -216,3 +216,44 @@ def test_kv_cache_of_each_layer_on_that_layers_device():
     devices = [torch.device("cpu"), torch.device("meta"), torch.device("cpu")]
     cache = KVCache(cfg, batch=1, max_len=8, device="cpu", dtype=torch.float16, layer_devices=devices)
     assert [c.k.device for c in cache.layers] == devices and [c.v.device for c in cache.layers] == devices
+
+
+@pytest.mark.parametrize("kind", ["sequential", "balanced"])
+def test_gpu_device_maps_are_planned_without_a_gpu(monkeypatch, kind):
+    """Planning alone (no dispatch) for two 10 MB GPUs: sequential fills GPU 0; balanced spreads the layers."""
+    from neoxconv.layers import NeoXForCausalLM
+    from neoxconv.synthetic import tiny_config
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(placement, "available_memory", lambda device: 10**7 if device != "cpu" else 10**9)
+    with torch.device("meta"):
+        model = NeoXForCausalLM(tiny_config(num_layers=8, vocab_size=1024))
+    plan = plan_placement(model, dtype=torch.float16, main_device=torch.device("cuda", 0), device_map=kind)
+    layers = [plan.device_map[f"gpt_neox.layers.{i}"] for i in range(8)]
+    if kind == "sequential":
+        assert set(plan.device_map.values()) == {0}
+    else:
+        assert layers[0] == 0 and layers[-1] == 1 and layers == sorted(layers)
+    model.neoxconv_placement = plan
+    _, kv_devices = placement.execution_devices(model)
+    assert kv_devices == [torch.device("cuda", d) for d in layers]
+    assert plan.offloaded_bytes == 0 and plan.main_device == torch.device("cuda", 0)
+
+
+def test_a_gpu_cap_sends_the_rest_to_cpu_ram_in_a_map(monkeypatch):
+    from neoxconv.layers import NeoXForCausalLM
+    from neoxconv.synthetic import tiny_config
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(placement, "available_memory", lambda device: 10**9)
+    with torch.device("meta"):
+        model = NeoXForCausalLM(tiny_config(num_layers=4, vocab_size=1024))
+    sizes = placement.unit_sizes(model, torch.float16)
+    cap = sizes["gpt_neox.embed_in"] + 2 * sizes["gpt_neox.layers.0"]
+    plan = plan_placement(model, dtype=torch.float16, main_device=torch.device("cuda", 0), device_map="auto",
+                          max_memory=parse_max_memory(f"0={cap},cpu=1GB"))
+    assert [plan.device_map[f"gpt_neox.layers.{i}"] for i in range(4)] == [0, 0, "cpu", "cpu"]
+    assert plan.device_map["embed_out"] == "cpu"
+    # CPU RAM stages are offloaded on a GPU run: moved to the GPU for each use
+    assert plan.offloaded_bytes == sum(sizes[u] for u, d in plan.device_map.items() if d == "cpu") > 0
+    assert plan.execution_device("gpt_neox.layers.3") == torch.device("cuda", 0)
