@@ -41,15 +41,13 @@ import torch
 import torch.nn.functional as F
 
 from neoxconv.config import NeoXConfig
-from neoxconv.errors import NeoXConvError
+from neoxconv.errors import NeoXConvError, UsageError
 
 log = logging.getLogger(__name__)
 
 
-class PlacementError(NeoXConvError):
-    """--max-memory / --device-map ask for devices this run does not have: a usage error (exit 2)."""
-
-    exit_code = 2
+class PlacementError(UsageError):
+    """--max-memory / --device-map ask for devices this run does not have (exit 2)."""
 
 
 Device = Union[int, str]  # accelerate's spelling: a CUDA index, "cpu" or "disk"
