@@ -386,6 +386,11 @@ def format_report(report: VerifyReport) -> str:
         i = report.int8
         lines.append(f"int8: weights x{i['memory_ratio']:.2f}, top-1 agreement {i['top1_agreement']:.0%}, "
                      f"prompt max |dlogit| {i['prompt_max_abs_logit_diff']:.3g}, {i['tokens_per_second']:.1f} tokens/s")
+    if report.device_map:
+        where: dict[str, int] = {}
+        for dev in report.device_map.values():
+            where[dev] = where.get(dev, 0) + 1
+        lines.append("device map: " + ", ".join(f"{n} stage(s) on {dev}" for dev, n in where.items()))
     lines += [f"note: {n}" for n in report.notes]
     lines.append("all checks passed" if report.ok else "SOME CHECKS FAILED")
     return "\n".join(lines)
