@@ -94,12 +94,19 @@ def reshard_checkpoint(src: Path, out: Path, options: ReshardOptions) -> WriteRe
     row_bias = resolve_row_bias("auto", config)  # how the output's row-parallel biases are split
     by_index: dict[int, LayerPlan] = {p.layer.index: p for p in plans}
     torch_dtype = TORCH_DTYPES[dtype]
+    if Path(out).resolve() in (ckpt.root.resolve(), ckpt.step_dir.resolve()):
+        raise OutputError(f"{out}: OUT is the source checkpoint; choose another folder")
+    for plan in plans:  # the small tensors (norms, buffers) are checked across ranks before anything is written
+        where = f"{plan.layer.label} [{', '.join(plan.files)}]"
+        for t in plan.dropped:
+            merged_tensor(t, tolerance=0.0, where=where)
+        for t in plan.tensors:
+            if t.rule is Rule.REPLICATED:
+                merged_tensor(t, tolerance=options.replica_tolerance, where=where)
 
     def rank_shards(layer: SourceLayer, ranks: list[int]) -> Iterator[Shard]:
         plan = by_index[layer.index]
         where = f"{layer.label} [{', '.join(plan.files)}]"
-        for t in plan.dropped:  # derived buffers must agree across ranks; they are recomputed, not copied
-            merged_tensor(t, tolerance=0.0, where=where)
         full = {t.key: _to_torch(merged_tensor(t, tolerance=options.replica_tolerance, where=where), t.out_dtype)
                 for t in plan.tensors}
         yield from shard_layer(layer, full, config=config, tp=options.tp, ranks=ranks, row_bias=row_bias,
@@ -111,8 +118,6 @@ def reshard_checkpoint(src: Path, out: Path, options: ReshardOptions) -> WriteRe
     }
     recorded = {"command": "reshard", "tp": options.tp, "layout": layout, "dtype": dtype, "step": step,
                 "row_bias": src_row_bias.value, "replica_tolerance": options.replica_tolerance}
-    if Path(out).resolve() == ckpt.root.resolve() or Path(out).resolve() == ckpt.step_dir.resolve():
-        raise OutputError(f"{out}: OUT is the source checkpoint; choose another folder")
     with deferred_sigint() as guard:
         return write_neox_checkpoint(
             Path(out), target, rank_shards, source=source, recorded=recorded,
