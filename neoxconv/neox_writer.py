@@ -291,6 +291,7 @@ def write_neox_checkpoint(
                     state["files"][name] = {"sha256": sha, "size": size}
                     written += 1
                     bar.update(shard_bytes(shard))
+                    del shard  # before the next rank's part is made
                 atomic_write_json(out / JOURNAL, state)
                 guard.check()
             for r in range(T):

@@ -128,7 +128,6 @@ class HFModel:
         self.config = NeoXConfig.from_hf_json(cfg)
         self.tensors = self._scan()
         self.tokenizer = self._find_tokenizer(tokenizer_path)
-        self._handles: dict[Path, Any] = {}
 
     def _scan(self) -> dict[str, HFTensor]:
         index = self.folder / "model.safetensors.index.json"
@@ -210,19 +209,26 @@ class HFModel:
         dtype = dtypes.pop() if len(dtypes) == 1 else "mixed"
         return config, names, dtype
 
-    def read(self, name: str) -> torch.Tensor:
+    def read_layer(self, names: dict[str, str], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """{NeoX key: tensor} for one layer's HF names, cast to ``dtype``.
+
+        Each file is opened for this call only: a safetensors handle keeps its whole file mapped, and mapped
+        pages that were read count as resident memory until the mapping goes (with the layer's tensors).
+        """
         from safetensors import SafetensorError, safe_open
 
-        t = self.tensors[name]
-        try:
-            if t.file not in self._handles:
-                self._handles[t.file] = safe_open(str(t.file), framework="pt")
-            return self._handles[t.file].get_tensor(name)
-        except (OSError, SafetensorError) as e:
-            raise CheckpointError(f"{t.file}: cannot read {name!r}: {e}") from None
-
-    def close(self) -> None:
-        self._handles.clear()
+        by_file: dict[Path, list[tuple[str, str]]] = {}
+        for key, name in names.items():
+            by_file.setdefault(self.tensors[name].file, []).append((key, name))
+        out: dict[str, torch.Tensor] = {}
+        for file, items in by_file.items():
+            try:
+                with safe_open(str(file), framework="pt") as f:
+                    for key, name in items:
+                        out[key] = f.get_tensor(name).to(dtype)  # maps the file until the layer is dropped
+            except (OSError, SafetensorError) as e:
+                raise CheckpointError(f"{file}: cannot read the tensors of {', '.join(n for _, n in items)}: {e}") from None
+        return out
 
 
 def _read_json(path: Path, error: type) -> dict[str, Any]:
@@ -287,18 +293,15 @@ def split_model(hf_dir: Path, out: Path, options: SplitOptions) -> WriteReport:
     torch_dtype = TORCH_DTYPES[dtype]
 
     def rank_shards(layer: SourceLayer, ranks: list[int]) -> Iterator[Shard]:
-        full = {key: hf.read(name).to(torch_dtype) for key, name in names[layer].items()}  # one layer in memory
+        full = hf.read_layer(names[layer], torch_dtype)  # one layer in memory
         yield from shard_layer(layer, full, config=config, tp=options.tp, ranks=ranks, row_bias=row_bias,
                                dtype=torch_dtype)
 
     files = [t.file for t in hf.tensors.values()] + [Path(hf_dir) / "config.json"]
     recorded = {"command": "split", "tp": options.tp, "layout": options.layout, "dtype": dtype, "step": options.step}
-    try:
-        with deferred_sigint() as guard:
-            return write_neox_checkpoint(
-                Path(out), target, rank_shards, source=_source_fingerprint(files), recorded=recorded,
-                planned_bytes=planned_bytes(config, options.tp, dtype, row_bias), tokenizer=hf.tokenizer,
-                guard=guard, resume=options.resume, force=options.force, quiet=options.quiet)
-    finally:
-        hf.close()
+    with deferred_sigint() as guard:
+        return write_neox_checkpoint(
+            Path(out), target, rank_shards, source=_source_fingerprint(files), recorded=recorded,
+            planned_bytes=planned_bytes(config, options.tp, dtype, row_bias), tokenizer=hf.tokenizer,
+            guard=guard, resume=options.resume, force=options.force, quiet=options.quiet)
 
