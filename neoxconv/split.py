@@ -36,7 +36,7 @@ from neoxconv.dtypes import FLOAT_DTYPES, FROM_SAFETENSORS, canonical_dtype, ten
 from neoxconv.errors import CheckpointError, ConfigError
 from neoxconv.integrity import read_safetensors_header
 from neoxconv.interrupt import deferred_sigint
-from neoxconv.merge import RULES, Rule, expected_shape, hf_name, resolve_row_bias
+from neoxconv.merge import RULES, Rule, RuleSpec, expected_shape, hf_name, resolve_row_bias
 from neoxconv.neox_writer import TORCH_DTYPES, NeoXTarget, Shard, WriteReport, check_target, write_neox_checkpoint
 
 log = logging.getLogger(__name__)
@@ -72,9 +72,14 @@ DERIVED: dict[str, Callable[[NeoXConfig, torch.dtype], torch.Tensor]] = {
 
 
 def shard_layer(layer: SourceLayer, full: dict[str, torch.Tensor], *, config: NeoXConfig, tp: int,
-                ranks: list[int], row_bias: Rule, dtype: torch.dtype) -> Iterator[Shard]:
-    """Rank shards of one source layer from its full tensors (NeoX keys), in the rule table's key order."""
-    table = RULES[layer.kind]
+                ranks: list[int], row_bias: Rule, dtype: torch.dtype,
+                table: dict[str, RuleSpec] | None = None) -> Iterator[Shard]:
+    """Rank shards of one source layer from its full tensors (NeoX keys), in the rule table's key order.
+
+    ``table`` is the layer's rule table (default: GPT-NeoX's, ``RULES[layer.kind]``); another architecture
+    passes its own and reuses `SPLITTERS` / `DERIVED` unchanged.
+    """
+    table = RULES[layer.kind] if table is None else table
     for rank in ranks:
         shard: Shard = {}
         for key, spec in table.items():
