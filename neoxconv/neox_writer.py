@@ -22,6 +22,7 @@ sha256 so an interrupted run resumes; the manifest ``neoxconv-neox.json`` is wri
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -328,7 +329,7 @@ def write_neox_checkpoint(
     files["latest"] = atomic_write(out / "latest", target.step_name.encode())
     for name, sha in files.items():
         state["files"][name] = {"sha256": sha, "size": (out / name).stat().st_size}
-    state["config"] = {**target.config.__dict__}
+    state["config"] = dataclasses.asdict(target.config)
     state["make_vocab_size_divisible_by"] = divisor
     atomic_write_json(out / MANIFEST, state)
     (out / JOURNAL).unlink(missing_ok=True)

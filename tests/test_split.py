@@ -257,3 +257,22 @@ def test_missing_and_unknown_tensors_in_one_line(hf_dir, tmp_path):
     assert "missing 'gpt_neox.layers.1.mlp.dense_4h_to_h.bias'" in result.output
     assert "'gpt_neox.layers.0.mlp.gate.weight'" in result.output and "inv_freq" not in result.output
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("tp,divisor", [(1, 512), (2, 128), (4, 128)])
+def test_tokenizer_is_copied_and_sets_the_vocab_divisor(hf_dir, tmp_path, tp, divisor):
+    """A 301-entry tokenizer with 512 embedding rows: 128 x TP pads 301 to 512 at TP 2 and 4, not at TP 1."""
+    src = tmp_path / "hf"
+    src.mkdir()
+    for f in hf_dir(torch.float16).iterdir():
+        (src / f.name).write_bytes(f.read_bytes())
+    vocab = {f"t{i}": i for i in range(300)}
+    tok = {"version": "1.0", "model": {"type": "BPE", "vocab": vocab, "merges": []},
+           "added_tokens": [{"id": 300, "content": "<|endoftext|>", "special": True}]}
+    (src / "tokenizer.json").write_text(json.dumps(tok))
+    report = split_model(src, tmp_path / "n", SplitOptions(tp=tp, quiet=True))
+    assert report.make_vocab_size_divisible_by == divisor
+    assert (tmp_path / "n" / "tokenizer.json").read_bytes() == (src / "tokenizer.json").read_bytes()
+    raw = json.loads((tmp_path / "n" / "neoxconv-neox.json").read_text())
+    assert "tokenizer.json" in raw["files"] and raw["make_vocab_size_divisible_by"] == divisor
+    assert padded_vocab_size(301, divisible_by=divisor, tp_degree=tp) == 512
