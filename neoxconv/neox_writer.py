@@ -39,7 +39,7 @@ from neoxconv.config import GELU_TANH, NeoXConfig, padded_vocab_size
 from neoxconv.errors import ConfigError, OutputError
 from neoxconv.interrupt import InterruptGuard
 from neoxconv.progress import progress_bar
-from neoxconv.writer import TMP_SUFFIX, _output_error, atomic_write, atomic_write_json, fsync_dir, sha256_file, tmp_path_for
+from neoxconv.writer import TMP_SUFFIX, _output_error, atomic_write, atomic_write_json, fsync_dir, sha256_file
 
 JOURNAL = ".neoxconv-journal.json"
 MANIFEST = "neoxconv-neox.json"
@@ -166,10 +166,20 @@ def neox_yaml(target: NeoXTarget, divisible_by: int) -> str:
 
 
 # ----- files ---------------------------------------------------------------------------------------------
+STAGING = ".staging" + TMP_SUFFIX  # a hidden folder beside the files; removed when a run ends
+
+
 def save_pt(path: Path, obj: Any) -> tuple[str, int]:
-    """``torch.save`` atomically (temp name, fsync, rename); returns (sha256, size)."""
-    tmp = tmp_path_for(path)
+    """``torch.save`` atomically; returns (sha256, size).
+
+    The file is written under its final name inside a hidden staging folder, fsynced, then renamed into
+    place: torch names the records inside the archive after the file (``layer_02-model_00-model_states/``),
+    so the archive is exactly what ``torch.save(obj, path)`` writes.
+    """
+    staging = path.parent / STAGING
+    tmp = staging / path.name
     try:
+        staging.mkdir(exist_ok=True)
         torch.save(obj, tmp)
         fd = os.open(tmp, os.O_RDONLY)
         try:
@@ -185,6 +195,14 @@ def save_pt(path: Path, obj: Any) -> tuple[str, int]:
         raise
     fsync_dir(path.parent)
     return sha256_file(path), path.stat().st_size
+
+
+def _remove_stale(d: Path) -> None:
+    for stale in d.glob(f".*{TMP_SUFFIX}"):
+        if stale.is_dir() and not stale.is_symlink():
+            shutil.rmtree(stale)
+        else:
+            stale.unlink()
 
 
 def bookkeeping(target: NeoXTarget, module: Shard | None) -> dict[str, Any]:
@@ -266,8 +284,8 @@ def write_neox_checkpoint(
     reusable = _prepare_out(out, source, recorded, resume=resume, force=force)
     step_dir = out / target.step_name
     step_dir.mkdir(parents=True, exist_ok=True)
-    for stale in [*out.glob(f".*{TMP_SUFFIX}"), *step_dir.glob(f".*{TMP_SUFFIX}")]:
-        stale.unlink()
+    _remove_stale(out)
+    _remove_stale(step_dir)
     free = shutil.disk_usage(out).free
     if planned_bytes > free:
         raise OutputError(f"{out}: needs about {planned_bytes / 1e9:.2f} GB but only {free / 1e9:.2f} GB is free")
@@ -333,6 +351,7 @@ def write_neox_checkpoint(
     state["make_vocab_size_divisible_by"] = divisor
     atomic_write_json(out / MANIFEST, state)
     (out / JOURNAL).unlink(missing_ok=True)
+    _remove_stale(step_dir)
     total = sum(e["size"] for e in state["files"].values())
     return WriteReport(out_dir=out, tp_degree=T, layout=target.layout, step=target.step, files_written=written,
                        files_reused=reused, total_bytes=total, make_vocab_size_divisible_by=divisor)

@@ -276,3 +276,39 @@ def test_tokenizer_is_copied_and_sets_the_vocab_divisor(hf_dir, tmp_path, tp, di
     raw = json.loads((tmp_path / "n" / "neoxconv-neox.json").read_text())
     assert "tokenizer.json" in raw["files"] and raw["make_vocab_size_divisible_by"] == divisor
     assert padded_vocab_size(301, divisible_by=divisor, tp_degree=tp) == 512
+
+
+def test_archives_are_named_as_torch_save_names_them_and_nothing_is_left_over(hf_dir, tmp_path):
+    import zipfile
+
+    split_model(hf_dir(torch.float16), tmp_path / "n", SplitOptions(tp=2, quiet=True))
+    step = tmp_path / "n" / "global_step0"
+    for pt in step.glob("*.pt"):
+        names = zipfile.ZipFile(pt).namelist()
+        assert all(n.startswith(pt.stem + "/") for n in names), (pt.name, names[:2])
+    assert sorted(p.name for p in tmp_path.joinpath("n").iterdir()) == [
+        "configs", "global_step0", "latest", "neoxconv-neox.json"]
+    assert not [p for p in step.iterdir() if not p.name.endswith("model_states.pt")]
+
+
+def test_sigkill_mid_split_then_rerun_is_byte_identical(hf_dir, tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    src = hf_dir(torch.float32, seed=5)
+    cmd = lambda out: [sys.executable, "-m", "neoxconv", "split", str(src), str(out), "--tp", "2", "-q"]  # noqa: E731
+    subprocess.run(cmd(tmp_path / "clean"), check=True, capture_output=True)
+    out = tmp_path / "out"
+    proc = subprocess.Popen(cmd(out), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    t0 = time.time()
+    while proc.poll() is None and time.time() - t0 < 60 and not (out / "global_step0" / "layer_02-model_01-model_states.pt").exists():
+        time.sleep(0.001)
+    proc.kill()
+    proc.wait()
+    rerun = subprocess.run(cmd(out), capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr
+    clean = {p.relative_to(tmp_path / "clean"): p.read_bytes() for p in (tmp_path / "clean").rglob("*") if p.is_file()}
+    got = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert set(got) == set(clean)
+    assert all(got[k] == clean[k] for k in clean), [str(k) for k in clean if got[k] != clean[k]]
