@@ -216,7 +216,7 @@ def _print_neox_report(report, as_json: bool, quiet: bool) -> None:
 @main.command()
 @click.argument("hf_dir", type=click.Path(path_type=Path))
 @click.argument("out", type=click.Path(path_type=Path))
-@click.option("--tp", type=int, required=True, help="Tensor-parallel degree (gpt-neox model-parallel-size).")
+@click.option("--tp", type=click.IntRange(min=1), required=True, help="Tensor-parallel degree (gpt-neox model-parallel-size).")
 @click.option("--layout", type=_layout_choice, default="pipeline", show_default=True,
               help="pipeline: layer_XX-model_YY files (pipe-parallel-size >= 1); sequential: mp_rank_XX files only.")
 @click.option("--dtype", type=_dtype_choice, default="auto", show_default=True, help="auto keeps the weights' own.")
@@ -246,7 +246,7 @@ def split(hf_dir: Path, out: Path, tp: int, layout: str, dtype: str, step: int, 
 @main.command()
 @click.argument("src", type=click.Path(path_type=Path))
 @click.argument("out", type=click.Path(path_type=Path))
-@click.option("--tp", type=int, required=True, help="The new tensor-parallel degree.")
+@click.option("--tp", type=click.IntRange(min=1), required=True, help="The new tensor-parallel degree.")
 @click.option("--layout", type=_layout_choice, help="Output layout (default: the source's).")
 @click.option("--dtype", type=_dtype_choice, default="auto", show_default=True, help="auto keeps the checkpoint's own.")
 @click.option("--step", type=int, help="Output step (default: the source's global_step number).")

@@ -273,6 +273,7 @@ def write_neox_checkpoint(
     resume: bool = True,
     force: bool = False,
     quiet: bool = False,
+    desc: str = "split",
 ) -> WriteReport:
     """Write the checkpoint. ``rank_shards(layer, ranks)`` yields that layer's shard for each of ``ranks``.
 
@@ -295,7 +296,7 @@ def write_neox_checkpoint(
     T = target.tp_degree
     rel = lambda name: f"{target.step_name}/{name}"  # noqa: E731
     written = reused = 0
-    with progress_bar(total=planned_bytes, desc="split", unit="B", quiet=quiet) as bar:
+    with progress_bar(total=planned_bytes, desc=desc, unit="B", quiet=quiet) as bar:
         if target.layout == "pipeline":
             for layer in target.layers:
                 guard.check()

@@ -122,4 +122,4 @@ def reshard_checkpoint(src: Path, out: Path, options: ReshardOptions) -> WriteRe
         return write_neox_checkpoint(
             Path(out), target, rank_shards, source=source, recorded=recorded,
             planned_bytes=planned_bytes(config, options.tp, dtype, row_bias), tokenizer=ckpt.tokenizer,
-            guard=guard, resume=options.resume, force=options.force, quiet=options.quiet)
+            guard=guard, resume=options.resume, force=options.force, quiet=options.quiet, desc="reshard")
