@@ -219,11 +219,12 @@ _layout_choice = click.Choice(["pipeline", "sequential"])
 
 def _print_neox_report(report, as_json: bool, quiet: bool) -> None:
     if as_json:
-        click.echo(json.dumps(report.as_dict(), indent=2))
+        click.echo(json.dumps(report.as_dict()))
     elif not quiet:
-        click.echo(f"wrote TP={report.tp_degree} ({report.layout}, global_step{report.step}) -> {report.out_dir}: "
-                   f"{report.total_bytes / 1e9:.3f} GB, {report.files_written} file(s) written, "
-                   f"{report.files_reused} reused; make_vocab_size_divisible_by {report.make_vocab_size_divisible_by}")
+        click.echo(f"wrote TP={report.tp_degree} ({report.layout}, global_step{report.step}, {report.dtype}) -> "
+                   f"{report.out_dir}: {report.files_written} file(s) written ({report.bytes_written / 1e9:.3f} GB "
+                   f"in {report.seconds:.1f} s), {report.files_reused} reused; row-parallel biases: {report.row_bias}; "
+                   f"make_vocab_size_divisible_by {report.make_vocab_size_divisible_by}")
 
 
 @main.command()

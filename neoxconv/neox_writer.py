@@ -26,6 +26,7 @@ import dataclasses
 import json
 import os
 import shutil
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,13 +83,19 @@ class WriteReport:
     files_reused: int
     total_bytes: int
     make_vocab_size_divisible_by: int
+    dtype: str = ""
+    row_bias: str = ""  # how row-parallel biases were split: "rank0" (parts that sum) or "replicated"
+    bytes_written: int = 0
+    seconds: float = 0.0
     warnings: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"out_dir": str(self.out_dir), "tp_degree": self.tp_degree, "layout": self.layout, "step": self.step,
-                "files_written": self.files_written, "files_reused": self.files_reused,
-                "total_bytes": self.total_bytes, "make_vocab_size_divisible_by": self.make_vocab_size_divisible_by,
-                "warnings": self.warnings}
+        """The ``--json`` object (the same key names as ``merge --json`` where they mean the same)."""
+        return {"out": str(self.out_dir), "tp_degree": self.tp_degree, "layout": self.layout, "step": self.step,
+                "dtype": self.dtype, "row_bias": self.row_bias, "files_written": self.files_written,
+                "files_reused": self.files_reused, "bytes_written": self.bytes_written, "total_size": self.total_bytes,
+                "seconds": round(self.seconds, 3), "make_vocab_size_divisible_by": self.make_vocab_size_divisible_by,
+                "warnings": list(self.warnings)}
 
 
 def check_target(target: NeoXTarget, *, where: str) -> None:
@@ -281,6 +288,7 @@ def write_neox_checkpoint(
     Sequential: each rank's file holds that rank's whole model, so ranks are written one after another and
     ``rank_shards`` is asked for every layer once per rank (memory: 1/T of the model plus one layer).
     """
+    t0 = time.monotonic()
     out = Path(out)
     reusable = _prepare_out(out, source, recorded, resume=resume, force=force)
     step_dir = out / target.step_name
@@ -295,7 +303,7 @@ def write_neox_checkpoint(
                              "options": recorded, "files": {}}
     T = target.tp_degree
     rel = lambda name: f"{target.step_name}/{name}"  # noqa: E731
-    written = reused = 0
+    written = reused = bytes_written = 0
     with progress_bar(total=planned_bytes, desc=desc, unit="B", quiet=quiet) as bar:
         if target.layout == "pipeline":
             for layer in target.layers:
@@ -310,6 +318,7 @@ def write_neox_checkpoint(
                     sha, size = save_pt(out / name, shard)
                     state["files"][name] = {"sha256": sha, "size": size}
                     written += 1
+                    bytes_written += size
                     bar.update(shard_bytes(shard))
                     del shard  # before the next rank's part is made
                 atomic_write_json(out / JOURNAL, state)
@@ -337,6 +346,7 @@ def write_neox_checkpoint(
                 del module
                 state["files"][name] = {"sha256": sha, "size": size}
                 written += 1
+                bytes_written += size
                 atomic_write_json(out / JOURNAL, state)
 
     rows = target.config.vocab_size or 0
@@ -354,5 +364,8 @@ def write_neox_checkpoint(
     (out / JOURNAL).unlink(missing_ok=True)
     _remove_stale(step_dir)
     total = sum(e["size"] for e in state["files"].values())
+    row_bias = "rank0" if target.config.parallel_residual else "replicated"
     return WriteReport(out_dir=out, tp_degree=T, layout=target.layout, step=target.step, files_written=written,
-                       files_reused=reused, total_bytes=total, make_vocab_size_divisible_by=divisor)
+                       files_reused=reused, total_bytes=total, make_vocab_size_divisible_by=divisor,
+                       dtype=target.dtype, row_bias=row_bias, bytes_written=bytes_written,
+                       seconds=time.monotonic() - t0)
