@@ -21,7 +21,8 @@ from neox_tp_split import tp_split
 TINY = dict(hidden_size=64, num_attention_heads=8, num_hidden_layers=2, vocab_size=512, max_position_embeddings=64)
 
 
-def _make_hf(folder: Path, *, dtype=torch.float16, seed=0, legacy_config=False, hidden_act="gelu", **overrides):
+def _make_hf(folder: Path, *, dtype=torch.float16, seed=0, legacy_config=False, hidden_act="gelu", max_shard_size=None,
+             **overrides):
     """A transformers GPTNeoXForCausalLM with every parameter random, saved by save_pretrained (safetensors)."""
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
@@ -32,7 +33,7 @@ def _make_hf(folder: Path, *, dtype=torch.float16, seed=0, legacy_config=False, 
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(torch.randn_like(p) * 0.2)
-    model.to(dtype).save_pretrained(folder)
+    model.to(dtype).save_pretrained(folder, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
     if legacy_config:  # the transformers 4.x form: rotary_pct / rotary_emb_base / torch_dtype at the top level
         cfg = json.loads((folder / "config.json").read_text())
         rope = cfg.pop("rope_parameters")
@@ -312,3 +313,12 @@ def test_sigkill_mid_split_then_rerun_is_byte_identical(hf_dir, tmp_path):
     got = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
     assert set(got) == set(clean)
     assert all(got[k] == clean[k] for k in clean), [str(k) for k in clean if got[k] != clean[k]]
+
+
+def test_sharded_hf_folder(hf_dir, tmp_path):
+    src = hf_dir(torch.float16, seed=9, max_shard_size="100KB")
+    assert (src / "model.safetensors.index.json").is_file() and len(list(src.glob("*.safetensors"))) > 3
+    split_model(src, tmp_path / "n", SplitOptions(tp=2, layout="sequential", quiet=True))
+    merge_checkpoint(tmp_path / "n", tmp_path / "m", MergeOptions(quiet=True))
+    want, got = _hf_tensors(src), _hf_tensors(tmp_path / "m")
+    assert set(got) == set(want) and all(_bits(got[k]) == _bits(want[k]) for k in want)
