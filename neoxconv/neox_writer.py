@@ -126,6 +126,13 @@ def vocab_divisor(rows: int, tp: int, tokenizer_size: int | None) -> int:
     return rows // tp
 
 
+def _yaml_float(x: float) -> str:
+    """A float YAML 1.1 reads as a float: PyYAML needs a dot in the mantissa (``1e-05`` is a string)."""
+    text = repr(float(x))
+    mantissa, e, exponent = text.partition("e")
+    return f"{mantissa}.0e{exponent}" if e and "." not in mantissa else text
+
+
 def neox_yaml(target: NeoXTarget, divisible_by: int) -> str:
     """A NeoX config gpt-neox accepts and ``neoxconv merge`` reads back (JSON-style YAML, as gpt-neox ships)."""
     c = target.config
@@ -150,10 +157,10 @@ def neox_yaml(target: NeoXTarget, divisible_by: int) -> str:
         f'  "seq-length": {c.max_position_embeddings},',
         f'  "max-position-embeddings": {c.max_position_embeddings},',
         '  "norm": "layernorm",',
-        f'  "layernorm-epsilon": {c.layernorm_eps!r},',
+        f'  "layernorm-epsilon": {_yaml_float(c.layernorm_eps)},',
         '  "pos-emb": "rotary",',
-        f'  "rotary_pct": {c.rotary_pct!r},',
-        f'  "rotary_emb_base": {int(c.rotary_emb_base) if float(c.rotary_emb_base).is_integer() else c.rotary_emb_base!r},',
+        f'  "rotary_pct": {_yaml_float(c.rotary_pct)},',
+        f'  "rotary_emb_base": {int(c.rotary_emb_base) if float(c.rotary_emb_base).is_integer() else _yaml_float(c.rotary_emb_base)},',
         '  "rotary_save_freqs_buffer": true,  # the block files carry attention.rotary_emb.inv_freq',
         f'  "no-weight-tying": {b(not c.tie_word_embeddings)},',
         f'  "gpt_j_residual": {b(c.parallel_residual)},',

@@ -137,6 +137,7 @@ def test_written_config_reads_back_and_pads_the_vocab_onto_the_embedding(hf_dir,
         raw = read_neox_yaml(tmp_path / name / "configs" / "neox.yml")
         assert raw["pipe-parallel-size"] == pipe and raw["model-parallel-size"] == 4
         assert raw["finetune"] is True and raw["rotary_save_freqs_buffer"] is True
+        assert isinstance(raw["layernorm-epsilon"], float) and isinstance(raw["rotary_pct"], float)  # 1e-05 is a str
         back = NeoXConfig.from_neox_dict(raw)
         hf = NeoXConfig.from_hf_json(src / "config.json")
         assert back.with_(vocab_size=hf.vocab_size, bos_token_id=hf.bos_token_id, eos_token_id=hf.eos_token_id,
@@ -144,6 +145,15 @@ def test_written_config_reads_back_and_pads_the_vocab_onto_the_embedding(hf_dir,
         # gpt-neox pads any tokenizer of up to 512 entries to the embedding's 512 rows with this divisor
         for tokens in (1, 300, 512):
             assert padded_vocab_size(tokens, divisible_by=raw["make_vocab_size_divisible_by"], tp_degree=4) == 512
+
+
+def test_yaml_floats_read_back_as_floats():
+    import yaml
+
+    from neoxconv.neox_writer import _yaml_float
+
+    for x in (1e-5, 1e-12, 0.25, 1.0, 2.5e-7, 1e20, 10000.5):
+        assert yaml.safe_load(_yaml_float(x)) == x and isinstance(yaml.safe_load(_yaml_float(x)), float)
 
 
 def test_vocab_divisor_keeps_128_when_it_fits_and_otherwise_lands_on_the_rows():
