@@ -12,7 +12,6 @@ stand-ins with gpt-neox's parameter names and per-rank shapes (gpt-neox itself i
 from __future__ import annotations
 
 from collections import OrderedDict
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
