@@ -23,6 +23,7 @@ sha256 so an interrupted run resumes; the manifest ``neoxconv-neox.json`` is wri
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import os
 import shutil
@@ -40,7 +41,7 @@ from neoxconv.config import GELU_TANH, NeoXConfig, padded_vocab_size
 from neoxconv.errors import ConfigError, OutputError
 from neoxconv.interrupt import InterruptGuard
 from neoxconv.progress import progress_bar
-from neoxconv.writer import TMP_SUFFIX, _output_error, atomic_write, atomic_write_json, fsync_dir, sha256_file
+from neoxconv.writer import TMP_SUFFIX, atomic_write, atomic_write_json, fsync_dir, sha256_file
 
 JOURNAL = ".neoxconv-journal.json"
 MANIFEST = "neoxconv-neox.json"
@@ -180,6 +181,12 @@ def neox_yaml(target: NeoXTarget, divisible_by: int) -> str:
 
 
 # ----- files ---------------------------------------------------------------------------------------------
+def _output_error(path: Path, e: OSError) -> OutputError:
+    if e.errno == errno.ENOSPC:
+        return OutputError(f"{path}: no space left on the device; free some space and re-run the same command to resume")
+    return OutputError(f"{path}: cannot write: {e.strerror or e}")
+
+
 STAGING = ".staging" + TMP_SUFFIX  # a hidden folder beside the files; removed when a run ends
 
 
