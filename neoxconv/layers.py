@@ -191,6 +191,10 @@ class NeoXForCausalLM(nn.Module):
     def blocks(self) -> nn.ModuleList:
         return self.gpt_neox.layers
 
+    @property
+    def input_embeddings(self) -> nn.Module:
+        return self.gpt_neox.embed_in
+
     def tie_weights(self) -> None:
         if self.config.tie_word_embeddings:
             self.embed_out.weight = self.gpt_neox.embed_in.weight
@@ -320,6 +324,10 @@ class LlamaForCausalLM(nn.Module):
     @property
     def blocks(self) -> nn.ModuleList:
         return self.model.layers
+
+    @property
+    def input_embeddings(self) -> nn.Module:
+        return self.model.embed_tokens
 
     def tie_weights(self) -> None:
         if self.config.tie_word_embeddings:
