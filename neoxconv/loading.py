@@ -86,8 +86,8 @@ def load_model(out: Path, *, device: str | torch.device = "auto", dtype: str | t
     t0 = time.perf_counter()
     with torch.device("meta"):
         model = build_model(config)  # NeoXForCausalLM or LlamaForCausalLM
-    if (max_memory is not None or device_map is not None or fit) and config.architecture != GPT_NEOX:
-        if not fit:
+    if config.architecture != GPT_NEOX:  # placement knows GPT-NeoX's modules only: load resident
+        if max_memory is not None or device_map is not None:
             raise UsageError(f"{out}: --max-memory / --device-map place GPT-NeoX models only; this is a "
                              f"{config.architecture} model: verify it without them (on a device that holds it)")
     elif max_memory is not None or device_map is not None or fit:

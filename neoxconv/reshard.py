@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from neoxconv.checkpoint import SourceLayer, open_checkpoint
+from neoxconv.config import GPT_NEOX
 from neoxconv.dtypes import canonical_dtype
 from neoxconv.errors import ConfigError, MergeError, OutputError
 from neoxconv.interrupt import deferred_sigint
@@ -75,6 +76,9 @@ def reshard_checkpoint(src: Path, out: Path, options: ReshardOptions) -> WriteRe
     from neoxconv.convert import plan_checkpoint
 
     ckpt = open_checkpoint(src, config_path=options.config_path, tokenizer_path=options.tokenizer_path)
+    if ckpt.config.architecture != GPT_NEOX:
+        raise ConfigError(f"{ckpt.config_source}: a {ckpt.config.architecture} model: reshard writes GPT-NeoX "
+                          "models only (Llama-style checkpoints are merged, not yet resharded)")
     out_dtype = None if options.dtype == "auto" else canonical_dtype(options.dtype)
     src_row_bias = resolve_row_bias(options.row_bias, ckpt.config)
     config, plans = plan_checkpoint(ckpt, row_bias=src_row_bias, out_dtype=out_dtype)

@@ -128,6 +128,9 @@ class HFModel:
         if not cfg.is_file():
             raise ConfigError(f"{self.folder}: no config.json (a Hugging Face GPT-NeoX folder has one)")
         raw = _read_json(cfg, ConfigError)
+        if raw.get("model_type") not in (None, "gpt_neox"):
+            raise ConfigError(f"{cfg}: model_type {raw.get('model_type')!r}: split writes GPT-NeoX models only "
+                              "(Llama-style models are merged, not yet split)")
         if raw.get("attention_bias") is False:
             raise ConfigError(f"{cfg}: attention_bias is false; GPT-NeoX checkpoints have attention biases")
         self.config = NeoXConfig.from_hf_json(cfg)

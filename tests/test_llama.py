@@ -455,3 +455,17 @@ def test_verify_cli_on_a_llama_folder(build, tmp_path):
     report = json.loads(result.stdout)
     assert report["ok"] and {"against", "reference_hf", "kv_cache"} <= set(report["checks"])
     assert "LlamaForCausalLM" in report["checks"]["reference_hf"]["detail"]
+
+
+def test_split_and_reshard_refuse_llama_style_models_clearly(build, tmp_path):
+    root, _, out = _merged(build, tmp_path, GQA_TP2)
+    for args in (["split", str(out), str(tmp_path / "s"), "--tp", "2"],
+                 ["reshard", str(root), str(tmp_path / "r"), "--tp", "1"]):
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 3 and "GPT-NeoX models only" in result.output, result.output
+
+
+def test_verify_placement_options_refuse_llama_style_models_clearly(build, tmp_path):
+    _, _, out = _merged(build, tmp_path, GQA_TP2)
+    result = CliRunner().invoke(main, ["verify", str(out), "--ids", "1,2,3", "--device", "cpu", "--max-memory", "1MiB"])
+    assert result.exit_code == 2 and "GPT-NeoX models only" in result.output, result.output
