@@ -186,6 +186,9 @@ class NeoXForCausalLM(nn.Module):
         self.rotary = RotaryTables(config.rotary_dims, config.rotary_emb_base, config.max_position_embeddings)
 
     LINEARS = ("attention.query_key_value", "attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h")
+    # module names of the stages (placement's units) and of the rotary tables in transformers' model
+    UNITS = {"embed": "gpt_neox.embed_in", "blocks": "gpt_neox.layers", "final_norm": "gpt_neox.final_layer_norm",
+             "readout": "embed_out", "hf_rotary": "gpt_neox.rotary_emb"}
 
     @property
     def blocks(self) -> nn.ModuleList:
@@ -310,6 +313,8 @@ class LlamaForCausalLM(nn.Module):
 
     LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+    UNITS = {"embed": "model.embed_tokens", "blocks": "model.layers", "final_norm": "model.norm",
+             "readout": "lm_head", "hf_rotary": "model.rotary_emb"}
 
     def __init__(self, config: NeoXConfig) -> None:
         super().__init__()

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import torch
 
-from neoxconv.config import GPT_NEOX, NeoXConfig
+from neoxconv.config import NeoXConfig
 from neoxconv.dtypes import canonical_dtype
-from neoxconv.errors import NeoXConvError, UsageError, VerificationError
+from neoxconv.errors import NeoXConvError, VerificationError
 from neoxconv.integrity import INDEX, load_config
 from neoxconv.layers import NeoXForCausalLM, RotaryTables, build_model
 from neoxconv.placement import Device, PlacementPlan, load_placed, plan_placement
@@ -86,11 +86,7 @@ def load_model(out: Path, *, device: str | torch.device = "auto", dtype: str | t
     t0 = time.perf_counter()
     with torch.device("meta"):
         model = build_model(config)  # NeoXForCausalLM or LlamaForCausalLM
-    if config.architecture != GPT_NEOX:  # placement knows GPT-NeoX's modules only: load resident
-        if max_memory is not None or device_map is not None:
-            raise UsageError(f"{out}: --max-memory / --device-map place GPT-NeoX models only; this is a "
-                             f"{config.architecture} model: verify it without them (on a device that holds it)")
-    elif max_memory is not None or device_map is not None or fit:
+    if max_memory is not None or device_map is not None or fit:
         model = model.to(dtype=tdtype)  # meta: offloaded weights take the dtype of their meta placeholders
         plan = plan_placement(model, dtype=tdtype, main_device=dev, device_map=device_map, max_memory=max_memory,
                               reserve=reserve)

@@ -465,7 +465,32 @@ def test_split_and_reshard_refuse_llama_style_models_clearly(build, tmp_path):
         assert result.exit_code == 3 and "GPT-NeoX models only" in result.output, result.output
 
 
-def test_verify_placement_options_refuse_llama_style_models_clearly(build, tmp_path):
+@pytest.mark.parametrize("spec", [GQA_TP2, LlamaSpec(tp=2, heads=4, kv_heads=2, tied=True, bias=True)],
+                         ids=["gqa-untied", "gqa-tied-biases"])
+def test_verify_with_max_memory_on_a_llama_model_equals_resident(spec, build, tmp_path):
+    """--max-memory / --device-map place Llama-style models too: every stage on disk, same ids and checks."""
+    pytest.importorskip("accelerate")
+    root, hf, out = _merged(build, tmp_path, spec)
+    base = verify_model(out, VerifyOptions(ids=tuple(PROMPT), max_new_tokens=6, device="cpu", against=root,
+                                           reference="hf"))
+    for extra in (dict(max_memory=1), dict(device_map="auto", max_memory={"cpu": 1})):
+        capped = verify_model(out, VerifyOptions(ids=tuple(PROMPT), max_new_tokens=6, device="cpu", against=root,
+                                                 reference="hf", **extra))
+        assert capped.ok and base.ok, [c for c in capped.checks if not c.passed]
+        assert capped.generated_ids == base.generated_ids
+        assert capped.device_map["model.layers.0"] == "disk" and capped.device_map["model.embed_tokens"] == "disk"
+        for a, b in zip(capped.checks, base.checks):
+            assert a.name == b.name and a.passed == b.passed
+            if a.value is not None:
+                assert a.value == pytest.approx(b.value, abs=1e-5), a.name
+
+
+def test_int8_with_a_cap_on_a_llama_model(build, tmp_path):
+    pytest.importorskip("bitsandbytes")
     _, _, out = _merged(build, tmp_path, GQA_TP2)
-    result = CliRunner().invoke(main, ["verify", str(out), "--ids", "1,2,3", "--device", "cpu", "--max-memory", "1MiB"])
-    assert result.exit_code == 2 and "GPT-NeoX models only" in result.output, result.output
+    full = verify_model(out, VerifyOptions(ids=tuple(PROMPT), max_new_tokens=6, device="cpu", int8=True))
+    capped = verify_model(out, VerifyOptions(ids=tuple(PROMPT), max_new_tokens=6, device="cpu", int8=True,
+                                             max_memory=1))
+    assert full.ok and capped.ok, [c for c in capped.checks if not c.passed]
+    assert capped.int8["top1_agreement"] == full.int8["top1_agreement"]
+    assert capped.int8["memory_ratio"] == pytest.approx(full.int8["memory_ratio"], rel=0.05)
