@@ -162,6 +162,8 @@ def _parse_ids(value: str | None) -> tuple[int, ...] | None:
 @click.option("--int8-threshold", type=float, default=6.0, show_default=True, help="LLM.int8 outlier threshold.")
 @click.option("--check-hashes/--no-check-hashes", default=None,
               help="Check every file's sha256 against the manifest (default: on for models under 2 GB).")
+@click.option("--no-manifest", is_flag=True,
+              help="Accept a folder without neoxconv.json (not written by neoxconv): only headers are checked.")
 @click.option("--attention", type=click.Choice(["eager", "sdpa"]), default="eager", show_default=True,
               help="eager: fp32 scores (the reference); sdpa: torch's fused attention kernel.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
@@ -170,7 +172,7 @@ def _parse_ids(value: str | None) -> tuple[int, ...] | None:
 def verify(out: Path, prompt: str | None, ids_text: str | None, max_new_tokens: int, device: str, dtype: str,
            tokenizer_path: Path | None, temperature: float, top_k: int, top_p: float, seed: int,
            against: Path | None, against_config: Path | None, row_bias: str, reference: str | None, int8: bool,
-           int8_threshold: float, check_hashes: bool | None, attention: str, as_json: bool, quiet: bool) -> None:
+           int8_threshold: float, check_hashes: bool | None, no_manifest: bool, attention: str, as_json: bool, quiet: bool) -> None:
     """Load the merged folder OUT into neoxconv's own layers, generate, and check the conversion.
 
     \b
@@ -193,7 +195,7 @@ def verify(out: Path, prompt: str | None, ids_text: str | None, max_new_tokens: 
         prompt=prompt, ids=_parse_ids(ids_text), max_new_tokens=max_new_tokens, device=device, dtype=dtype,
         tokenizer=tokenizer_path, sampling=sampling, against=against, against_config=against_config,
         row_bias=row_bias, reference=reference, int8=int8, int8_threshold=int8_threshold,
-        check_hashes=check_hashes, attention=attention, quiet=quiet or as_json,
+        check_hashes=check_hashes, require_manifest=not no_manifest, attention=attention, quiet=quiet or as_json,
     )
     report = verify_model(out, options)
     click.echo(report_json(report) if as_json else format_report(report))

@@ -14,6 +14,7 @@ matches its recorded sha256.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
@@ -28,17 +29,19 @@ from neoxconv.checkpoint import Checkpoint, open_checkpoint
 from neoxconv.config import NeoXConfig
 from neoxconv.dtypes import canonical_dtype, count_nonfinite
 from neoxconv.errors import CheckpointError, MergeError, OutputError
+from neoxconv.fingerprint import layer_fingerprint, source_identity
 from neoxconv.integrity import INDEX, MANIFEST
 from neoxconv.interrupt import InterruptGuard, deferred_sigint
+from neoxconv.outdir import (JOURNAL, OutputLock, check_out_path, foreign_entries, make_out_dir,
+                              remove_previous_output, remove_stale_temps)
 from neoxconv.merge import LayerPlan, Rule, TensorPlan, iter_merged_chunks, max_divergence, merge_tensor, plan_layer, read_checked, resolve_row_bias
 from neoxconv.prefetch import prefetch
 from neoxconv.progress import progress_bar
 from neoxconv.tokenizer_files import eos_token_id, tokenizer_config
-from neoxconv.writer import TMP_SUFFIX, SafetensorsWriter, atomic_write, atomic_write_json, sha256_file
+from neoxconv.writer import SafetensorsWriter, atomic_write, atomic_write_json, sha256_file
 
 log = logging.getLogger(__name__)
 
-JOURNAL = ".neoxconv-journal.json"
 MANIFEST_FORMAT = 1
 
 
@@ -73,15 +76,6 @@ class MergeReport:
     max_replica_divergence: float = 0.0
 
 
-def _source_fingerprint(ckpt: Checkpoint) -> dict[str, Any]:
-    return {
-        "step_dir": str(ckpt.step_dir.resolve()),
-        "layout": ckpt.layout,
-        "tp_degree": ckpt.tp_degree,
-        "files": [{"name": p.name, "size": p.stat().st_size} for p in ckpt.source_files()],
-    }
-
-
 def _output_names(n: int) -> list[str]:
     return [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
 
@@ -100,41 +94,52 @@ def _load_state(out: Path) -> dict[str, Any] | None:
 
 
 def _prepare_out(out: Path, state: dict | None, source: dict, recorded: dict, options: MergeOptions) -> dict:
-    """Check the output folder is safe to write; return the layer entries that may be reused."""
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in out.glob(f".*{TMP_SUFFIX}"):
-        stale.unlink()  # our own temporaries from an interrupted run
-    entries = [p for p in out.iterdir()]
+    """Decide whether OUT is ours before deleting anything; return the layer entries that may be reused.
+
+    Called with OUT locked. Deletes only neoxconv's own temporaries (once OUT is known to be ours) and,
+    with --force over another neoxconv output, only the files that output's manifest lists and that are
+    named like neoxconv's outputs.
+    """
     if state is None:
-        if entries and not options.force:
+        foreign = foreign_entries(out)
+        if foreign and not options.force:
+            shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
             raise OutputError(
-                f"{out}: the folder is not empty and is not a neoxconv output; choose an empty folder or pass --force "
-                "(neoxconv only overwrites the files it writes)"
+                f"{out}: the folder is not empty ({shown}) and is not a neoxconv output; choose an empty folder "
+                "or pass --force (neoxconv only overwrites the files it writes)"
             )
-        return {}
-    same = state.get("source") == source and state.get("options") == recorded
+        return {}  # nothing deleted: a foreign folder's files, even ones named like ours, are not ours
+    same = _same_source(state.get("source"), source) and state.get("options") == recorded
     if not same and state.get("layers"):
         if not options.force:
+            previous = state.get("source") if isinstance(state.get("source"), dict) else {}
             raise OutputError(
                 f"{out}: holds a neoxconv output of a different source or different options "
-                f"({state.get('source', {}).get('step_dir')}, {state.get('options')}); "
+                f"({previous.get('step_dir')}, {state.get('options')}); "
                 "choose another folder or pass --force to overwrite it"
             )
         _remove_previous_output(out, state)
         return {}
-    if not same:  # an earlier run that stopped before its first layer: nothing to keep
+    remove_stale_temps(out)  # ours: temporaries of an interrupted run
+    if not same or not options.resume:  # an earlier run that stopped before its first layer, or --no-resume
         return {}
-    if not options.resume:
-        return {}
-    return dict(state.get("layers", {}))
+    layers = state.get("layers")
+    return dict(layers) if isinstance(layers, dict) else {}
+
+
+def _same_source(recorded: Any, source: dict) -> bool:
+    """Same checkpoint (folder, layout, TP degree, file names); what changed inside is found per layer."""
+    return isinstance(recorded, dict) and all(recorded.get(k) == v for k, v in source.items())
 
 
 def _remove_previous_output(out: Path, state: dict) -> None:
-    """--force over another neoxconv output: remove the files its manifest lists (ours), nothing else."""
-    for name in [*state.get("layers", {}), *state.get("files", {}), MANIFEST, JOURNAL]:
-        path = out / name
-        if path.name == name and path.is_file():  # plain names only, never a path out of the folder
-            path.unlink()
+    """--force over another neoxconv output: remove the files its manifest lists that neoxconv writes."""
+    listed = []
+    for section in ("layers", "files"):
+        entries = state.get(section)
+        if isinstance(entries, dict):
+            listed += [str(name) for name in entries]
+    remove_previous_output(out, [*listed, MANIFEST, JOURNAL])
 
 
 def _check_disk(out: Path, need: int) -> None:
@@ -246,12 +251,14 @@ def merge_checkpoint(src: Path, out: Path, options: MergeOptions | None = None) 
     A first Ctrl-C is deferred to the next point where no file is half-written, then raises
     KeyboardInterrupt; the folder is left resumable.
     """
-    with deferred_sigint() as guard:
-        return _merge(src, out, options or MergeOptions(), guard)
+    with deferred_sigint() as guard, contextlib.ExitStack() as held:
+        return _merge(src, out, options or MergeOptions(), guard, held)
 
 
-def _merge(src: Path, out: Path, options: MergeOptions, guard: InterruptGuard) -> MergeReport:
+def _merge(src: Path, out: Path, options: MergeOptions, guard: InterruptGuard,
+           held: contextlib.ExitStack) -> MergeReport:
     out = Path(out)
+    check_out_path(out)
     ckpt = open_checkpoint(src, config_path=options.config_path, tokenizer_path=options.tokenizer_path)
     out_dtype = None if options.dtype == "auto" else canonical_dtype(options.dtype)
     row_bias = resolve_row_bias(options.row_bias, ckpt.config)
@@ -265,8 +272,10 @@ def _merge(src: Path, out: Path, options: MergeOptions, guard: InterruptGuard) -
     dtypes = {t.out_dtype for p in plans for t in p.tensors}
     config_dtype = dtypes.pop() if len(dtypes) == 1 else "float32"
 
-    source = _source_fingerprint(ckpt)
+    source = source_identity(ckpt)
     recorded = options.recorded(row_bias)
+    make_out_dir(out)
+    held.enter_context(OutputLock(out))  # released when the merge ends, however it ends
     reusable = _prepare_out(out, _load_state(out), source, recorded, options)
     names = _output_names(len(plans))
     state: dict[str, Any] = {
@@ -274,18 +283,22 @@ def _merge(src: Path, out: Path, options: MergeOptions, guard: InterruptGuard) -
         "source": source, "options": recorded, "layers": {},
     }
 
-    # which layers are already done (file present and its sha256 as recorded)
+    # which layers are already done (same source inputs, file present, its sha256 as recorded)
     todo: list[tuple[str, LayerPlan]] = []
+    fingerprints = {name: layer_fingerprint(plan, ckpt.step_dir) for name, plan in zip(names, plans)}
     for name, plan in zip(names, plans):
         entry = reusable.get(name)
         path = out / name
-        if entry and entry.get("source_layer") == plan.layer.index and path.is_file() \
+        if isinstance(entry, dict) and entry.get("source_layer") == plan.layer.index \
+                and entry.get("source_fingerprint") == fingerprints[name] and path.is_file() \
                 and path.stat().st_size == entry.get("size") and sha256_file(path) == entry.get("sha256"):
             state["layers"][name] = entry
         else:
             todo.append((name, plan))
     _check_disk(out, sum(p.nbytes for _, p in todo) + (1 << 20))
-    (out / MANIFEST).unlink(missing_ok=True)  # the manifest only exists beside a complete output
+    if todo:  # a layer is about to change: the manifest only exists beside a complete output
+        (out / MANIFEST).unlink(missing_ok=True)
+    # a no-op re-run keeps the old manifest until the new one replaces it (a Ctrl-C never leaves none)
     atomic_write_json(out / JOURNAL, state)
 
     # ---- the merge ----
@@ -297,6 +310,7 @@ def _merge(src: Path, out: Path, options: MergeOptions, guard: InterruptGuard) -
             guard.check()
             bar.set_postfix_str(f"{plan.layer.label} -> {name}", refresh=False)
             state["layers"][name] = _write_layer(out / name, plan, options, warnings, bar, guard)
+            state["layers"][name]["source_fingerprint"] = fingerprints[name]
             atomic_write_json(out / JOURNAL, state)  # progress survives a crash from here on
         guard.check()
     state["layers"] = {n: state["layers"][n] for n in names}

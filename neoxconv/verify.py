@@ -54,6 +54,7 @@ class VerifyOptions:
     int8: bool = False
     int8_threshold: float = 6.0
     check_hashes: bool | None = None  # None: when the model is < 2 GB
+    require_manifest: bool = True  # False: --no-manifest (a folder without neoxconv.json: headers only)
     attention: str = "eager"
     quiet: bool = True
 
@@ -213,7 +214,7 @@ def verify_model(out: Path, options: VerifyOptions) -> VerifyReport:
     """Integrity first, then load, generate, and run every requested check."""
     out = Path(out)
     config = load_config(out)
-    integrity = check_output(out, config, hashes=options.check_hashes)
+    integrity = check_output(out, config, hashes=options.check_hashes, require_manifest=options.require_manifest)
     tokenizer = _tokenizer(out, options.tokenizer)
     if options.ids:
         prompt_ids = list(options.ids)
@@ -243,9 +244,7 @@ def verify_model(out: Path, options: VerifyOptions) -> VerifyReport:
         generated_ids=gen.generated_ids, text=text, tokens_per_second=gen.decode_tokens_per_second,
         prefill_seconds=gen.prefill_seconds, load_seconds=loaded.load_seconds, weight_bytes=loaded.weight_bytes,
     )
-    detail = (f"{integrity.files_checked} files, sha256 {'checked' if integrity.hashes_checked else 'not checked'}"
-              if integrity.manifest_found else integrity.notes[0])
-    report.checks.append(Check("integrity", True, None, None, detail))
+    report.checks.append(Check("integrity", True, None, None, integrity.summary()))
     kv, report.kv_cache_max_abs_diff = kv_cache_check(loaded.model, gen, dtype)
     report.checks.append(kv)
     report.checks.append(sanity_check(gen))
