@@ -11,6 +11,9 @@ from neoxconv.convert import plan_checkpoint
 from neoxconv.merge import resolve_row_bias
 
 
+_LISTED = 20
+
+
 def inspect_checkpoint(src: Path, *, config_path: Path | None = None) -> dict[str, Any]:
     """TP degree, layout, shape, dtype, parameter count and the files found / missing. Reads no tensor data."""
     ckpt = open_checkpoint(src, config_path=config_path, strict=False)
@@ -31,7 +34,8 @@ def inspect_checkpoint(src: Path, *, config_path: Path | None = None) -> dict[st
         "config_source": ckpt.config_source,
         "tokenizer": str(ckpt.tokenizer) if ckpt.tokenizer else None,
         "files_found": found,
-        "files_missing": list(ckpt.missing_files),
+        "files_missing": list(ckpt.missing_files[:_LISTED]),  # the first few; the count says how many
+        "files_missing_count": len(ckpt.missing_files),
         "dtype": None,
         "parameters": None,
     }
