@@ -11,7 +11,7 @@ from pathlib import Path
 from neoxconv.checkpoint import model_layers
 from neoxconv.config import NeoXConfig
 from neoxconv.dtypes import FROM_SAFETENSORS, tensor_nbytes
-from neoxconv.errors import VerificationError
+from neoxconv.errors import CheckpointError, VerificationError
 from neoxconv.merge import RULES, expected_shape, hf_name
 from neoxconv.writer import sha256_file
 
@@ -111,8 +111,9 @@ def _hash_mismatch(path: Path, entry: dict) -> tuple[str, bool] | None:
 
 def load_config(out: Path) -> NeoXConfig:
     path = Path(out) / "config.json"
-    if not path.is_file():
-        raise VerificationError(f"{out}: no config.json; is this a merged model folder?")
+    if not path.is_file():  # an input problem (exit 4), not a failed check
+        raise CheckpointError(f"{out}: no config.json, so not a folder written by 'neoxconv merge'; "
+                              "pass the OUT folder of a merge")
     return NeoXConfig.from_hf_json(path)
 
 
@@ -141,7 +142,7 @@ def check_output(out: Path, config: NeoXConfig, *, hashes: bool | None = None,
                 manifest = None
     report = IntegrityReport(manifest_found=manifest is not None)
     if not (out / INDEX).is_file():
-        raise VerificationError(f"{out}: no {INDEX}; the merge did not finish (re-run it to resume)")
+        raise CheckpointError(f"{out}: no {INDEX}; not a finished merge output (re-run the merge to resume it)")
     try:
         weight_map = json.loads((out / INDEX).read_text())["weight_map"]
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
