@@ -16,6 +16,7 @@ from neoxconv.merge import RULES, expected_shape, hf_name
 from neoxconv.writer import sha256_file
 
 MANIFEST = "neoxconv.json"
+JOURNAL = ".neoxconv-journal.json"  # a merge in progress or interrupted
 INDEX = "model.safetensors.index.json"
 _MAX_HEADER = 100 << 20
 
@@ -155,6 +156,8 @@ def check_output(out: Path, config: NeoXConfig, *, hashes: bool | None = None,
     if manifest is not None:
         weights = {str(k): v for k, v in manifest["layers"].items()}
         small = {str(k): v for k, v in manifest["files"].items()}
+    elif (out / JOURNAL).is_file():
+        problems.append(f"no {MANIFEST} but a merge journal: the merge was interrupted; re-run it to finish")
     elif require_manifest:
         problems.append(f"no {MANIFEST}: nothing proves these files are the ones the merge wrote (it was deleted, "
                         "or the folder was not written by neoxconv); pass --no-manifest to check only the headers")

@@ -22,13 +22,12 @@ from pathlib import Path
 from types import TracebackType
 
 from neoxconv.errors import OutputError
-from neoxconv.integrity import INDEX, MANIFEST
+from neoxconv.integrity import INDEX, JOURNAL, MANIFEST
 from neoxconv.writer import TMP_SUFFIX
 
 log = logging.getLogger(__name__)
 
 LOCK = ".neoxconv.lock"
-JOURNAL = ".neoxconv-journal.json"
 _WEIGHT_FILE = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
 _FIXED_NAMES = frozenset({"config.json", "tokenizer.json", "tokenizer_config.json", INDEX, MANIFEST, JOURNAL})
 
