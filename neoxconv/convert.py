@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -29,7 +30,7 @@ from neoxconv import __version__
 from neoxconv.checkpoint import Checkpoint, open_checkpoint
 from neoxconv.config import NeoXConfig
 from neoxconv.dtypes import canonical_dtype, count_nonfinite
-from neoxconv.errors import CheckpointError, MergeError, OutputError
+from neoxconv.errors import CheckpointError, MergeError, OutputError, UsageError
 from neoxconv.fingerprint import layer_fingerprint, source_identity
 from neoxconv.integrity import INDEX, MANIFEST
 from neoxconv.interrupt import InterruptGuard, deferred_sigint
@@ -321,6 +322,8 @@ def merge_checkpoint(src: Path, out: Path, options: MergeOptions | None = None) 
 def _merge(src: Path, out: Path, options: MergeOptions, guard: InterruptGuard,
            held: contextlib.ExitStack) -> MergeReport:
     out = Path(out)
+    if not (math.isfinite(options.replica_tolerance) and options.replica_tolerance >= 0):
+        raise UsageError(f"--replica-tolerance must be a finite number >= 0, got {options.replica_tolerance}")
     check_out_path(out)
     started = time.perf_counter()
     ckpt = open_checkpoint(src, config_path=options.config_path, tokenizer_path=options.tokenizer_path)

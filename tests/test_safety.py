@@ -378,6 +378,13 @@ def test_nan_in_a_neox_yaml_is_a_config_error(src):
     _one_line_error(_cli("merge", src, src.parent / "out"), 3, "model.yml", "layernorm_eps")
 
 
+@pytest.mark.parametrize("tolerance", ["nan", "inf", "-1"])
+def test_a_non_finite_replica_tolerance_is_a_usage_error(tmp_path, tolerance):
+    _one_line_error(_cli("merge", COMMITTED_FIXTURE, tmp_path / "out", "--replica-tolerance", tolerance), 2,
+                    "--replica-tolerance")
+    assert not (tmp_path / "out").exists()
+
+
 def test_written_json_is_strict(merged):
     def refuse(name):
         raise ValueError(f"{name} in a written JSON file")
