@@ -140,7 +140,7 @@ def find_step_dir(src: Path) -> tuple[Path, Path]:
             "no 'latest' file and no global_step* folder"
         )
     raise CheckpointError(
-        f"{src}: several step folders ({', '.join(p.name for p in steps)}) and no 'latest' file; "
+        f"{src}: several step folders ({_few([p.name for p in steps])}) and no 'latest' file; "
         "pass the step folder itself as SRC"
     )
 
