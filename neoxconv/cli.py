@@ -150,6 +150,17 @@ def _parse_ids(value: str | None) -> tuple[int, ...] | None:
         raise click.BadParameter("expected comma-separated token ids, e.g. 12092,1533") from None
 
 
+def _parse_max_memory(ctx, param, value: str | None):
+    if value is None:
+        return None
+    from neoxconv.placement import parse_max_memory
+
+    try:
+        return parse_max_memory(value)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
+
+
 @main.command()
 @click.argument("out", type=click.Path(path_type=Path, exists=True, file_okay=False))
 @click.option("--prompt", help="Text to continue (needs OUT/tokenizer.json or --tokenizer).")
@@ -179,13 +190,22 @@ def _parse_ids(value: str | None) -> tuple[int, ...] | None:
               help="Accept a folder without neoxconv.json (not written by neoxconv): only headers are checked.")
 @click.option("--attention", type=click.Choice(["eager", "sdpa"]), default="eager", show_default=True,
               help="eager: fp32 scores (the reference); sdpa: torch's fused attention kernel.")
+@click.option("--max-memory", callback=_parse_max_memory, metavar="SIZE|DEV=SIZE,...",
+              help="Keep at most SIZE of weights resident on the compute device (e.g. 512MiB, 20GB); the rest is "
+                   "streamed from the safetensors files a module at a time. Per device: 0=20GB,1=20GB,cpu=30GB. "
+                   "Default: everything resident when it fits, else a cap picked from the free memory.")
+@click.option("--device-map", type=click.Choice(["auto", "balanced", "sequential"]),
+              help="Spread the layers over every GPU, then CPU RAM, then disk (accelerate). With --device cpu: CPU "
+                   "and disk only; otherwise the first GPU is the main device.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @_run
 def verify(out: Path, prompt: str | None, ids_text: str | None, max_new_tokens: int, device: str, dtype: str,
            tokenizer_path: Path | None, temperature: float, top_k: int, top_p: float, seed: int,
            against: Path | None, against_config: Path | None, row_bias: str, reference: str | None, int8: bool,
-           int8_threshold: float, check_hashes: bool | None, no_manifest: bool, attention: str, as_json: bool, quiet: bool) -> None:
+           int8_threshold: float, check_hashes: bool | None, no_manifest: bool, attention: str, max_memory,
+           device_map: str | None,
+           as_json: bool, quiet: bool) -> None:
     """Load the merged folder OUT into neoxconv's own layers, generate, and check the conversion.
 
     \b
@@ -209,6 +229,8 @@ def verify(out: Path, prompt: str | None, ids_text: str | None, max_new_tokens: 
         tokenizer=tokenizer_path, sampling=sampling, against=against, against_config=against_config,
         row_bias=row_bias, reference=reference, int8=int8, int8_threshold=int8_threshold,
         check_hashes=check_hashes, require_manifest=not no_manifest, attention=attention, quiet=quiet or as_json,
+        max_memory=max_memory,
+        device_map=device_map,
     )
     report = verify_model(out, options)
     click.echo(report_json(report) if as_json else format_report(report))
