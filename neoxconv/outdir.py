@@ -60,14 +60,21 @@ def make_out_dir(out: Path) -> None:
         raise OutputError(f"{out}: cannot create the output folder: {e.strerror or e}") from None
 
 
+def _entries(out: Path) -> list[Path]:
+    try:
+        return list(Path(out).iterdir())
+    except OSError as e:
+        raise OutputError(f"{out}: cannot list the output folder: {e.strerror or e}") from None
+
+
 def foreign_entries(out: Path) -> list[str]:
     """Entries of OUT that are not neoxconv's lock or temporaries (what makes a folder someone else's)."""
-    return sorted(p.name for p in Path(out).iterdir() if p.name != LOCK and not is_temp_name(p.name))
+    return sorted(p.name for p in _entries(out) if p.name != LOCK and not is_temp_name(p.name))
 
 
 def remove_stale_temps(out: Path) -> None:
     """Our own temporaries from an interrupted run (only called once OUT is known to be ours)."""
-    for p in Path(out).iterdir():
+    for p in _entries(out):
         if is_temp_name(p.name) and p.is_file() and not p.is_symlink():
             _unlink(p)
 
