@@ -238,6 +238,82 @@ def verify(out: Path, prompt: str | None, ids_text: str | None, max_new_tokens: 
         sys.exit(VerificationError.exit_code)
 
 
+_layout_choice = click.Choice(["pipeline", "sequential"])
+
+
+def _print_neox_report(report, as_json: bool, quiet: bool) -> None:
+    if as_json:
+        click.echo(json.dumps(report.as_dict()))
+    elif not quiet:
+        click.echo(f"wrote TP={report.tp_degree} ({report.layout}, global_step{report.step}, {report.dtype}) -> "
+                   f"{report.out_dir}: {report.files_written} file(s) written ({report.bytes_written / 1e9:.3f} GB "
+                   f"in {report.seconds:.1f} s), {report.files_reused} reused; row-parallel biases: {report.row_bias}; "
+                   f"make_vocab_size_divisible_by {report.make_vocab_size_divisible_by}")
+
+
+@main.command()
+@click.argument("hf_dir", type=click.Path(path_type=Path))
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--tp", type=click.IntRange(min=1), required=True, help="Tensor-parallel degree (gpt-neox model-parallel-size).")
+@click.option("--layout", type=_layout_choice, default="pipeline", show_default=True,
+              help="pipeline: layer_XX-model_YY files (pipe-parallel-size >= 1); sequential: mp_rank_XX files only.")
+@click.option("--dtype", type=_dtype_choice, default="auto", show_default=True, help="auto keeps the weights' own.")
+@click.option("--step", type=int, default=0, show_default=True, help="Writes global_step{STEP} and 'latest'.")
+@click.option("--tokenizer", "tokenizer_path", type=click.Path(path_type=Path, dir_okay=False),
+              help="tokenizer.json to copy (default: HF_DIR/tokenizer.json).")
+@click.option("--no-resume", is_flag=True, help="Redo every file even if OUT holds completed ones.")
+@click.option("--force", is_flag=True, help="Write into a non-empty OUT (only neoxconv's files are replaced).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (implies no progress bar).")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary.")
+@_run
+def split(hf_dir: Path, out: Path, tp: int, layout: str, dtype: str, step: int, tokenizer_path: Path | None,
+          no_resume: bool, force: bool, as_json: bool, quiet: bool) -> None:
+    """Split the Hugging Face GPT-NeoX model HF_DIR into a gpt-neox checkpoint OUT at TP degree --tp.
+
+    OUT gets latest, global_step*/ (rank files and DeepSpeed bookkeeping), configs/neox.yml and the
+    tokenizer. Row-parallel biases with parallel residual go whole to rank 0 (zeros elsewhere), so the
+    ranks' parts sum to the bias exactly. Load it in gpt-neox with 'finetune: true' (see the README).
+    """
+    from neoxconv.split import SplitOptions, split_model
+
+    options = SplitOptions(tp=tp, layout=layout, dtype=dtype, step=step, tokenizer_path=tokenizer_path,
+                           resume=not no_resume, force=force, quiet=quiet or as_json)
+    _print_neox_report(split_model(hf_dir, out, options), as_json, quiet)
+
+
+@main.command()
+@click.argument("src", type=click.Path(path_type=Path))
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--tp", type=click.IntRange(min=1), required=True, help="The new tensor-parallel degree.")
+@click.option("--layout", type=_layout_choice, help="Output layout (default: the source's).")
+@click.option("--dtype", type=_dtype_choice, default="auto", show_default=True, help="auto keeps the checkpoint's own.")
+@click.option("--step", type=int, help="Output step (default: the source's global_step number).")
+@click.option("--row-bias", type=click.Choice(["auto", "sum", "replicated"]), default="auto", show_default=True,
+              help="How the SOURCE's row-parallel biases combine (as in merge).")
+@click.option("--replica-tolerance", type=float, default=1e-2, show_default=True,
+              help="Largest |rank_k - rank_0| accepted for replicated tensors of the source.")
+@click.option("--config", "config_path", type=click.Path(path_type=Path, dir_okay=False),
+              help="NeoX YAML of the source; default: configs/*.yml next to SRC.")
+@click.option("--tokenizer", "tokenizer_path", type=click.Path(path_type=Path, dir_okay=False),
+              help="tokenizer.json to copy; default: *tokenizer*.json next to SRC.")
+@click.option("--no-resume", is_flag=True, help="Redo every file even if OUT holds completed ones.")
+@click.option("--force", is_flag=True, help="Write into a non-empty OUT (only neoxconv's files are replaced).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (implies no progress bar).")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary.")
+@_run
+def reshard(src: Path, out: Path, tp: int, layout: str | None, dtype: str, step: int | None, row_bias: str,
+            replica_tolerance: float, config_path: Path | None, tokenizer_path: Path | None, no_resume: bool,
+            force: bool, as_json: bool, quiet: bool) -> None:
+    """Reshard the gpt-neox checkpoint SRC (any TP degree) to TP degree --tp in OUT, one layer at a time."""
+    from neoxconv.reshard import ReshardOptions, reshard_checkpoint
+
+    options = ReshardOptions(tp=tp, layout=layout, dtype=dtype, step=step, row_bias=row_bias,
+                             replica_tolerance=replica_tolerance, config_path=config_path,
+                             tokenizer_path=tokenizer_path, resume=not no_resume, force=force,
+                             quiet=quiet or as_json)
+    _print_neox_report(reshard_checkpoint(src, out, options), as_json, quiet)
+
+
 @main.command()
 @click.option("--workdir", type=click.Path(path_type=Path, file_okay=False),
               help="Keep the demo files here (default: a temporary folder, removed afterwards).")

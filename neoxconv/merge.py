@@ -7,7 +7,8 @@ How T tensor-parallel shards become one tensor (see DESIGN.md section 2):
     CONCAT_COLS  row-parallel weights: every rank holds a block of input columns -> concat dim 1
     SUM          row-parallel biases with parallel residual: each rank adds its part before the
                  all-reduce, so the effective bias is the sum (computed in fp32, then cast)
-    REPLICATED   identical on every rank: check agreement within a tolerance, write the fp32 mean
+    REPLICATED   identical on every rank: check agreement within a tolerance; bit-identical ranks give
+                 rank 0's bytes (a mean of 3 equal fp32 values can move by 1 ulp), else the fp32 mean
     DROP         derived buffers (rotary inv_freq, causal-mask buffers): check identical, not written
 
 Row-parallel biases are ``ROW_BIAS`` in the table and resolve to SUM or REPLICATED by option/config.
@@ -136,7 +137,8 @@ def expected_shape(spec: RuleSpec, config: NeoXConfig) -> tuple[int, ...] | None
 def merge_tensor(rule: Rule, shards: list[np.ndarray], *, dtype: str, out_dtype: str | None = None) -> np.ndarray:
     """Merge ``shards`` (numpy arrays holding ``dtype`` values) by ``rule``; result holds ``out_dtype``.
 
-    Sums and means are computed in float32, then cast. DROP returns shard 0 (callers check identity).
+    Sums and means are computed in float32, then cast. REPLICATED shards that agree bit for bit give shard 0
+    unchanged (only cast); the mean is taken only when they differ. DROP returns shard 0 (callers check identity).
     """
     out_dtype = out_dtype or dtype
     if not shards:
@@ -151,6 +153,8 @@ def merge_tensor(rule: Rule, shards: list[np.ndarray], *, dtype: str, out_dtype:
             total += to_f32(s, dtype)
         return from_f32(total, out_dtype)
     if rule is Rule.REPLICATED:
+        if all(same_bits(shards[0], s) for s in shards[1:]):
+            return _cast(np.asarray(shards[0]), dtype, out_dtype)  # bit for bit: no arithmetic at all
         total = to_f32(shards[0], dtype).copy()
         for s in shards[1:]:
             total += to_f32(s, dtype)
@@ -169,6 +173,13 @@ def split_tensor(rule: Rule, full: np.ndarray, parts: int) -> list[np.ndarray]:
     if rule in (Rule.REPLICATED, Rule.DROP):
         return [full.copy() for _ in range(parts)]
     raise ValueError(f"{rule} has no unique inverse (a sum can be split many ways)")
+
+
+def same_bits(a: np.ndarray, b: np.ndarray) -> bool:
+    """True when ``a`` and ``b`` hold the same bytes (NaNs included; +0.0 and -0.0 differ)."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    return bool(np.array_equal(np.ascontiguousarray(a).view(np.uint8), np.ascontiguousarray(b).view(np.uint8)))
 
 
 def _cast(a: np.ndarray, src: str, dst: str) -> np.ndarray:
