@@ -234,7 +234,8 @@ def check_output(out: Path, config: NeoXConfig, *, hashes: bool | None = None,
     if missing:
         problems.append(f"tensors missing from the safetensors files: {_few(missing, 8)}")
     if problems:
-        raise VerificationError(f"{out}: the merged model does not match its manifest/config: " + _few(problems, 12, "; "))
+        raise VerificationError(f"{out}: the merged model does not match its manifest/config: "
+                                + _few(problems, 12, "; "))
 
     headers = f"{len(index_files)} safetensors headers agree with config.json and {INDEX}"
     if manifest is None:
