@@ -156,8 +156,17 @@ def _prepare_out(out: Path, state: dict | None, source: dict, recorded: dict, op
 
 
 def _same_source(recorded: Any, source: dict) -> bool:
-    """Same checkpoint (folder, layout, TP degree, file names); what changed inside is found per layer."""
-    return isinstance(recorded, dict) and all(recorded.get(k) == v for k, v in source.items())
+    """Same checkpoint (folder, layout, TP degree, file names); what changed inside is found per layer.
+
+    Manifests written before per-layer fingerprints listed files as {name, size}: compared by name, their
+    layers (which carry no fingerprint) are all redone.
+    """
+    if not isinstance(recorded, dict):
+        return False
+    files = recorded.get("files")
+    if isinstance(files, list):
+        recorded = {**recorded, "files": [f.get("name") if isinstance(f, dict) else f for f in files]}
+    return all(recorded.get(k) == v for k, v in source.items())
 
 
 def describe_differences(state: dict, source: dict, recorded: dict) -> list[str]:

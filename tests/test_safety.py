@@ -414,3 +414,19 @@ def test_overlapping_safetensors_offsets_are_a_verification_error(copy):
     victim.write_bytes(raw[:8] + new + raw[8 + n:])
     (copy / "neoxconv.json").unlink()  # headers only: the layout check itself must catch it
     _one_line_error(_cli("verify", copy, *VERIFY, "--no-manifest"), 7, victim.name, "overlaps")
+
+
+def test_an_output_of_the_previous_manifest_format_is_redone_not_refused(tmp_path):
+    """Manifests without per-layer fingerprints (files listed with sizes) prove nothing: every layer is redone."""
+    out = tmp_path / "out"
+    assert _cli("merge", COMMITTED_FIXTURE, out).exit_code == 0
+    want = _bytes(out)
+    manifest = json.loads((out / "neoxconv.json").read_text())
+    manifest["source"]["files"] = [{"name": n, "size": 1} for n in manifest["source"]["files"]]
+    for entry in manifest["layers"].values():
+        del entry["source_fingerprint"]
+    (out / "neoxconv.json").write_text(json.dumps(manifest))
+    result = _cli("merge", COMMITTED_FIXTURE, out)
+    assert result.exit_code == 0, result.output
+    assert f"{len(manifest['layers'])} file(s) written" in result.output
+    assert _bytes(out) == want
