@@ -167,7 +167,7 @@ def check_output(out: Path, config: NeoXConfig, *, hashes: bool | None = None,
     total = sum((out / f).stat().st_size for f in index_files if _plain(f) and (out / f).is_file())
     report.total_bytes = total
     hash_weights = hashes if hashes is not None else total < hash_limit_bytes
-    for group, entries, do_hash in (("weights", weights, hash_weights), ("small", small, True)):
+    for entries, do_hash in ((weights, hash_weights), (small, True)):  # small files: always hashed
         for name, entry in entries.items():
             path = out / name
             if not _plain(name) or not isinstance(entry, dict):
