@@ -257,7 +257,8 @@ def atomic_write(path: Path, data: bytes) -> str:
 
 
 def atomic_write_json(path: Path, obj) -> str:
-    return atomic_write(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+    """Strict JSON: NaN/Infinity are refused (ValueError), never written as invalid JSON."""
+    return atomic_write(path, (json.dumps(obj, indent=2, sort_keys=False, allow_nan=False) + "\n").encode())
 
 
 def safetensors_header(entries: list[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str]) -> bytes:
