@@ -278,7 +278,7 @@ def _print_neox_report(report, as_json: bool, quiet: bool) -> None:
 @_run
 def split(hf_dir: Path, out: Path, tp: int, layout: str, dtype: str, step: int, tokenizer_path: Path | None,
           no_resume: bool, force: bool, as_json: bool, quiet: bool) -> None:
-    """Split the Hugging Face GPT-NeoX model HF_DIR into a gpt-neox checkpoint OUT at TP degree --tp.
+    """Split the Hugging Face GPT-NeoX or Llama model HF_DIR into a gpt-neox checkpoint OUT at TP degree --tp.
 
     OUT gets latest, global_step*/ (rank files and DeepSpeed bookkeeping), configs/neox.yml and the
     tokenizer. Row-parallel biases with parallel residual go whole to rank 0 (zeros elsewhere), so the
@@ -300,6 +300,8 @@ def split(hf_dir: Path, out: Path, tp: int, layout: str, dtype: str, step: int, 
 @click.option("--step", type=int, help="Output step (default: the source's global_step number).")
 @click.option("--row-bias", type=click.Choice(["auto", "sum", "replicated"]), default="auto", show_default=True,
               help="How the SOURCE's row-parallel biases combine (as in merge).")
+@click.option("--qkv-layout", type=click.Choice(["auto", "blocked", "interleaved"]), default="auto", show_default=True,
+              help="Llama-style GQA sources: how their QKV rows lie (as in merge); OUT keeps that layout.")
 @click.option("--replica-tolerance", type=float, default=1e-2, show_default=True,
               help="Largest |rank_k - rank_0| accepted for replicated tensors of the source.")
 @click.option("--config", "config_path", type=click.Path(path_type=Path, dir_okay=False),
@@ -312,12 +314,12 @@ def split(hf_dir: Path, out: Path, tp: int, layout: str, dtype: str, step: int, 
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary.")
 @_run
 def reshard(src: Path, out: Path, tp: int, layout: str | None, dtype: str, step: int | None, row_bias: str,
-            replica_tolerance: float, config_path: Path | None, tokenizer_path: Path | None, no_resume: bool,
+            qkv_layout: str, replica_tolerance: float, config_path: Path | None, tokenizer_path: Path | None, no_resume: bool,
             force: bool, as_json: bool, quiet: bool) -> None:
     """Reshard the gpt-neox checkpoint SRC (any TP degree) to TP degree --tp in OUT, one layer at a time."""
     from neoxconv.reshard import ReshardOptions, reshard_checkpoint
 
-    options = ReshardOptions(tp=tp, layout=layout, dtype=dtype, step=step, row_bias=row_bias,
+    options = ReshardOptions(tp=tp, layout=layout, dtype=dtype, step=step, row_bias=row_bias, qkv_layout=qkv_layout,
                              replica_tolerance=replica_tolerance, config_path=config_path,
                              tokenizer_path=tokenizer_path, resume=not no_resume, force=force,
                              quiet=quiet or as_json)
