@@ -1,4 +1,4 @@
-"""Check a merged folder before trusting it: manifest, sizes, sha256, safetensors headers vs config and index."""
+"""Check a merged folder before trusting it: manifest, sizes, hashes, safetensors headers vs config and index."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from neoxconv.config import NeoXConfig
 from neoxconv.dtypes import FROM_SAFETENSORS
 from neoxconv.errors import VerificationError
 from neoxconv.merge import RULES, expected_shape, hf_name
-from neoxconv.writer import sha256_file
+from neoxconv.hashing import hash_file, recorded_hash
 
 MANIFEST = "neoxconv.json"
 INDEX = "model.safetensors.index.json"
@@ -64,7 +64,8 @@ def check_output(out: Path, config: NeoXConfig, *, hashes: bool | None = None,
                  hash_limit_bytes: int = 2 << 30) -> IntegrityReport:
     """Raise `VerificationError` naming every missing, resized, modified or malformed file.
 
-    ``hashes=None`` checks sha256 when the model is smaller than ``hash_limit_bytes``.
+    ``hashes=None`` checks hashes when the model is smaller than ``hash_limit_bytes``; each file's digest is
+    checked under the algorithm its manifest entry names (BLAKE3, or sha256 for older manifests).
     """
     out = Path(out)
     problems: list[str] = []
@@ -101,8 +102,9 @@ def check_output(out: Path, config: NeoXConfig, *, hashes: bool | None = None,
         if "size" in entry and size != entry["size"]:
             problems.append(f"{name}: size {size}, manifest says {entry['size']} (modified or truncated)")
             continue
-        if do_hash and "sha256" in entry and sha256_file(path) != entry["sha256"]:
-            problems.append(f"{name}: sha256 differs from the manifest (modified)")
+        recorded = recorded_hash(entry)
+        if do_hash and recorded is not None and hash_file(path, recorded[0]) != recorded[1]:
+            problems.append(f"{name}: {recorded[0]} differs from the manifest (modified)")
         report.files_checked += 1
 
     expected = expected_tensors(config)

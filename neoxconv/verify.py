@@ -1,7 +1,7 @@
 """`verify_model`: load a merged folder into neoxconv's layers, generate, and run checks that catch a bad merge.
 
 Checks (each with its figure and tolerance; any failure makes the CLI exit 7):
-* integrity     manifest, file sizes, sha256 (small models by default), safetensors headers vs config/index;
+* integrity     manifest, file sizes, hashes (small models by default), safetensors headers vs config/index;
                 done before any model is built
 * kv_cache      max |logits of cached step-by-step decoding - logits of one uncached forward|
 * against       max |merged model's prompt logits - a simulated tensor-parallel forward over the unmerged
@@ -243,7 +243,7 @@ def verify_model(out: Path, options: VerifyOptions) -> VerifyReport:
         generated_ids=gen.generated_ids, text=text, tokens_per_second=gen.decode_tokens_per_second,
         prefill_seconds=gen.prefill_seconds, load_seconds=loaded.load_seconds, weight_bytes=loaded.weight_bytes,
     )
-    detail = (f"{integrity.files_checked} files, sha256 {'checked' if integrity.hashes_checked else 'not checked'}"
+    detail = (f"{integrity.files_checked} files, hashes {'checked' if integrity.hashes_checked else 'not checked'}"
               if integrity.manifest_found else integrity.notes[0])
     report.checks.append(Check("integrity", True, None, None, detail))
     kv, report.kv_cache_max_abs_diff = kv_cache_check(loaded.model, gen, dtype)
