@@ -10,20 +10,14 @@ comparing against Hugging Face Hub LFS ids.
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
+
+import blake3
 
 HASH_ALGORITHMS = ("blake3", "sha256")
 DEFAULT_HASH = "blake3"
-_MULTITHREAD_BYTES = 4 << 20  # below this, BLAKE3's thread pool costs more than it saves
 _FILE_CHUNK = 16 << 20
-
-
-def _blake3():
-    try:
-        import blake3
-    except ImportError:  # a declared dependency; only a broken install lands here
-        raise ValueError("the 'blake3' package is missing: pip install blake3, or use --hash sha256") from None
-    return blake3
 
 
 def check_algorithm(algo: str) -> str:
@@ -41,8 +35,7 @@ class StreamHasher:
     def __init__(self, algo: str = DEFAULT_HASH, *, threads: int = 1) -> None:
         self.algo = check_algorithm(algo)
         if algo == "blake3":
-            b3 = _blake3()
-            self._h = b3.blake3(max_threads=b3.blake3.AUTO if threads > 1 else 1)
+            self._h = blake3.blake3(max_threads=blake3.blake3.AUTO if threads > 1 else 1)
         else:
             self._h = hashlib.sha256()
 
@@ -54,16 +47,9 @@ class StreamHasher:
 
 
 def hash_file(path: Path, algo: str = DEFAULT_HASH) -> str:
-    """Hex digest of a file's bytes (BLAKE3 memory-maps the file and hashes it on all cores)."""
-    path = Path(path)
-    check_algorithm(algo)
-    if algo == "blake3":
-        h = _blake3().blake3(max_threads=_blake3().blake3.AUTO)
-        if path.stat().st_size >= _MULTITHREAD_BYTES:
-            h.update_mmap(path)
-            return h.hexdigest()
-    else:
-        h = hashlib.sha256()
+    """Hex digest of a file's bytes, read through one reused buffer (memory stays flat in the file size;
+    BLAKE3 hashes each buffer on all cores)."""
+    h = StreamHasher(algo, threads=os.cpu_count() or 1)
     buf = bytearray(_FILE_CHUNK)
     view = memoryview(buf)
     with open(path, "rb", buffering=0) as f:
