@@ -79,17 +79,21 @@ _dtype_choice = click.Choice(["auto", "fp16", "bf16", "fp32"], case_sensitive=Fa
 @click.option("--tokenizer", "tokenizer_path", type=click.Path(path_type=Path, dir_okay=False),
               help="tokenizer.json to copy into OUT; default: *tokenizer*.json next to SRC.")
 @click.option("--allow-nonfinite", is_flag=True, help="Warn instead of failing on inf/nan weights.")
-@click.option("--no-resume", is_flag=True, help="Redo every layer even if OUT holds completed ones.")
+@click.option("--no-resume", is_flag=True,
+              help="Redo every layer even if OUT holds completed ones (also over a merge made with other options).")
 @click.option("--force", is_flag=True,
               help="Write into a non-empty OUT that is not this source's output (only neoxconv's files are replaced).")
 @click.option("--hash", "hash_algo", type=click.Choice(["blake3", "sha256"]), default="blake3", show_default=True,
               help="Digest recorded for every output file in the manifest; sha256 matches Hugging Face Hub LFS ids, "
                    "BLAKE3 costs ~4x less CPU.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print one JSON object on stdout (out, files_written, bytes_written, seconds, dtype, ...); "
+                   "progress stays on stderr.")
 @_run
 def merge(src: Path, out: Path, dtype: str, row_bias: str, replica_tolerance: float, config_path: Path | None,
           tokenizer_path: Path | None, allow_nonfinite: bool, no_resume: bool, force: bool, hash_algo: str,
-          quiet: bool) -> None:
+          quiet: bool, as_json: bool) -> None:
     """Merge the tensor-parallel checkpoint SRC into a Hugging Face folder OUT.
 
     SRC is a checkpoint root (with 'latest' or one global_step* folder) or a global_step* folder, in the
@@ -103,33 +107,41 @@ def merge(src: Path, out: Path, dtype: str, row_bias: str, replica_tolerance: fl
                            allow_nonfinite=allow_nonfinite, config_path=config_path, tokenizer_path=tokenizer_path,
                            resume=not no_resume, force=force, quiet=quiet, hash=hash_algo)
     report = merge_checkpoint(src, out, options)
-    if not quiet:
-        click.echo(
-            f"merged TP={report.tp_degree} ({report.layout}) -> {report.out_dir}: "
-            f"{report.total_bytes / 1e9:.3f} GB, {report.files_written} file(s) written, "
-            f"{report.files_reused} reused; max replica divergence {report.max_replica_divergence:.3g}"
-        )
+    if as_json:
+        click.echo(json.dumps(report.to_json()))
+    elif not quiet:
+        click.echo(report.summary())
 
 
 @main.command()
 @click.argument("src", type=click.Path(path_type=Path))
 @click.option("--config", "config_path", type=click.Path(path_type=Path, dir_okay=False),
               help="NeoX YAML (or config.json) of the model; default: configs/*.yml next to SRC.")
+@click.option("--out", "out", type=click.Path(path_type=Path, file_okay=False),
+              help="Where the merge will write: report the free disk space there.")
+@click.option("--dtype", type=_dtype_choice, default="auto", show_default=True,
+              help="Plan for this merge --dtype (output dtype and bytes).")
+@click.option("--row-bias", type=click.Choice(["auto", "sum", "replicated"]), default="auto", show_default=True,
+              help="Plan for this merge --row-bias.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @_run
-def inspect(src: Path, config_path: Path | None, as_json: bool) -> None:
-    """Describe the checkpoint SRC without reading its tensor data."""
-    from neoxconv.inspect import inspect_checkpoint
+def inspect(src: Path, config_path: Path | None, out: Path | None, dtype: str, row_bias: str, as_json: bool) -> None:
+    """Describe the checkpoint SRC and the merge plan, without reading tensor data.
 
-    info = inspect_checkpoint(src, config_path=config_path)
-    if as_json:
-        click.echo(json.dumps(info, indent=2))
-        return
-    for key, value in info.items():
-        if key in ("files_found",):
-            click.echo(f"{key:>18}: {len(value)} file(s)")
-        else:
-            click.echo(f"{key:>18}: {value}")
+    Shows the model's shape, dtype and parameter count, the files found and missing, and the plan: every
+    merged tensor (name, shape, dtype, rule) and the bytes the merge will write. Exits 4 when rank files are
+    missing (after printing what was found).
+    """
+    from neoxconv.errors import CheckpointError
+    from neoxconv.inspect import format_inspect, inspect_checkpoint
+
+    info = inspect_checkpoint(src, config_path=config_path, out=out, dtype=dtype, row_bias=row_bias)
+    click.echo(json.dumps(info, indent=2) if as_json else format_inspect(info))
+    missing = info["files_missing"]
+    if missing:
+        raise CheckpointError(f"{info['step_dir']}: {len(missing)} rank file(s) missing: {', '.join(missing[:8])}"
+                              + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
+                              + "; a merge needs every rank's file of every layer")
 
 
 def _parse_ids(value: str | None) -> tuple[int, ...] | None:
@@ -142,7 +154,7 @@ def _parse_ids(value: str | None) -> tuple[int, ...] | None:
 
 
 @main.command()
-@click.argument("out", type=click.Path(path_type=Path, file_okay=False))
+@click.argument("out", type=click.Path(path_type=Path, exists=True, file_okay=False))
 @click.option("--prompt", help="Text to continue (needs OUT/tokenizer.json or --tokenizer).")
 @click.option("--ids", "ids_text", help="The prompt as comma-separated token ids instead of text.")
 @click.option("--max-new-tokens", type=int, default=32, show_default=True, help="Tokens to generate (stops at EOS).")
@@ -155,7 +167,7 @@ def _parse_ids(value: str | None) -> tuple[int, ...] | None:
 @click.option("--top-k", type=int, default=0, show_default=True, help="Sample from the k most likely tokens (0 = all).")
 @click.option("--top-p", type=float, default=1.0, show_default=True, help="Nucleus sampling mass.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Sampling seed.")
-@click.option("--against", type=click.Path(path_type=Path),
+@click.option("--against", type=click.Path(path_type=Path, exists=True),
               help="The unmerged checkpoint: compare with a simulated tensor-parallel forward over its rank shards.")
 @click.option("--against-config", type=click.Path(path_type=Path, dir_okay=False),
               help="Config for --against when it is not next to that checkpoint.")
@@ -218,6 +230,56 @@ def demo(workdir: Path | None, tp_degree: int, tokenizer_path: Path | None) -> N
     from neoxconv.demo import run_demo
 
     run_demo(workdir=workdir, tp_degree=tp_degree, tokenizer=tokenizer_path, echo=click.echo)
+
+
+@main.command()
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--tp", "tp_degree", type=int, default=2, show_default=True,
+              help="Tensor-parallel degree (rank files per layer).")
+@click.option("--layers", type=int, default=4, show_default=True, help="Transformer blocks (num-layers).")
+@click.option("--hidden", type=int, default=1024, show_default=True, help="Hidden size.")
+@click.option("--heads", type=int, help="Attention heads (default: hidden / 64, at least 1).")
+@click.option("--ffn", type=int, help="MLP width (default: 4 x hidden).")
+@click.option("--vocab", type=int, default=50432, show_default=True,
+              help="Padded vocabulary rows (50432 fits the 20B tokenizer).")
+@click.option("--max-positions", type=int, default=2048, show_default=True, help="max-position-embeddings.")
+@click.option("--rotary-pct", type=float, default=0.25, show_default=True, help="Share of each head RoPE rotates.")
+@click.option("--dtype", type=click.Choice(["fp16", "bf16", "fp32"]), default="fp16", show_default=True,
+              help="Storage dtype of the rank files.")
+@click.option("--layout", type=click.Choice(["pipeline", "sequential"]), default="pipeline", show_default=True,
+              help="pipeline: layer_XX-model_YY-model_states.pt (20B); sequential: mp_rank_XX_model_states.pt.")
+@click.option("--sequential-residual", is_flag=True, help="gpt_j_residual false (row-parallel biases replicated).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random weights.")
+@click.option("--tokenizer", "tokenizer_path", type=click.Path(path_type=Path, exists=True, dir_okay=False),
+              help="A tokenizer.json to place next to the checkpoint (as 20B_tokenizer.json).")
+@_run
+def synth(out: Path, tp_degree: int, layers: int, hidden: int, heads: int | None, ffn: int | None, vocab: int,
+          max_positions: int, rotary_pct: float, dtype: str, layout: str, sequential_residual: bool, seed: int,
+          tokenizer_path: Path | None) -> None:
+    """Write a random GPT-NeoX checkpoint of a chosen size to OUT, in the real file layout.
+
+    For trying neoxconv and for bug reports: e.g. 'neoxconv synth ./ckpt --tp 2 --layers 4 --hidden 1024',
+    then 'neoxconv merge ./ckpt ./merged'. The weights are random; the files, config YAML and key names are
+    those of a GPT-NeoX-20B release (one layer in memory at a time while writing).
+    """
+    from neoxconv.config import GELU_TANH, NeoXConfig
+    from neoxconv.errors import ConfigError, UsageError
+    from neoxconv.progress import format_bytes
+    from neoxconv.synthetic import SyntheticSpec, synthesize
+
+    try:
+        config = NeoXConfig(num_layers=layers, hidden_size=hidden, num_heads=heads or max(1, hidden // 64),
+                            vocab_size=vocab, intermediate_size=ffn, max_position_embeddings=max_positions,
+                            rotary_pct=rotary_pct, parallel_residual=not sequential_residual, activation=GELU_TANH)
+    except ConfigError as e:
+        raise UsageError(f"{e} (--layers/--hidden/--heads/--ffn/--vocab/--rotary-pct)") from None
+    spec = SyntheticSpec(config, tp_degree=tp_degree, layout=layout, dtype={"fp16": "float16", "bf16": "bfloat16",
+                         "fp32": "float32"}[dtype], seed=seed, tokenizer=tokenizer_path)
+    info = synthesize(out, spec)
+    click.echo(f"wrote a synthetic TP={tp_degree} {dtype} checkpoint ({layout} layout, "
+               f"{layers} layer{'s' if layers != 1 else ''}, hidden {hidden}, "
+               f"{config.num_heads} heads, vocab {vocab}): {info['parameters']:,} parameters, "
+               f"{format_bytes(info['bytes'])} in {info['files']} files under {out}")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,7 @@ from neoxconv.integrity import INDEX, MANIFEST
 from neoxconv.interrupt import InterruptGuard, deferred_sigint
 from neoxconv.merge import LayerPlan, Rule, TensorPlan, iter_merged_chunks, max_divergence, merge_tensor, plan_layer, read_checked, resolve_row_bias
 from neoxconv.prefetch import prefetch
-from neoxconv.progress import progress_bar
+from neoxconv.progress import format_bytes, progress_bar
 from neoxconv.streaming import stream_tensor, streams_direct
 from neoxconv.tokenizer_files import eos_token_id, tokenizer_config
 from neoxconv.writer import TMP_SUFFIX, SafetensorsWriter, atomic_write, atomic_write_json
@@ -71,9 +72,34 @@ class MergeReport:
     layout: str
     files_written: int
     files_reused: int
-    total_bytes: int
+    total_bytes: int  # tensor bytes of the whole model (the index's total_size)
     warnings: list[str] = field(default_factory=list)
     max_replica_divergence: float = 0.0
+    bytes_written: int = 0  # bytes of the safetensors files written by this run (reused files not counted)
+    seconds: float = 0.0
+    dtype: str | list[str] = ""  # the dtype(s) written
+    num_layers: int = 0
+    row_bias: str = ""  # the rule applied to row-parallel biases: sum | replicated
+
+    def to_json(self) -> dict[str, Any]:
+        """The ``merge --json`` object."""
+        return {
+            "out": str(self.out_dir), "tp_degree": self.tp_degree, "layout": self.layout,
+            "num_layers": self.num_layers, "dtype": self.dtype, "row_bias": self.row_bias,
+            "files_written": self.files_written, "files_reused": self.files_reused,
+            "bytes_written": self.bytes_written, "total_size": self.total_bytes, "seconds": round(self.seconds, 3),
+            "max_replica_divergence": self.max_replica_divergence, "warnings": list(self.warnings),
+        }
+
+    def summary(self) -> str:
+        """One line for people: what was written, how fast, in which dtype."""
+        rate = f", {format_bytes(self.bytes_written / self.seconds)}/s" if self.bytes_written and self.seconds > 0 else ""
+        dtype = self.dtype if isinstance(self.dtype, str) else "/".join(self.dtype)
+        seconds = f"{self.seconds:.{2 if self.seconds < 10 else 1}f} s"
+        return (f"merged TP={self.tp_degree} ({self.layout}) -> {self.out_dir}: {self.files_written} file(s) "
+                f"written ({format_bytes(self.bytes_written)} {dtype} in {seconds}{rate}), {self.files_reused} reused; "
+                f"model {format_bytes(self.total_bytes)}; row-parallel biases: {self.row_bias}; "
+                f"max replica divergence {self.max_replica_divergence:.3g}")
 
 
 def _source_fingerprint(ckpt: Checkpoint) -> dict[str, Any]:
@@ -115,14 +141,15 @@ def _prepare_out(out: Path, state: dict | None, source: dict, recorded: dict, op
                 "(neoxconv only overwrites the files it writes)"
             )
         return {}
-    same = state.get("source") == source and state.get("options") == recorded
+    same_source = state.get("source") == source
+    same = same_source and state.get("options") == recorded
     if not same and state.get("layers"):
-        if not options.force:
-            raise OutputError(
-                f"{out}: holds a neoxconv output of a different source or different options "
-                f"({state.get('source', {}).get('step_dir')}, {state.get('options')}); "
-                "choose another folder or pass --force to overwrite it"
-            )
+        # the same source with other options and --no-resume: the user asked to redo it all
+        if not (options.force or (same_source and not options.resume)):
+            what, fix = (("made with other options", "use --no-resume or another OUT") if same_source else
+                         ("of a different source", "use another OUT, or --force to replace it"))
+            raise OutputError(f"{out}: holds a neoxconv merge {what}: "
+                              f"{'; '.join(describe_differences(state, source, recorded))}; {fix}")
         _remove_previous_output(out, state)
         return {}
     if not same:  # an earlier run that stopped before its first layer: nothing to keep
@@ -130,6 +157,41 @@ def _prepare_out(out: Path, state: dict | None, source: dict, recorded: dict, op
     if not options.resume:
         return {}
     return dict(state.get("layers", {}))
+
+
+def describe_differences(state: dict, source: dict, recorded: dict) -> list[str]:
+    """What differs between the run recorded in ``state`` and this one, as 'what: before, now' phrases."""
+    before_src = state.get("source") if isinstance(state.get("source"), dict) else {}
+    before_opts = state.get("options") if isinstance(state.get("options"), dict) else {}
+    diffs = []
+    for key in ("step_dir", "layout", "tp_degree"):
+        if before_src.get(key) != source.get(key):
+            diffs.append(f"source {key.replace('_', ' ')}: {before_src.get(key)} before, {source.get(key)} now")
+    if not diffs and before_src.get("files") != source.get("files"):
+        before_files = {f.get("name"): f.get("size") for f in before_src.get("files") or [] if isinstance(f, dict)}
+        now_files = {f["name"]: f["size"] for f in source["files"]}
+        changed = sorted(n for n in before_files.keys() | now_files.keys() if before_files.get(n) != now_files.get(n))
+        diffs.append(f"source files changed since that merge ({', '.join(changed[:3])}"
+                     + (f" and {len(changed) - 3} more" if len(changed) > 3 else "") + ")")
+    for key in sorted(before_opts.keys() | recorded.keys()):
+        before = before_opts.get(key)
+        if before != recorded.get(key):
+            if key == "dtype" and before == "auto":  # say what auto wrote
+                layers = state.get("layers") if isinstance(state.get("layers"), dict) else {}
+                written = {m.get("dtype") for e in layers.values() if isinstance(e, dict)
+                           for m in (e.get("tensors") or {}).values() if isinstance(m, dict)}
+                before = f"auto ({written.pop()})" if len(written) == 1 else before
+            diffs.append(f"{key.replace('_', '-')}: {before} before, {recorded.get(key)} now")
+    return diffs or ["its manifest does not match this run"]
+
+
+def _reusable_entry(out: Path, name: str, plan: LayerPlan, entry: dict | None) -> dict | None:
+    """The journal entry of a finished file worth re-hashing: same source layer, present, the recorded size."""
+    path = out / name
+    if entry and entry.get("source_layer") == plan.layer.index and path.is_file() \
+            and path.stat().st_size == entry.get("size"):
+        return entry
+    return None
 
 
 def _remove_previous_output(out: Path, state: dict) -> None:
@@ -262,6 +324,7 @@ def merge_checkpoint(src: Path, out: Path, options: MergeOptions | None = None) 
 
 def _merge(src: Path, out: Path, options: MergeOptions, guard: InterruptGuard) -> MergeReport:
     out = Path(out)
+    started = time.perf_counter()
     check_algorithm(options.hash)
     ckpt = open_checkpoint(src, config_path=options.config_path, tokenizer_path=options.tokenizer_path)
     out_dtype = None if options.dtype == "auto" else canonical_dtype(options.dtype)
@@ -285,15 +348,21 @@ def _merge(src: Path, out: Path, options: MergeOptions, guard: InterruptGuard) -
         "source": source, "options": recorded, "hash": options.hash, "layers": {},
     }
 
-    # which layers are already done (file present and its hash as recorded)
+    # which layers are already done (file present and its hash as recorded); a bar while re-hashing them
     todo: list[tuple[str, LayerPlan]] = []
-    for name, plan in zip(names, plans):
-        entry = reusable.get(name)
-        path = out / name
-        if entry and entry.get("source_layer") == plan.layer.index and path.is_file() \
-                and path.stat().st_size == entry.get("size") and file_matches(path, entry):
-            state["layers"][name] = with_hash(entry, path, options.hash)
-        else:
+    candidates = [(name, plan, _reusable_entry(out, name, plan, reusable.get(name)))
+                  for name, plan in zip(names, plans)]
+    recheck = sum(e["size"] for _, _, e in candidates if e)
+    with progress_bar(total=recheck, desc="resume: re-check", unit="B",
+                      quiet=options.quiet or not recheck) as bar:
+        for name, plan, entry in candidates:
+            if entry:
+                bar.set_postfix_str(name, refresh=False)
+                intact = file_matches(out / name, entry)
+                bar.update(entry["size"])
+                if intact:
+                    state["layers"][name] = with_hash(entry, out / name, options.hash)
+                    continue
             todo.append((name, plan))
     _check_disk(out, sum(p.nbytes for _, p in todo) + (1 << 20))
     (out / MANIFEST).unlink(missing_ok=True)  # the manifest only exists beside a complete output
@@ -303,7 +372,7 @@ def _merge(src: Path, out: Path, options: MergeOptions, guard: InterruptGuard) -
     warnings: list[str] = []
     total = sum(p.nbytes for _, p in todo)
     guard.check()
-    with progress_bar(total=total, desc="merge", unit="B", quiet=options.quiet) as bar:
+    with progress_bar(total=total, desc="merge", unit="B", quiet=options.quiet or not todo) as bar:
         for name, plan in todo:
             guard.check()
             bar.set_postfix_str(f"{plan.layer.label} -> {name}", refresh=False)
@@ -337,9 +406,13 @@ def _merge(src: Path, out: Path, options: MergeOptions, guard: InterruptGuard) -
     (out / JOURNAL).unlink(missing_ok=True)
     if ckpt.tokenizer is None:
         log.warning("no tokenizer found next to the checkpoint; pass --tokenizer FILE to include one")
+    out_dtypes = sorted({t.out_dtype for p in plans for t in p.tensors})
     report = MergeReport(
         out_dir=out, tp_degree=ckpt.tp_degree, layout=ckpt.layout, files_written=len(todo),
         files_reused=len(plans) - len(todo), total_bytes=total_size, warnings=warnings,
         max_replica_divergence=state["max_replica_divergence"],
+        bytes_written=sum(state["layers"][name]["size"] for name, _ in todo),
+        seconds=time.perf_counter() - started, dtype=out_dtypes[0] if len(out_dtypes) == 1 else out_dtypes,
+        num_layers=config.num_layers, row_bias=row_bias.value,
     )
     return report

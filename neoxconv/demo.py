@@ -32,9 +32,17 @@ def run_demo(*, workdir: Path | None = None, tp_degree: int = 2, tokenizer: Path
     """Synthesize -> inspect -> merge -> check every tensor -> verify (in a temporary folder by default)."""
     if workdir is None:
         with tempfile.TemporaryDirectory(prefix="neoxconv-demo-") as tmp:
+            echo(f"demo: working in {tmp} (a temporary folder, removed when the demo ends; "
+                 "pass --workdir DIR to keep the files)")
             _demo(Path(tmp), tp_degree, tokenizer, echo)
+            echo(f"demo: removed {tmp}; run 'neoxconv demo --workdir DIR' to keep the checkpoint and the merged model")
     else:
-        _demo(Path(workdir), tp_degree, tokenizer, echo)
+        work = Path(workdir)
+        echo(f"demo: working in {work} (kept afterwards)")
+        _demo(work, tp_degree, tokenizer, echo)
+        echo(f"demo: files kept in {work}: {work / 'checkpoint'} (the synthetic TP={tp_degree} checkpoint), "
+             f"{work / 'merged'} (the merged Hugging Face folder); try "
+             f"'neoxconv inspect {work / 'checkpoint'}' or 'neoxconv verify {work / 'merged'} --ids 510,5347'")
 
 
 def _demo(work: Path, tp_degree: int, tokenizer: Path | None, echo: Callable[[str], None]) -> None:

@@ -2,7 +2,8 @@
 
 Exit codes (documented in the README):
     1  NeoXConvError           anything not covered below
-    2  usage errors            (click's own code for bad options)
+    2  UsageError              a request that cannot be met as asked: contradictory options, token ids outside
+                               the vocabulary, a missing optional dependency (click uses 2 for bad options too)
     3  ConfigError             the NeoX / Hugging Face config is missing, unreadable or inconsistent
     4  CheckpointError         a source file is missing, unreadable, unsafe or has unexpected contents
     5  MergeError              ranks disagree (shapes, dtypes, replicas) or a value is not finite
@@ -18,6 +19,12 @@ class NeoXConvError(Exception):
     """Base class of every error neoxconv raises on purpose."""
 
     exit_code = 1
+
+
+class UsageError(NeoXConvError):
+    """The command line asks for something this input or installation cannot do; fix the options."""
+
+    exit_code = 2
 
 
 class ConfigError(NeoXConvError):

@@ -1,18 +1,37 @@
-"""`inspect_checkpoint`: what a source checkpoint holds, from its tensor descriptions only."""
+"""`inspect_checkpoint`: what a source checkpoint holds and what a merge of it will write, from tensor
+descriptions only (no tensor data is read)."""
 
 from __future__ import annotations
 
 import math
+import shutil
 from pathlib import Path
 from typing import Any
 
 from neoxconv.checkpoint import open_checkpoint
-from neoxconv.convert import plan_checkpoint
+from neoxconv.convert import _output_names as output_names, plan_checkpoint
+from neoxconv.dtypes import canonical_dtype
 from neoxconv.merge import resolve_row_bias
+from neoxconv.progress import format_bytes
 
 
-def inspect_checkpoint(src: Path, *, config_path: Path | None = None) -> dict[str, Any]:
-    """TP degree, layout, shape, dtype, parameter count and the files found / missing. Reads no tensor data."""
+def free_bytes(path: Path) -> tuple[Path, int]:
+    """Free bytes on the filesystem that holds ``path`` (or its nearest existing parent, if it does not exist)."""
+    probe = Path(path).absolute()
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    return probe, shutil.disk_usage(probe).free
+
+
+def inspect_checkpoint(src: Path, *, config_path: Path | None = None, out: Path | None = None,
+                       dtype: str = "auto", row_bias: str = "auto") -> dict[str, Any]:
+    """TP degree, layout, shapes, dtype, parameter count, files found / missing, and the merge plan.
+
+    The plan (``tensors``: name, shape, dtype, rule, source key and output file of every merged tensor;
+    ``output_bytes``, the index's ``total_size`` after a merge with the same ``dtype`` and ``row_bias``) needs
+    every rank file; with files missing it is left out (``files_missing`` says which). With ``out``, the free
+    disk space there is reported too.
+    """
     ckpt = open_checkpoint(src, config_path=config_path, strict=False)
     config = ckpt.config
     found = [p.name for p in ckpt.source_files() if p.is_file()]
@@ -34,13 +53,77 @@ def inspect_checkpoint(src: Path, *, config_path: Path | None = None) -> dict[st
         "files_missing": list(ckpt.missing_files),
         "dtype": None,
         "parameters": None,
+        "row_bias": None,
+        "output_dtype": None,
+        "output_bytes": None,
+        "tensors": [],
     }
+    if out is not None:
+        where, free = free_bytes(out)
+        result["out"] = str(out)
+        result["out_free_bytes"] = free
+        result["out_free_bytes_at"] = str(where)
     if ckpt.missing_files:
         return result
-    config, plans = plan_checkpoint(ckpt, row_bias=resolve_row_bias("auto", config), out_dtype=None)
+    rule = resolve_row_bias(row_bias, config)
+    out_dtype = None if dtype == "auto" else canonical_dtype(dtype)
+    config, plans = plan_checkpoint(ckpt, row_bias=rule, out_dtype=out_dtype)
     tensors = [t for plan in plans for t in plan.tensors]
     dtypes = {t.src_dtype for t in tensors}
+    out_dtypes = {t.out_dtype for t in tensors}
     result["vocab_size"] = config.vocab_size
     result["parameters"] = sum(math.prod(t.shape) for t in tensors)
     result["dtype"] = dtypes.pop() if len(dtypes) == 1 else sorted(dtypes)
+    result["row_bias"] = rule.value
+    result["output_dtype"] = out_dtypes.pop() if len(out_dtypes) == 1 else sorted(out_dtypes)
+    result["output_bytes"] = sum(p.nbytes for p in plans)
+    result["tensors"] = [
+        {"name": t.hf_name, "shape": list(t.shape), "dtype": t.out_dtype, "rule": t.rule.value,
+         "source": t.key, "file": file}
+        for file, plan in zip(output_names(len(plans)), plans) for t in plan.tensors
+    ]
+    if out is not None:
+        result["out_fits"] = result["out_free_bytes"] >= result["output_bytes"]
     return result
+
+
+def format_inspect(info: dict[str, Any]) -> str:
+    """The human-readable form of `inspect_checkpoint`'s result."""
+    unknown = "unknown (rank files missing)"
+
+    def show(value: Any) -> str:
+        if value is None:
+            return unknown
+        if isinstance(value, bool):
+            return str(value).lower()
+        if isinstance(value, int):
+            return f"{value:,}"
+        return str(value)
+
+    rows = [
+        ("step folder", info["step_dir"]), ("layout", info["layout"]), ("TP degree", info["tp_degree"]),
+        ("layers", info["num_layers"]), ("hidden size", info["hidden_size"]), ("heads", info["num_heads"]),
+        ("ffn size", info["intermediate_size"]), ("vocab size", info["vocab_size"]),
+        ("rotary pct", info["rotary_pct"]), ("parallel residual", info["parallel_residual"]),
+        ("activation", info["activation"]), ("config", info["config_source"]),
+        ("tokenizer", info["tokenizer"] or "none found (merge --tokenizer FILE)"),
+        ("dtype", info["dtype"]), ("parameters", info["parameters"]),
+        ("files found", f"{len(info['files_found'])} file(s)"),
+        ("files missing", ", ".join(info["files_missing"]) or "none"),
+    ]
+    if info["output_bytes"] is not None:
+        rows += [("row-parallel bias", info["row_bias"]), ("output dtype", info["output_dtype"]),
+                 ("output bytes", f"{info['output_bytes']:,} ({format_bytes(info['output_bytes'])})")]
+    if "out_free_bytes" in info:
+        free = f"{info['out_free_bytes']:,} bytes ({format_bytes(info['out_free_bytes'])}) at {info['out_free_bytes_at']}"
+        if info.get("out_fits") is False:
+            free += "; NOT ENOUGH for the merge"
+        rows.append(("free at OUT", free))
+    lines = [f"{k:>18}: {show(v)}" for k, v in rows]
+    if info["tensors"]:
+        lines += ["", f"plan: {len(info['tensors'])} tensors (rule, dtype, shape, name <- source key, file)"]
+        w = max(len(t["rule"]) for t in info["tensors"])
+        for t in info["tensors"]:
+            shape = "x".join(map(str, t["shape"]))
+            lines.append(f"  {t['rule']:<{w}}  {t['dtype']:<8}  {shape:<14}  {t['name']} <- {t['source']}  {t['file']}")
+    return "\n".join(lines)

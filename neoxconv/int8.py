@@ -11,7 +11,7 @@ import logging
 import torch
 from torch import nn
 
-from neoxconv.errors import NeoXConvError
+from neoxconv.errors import UsageError
 from neoxconv.layers import NeoXForCausalLM
 
 LINEARS = ("attention.query_key_value", "attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h")
@@ -22,8 +22,13 @@ def _bnb():
         logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
         import bitsandbytes as bnb
     except ImportError:
-        raise NeoXConvError("--int8 needs bitsandbytes: pip install 'neoxconv[int8]' (or pip install bitsandbytes)") from None
+        raise UsageError("--int8 needs bitsandbytes: pip install 'neoxconv[int8]' (or pip install bitsandbytes)") from None
     return bnb
+
+
+def require_bitsandbytes() -> None:
+    """Raise UsageError (exit 2) with the install hint when bitsandbytes cannot be imported."""
+    _bnb()
 
 
 def quantize_int8(model: NeoXForCausalLM, *, threshold: float = 6.0) -> NeoXForCausalLM:

@@ -10,7 +10,7 @@ from pathlib import Path
 from neoxconv.checkpoint import model_layers
 from neoxconv.config import NeoXConfig
 from neoxconv.dtypes import FROM_SAFETENSORS
-from neoxconv.errors import VerificationError
+from neoxconv.errors import CheckpointError, VerificationError
 from neoxconv.merge import RULES, expected_shape, hf_name
 from neoxconv.hashing import hash_file, recorded_hash
 
@@ -55,8 +55,9 @@ def read_safetensors_header(path: Path) -> dict:
 
 def load_config(out: Path) -> NeoXConfig:
     path = Path(out) / "config.json"
-    if not path.is_file():
-        raise VerificationError(f"{out}: no config.json; is this a merged model folder?")
+    if not path.is_file():  # an input problem (exit 4), not a failed check
+        raise CheckpointError(f"{out}: no config.json, so not a folder written by 'neoxconv merge'; "
+                              "pass the OUT folder of a merge")
     return NeoXConfig.from_hf_json(path)
 
 
@@ -77,7 +78,7 @@ def check_output(out: Path, config: NeoXConfig, *, hashes: bool | None = None,
             problems.append(f"{MANIFEST}: unreadable ({e})")
     report = IntegrityReport(manifest_found=manifest is not None)
     if not (out / INDEX).is_file():
-        raise VerificationError(f"{out}: no {INDEX}; the merge did not finish (re-run it to resume)")
+        raise CheckpointError(f"{out}: no {INDEX}; not a finished merge output (re-run the merge to resume it)")
     try:
         weight_map: dict[str, str] = json.loads((out / INDEX).read_text())["weight_map"]
     except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:

@@ -197,3 +197,37 @@ def write_checkpoint(root: Path, spec: SyntheticSpec, *, keep_reference: bool = 
                        "iteration": spec.step, "mp_world_size": spec.tp_degree, "dp_world_size": 1}
         torch.save(bookkeeping, step / sequential_file_name(rank))
     return reference
+
+
+def parameter_count(config: NeoXConfig) -> int:
+    """Parameters of a GPT-NeoX model of this config (embedding, blocks, final norm, untied readout)."""
+    H, F, V = config.hidden_size, config.ffn_size, config.vocab_size or 0
+    block = 4 * H + (3 * H * H + 3 * H) + (H * H + H) + (F * H + F) + (H * F + H)
+    return V * H * (1 if config.tie_word_embeddings else 2) + config.num_layers * block + 2 * H
+
+
+def synthesize(out: Path, spec: SyntheticSpec) -> dict[str, int | str]:
+    """``neoxconv synth``: write a random checkpoint of ``spec``'s size to a new or empty folder ``out``.
+
+    Raises UsageError (exit 2) for a size the tensor-parallel split cannot hold, OutputError (6) when ``out``
+    is a file or a non-empty folder. Returns what was written (parameters, bytes, files).
+    """
+    from neoxconv.errors import OutputError, UsageError
+
+    config, tp = spec.config, spec.tp_degree
+    if tp < 1:
+        problems = [f"--tp must be at least 1, got {tp}"]
+    else:
+        problems = [f"{what} {n} is not divisible by --tp {tp}"
+                    for what, n in (("--heads", config.num_heads), ("--vocab", config.vocab_size or 0),
+                                    ("--ffn", config.ffn_size)) if n % tp]
+    if problems:
+        raise UsageError("cannot split this model: " + "; ".join(problems))
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise OutputError(f"{out}: exists and is {'a file' if not out.is_dir() else 'not empty'}; "
+                          "synth writes only into a new or empty folder")
+    write_checkpoint(out, spec, keep_reference=False)
+    files = [p for p in out.rglob("*") if p.is_file()]
+    return {"out": str(out), "parameters": parameter_count(config), "bytes": sum(p.stat().st_size for p in files),
+            "files": len(files), "step_dir": str(out / f"global_step{spec.step}")}

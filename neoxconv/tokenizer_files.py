@@ -33,10 +33,22 @@ def eos_token_id(path: Path) -> int | None:
     return None
 
 
+# GPT-NeoX takes no token_type_ids. Without this list transformers 4.x's PreTrainedTokenizerFast returns them
+# and `model.generate(**tok(text, return_tensors="pt"))` fails; 5.x already leaves them out.
+MODEL_INPUT_NAMES = ["input_ids", "attention_mask"]
+
+
 def tokenizer_config(path: Path, max_length: int) -> dict[str, Any]:
-    """A minimal tokenizer_config.json that AutoTokenizer (transformers 4.x and 5.x) accepts."""
+    """A minimal tokenizer_config.json that AutoTokenizer (transformers 4.x and 5.x) accepts.
+
+    The class stays PreTrainedTokenizerFast, which uses tokenizer.json as written in both major versions
+    (5.x's GPTNeoXTokenizer rebuilds the pipeline from vocab and merges with its own normalizer and
+    pre-tokenizer, which is right for the 20B tokenizer but not for every tokenizer a checkpoint may ship);
+    ``model_input_names`` keeps token_type_ids out.
+    """
     has_eos = eos_token_id(path) is not None
-    cfg: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": max_length}
+    cfg: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast", "model_input_names": MODEL_INPUT_NAMES,
+                           "model_max_length": max_length}
     if has_eos:
         cfg.update(bos_token=EOS_TEXT, eos_token=EOS_TEXT, unk_token=EOS_TEXT)
     return cfg

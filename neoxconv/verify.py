@@ -10,7 +10,10 @@ Checks (each with its figure and tolerance; any failure makes the CLI exit 7):
 * sanity        logits finite and not constant over the vocabulary
 * int8_*        with ``--int8``: top-1 agreement with the full-precision model over the generated steps,
                 max logit difference on the prompt, weight memory before and after
-Logit tolerances scale with max(1, max |logit|) and depend on the dtype.
+Logit tolerances scale with max(1, max |logit|) and depend on the compute dtype. ``against`` compares with
+the source's own weights, so when the merge rounded them (stored in a coarser dtype than the source's, read
+from the safetensors headers) its tolerance is the coarser of the compute dtype and the stored one: a
+``merge --dtype bf16`` checked in fp32 gets bf16's; an fp16 merge of an fp16 source keeps the tight one.
 """
 
 from __future__ import annotations
@@ -25,10 +28,11 @@ from typing import Any
 
 import torch
 
-from neoxconv.errors import NeoXConvError
+from neoxconv.dtypes import FROM_SAFETENSORS
+from neoxconv.errors import NeoXConvError, UsageError
 from neoxconv.generation import GenerationResult, Sampling, full_forward_logits, generate
-from neoxconv.integrity import check_output, load_config
-from neoxconv.loading import LoadedModel, load_model, resolve_device, resolve_dtype, weight_bytes
+from neoxconv.integrity import INDEX, check_output, load_config, read_safetensors_header
+from neoxconv.loading import TORCH_DTYPES, LoadedModel, load_model, resolve_device, resolve_dtype, weight_bytes
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +40,8 @@ log = logging.getLogger(__name__)
 KV_TOL = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 1e-1}
 MODEL_TOL = {torch.float32: 1e-3, torch.float16: 3e-2, torch.bfloat16: 1.5e-1}
 INT8_MIN_AGREEMENT = 0.5
+# coarser precision ranks higher (mantissa bits: fp32 23, fp16 10, bf16 7)
+_COARSENESS = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 
 @dataclass(frozen=True)
@@ -110,7 +116,7 @@ def _tokenizer(out: Path, explicit: Path | None):
     path = Path(explicit) if explicit else Path(out) / "tokenizer.json"
     if not path.is_file():
         if explicit:
-            raise NeoXConvError(f"{explicit}: no such tokenizer file")
+            raise UsageError(f"{explicit}: no such tokenizer file (--tokenizer)")
         return None
     from tokenizers import Tokenizer
 
@@ -135,6 +141,54 @@ def _peak_memory(device: torch.device) -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
+def stored_dtype(out: Path) -> torch.dtype | None:
+    """The coarsest float dtype the merged weights are stored in, from the safetensors headers (None: unknown)."""
+    try:
+        files = set(json.loads((Path(out) / INDEX).read_text())["weight_map"].values())
+        dtypes = {FROM_SAFETENSORS.get(info.get("dtype")) for f in files
+                  for name, info in read_safetensors_header(Path(out) / f).items() if name != "__metadata__"}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None  # the integrity check has already named what is wrong with these files
+    found = [TORCH_DTYPES[d] for d in dtypes if d in TORCH_DTYPES]
+    return max(found, key=_COARSENESS.__getitem__, default=None)
+
+
+def _dtype_name(d: torch.dtype) -> str:
+    return str(d).replace("torch.", "")
+
+
+def coarser(a: torch.dtype, b: torch.dtype | None) -> torch.dtype:
+    return a if b is None or _COARSENESS[a] >= _COARSENESS[b] else b
+
+
+def merge_rounding(out: Path, options: VerifyOptions) -> tuple[torch.dtype, torch.dtype] | None:
+    """(stored, source) dtypes when the merged weights are stored coarser than the ``--against`` source's,
+    i.e. the merge rounded them; None when it did not (or a dtype is unknown)."""
+    from neoxconv.checkpoint import open_checkpoint
+
+    stored = stored_dtype(out)
+    ckpt = open_checkpoint(options.against, config_path=options.against_config)
+    names = {ref.dtype for ref in ckpt.tensors(ckpt.layers[0], 0).values()}  # the embedding: metadata only
+    source = [TORCH_DTYPES[d] for d in names if d in TORCH_DTYPES]
+    if stored is None or len(source) != 1 or _COARSENESS[stored] <= _COARSENESS[source[0]]:
+        return None
+    return stored, source[0]
+
+
+def require_optional(options: VerifyOptions) -> None:
+    """Optional dependencies of the requested checks, checked before any work (UsageError: exit 2)."""
+    if options.reference == "hf":
+        try:
+            import transformers  # noqa: F401
+        except ImportError:
+            raise UsageError("--reference hf needs transformers: pip install 'neoxconv[hf]' "
+                             "(or pip install transformers)") from None
+    if options.int8:
+        from neoxconv.int8 import require_bitsandbytes
+
+        require_bitsandbytes()
+
+
 def kv_cache_check(model, gen: GenerationResult, dtype: torch.dtype) -> tuple[Check, float]:
     """Cached logits (prefill + each decode step) vs one uncached forward over the same tokens."""
     seq = gen.prompt_ids + gen.generated_ids[:-1]
@@ -154,7 +208,10 @@ def sanity_check(gen: GenerationResult) -> Check:
     return Check("sanity", passed, spread, 1e-6, detail)
 
 
-def against_check(model, gen: GenerationResult, options: VerifyOptions, dtype: torch.dtype) -> Check:
+def against_check(model, gen: GenerationResult, options: VerifyOptions, dtype: torch.dtype,
+                  rounding: tuple[torch.dtype, torch.dtype] | None = None) -> Check:
+    """``dtype``: the compute dtype; ``rounding``: (stored, source) dtypes when the merge rounded the weights.
+    The simulation uses the source's own weights in fp32, so rounding widens the tolerance to its dtype's."""
     from neoxconv.tp_reference import tensor_parallel_logits
 
     tp_logits, _ = tensor_parallel_logits(options.against, gen.prompt_ids, row_bias=options.row_bias,
@@ -163,17 +220,19 @@ def against_check(model, gen: GenerationResult, options: VerifyOptions, dtype: t
     if tp_logits.shape != ours.shape:
         return Check("against", False, None, None, f"logit shapes differ: TP {list(tp_logits.shape)} vs {list(ours.shape)}")
     diff = _max_abs(ours, tp_logits)
-    tol = MODEL_TOL[dtype] * _scale(tp_logits)
+    tol = MODEL_TOL[coarser(dtype, rounding[0] if rounding else None)] * _scale(tp_logits)
     agree = float((ours.argmax(-1) == tp_logits.argmax(-1)).float().mean())
+    stored = (f"; weights stored in {_dtype_name(rounding[0])}, rounded from {_dtype_name(rounding[1])}"
+              if rounding else "")
     return Check("against", diff <= tol, diff, tol,
-                 f"vs simulated tensor-parallel forward of {options.against} (top-1 agreement {agree:.0%})")
+                 f"vs simulated tensor-parallel forward of {options.against} (top-1 agreement {agree:.0%}{stored})")
 
 
 def reference_hf_check(out: Path, model, gen: GenerationResult, dtype: torch.dtype, device: torch.device) -> Check:
     try:
         from transformers import GPTNeoXForCausalLM
-    except ImportError:
-        return Check("reference_hf", False, None, None, "transformers is not installed (pip install transformers)")
+    except ImportError:  # require_optional() refuses this up front; kept for library callers
+        return Check("reference_hf", False, None, None, "transformers is not installed (pip install 'neoxconv[hf]')")
     hf = GPTNeoXForCausalLM.from_pretrained(str(out), dtype=dtype).to(device).eval()
     with torch.inference_mode():
         theirs = hf(torch.tensor([gen.prompt_ids], device=device)).logits[0].float().cpu()
@@ -212,22 +271,26 @@ def int8_checks(loaded: LoadedModel, gen: GenerationResult, options: VerifyOptio
 def verify_model(out: Path, options: VerifyOptions) -> VerifyReport:
     """Integrity first, then load, generate, and run every requested check."""
     out = Path(out)
+    if options.prompt is not None and options.ids is not None:
+        raise UsageError("give the prompt as text (--prompt) or as token ids (--ids), not both")
+    if options.prompt is None and options.ids is None:
+        raise UsageError("give a prompt (--prompt TEXT) or token ids (--ids 1,2,3)")
+    require_optional(options)
     config = load_config(out)
     integrity = check_output(out, config, hashes=options.check_hashes)
     tokenizer = _tokenizer(out, options.tokenizer)
-    if options.ids:
+    if options.ids is not None:
         prompt_ids = list(options.ids)
-    elif options.prompt is not None:
-        if tokenizer is None:
-            raise NeoXConvError(f"{out}: no tokenizer.json to encode the prompt; pass --tokenizer FILE or --ids 1,2,3")
-        prompt_ids = tokenizer.encode(options.prompt).ids
     else:
-        raise NeoXConvError("give a prompt (--prompt TEXT) or token ids (--ids 1,2,3)")
+        if tokenizer is None:
+            raise UsageError(f"{out}: no tokenizer.json to encode the prompt; pass --tokenizer FILE or --ids 1,2,3")
+        prompt_ids = tokenizer.encode(options.prompt).ids
     if not prompt_ids:
-        raise NeoXConvError("the prompt encodes to no tokens")
+        raise UsageError("the prompt encodes to no tokens (--prompt / --ids)")
     bad = [i for i in prompt_ids if not 0 <= i < (config.vocab_size or 0)]
     if bad:
-        raise NeoXConvError(f"token ids {bad[:5]} are outside the vocabulary (size {config.vocab_size})")
+        raise UsageError(f"--ids: token ids {bad[:5]} are outside the vocabulary of {out} "
+                         f"(size {config.vocab_size}: ids 0..{(config.vocab_size or 1) - 1})")
 
     device = resolve_device(options.device)
     dtype = resolve_dtype(options.dtype, device)
@@ -250,7 +313,7 @@ def verify_model(out: Path, options: VerifyOptions) -> VerifyReport:
     report.checks.append(kv)
     report.checks.append(sanity_check(gen))
     if options.against is not None:
-        report.checks.append(against_check(loaded.model, gen, options, dtype))
+        report.checks.append(against_check(loaded.model, gen, options, dtype, merge_rounding(out, options)))
     if options.reference == "hf":
         report.checks.append(reference_hf_check(out, loaded.model, gen, dtype, device))
     if options.int8:

@@ -13,13 +13,28 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 from neoxconv.synthetic import SyntheticSpec, tiny_config, write_checkpoint  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-REAL_TOKENIZER = REPO.parent / "shared" / "data" / "20B_tokenizer.json"
 COMMITTED_FIXTURE = REPO / "tests" / "fixtures" / "tiny_tp2_fp16"
+
+
+def find_real_tokenizer() -> Path | None:
+    """The GPT-NeoX-20B tokenizer: $NEOXCONV_TOKENIZER when set (as the demo reads it), else ../shared/data
+    next to the checkout or one level up (a git worktree). None when absent: those tests are skipped."""
+    env = os.environ.get("NEOXCONV_TOKENIZER")
+    if env:
+        return Path(env) if Path(env).is_file() else None
+    for base in (REPO.parent, REPO.parent.parent):
+        path = base / "shared" / "data" / "20B_tokenizer.json"
+        if path.is_file():
+            return path
+    return None
+
+
+REAL_TOKENIZER = find_real_tokenizer()
 
 
 @pytest.fixture(scope="session")
 def real_tokenizer() -> Path | None:
-    return REAL_TOKENIZER if REAL_TOKENIZER.is_file() else None
+    return REAL_TOKENIZER
 
 
 @pytest.fixture(scope="session")

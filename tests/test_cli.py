@@ -43,8 +43,9 @@ def test_inspect_reports_missing_files(tmp_path):
     shutil.copytree(COMMITTED_FIXTURE, tmp_path / "src")
     (tmp_path / "src" / "global_step150000" / "layer_02-model_01-model_states.pt").unlink()
     result = CliRunner().invoke(main, ["inspect", str(tmp_path / "src"), "--json"])
-    assert result.exit_code == 0, result.output
-    assert json.loads(result.output)["files_missing"] == ["layer_02-model_01-model_states.pt"]
+    assert result.exit_code == 4, result.output  # like merge: the checkpoint is incomplete
+    assert json.loads(result.stdout)["files_missing"] == ["layer_02-model_01-model_states.pt"]
+    assert "layer_02-model_01-model_states.pt" in result.stderr and result.stderr.startswith("neoxconv: error:")
 
 
 def test_errors_are_one_line_with_an_exit_code(tmp_path):

@@ -117,7 +117,7 @@ def test_dtype_conversion_matches_torch_casts(make_checkpoint, tmp_path, target,
 
 def test_tokenizer_and_config_are_written_for_auto_tokenizer(make_checkpoint, tmp_path, real_tokenizer):
     if real_tokenizer is None:
-        pytest.skip("the real 20B tokenizer is not in ../shared/data")
+        pytest.skip("no real 20B tokenizer (set NEOXCONV_TOKENIZER, or put it in ../shared/data)")
     root, _, _ = make_checkpoint(2, "pipeline", "float16", tokenizer=real_tokenizer)
     merge_checkpoint(root, tmp_path / "out", MergeOptions(quiet=True))
     tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")

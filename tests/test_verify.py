@@ -53,7 +53,7 @@ def test_json_contract_and_greedy_ids_equal_transformers(merged):
 
 def test_text_prompt_with_the_real_tokenizer(make_checkpoint, tmp_path, real_tokenizer):
     if real_tokenizer is None:
-        pytest.skip("the real 20B tokenizer is not in ../shared/data")
+        pytest.skip("no real 20B tokenizer (set NEOXCONV_TOKENIZER, or put it in ../shared/data)")
     root, _, _ = make_checkpoint(2, "pipeline", "float16", tokenizer=real_tokenizer)
     merge_checkpoint(root, tmp_path / "out", MergeOptions(quiet=True))
     result, report = _verify_json(tmp_path / "out", "--prompt", "Hello world", "--max-new-tokens", 4)
@@ -64,7 +64,7 @@ def test_text_prompt_with_the_real_tokenizer(make_checkpoint, tmp_path, real_tok
 def test_prompt_without_tokenizer_is_a_clear_error(merged):
     _, out = merged
     result = CliRunner().invoke(main, ["verify", str(out), "--prompt", "Hello"])
-    assert result.exit_code == 1 and "--ids" in result.output
+    assert result.exit_code == 2 and "--ids" in result.output
 
 
 def _corrupt_merge(monkeypatch, root, out, corruption):
