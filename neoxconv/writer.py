@@ -30,7 +30,10 @@ TMP_SUFFIX = ".neoxconv-tmp"
 _WRITEBACK_BYTES = 32 << 20
 _STAGE_BYTES = 8 << 20  # O_DIRECT staging buffer
 _BLOCK = 4096  # O_DIRECT alignment of offsets and lengths
-_HASH_THREADS = os.cpu_count() or 1  # BLAKE3 spreads each ~1 MB block over the cores (README, Performance)
+# BLAKE3 on one thread: on a 1 MB block in cache it costs 0.15 CPU-s/GB on one core vs 0.22 spread over
+# two (bench/checks_bench.py), and one core already hashes faster than the disk writes; hash_file (verify,
+# resume), with nothing to overlap, uses every core.
+_HASH_THREADS = 1
 _FILL_BYTES = 1 << 20  # fill_chunk hands out views of at most this much: they stay in the CPU cache
 
 
