@@ -5,9 +5,12 @@
 
 Builds the checkpoint in the 20B file layout (TP=2, fp16), merges it, then runs `verify` on the device in
 fp16 (with --against the unmerged shards for the smallest sizes only: the simulation runs on the CPU) and
-with --int8 (bitsandbytes). Prints tokens/s, peak GPU memory, every check, the decode time per token per
-layer against (that layer's weight bytes / --bandwidth), and the int8/fp16 weight-memory ratio.
-Exit code 1 if any check fails.
+with --int8 (bitsandbytes), then the same with a cap (--max-memory = --cap-fraction of the fp16 weights: the
+rest streamed from the safetensors files) and with --device-map auto (the cap on the device, the rest in CPU
+RAM: accelerate moves it to the device per use). Prints tokens/s, peak GPU memory, every check, the decode
+time per token per layer against (that layer's weight bytes / --bandwidth), the int8/fp16 weight-memory
+ratio, and whether the capped and mapped runs generated the same ids as the resident ones.
+Exit code 1 if any check fails or a capped/mapped run generates other ids.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--bandwidth", type=float, default=4.0e12, help="memory bandwidth, bytes/s (H200: ~4.0e12)")
     ap.add_argument("--no-int8", action="store_true")
+    ap.add_argument("--cap-fraction", type=float, default=0.5, help="--max-memory as a fraction of the fp16 weights")
     ap.add_argument("--workdir", type=Path)
     args = ap.parse_args()
 
@@ -49,9 +53,17 @@ def main() -> None:
     small = args.hidden <= 1024
     results = {}
     ok = True
+    model_bytes = sum(p.stat().st_size for p in (work / "out").glob("*.safetensors"))
+    cap = int(model_bytes * args.cap_fraction)
+    main_dev = "cpu" if args.device == "cpu" else 0
     runs = [("fp16", dict(dtype="fp16", against=work / "src" if small else None))]
     if not args.no_int8:
         runs.append(("int8", dict(dtype="fp16", int8=True)))
+    runs.append(("fp16 --max-memory", dict(dtype="fp16", max_memory=cap)))
+    runs.append(("fp16 --device-map auto", dict(dtype="fp16", device_map="auto",
+                                                max_memory={main_dev: cap} if main_dev != "cpu" else cap)))
+    if not args.no_int8:
+        runs.append(("int8 --max-memory", dict(dtype="fp16", int8=True, max_memory=cap)))
     for name, extra in runs:
         report = verify_model(work / "out", VerifyOptions(ids=prompt, max_new_tokens=args.new_tokens,
                                                           device=args.device, **extra))
@@ -60,6 +72,19 @@ def main() -> None:
         ok &= report.ok
         results[name] = report.to_json()
 
+    print(f"\n=== placement (cap {cap / 2**20:.0f} MiB of {model_bytes / 2**20:.0f} MiB) ===")
+    for name in [n for n in results if " --" in n]:
+        base = results[name.split(" ")[0]]
+        r = results[name]
+        same = r["generated_ids"] == base["generated_ids"]
+        ok &= same
+        print(f"{name}: same ids as {name.split(' ')[0]}: {'yes' if same else 'NO'}; {r['tokens_per_second'] or 0:.1f} "
+              f"tokens/s vs {base['tokens_per_second'] or 0:.1f}; peak memory {r['peak_memory_bytes'] / 2**30:.2f} GiB "
+              f"vs {base['peak_memory_bytes'] / 2**30:.2f} GiB; offloaded {r['offloaded_bytes'] / 2**20:.1f} MiB; "
+              f"map {sorted(set((r['device_map'] or {}).values()))}")
+        if r.get("int8"):
+            print(f"  int8 top-1 agreement {r['int8']['top1_agreement']:.0%} vs "
+                  f"{base['int8']['top1_agreement']:.0%} resident")
     fp16 = results["fp16"]
     layer_bytes = (4 * args.hidden * args.hidden + 2 * 4 * args.hidden * args.hidden) * 2  # qkv+dense+mlp, fp16
     head_bytes = 2 * args.vocab * args.hidden * 2  # embedding row lookups are tiny; the readout is read fully

@@ -153,6 +153,17 @@ def _parse_ids(value: str | None) -> tuple[int, ...] | None:
         raise click.BadParameter("expected comma-separated token ids, e.g. 12092,1533") from None
 
 
+def _parse_max_memory(ctx, param, value: str | None):
+    if value is None:
+        return None
+    from neoxconv.placement import parse_max_memory
+
+    try:
+        return parse_max_memory(value)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
+
+
 @main.command()
 @click.argument("out", type=click.Path(path_type=Path, exists=True, file_okay=False))
 @click.option("--prompt", help="Text to continue (needs OUT/tokenizer.json or --tokenizer).")
@@ -181,13 +192,21 @@ def _parse_ids(value: str | None) -> tuple[int, ...] | None:
                    "(default: on for models under 2 GB).")
 @click.option("--attention", type=click.Choice(["eager", "sdpa"]), default="eager", show_default=True,
               help="eager: fp32 scores (the reference); sdpa: torch's fused attention kernel.")
+@click.option("--max-memory", callback=_parse_max_memory, metavar="SIZE|DEV=SIZE,...",
+              help="Keep at most SIZE of weights resident on the compute device (e.g. 512MiB, 20GB); the rest is "
+                   "streamed from the safetensors files a module at a time. Per device: 0=20GB,1=20GB,cpu=30GB. "
+                   "Default: everything resident when it fits, else a cap picked from the free memory.")
+@click.option("--device-map", type=click.Choice(["auto", "balanced", "sequential"]),
+              help="Spread the layers over every GPU, then CPU RAM, then disk (accelerate). With --device cpu: CPU "
+                   "and disk only; otherwise the first GPU is the main device.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @_run
 def verify(out: Path, prompt: str | None, ids_text: str | None, max_new_tokens: int, device: str, dtype: str,
            tokenizer_path: Path | None, temperature: float, top_k: int, top_p: float, seed: int,
            against: Path | None, against_config: Path | None, row_bias: str, reference: str | None, int8: bool,
-           int8_threshold: float, check_hashes: bool | None, attention: str, as_json: bool, quiet: bool) -> None:
+           int8_threshold: float, check_hashes: bool | None, attention: str, max_memory, device_map: str | None,
+           as_json: bool, quiet: bool) -> None:
     """Load the merged folder OUT into neoxconv's own layers, generate, and check the conversion.
 
     \b
@@ -210,12 +229,89 @@ def verify(out: Path, prompt: str | None, ids_text: str | None, max_new_tokens: 
         prompt=prompt, ids=_parse_ids(ids_text), max_new_tokens=max_new_tokens, device=device, dtype=dtype,
         tokenizer=tokenizer_path, sampling=sampling, against=against, against_config=against_config,
         row_bias=row_bias, reference=reference, int8=int8, int8_threshold=int8_threshold,
-        check_hashes=check_hashes, attention=attention, quiet=quiet or as_json,
+        check_hashes=check_hashes, attention=attention, quiet=quiet or as_json, max_memory=max_memory,
+        device_map=device_map,
     )
     report = verify_model(out, options)
     click.echo(report_json(report) if as_json else format_report(report))
     if not report.ok:
         sys.exit(VerificationError.exit_code)
+
+
+_layout_choice = click.Choice(["pipeline", "sequential"])
+
+
+def _print_neox_report(report, as_json: bool, quiet: bool) -> None:
+    if as_json:
+        click.echo(json.dumps(report.as_dict()))
+    elif not quiet:
+        click.echo(f"wrote TP={report.tp_degree} ({report.layout}, global_step{report.step}, {report.dtype}) -> "
+                   f"{report.out_dir}: {report.files_written} file(s) written ({report.bytes_written / 1e9:.3f} GB "
+                   f"in {report.seconds:.1f} s), {report.files_reused} reused; row-parallel biases: {report.row_bias}; "
+                   f"make_vocab_size_divisible_by {report.make_vocab_size_divisible_by}")
+
+
+@main.command()
+@click.argument("hf_dir", type=click.Path(path_type=Path))
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--tp", type=click.IntRange(min=1), required=True, help="Tensor-parallel degree (gpt-neox model-parallel-size).")
+@click.option("--layout", type=_layout_choice, default="pipeline", show_default=True,
+              help="pipeline: layer_XX-model_YY files (pipe-parallel-size >= 1); sequential: mp_rank_XX files only.")
+@click.option("--dtype", type=_dtype_choice, default="auto", show_default=True, help="auto keeps the weights' own.")
+@click.option("--step", type=int, default=0, show_default=True, help="Writes global_step{STEP} and 'latest'.")
+@click.option("--tokenizer", "tokenizer_path", type=click.Path(path_type=Path, dir_okay=False),
+              help="tokenizer.json to copy (default: HF_DIR/tokenizer.json).")
+@click.option("--no-resume", is_flag=True, help="Redo every file even if OUT holds completed ones.")
+@click.option("--force", is_flag=True, help="Write into a non-empty OUT (only neoxconv's files are replaced).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (implies no progress bar).")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary.")
+@_run
+def split(hf_dir: Path, out: Path, tp: int, layout: str, dtype: str, step: int, tokenizer_path: Path | None,
+          no_resume: bool, force: bool, as_json: bool, quiet: bool) -> None:
+    """Split the Hugging Face GPT-NeoX model HF_DIR into a gpt-neox checkpoint OUT at TP degree --tp.
+
+    OUT gets latest, global_step*/ (rank files and DeepSpeed bookkeeping), configs/neox.yml and the
+    tokenizer. Row-parallel biases with parallel residual go whole to rank 0 (zeros elsewhere), so the
+    ranks' parts sum to the bias exactly. Load it in gpt-neox with 'finetune: true' (see the README).
+    """
+    from neoxconv.split import SplitOptions, split_model
+
+    options = SplitOptions(tp=tp, layout=layout, dtype=dtype, step=step, tokenizer_path=tokenizer_path,
+                           resume=not no_resume, force=force, quiet=quiet or as_json)
+    _print_neox_report(split_model(hf_dir, out, options), as_json, quiet)
+
+
+@main.command()
+@click.argument("src", type=click.Path(path_type=Path))
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--tp", type=click.IntRange(min=1), required=True, help="The new tensor-parallel degree.")
+@click.option("--layout", type=_layout_choice, help="Output layout (default: the source's).")
+@click.option("--dtype", type=_dtype_choice, default="auto", show_default=True, help="auto keeps the checkpoint's own.")
+@click.option("--step", type=int, help="Output step (default: the source's global_step number).")
+@click.option("--row-bias", type=click.Choice(["auto", "sum", "replicated"]), default="auto", show_default=True,
+              help="How the SOURCE's row-parallel biases combine (as in merge).")
+@click.option("--replica-tolerance", type=float, default=1e-2, show_default=True,
+              help="Largest |rank_k - rank_0| accepted for replicated tensors of the source.")
+@click.option("--config", "config_path", type=click.Path(path_type=Path, dir_okay=False),
+              help="NeoX YAML of the source; default: configs/*.yml next to SRC.")
+@click.option("--tokenizer", "tokenizer_path", type=click.Path(path_type=Path, dir_okay=False),
+              help="tokenizer.json to copy; default: *tokenizer*.json next to SRC.")
+@click.option("--no-resume", is_flag=True, help="Redo every file even if OUT holds completed ones.")
+@click.option("--force", is_flag=True, help="Write into a non-empty OUT (only neoxconv's files are replaced).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (implies no progress bar).")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary.")
+@_run
+def reshard(src: Path, out: Path, tp: int, layout: str | None, dtype: str, step: int | None, row_bias: str,
+            replica_tolerance: float, config_path: Path | None, tokenizer_path: Path | None, no_resume: bool,
+            force: bool, as_json: bool, quiet: bool) -> None:
+    """Reshard the gpt-neox checkpoint SRC (any TP degree) to TP degree --tp in OUT, one layer at a time."""
+    from neoxconv.reshard import ReshardOptions, reshard_checkpoint
+
+    options = ReshardOptions(tp=tp, layout=layout, dtype=dtype, step=step, row_bias=row_bias,
+                             replica_tolerance=replica_tolerance, config_path=config_path,
+                             tokenizer_path=tokenizer_path, resume=not no_resume, force=force,
+                             quiet=quiet or as_json)
+    _print_neox_report(reshard_checkpoint(src, out, options), as_json, quiet)
 
 
 @main.command()

@@ -35,6 +35,7 @@ from neoxconv.interrupt import InterruptGuard, deferred_sigint
 from neoxconv.merge import LayerPlan, Rule, TensorPlan, iter_merged_chunks, max_divergence, merge_tensor, plan_layer, read_checked, resolve_row_bias
 from neoxconv.prefetch import prefetch
 from neoxconv.progress import format_bytes, progress_bar
+from neoxconv.storage import SourceReader
 from neoxconv.streaming import stream_tensor, streams_direct
 from neoxconv.tokenizer_files import eos_token_id, tokenizer_config
 from neoxconv.writer import TMP_SUFFIX, SafetensorsWriter, atomic_write, atomic_write_json
@@ -210,23 +211,29 @@ def _check_disk(out: Path, need: int) -> None:
         )
 
 
-def _merge_small(t: TensorPlan, tolerance: float, where: str) -> tuple[np.ndarray, float | None]:
-    """Sum / replicated / drop: whole tensors in memory (they are vectors). Returns (value, divergence)."""
-    arrays = [read_checked(r, t.key) for r in t.shards]
+def _check_dropped(t: TensorPlan, where: str, reader: SourceReader) -> None:
+    """Derived buffers are not written, but every rank must hold the same bytes (compared by storage)."""
+    same = reader.same(t.shards)
+    for r in t.shards:
+        reader.done(r, t.key)
+    if not same:
+        ranks = ", ".join(r.path.name for r in t.shards)
+        raise MergeError(f"{where}: derived buffer differs across ranks for {t.key!r} [{ranks}]")
+
+
+def _merge_small(t: TensorPlan, tolerance: float, where: str, reader: SourceReader) -> tuple[np.ndarray, float | None]:
+    """Sum / replicated: whole tensors in memory (they are vectors). Returns (value, divergence)."""
+    arrays = [read_checked(r, t.key, reader) for r in t.shards]
     divergence = None
-    if t.rule in (Rule.REPLICATED, Rule.DROP):
+    if t.rule is Rule.REPLICATED:
         divergence = max_divergence(arrays, t.src_dtype)
-        limit = 0.0 if t.rule is Rule.DROP else tolerance
-        if not divergence <= limit:
+        if not divergence <= tolerance:
             ranks = ", ".join(r.path.name for r in t.shards)
-            what = "derived buffer differs" if t.rule is Rule.DROP else "replicated tensor diverges"
-            hint = "" if t.rule is Rule.DROP else (
-                " (raise --replica-tolerance to accept it, or use --row-bias sum if this is a row-parallel bias)"
-                if t.row_bias else " (raise --replica-tolerance to accept it)"
-            )
+            hint = (" (raise --replica-tolerance to accept it, or use --row-bias sum if this is a row-parallel bias)"
+                    if t.row_bias else " (raise --replica-tolerance to accept it)")
             raise MergeError(
-                f"{where}: {what} across ranks for {t.key!r}: max |rank_k - rank_0| = {divergence:.3g} "
-                f"> tolerance {limit:g} [{ranks}]{hint}"
+                f"{where}: replicated tensor diverges across ranks for {t.key!r}: max |rank_k - rank_0| = "
+                f"{divergence:.3g} > tolerance {tolerance:g} [{ranks}]{hint}"
             )
     return merge_tensor(t.rule, arrays, dtype=t.src_dtype, out_dtype=t.out_dtype), divergence
 
@@ -245,14 +252,14 @@ def _report_nonfinite(n: int, t: TensorPlan, where: str, allow: bool, warnings: 
 
 
 def _write_layer(path: Path, plan: LayerPlan, options: MergeOptions, warnings: list[str], bar,
-                 guard: InterruptGuard) -> dict[str, Any]:
+                 guard: InterruptGuard, reader: SourceReader) -> dict[str, Any]:
     where = f"{plan.layer.label} [{', '.join(plan.files)}]"
     small: dict[str, tuple[np.ndarray, float | None]] = {}
     for t in plan.dropped:
-        _merge_small(t, 0.0, where)
+        _check_dropped(t, where, reader)
     for t in plan.tensors:
         if t.rule in (Rule.SUM, Rule.REPLICATED):
-            small[t.key] = _merge_small(t, options.replica_tolerance, where)
+            small[t.key] = _merge_small(t, options.replica_tolerance, where, reader)
             _nonfinite(small[t.key][0], t, where, options.allow_nonfinite, warnings)
     entries = [(t.hf_name, t.out_dtype, t.shape) for t in plan.tensors]
 
@@ -268,9 +275,11 @@ def _write_layer(path: Path, plan: LayerPlan, options: MergeOptions, warnings: l
                 bar.update(t.nbytes)
             elif streams_direct(t):  # read straight into the output buffer, checked there
                 n = stream_tensor(w, t, on_block=on_block)
+                for r in t.shards:  # it read each shard's whole storage and checked its CRC-32
+                    reader.vouch(r)
                 _report_nonfinite(n, t, where, options.allow_nonfinite, warnings)
             else:  # casts, views: a worker thread reads, CRC-checks, casts and interleaves the next chunk
-                for chunk in prefetch(iter_merged_chunks(t)):
+                for chunk in prefetch(iter_merged_chunks(t, reader=reader)):
                     on_block(0)
                     _nonfinite(chunk, t, where, options.allow_nonfinite, warnings)
                     w.write_chunk(t.hf_name, chunk)
@@ -372,12 +381,27 @@ def _merge(src: Path, out: Path, options: MergeOptions, guard: InterruptGuard) -
     warnings: list[str] = []
     total = sum(p.nbytes for _, p in todo)
     guard.check()
-    with progress_bar(total=total, desc="merge", unit="B", quiet=options.quiet or not todo) as bar:
-        for name, plan in todo:
-            guard.check()
-            bar.set_postfix_str(f"{plan.layer.label} -> {name}", refresh=False)
-            state["layers"][name] = _write_layer(out / name, plan, options, warnings, bar, guard)
-            atomic_write_json(out / JOURNAL, state)  # progress survives a crash from here on
+    # A storage shared by several layers (a ZeRO flat buffer) is CRC-checked when its last tensor has been
+    # read; a layer enters the journal only once every storage it read from has passed.
+    unconfirmed: list[tuple[str, dict[str, Any], list]] = []
+    with progress_bar(total=total, desc="merge", unit="B", quiet=options.quiet or not todo) as bar, \
+            SourceReader() as reader:
+        reader.expect(r for _, plan in todo for t in [*plan.tensors, *plan.dropped] for r in t.shards)
+        try:
+            for name, plan in todo:
+                guard.check()
+                bar.set_postfix_str(f"{plan.layer.label} -> {name}", refresh=False)
+                entry = _write_layer(out / name, plan, options, warnings, bar, guard, reader)
+                unconfirmed.append((name, entry, [r for t in [*plan.tensors, *plan.dropped] for r in t.shards]))
+                confirmed = [(n, e) for n, e, refs in unconfirmed if reader.verified(refs)]
+                if confirmed:
+                    state["layers"].update(confirmed)
+                    unconfirmed = [u for u in unconfirmed if u[0] not in state["layers"]]
+                    atomic_write_json(out / JOURNAL, state)  # progress survives a crash from here on
+        except BaseException:
+            for name, _, _ in unconfirmed:  # written from data whose CRC was not (or could not be) confirmed
+                (out / name).unlink(missing_ok=True)
+            raise
         guard.check()
     state["layers"] = {n: state["layers"][n] for n in names}
 

@@ -9,6 +9,7 @@ import torch
 
 from neoxconv.kv_cache import KVCache
 from neoxconv.layers import NeoXForCausalLM
+from neoxconv.placement import execution_devices
 
 
 @dataclass(frozen=True)
@@ -81,13 +82,13 @@ def generate(model: NeoXForCausalLM, prompt_ids: list[int], *, max_new_tokens: i
     """Greedy (or sampled) generation of up to ``max_new_tokens`` after the prompt, with a KV cache."""
     if not prompt_ids:
         raise ValueError("the prompt has no tokens")
-    device = next(model.parameters()).device
+    device, layer_devices = execution_devices(model)
     dtype = dtype or model.gpt_neox.embed_in.weight.dtype
     max_len = min(len(prompt_ids) + max_new_tokens, model.config.max_position_embeddings)
     if len(prompt_ids) >= model.config.max_position_embeddings:
         raise ValueError(f"the prompt has {len(prompt_ids)} tokens; the model takes at most "
                          f"{model.config.max_position_embeddings - 1} before generating")
-    cache = KVCache(model.config, batch=1, max_len=max_len, device=device, dtype=dtype)
+    cache = KVCache(model.config, batch=1, max_len=max_len, device=device, dtype=dtype, layer_devices=layer_devices)
     generator = torch.Generator(device="cpu").manual_seed(sampling.seed) if sampling.temperature else None
 
     _sync(device)
@@ -127,5 +128,5 @@ def generate(model: NeoXForCausalLM, prompt_ids: list[int], *, max_new_tokens: i
 @torch.inference_mode()
 def full_forward_logits(model: NeoXForCausalLM, ids: list[int]) -> torch.Tensor:
     """Logits (T, V) fp32 of one uncached forward over ``ids``."""
-    device = next(model.parameters()).device
+    device, _ = execution_devices(model)
     return model(torch.tensor([ids], device=device))[0].float().cpu()

@@ -53,6 +53,7 @@ def inspect_checkpoint(src: Path, *, config_path: Path | None = None, out: Path 
         "files_missing": list(ckpt.missing_files),
         "dtype": None,
         "parameters": None,
+        "key_generation": None,
         "row_bias": None,
         "output_dtype": None,
         "output_bytes": None,
@@ -74,6 +75,8 @@ def inspect_checkpoint(src: Path, *, config_path: Path | None = None, out: Path 
     result["vocab_size"] = config.vocab_size
     result["parameters"] = sum(math.prod(t.shape) for t in tensors)
     result["dtype"] = dtypes.pop() if len(dtypes) == 1 else sorted(dtypes)
+    generations = sorted({p.key_generation for p in plans if p.key_generation})
+    result["key_generation"] = generations[0] if len(generations) == 1 else (generations or None)
     result["row_bias"] = rule.value
     result["output_dtype"] = out_dtypes.pop() if len(out_dtypes) == 1 else sorted(out_dtypes)
     result["output_bytes"] = sum(p.nbytes for p in plans)
@@ -108,6 +111,7 @@ def format_inspect(info: dict[str, Any]) -> str:
         ("activation", info["activation"]), ("config", info["config_source"]),
         ("tokenizer", info["tokenizer"] or "none found (merge --tokenizer FILE)"),
         ("dtype", info["dtype"]), ("parameters", info["parameters"]),
+        ("MLP key names", info["key_generation"]),
         ("files found", f"{len(info['files_found'])} file(s)"),
         ("files missing", ", ".join(info["files_missing"]) or "none"),
     ]

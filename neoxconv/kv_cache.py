@@ -30,14 +30,19 @@ class LayerKVCache:
 
 
 class KVCache:
-    """Caches for every layer of one model, for ``batch`` sequences of up to ``max_len`` tokens."""
+    """Caches for every layer of one model, for ``batch`` sequences of up to ``max_len`` tokens.
+
+    ``layer_devices`` puts each layer's cache on that layer's device (a model spread over GPUs); default
+    ``device`` for all.
+    """
 
     def __init__(self, config: NeoXConfig, *, batch: int, max_len: int, device: torch.device | str,
-                 dtype: torch.dtype) -> None:
+                 dtype: torch.dtype, layer_devices: list[torch.device] | None = None) -> None:
         shape = (batch, config.num_heads, max_len, config.head_dim)
-        self.layers = [LayerKVCache(torch.zeros(shape, device=device, dtype=dtype),
-                                    torch.zeros(shape, device=device, dtype=dtype))
-                       for _ in range(config.num_layers)]
+        devices = layer_devices or [device] * config.num_layers
+        self.layers = [LayerKVCache(torch.zeros(shape, device=d, dtype=dtype),
+                                    torch.zeros(shape, device=d, dtype=dtype))
+                       for d in devices]
         self.max_len = max_len
         self.length = 0  # positions filled so far
 

@@ -15,6 +15,7 @@ from neoxconv.dtypes import canonical_dtype
 from neoxconv.errors import NeoXConvError, VerificationError
 from neoxconv.integrity import INDEX, load_config
 from neoxconv.layers import NeoXForCausalLM, RotaryTables
+from neoxconv.placement import Device, PlacementPlan, load_placed, plan_placement
 from neoxconv.progress import progress_bar
 
 log = logging.getLogger(__name__)
@@ -48,6 +49,7 @@ class LoadedModel:
     dtype: torch.dtype
     load_seconds: float
     file_bytes: int
+    placement: PlacementPlan | None = None  # None: every weight resident on ``device``
 
     @property
     def weight_bytes(self) -> int:
@@ -55,10 +57,11 @@ class LoadedModel:
 
 
 def weight_bytes(model: torch.nn.Module) -> int:
-    """Bytes held by parameters and buffers that are weights (tied tensors counted once)."""
+    """Bytes held by parameters and buffers that are weights (tied tensors counted once; offloaded ones,
+    on the meta device between uses, not at all)."""
     seen, total = set(), 0
     for t in list(model.parameters()) + [b for n, b in model.named_buffers() if "rotary" not in n]:
-        if t.data_ptr() in seen:
+        if t.is_meta or t.data_ptr() in seen:
             continue
         seen.add(t.data_ptr())
         total += t.numel() * t.element_size()
@@ -66,10 +69,13 @@ def weight_bytes(model: torch.nn.Module) -> int:
 
 
 def load_model(out: Path, *, device: str | torch.device = "auto", dtype: str | torch.dtype = "auto",
-               quiet: bool = True) -> LoadedModel:
+               quiet: bool = True, max_memory: dict[Device, int] | int | None = None, device_map: str | None = None,
+               fit: bool = False, reserve: int = 0) -> LoadedModel:
     """Build the model on the meta device, then fill it file by file (peak host memory ~ one file).
 
     ``device`` and ``dtype`` take the CLI spellings ('auto', 'cuda', 'fp16', ...) or torch objects.
+    ``max_memory`` / ``device_map`` place the model over GPUs, CPU and disk (see ``neoxconv.placement``);
+    ``fit`` does so by itself when the weights plus ``reserve`` bytes do not fit the device.
     """
     out = Path(out)
     dev = device if isinstance(device, torch.device) else resolve_device(device)
@@ -80,6 +86,15 @@ def load_model(out: Path, *, device: str | torch.device = "auto", dtype: str | t
     t0 = time.perf_counter()
     with torch.device("meta"):
         model = NeoXForCausalLM(config)
+    if max_memory is not None or device_map is not None or fit:
+        model = model.to(dtype=tdtype)  # meta: offloaded weights take the dtype of their meta placeholders
+        plan = plan_placement(model, dtype=tdtype, main_device=dev, device_map=device_map, max_memory=max_memory,
+                              reserve=reserve)
+        if plan is not None:
+            read = load_placed(out, model, plan, dtype=tdtype, weight_map=index["weight_map"], quiet=quiet)
+            model.eval().requires_grad_(False)
+            return LoadedModel(model=model, config=config, device=dev, dtype=tdtype,
+                               load_seconds=time.perf_counter() - t0, file_bytes=read, placement=plan)
     from safetensors import safe_open
 
     total = 0

@@ -7,7 +7,8 @@ How T tensor-parallel shards become one tensor (see DESIGN.md section 2):
     CONCAT_COLS  row-parallel weights: every rank holds a block of input columns -> concat dim 1
     SUM          row-parallel biases with parallel residual: each rank adds its part before the
                  all-reduce, so the effective bias is the sum (computed in fp32, then cast)
-    REPLICATED   identical on every rank: check agreement within a tolerance, write the fp32 mean
+    REPLICATED   identical on every rank: check agreement within a tolerance; bit-identical ranks give
+                 rank 0's bytes (a mean of 3 equal fp32 values can move by 1 ulp), else the fp32 mean
     DROP         derived buffers (rotary inv_freq, causal-mask buffers): check identical, not written
 
 Row-parallel biases are ``ROW_BIAS`` in the table and resolve to SUM or REPLICATED by option/config.
@@ -16,8 +17,7 @@ Row-parallel biases are ``ROW_BIAS`` in the table and resolve to SUM or REPLICAT
 from __future__ import annotations
 
 import enum
-import os
-import zlib
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -28,6 +28,7 @@ from neoxconv.config import NeoXConfig
 from neoxconv.dtypes import FLOAT_DTYPES, from_f32, tensor_nbytes, to_f32
 from neoxconv.errors import CheckpointError, MergeError
 from neoxconv.ptfile import NUMPY_DTYPES, TensorRef
+from neoxconv.storage import CHUNK_BYTES, SourceReader
 
 
 class Rule(str, enum.Enum):
@@ -66,8 +67,8 @@ RULES: dict[LayerKind, dict[str, RuleSpec]] = {
         "mlp.dense_4h_to_h.bias": RuleSpec(Rule.ROW_BIAS, _BLOCK + "mlp.dense_4h_to_h.bias", "H"),
         # derived buffers, deliberately not written
         "attention.rotary_emb.inv_freq": RuleSpec(Rule.DROP, None, "R"),
-        "attention.bias": RuleSpec(Rule.DROP, None, "*"),
-        "attention.masked_bias": RuleSpec(Rule.DROP, None, "*"),
+        "attention.bias": RuleSpec(Rule.DROP, None, "mask"),  # causal mask [1, 1, P, P]
+        "attention.masked_bias": RuleSpec(Rule.DROP, None, "scalar"),
     },
     LayerKind.FINAL_NORM: {
         "norm.weight": RuleSpec(Rule.REPLICATED, "gpt_neox.final_layer_norm.weight", "H"),
@@ -78,6 +79,30 @@ RULES: dict[LayerKind, dict[str, RuleSpec]] = {
     },
 }
 OPTIONAL_KEYS = {"attention.rotary_emb.inv_freq", "attention.bias", "attention.masked_bias"}
+
+# Key generations: one rule table, several spellings. gpt-neox renamed the GELU MLP's projections in
+# 2024-09 (same math, same Hugging Face names). Each generation maps the rule table's key to the key its
+# files hold (keys not listed are spelled the same); the generation is detected from each file's keys.
+KEY_GENERATIONS: dict[str, dict[str, str]] = {
+    "dense_h_to_4h/dense_4h_to_h": {},  # gpt-neox before 2024-09, the 20B release
+    "linear1/linear2": {  # gpt-neox since 2024-09: linear1 column-parallel, linear2 row-parallel
+        "mlp.dense_h_to_4h.weight": "mlp.linear1.weight",
+        "mlp.dense_h_to_4h.bias": "mlp.linear1.bias",
+        "mlp.dense_4h_to_h.weight": "mlp.linear2.weight",
+        "mlp.dense_4h_to_h.bias": "mlp.linear2.bias",
+    },
+}
+_RENAMED = {k for aliases in KEY_GENERATIONS.values() for k in aliases}
+
+
+def detect_key_generations(keys: set[str]) -> list[str]:
+    """The key generations whose distinctive keys appear in ``keys`` (none for layers without renamed keys)."""
+    found = []
+    for name, aliases in KEY_GENERATIONS.items():
+        distinctive = set(aliases.values()) if aliases else _RENAMED
+        if keys & distinctive:
+            found.append(name)
+    return found
 
 ROW_BIAS_CHOICES = ("auto", "sum", "replicated")
 
@@ -101,7 +126,7 @@ def hf_name(spec: RuleSpec, layer: SourceLayer) -> str | None:
 
 def expected_shape(spec: RuleSpec, config: NeoXConfig) -> tuple[int, ...] | None:
     """The merged tensor's shape from the config (None: not checked)."""
-    if spec.shape in ("*", "R"):
+    if spec.shape in ("*", "R", "mask", "scalar"):
         return None
     sizes = {"V": config.vocab_size, "H": config.hidden_size, "3H": 3 * config.hidden_size, "F": config.ffn_size}
     dims = tuple(sizes[d] for d in spec.shape.split(","))
@@ -112,7 +137,8 @@ def expected_shape(spec: RuleSpec, config: NeoXConfig) -> tuple[int, ...] | None
 def merge_tensor(rule: Rule, shards: list[np.ndarray], *, dtype: str, out_dtype: str | None = None) -> np.ndarray:
     """Merge ``shards`` (numpy arrays holding ``dtype`` values) by ``rule``; result holds ``out_dtype``.
 
-    Sums and means are computed in float32, then cast. DROP returns shard 0 (callers check identity).
+    Sums and means are computed in float32, then cast. REPLICATED shards that agree bit for bit give shard 0
+    unchanged (only cast); the mean is taken only when they differ. DROP returns shard 0 (callers check identity).
     """
     out_dtype = out_dtype or dtype
     if not shards:
@@ -127,6 +153,8 @@ def merge_tensor(rule: Rule, shards: list[np.ndarray], *, dtype: str, out_dtype:
             total += to_f32(s, dtype)
         return from_f32(total, out_dtype)
     if rule is Rule.REPLICATED:
+        if all(same_bits(shards[0], s) for s in shards[1:]):
+            return _cast(np.asarray(shards[0]), dtype, out_dtype)  # bit for bit: no arithmetic at all
         total = to_f32(shards[0], dtype).copy()
         for s in shards[1:]:
             total += to_f32(s, dtype)
@@ -145,6 +173,13 @@ def split_tensor(rule: Rule, full: np.ndarray, parts: int) -> list[np.ndarray]:
     if rule in (Rule.REPLICATED, Rule.DROP):
         return [full.copy() for _ in range(parts)]
     raise ValueError(f"{rule} has no unique inverse (a sum can be split many ways)")
+
+
+def same_bits(a: np.ndarray, b: np.ndarray) -> bool:
+    """True when ``a`` and ``b`` hold the same bytes (NaNs included; +0.0 and -0.0 differ)."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    return bool(np.array_equal(np.ascontiguousarray(a).view(np.uint8), np.ascontiguousarray(b).view(np.uint8)))
 
 
 def _cast(a: np.ndarray, src: str, dst: str) -> np.ndarray:
@@ -190,6 +225,7 @@ class LayerPlan:
     files: list[str]
     tensors: list[TensorPlan] = field(default_factory=list)
     dropped: list[TensorPlan] = field(default_factory=list)
+    key_generation: str | None = None  # which KEY_GENERATIONS spelling the files use (None: no renamed keys)
 
     @property
     def nbytes(self) -> int:
@@ -227,22 +263,33 @@ def plan_layer(
     bad_keys = False  # unknown/missing keys are a checkpoint problem; the rest are merge problems
     plan = LayerPlan(layer=layer, files=files)
     tp = len(shards)
+    generations = [detect_key_generations(set(shard)) for shard in shards]
+    if any(len(g) > 1 for g in generations) or len({tuple(g) for g in generations}) > 1:
+        per_rank = ", ".join(f"{files[r]}: {' + '.join(g) or 'none'}" for r, g in enumerate(generations))
+        raise CheckpointError(f"{layer.label}: MLP key names of different gpt-neox generations mixed ({per_rank})")
+    plan.key_generation = generations[0][0] if generations and generations[0] else None
+    aliases = KEY_GENERATIONS.get(plan.key_generation or "", {})
+    inverse = {v: k for k, v in aliases.items()}
+    shards = [{inverse.get(k, k): ref for k, ref in shard.items()} for shard in shards]  # rule-table keys
     for rank, shard in enumerate(shards):
         unknown = sorted(set(shard) - set(table))
         if unknown:
             bad_keys = True
-            problems.append(f"{files[rank]}: unknown key(s) {', '.join(map(repr, unknown))} in a {layer.kind.value} layer")
-        missing = sorted(set(table) - OPTIONAL_KEYS - set(shard))
+            more = f" (+{len(unknown) - 8} more)" if len(unknown) > 8 else ""
+            problems.append(f"{files[rank]}: unknown key(s) {', '.join(map(repr, unknown[:8]))}{more} "
+                            f"in a {layer.kind.value} layer")
+        missing = sorted(aliases.get(k, k) for k in set(table) - OPTIONAL_KEYS - set(shard))
         if missing:
             bad_keys = True
             problems.append(f"{files[rank]}: missing key(s) {', '.join(map(repr, missing))}")
-    for key, spec in table.items():
-        present = [rank for rank, shard in enumerate(shards) if key in shard]
+    for table_key, spec in table.items():
+        key = aliases.get(table_key, table_key)  # as the files spell it, for messages and the manifest
+        present = [rank for rank, shard in enumerate(shards) if table_key in shard]
         if not present or len(present) != tp:
-            if present and key in OPTIONAL_KEYS:
+            if present and table_key in OPTIONAL_KEYS:
                 problems.append(f"{key!r}: present on ranks {present} only, of {tp}")
             continue
-        refs = [shards[r][key] for r in range(tp)]
+        refs = [shards[r][table_key] for r in range(tp)]
         rule = row_bias if spec.rule is Rule.ROW_BIAS else spec.rule
         dtypes = {r.dtype for r in refs}
         if len(dtypes) > 1:
@@ -262,6 +309,12 @@ def plan_layer(
         if merged is None:
             per_rank = ", ".join(f"rank {i}: {list(s)}" for i, s in enumerate(shapes))
             problems.append(f"{key!r}: shapes do not fit rule {rule.value} ({per_rank})")
+            continue
+        if spec.shape == "mask" and not (len(merged) == 4 and merged[:2] == (1, 1) and merged[2] == merged[3]):
+            problems.append(f"{key!r}: shape {list(merged)}, expected a causal mask [1, 1, P, P]")
+            continue
+        if spec.shape == "scalar" and math.prod(merged) != 1:
+            problems.append(f"{key!r}: shape {list(merged)}, expected a single value")
             continue
         want = expected_shape(spec, config)
         if spec.shape == "R" and merged != (config.rotary_dims // 2,):
@@ -284,105 +337,45 @@ def plan_layer(
 
 
 # ----- streaming the merged bytes -----------------------------------------------------------------------
-class _Crc:
-    """CRC-32 of a shard's bytes as they are read, checked against the zip directory at the end."""
+def read_checked(ref: TensorRef, key: str, reader: SourceReader | None = None) -> np.ndarray:
+    """A whole (small) tensor, in memory; its storage's CRC-32 is checked once its last planned read is done.
 
-    def __init__(self, ref: TensorRef) -> None:
-        self.ref, self.value = ref, 0
-
-    def update(self, block: np.ndarray) -> np.ndarray:
-        if self.ref.covers_storage:
-            self.value = zlib.crc32(memoryview(np.ascontiguousarray(block)).cast("B"), self.value)
-        return block
-
-    def check(self, key: str) -> None:
-        if self.ref.covers_storage:
-            ok = self.value == self.ref.storage_crc
-        else:  # a view into a larger storage: check the whole storage once
-            ok = storage_crc(self.ref) == self.ref.storage_crc
-        if not ok:
-            raise CheckpointError(
-                f"{self.ref.path}: the data of {key!r} fails its CRC-32 check (the file is corrupt; re-download it)")
-
-
-def storage_crc(ref: TensorRef, *, chunk: int = 16 << 20) -> int:
-    crc = 0
-    with open(ref.path, "rb") as f:
-        f.seek(ref.data_offset)
-        left = ref.storage_nbytes
-        while left > 0:
-            block = f.read(min(chunk, left))
-            if not block:
-                break
-            crc = zlib.crc32(block, crc)
-            left -= len(block)
-    return crc
-
-
-def read_checked(ref: TensorRef, key: str) -> np.ndarray:
-    """A whole (small) tensor, in memory, after its CRC-32 check."""
-    crc = _Crc(ref)
-    a = crc.update(np.array(ref.array()))
-    crc.check(key)
+    Without ``reader`` the tensor's storage is checked right away (read once).
+    """
+    if reader is None:
+        with SourceReader() as own:
+            return read_checked(ref, key, own)
+    a = reader.read(ref)
+    reader.done(ref, key)
     return a
 
 
-class _ShardRows:
-    """Row blocks of one shard, read with ``os.preadv`` into fresh buffers (no mapping: RSS stays small).
-
-    Views that are not contiguous fall back to a memory map of their storage.
-    """
-
-    def __init__(self, ref: TensorRef) -> None:
-        self.ref = ref
-        self.dtype = NUMPY_DTYPES[ref.dtype]
-        self.row_shape = ref.shape[1:]
-        self.row_bytes = self.dtype.itemsize * int(np.prod(self.row_shape, dtype=np.int64)) if ref.shape else 0
-        self._fd = os.open(ref.path, os.O_RDONLY) if ref.is_contiguous else None
-        self._mapped = None if ref.is_contiguous else ref.array()
-
-    def rows(self, start: int, count: int) -> np.ndarray:
-        if self._mapped is not None:
-            return np.ascontiguousarray(self._mapped[start : start + count])
-        buf = np.empty((count, *self.row_shape), dtype=self.dtype)
-        view = memoryview(buf).cast("B")
-        offset, done = self.ref.byte_offset + start * self.row_bytes, 0
-        while done < len(view):
-            n = os.preadv(self._fd, [view[done:]], offset + done)
-            if n <= 0:
-                raise CheckpointError(f"{self.ref.path}: ends inside the data of {self.ref.name!r} (truncated)")
-            done += n
-        return buf
-
-    def close(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-
-
-def iter_merged_chunks(plan: TensorPlan, *, chunk_bytes: int = 16 << 20) -> Iterator[np.ndarray]:
-    """The merged tensor of a concat rule, as consecutive row blocks (bounded memory), CRC-checked."""
+def iter_merged_chunks(plan: TensorPlan, *, chunk_bytes: int = CHUNK_BYTES,
+                       reader: SourceReader | None = None) -> Iterator[np.ndarray]:
+    """The merged tensor of a concat rule, as consecutive row blocks (bounded memory), CRC-checked by storage."""
     if plan.rule not in (Rule.CONCAT_ROWS, Rule.CONCAT_COLS):
         raise ValueError(f"{plan.rule} is not streamed")
-    readers = [_ShardRows(ref) for ref in plan.shards]
-    crcs = [_Crc(ref) for ref in plan.shards]
-    try:
-        if plan.rule is Rule.CONCAT_ROWS:  # the ranks' bytes back to back
-            for reader, crc in zip(readers, crcs):
-                rows = plan.shards[0].shape[0] if plan.shards[0].shape else 0
-                step = max(1, chunk_bytes // max(1, reader.row_bytes))
-                for i in range(0, rows, step):
-                    yield _cast(crc.update(reader.rows(i, min(step, rows - i))), plan.src_dtype, plan.out_dtype)
-                crc.check(plan.key)
-        else:  # row-parallel: interleave each output row from the ranks' column blocks
-            rows = plan.shape[0]
-            step = max(1, chunk_bytes // max(1, sum(r.row_bytes for r in readers)))
+    if reader is None:
+        with SourceReader(chunk_bytes=chunk_bytes) as own:
+            yield from iter_merged_chunks(plan, chunk_bytes=chunk_bytes, reader=own)
+        return
+
+    def row_bytes(ref: TensorRef) -> int:
+        return NUMPY_DTYPES[ref.dtype].itemsize * math.prod(ref.shape[1:])
+
+    if plan.rule is Rule.CONCAT_ROWS:  # the ranks' bytes back to back
+        for ref in plan.shards:
+            rows = ref.shape[0] if ref.shape else 0
+            step = max(1, chunk_bytes // max(1, row_bytes(ref)))
             for i in range(0, rows, step):
-                n = min(step, rows - i)
-                blocks = [crc.update(r.rows(i, n)) for r, crc in zip(readers, crcs)]
-                yield merge_tensor(Rule.CONCAT_COLS, blocks, dtype=plan.src_dtype, out_dtype=plan.out_dtype)
-            for crc in crcs:
-                crc.check(plan.key)
-    finally:
-        for r in readers:
-            r.close()
+                yield _cast(reader.rows(ref, i, min(step, rows - i)), plan.src_dtype, plan.out_dtype)
+            reader.done(ref, plan.key)
+    else:  # row-parallel: interleave each output row from the ranks' column blocks
+        rows = plan.shape[0]
+        step = max(1, chunk_bytes // max(1, sum(row_bytes(r) for r in plan.shards)))
+        for i in range(0, rows, step):
+            n = min(step, rows - i)
+            blocks = [reader.rows(ref, i, n) for ref in plan.shards]
+            yield merge_tensor(Rule.CONCAT_COLS, blocks, dtype=plan.src_dtype, out_dtype=plan.out_dtype)
+        for ref in plan.shards:
+            reader.done(ref, plan.key)

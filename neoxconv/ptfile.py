@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import io
 import pickle
+import pickletools
 import struct
+import warnings
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,13 +54,6 @@ NUMPY_DTYPES = {
 }
 
 _MAX_PICKLE_BYTES = 64 << 20  # the tensor description of one file; real ones are a few kB
-
-
-@dataclass(frozen=True)
-class StorageRef:
-    key: str
-    dtype: str
-    numel: int
 
 
 @dataclass(frozen=True)
@@ -143,45 +139,123 @@ class _Inert:
         return f"<inert {self.qualname}>"
 
 
-def _inert_class(qualname: str) -> type:
-    return type("Inert", (_Inert,), {"qualname": qualname})
+class _Sealed:
+    """Base of every object the unpickler itself hands to a pickle: no instance dict, BUILD refused.
+
+    A pickle can apply BUILD (``__setstate__``) to anything it holds, including the allow-listed globals.
+    These objects are created afresh for every load and refuse BUILD and attribute writes, so nothing one
+    file does can change how another tensor or file is decoded.
+    """
+
+    __slots__ = ()
+
+    def __setstate__(self, state: Any) -> None:
+        raise pickle.UnpicklingError(f"the pickle applies BUILD to {type(self).__name__}, which takes no state")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise pickle.UnpicklingError(f"the pickle sets attribute {name!r:.40} on {type(self).__name__}")
+
+    def _init(self, **fields: Any) -> None:
+        for k, v in fields.items():
+            object.__setattr__(self, k, v)
 
 
-class _StorageType:
+class StorageRef(_Sealed):
+    """A storage named by the pickle's persistent id: archive key, dtype, element count."""
+
+    __slots__ = ("key", "dtype", "numel")
+
+    def __init__(self, key: str, dtype: str, numel: int) -> None:
+        self._init(key=key, dtype=dtype, numel=numel)
+
+
+class _StorageType(_Sealed):
+    __slots__ = ("dtype",)
+
     def __init__(self, dtype: str) -> None:
-        self.dtype = dtype
+        self._init(dtype=dtype)
 
 
-@dataclass
-class _PendingTensor:
-    storage: StorageRef
-    storage_offset: int
-    shape: tuple[int, ...]
-    stride: tuple[int, ...]
+class _PendingTensor(_Sealed):
+    __slots__ = ("storage", "storage_offset", "shape", "stride")
+
+    def __init__(self, storage: StorageRef, storage_offset: int, shape: tuple[int, ...], stride: tuple[int, ...]):
+        self._init(storage=storage, storage_offset=storage_offset, shape=shape, stride=stride)
+
+
+class _Global(_Sealed):
+    """An allow-listed callable, wrapped so that BUILD cannot reach the function object behind it."""
+
+    __slots__ = ("qualname", "fn")
+
+    def __init__(self, qualname: str, fn: Any) -> None:
+        self._init(qualname=qualname, fn=fn)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.fn(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"<{self.qualname}>"
+
+
+class _StateDict(dict):
+    """What ``collections.OrderedDict`` becomes: a plain dict (insertion-ordered) that accepts the BUILD
+    step ``nn.Module.state_dict()`` pickles carry (its ``_metadata`` attribute) and keeps nothing of it."""
+
+    __slots__ = ()
+
+    def __setstate__(self, state: Any) -> None:
+        pass  # torch.load would set ._metadata (per-module versions); the merge has no use for it
+
+
+def _int(x: Any, what: str) -> int:
+    if isinstance(x, bool) or not isinstance(x, int):
+        raise pickle.UnpicklingError(f"{what} is a {type(x).__name__}, not an int")
+    return x
 
 
 def _rebuild_tensor(storage, storage_offset, size, stride, *_ignored):
     if not isinstance(storage, StorageRef):
         raise pickle.UnpicklingError("tensor rebuilt from something that is not a storage")
-    return _PendingTensor(storage, int(storage_offset), tuple(int(s) for s in size), tuple(int(s) for s in stride))
+    if not isinstance(size, (tuple, list)) or not isinstance(stride, (tuple, list)):
+        raise pickle.UnpicklingError("tensor size/stride is not a tuple")
+    return _PendingTensor(storage, _int(storage_offset, "storage offset"),
+                          tuple(_int(s, "size") for s in size), tuple(_int(s, "stride") for s in stride))
 
 
 def _rebuild_parameter(data, *_ignored):
+    if not isinstance(data, _PendingTensor):
+        raise pickle.UnpicklingError("parameter rebuilt from something that is not a tensor")
     return data
 
 
 def _ordered_dict(*args, **kwargs):
-    return dict(*args, **kwargs)
+    return _StateDict(*args, **kwargs)
 
 
-_ALLOWED: dict[tuple[str, str], Any] = {
+_ALLOWED_FUNCTIONS: dict[tuple[str, str], Any] = {
     ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
     ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
     ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
     ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
     ("collections", "OrderedDict"): _ordered_dict,
 }
-_ALLOWED.update({("torch", name): _StorageType(dtype) for name, dtype in _STORAGES.items()})
+
+# Memo indices a pickle may use: a real pickler numbers them 0, 1, 2, ... as it goes, so an index is
+# never larger than the number of opcodes before it. CPython's unpickler sizes its memo by the largest
+# index it sees, so a 9-byte LONG_BINPUT 2**28 would cost gigabytes; we check before unpickling.
+_MEMO_PUTS = {"PUT", "BINPUT", "LONG_BINPUT"}
+_MAX_DEPTH = 64  # containers nested deeper than this are not a checkpoint
+
+
+def _prescan(payload: bytes) -> None:
+    """Walk the opcodes once (nothing is built) and refuse memo indices a real pickler never writes."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # genops decoding odd protocol-0 strings
+        for n, (op, arg, _pos) in enumerate(pickletools.genops(payload)):
+            if op.name in _MEMO_PUTS and not (isinstance(arg, int) and 0 <= arg <= n):
+                raise pickle.UnpicklingError(
+                    f"memo index {arg!r:.20} at opcode {n} (a real pickler numbers them in order)")
 
 
 class _SafeUnpickler(pickle.Unpickler):
@@ -189,24 +263,58 @@ class _SafeUnpickler(pickle.Unpickler):
         super().__init__(io.BytesIO(data))
         self.lenient = lenient
         self.refused: list[str] = []
+        # fresh, sealed stand-ins for every load: nothing is shared with another file
+        self._globals: dict[tuple[str, str], Any] = {
+            k: _Global(f"{k[0]}.{k[1]}", fn) for k, fn in _ALLOWED_FUNCTIONS.items()}
+        self._globals.update({("torch", name): _StorageType(dtype) for name, dtype in _STORAGES.items()})
+        self._inert: dict[str, type] = {}
+        self._storages: dict[str, StorageRef] = {}
 
     def find_class(self, module: str, name: str) -> Any:
-        found = _ALLOWED.get((module, name))
+        if not isinstance(module, str) or not isinstance(name, str):
+            raise pickle.UnpicklingError("a global named by something that is not a string")
+        found = self._globals.get((module, name))
         if found is not None:
             return found
-        qualname = f"{module}.{name}"
-        self.refused.append(qualname)
+        qualname = f"{module}.{name}"[:200]
+        if qualname not in self._inert:
+            if len(self._inert) >= 1000:
+                raise pickle.UnpicklingError("more than 1000 distinct unknown globals")
+            self.refused.append(qualname)
+            self._inert[qualname] = type("Inert", (_Inert,), {"qualname": qualname})
         if self.lenient:
-            return _inert_class(qualname)
+            return self._inert[qualname]
         raise UnsafePickleError(qualname)
 
     def persistent_load(self, pid: Any) -> StorageRef:
         if not (isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage"):
-            raise pickle.UnpicklingError(f"unsupported persistent id {pid!r:.80}")
+            raise pickle.UnpicklingError(f"unsupported persistent id (a {type(pid).__name__})")
         storage_type, key, _location, numel = pid[1], pid[2], pid[3], pid[4]
         if not isinstance(storage_type, _StorageType):
-            raise pickle.UnpicklingError(f"unsupported storage type {storage_type!r:.80}")
-        return StorageRef(str(key), storage_type.dtype, int(numel))
+            raise pickle.UnpicklingError(f"unsupported storage type (a {type(storage_type).__name__})")
+        if not isinstance(key, str) or len(key) > 64:
+            raise pickle.UnpicklingError("storage key is not a short string")
+        numel = _int(numel, "storage size")
+        if numel < 0:
+            raise pickle.UnpicklingError(f"storage {key!r} has a negative size")
+        known = self._storages.get(key)
+        if known is None:
+            known = self._storages[key] = StorageRef(key, storage_type.dtype, numel)
+        elif (known.dtype, known.numel) != (storage_type.dtype, numel):
+            raise pickle.UnpicklingError(f"storage {key!r} is described twice, differently")
+        return known
+
+
+def _read_member(path: Path, zf: zipfile.ZipFile, info: zipfile.ZipInfo, limit: int) -> bytes:
+    """A member's bytes, inflating at most ``limit`` (the directory's size may lie); CRC checked."""
+    out = bytearray()
+    with zf.open(info) as fh:
+        while block := fh.read(1 << 20):
+            out += block
+            if len(out) > limit:
+                raise CheckpointError(
+                    f"{path}: {info.filename} inflates to more than {limit} bytes (corrupt or hostile)")
+    return bytes(out)
 
 
 def _data_offset(f, info: zipfile.ZipInfo) -> int:
@@ -238,9 +346,11 @@ class PtArchive:
             raise CheckpointError(f"{self.path}: expected a dict of tensors, got {type(node).__name__}")
         out: dict[str, TensorRef] = {}
         for k, v in node.items():
+            if not isinstance(k, str):
+                raise CheckpointError(f"{self.path}: a key is a {type(k).__name__}, not a tensor name (corrupt)")
             if not isinstance(v, TensorRef):
-                raise CheckpointError(f"{self.path}: key {k!r} holds {type(v).__name__}, not a tensor")
-            out[str(k)] = v
+                raise CheckpointError(f"{self.path}: key {_short(k)!r} holds {type(v).__name__}, not a tensor")
+            out[k] = v
         return out
 
 
@@ -267,14 +377,24 @@ def read_pt(path: Path, *, lenient: bool = False) -> PtArchive:
                 )
             f.seek(0)
             zf = zipfile.ZipFile(f)
-            members = {i.filename: i for i in zf.infolist()}
+            infos = zf.infolist()
+            members = {i.filename: i for i in infos}
+            if len(members) != len(infos):
+                dup = sorted({i.filename for i in infos if sum(j.filename == i.filename for j in infos) > 1})
+                raise CheckpointError(
+                    f"{path}: the archive has duplicate member names ({', '.join(dup[:3])}); readers disagree on "
+                    "which copy counts, so it is refused (the file was tampered with or badly re-zipped)"[:400])
             pkl = [n for n in members if n.endswith("/data.pkl") or n == "data.pkl"]
             if len(pkl) != 1:
                 raise CheckpointError(f"{path}: expected one data.pkl in the archive, found {len(pkl)}")
             prefix = pkl[0][: -len("data.pkl")]
+            order = members.get(prefix + "byteorder")
+            if order is not None and _read_member(path, zf, order, 16) != b"little":
+                raise CheckpointError(f"{path}: saved on a big-endian machine; re-save it on a little-endian one")
             if members[pkl[0]].file_size > _MAX_PICKLE_BYTES:
                 raise CheckpointError(f"{path}: data.pkl is implausibly large ({members[pkl[0]].file_size} bytes)")
-            payload = zf.read(pkl[0])  # checks the CRC of the description
+            payload = _read_member(path, zf, members[pkl[0]], _MAX_PICKLE_BYTES)  # CRC checked; inflation bounded
+            _prescan(payload)
             unpickler = _SafeUnpickler(payload, lenient=lenient)
             try:
                 objects = unpickler.load()
@@ -305,31 +425,60 @@ def read_pt(path: Path, *, lenient: bool = False) -> PtArchive:
                     offsets[name] = (start, info.file_size, info.CRC)
                 return offsets[name]
 
-            def resolve(node: Any, key: str) -> Any:
+            # Each object is resolved once (memoised by identity): a pickle that shares references
+            # (a list holding the previous list twice, 60 times over) stays as small as its bytes.
+            done: dict[int, Any] = {}
+
+            def resolve(node: Any, key: str, depth: int) -> Any:
+                if id(node) in done:
+                    return done[id(node)]
+                if depth > _MAX_DEPTH:
+                    raise CheckpointError(f"{path}: objects nested more than {_MAX_DEPTH} deep (corrupt or hostile)")
                 if isinstance(node, _PendingTensor):
                     st = node.storage
                     _check_view(path, key, node)
                     start, nbytes, crc = locate(st)
-                    return TensorRef(
+                    out: Any = TensorRef(
                         path=path, name=key, dtype=st.dtype, shape=node.shape, stride=node.stride,
                         storage_offset=node.storage_offset, storage_numel=st.numel, data_offset=start,
                         storage_nbytes=nbytes, storage_crc=crc,
                     )
-                if isinstance(node, dict):
-                    return {k: resolve(v, str(k)) for k, v in node.items()}
-                if isinstance(node, (list, tuple)):
-                    return type(node)(resolve(v, key) for v in node)
-                return node
+                elif isinstance(node, dict):
+                    out = done[id(node)] = {}
+                    for k, v in node.items():
+                        out[k] = resolve(v, _short(k), depth + 1)
+                elif isinstance(node, list):
+                    out = done[id(node)] = []
+                    out.extend(resolve(v, key, depth + 1) for v in node)
+                elif isinstance(node, tuple):
+                    out = tuple(resolve(v, key, depth + 1) for v in node)
+                else:
+                    return node
+                done[id(node)] = out
+                return out
 
-            objects = resolve(objects, "")
+            objects = resolve(objects, "", 0)
     except CheckpointError:
         raise
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, pickle.UnpicklingError, EOFError, ValueError,
-            TypeError, AttributeError, IndexError, KeyError, struct.error, RecursionError, MemoryError) as e:
-        raise CheckpointError(f"{path}: corrupt checkpoint file ({type(e).__name__}: {e})"[:400]) from None
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, pickle.UnpicklingError, EOFError, ValueError, TypeError,
+            AttributeError, LookupError, ArithmeticError, struct.error, RecursionError, MemoryError,
+            NotImplementedError, zlib.error) as e:
+        raise CheckpointError(f"{path}: corrupt checkpoint file ({type(e).__name__}: {_short(e, 200)})") from None
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read: {e.strerror or e}") from None
     return PtArchive(path=path, objects=objects, refused_globals=tuple(unpickler.refused))
+
+
+def _short(x: Any, limit: int = 80) -> str:
+    """``str(x)`` cut to ``limit`` characters, never expensive (no repr of a big structure)."""
+    if isinstance(x, (str, int, float, BaseException)):
+        try:
+            text = str(x)
+        except ValueError:  # an int too long to print
+            text = f"<{type(x).__name__}>"
+    else:
+        text = f"<{type(x).__name__}>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _check_view(path: Path, key: str, t: _PendingTensor) -> None:

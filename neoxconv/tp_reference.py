@@ -6,6 +6,10 @@ heads and the MLP on its own columns, row-parallel outputs are summed (all-reduc
 part added before the sum (parallel residual) or the full bias once after it, and the vocab-parallel
 readout's slices are gathered. Layer norms are each rank's own copy. No merge rule is used, so a merged
 model that disagrees with this forward was merged wrongly.
+
+Memory: one layer's rank shards in fp32 at a time (read straight from the memory-mapped files), the
+embedding's rows for the prompt only, and the vocab-sized readout ``READ_BLOCK_BYTES`` at a time; so the
+cross-check of a 20B merge needs about one layer of memory on top of what ``verify --max-memory`` keeps.
 """
 
 from __future__ import annotations
@@ -22,12 +26,22 @@ from neoxconv.layers import RotaryTables, apply_partial_rotary, causal_attention
 from neoxconv.ptfile import TensorRef
 
 
-def _tensor(ref: TensorRef) -> torch.Tensor:
-    a = np.array(ref.array())  # a private copy of the bytes
-    t = torch.from_numpy(a)
-    if ref.dtype == "bfloat16":
-        t = t.view(torch.bfloat16)
-    return t.float()
+READ_BLOCK_BYTES = 64 << 20  # fp32 bytes of weight rows in memory at a time for the vocab-sized tensors
+
+
+def _tensor(ref: TensorRef, rows: slice | np.ndarray | None = None) -> torch.Tensor:
+    """An fp32 copy of the tensor (or of some of its rows), read straight from the memory-mapped file."""
+    a = ref.array() if rows is None else ref.array()[rows]
+    if ref.dtype == "bfloat16":  # numpy has no bfloat16: copy the bits, then widen
+        return torch.from_numpy(np.array(a)).view(torch.bfloat16).float()
+    return torch.from_numpy(np.array(a, dtype=np.float32))  # one private copy, already fp32
+
+
+def _linear_by_rows(x: torch.Tensor, ref: TensorRef) -> torch.Tensor:
+    """x @ W.T for a (rows, H) weight read a block of rows at a time: a 50k-row readout is never whole in fp32."""
+    rows, width = ref.shape
+    block = max(1, READ_BLOCK_BYTES // (4 * width))
+    return torch.cat([F.linear(x, _tensor(ref, slice(i, i + block))) for i in range(0, rows, block)], dim=-1)
 
 
 def _ln(x: torch.Tensor, shard: dict[str, TensorRef], prefix: str, eps: float) -> torch.Tensor:
@@ -81,11 +95,12 @@ def tensor_parallel_logits(src: Path, ids: list[int], *, row_bias: str = "auto",
             x = torch.zeros(n, config.hidden_size)
             start = 0
             for shard in shards:  # VocabParallelEmbedding: each rank looks up its own rows, then all-reduce
-                w = _tensor(shard["word_embeddings.weight"])
+                ref = shard["word_embeddings.weight"]
+                rows = ref.shape[0]
                 local = tokens - start
-                inside = (local >= 0) & (local < w.shape[0])
-                x += F.embedding(local.clamp(0, w.shape[0] - 1), w) * inside[:, None]
-                start += w.shape[0]
+                inside = (local >= 0) & (local < rows)
+                x += _tensor(ref, local.clamp(0, rows - 1).numpy()) * inside[:, None]  # only the prompt's rows
+                start += rows
         elif layer.kind is LayerKind.BLOCK:
             # attention: each rank on its own heads; partial outputs (+ bias parts) summed by the all-reduce
             attn = row_parallel([rank_attention(_ln(x, s, "input_layernorm", eps), s) for s in shards],
@@ -98,10 +113,10 @@ def tensor_parallel_logits(src: Path, ids: list[int], *, row_bias: str = "auto",
         elif layer.kind is LayerKind.FINAL_NORM:
             x = [_ln(x, shard, "norm", eps) for shard in shards]  # each rank normalises its own copy
         elif layer.kind is LayerKind.READOUT:
-            logits_parts = [F.linear(x[r], _tensor(shard["final_linear.weight"])) for r, shard in enumerate(shards)]
+            logits_parts = [_linear_by_rows(x[r], shard["final_linear.weight"]) for r, shard in enumerate(shards)]
         ckpt.release(layer)
     if config.tie_word_embeddings:  # readout is the embedding, vocab-parallel
         emb_layer = ckpt.layers[0]
-        logits_parts = [F.linear(x[r], _tensor(ckpt.tensors(emb_layer, r)["word_embeddings.weight"]))
+        logits_parts = [_linear_by_rows(x[r], ckpt.tensors(emb_layer, r)["word_embeddings.weight"])
                         for r in range(T)]
     return torch.cat(logits_parts, dim=-1), config

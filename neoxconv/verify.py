@@ -22,6 +22,7 @@ import json
 import logging
 import math
 import resource
+import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ from neoxconv.errors import NeoXConvError, UsageError
 from neoxconv.generation import GenerationResult, Sampling, full_forward_logits, generate
 from neoxconv.integrity import INDEX, check_output, load_config, read_safetensors_header
 from neoxconv.loading import TORCH_DTYPES, LoadedModel, load_model, resolve_device, resolve_dtype, weight_bytes
+from neoxconv.placement import PeakAnonMemory, format_bytes, runtime_reserve
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +64,8 @@ class VerifyOptions:
     check_hashes: bool | None = None  # None: when the model is < 2 GB
     attention: str = "eager"
     quiet: bool = True
+    max_memory: dict | int | None = None  # bytes: one cap, or {cuda index | "cpu": bytes} (placement.parse_max_memory)
+    device_map: str | None = None  # auto | balanced | sequential
 
 
 @dataclass
@@ -88,6 +92,9 @@ class VerifyReport:
     load_seconds: float = float("nan")
     weight_bytes: int = 0
     peak_memory_bytes: int = 0
+    peak_memory_kind: str = ""
+    offloaded_bytes: int = 0
+    device_map: dict[str, str] | None = None
     int8: dict[str, Any] | None = None
     notes: list[str] = field(default_factory=list)
 
@@ -135,10 +142,14 @@ def _scale(t: torch.Tensor) -> float:
     return max(1.0, float(t.abs().max())) if t.numel() else 1.0
 
 
-def _peak_memory(device: torch.device) -> int:
+def _peak_memory(device: torch.device, sampler: PeakAnonMemory) -> tuple[int, str]:
+    """CUDA: the allocator's peak over every GPU used; CPU: peak RssAnon (ru_maxrss where /proc has none)."""
     if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device))
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+        return sum(int(torch.cuda.max_memory_allocated(i)) for i in range(torch.cuda.device_count())), \
+            "cuda_max_memory_allocated"
+    if sampler.supported:
+        return sampler.peak, "rss_anon"
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024, "ru_maxrss"
 
 
 def stored_dtype(out: Path) -> torch.dtype | None:
@@ -233,9 +244,20 @@ def reference_hf_check(out: Path, model, gen: GenerationResult, dtype: torch.dty
         from transformers import GPTNeoXForCausalLM
     except ImportError:  # require_optional() refuses this up front; kept for library callers
         return Check("reference_hf", False, None, None, "transformers is not installed (pip install 'neoxconv[hf]')")
-    hf = GPTNeoXForCausalLM.from_pretrained(str(out), dtype=dtype).to(device).eval()
-    with torch.inference_mode():
-        theirs = hf(torch.tensor([gen.prompt_ids], device=device)).logits[0].float().cpu()
+    plan = getattr(model, "neoxconv_placement", None)
+    if plan is None:
+        hf = GPTNeoXForCausalLM.from_pretrained(str(out), dtype=dtype).to(device).eval()
+        with torch.inference_mode():
+            theirs = hf(torch.tensor([gen.prompt_ids], device=device)).logits[0].float().cpu()
+    else:  # the same placement for transformers' model (accelerate under from_pretrained)
+        from neoxconv.placement import hf_device_map
+
+        with tempfile.TemporaryDirectory(prefix="neoxconv-offload-") as offload:
+            device_map = hf_device_map(plan, hf_class=GPTNeoXForCausalLM, out=out)
+            hf = GPTNeoXForCausalLM.from_pretrained(str(out), dtype=dtype, device_map=device_map,
+                                                    offload_folder=offload).eval()
+            with torch.inference_mode():
+                theirs = hf(torch.tensor([gen.prompt_ids], device=plan.main_device)).logits[0].float().cpu()
     del hf
     diff = _max_abs(gen.prompt_logits, theirs)
     tol = MODEL_TOL[dtype] * _scale(theirs)
@@ -245,9 +267,19 @@ def reference_hf_check(out: Path, model, gen: GenerationResult, dtype: torch.dty
 def int8_checks(loaded: LoadedModel, gen: GenerationResult, options: VerifyOptions) -> tuple[list[Check], dict]:
     from neoxconv.int8 import int8_weight_bytes, quantize_int8
 
-    before = weight_bytes(loaded.model)
-    quantize_int8(loaded.model, threshold=options.int8_threshold)
-    after = int8_weight_bytes(loaded.model)
+    if loaded.placement is None:
+        before = weight_bytes(loaded.model)
+        quantize_int8(loaded.model, threshold=options.int8_threshold)
+        after = int8_weight_bytes(loaded.model)
+    else:  # offloaded weights are not resident: compare the whole model's bytes, computed from the shapes
+        from neoxconv.int8 import LINEARS
+        from neoxconv.placement import quantize_int8_placed
+
+        before = sum(loaded.placement.unit_bytes.values())
+        size = torch.finfo(loaded.dtype).bits // 8
+        lins = [blk.get_submodule(p) for blk in loaded.model.gpt_neox.layers for p in LINEARS]
+        after = before - sum(lin.weight.numel() * (size - 1) - lin.out_features * 4 for lin in lins)
+        quantize_int8_placed(loaded.model, threshold=options.int8_threshold)
     seq = gen.prompt_ids + gen.generated_ids[:-1]
     logits = full_forward_logits(loaded.model, seq)  # teacher-forced on the full-precision tokens
     P = len(gen.prompt_ids)
@@ -295,8 +327,12 @@ def verify_model(out: Path, options: VerifyOptions) -> VerifyReport:
     device = resolve_device(options.device)
     dtype = resolve_dtype(options.dtype, device)
     if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    loaded = load_model(out, device=device, dtype=dtype, quiet=options.quiet)
+        for i in range(torch.cuda.device_count()):
+            torch.cuda.reset_peak_memory_stats(i)
+    sampler = PeakAnonMemory().start()  # stops at stop(), or when dropped on an error
+    reserve = runtime_reserve(config, tokens=len(prompt_ids) + options.max_new_tokens, dtype=dtype)
+    loaded = load_model(out, device=device, dtype=dtype, quiet=options.quiet, max_memory=options.max_memory,
+                        device_map=options.device_map, fit=True, reserve=reserve)
     loaded.model.set_attention(options.attention)
     gen = generate(loaded.model, prompt_ids, max_new_tokens=options.max_new_tokens, eos_id=config.eos_token_id,
                    sampling=options.sampling, dtype=dtype)
@@ -306,6 +342,9 @@ def verify_model(out: Path, options: VerifyOptions) -> VerifyReport:
         generated_ids=gen.generated_ids, text=text, tokens_per_second=gen.decode_tokens_per_second,
         prefill_seconds=gen.prefill_seconds, load_seconds=loaded.load_seconds, weight_bytes=loaded.weight_bytes,
     )
+    if loaded.placement is not None:
+        report.offloaded_bytes, report.device_map = loaded.placement.offloaded_bytes, loaded.placement.to_json()
+        report.notes.extend(loaded.placement.notes)
     detail = (f"{integrity.files_checked} files, hashes {'checked' if integrity.hashes_checked else 'not checked'}"
               if integrity.manifest_found else integrity.notes[0])
     report.checks.append(Check("integrity", True, None, None, detail))
@@ -319,7 +358,7 @@ def verify_model(out: Path, options: VerifyOptions) -> VerifyReport:
     if options.int8:
         checks, report.int8 = int8_checks(loaded, gen, options)
         report.checks.extend(checks)
-    report.peak_memory_bytes = _peak_memory(device)
+    report.peak_memory_bytes, report.peak_memory_kind = _peak_memory(device, sampler.stop())
     if tokenizer is None:
         report.notes.append("no tokenizer: generated ids are not decoded")
     return report
@@ -332,7 +371,9 @@ def format_report(report: VerifyReport) -> str:
         else f"generated ids: {report.generated_ids}",
         f"device {report.device}, dtype {report.dtype}; load {report.load_seconds:.2f} s, prefill "
         f"{report.prefill_seconds * 1e3:.1f} ms, decode {report.tokens_per_second:.1f} tokens/s, "
-        f"weights {report.weight_bytes / 2**20:.1f} MiB, peak memory {report.peak_memory_bytes / 2**20:.0f} MiB",
+        f"weights {report.weight_bytes / 2**20:.1f} MiB, peak memory {report.peak_memory_bytes / 2**20:.0f} MiB"
+        + (f", {format_bytes(report.offloaded_bytes)} streamed from disk/CPU per forward"
+           if report.offloaded_bytes else ""),
         "",
         "checks:",
     ]
@@ -345,6 +386,11 @@ def format_report(report: VerifyReport) -> str:
         i = report.int8
         lines.append(f"int8: weights x{i['memory_ratio']:.2f}, top-1 agreement {i['top1_agreement']:.0%}, "
                      f"prompt max |dlogit| {i['prompt_max_abs_logit_diff']:.3g}, {i['tokens_per_second']:.1f} tokens/s")
+    if report.device_map:
+        where: dict[str, int] = {}
+        for dev in report.device_map.values():
+            where[dev] = where.get(dev, 0) + 1
+        lines.append("device map: " + ", ".join(f"{n} stage(s) on {dev}" for dev, n in where.items()))
     lines += [f"note: {n}" for n in report.notes]
     lines.append("all checks passed" if report.ok else "SOME CHECKS FAILED")
     return "\n".join(lines)

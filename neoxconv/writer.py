@@ -300,14 +300,15 @@ def _unlink_quietly(p: Path) -> None:
         pass
 
 
-def atomic_write(path: Path, data: bytes, *, hash_algo: str = DEFAULT_HASH) -> str:
-    """Write ``data`` to ``path`` atomically; returns its hex digest under ``hash_algo``."""
+def atomic_write(path: Path, data: bytes, *, hash_algo: str = "sha256") -> str:
+    """Write ``data`` to ``path`` atomically; returns its hex digest under ``hash_algo`` (sha256 unless asked:
+    callers that record the digest name the algorithm)."""
     with _AtomicFile(path, hash_algo=hash_algo) as f:
         f.write(data)
     return f.hexdigest()
 
 
-def atomic_write_json(path: Path, obj, *, hash_algo: str = DEFAULT_HASH) -> str:
+def atomic_write_json(path: Path, obj, *, hash_algo: str = "sha256") -> str:
     return atomic_write(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode(), hash_algo=hash_algo)
 
 

@@ -37,3 +37,12 @@ def test_gpu_check_runs_on_cpu(tmp_path):
                "--new-tokens", 4, "--workdir", tmp_path)
     assert "=== verify fp16 on cpu ===" in out and "=== verify int8 on cpu ===" in out
     assert "all checks passed" in out
+    assert "fp16 --max-memory: same ids as fp16: yes" in out and "fp16 --device-map auto: same ids as fp16: yes" in out
+    assert "int8 --max-memory: same ids as int8: yes" in out
+
+
+def test_bigverify_bench_smoke(tmp_path):
+    out = _run("bigverify_bench.py", "--hidden", 64, "--heads", 4, "--layers", 2, "--vocab", 1024,
+               "--max-memory", "64KiB", "--new-tokens", 4, "--no-against", "--workdir", tmp_path)
+    assert "identical generated ids: yes" in out and "bytes read per generated token" in out
+    assert "peak capped / uncapped" in out

@@ -258,3 +258,11 @@ def test_streams_direct_only_where_it_is_byte_identical(make_checkpoint):
     assert not direct & {"attention.dense.bias", "input_layernorm.weight", "norm.weight"}
     _, plans32 = convert.plan_checkpoint(ckpt, row_bias=Rule.SUM, out_dtype="float32")
     assert not any(streaming.streams_direct(t) for p in plans32 for t in p.tensors)
+
+
+def test_atomic_write_returns_the_digest_it_is_asked_for(tmp_path):
+    """sha256 unless told otherwise: callers that record it under "sha256" (split's manifest) stay right."""
+    data = b"neoxconv" * 1000
+    assert writer.atomic_write(tmp_path / "a", data) == hashlib.sha256(data).hexdigest()
+    assert writer.atomic_write(tmp_path / "b", data, hash_algo="blake3") == hash_file(tmp_path / "b", "blake3")
+    assert hash_file(tmp_path / "b", "blake3") != hash_file(tmp_path / "b", "sha256")

@@ -56,6 +56,29 @@ def test_replicated_writes_the_fp32_mean():
     assert (merge_tensor(Rule.REPLICATED, [a, a, a], dtype="float32") == a).all()
 
 
+@pytest.mark.parametrize("copies", [2, 3, 4, 8])
+def test_identical_replicas_merge_bit_exact(copies):
+    """3 or 8 equal fp32 copies: their fp32 mean moves many values by 1 ulp; the merge must not average."""
+    rng = np.random.default_rng(copies)
+    a = (1 + 0.1 * rng.standard_normal(4096)).astype(np.float32)
+    mean = sum(a.astype(np.float32) for _ in range(copies)) / np.float32(copies)
+    if copies in (3, 8):  # the failure this guards against is real for these counts
+        assert (mean.view(np.uint32) != a.view(np.uint32)).any()
+    for dtype, arr in (("float32", a), ("float16", a.astype(np.float16)),
+                       ("bfloat16", from_f32(a, "bfloat16"))):
+        merged = merge_tensor(Rule.REPLICATED, [arr.copy() for _ in range(copies)], dtype=dtype)
+        assert merged.tobytes() == arr.tobytes()
+    # a NaN (or -0.0) replicated bit for bit stays exactly what the ranks hold
+    b = a.copy()
+    b[:2] = [np.nan, -0.0]
+    assert merge_tensor(Rule.REPLICATED, [b.copy() for _ in range(copies)], dtype="float32").tobytes() == b.tobytes()
+    # ranks that differ are still averaged in fp32
+    c = a.copy()
+    c[0] += 1
+    out = merge_tensor(Rule.REPLICATED, [c] + [a.copy() for _ in range(copies - 1)], dtype="float32")
+    assert abs(out[0] - (a[0] + 1 / copies)) < 1e-5
+
+
 def test_bf16_casts_match_torch_bit_for_bit():
     x = torch.randn(10000) * torch.logspace(-30, 30, 10000)
     ours = from_f32(x.numpy(), "bfloat16")

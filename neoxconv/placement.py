@@ -1,0 +1,591 @@
+"""Verify at any size: place the model over GPUs, CPU RAM and disk (``--device-map``, ``--max-memory``).
+
+Placement is accelerate's big-model inference: a device map over the model's stages (embedding, each
+transformer layer, final norm, readout), ``dispatch_model`` to attach its hooks, and disk offload read
+straight from the merged safetensors files (accelerate's ``offload_index`` with ``safetensors_file``
+entries, cast to the compute dtype on load): a stage mapped to ``disk`` (or to ``cpu`` while computing on
+a GPU) is brought to its execution device one module at a time, just before that module runs, and
+dropped right after. The KV cache of each layer lives on that layer's execution device.
+
+Three things are neoxconv's own, because accelerate does not do them:
+* the device map itself (``plan_placement``): accelerate's ``infer_auto_device_map`` keeps room for the
+  largest layer on every device, so a cap below the largest module (the fp32 embedding of a 50k vocabulary
+  is ~400 MB at hidden 2048) maps *everything* to disk, and nothing stays resident. Here the cap bounds the weights kept resident between uses, first fit in execution order; a module
+  larger than the cap is mapped to disk, brought in for its use and dropped after (with a note saying so);
+* the offloaded embedding and readout (``RowStreamedEmbedding``, ``RowStreamedLinear``): accelerate brings
+  in whole modules, i.e. all V rows of the embedding to look up one per token, and the whole (V, H) readout
+  in the compute dtype (1.24 GB in fp32 for 20B); here the embedding reads only the rows it looks up and
+  the readout is computed ``ROW_BLOCK_BYTES`` of rows at a time, so neither is ever whole in memory;
+* int8 with offload on the CPU (``quantize_int8_placed``): accelerate re-quantizes ``Int8Params`` through
+  ``cuda:0`` on every load, so an offloaded int8 linear on a CPU-only machine cannot be loaded by it.
+  An offloaded linear gets a small accelerate ``ModelHook`` that quantizes the weights it loads
+  (bitsandbytes' own quantizer, deterministic: the same int8 weights as a resident model) and drops them.
+
+``peak_memory_bytes`` on the CPU is the process's peak *anonymous* memory (``RssAnon`` of
+/proc/self/status, sampled every millisecond by ``PeakAnonMemory``): it leaves out the page cache of the
+memory-mapped safetensors files, which the kernel can drop at any time, and counts what the run really
+needed (weights cast to the compute dtype, activations, KV cache, logits).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import weakref
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Union
+
+import torch
+import torch.nn.functional as F
+
+from neoxconv.config import NeoXConfig
+from neoxconv.errors import NeoXConvError, UsageError
+
+log = logging.getLogger(__name__)
+
+
+class PlacementError(UsageError):
+    """--max-memory / --device-map ask for devices this run does not have (exit 2)."""
+
+
+Device = Union[int, str]  # accelerate's spelling: a CUDA index, "cpu" or "disk"
+DEVICE_MAPS = ("auto", "balanced", "sequential")
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b|b)?\s*$", re.IGNORECASE)
+
+
+# ----- parsing --max-memory -------------------------------------------------------------------------------
+def parse_size(text: str) -> int:
+    """'512MiB' -> 536870912, '20GB' -> 20e9 (KB/MB/GB/TB are powers of 10, KiB/MiB/GiB/TiB of 2)."""
+    m = _SIZE.match(text)
+    if not m:
+        raise ValueError(f"{text!r} is not a size (examples: 512MiB, 20GB, 1.5GiB)")
+    n = int(float(m.group(1)) * _UNITS[(m.group(2) or "").lower()])
+    if n <= 0:
+        raise ValueError(f"{text!r}: a memory cap must be positive")
+    return n
+
+
+def parse_max_memory(text: str) -> dict[Device, int] | int:
+    """``SIZE`` (one cap for the compute device(s)) or ``DEV=SIZE,...`` with DEV a CUDA index or ``cpu``."""
+    if "=" not in text:
+        return parse_size(text)
+    caps: dict[Device, int] = {}
+    for part in text.split(","):
+        if not part.strip():
+            continue
+        dev, sep, size = part.partition("=")
+        dev = dev.strip().lower()
+        if not sep or not dev:
+            raise ValueError(f"{part!r}: expected DEVICE=SIZE, e.g. 0=20GB,1=20GB,cpu=30GB")
+        key: Device
+        if dev == "cpu":
+            key = "cpu"
+        elif dev.isdigit():
+            key = int(dev)
+        elif dev.startswith("cuda:") and dev[5:].isdigit():
+            key = int(dev[5:])
+        else:
+            raise ValueError(f"{dev!r} is not a device; use a CUDA index (0, 1, ...) or cpu")
+        if key in caps:
+            raise ValueError(f"device {dev} is given twice")
+        caps[key] = parse_size(size)
+    if not caps:
+        raise ValueError("no DEVICE=SIZE pair given")
+    return caps
+
+
+def format_bytes(n: int) -> str:
+    if n >= 2**30:
+        return f"{n / 2**30:.2f} GiB"
+    return f"{n / 2**20:.0f} MiB" if n >= 2**20 else f"{n / 2**10:.0f} KiB"
+
+
+# ----- memory available and used ---------------------------------------------------------------------------
+def _meminfo(key: str) -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def available_memory(device: Device) -> int:
+    """Bytes the device can still take: CUDA free memory, or the host's MemAvailable."""
+    if device == "cpu":
+        avail = _meminfo("MemAvailable")
+        if avail is None:
+            import psutil
+
+            avail = int(psutil.virtual_memory().available)
+        return avail
+    free, _ = torch.cuda.mem_get_info(int(device))
+    return int(free)
+
+
+def rss_anon() -> int | None:
+    """The process's resident anonymous memory (RssAnon), or None where /proc does not say."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+class PeakAnonMemory:
+    """Peak RssAnon, sampled by a thread every ``interval`` seconds between ``start()`` and ``stop()``.
+
+    The thread holds no reference to this object: dropping it (an exception between start and stop)
+    stops the thread too.
+    """
+
+    def __init__(self, interval: float = 0.001) -> None:
+        self.interval = interval
+        self._peak = [0]
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.supported = rss_anon() is not None
+
+    @property
+    def peak(self) -> int:
+        return self._peak[0]
+
+    @staticmethod
+    def _sample(box: list[int]) -> None:
+        now = rss_anon()
+        if now is not None and now > box[0]:
+            box[0] = now
+
+    def start(self) -> PeakAnonMemory:
+        self._sample(self._peak)
+        if self.supported:
+            stop, box, interval, sample = self._stop, self._peak, self.interval, self._sample
+
+            def run() -> None:
+                while not stop.wait(interval):
+                    sample(box)
+
+            self._thread = threading.Thread(target=run, name="neoxconv-peak-memory", daemon=True)
+            self._thread.start()
+            weakref.finalize(self, stop.set)
+        return self
+
+    def stop(self) -> PeakAnonMemory:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self._sample(self._peak)
+        return self
+
+    def __enter__(self) -> PeakAnonMemory:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+# ----- the plan ----------------------------------------------------------------------------------------------
+@dataclass
+class PlacementPlan:
+    """Where each stage of the model lives. ``device_map`` uses accelerate's spelling (int, 'cpu', 'disk')."""
+
+    device_map: dict[str, Device]
+    main_device: torch.device
+    caps: dict[Device, int]
+    unit_bytes: dict[str, int]
+    notes: list[str] = field(default_factory=list)
+
+    def execution_device(self, unit: str) -> torch.device:
+        dev = self.device_map[unit]
+        return self.main_device if dev in ("cpu", "disk") else torch.device("cuda", int(dev))
+
+    @property
+    def offloaded_units(self) -> list[str]:
+        """Stages not resident on their execution device (disk, or CPU RAM while computing on a GPU)."""
+        off = ("disk",) if self.main_device.type == "cpu" else ("disk", "cpu")
+        return [u for u, d in self.device_map.items() if d in off]
+
+    @property
+    def offloaded_bytes(self) -> int:
+        return sum(self.unit_bytes[u] for u in self.offloaded_units)
+
+    def to_json(self) -> dict[str, str]:
+        return {u: (f"cuda:{d}" if isinstance(d, int) else d) for u, d in self.device_map.items()}
+
+
+def model_units(model: torch.nn.Module) -> list[str]:
+    """The stages in execution order: the granularity of the device map (layers are never split)."""
+    n = len(model.gpt_neox.layers)
+    return (["gpt_neox.embed_in"] + [f"gpt_neox.layers.{i}" for i in range(n)]
+            + ["gpt_neox.final_layer_norm", "embed_out"])
+
+
+def unit_sizes(model: torch.nn.Module, dtype: torch.dtype) -> dict[str, int]:
+    """Weight bytes of each stage in the compute dtype (a tied readout adds nothing to the embedding)."""
+    size = torch.finfo(dtype).bits // 8
+    tied = model.embed_out.weight is model.gpt_neox.embed_in.weight
+    return {u: 0 if (u == "embed_out" and tied) else
+            sum(p.numel() for p in model.get_submodule(u).parameters()) * size
+            for u in model_units(model)}
+
+
+def largest_module_bytes(model: torch.nn.Module, dtype: torch.dtype) -> int:
+    """Bytes of the largest single module (Linear, Embedding, ...) in ``dtype``: what one use brings in."""
+    size = torch.finfo(dtype).bits // 8
+    return max((sum(p.numel() for p in m.parameters(recurse=False)) * size for m in model.modules()), default=0)
+
+
+def runtime_reserve(config: NeoXConfig, *, tokens: int, dtype: torch.dtype) -> int:
+    """Bytes beyond the weights that a verify run needs on its compute device: KV cache, logits, activations."""
+    size = torch.finfo(dtype).bits // 8
+    kv = 2 * config.num_layers * tokens * config.hidden_size * size
+    logits = 4 * tokens * (config.vocab_size or 0) * 4  # fp32 logits, a few copies (checks, softmax)
+    activations = 8 * tokens * max(config.ffn_size, config.hidden_size) * 4
+    return kv + logits + activations + (256 << 20)  # + the allocator's and torch's own slack
+
+
+def plan_placement(model: torch.nn.Module, *, dtype: torch.dtype, main_device: torch.device,
+                   device_map: str | None = None, max_memory: dict[Device, int] | int | None = None,
+                   reserve: int = 0) -> PlacementPlan | None:
+    """The device map for this run, or None when the whole model stays resident on ``main_device``.
+
+    * ``device_map`` None and ``max_memory`` None: None if the model fits the device (its available memory
+      less ``reserve``); otherwise a cap of what is available, with a note saying so.
+    * ``max_memory`` a size: the cap of each compute device (the CPU with --device cpu, every GPU in a map).
+    * ``max_memory`` per device: those caps; devices not named get their available memory in a device map.
+    * ``device_map`` auto/balanced: GPU budgets lowered so the layers spread evenly (accelerate's
+      ``get_balanced_memory``); sequential: fill GPU 0, then 1, ... Then CPU RAM, then disk.
+    """
+    sizes = unit_sizes(model, dtype)
+    total = sum(sizes.values())
+    notes: list[str] = []
+    on_gpu = main_device.type == "cuda"
+    main: Device = (main_device.index or 0) if on_gpu else "cpu"
+    if device_map is None and isinstance(max_memory, dict):
+        device_map = "sequential"  # a per-device cap asks for a map
+    if device_map is not None and device_map not in DEVICE_MAPS:
+        raise PlacementError(f"--device-map {device_map!r}: use one of {', '.join(DEVICE_MAPS)}")
+
+    if device_map is None:
+        if max_memory is None:
+            avail = available_memory(main) - reserve
+            if total <= avail:
+                return None
+            cap = max(avail - largest_module_bytes(model, dtype), 0)  # room for one streamed module in use
+            notes.append(f"the model needs {format_bytes(total)} of weights in {str(dtype)[6:]}, {main_device} has "
+                         f"{format_bytes(avail + reserve)} available: keeping at most {format_bytes(cap)} resident and "
+                         "streaming the rest from disk layer by layer (choose with --max-memory)")
+            caps: dict[Device, int] = {main: cap}
+            if on_gpu:
+                caps["cpu"] = max(available_memory("cpu") - reserve, 0)
+        else:
+            caps = {main: int(max_memory)}
+        order: list[Device] = [main] + (["cpu"] if "cpu" in caps and main != "cpu" else [])
+    else:
+        gpus = list(range(torch.cuda.device_count())) if on_gpu else []
+        named = max_memory if isinstance(max_memory, dict) else {}
+        bad = [d for d in named if d != "cpu" and d not in gpus]
+        if bad:
+            raise PlacementError(f"--max-memory names device {bad[0]}, but this run's devices are "
+                                f"{', '.join(map(str, gpus + ['cpu']))} (--device {main_device.type})")
+        order = gpus + ["cpu"]
+        caps = {}
+        for d in order:
+            if d in named:
+                caps[d] = named[d]
+            elif isinstance(max_memory, int) and (d != "cpu" or not on_gpu):
+                caps[d] = max_memory
+            else:
+                caps[d] = max(available_memory(d) - (reserve if d == main else 0), 0)
+        if device_map in ("auto", "balanced") and len(gpus) > 1:
+            from accelerate.utils import get_balanced_memory
+
+            caps.update(get_balanced_memory(model, max_memory=dict(caps), dtype=dtype,
+                                            no_split_module_classes=["TransformerLayer"]))
+
+    used = {d: 0 for d in order}
+    placed: dict[str, Device] = {}
+    largest_cap = max(caps[d] for d in order)
+    for unit, size in sizes.items():
+        if unit == "embed_out" and size == 0:  # tied: wherever the embedding is
+            placed[unit] = placed["gpt_neox.embed_in"]
+            continue
+        for d in order:
+            if used[d] + size <= caps[d]:
+                placed[unit] = d
+                used[d] += size
+                break
+        else:
+            placed[unit] = "disk"
+            if size > largest_cap:
+                how = {"gpt_neox.embed_in": "only the rows it looks up are read, for each use",
+                       "embed_out": f"it is read {format_bytes(ROW_BLOCK_BYTES)} of rows at a time, for each use"}
+                notes.append(f"{unit} ({format_bytes(size)}) is larger than the memory cap "
+                             f"({format_bytes(largest_cap)}): "
+                             + how.get(unit, "it is brought in for each use and dropped after"))
+    placed["rotary"] = main  # cos/sin tables, not weights
+    for note in notes:  # said now, not only in the report: a streamed run of a big model is long
+        log.warning(note)
+    plan = PlacementPlan(device_map=placed, main_device=main_device, caps={d: caps[d] for d in order},
+                         unit_bytes=sizes, notes=notes)
+    if plan.offloaded_units:
+        log.info("streaming %s of weights from disk/CPU: %s", format_bytes(plan.offloaded_bytes),
+                 ", ".join(plan.offloaded_units))
+    return plan
+
+
+# ----- loading and dispatching -----------------------------------------------------------------------------
+ROW_BLOCK_BYTES = 64 << 20  # compute-dtype bytes of a streamed readout's rows in memory at a time
+
+
+class _FileTensor:
+    """One tensor of a safetensors file; each call gives a zero-copy view of the memory-mapped file."""
+
+    def __init__(self, path: Path, name: str) -> None:
+        self.path, self.name = path, name
+
+    def __call__(self) -> torch.Tensor:
+        from safetensors import safe_open
+
+        with safe_open(str(self.path), framework="pt", device="cpu") as f:
+            return f.get_tensor(self.name)
+
+
+class RowStreamedEmbedding(torch.nn.Module):
+    """An offloaded embedding that reads only the rows it looks up, straight from the mapped file.
+
+    accelerate brings in whole modules: for the embedding that is every one of the V rows, to look up one.
+    ``weight`` is a meta placeholder with the right shape and dtype.
+    """
+
+    def __init__(self, source: _FileTensor, *, shape: tuple[int, int], dtype: torch.dtype,
+                 device: torch.device) -> None:
+        super().__init__()
+        self.source, self.device = source, device
+        self.register_buffer("weight", torch.empty(shape, dtype=dtype, device="meta"), persistent=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:  # (B, T) -> (B, T, H)
+        return self.source()[ids.cpu()].to(device=self.device, dtype=self.weight.dtype)
+
+
+class RowStreamedLinear(torch.nn.Module):
+    """An offloaded vocab-sized readout computed ``ROW_BLOCK_BYTES`` of weight rows at a time.
+
+    accelerate would bring in the whole (V, H) weight in the compute dtype for every token (1.24 GB in fp32
+    for 20B); here it is never whole in memory. No bias (the readout has none).
+    """
+
+    def __init__(self, source: _FileTensor, *, shape: tuple[int, int], dtype: torch.dtype,
+                 device: torch.device) -> None:
+        super().__init__()
+        self.source, self.device = source, device
+        self.register_buffer("weight", torch.empty(shape, dtype=dtype, device="meta"), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, H) -> (B, T, V)
+        w = self.source()
+        rows, width = w.shape
+        block = max(1, ROW_BLOCK_BYTES // (width * self.weight.element_size()))
+        x = x.to(self.device)
+        return torch.cat([F.linear(x, w[i:i + block].to(device=self.device, dtype=self.weight.dtype))
+                          for i in range(0, rows, block)], dim=-1)
+
+
+def _stream_vocab_modules(model: torch.nn.Module, plan: PlacementPlan, weight_map: dict[str, str], out: Path,
+                          dtype: torch.dtype) -> None:
+    """Swap an offloaded embedding / readout for the row-streamed modules above (after dispatch)."""
+    from accelerate.hooks import remove_hook_from_module
+
+    emb_name = "gpt_neox.embed_in.weight"
+    tied = model.config.tie_word_embeddings
+    for unit, cls in (("gpt_neox.embed_in", RowStreamedEmbedding), ("embed_out", RowStreamedLinear)):
+        if plan.device_map.get(unit) != "disk":
+            continue
+        name = emb_name if (tied or unit == "gpt_neox.embed_in") else "embed_out.weight"
+        old = model.get_submodule(unit)
+        remove_hook_from_module(old, recurse=True)
+        new = cls(_FileTensor(out / weight_map[name], name), shape=tuple(old.weight.shape), dtype=dtype,
+                  device=plan.main_device)
+        parent, _, attr = unit.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, attr, new)
+
+
+def _accelerate():
+    try:
+        import accelerate  # noqa: F401
+    except ImportError:
+        raise NeoXConvError("--max-memory/--device-map need accelerate: pip install accelerate") from None
+
+
+def load_placed(out: Path, model: torch.nn.Module, plan: PlacementPlan, *, dtype: torch.dtype,
+                weight_map: dict[str, str], quiet: bool = True) -> int:
+    """Fill the resident stages from OUT, dispatch the rest with accelerate; returns the bytes of files read.
+
+    ``model`` is on the meta device; ``weight_map`` is the index's name -> file.
+    """
+    _accelerate()
+    from accelerate import dispatch_model
+    from safetensors import safe_open
+
+    from neoxconv.layers import RotaryTables
+    from neoxconv.progress import progress_bar
+
+    def unit_of(name: str) -> str:
+        for u in plan.device_map:
+            if name == u or name.startswith(u + "."):
+                return u
+        raise NeoXConvError(f"{out}: tensor {name} belongs to no stage of the model")
+
+    config = model.config
+    resident: dict[str, list[str]] = {}  # file -> names to load now
+    offload_index: dict[str, dict[str, str]] = {}
+    cpu_state: dict[str, torch.Tensor] = {}
+    for name, file in weight_map.items():
+        dev = plan.device_map[unit_of(name)]
+        if dev == "disk":
+            offload_index[name] = {"safetensors_file": str(out / file), "weight_name": name,
+                                   "dtype": str(dtype).replace("torch.", "")}
+        else:
+            resident.setdefault(file, []).append(name)
+    tied = config.tie_word_embeddings
+    missing = [n for n, _ in model.named_parameters() if n not in weight_map]  # a tied readout is not listed
+    if missing:
+        from neoxconv.errors import VerificationError
+
+        raise VerificationError(f"{out}: no weights for {', '.join(missing[:8])}"
+                                + (f" and {len(missing) - 8} more" if len(missing) > 8 else ""))
+    if tied and "gpt_neox.embed_in.weight" in offload_index:
+        offload_index["embed_out.weight"] = offload_index["gpt_neox.embed_in.weight"]
+    read = 0
+    with progress_bar(total=len(resident), desc="load", quiet=quiet) as bar:
+        for file, names in sorted(resident.items()):
+            with safe_open(str(out / file), framework="pt", device="cpu") as f:
+                for name in names:
+                    dev = plan.device_map[unit_of(name)]
+                    target = "cpu" if dev == "cpu" else torch.device("cuda", int(dev))
+                    t = f.get_tensor(name).to(device=target, dtype=dtype)
+                    if dev == "cpu" and plan.main_device.type == "cuda":
+                        cpu_state[name] = t  # accelerate moves it to the GPU for each use
+                    model.load_state_dict({name: t}, strict=False, assign=True)
+            read += (out / file).stat().st_size
+            bar.update(1)
+    if tied:
+        model.embed_out.weight = model.gpt_neox.embed_in.weight
+        if "gpt_neox.embed_in.weight" in cpu_state:
+            cpu_state["embed_out.weight"] = cpu_state["gpt_neox.embed_in.weight"]
+    model.rotary = RotaryTables(config.rotary_dims, config.rotary_emb_base,
+                                config.max_position_embeddings).to(plan.main_device)
+    accel_map = dict(plan.device_map)
+    main = (plan.main_device.index or 0) if plan.main_device.type == "cuda" else "cpu"
+    # accelerate warns about meta parameters for every offloaded model: that is the design here
+    accelerate_log = logging.getLogger("accelerate.big_modeling")
+    level = accelerate_log.level
+    accelerate_log.setLevel(logging.ERROR)
+    try:
+        dispatch_model(model, accel_map, main_device=main, state_dict=cpu_state or None,
+                       offload_index=offload_index or None, force_hooks=True)
+    finally:
+        accelerate_log.setLevel(level)
+    _stream_vocab_modules(model, plan, weight_map, out, dtype)
+    model.neoxconv_placement = plan
+    return read
+
+
+def hf_device_map(plan: PlacementPlan, *, hf_class: type, out: Path) -> dict[str, Device]:
+    """The plan in transformers' module names, for ``from_pretrained(device_map=...)`` (reference_hf)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig
+
+    with init_empty_weights():
+        hf = hf_class(AutoConfig.from_pretrained(str(out)))
+    children = {n for n, _ in hf.named_children()}
+    readout = "embed_out" if "embed_out" in children else "lm_head"  # transformers 4.x / 5.x
+    rename = {"embed_out": readout, "rotary": "gpt_neox.rotary_emb"}
+    return {rename.get(u, u): d for u, d in plan.device_map.items()}
+
+
+def execution_devices(model: torch.nn.Module) -> tuple[torch.device, list[torch.device]]:
+    """(device of the inputs, execution device of each transformer layer): where the KV cache goes."""
+    plan: PlacementPlan | None = getattr(model, "neoxconv_placement", None)
+    n = len(model.gpt_neox.layers)
+    if plan is None:
+        dev = next(p.device for p in model.parameters() if not p.is_meta)
+        return dev, [dev] * n
+    return plan.main_device, [plan.execution_device(f"gpt_neox.layers.{i}") for i in range(n)]
+
+
+def resident_weight_bytes(model: torch.nn.Module) -> int:
+    """Weight bytes resident now (meta parameters, i.e. offloaded ones, count nothing; tied ones once)."""
+    seen, total = set(), 0
+    for p in model.parameters():
+        if p.is_meta or p.data_ptr() in seen:
+            continue
+        seen.add(p.data_ptr())
+        total += p.numel() * p.element_size()
+    return total
+
+
+# ----- int8 with offload -------------------------------------------------------------------------------------
+def quantize_int8_placed(model: torch.nn.Module, *, threshold: float) -> None:
+    """LLM.int8 for a placed model: resident linears are swapped as usual; offloaded ones quantize on load."""
+    from accelerate.hooks import ModelHook, add_hook_to_module, remove_hook_from_module
+    from accelerate.utils import set_module_tensor_to_device
+    from torch import nn
+
+    from neoxconv.int8 import LINEARS, _bnb
+
+    bnb = _bnb()
+    plan: PlacementPlan = model.neoxconv_placement
+
+    class QuantizeOnLoad(ModelHook):
+        """Load the linear's weights from the offload source, quantize them, run, drop them."""
+
+        def __init__(self, weights, device: torch.device) -> None:
+            self.weights, self.device = weights, device  # weights: accelerate's map, keys relative to the module
+
+        def pre_forward(self, module, *args, **kwargs):
+            w = self.weights["weight"].to("cpu", torch.float16)
+            module.weight = bnb.nn.Int8Params(w, requires_grad=False, has_fp16_weights=False).to(self.device)
+            if module.bias is not None:
+                module.bias = nn.Parameter(self.weights["bias"].to(self.device), requires_grad=False)
+            args = tuple(a.to(self.device) if isinstance(a, torch.Tensor) else a for a in args)
+            return args, kwargs
+
+        def post_forward(self, module, output):
+            module.weight = bnb.nn.Int8Params(torch.empty(module.weight.shape, dtype=torch.int8, device="meta"),
+                                              requires_grad=False, has_fp16_weights=False)
+            if module.bias is not None:
+                set_module_tensor_to_device(module, "bias", "meta")
+            return output
+
+    for i, block in enumerate(model.gpt_neox.layers):
+        unit = f"gpt_neox.layers.{i}"
+        device = plan.execution_device(unit)
+        for path in LINEARS:
+            parent_name, name = path.rsplit(".", 1)
+            parent = block.get_submodule(parent_name)
+            lin: nn.Linear = getattr(parent, name)
+            q = bnb.nn.Linear8bitLt(lin.in_features, lin.out_features, bias=lin.bias is not None,
+                                    has_fp16_weights=False, threshold=threshold, device="meta")
+            hook = getattr(lin, "_hf_hook", None)
+            weights = getattr(hook, "weights_map", None) if getattr(hook, "offload", False) else None
+            if weights is None:  # resident: quantize now, as int8.quantize_int8 does
+                weight = lin.weight.data.to("cpu", torch.float16)
+                q.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)
+                if lin.bias is not None:
+                    q.bias = nn.Parameter(lin.bias.data.clone(), requires_grad=False)
+                q = q.to(device)
+                remove_hook_from_module(lin)
+            else:
+                add_hook_to_module(q, QuantizeOnLoad(weights, device))
+                remove_hook_from_module(lin)
+            setattr(parent, name, q)
+

@@ -1,0 +1,125 @@
+"""`reshard_checkpoint`: a GPT-NeoX checkpoint at TP T becomes one at TP M, one source layer at a time.
+
+Each layer is merged in memory by the merge rules (read with neoxconv's own safe .pt reader, CRC-checked,
+replicas checked against the tolerance) and split again by `neoxconv.split.shard_layer`. So
+``merge(reshard(SRC, M)) == merge(SRC)`` bit for bit: concatenations are exact, a row-parallel bias is written
+as its merged value on rank 0 and zeros elsewhere, and replicated tensors are written as their merged value.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from neoxconv.checkpoint import SourceLayer, open_checkpoint
+from neoxconv.dtypes import canonical_dtype
+from neoxconv.errors import ConfigError, MergeError, OutputError
+from neoxconv.interrupt import deferred_sigint
+from neoxconv.merge import (
+    LayerPlan, Rule, TensorPlan, iter_merged_chunks, max_divergence, merge_tensor, read_checked, resolve_row_bias,
+)
+from neoxconv.neox_writer import TORCH_DTYPES, NeoXTarget, Shard, WriteReport, check_target, write_neox_checkpoint
+from neoxconv.split import planned_bytes, shard_layer, tokenizer_size
+
+_STEP = re.compile(r"^global_step(\d+)$")
+
+
+@dataclass(frozen=True)
+class ReshardOptions:
+    tp: int
+    layout: str | None = None  # None: keep the source's
+    dtype: str = "auto"
+    step: int | None = None  # None: keep the source's (from its global_step folder name), else 0
+    row_bias: str = "auto"  # how the source's row-parallel biases merge (as `merge --row-bias`)
+    replica_tolerance: float = 1e-2
+    config_path: Path | None = None
+    tokenizer_path: Path | None = None
+    resume: bool = True
+    force: bool = False
+    quiet: bool = False
+
+
+def _to_torch(a: np.ndarray, dtype: str) -> torch.Tensor:
+    t = torch.from_numpy(np.ascontiguousarray(a))
+    return t.view(torch.bfloat16) if dtype == "bfloat16" else t
+
+
+def merged_tensor(t: TensorPlan, *, tolerance: float, where: str) -> np.ndarray:
+    """The merged value of one planned tensor (the whole tensor, in ``t.out_dtype``)."""
+    if t.rule in (Rule.CONCAT_ROWS, Rule.CONCAT_COLS):
+        full = np.empty(t.shape, dtype=np.uint16 if t.out_dtype == "bfloat16" else np.dtype(t.out_dtype))
+        row = 0
+        for chunk in iter_merged_chunks(t):
+            full[row:row + chunk.shape[0]] = chunk
+            row += chunk.shape[0]
+        return full
+    arrays = [read_checked(r, t.key) for r in t.shards]
+    if t.rule in (Rule.REPLICATED, Rule.DROP):
+        limit = 0.0 if t.rule is Rule.DROP else tolerance
+        divergence = max_divergence(arrays, t.src_dtype)
+        if not divergence <= limit:
+            raise MergeError(
+                f"{where}: {t.key!r} differs across ranks: max |rank_k - rank_0| = {divergence:.3g} > tolerance "
+                f"{limit:g}" + ("" if t.rule is Rule.DROP else " (raise --replica-tolerance to accept it)"))
+    return merge_tensor(t.rule, arrays, dtype=t.src_dtype, out_dtype=t.out_dtype)
+
+
+def reshard_checkpoint(src: Path, out: Path, options: ReshardOptions) -> WriteReport:
+    """Reshard the NeoX checkpoint ``src`` to TP ``options.tp`` in ``out`` (checked fully before writing)."""
+    from neoxconv.convert import plan_checkpoint
+
+    ckpt = open_checkpoint(src, config_path=options.config_path, tokenizer_path=options.tokenizer_path)
+    out_dtype = None if options.dtype == "auto" else canonical_dtype(options.dtype)
+    src_row_bias = resolve_row_bias(options.row_bias, ckpt.config)
+    config, plans = plan_checkpoint(ckpt, row_bias=src_row_bias, out_dtype=out_dtype)
+    dtypes = {t.out_dtype for p in plans for t in p.tensors}
+    if len(dtypes) != 1:
+        raise ConfigError(f"{ckpt.step_dir}: the weights have mixed dtypes ({', '.join(sorted(dtypes))}); "
+                          "choose one with --dtype fp16|bf16|fp32")
+    dtype = dtypes.pop()
+    if dtype not in TORCH_DTYPES:
+        raise ConfigError(f"{ckpt.step_dir}: weights are {dtype}; choose --dtype fp16, bf16 or fp32")
+    m = _STEP.match(ckpt.step_dir.name)
+    step = options.step if options.step is not None else (int(m.group(1)) if m else 0)
+    layout = options.layout or ckpt.layout
+    target = NeoXTarget(config=config, tp_degree=options.tp, layout=layout, dtype=dtype, step=step,
+                        tokenizer_size=tokenizer_size(ckpt.tokenizer))
+    check_target(target, where=ckpt.config_source)
+    row_bias = resolve_row_bias("auto", config)  # how the output's row-parallel biases are split
+    by_index: dict[int, LayerPlan] = {p.layer.index: p for p in plans}
+    torch_dtype = TORCH_DTYPES[dtype]
+    if Path(out).resolve() in (ckpt.root.resolve(), ckpt.step_dir.resolve()):
+        raise OutputError(f"{out}: OUT is the source checkpoint; choose another folder")
+    for plan in plans:  # the small tensors (norms, buffers) are checked across ranks before anything is written
+        where = f"{plan.layer.label} [{', '.join(plan.files)}]"
+        for t in plan.dropped:
+            merged_tensor(t, tolerance=0.0, where=where)
+        for t in plan.tensors:
+            if t.rule is Rule.REPLICATED:
+                merged_tensor(t, tolerance=options.replica_tolerance, where=where)
+
+    def rank_shards(layer: SourceLayer, ranks: list[int]) -> Iterator[Shard]:
+        plan = by_index[layer.index]
+        where = f"{layer.label} [{', '.join(plan.files)}]"
+        full = {t.key: _to_torch(merged_tensor(t, tolerance=options.replica_tolerance, where=where), t.out_dtype)
+                for t in plan.tensors}
+        yield from shard_layer(layer, full, config=config, tp=options.tp, ranks=ranks, row_bias=row_bias,
+                               dtype=torch_dtype)
+
+    source: dict[str, Any] = {
+        "step_dir": str(ckpt.step_dir.resolve()), "layout": ckpt.layout, "tp_degree": ckpt.tp_degree,
+        "files": [{"name": p.name, "size": p.stat().st_size} for p in ckpt.source_files()],
+    }
+    recorded = {"command": "reshard", "tp": options.tp, "layout": layout, "dtype": dtype, "step": step,
+                "row_bias": src_row_bias.value, "replica_tolerance": options.replica_tolerance}
+    with deferred_sigint() as guard:
+        return write_neox_checkpoint(
+            Path(out), target, rank_shards, source=source, recorded=recorded,
+            planned_bytes=planned_bytes(config, options.tp, dtype, row_bias), tokenizer=ckpt.tokenizer,
+            guard=guard, resume=options.resume, force=options.force, quiet=options.quiet, desc="reshard")

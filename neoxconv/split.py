@@ -1,0 +1,312 @@
+"""`split_model`: a Hugging Face GPT-NeoX folder becomes a GPT-NeoX checkpoint at tensor-parallel degree T.
+
+The split runs the merge rule table (`neoxconv.merge.RULES`, NeoX key -> rule and Hugging Face name) backwards;
+the inverse of each rule is declared once, in `SPLITTERS`, and buffers gpt-neox derives from the config are
+declared in `DERIVED`. A new architecture is a new rule table; these two tables stay as they are.
+
+    CONCAT_ROWS  -> rank r gets rows [r*n, (r+1)*n) (column- and vocab-parallel; the fused QKV is laid out
+                    [heads, 3, head_dim], so a block of rows is a block of whole heads)
+    CONCAT_COLS  -> rank r gets columns [r*n, (r+1)*n) (row-parallel weights)
+    REPLICATED   -> every rank gets the tensor (layer norms; row-parallel biases without parallel residual)
+    SUM          -> row-parallel biases with parallel residual (gpt_j_residual): each rank adds its part
+                    before the all-reduce, so the parts must sum to the bias. Rank 0 gets the whole bias and
+                    the other ranks zeros: b + 0 + ... + 0 == b exactly in any dtype and any summation order,
+                    for every T (dividing by T is exact only for powers of two, and not for fp16 subnormals).
+                    Training then updates every rank's part by the same gradient, which is what gpt-neox does.
+    DROP         -> not written, except the buffers in DERIVED (attention.rotary_emb.inv_freq, computed as
+                    gpt-neox computes it and stored in the checkpoint's dtype, as module.half() leaves it)
+
+Only safetensors are read (never a pickle). One source layer is in memory at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from neoxconv.checkpoint import SourceLayer, model_layers
+from neoxconv.config import NeoXConfig
+from neoxconv.dtypes import FLOAT_DTYPES, FROM_SAFETENSORS, canonical_dtype, tensor_nbytes
+from neoxconv.errors import CheckpointError, ConfigError
+from neoxconv.integrity import read_safetensors_header
+from neoxconv.interrupt import deferred_sigint
+from neoxconv.merge import RULES, Rule, RuleSpec, expected_shape, hf_name, resolve_row_bias
+from neoxconv.neox_writer import TORCH_DTYPES, NeoXTarget, Shard, WriteReport, check_target, write_neox_checkpoint
+
+log = logging.getLogger(__name__)
+
+
+# ----- the inverse rules -------------------------------------------------------------------------------------
+def _block(full: torch.Tensor, dim: int, tp: int, rank: int) -> torch.Tensor:
+    n = full.shape[dim] // tp
+    return full.narrow(dim, rank * n, n).clone(memory_format=torch.contiguous_format)
+
+
+def _sum_part(full: torch.Tensor, tp: int, rank: int) -> torch.Tensor:
+    return full.clone() if rank == 0 else torch.zeros_like(full)
+
+
+SPLITTERS: dict[Rule, Callable[[torch.Tensor, int, int], torch.Tensor]] = {
+    Rule.CONCAT_ROWS: lambda full, tp, rank: _block(full, 0, tp, rank),
+    Rule.CONCAT_COLS: lambda full, tp, rank: _block(full, 1, tp, rank),
+    Rule.REPLICATED: lambda full, tp, rank: full.clone(),
+    Rule.SUM: _sum_part,
+}
+
+
+def rotary_inv_freq(config: NeoXConfig, dtype: torch.dtype) -> torch.Tensor:
+    """gpt-neox's RotaryEmbedding buffer: 1 / base^(2i/d) in fp32, then the model's dtype."""
+    d = config.rotary_dims
+    return (1.0 / (config.rotary_emb_base ** (torch.arange(0, d, 2).float() / d))).to(dtype)
+
+
+DERIVED: dict[str, Callable[[NeoXConfig, torch.dtype], torch.Tensor]] = {
+    "attention.rotary_emb.inv_freq": rotary_inv_freq,
+}
+
+
+def shard_layer(layer: SourceLayer, full: dict[str, torch.Tensor], *, config: NeoXConfig, tp: int,
+                ranks: list[int], row_bias: Rule, dtype: torch.dtype,
+                table: dict[str, RuleSpec] | None = None) -> Iterator[Shard]:
+    """Rank shards of one source layer from its full tensors (NeoX keys), in the rule table's key order.
+
+    ``table`` is the layer's rule table (default: GPT-NeoX's, ``RULES[layer.kind]``); another architecture
+    passes its own and reuses `SPLITTERS` / `DERIVED` unchanged.
+    """
+    table = RULES[layer.kind] if table is None else table
+    for rank in ranks:
+        shard: Shard = {}
+        for key, spec in table.items():
+            if spec.rule is Rule.DROP:
+                if key in DERIVED:
+                    shard[key] = DERIVED[key](config, dtype)
+                continue
+            rule = row_bias if spec.rule is Rule.ROW_BIAS else spec.rule
+            shard[key] = SPLITTERS[rule](full[key], tp, rank)
+        yield shard
+
+
+def planned_bytes(config: NeoXConfig, tp: int, dtype: str, row_bias: Rule) -> int:
+    """Bytes of weights the split writes (replicated tensors count once per rank)."""
+    total = 0
+    for layer in model_layers(config, with_readout=not config.tie_word_embeddings):
+        for key, spec in RULES[layer.kind].items():
+            rule = row_bias if spec.rule is Rule.ROW_BIAS else spec.rule
+            if rule is Rule.DROP:
+                total += tp * tensor_nbytes(dtype, (config.rotary_dims // 2,)) if key in DERIVED else 0
+                continue
+            shape = expected_shape(spec, config) or ()
+            total += tensor_nbytes(dtype, shape) * (1 if rule in (Rule.CONCAT_ROWS, Rule.CONCAT_COLS) else tp)
+    return total
+
+
+# ----- the Hugging Face side ---------------------------------------------------------------------------------
+_HF_DERIVED_SUFFIXES = (".attention.rotary_emb.inv_freq", ".attention.bias", ".attention.masked_bias")
+
+
+@dataclass
+class HFTensor:
+    file: Path
+    dtype: str
+    shape: tuple[int, ...]
+
+
+class HFModel:
+    """A Hugging Face GPT-NeoX folder: config.json and safetensors (one file or an index of shards)."""
+
+    def __init__(self, folder: Path, *, tokenizer_path: Path | None = None) -> None:
+        self.folder = Path(folder)
+        if not self.folder.is_dir():
+            raise CheckpointError(f"{self.folder}: expected a Hugging Face model folder")
+        cfg = self.folder / "config.json"
+        if not cfg.is_file():
+            raise ConfigError(f"{self.folder}: no config.json (a Hugging Face GPT-NeoX folder has one)")
+        raw = _read_json(cfg, ConfigError)
+        if raw.get("attention_bias") is False:
+            raise ConfigError(f"{cfg}: attention_bias is false; GPT-NeoX checkpoints have attention biases")
+        self.config = NeoXConfig.from_hf_json(cfg)
+        self.tensors = self._scan()
+        self.tokenizer = self._find_tokenizer(tokenizer_path)
+
+    def _scan(self) -> dict[str, HFTensor]:
+        index = self.folder / "model.safetensors.index.json"
+        if index.is_file():
+            weight_map = _read_json(index, CheckpointError).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise CheckpointError(f"{index}: no 'weight_map' object")
+            files = sorted({self.folder / str(f) for f in weight_map.values()})
+        else:
+            files = sorted(self.folder.glob("*.safetensors"))
+        if not files:
+            pickles = sorted(p.name for p in self.folder.glob("*.bin"))
+            hint = (f" (found {', '.join(pickles)}: neoxconv never unpickles; save the model with "
+                    "safe_serialization=True)") if pickles else ""
+            raise CheckpointError(f"{self.folder}: no *.safetensors weights{hint}")
+        tensors: dict[str, HFTensor] = {}
+        for f in files:
+            if not f.is_file() or f.parent.resolve() != self.folder.resolve():
+                raise CheckpointError(f"{f}: listed in the index but not a file in {self.folder}")
+            try:
+                header = read_safetensors_header(f)
+            except (OSError, ValueError) as e:
+                raise CheckpointError(f"{f}: not a readable safetensors file: {e}") from None
+            for name, info in header.items():
+                if name == "__metadata__":
+                    continue
+                dtype = FROM_SAFETENSORS.get(str(info.get("dtype")))
+                if dtype is None:
+                    raise CheckpointError(f"{f}: {name!r} has dtype {info.get('dtype')!r}, which neoxconv does not read")
+                tensors[name] = HFTensor(f, dtype, tuple(int(s) for s in info.get("shape", [])))
+        return tensors
+
+    def _find_tokenizer(self, explicit: Path | None) -> Path | None:
+        if explicit is not None:
+            if not Path(explicit).is_file():
+                raise CheckpointError(f"{explicit}: no such tokenizer file")
+            return Path(explicit)
+        p = self.folder / "tokenizer.json"
+        return p if p.is_file() else None
+
+    def plan(self) -> tuple[NeoXConfig, dict[SourceLayer, dict[str, str]], str]:
+        """Check every expected tensor (names, shapes, dtypes) at once; (config, {layer: {neox key: HF name}}, dtype)."""
+        emb = self.tensors.get("gpt_neox.embed_in.weight")
+        config = self.config
+        if emb is not None and len(emb.shape) == 2 and emb.shape[0] != config.vocab_size:
+            log.info("embedding has %d rows, config.json says vocab_size %s; using the rows", emb.shape[0],
+                     config.vocab_size)
+            config = config.with_(vocab_size=emb.shape[0])
+        layers = model_layers(config, with_readout=not config.tie_word_embeddings)
+        names: dict[SourceLayer, dict[str, str]] = {}
+        problems: list[str] = []
+        expected: set[str] = set()
+        for layer in layers:
+            names[layer] = {}
+            for key, spec in RULES[layer.kind].items():
+                name = hf_name(spec, layer)
+                if name is None:
+                    continue
+                expected.add(name)
+                names[layer][key] = name
+                t = self.tensors.get(name)
+                if t is None:
+                    problems.append(f"missing {name!r}")
+                    continue
+                want = expected_shape(spec, config)
+                if want is not None and t.shape != want:
+                    problems.append(f"{name!r} has shape {list(t.shape)}, config.json implies {list(want)}")
+                if t.dtype not in FLOAT_DTYPES:
+                    problems.append(f"{name!r} has dtype {t.dtype}, not a floating-point type")
+        ignorable = {"embed_out.weight"} if config.tie_word_embeddings else set()
+        unknown = sorted(n for n in self.tensors if n not in expected and n not in ignorable
+                         and not n.endswith(_HF_DERIVED_SUFFIXES))
+        if unknown:
+            shown = ", ".join(map(repr, unknown[:8])) + (f" and {len(unknown) - 8} more" if len(unknown) > 8 else "")
+            problems.append(f"unknown tensor(s) {shown} (is this a GPT-NeoX model?)")
+        if problems:
+            raise CheckpointError(f"{self.folder}: " + "; ".join(problems))
+        dtypes = {self.tensors[n].dtype for n in expected}
+        dtype = dtypes.pop() if len(dtypes) == 1 else "mixed"
+        return config, names, dtype
+
+    def read_layer(self, names: dict[str, str], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """{NeoX key: tensor} for one layer's HF names, cast to ``dtype``.
+
+        Each file is opened for this call only: a safetensors handle keeps its whole file mapped, and mapped
+        pages that were read count as resident memory until the mapping goes (with the layer's tensors).
+        """
+        from safetensors import SafetensorError, safe_open
+
+        by_file: dict[Path, list[tuple[str, str]]] = {}
+        for key, name in names.items():
+            by_file.setdefault(self.tensors[name].file, []).append((key, name))
+        out: dict[str, torch.Tensor] = {}
+        for file, items in by_file.items():
+            try:
+                with safe_open(str(file), framework="pt") as f:
+                    for key, name in items:
+                        out[key] = f.get_tensor(name).to(dtype)  # maps the file until the layer is dropped
+            except (OSError, SafetensorError) as e:
+                raise CheckpointError(f"{file}: cannot read the tensors of {', '.join(n for _, n in items)}: {e}") from None
+        return out
+
+
+def _read_json(path: Path, error: type) -> dict[str, Any]:
+    try:
+        d = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise error(f"{path}: not readable JSON: {e}") from None
+    if not isinstance(d, dict):
+        raise error(f"{path}: expected a JSON object")
+    return d
+
+
+def tokenizer_size(path: Path | None) -> int | None:
+    """Entries of a tokenizer.json (largest id + 1 over the vocabulary and added tokens); None if unknown."""
+    if path is None:
+        return None
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        ids = [int(v) for v in ((data.get("model") or {}).get("vocab") or {}).values()]
+        ids += [int(t["id"]) for t in data.get("added_tokens") or []]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError, TypeError, ValueError, KeyError):
+        return None
+    return max(ids) + 1 if ids else None
+
+
+# ----- the job ---------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SplitOptions:
+    tp: int
+    layout: str = "pipeline"  # pipeline | sequential
+    dtype: str = "auto"  # auto (the weights' own) | fp16 | bf16 | fp32
+    step: int = 0
+    tokenizer_path: Path | None = None
+    resume: bool = True
+    force: bool = False
+    quiet: bool = False
+
+
+def _source_fingerprint(files: list[Path]) -> dict[str, Any]:
+    return {"files": [{"path": str(p.resolve()), "size": p.stat().st_size} for p in sorted(set(files))]}
+
+
+def split_model(hf_dir: Path, out: Path, options: SplitOptions) -> WriteReport:
+    """Split the Hugging Face GPT-NeoX model at ``hf_dir`` into a NeoX checkpoint at TP ``options.tp`` in ``out``.
+
+    Everything is checked (config, names, shapes, dtypes, divisibility) before the first byte is written.
+    """
+    hf = HFModel(hf_dir, tokenizer_path=options.tokenizer_path)
+    config, names, src_dtype = hf.plan()
+    if options.dtype == "auto":
+        if src_dtype == "mixed":
+            raise ConfigError(f"{hf_dir}: the weights have mixed dtypes; choose one with --dtype fp16|bf16|fp32")
+        dtype = src_dtype
+    else:
+        dtype = canonical_dtype(options.dtype)
+    if dtype not in TORCH_DTYPES:
+        raise ConfigError(f"{hf_dir}: weights are {dtype}; choose --dtype fp16, bf16 or fp32")
+    target = NeoXTarget(config=config, tp_degree=options.tp, layout=options.layout, dtype=dtype, step=options.step,
+                        tokenizer_size=tokenizer_size(hf.tokenizer))
+    check_target(target, where=str(Path(hf_dir) / "config.json"))
+    row_bias = resolve_row_bias("auto", config)
+    torch_dtype = TORCH_DTYPES[dtype]
+
+    def rank_shards(layer: SourceLayer, ranks: list[int]) -> Iterator[Shard]:
+        full = hf.read_layer(names[layer], torch_dtype)  # one layer in memory
+        yield from shard_layer(layer, full, config=config, tp=options.tp, ranks=ranks, row_bias=row_bias,
+                               dtype=torch_dtype)
+
+    files = [t.file for t in hf.tensors.values()] + [Path(hf_dir) / "config.json"]
+    recorded = {"command": "split", "tp": options.tp, "layout": options.layout, "dtype": dtype, "step": options.step}
+    with deferred_sigint() as guard:
+        return write_neox_checkpoint(
+            Path(out), target, rank_shards, source=_source_fingerprint(files), recorded=recorded,
+            planned_bytes=planned_bytes(config, options.tp, dtype, row_bias), tokenizer=hf.tokenizer,
+            guard=guard, resume=options.resume, force=options.force, quiet=options.quiet)
+
