@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -101,6 +102,8 @@ def merge(src: Path, out: Path, dtype: str, row_bias: str, replica_tolerance: fl
     any TP degree. OUT gets one safetensors file per source layer, model.safetensors.index.json,
     config.json, the tokenizer and a manifest (neoxconv.json). An interrupted merge resumes when re-run.
     """
+    if "numpy" not in sys.modules:  # a fresh process: the merge does no linear algebra, and numpy's OpenBLAS
+        os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # threads would spin at import (0.07 core-s)
     from neoxconv.convert import MergeOptions, merge_checkpoint
 
     options = MergeOptions(dtype=dtype, row_bias=row_bias, replica_tolerance=replica_tolerance,
