@@ -140,10 +140,10 @@ def inspect(src: Path, config_path: Path | None, out: Path | None, dtype: str, r
 
     info = inspect_checkpoint(src, config_path=config_path, out=out, dtype=dtype, row_bias=row_bias)
     click.echo(json.dumps(info, indent=2) if as_json else format_inspect(info))
-    missing = info["files_missing"]
+    missing, count = info["files_missing"], info["files_missing_count"]  # the first few, and how many
     if missing:
-        raise CheckpointError(f"{info['step_dir']}: {len(missing)} rank file(s) missing: {', '.join(missing[:8])}"
-                              + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
+        raise CheckpointError(f"{info['step_dir']}: {count} rank file(s) missing: {', '.join(missing[:8])}"
+                              + (f" and {count - 8} more" if count > 8 else "")
                               + "; a merge needs every rank's file of every layer")
 
 
@@ -193,6 +193,8 @@ def _parse_max_memory(ctx, param, value: str | None):
 @click.option("--check-hashes/--no-check-hashes", default=None,
               help="Check every file's hash (BLAKE3 or sha256, as the manifest records) against the manifest "
                    "(default: on for models under 2 GB).")
+@click.option("--no-manifest", is_flag=True,
+              help="Accept a folder without neoxconv.json (not written by neoxconv): only headers are checked.")
 @click.option("--attention", type=click.Choice(["eager", "sdpa"]), default="eager", show_default=True,
               help="eager: fp32 scores (the reference); sdpa: torch's fused attention kernel.")
 @click.option("--max-memory", callback=_parse_max_memory, metavar="SIZE|DEV=SIZE,...",
@@ -208,7 +210,8 @@ def _parse_max_memory(ctx, param, value: str | None):
 def verify(out: Path, prompt: str | None, ids_text: str | None, max_new_tokens: int, device: str, dtype: str,
            tokenizer_path: Path | None, temperature: float, top_k: int, top_p: float, seed: int,
            against: Path | None, against_config: Path | None, row_bias: str, reference: str | None, int8: bool,
-           int8_threshold: float, check_hashes: bool | None, attention: str, max_memory, device_map: str | None,
+           int8_threshold: float, check_hashes: bool | None, no_manifest: bool, attention: str, max_memory,
+           device_map: str | None,
            as_json: bool, quiet: bool) -> None:
     """Load the merged folder OUT into neoxconv's own layers, generate, and check the conversion.
 
@@ -232,7 +235,8 @@ def verify(out: Path, prompt: str | None, ids_text: str | None, max_new_tokens: 
         prompt=prompt, ids=_parse_ids(ids_text), max_new_tokens=max_new_tokens, device=device, dtype=dtype,
         tokenizer=tokenizer_path, sampling=sampling, against=against, against_config=against_config,
         row_bias=row_bias, reference=reference, int8=int8, int8_threshold=int8_threshold,
-        check_hashes=check_hashes, attention=attention, quiet=quiet or as_json, max_memory=max_memory,
+        check_hashes=check_hashes, require_manifest=not no_manifest, attention=attention, quiet=quiet or as_json,
+        max_memory=max_memory,
         device_map=device_map,
     )
     report = verify_model(out, options)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,8 @@ from neoxconv.errors import ConfigError
 GELU_TANH = "gelu_fast"
 GELU_EXACT = "gelu"
 _ACTIVATIONS = (GELU_TANH, GELU_EXACT)
+# A resource bound, not a model fact: every structure is per layer, and the largest models have ~100-200.
+MAX_LAYERS = 10_000
 
 
 @dataclass(frozen=True)
@@ -52,22 +55,27 @@ class NeoXConfig:
     def __post_init__(self) -> None:
         problems = []
         for name in ("num_layers", "hidden_size", "num_heads", "max_position_embeddings"):
-            if int(getattr(self, name)) <= 0:
-                problems.append(f"{name} must be positive, got {getattr(self, name)}")
-        if self.hidden_size > 0 and self.num_heads > 0 and self.hidden_size % self.num_heads:
+            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
+                problems.append(f"{name} must be positive (an integer), got {getattr(self, name)!r}")
+        if isinstance(self.num_layers, int) and self.num_layers > MAX_LAYERS:
+            problems.append(f"num_layers {self.num_layers} is implausible (more than {MAX_LAYERS}); check the config")
+        shapes_ok = not problems
+        if shapes_ok and self.hidden_size % self.num_heads:
             problems.append(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
-        if not 0.0 < self.rotary_pct <= 1.0:
+        for name in ("rotary_pct", "rotary_emb_base", "layernorm_eps"):  # NaN, inf and <= 0 are all wrong
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                problems.append(f"{name} must be positive (and finite), got {value!r}")
+        if isinstance(self.rotary_pct, (int, float)) and self.rotary_pct > 1.0:
             problems.append(f"rotary_pct must be in (0, 1], got {self.rotary_pct}")
-        elif self.hidden_size % self.num_heads == 0 and self.rotary_dims % 2:
+        elif shapes_ok and not problems and self.rotary_dims % 2:
             problems.append(f"rotary dims {self.rotary_dims} (head_dim x rotary_pct) must be even")
-        if self.rotary_emb_base <= 0:
-            problems.append(f"rotary_emb_base must be positive, got {self.rotary_emb_base}")
         if self.activation not in _ACTIVATIONS:
             problems.append(f"activation must be one of {_ACTIVATIONS}, got {self.activation!r}")
-        if self.vocab_size is not None and self.vocab_size <= 0:
-            problems.append(f"vocab_size must be positive, got {self.vocab_size}")
-        if self.intermediate_size is not None and self.intermediate_size <= 0:
-            problems.append(f"intermediate_size must be positive, got {self.intermediate_size}")
+        for name in ("vocab_size", "intermediate_size"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value <= 0):
+                problems.append(f"{name} must be positive (an integer), got {value!r}")
         if problems:
             raise ConfigError("invalid model config: " + "; ".join(problems))
         if self.intermediate_size is None:  # normalise, so equal models compare equal
@@ -161,15 +169,17 @@ class NeoXConfig:
             )
         except KeyError as e:
             raise ConfigError(f"config.json lacks the key {e.args[0]!r}") from None
-        except (TypeError, ValueError) as e:
+        except (TypeError, ValueError, OverflowError, AttributeError) as e:  # int(inf) is an OverflowError
             raise ConfigError(f"config.json has a bad value: {e}") from None
 
     @classmethod
     def from_hf_json(cls, path: Path) -> NeoXConfig:
         try:
             d = json.loads(Path(path).read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise ConfigError(f"{path}: cannot read config.json: {e}") from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+            raise ConfigError(f"{path}: cannot read config.json: {str(e)[:200]}") from None
+        if not isinstance(d, dict):
+            raise ConfigError(f"{path}: config.json is not a JSON object")
         try:
             return cls.from_hf_dict(d)
         except ConfigError as e:
@@ -211,7 +221,7 @@ class NeoXConfig:
                 activation=GELU_TANH if fused else GELU_EXACT,
                 make_vocab_size_divisible_by=int(d.get("make_vocab_size_divisible_by", 128)),
             )
-        except (TypeError, ValueError) as e:
+        except (TypeError, ValueError, OverflowError) as e:  # int(.inf) is an OverflowError
             raise ConfigError(f"NeoX config has a bad value: {e}") from None
 
     @classmethod
@@ -250,11 +260,11 @@ def read_neox_yaml(path: Path) -> dict[str, Any]:
 
     try:
         text = Path(path).read_text()
-    except OSError as e:
+    except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: cannot read the config: {e}") from None
     try:
         data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
+    except (yaml.YAMLError, RecursionError) as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of NeoX arguments, got {type(data).__name__}")

@@ -14,8 +14,10 @@ matches its recorded hash (BLAKE3 by default, sha256 with ``hash="sha256"``; see
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import math
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -28,21 +30,23 @@ from neoxconv import __version__
 from neoxconv.checkpoint import Checkpoint, open_checkpoint
 from neoxconv.config import NeoXConfig
 from neoxconv.dtypes import canonical_dtype, count_nonfinite
-from neoxconv.errors import CheckpointError, MergeError, OutputError
+from neoxconv.errors import CheckpointError, MergeError, OutputError, UsageError
+from neoxconv.fingerprint import layer_fingerprint, source_identity
 from neoxconv.hashing import DEFAULT_HASH, check_algorithm, file_matches, with_hash
 from neoxconv.integrity import INDEX, MANIFEST
 from neoxconv.interrupt import InterruptGuard, deferred_sigint
+from neoxconv.outdir import (JOURNAL, OutputLock, check_out_path, foreign_entries, make_out_dir,
+                              remove_previous_output, remove_stale_temps)
 from neoxconv.merge import LayerPlan, Rule, TensorPlan, iter_merged_chunks, max_divergence, merge_tensor, plan_layer, read_checked, resolve_row_bias
 from neoxconv.prefetch import prefetch
 from neoxconv.progress import format_bytes, progress_bar
 from neoxconv.storage import SourceReader
 from neoxconv.streaming import stream_tensor, streams_direct
 from neoxconv.tokenizer_files import eos_token_id, tokenizer_config
-from neoxconv.writer import TMP_SUFFIX, SafetensorsWriter, atomic_write, atomic_write_json
+from neoxconv.writer import SafetensorsWriter, atomic_write, atomic_write_json
 
 log = logging.getLogger(__name__)
 
-JOURNAL = ".neoxconv-journal.json"
 MANIFEST_FORMAT = 1
 
 
@@ -103,15 +107,6 @@ class MergeReport:
                 f"max replica divergence {self.max_replica_divergence:.3g}")
 
 
-def _source_fingerprint(ckpt: Checkpoint) -> dict[str, Any]:
-    return {
-        "step_dir": str(ckpt.step_dir.resolve()),
-        "layout": ckpt.layout,
-        "tp_degree": ckpt.tp_degree,
-        "files": [{"name": p.name, "size": p.stat().st_size} for p in ckpt.source_files()],
-    }
-
-
 def _output_names(n: int) -> list[str]:
     return [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
 
@@ -130,19 +125,22 @@ def _load_state(out: Path) -> dict[str, Any] | None:
 
 
 def _prepare_out(out: Path, state: dict | None, source: dict, recorded: dict, options: MergeOptions) -> dict:
-    """Check the output folder is safe to write; return the layer entries that may be reused."""
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in out.glob(f".*{TMP_SUFFIX}"):
-        stale.unlink()  # our own temporaries from an interrupted run
-    entries = [p for p in out.iterdir()]
+    """Decide whether OUT is ours before deleting anything; return the layer entries that may be reused.
+
+    Called with OUT locked. Deletes only neoxconv's own temporaries (once OUT is known to be ours) and,
+    with --force over another neoxconv output, only the files that output's manifest lists and that are
+    named like neoxconv's outputs.
+    """
     if state is None:
-        if entries and not options.force:
+        foreign = foreign_entries(out)
+        if foreign and not options.force:
+            shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
             raise OutputError(
-                f"{out}: the folder is not empty and is not a neoxconv output; choose an empty folder or pass --force "
-                "(neoxconv only overwrites the files it writes)"
+                f"{out}: the folder is not empty ({shown}) and is not a neoxconv output; choose an empty folder "
+                "or pass --force (neoxconv only overwrites the files it writes)"
             )
-        return {}
-    same_source = state.get("source") == source
+        return {}  # nothing deleted: a foreign folder's files, even ones named like ours, are not ours
+    same_source = _same_source(state.get("source"), source)
     same = same_source and state.get("options") == recorded
     if not same and state.get("layers"):
         # the same source with other options and --no-resume: the user asked to redo it all
@@ -153,11 +151,25 @@ def _prepare_out(out: Path, state: dict | None, source: dict, recorded: dict, op
                               f"{'; '.join(describe_differences(state, source, recorded))}; {fix}")
         _remove_previous_output(out, state)
         return {}
-    if not same:  # an earlier run that stopped before its first layer: nothing to keep
+    remove_stale_temps(out)  # ours: temporaries of an interrupted run
+    if not same or not options.resume:  # an earlier run that stopped before its first layer, or --no-resume
         return {}
-    if not options.resume:
-        return {}
-    return dict(state.get("layers", {}))
+    layers = state.get("layers")
+    return dict(layers) if isinstance(layers, dict) else {}
+
+
+def _same_source(recorded: Any, source: dict) -> bool:
+    """Same checkpoint (folder, layout, TP degree, file names); what changed inside is found per layer.
+
+    Manifests written before per-layer fingerprints listed files as {name, size}: compared by name, their
+    layers (which carry no fingerprint) are all redone.
+    """
+    if not isinstance(recorded, dict):
+        return False
+    files = recorded.get("files")
+    if isinstance(files, list):
+        recorded = {**recorded, "files": [f.get("name") if isinstance(f, dict) else f for f in files]}
+    return all(recorded.get(k) == v for k, v in source.items())
 
 
 def describe_differences(state: dict, source: dict, recorded: dict) -> list[str]:
@@ -168,10 +180,10 @@ def describe_differences(state: dict, source: dict, recorded: dict) -> list[str]
     for key in ("step_dir", "layout", "tp_degree"):
         if before_src.get(key) != source.get(key):
             diffs.append(f"source {key.replace('_', ' ')}: {before_src.get(key)} before, {source.get(key)} now")
-    if not diffs and before_src.get("files") != source.get("files"):
-        before_files = {f.get("name"): f.get("size") for f in before_src.get("files") or [] if isinstance(f, dict)}
-        now_files = {f["name"]: f["size"] for f in source["files"]}
-        changed = sorted(n for n in before_files.keys() | now_files.keys() if before_files.get(n) != now_files.get(n))
+    if not diffs and before_src.get("files") != source.get("files"):  # file names (changed contents: per layer)
+        listed = before_src.get("files") if isinstance(before_src.get("files"), list) else []
+        before_files = {str(f.get("name") if isinstance(f, dict) else f) for f in listed}
+        changed = sorted(before_files ^ set(source["files"]))
         diffs.append(f"source files changed since that merge ({', '.join(changed[:3])}"
                      + (f" and {len(changed) - 3} more" if len(changed) > 3 else "") + ")")
     for key in sorted(before_opts.keys() | recorded.keys()):
@@ -186,21 +198,25 @@ def describe_differences(state: dict, source: dict, recorded: dict) -> list[str]
     return diffs or ["its manifest does not match this run"]
 
 
-def _reusable_entry(out: Path, name: str, plan: LayerPlan, entry: dict | None) -> dict | None:
-    """The journal entry of a finished file worth re-hashing: same source layer, present, the recorded size."""
+def _reusable_entry(out: Path, name: str, plan: LayerPlan, entry: dict | None, fingerprint: dict) -> dict | None:
+    """The journal entry of a finished file worth re-hashing: same source layer made from the same inputs
+    (`layer_fingerprint`), present, the recorded size."""
     path = out / name
-    if entry and entry.get("source_layer") == plan.layer.index and path.is_file() \
+    if isinstance(entry, dict) and entry.get("source_layer") == plan.layer.index \
+            and entry.get("source_fingerprint") == fingerprint and path.is_file() \
             and path.stat().st_size == entry.get("size"):
         return entry
     return None
 
 
 def _remove_previous_output(out: Path, state: dict) -> None:
-    """--force over another neoxconv output: remove the files its manifest lists (ours), nothing else."""
-    for name in [*state.get("layers", {}), *state.get("files", {}), MANIFEST, JOURNAL]:
-        path = out / name
-        if path.name == name and path.is_file():  # plain names only, never a path out of the folder
-            path.unlink()
+    """--force over another neoxconv output: remove the files its manifest lists that neoxconv writes."""
+    listed = []
+    for section in ("layers", "files"):
+        entries = state.get(section)
+        if isinstance(entries, dict):
+            listed += [str(name) for name in entries]
+    remove_previous_output(out, [*listed, MANIFEST, JOURNAL])
 
 
 def _check_disk(out: Path, need: int) -> None:
@@ -327,12 +343,16 @@ def merge_checkpoint(src: Path, out: Path, options: MergeOptions | None = None) 
     A first Ctrl-C is deferred to the next point where no file is half-written, then raises
     KeyboardInterrupt; the folder is left resumable.
     """
-    with deferred_sigint() as guard:
-        return _merge(src, out, options or MergeOptions(), guard)
+    with deferred_sigint() as guard, contextlib.ExitStack() as held:
+        return _merge(src, out, options or MergeOptions(), guard, held)
 
 
-def _merge(src: Path, out: Path, options: MergeOptions, guard: InterruptGuard) -> MergeReport:
+def _merge(src: Path, out: Path, options: MergeOptions, guard: InterruptGuard,
+           held: contextlib.ExitStack) -> MergeReport:
     out = Path(out)
+    if not (math.isfinite(options.replica_tolerance) and options.replica_tolerance >= 0):
+        raise UsageError(f"--replica-tolerance must be a finite number >= 0, got {options.replica_tolerance}")
+    check_out_path(out)
     started = time.perf_counter()
     check_algorithm(options.hash)
     ckpt = open_checkpoint(src, config_path=options.config_path, tokenizer_path=options.tokenizer_path)
@@ -348,8 +368,10 @@ def _merge(src: Path, out: Path, options: MergeOptions, guard: InterruptGuard) -
     dtypes = {t.out_dtype for p in plans for t in p.tensors}
     config_dtype = dtypes.pop() if len(dtypes) == 1 else "float32"
 
-    source = _source_fingerprint(ckpt)
+    source = source_identity(ckpt)
     recorded = options.recorded(row_bias)
+    make_out_dir(out)
+    held.enter_context(OutputLock(out))  # released when the merge ends, however it ends
     reusable = _prepare_out(out, _load_state(out), source, recorded, options)
     names = _output_names(len(plans))
     state: dict[str, Any] = {
@@ -357,9 +379,11 @@ def _merge(src: Path, out: Path, options: MergeOptions, guard: InterruptGuard) -
         "source": source, "options": recorded, "hash": options.hash, "layers": {},
     }
 
-    # which layers are already done (file present and its hash as recorded); a bar while re-hashing them
+    # which layers are already done (same source inputs, file present, its hash as recorded); a bar while
+    # re-hashing them
     todo: list[tuple[str, LayerPlan]] = []
-    candidates = [(name, plan, _reusable_entry(out, name, plan, reusable.get(name)))
+    fingerprints = {name: layer_fingerprint(plan, ckpt.step_dir) for name, plan in zip(names, plans)}
+    candidates = [(name, plan, _reusable_entry(out, name, plan, reusable.get(name), fingerprints[name]))
                   for name, plan in zip(names, plans)]
     recheck = sum(e["size"] for _, _, e in candidates if e)
     with progress_bar(total=recheck, desc="resume: re-check", unit="B",
@@ -374,7 +398,9 @@ def _merge(src: Path, out: Path, options: MergeOptions, guard: InterruptGuard) -
                     continue
             todo.append((name, plan))
     _check_disk(out, sum(p.nbytes for _, p in todo) + (1 << 20))
-    (out / MANIFEST).unlink(missing_ok=True)  # the manifest only exists beside a complete output
+    if todo:  # a layer is about to change: the manifest only exists beside a complete output
+        (out / MANIFEST).unlink(missing_ok=True)
+    # a no-op re-run keeps the old manifest until the new one replaces it (a Ctrl-C never leaves none)
     atomic_write_json(out / JOURNAL, state)
 
     # ---- the merge ----
@@ -392,6 +418,7 @@ def _merge(src: Path, out: Path, options: MergeOptions, guard: InterruptGuard) -
                 guard.check()
                 bar.set_postfix_str(f"{plan.layer.label} -> {name}", refresh=False)
                 entry = _write_layer(out / name, plan, options, warnings, bar, guard, reader)
+                entry["source_fingerprint"] = fingerprints[name]
                 unconfirmed.append((name, entry, [r for t in [*plan.tensors, *plan.dropped] for r in t.shards]))
                 confirmed = [(n, e) for n, e, refs in unconfirmed if reader.verified(refs)]
                 if confirmed:

@@ -15,6 +15,9 @@ from neoxconv.merge import resolve_row_bias
 from neoxconv.progress import format_bytes
 
 
+_LISTED = 20
+
+
 def free_bytes(path: Path) -> tuple[Path, int]:
     """Free bytes on the filesystem that holds ``path`` (or its nearest existing parent, if it does not exist)."""
     probe = Path(path).absolute()
@@ -50,7 +53,8 @@ def inspect_checkpoint(src: Path, *, config_path: Path | None = None, out: Path 
         "config_source": ckpt.config_source,
         "tokenizer": str(ckpt.tokenizer) if ckpt.tokenizer else None,
         "files_found": found,
-        "files_missing": list(ckpt.missing_files),
+        "files_missing": list(ckpt.missing_files[:_LISTED]),  # the first few; the count says how many
+        "files_missing_count": len(ckpt.missing_files),
         "dtype": None,
         "parameters": None,
         "key_generation": None,
@@ -113,7 +117,9 @@ def format_inspect(info: dict[str, Any]) -> str:
         ("dtype", info["dtype"]), ("parameters", info["parameters"]),
         ("MLP key names", info["key_generation"]),
         ("files found", f"{len(info['files_found'])} file(s)"),
-        ("files missing", ", ".join(info["files_missing"]) or "none"),
+        ("files missing", (", ".join(info["files_missing"]) or "none") + (
+            f" and {info['files_missing_count'] - len(info['files_missing'])} more"
+            if info["files_missing_count"] > len(info["files_missing"]) else "")),
     ]
     if info["output_bytes"] is not None:
         rows += [("row-parallel bias", info["row_bias"]), ("output dtype", info["output_dtype"]),

@@ -26,22 +26,41 @@ from neoxconv.kv_cache import KVCache, LayerKVCache
 
 # ----- rotary position embedding -----------------------------------------------------------------------
 class RotaryTables(nn.Module):
-    """cos/sin tables for every position up to ``max_positions``, in fp32, computed once.
+    """cos/sin tables in fp32 for the positions in use, grown on demand up to ``max_positions``.
 
-    cos, sin: (max_positions, rotary_dims), each frequency repeated twice (rotate-half layout).
+    cos, sin: (P, rotary_dims), each frequency repeated twice (rotate-half layout), for P positions. P
+    starts at what is asked for (at least 4096, at most ``max_positions``) and doubles when a later
+    position needs it: a config claiming 2e8 positions costs nothing until those positions are used.
     """
+
+    MIN_POSITIONS = 4096
 
     def __init__(self, rotary_dims: int, base: float, max_positions: int) -> None:
         super().__init__()
-        inv_freq = 1.0 / (base ** (torch.arange(0, rotary_dims, 2, dtype=torch.float32) / rotary_dims))
-        t = torch.arange(max_positions, dtype=torch.float32)
-        freqs = torch.outer(t, inv_freq)  # (P, rd/2)
-        emb = torch.cat((freqs, freqs), dim=-1)  # (P, rd)
-        self.register_buffer("cos", emb.cos(), persistent=False)
-        self.register_buffer("sin", emb.sin(), persistent=False)
+        self.rotary_dims, self.base, self.max_positions = rotary_dims, base, max_positions
+        self.register_buffer("cos", torch.empty(0, rotary_dims), persistent=False)
+        self.register_buffer("sin", torch.empty(0, rotary_dims), persistent=False)
 
-    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions: (T,) -> cos, sin: (T, rd) fp32."""
+    def ensure(self, positions: int) -> None:
+        """Make the tables cover positions 0 .. positions-1."""
+        if positions <= self.cos.shape[0]:
+            return
+        if positions > self.max_positions:
+            raise ValueError(f"positions up to {positions} exceed max_position_embeddings {self.max_positions}")
+        n = min(self.max_positions, max(positions, 2 * self.cos.shape[0], self.MIN_POSITIONS))
+        rd, device = self.rotary_dims, self.cos.device
+        with torch.inference_mode(False):  # plain tensors, usable later with autograd too
+            inv_freq = 1.0 / (self.base ** (torch.arange(0, rd, 2, dtype=torch.float32, device=device) / rd))
+            freqs = torch.outer(torch.arange(n, dtype=torch.float32, device=device), inv_freq)  # (P, rd/2)
+            emb = torch.cat((freqs, freqs), dim=-1)  # (P, rd)
+            self.cos, self.sin = emb.cos(), emb.sin()
+
+    def forward(self, positions: torch.Tensor, end: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions: (T,) -> cos, sin: (T, rd) fp32. ``end`` > every position, when the caller knows it
+        (saves reading the positions back from the device)."""
+        if end is None:
+            end = int(positions.max()) + 1 if positions.numel() else 0
+        self.ensure(end)
         return self.cos[positions], self.sin[positions]
 
 
@@ -182,7 +201,7 @@ class NeoXForCausalLM(nn.Module):
             raise ValueError(f"positions up to {start + T} exceed max_position_embeddings "
                              f"{self.config.max_position_embeddings}")
         positions = torch.arange(start, start + T, device=ids.device)
-        cos, sin = self.rotary(positions)  # (T, rd) each
+        cos, sin = self.rotary(positions, end=start + T)  # (T, rd) each
         x = self.gpt_neox.embed_in(ids)  # (B, T, H)
         for i, layer in enumerate(self.gpt_neox.layers):
             x = layer(x, cos, sin, start, None if cache is None else cache.layers[i])

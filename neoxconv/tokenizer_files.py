@@ -11,26 +11,38 @@ from neoxconv.errors import CheckpointError
 EOS_TEXT = "<|endoftext|>"
 
 
+_MAX_BYTES = 256 << 20  # a tokenizer.json is a few MB (20B's: 2 MB)
+
+
 def _load(path: Path) -> dict[str, Any]:
     try:
+        size = Path(path).stat().st_size
+        if size > _MAX_BYTES:
+            raise CheckpointError(f"{path}: {size} bytes is implausibly large for a tokenizer.json")
         data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: not a readable tokenizer.json: {e}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise CheckpointError(f"{path}: not a readable tokenizer.json: {str(e)[:200]}") from None
     if not isinstance(data, dict) or "model" not in data:
         raise CheckpointError(f"{path}: not a Hugging Face tokenizer.json (no 'model' entry)")
+    added = data.get("added_tokens")
+    if not isinstance(data["model"], dict) or not (
+            added is None or isinstance(added, list) and all(isinstance(t, dict) for t in added)):
+        raise CheckpointError(f"{path}: not a Hugging Face tokenizer.json ('model' or 'added_tokens' malformed)")
     return data
 
 
 def eos_token_id(path: Path) -> int | None:
     """The id of ``<|endoftext|>`` (0 for GPT-NeoX-20B), from added_tokens or the vocabulary."""
     data = _load(path)
-    for tok in data.get("added_tokens") or []:
-        if tok.get("content") == EOS_TEXT:
-            return int(tok["id"])
-    vocab = (data.get("model") or {}).get("vocab")
-    if isinstance(vocab, dict) and EOS_TEXT in vocab:
-        return int(vocab[EOS_TEXT])
-    return None
+    found = next((tok.get("id") for tok in data.get("added_tokens") or [] if tok.get("content") == EOS_TEXT), None)
+    vocab = data["model"].get("vocab")
+    if found is None and isinstance(vocab, dict):
+        found = vocab.get(EOS_TEXT)
+    if found is None:
+        return None
+    if type(found) is not int or not 0 <= found < 1 << 31:
+        raise CheckpointError(f"{path}: the id of {EOS_TEXT!r} is {found!r:.40}, not a token id")
+    return found
 
 
 # GPT-NeoX takes no token_type_ids. Without this list transformers 4.x's PreTrainedTokenizerFast returns them

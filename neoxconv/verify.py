@@ -62,6 +62,7 @@ class VerifyOptions:
     int8: bool = False
     int8_threshold: float = 6.0
     check_hashes: bool | None = None  # None: when the model is < 2 GB
+    require_manifest: bool = True  # False: --no-manifest (a folder without neoxconv.json: headers only)
     attention: str = "eager"
     quiet: bool = True
     max_memory: dict | int | None = None  # bytes: one cap, or {cuda index | "cpu": bytes} (placement.parse_max_memory)
@@ -309,7 +310,7 @@ def verify_model(out: Path, options: VerifyOptions) -> VerifyReport:
         raise UsageError("give a prompt (--prompt TEXT) or token ids (--ids 1,2,3)")
     require_optional(options)
     config = load_config(out)
-    integrity = check_output(out, config, hashes=options.check_hashes)
+    integrity = check_output(out, config, hashes=options.check_hashes, require_manifest=options.require_manifest)
     tokenizer = _tokenizer(out, options.tokenizer)
     if options.ids is not None:
         prompt_ids = list(options.ids)
@@ -345,9 +346,7 @@ def verify_model(out: Path, options: VerifyOptions) -> VerifyReport:
     if loaded.placement is not None:
         report.offloaded_bytes, report.device_map = loaded.placement.offloaded_bytes, loaded.placement.to_json()
         report.notes.extend(loaded.placement.notes)
-    detail = (f"{integrity.files_checked} files, hashes {'checked' if integrity.hashes_checked else 'not checked'}"
-              if integrity.manifest_found else integrity.notes[0])
-    report.checks.append(Check("integrity", True, None, None, detail))
+    report.checks.append(Check("integrity", True, None, None, integrity.summary()))
     kv, report.kv_cache_max_abs_diff = kv_cache_check(loaded.model, gen, dtype)
     report.checks.append(kv)
     report.checks.append(sanity_check(gen))

@@ -309,7 +309,9 @@ def atomic_write(path: Path, data: bytes, *, hash_algo: str = "sha256") -> str:
 
 
 def atomic_write_json(path: Path, obj, *, hash_algo: str = "sha256") -> str:
-    return atomic_write(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode(), hash_algo=hash_algo)
+    """Strict JSON: NaN/Infinity are refused (ValueError), never written as invalid JSON."""
+    return atomic_write(path, (json.dumps(obj, indent=2, sort_keys=False, allow_nan=False) + "\n").encode(),
+                        hash_algo=hash_algo)
 
 
 def safetensors_header(entries: list[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str]) -> bytes:
