@@ -5,8 +5,9 @@
 
 Prints seconds per GB for each implementation side by side, wall and CPU (CPU is the figure that matters
 on a shared machine), on the whole buffer at once (from memory) and on a 1 MB block in the CPU cache
-(how the merge calls them: on a block its read has just brought in). These are the figures behind neoxconv's choices: BLAKE3 over sha256, a
-hardware CRC-32 over zlib's, the exponent-mask finiteness test over np.isfinite. An implementation whose
+(how the merge calls them: on a block its read has just brought in). These are the figures behind
+neoxconv's choices: BLAKE3 over sha256, a hardware CRC-32 over zlib's, the exponent-mask finiteness test
+over np.isfinite. An implementation whose
 package is missing is reported as such, not skipped silently.
 """
 

@@ -265,7 +265,8 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, help="default 50432 (1024 with --quick)")
     ap.add_argument("--tp", type=int, default=2)
     ap.add_argument("--runs", type=int, help="default 2")
-    ap.add_argument("--view-hidden", type=int, help="width of the view-heavy checkpoint; default 1024 (64 with --quick)")
+    ap.add_argument("--view-hidden", type=int,
+                    help="width of the view-heavy checkpoint; default 1024 (64 with --quick)")
     ap.add_argument("--workdir", type=Path, help="keep fixtures here between runs (default: a temp folder)")
     ap.add_argument("--build", help=argparse.SUPPRESS)  # internal: build one fixture in this (child) process
     args = ap.parse_args()

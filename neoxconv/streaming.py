@@ -47,14 +47,20 @@ class _RankReader:
         self.pos = ref.byte_offset
         self.end = ref.byte_offset + ref.nbytes
         self.crc = 0
-        self._fd = os.open(ref.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        try:
+            self._fd = os.open(ref.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        except OSError as e:
+            raise CheckpointError(f"{ref.path}: cannot read: {e.strerror or e}") from None
 
     def read_into(self, view: memoryview) -> None:
         if self.pos + len(view) > self.end:
             raise RuntimeError(f"{self.ref.path}: read past the data of {self.key!r}")
         done = 0
         while done < len(view):
-            n = os.preadv(self._fd, [view[done:]], self.pos + done)
+            try:
+                n = os.preadv(self._fd, [view[done:]], self.pos + done)
+            except OSError as e:
+                raise CheckpointError(f"{self.ref.path}: cannot read: {e.strerror or e}") from None
             if n <= 0:
                 raise CheckpointError(f"{self.ref.path}: ends inside the data of {self.key!r} (truncated)")
             done += n
@@ -65,8 +71,8 @@ class _RankReader:
         if self.pos != self.end:
             raise RuntimeError(f"{self.ref.path}: {self.key!r} was not read to its end")
         if self.crc != self.ref.storage_crc:
-            raise CheckpointError(
-                f"{self.ref.path}: the data of {self.key!r} fails its CRC-32 check (the file is corrupt; re-download it)")
+            raise CheckpointError(f"{self.ref.path}: the data of {self.key!r} fails its CRC-32 check "
+                                  "(the file is corrupt; re-download it)")
 
     def close(self) -> None:
         if self._fd is not None:
@@ -74,7 +80,8 @@ class _RankReader:
             self._fd = None
 
 
-def stream_tensor(w: SafetensorsWriter, plan: TensorPlan, *, on_block: Callable[[int], None] = lambda n: None) -> int:
+def stream_tensor(w: SafetensorsWriter, plan: TensorPlan, *,
+                  on_block: Callable[[int], None] = lambda n: None) -> int:
     """Write ``plan``'s merged tensor into ``w`` from its shards' files; return its count of inf/nan.
 
     Raises `CheckpointError` when a shard fails its CRC-32 check (after reading it) or is truncated.
@@ -116,7 +123,8 @@ def stream_tensor(w: SafetensorsWriter, plan: TensorPlan, *, on_block: Callable[
                 nonfinite.update(view)
                 on_block(len(view))
 
-            w.fill_chunk(plan.hf_name, plan.shape[0] * row_bytes, fill, unit=row_bytes)
+            if row_bytes:  # (an empty tensor has nothing to fill)
+                w.fill_chunk(plan.hf_name, plan.shape[0] * row_bytes, fill, unit=row_bytes)
             for reader in readers:
                 reader.check()
     finally:

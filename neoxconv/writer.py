@@ -87,10 +87,10 @@ class _AtomicFile:
 
     ``staged=True`` (big files) writes through two page-aligned staging buffers: the caller fills one
     (copying with `write`, or reading straight into it with `reserve`/`commit`, which hashes the bytes
-    while they are in the CPU cache) while a helper thread writes the other to disk. The file is opened with O_DIRECT
-    where the filesystem allows it: no copy into the page cache (which costs more CPU than the hashing
-    when memory is full of cached checkpoint files) and no eviction of the user's page cache. Falls back to
-    buffered writes, with the kernel's writeback started early, wherever O_DIRECT is refused.
+    while they are in the CPU cache) while a helper thread writes the other to disk. The file is opened
+    with O_DIRECT where the filesystem allows it: no copy into the page cache (which costs more CPU than
+    the hashing when memory is full of cached checkpoint files) and no eviction of the user's page cache.
+    Falls back to buffered writes, with the kernel's writeback started early, wherever O_DIRECT is refused.
     """
 
     def __init__(self, path: Path, *, staged: bool = False, hash_algo: str = DEFAULT_HASH) -> None:
@@ -171,7 +171,7 @@ class _AtomicFile:
         return _STAGE_BYTES - self._fill
 
     def commit(self, nbytes: int) -> None:
-        """The first ``nbytes`` of the last `reserve` view are filled; a full stage goes to the writer thread."""
+        """The first ``nbytes`` of the last `reserve` view are filled; a full stage goes to the writer."""
         # hashed here, by the thread that just filled these bytes: they are still in its core's cache
         self._hash.update(memoryview(self._stages[self._current])[self._fill : self._fill + nbytes])
         self._fill += nbytes
