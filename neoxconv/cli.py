@@ -165,6 +165,12 @@ def _parse_ids(value: str | None) -> tuple[int, ...] | None:
         raise click.BadParameter("expected comma-separated token ids, e.g. 12092,1533") from None
 
 
+def _finite_nonnegative(param, value: float) -> float:
+    if not 0 <= value < float("inf"):  # nan fails too
+        raise click.BadParameter(f"{value} is not a finite number >= 0", param=param)
+    return value
+
+
 def _parse_max_memory(ctx, param, value: str | None):
     if value is None:
         return None
@@ -180,7 +186,8 @@ def _parse_max_memory(ctx, param, value: str | None):
 @click.argument("out", type=click.Path(path_type=Path, exists=True, file_okay=False))
 @click.option("--prompt", help="Text to continue (needs OUT/tokenizer.json or --tokenizer).")
 @click.option("--ids", "ids_text", help="The prompt as comma-separated token ids instead of text.")
-@click.option("--max-new-tokens", type=int, default=32, show_default=True, help="Tokens to generate (stops at EOS).")
+@click.option("--max-new-tokens", type=click.IntRange(min=0), default=32, show_default=True,
+              help="Tokens to generate (stops at EOS).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
               help="auto = cuda when available.")
 @click.option("--dtype", type=_dtype_choice, default="auto", show_default=True, help="auto = fp16 on cuda, fp32 on cpu.")
@@ -201,7 +208,8 @@ def _parse_max_memory(ctx, param, value: str | None):
 @click.option("--reference", type=click.Choice(["hf"]),
               help="Also compare with transformers (GPTNeoXForCausalLM or LlamaForCausalLM).")
 @click.option("--int8", is_flag=True, help="Also run LLM.int8 (bitsandbytes) and compare it with full precision.")
-@click.option("--int8-threshold", type=float, default=6.0, show_default=True, help="LLM.int8 outlier threshold.")
+@click.option("--int8-threshold", type=float, callback=lambda ctx, param, v: _finite_nonnegative(param, v), default=6.0,
+              show_default=True, help="LLM.int8 outlier threshold.")
 @click.option("--check-hashes/--no-check-hashes", default=None,
               help="Check every file's hash (BLAKE3 or sha256, as the manifest records) against the manifest "
                    "(default: on for models under 2 GB).")

@@ -53,6 +53,16 @@ def read_safetensors_header(path: Path) -> dict:
     return _read_header(path)[0]
 
 
+def checked_safetensors_header(path: Path) -> dict:
+    """The header of a safetensors file that safetensors itself would load: every entry well-formed, the
+    data offsets tiling the data exactly (`ValueError` naming the first problem otherwise)."""
+    header, data_len = _read_header(path)
+    problems = _layout_problems(Path(path).name, header, data_len)
+    if problems:
+        raise ValueError(problems[0])
+    return header
+
+
 def _read_header(path: Path) -> tuple[dict, int]:
     """(header, bytes of tensor data after it)."""
     with open(path, "rb") as f:
@@ -62,11 +72,36 @@ def _read_header(path: Path) -> tuple[dict, int]:
         (n,) = struct.unpack("<Q", raw)
         if n > _MAX_HEADER:
             raise ValueError(f"header length {n} is implausible")
-        header = json.loads(f.read(n))
+        text = f.read(n)
         data_len = os.fstat(f.fileno()).st_size - 8 - n
+    if len(text) != n:
+        raise ValueError(f"header length {n} runs past the end of the file")
+    if not text.startswith(b"{"):  # safetensors refuses anything else before the object
+        raise ValueError("header does not start with '{'")
+    try:
+        header = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
+    except RecursionError:
+        raise ValueError("header is nested too deeply") from None
     if not isinstance(header, dict):
         raise ValueError("header is not a JSON object")
+    meta = header.get("__metadata__")
+    if meta is not None and not (isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
+        raise ValueError("__metadata__ is not a table of strings, which safetensors refuses to load")
     return header, data_len
+
+
+def _no_duplicates(pairs: list[tuple[str, object]]) -> dict:
+    """JSON readers disagree on which of two same-named entries counts: refuse the header instead."""
+    out: dict = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"header names {key!r:.80} twice")
+        out[key] = value
+    return out
+
+
+def _no_constant(name: str) -> None:
+    raise ValueError(f"header holds {name}, which is not JSON")
 
 
 def _layout_problems(file: str, header: dict, data_len: int) -> list[str]:

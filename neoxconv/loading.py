@@ -12,7 +12,7 @@ import torch
 
 from neoxconv.config import NeoXConfig
 from neoxconv.dtypes import canonical_dtype
-from neoxconv.errors import NeoXConvError, VerificationError
+from neoxconv.errors import NeoXConvError, UsageError, VerificationError
 from neoxconv.integrity import INDEX, load_config
 from neoxconv.layers import NeoXForCausalLM, RotaryTables, build_model
 from neoxconv.placement import Device, PlacementPlan, load_placed, plan_placement
@@ -27,7 +27,7 @@ def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise NeoXConvError("--device cuda was asked for, but torch sees no CUDA device")
+        raise UsageError("--device cuda was asked for, but torch sees no CUDA device; use --device cpu or auto")
     return torch.device(device)
 
 

@@ -37,7 +37,7 @@ from neoxconv.checkpoint import LayerKind, SourceLayer, model_layers
 from neoxconv.config import GPT_NEOX, NeoXConfig
 from neoxconv.dtypes import FLOAT_DTYPES, FROM_SAFETENSORS, canonical_dtype, tensor_nbytes
 from neoxconv.errors import CheckpointError, ConfigError
-from neoxconv.integrity import read_safetensors_header
+from neoxconv.integrity import checked_safetensors_header
 from neoxconv.interrupt import deferred_sigint
 from neoxconv.merge import (RULES, Rule, RuleSpec, Split, expected_shape, join_split, output_names, resolve_row_bias,
                             rule_table, shape_of)
@@ -187,12 +187,14 @@ class HFModel:
             if not f.is_file() or f.parent.resolve() != self.folder.resolve():
                 raise CheckpointError(f"{f}: listed in the index but not a file in {self.folder}")
             try:
-                header = read_safetensors_header(f)
+                header = checked_safetensors_header(f)
             except (OSError, ValueError) as e:
                 raise CheckpointError(f"{f}: not a readable safetensors file: {e}") from None
             for name, info in header.items():
                 if name == "__metadata__":
                     continue
+                if name in tensors:  # which copy a loader takes depends on the loader: refuse
+                    raise CheckpointError(f"{f}: holds {name!r}, which {tensors[name].file.name} holds too")
                 dtype = FROM_SAFETENSORS.get(str(info.get("dtype")))
                 if dtype is None:
                     raise CheckpointError(f"{f}: {name!r} has dtype {info.get('dtype')!r}, which neoxconv does not read")

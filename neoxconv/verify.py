@@ -326,6 +326,10 @@ def verify_model(out: Path, options: VerifyOptions) -> VerifyReport:
     if bad:
         raise UsageError(f"--ids: token ids {bad[:5]} are outside the vocabulary of {out} "
                          f"(size {config.vocab_size}: ids 0..{(config.vocab_size or 1) - 1})")
+    if len(prompt_ids) >= config.max_position_embeddings:
+        raise UsageError(f"the prompt has {len(prompt_ids)} tokens; {out} takes at most "
+                         f"{config.max_position_embeddings - 1} before generating (max_position_embeddings "
+                         f"{config.max_position_embeddings}); give a shorter --prompt / --ids")
 
     device = resolve_device(options.device)
     dtype = resolve_dtype(options.dtype, device)

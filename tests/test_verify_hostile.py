@@ -1,0 +1,169 @@
+"""`verify` and `split` driven the way a hostile or careless user drives them, through the CLI.
+
+Each case was an internal error (exit 1 with "please report it") or a silent acceptance before: every bad
+input must be a usage error (exit 2), an input error (exit 4) or a failed check (exit 7) naming what is wrong.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+
+import pytest
+from click.testing import CliRunner
+
+from neoxconv.cli import main
+from neoxconv.convert import MergeOptions, merge_checkpoint
+
+
+@pytest.fixture(scope="module")
+def merged(tmp_path_factory, make_checkpoint):
+    root, _, _ = make_checkpoint(2, "pipeline", "float32")
+    out = tmp_path_factory.mktemp("hostile") / "out"
+    merge_checkpoint(root, out, MergeOptions(quiet=True))
+    return root, out
+
+
+def _cli(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def _no_internal_error(result):
+    assert "internal error" not in result.output and not isinstance(result.exception, (RuntimeError, ValueError,
+                                                                                      AttributeError)), result.output
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--max-new-tokens", "-3"], "--max-new-tokens"),
+    (["--temperature", "nan"], "finite temperature"),
+    (["--temperature", "inf"], "finite temperature"),
+    (["--int8-threshold", "-1"], "--int8-threshold"),
+    (["--int8-threshold", "nan"], "--int8-threshold"),
+])
+def test_bad_generation_options_are_usage_errors(merged, args, message):
+    _, out = merged
+    result = _cli("verify", out, "--ids", "1,2", "--device", "cpu", *args)
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    _no_internal_error(result)
+
+
+def test_prompt_longer_than_the_model_is_a_usage_error_before_loading(merged):
+    _, out = merged
+    n = json.loads((out / "config.json").read_text())["max_position_embeddings"]
+    result = _cli("verify", out, "--ids", ",".join(["1"] * n), "--device", "cpu", "--max-new-tokens", "0")
+    assert result.exit_code == 2, result.output
+    assert f"the prompt has {n} tokens" in result.output and "max_position_embeddings" in result.output
+    assert "load:" not in result.output  # refused before any weight is read
+
+
+def test_max_new_tokens_zero_and_huge_run(merged):
+    _, out = merged
+    for n in ("0", "100000"):
+        result = _cli("verify", out, "--ids", "1,2", "--device", "cpu", "--max-new-tokens", n, "--json", "-q")
+        assert result.exit_code == 0, result.output
+        report = json.loads(result.stdout)
+        cap = json.loads((out / "config.json").read_text())["max_position_embeddings"]
+        assert len(report["generated_ids"]) <= (0 if n == "0" else cap - 2)
+
+
+def test_cuda_on_a_machine_without_cuda_is_a_usage_error(merged):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    _, out = merged
+    result = _cli("verify", out, "--ids", "1,2", "--device", "cuda")
+    assert result.exit_code == 2 and "no CUDA device" in result.output, result.output
+
+
+def _rewrite_header(path, text: bytes):
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    path.write_bytes(struct.pack("<Q", len(text)) + text + raw[8 + n:])
+
+
+def _header(path) -> dict:
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    return json.loads(raw[8:8 + n])
+
+
+def _dup_first_entry(h: dict) -> bytes:
+    """The same tensor named twice, the second copy pointing at other bytes (readers keep different ones)."""
+    name = next(k for k in h if k != "__metadata__")
+    other = dict(h[name], data_offsets=[0, h[name]["data_offsets"][1] - h[name]["data_offsets"][0]])
+    return (json.dumps(h)[:-1] + ", " + json.dumps({name: other})[1:]).encode()
+
+
+@pytest.mark.parametrize("tamper, message", [
+    (lambda h: json.dumps({**h, "__metadata__": {"format": 5}}).encode(), "__metadata__ is not a table of strings"),
+    (lambda h: json.dumps({**h, "__metadata__": [1]}).encode(), "__metadata__ is not a table of strings"),
+    (lambda h: json.dumps({**h, "__metadata__": {"x": float("nan")}}).encode(), "NaN, which is not JSON"),
+    (_dup_first_entry, "twice"),
+    (lambda h: b" " + json.dumps(h).encode(), "does not start with"),
+])
+def test_header_safetensors_would_refuse_fails_integrity_not_the_loader(merged, tmp_path, tamper, message):
+    """--no-manifest checks only the headers: a header that safetensors refuses (or reads differently) must
+    fail the integrity check by name, not crash the loader afterwards."""
+    _, out = merged
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    (copy / "neoxconv.json").unlink()
+    victim = sorted(copy.glob("model-*.safetensors"))[0]
+    _rewrite_header(victim, tamper(_header(victim)))
+    result = _cli("verify", copy, "--ids", "1,2", "--device", "cpu", "--no-manifest", "--max-new-tokens", "1")
+    assert result.exit_code == 7, result.output
+    assert victim.name in result.output and message in result.output
+    _no_internal_error(result)
+
+
+def _split(src, out):
+    return _cli("split", src, out, "--tp", "2", "-q")
+
+
+@pytest.mark.parametrize("entry, message", [
+    ([1, 2], "malformed header entry"),
+    ({"dtype": "F32", "shape": ["a", 1], "data_offsets": [0, 4]}, "malformed data_offsets/shape/dtype"),
+])
+def test_split_names_a_malformed_hf_header(merged, tmp_path, entry, message):
+    _, out = merged
+    hf = tmp_path / "hf"
+    shutil.copytree(out, hf)
+    victim = sorted(hf.glob("model-*.safetensors"))[0]
+    h = _header(victim)
+    name = next(k for k in h if k != "__metadata__")
+    _rewrite_header(victim, json.dumps({**h, name: entry}).encode())
+    result = _split(hf, tmp_path / "neox")
+    assert result.exit_code == 4, result.output
+    assert victim.name in result.output and message in result.output
+    _no_internal_error(result)
+
+
+def test_split_refuses_a_deeply_nested_header(merged, tmp_path):
+    _, out = merged
+    hf = tmp_path / "hf"
+    shutil.copytree(out, hf)
+    victim = sorted(hf.glob("model-*.safetensors"))[0]
+    _rewrite_header(victim, b'{"a":' + b"[" * 100_000 + b"]" * 100_000 + b"}")
+    result = _split(hf, tmp_path / "neox")
+    assert result.exit_code == 4 and "nested too deeply" in result.output, result.output
+
+
+def test_split_refuses_a_tensor_held_by_two_shards(merged, tmp_path):
+    """Two shards holding one name with different values: which one a loader takes depends on the loader."""
+    from safetensors.torch import load_file, save_file
+
+    _, out = merged
+    hf = tmp_path / "hf"
+    shutil.copytree(out, hf)
+    first, second = sorted(hf.glob("model-*.safetensors"))[:2]
+    a, b = load_file(first), load_file(second)
+    name = next(iter(a))
+    b[name] = a[name] * 2
+    save_file(b, second, metadata={"format": "pt"})
+    result = _split(hf, tmp_path / "neox")
+    assert result.exit_code == 4, result.output
+    assert name in result.output and first.name in result.output and second.name in result.output
+    assert not (tmp_path / "neox" / "latest").exists()
