@@ -59,12 +59,19 @@ def tensor_parallel_logits(src: Path, ids: list[int], *, row_bias: str = "auto",
     ``row_bias``: 'sum' (each rank adds its part before the all-reduce: NeoX with gpt_j_residual),
     'replicated' (full bias added once after the all-reduce), or 'auto' (follow the config).
     """
+    from neoxconv.convert import checkpoint_qkv_layout, plan_checkpoint
+    from neoxconv.merge import Rule
+
     ckpt = open_checkpoint(src, config_path=config_path)
-    if ckpt.config.architecture == LLAMA:
-        return _llama_tensor_parallel_logits(ckpt, ids, qkv_layout=qkv_layout), ckpt.config
-    config, T = ckpt.config, ckpt.tp_degree
     if row_bias == "auto":
-        row_bias = "sum" if config.parallel_residual else "replicated"
+        row_bias = "sum" if ckpt.config.parallel_residual else "replicated"
+    # the checks merge makes (keys, dtypes, every shard's shape against the config), so that a source that
+    # does not fit its config is named here instead of failing inside a matmul
+    layout = checkpoint_qkv_layout(ckpt, qkv_layout)
+    plan_checkpoint(ckpt, row_bias=Rule.SUM if row_bias == "sum" else Rule.REPLICATED, out_dtype=None, qkv=layout)
+    if ckpt.config.architecture == LLAMA:
+        return _llama_tensor_parallel_logits(ckpt, ids, layout=layout), ckpt.config
+    config, T = ckpt.config, ckpt.tp_degree
     hd, eps = config.head_dim, config.layernorm_eps
     approximate = "tanh" if config.activation == GELU_TANH else "none"
     tokens = torch.tensor(ids)
@@ -133,7 +140,7 @@ def _rms(x: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
     return scale * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
 
 
-def _llama_tensor_parallel_logits(ckpt: Checkpoint, ids: list[int], *, qkv_layout: str) -> torch.Tensor:
+def _llama_tensor_parallel_logits(ckpt: Checkpoint, ids: list[int], *, layout) -> torch.Tensor:
     """What gpt-neox's ParallelSelfAttention / ParallelMLP compute on each rank, collectives simulated.
 
     Per rank (megatron/model/transformer.py): the local QKV output is viewed [np, 3, hn] without GQA, split
@@ -143,11 +150,9 @@ def _llama_tensor_parallel_logits(ckpt: Checkpoint, ids: list[int], *, qkv_layou
     ``silu(w1) * w3`` into w2). Row-parallel outputs are summed (all-reduce) and their bias added once after
     (sequential residual: parallel_output is False).
     """
-    from neoxconv.convert import checkpoint_qkv_layout
     from neoxconv.merge import Split
 
     config, T = ckpt.config, ckpt.tp_degree
-    layout = checkpoint_qkv_layout(ckpt, qkv_layout)
     split = layout.split if layout is not None else Split.QKV_PER_HEAD
     hd, eps = config.head_dim, config.layernorm_eps
     np_, kvp = config.num_heads // T, config.kv_heads // T

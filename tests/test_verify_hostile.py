@@ -167,3 +167,27 @@ def test_split_refuses_a_tensor_held_by_two_shards(merged, tmp_path):
     assert result.exit_code == 4, result.output
     assert name in result.output and first.name in result.output and second.name in result.output
     assert not (tmp_path / "neox" / "latest").exists()
+
+
+def test_against_a_source_that_does_not_fit_its_config_names_the_tensor(merged, tmp_path):
+    """--against-config describing another model (here: half the hidden size) than the shards hold: the
+    shards are checked against it as merge checks them, not fed to a matmul that fails with a shape error."""
+    root, out = merged
+    (yml,) = (root / "configs").glob("*.yml")
+    text = yml.read_text()
+    hidden = json.loads((out / "config.json").read_text())["hidden_size"]
+    assert f'"hidden-size": {hidden},' in text
+    other = tmp_path / "other.yml"
+    other.write_text(text.replace(f'"hidden-size": {hidden},', f'"hidden-size": {hidden // 2},'))
+    result = _cli("verify", out, "--ids", "1,2", "--device", "cpu", "--max-new-tokens", "1",
+                  "--against", root, "--against-config", other)
+    assert result.exit_code == 5, result.output
+    assert "word_embeddings.weight" in result.output and "config expects" in result.output
+    _no_internal_error(result)
+
+
+def test_against_with_qkv_layout_on_a_gpt_neox_model_is_refused_as_in_merge(merged):
+    root, out = merged
+    result = _cli("verify", out, "--ids", "1,2", "--device", "cpu", "--max-new-tokens", "1",
+                  "--against", root, "--qkv-layout", "blocked")
+    assert result.exit_code == 3 and "--qkv-layout applies to Llama-style" in result.output, result.output
