@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from neoxconv.dtypes import FROM_SAFETENSORS
-from neoxconv.errors import NeoXConvError, UsageError
+from neoxconv.errors import CheckpointError, UsageError
 from neoxconv.generation import GenerationResult, Sampling, full_forward_logits, generate
 from neoxconv.integrity import INDEX, check_output, load_config, read_safetensors_header
 from neoxconv.loading import TORCH_DTYPES, LoadedModel, load_model, resolve_device, resolve_dtype, weight_bytes
@@ -132,7 +132,7 @@ def _tokenizer(out: Path, explicit: Path | None):
     try:
         return Tokenizer.from_file(str(path))
     except Exception as e:  # the tokenizers library raises a bare Exception on bad JSON
-        raise NeoXConvError(f"{path}: cannot load the tokenizer: {e}") from None
+        raise CheckpointError(f"{path}: cannot load the tokenizer: {e}") from None
 
 
 def _max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -324,8 +324,11 @@ def verify_model(out: Path, options: VerifyOptions) -> VerifyReport:
         raise UsageError("the prompt encodes to no tokens (--prompt / --ids)")
     bad = [i for i in prompt_ids if not 0 <= i < (config.vocab_size or 0)]
     if bad:
-        raise UsageError(f"--ids: token ids {bad[:5]} are outside the vocabulary of {out} "
-                         f"(size {config.vocab_size}: ids 0..{(config.vocab_size or 1) - 1})")
+        source = "--ids: token ids" if options.ids is not None else \
+            f"--prompt: the tokenizer ({options.tokenizer or out / 'tokenizer.json'}) gives ids"
+        hint = "" if options.ids is not None else "; the tokenizer does not match the model: pass --tokenizer FILE"
+        raise UsageError(f"{source} {bad[:5]} outside the vocabulary of {out} "
+                         f"(size {config.vocab_size}: ids 0..{(config.vocab_size or 1) - 1}){hint}")
     if len(prompt_ids) >= config.max_position_embeddings:
         raise UsageError(f"the prompt has {len(prompt_ids)} tokens; {out} takes at most "
                          f"{config.max_position_embeddings - 1} before generating (max_position_embeddings "

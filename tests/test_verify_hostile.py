@@ -191,3 +191,45 @@ def test_against_with_qkv_layout_on_a_gpt_neox_model_is_refused_as_in_merge(merg
     result = _cli("verify", out, "--ids", "1,2", "--device", "cpu", "--max-new-tokens", "1",
                   "--against", root, "--qkv-layout", "blocked")
     assert result.exit_code == 3 and "--qkv-layout applies to Llama-style" in result.output, result.output
+
+
+def test_tokenizer_that_does_not_match_the_model(merged, tmp_path):
+    """A tokenizer copied in after the merge: named as unchecked by integrity; a prompt it encodes outside the
+    vocabulary blames the tokenizer (not --ids)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    _, out = merged
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    vocab = json.loads((copy / "config.json").read_text())["vocab_size"]
+    tok = Tokenizer(models.WordLevel({"[UNK]": 0, "hello": vocab + 7}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(copy / "tokenizer.json"))
+    result = _cli("verify", copy, "--prompt", "hello", "--device", "cpu")
+    assert result.exit_code == 2, result.output
+    assert "--prompt: the tokenizer" in result.output and "does not match the model" in result.output
+    assert f"[{vocab + 7}]" in result.output
+    result = _cli("verify", copy, "--ids", "1,2", "--device", "cpu", "--max-new-tokens", "1")
+    assert result.exit_code == 0, result.output
+    assert "NOT proven: tokenizer.json: not in the manifest" in result.output
+
+
+def test_unreadable_tokenizer_is_an_input_error(merged, tmp_path):
+    _, out = merged
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    (copy / "tokenizer.json").write_text("[1")
+    result = _cli("verify", copy, "--ids", "1,2", "--device", "cpu", "--max-new-tokens", "1")
+    assert result.exit_code == 4 and "cannot load the tokenizer" in result.output, result.output
+
+
+def test_manifest_that_does_not_list_config_json_fails_integrity(merged, tmp_path):
+    """Every merge records config.json's hash: a manifest without it leaves the config unchecked."""
+    _, out = merged
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    manifest = json.loads((copy / "neoxconv.json").read_text())
+    del manifest["files"]["config.json"]
+    (copy / "neoxconv.json").write_text(json.dumps(manifest))
+    result = _cli("verify", copy, "--ids", "1,2", "--device", "cpu", "--max-new-tokens", "1")
+    assert result.exit_code == 7 and "neoxconv.json: does not list config.json" in result.output, result.output
