@@ -236,6 +236,7 @@ def check_output(out: Path, config: NeoXConfig, *, hashes: bool | None = None,
 
     expected = expected_tensors(config)
     seen: dict[str, str] = {}
+    read: set[str] = set()  # files whose header was read
     for file in index_files:
         path = out / file
         if not _plain(file):
@@ -251,6 +252,7 @@ def check_output(out: Path, config: NeoXConfig, *, hashes: bool | None = None,
             problems.append(f"{file}: not a valid safetensors file ({e})")
             continue
         problems += _layout_problems(file, header, data_len)
+        read.add(file)
         for name, info in header.items():
             if name == "__metadata__":
                 continue
@@ -267,6 +269,9 @@ def check_output(out: Path, config: NeoXConfig, *, hashes: bool | None = None,
             if info.get("dtype") not in FROM_SAFETENSORS or FROM_SAFETENSORS[info["dtype"]] not in (
                     "float16", "bfloat16", "float32"):
                 problems.append(f"{file}: {name!r} has dtype {info.get('dtype')!r}")
+    phantom = sorted(f"{name!r:.80} (in {file})" for name, file in weight_map.items() if file in read and name not in seen)
+    if phantom:
+        problems.append(f"{INDEX}: places tensors in files that do not hold them: {_few(phantom)}")
     missing = sorted(set(expected) - set(seen))
     if missing:
         problems.append(f"tensors missing from the safetensors files: {_few(missing, 8)}")

@@ -233,3 +233,18 @@ def test_manifest_that_does_not_list_config_json_fails_integrity(merged, tmp_pat
     (copy / "neoxconv.json").write_text(json.dumps(manifest))
     result = _cli("verify", copy, "--ids", "1,2", "--device", "cpu", "--max-new-tokens", "1")
     assert result.exit_code == 7 and "neoxconv.json: does not list config.json" in result.output, result.output
+
+
+def test_index_naming_a_tensor_no_file_holds_fails_integrity(merged, tmp_path):
+    """--no-manifest still checks that the index and the headers agree, in both directions."""
+    _, out = merged
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    (copy / "neoxconv.json").unlink()
+    index = json.loads((copy / "model.safetensors.index.json").read_text())
+    first = sorted(set(index["weight_map"].values()))[0]
+    index["weight_map"]["gpt_neox.layers.0.attention.extra.weight"] = first
+    (copy / "model.safetensors.index.json").write_text(json.dumps(index))
+    result = _cli("verify", copy, "--ids", "1,2", "--device", "cpu", "--no-manifest", "--max-new-tokens", "1")
+    assert result.exit_code == 7, result.output
+    assert "places tensors in files that do not hold them" in result.output and "attention.extra" in result.output
