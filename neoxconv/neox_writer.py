@@ -44,7 +44,7 @@ from neoxconv.checkpoint import SourceLayer, model_layers, pipeline_file_name, s
 from neoxconv.config import GELU_TANH, NeoXConfig, padded_vocab_size
 from neoxconv.errors import ConfigError, OutputError
 from neoxconv.interrupt import InterruptGuard
-from neoxconv.outdir import (OutputLock, foreign_entries, make_out_dir, remove_previous_output,
+from neoxconv.outdir import (OutputLock, foreign_entries, make_out_dir, remove_file, remove_previous_output,
                               remove_stale_temps)
 from neoxconv.progress import progress_bar
 from neoxconv.writer import TMP_SUFFIX, atomic_write, atomic_write_json, fsync_dir, sha256_file
@@ -224,14 +224,6 @@ def save_pt(path: Path, obj: Any) -> tuple[str, int]:
     return sha256_file(path), path.stat().st_size
 
 
-def _remove_stale(d: Path) -> None:
-    for stale in d.glob(f".*{TMP_SUFFIX}"):
-        if stale.is_dir() and not stale.is_symlink():
-            shutil.rmtree(stale)
-        else:
-            stale.unlink()
-
-
 def bookkeeping(target: NeoXTarget, module: Shard | None) -> dict[str, Any]:
     """What DeepSpeed and gpt-neox read from ``mp_rank_XX_model_states.pt`` (ints and None only)."""
     return {
@@ -279,7 +271,7 @@ def _remove_staging(folder: Path, *, ours: bool) -> None:
     if ours:
         for p in staging.iterdir():
             if is_neox_output_name(f"{folder.name}/{p.name}") and p.is_file() and not p.is_symlink():
-                p.unlink(missing_ok=True)
+                remove_file(p)
     try:
         staging.rmdir()
     except OSError:
@@ -469,7 +461,7 @@ def _write(out: Path, target: NeoXTarget, rank_shards: Callable[[SourceLayer, li
     small_todo = {n for n, data in small.items() if not _is_same(out, n, reusable.get(n), data)}
     state["files"].update({n: reusable[n] for n in small if n not in small_todo})  # the journal keeps them too
     if todo or small_todo:  # a file is about to change: the manifest only exists beside a complete output
-        (out / MANIFEST).unlink(missing_ok=True)
+        remove_file(out / MANIFEST)
     # a no-op re-run changes no file and keeps the old manifest until the new one replaces it (a Ctrl-C never
     # leaves none)
     if todo:
@@ -523,7 +515,7 @@ def _write(out: Path, target: NeoXTarget, rank_shards: Callable[[SourceLayer, li
     state["config"] = dataclasses.asdict(target.config)
     state["make_vocab_size_divisible_by"] = divisor
     atomic_write_json(out / MANIFEST, state)
-    (out / JOURNAL).unlink(missing_ok=True)
+    remove_file(out / JOURNAL)
     _remove_staging(step_dir, ours=False)
     total = sum(e["size"] for e in state["files"].values())
     row_bias = "rank0" if target.config.parallel_residual else "replicated"

@@ -89,7 +89,7 @@ def remove_stale_temps(out: Path, is_ours: Callable[[str], bool] = is_output_nam
         return
     for p in _entries(d):
         if is_temp_name(p.name, is_ours, folder) and p.is_file() and not p.is_symlink():
-            _unlink(p)
+            remove_file(p)
 
 
 def safe_path(out: Path, rel: str) -> Path | None:
@@ -112,13 +112,14 @@ def remove_previous_output(out: Path, listed: list[str], is_ours: Callable[[str]
     for name in dict.fromkeys(listed):
         path = safe_path(out, str(name)) if is_ours(str(name)) else None
         if path is not None and path.is_file() and not path.is_symlink():
-            _unlink(path)
+            remove_file(path)
             removed.append(name)
     remove_stale_temps(out, is_ours)
     return removed
 
 
-def _unlink(path: Path) -> None:
+def remove_file(path: Path) -> None:
+    """Remove one file (gone already is fine); anything else that fails is an `OutputError` naming it."""
     try:
         path.unlink()
     except FileNotFoundError:
