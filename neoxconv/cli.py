@@ -72,6 +72,10 @@ _dtype_choice = click.Choice(["auto", "fp16", "bf16", "fp32"], case_sensitive=Fa
               help="Row-parallel biases (attention.dense, mlp.dense_4h_to_h): sum the ranks' parts (NeoX with "
                    "gpt_j_residual) or check-and-keep-one; auto follows the config. Use 'replicated' for "
                    "checkpoints converted from Hugging Face by older gpt-neox tools (full bias on every rank).")
+@click.option("--qkv-layout", type=click.Choice(["auto", "blocked", "interleaved"]), default="auto", show_default=True,
+              help="Llama-style models with grouped-query attention: each rank's query_key_value rows as [Q|K|V] "
+                   "blocks (gpt-neox since 2024-11) or interleaved per query head (2024-02..2024-11). auto: "
+                   "interleaved for mlp.w1/w2/w3 checkpoints, else blocked (with a warning).")
 @click.option("--replica-tolerance", type=float, default=1e-2, show_default=True,
               help="Largest |rank_k - rank_0| accepted for tensors every rank should hold identically (norms).")
 @click.option("--config", "config_path", type=click.Path(path_type=Path, dir_okay=False),
@@ -88,9 +92,9 @@ _dtype_choice = click.Choice(["auto", "fp16", "bf16", "fp32"], case_sensitive=Fa
               help="Print one JSON object on stdout (out, files_written, bytes_written, seconds, dtype, ...); "
                    "progress stays on stderr.")
 @_run
-def merge(src: Path, out: Path, dtype: str, row_bias: str, replica_tolerance: float, config_path: Path | None,
-          tokenizer_path: Path | None, allow_nonfinite: bool, no_resume: bool, force: bool, quiet: bool,
-          as_json: bool) -> None:
+def merge(src: Path, out: Path, dtype: str, row_bias: str, qkv_layout: str, replica_tolerance: float,
+          config_path: Path | None, tokenizer_path: Path | None, allow_nonfinite: bool, no_resume: bool, force: bool,
+          quiet: bool, as_json: bool) -> None:
     """Merge the tensor-parallel checkpoint SRC into a Hugging Face folder OUT.
 
     SRC is a checkpoint root (with 'latest' or one global_step* folder) or a global_step* folder, in the
@@ -100,7 +104,7 @@ def merge(src: Path, out: Path, dtype: str, row_bias: str, replica_tolerance: fl
     """
     from neoxconv.convert import MergeOptions, merge_checkpoint
 
-    options = MergeOptions(dtype=dtype, row_bias=row_bias, replica_tolerance=replica_tolerance,
+    options = MergeOptions(dtype=dtype, row_bias=row_bias, qkv_layout=qkv_layout, replica_tolerance=replica_tolerance,
                            allow_nonfinite=allow_nonfinite, config_path=config_path, tokenizer_path=tokenizer_path,
                            resume=not no_resume, force=force, quiet=quiet)
     report = merge_checkpoint(src, out, options)
@@ -120,9 +124,12 @@ def merge(src: Path, out: Path, dtype: str, row_bias: str, replica_tolerance: fl
               help="Plan for this merge --dtype (output dtype and bytes).")
 @click.option("--row-bias", type=click.Choice(["auto", "sum", "replicated"]), default="auto", show_default=True,
               help="Plan for this merge --row-bias.")
+@click.option("--qkv-layout", type=click.Choice(["auto", "blocked", "interleaved"]), default="auto", show_default=True,
+              help="Plan for this merge --qkv-layout (Llama-style models with grouped-query attention).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @_run
-def inspect(src: Path, config_path: Path | None, out: Path | None, dtype: str, row_bias: str, as_json: bool) -> None:
+def inspect(src: Path, config_path: Path | None, out: Path | None, dtype: str, row_bias: str, qkv_layout: str,
+            as_json: bool) -> None:
     """Describe the checkpoint SRC and the merge plan, without reading tensor data.
 
     Shows the model's shape, dtype and parameter count, the files found and missing, and the plan: every
@@ -132,7 +139,8 @@ def inspect(src: Path, config_path: Path | None, out: Path | None, dtype: str, r
     from neoxconv.errors import CheckpointError
     from neoxconv.inspect import format_inspect, inspect_checkpoint
 
-    info = inspect_checkpoint(src, config_path=config_path, out=out, dtype=dtype, row_bias=row_bias)
+    info = inspect_checkpoint(src, config_path=config_path, out=out, dtype=dtype, row_bias=row_bias,
+                              qkv_layout=qkv_layout)
     click.echo(json.dumps(info, indent=2) if as_json else format_inspect(info))
     missing, count = info["files_missing"], info["files_missing_count"]  # the first few, and how many
     if missing:
@@ -181,7 +189,10 @@ def _parse_max_memory(ctx, param, value: str | None):
               help="Config for --against when it is not next to that checkpoint.")
 @click.option("--row-bias", type=click.Choice(["auto", "sum", "replicated"]), default="auto", show_default=True,
               help="How the --against simulation applies row-parallel biases (auto follows the config).")
-@click.option("--reference", type=click.Choice(["hf"]), help="Also compare with transformers' GPTNeoXForCausalLM.")
+@click.option("--qkv-layout", type=click.Choice(["auto", "blocked", "interleaved"]), default="auto", show_default=True,
+              help="How the --against simulation reads grouped-query QKV rows (Llama-style; as for merge).")
+@click.option("--reference", type=click.Choice(["hf"]),
+              help="Also compare with transformers (GPTNeoXForCausalLM or LlamaForCausalLM).")
 @click.option("--int8", is_flag=True, help="Also run LLM.int8 (bitsandbytes) and compare it with full precision.")
 @click.option("--int8-threshold", type=float, default=6.0, show_default=True, help="LLM.int8 outlier threshold.")
 @click.option("--check-hashes/--no-check-hashes", default=None,
@@ -202,10 +213,9 @@ def _parse_max_memory(ctx, param, value: str | None):
 @_run
 def verify(out: Path, prompt: str | None, ids_text: str | None, max_new_tokens: int, device: str, dtype: str,
            tokenizer_path: Path | None, temperature: float, top_k: int, top_p: float, seed: int,
-           against: Path | None, against_config: Path | None, row_bias: str, reference: str | None, int8: bool,
-           int8_threshold: float, check_hashes: bool | None, no_manifest: bool, attention: str, max_memory,
-           device_map: str | None,
-           as_json: bool, quiet: bool) -> None:
+           against: Path | None, against_config: Path | None, row_bias: str, qkv_layout: str, reference: str | None,
+           int8: bool, int8_threshold: float, check_hashes: bool | None, no_manifest: bool, attention: str,
+           max_memory, device_map: str | None, as_json: bool, quiet: bool) -> None:
     """Load the merged folder OUT into neoxconv's own layers, generate, and check the conversion.
 
     \b
@@ -214,7 +224,7 @@ def verify(out: Path, prompt: str | None, ids_text: str | None, max_new_tokens: 
       kv_cache      cached step-by-step logits vs one uncached forward over the same tokens
       sanity        logits finite and not constant
       against       with --against SRC: vs a simulated tensor-parallel forward over the unmerged shards
-      reference_hf  with --reference hf: vs transformers' GPTNeoXForCausalLM
+      reference_hf  with --reference hf: vs transformers' GPTNeoXForCausalLM / LlamaForCausalLM
       int8_*        with --int8: LLM.int8 top-1 agreement and weight memory
     """
     from neoxconv.generation import Sampling
@@ -227,7 +237,7 @@ def verify(out: Path, prompt: str | None, ids_text: str | None, max_new_tokens: 
     options = VerifyOptions(
         prompt=prompt, ids=_parse_ids(ids_text), max_new_tokens=max_new_tokens, device=device, dtype=dtype,
         tokenizer=tokenizer_path, sampling=sampling, against=against, against_config=against_config,
-        row_bias=row_bias, reference=reference, int8=int8, int8_threshold=int8_threshold,
+        row_bias=row_bias, qkv_layout=qkv_layout, reference=reference, int8=int8, int8_threshold=int8_threshold,
         check_hashes=check_hashes, require_manifest=not no_manifest, attention=attention, quiet=quiet or as_json,
         max_memory=max_memory,
         device_map=device_map,
@@ -268,7 +278,7 @@ def _print_neox_report(report, as_json: bool, quiet: bool) -> None:
 @_run
 def split(hf_dir: Path, out: Path, tp: int, layout: str, dtype: str, step: int, tokenizer_path: Path | None,
           no_resume: bool, force: bool, as_json: bool, quiet: bool) -> None:
-    """Split the Hugging Face GPT-NeoX model HF_DIR into a gpt-neox checkpoint OUT at TP degree --tp.
+    """Split the Hugging Face GPT-NeoX or Llama model HF_DIR into a gpt-neox checkpoint OUT at TP degree --tp.
 
     OUT gets latest, global_step*/ (rank files and DeepSpeed bookkeeping), configs/neox.yml and the
     tokenizer. Row-parallel biases with parallel residual go whole to rank 0 (zeros elsewhere), so the
@@ -290,6 +300,8 @@ def split(hf_dir: Path, out: Path, tp: int, layout: str, dtype: str, step: int, 
 @click.option("--step", type=int, help="Output step (default: the source's global_step number).")
 @click.option("--row-bias", type=click.Choice(["auto", "sum", "replicated"]), default="auto", show_default=True,
               help="How the SOURCE's row-parallel biases combine (as in merge).")
+@click.option("--qkv-layout", type=click.Choice(["auto", "blocked", "interleaved"]), default="auto", show_default=True,
+              help="Llama-style GQA sources: how their QKV rows lie (as in merge); OUT keeps that layout.")
 @click.option("--replica-tolerance", type=float, default=1e-2, show_default=True,
               help="Largest |rank_k - rank_0| accepted for replicated tensors of the source.")
 @click.option("--config", "config_path", type=click.Path(path_type=Path, dir_okay=False),
@@ -302,12 +314,12 @@ def split(hf_dir: Path, out: Path, tp: int, layout: str, dtype: str, step: int, 
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary.")
 @_run
 def reshard(src: Path, out: Path, tp: int, layout: str | None, dtype: str, step: int | None, row_bias: str,
-            replica_tolerance: float, config_path: Path | None, tokenizer_path: Path | None, no_resume: bool,
+            qkv_layout: str, replica_tolerance: float, config_path: Path | None, tokenizer_path: Path | None, no_resume: bool,
             force: bool, as_json: bool, quiet: bool) -> None:
     """Reshard the gpt-neox checkpoint SRC (any TP degree) to TP degree --tp in OUT, one layer at a time."""
     from neoxconv.reshard import ReshardOptions, reshard_checkpoint
 
-    options = ReshardOptions(tp=tp, layout=layout, dtype=dtype, step=step, row_bias=row_bias,
+    options = ReshardOptions(tp=tp, layout=layout, dtype=dtype, step=step, row_bias=row_bias, qkv_layout=qkv_layout,
                              replica_tolerance=replica_tolerance, config_path=config_path,
                              tokenizer_path=tokenizer_path, resume=not no_resume, force=force,
                              quiet=quiet or as_json)

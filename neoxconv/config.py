@@ -27,7 +27,18 @@ from neoxconv.errors import ConfigError
 # tanh-approximated GELU is what NeoX's fused bias-GELU kernel computes; Hugging Face calls it gelu_fast.
 GELU_TANH = "gelu_fast"
 GELU_EXACT = "gelu"
-_ACTIVATIONS = (GELU_TANH, GELU_EXACT)
+# gated SiLU: NeoX's "swiglu" (linear1 = [up | gate] per rank) and its older "mlp_type: llama" (w1 gate, w3 up)
+SWIGLU = "swiglu"
+_ACTIVATIONS = (GELU_TANH, GELU_EXACT, SWIGLU)
+LAYERNORM = "layernorm"
+RMSNORM = "rmsnorm"
+_NORMS = (LAYERNORM, RMSNORM)
+# The two architectures neoxconv merges (one rule table each, see merge.py):
+GPT_NEOX = "gpt_neox"  # LayerNorm, GELU MLP, fused per-head QKV, biases  -> GPTNeoXForCausalLM
+LLAMA = "llama"  # RMSNorm, SwiGLU, (grouped-query) attention, full rotary, sequential residual -> LlamaForCausalLM
+# gpt-neox's defaults for the norm epsilons (megatron/neox_arguments/neox_args.py)
+NEOX_LAYERNORM_EPS = 1e-5
+NEOX_RMSNORM_EPS = 1e-8
 # A resource bound, not a model fact: every structure is per layer, and the largest models have ~100-200.
 MAX_LAYERS = 10_000
 
@@ -44,13 +55,17 @@ class NeoXConfig:
     max_position_embeddings: int = 2048
     rotary_pct: float = 0.25
     rotary_emb_base: float = 10000.0
-    layernorm_eps: float = 1e-5
+    layernorm_eps: float = 1e-5  # the norm's epsilon: LayerNorm's, or RMSNorm's (NeoX rms_norm_epsilon)
     parallel_residual: bool = True  # NeoX "gpt_j_residual": x + attn(ln1(x)) + mlp(ln2(x))
     tie_word_embeddings: bool = False  # NeoX "no-weight-tying: true" means False here
     activation: str = GELU_TANH
     bos_token_id: int = 0
     eos_token_id: int = 0
     make_vocab_size_divisible_by: int = 128
+    norm: str = LAYERNORM  # layernorm | rmsnorm
+    num_kv_heads: int | None = None  # grouped-query attention when set and != num_heads
+    attention_bias: bool = True  # NeoX use_bias_in_attn_linear
+    mlp_bias: bool = True  # NeoX use_bias_in_mlp
 
     def __post_init__(self) -> None:
         problems = []
@@ -76,12 +91,53 @@ class NeoXConfig:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value <= 0):
                 problems.append(f"{name} must be positive (an integer), got {value!r}")
+        problems += self._architecture_problems()
         if problems:
             raise ConfigError("invalid model config: " + "; ".join(problems))
         if self.intermediate_size is None:  # normalise, so equal models compare equal
             object.__setattr__(self, "intermediate_size", 4 * self.hidden_size)
 
+    def _architecture_problems(self) -> list[str]:
+        """The combinations neoxconv converts exactly: GPT-NeoX (20B-style) and Llama-style."""
+        problems = []
+        if self.norm not in _NORMS:
+            return [f"norm must be one of {_NORMS}, got {self.norm!r}"]
+        if self.num_kv_heads is not None and (
+                self.num_kv_heads <= 0 or self.num_heads % self.num_kv_heads):
+            problems.append(f"num_kv_heads {self.num_kv_heads} must be positive and divide num_heads {self.num_heads}")
+        if self.norm == RMSNORM:  # Llama-style
+            if self.activation != SWIGLU:
+                problems.append(f"rmsnorm models are converted with activation 'swiglu', got {self.activation!r}")
+            if self.rotary_pct != 1.0:
+                problems.append(f"rmsnorm (Llama-style) models need rotary_pct 1 (Llama rotates whole heads), "
+                                f"got {self.rotary_pct}")
+            if self.parallel_residual:
+                problems.append("rmsnorm (Llama-style) models need gpt_j_residual false (sequential residual)")
+        else:
+            if self.activation == SWIGLU:
+                problems.append("activation 'swiglu' is converted with norm 'rmsnorm' only (Llama-style)")
+            if self.gqa:
+                problems.append("grouped-query attention (num_kv_heads) is converted with norm 'rmsnorm' only")
+            if not (self.attention_bias and self.mlp_bias):
+                problems.append("GPT-NeoX (layernorm) models are converted with biases only")
+        return problems
+
     # ----- derived values -------------------------------------------------------------------------
+    @property
+    def architecture(self) -> str:
+        """GPT_NEOX or LLAMA: which rule table, config.json and reference layers apply."""
+        return LLAMA if self.norm == RMSNORM else GPT_NEOX
+
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads (= num_heads without grouped-query attention)."""
+        return self.num_kv_heads or self.num_heads
+
+    @property
+    def gqa(self) -> bool:
+        """Grouped-query attention, as gpt-neox decides it: num_kv_heads set and != num_attention_heads."""
+        return self.num_kv_heads is not None and self.num_kv_heads != self.num_heads
+
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
@@ -120,6 +176,8 @@ class NeoXConfig:
         """A config.json that transformers 4.x and 5.x both read (legacy rotary keys, explicit act)."""
         if self.vocab_size is None:
             raise ConfigError("vocab_size is unknown; it must be set from the embedding before writing config.json")
+        if self.architecture == LLAMA:
+            return self._llama_hf_dict(torch_dtype)
         return {
             "architectures": ["GPTNeoXForCausalLM"],
             "model_type": "gpt_neox",
@@ -145,10 +203,81 @@ class NeoXConfig:
             "torch_dtype": torch_dtype,
         }
 
+    def _llama_hf_dict(self, torch_dtype: str) -> dict[str, Any]:
+        """LlamaForCausalLM's config.json. rope_theta at the top level is what transformers 4.x reads;
+        5.x reads rope_parameters (and converts a top-level rope_theta too): both are written."""
+        return {
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "hidden_size": self.hidden_size,
+            "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.kv_heads,
+            "head_dim": self.head_dim,
+            "num_hidden_layers": self.num_layers,
+            "intermediate_size": self.ffn_size,
+            "vocab_size": self.vocab_size,
+            "max_position_embeddings": self.max_position_embeddings,
+            "rope_theta": self.rotary_emb_base,
+            "rope_parameters": {"rope_type": "default", "rope_theta": self.rotary_emb_base},
+            "rope_scaling": None,
+            "rms_norm_eps": self.layernorm_eps,
+            "hidden_act": "silu",
+            "attention_bias": self.attention_bias,
+            "mlp_bias": self.mlp_bias,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_id,
+            "attention_dropout": 0.0,
+            "initializer_range": 0.02,
+            "pretraining_tp": 1,
+            "use_cache": True,
+            "torch_dtype": torch_dtype,
+        }
+
+    @classmethod
+    def _from_llama_hf_dict(cls, d: dict[str, Any]) -> NeoXConfig:
+        rope = d.get("rope_parameters") or {}
+        if (d.get("rope_scaling") or {}).get("rope_type", "default") not in ("default", None) or \
+                rope.get("rope_type", "default") != "default":
+            raise ConfigError("config.json uses RoPE scaling, which neoxconv's layers do not implement")
+        if d.get("hidden_act", "silu") != "silu":
+            raise ConfigError(f"config.json has hidden_act {d['hidden_act']!r}; Llama-style models use 'silu'")
+        heads = int(d["num_attention_heads"])
+        head_dim = d.get("head_dim")
+        if head_dim is not None and int(head_dim) * heads != int(d["hidden_size"]):
+            raise ConfigError(f"config.json has head_dim {head_dim} != hidden_size / num_attention_heads")
+        return cls(
+            num_layers=int(d["num_hidden_layers"]),
+            hidden_size=int(d["hidden_size"]),
+            num_heads=heads,
+            num_kv_heads=int(d.get("num_key_value_heads") or heads),
+            vocab_size=int(d["vocab_size"]),
+            intermediate_size=int(d["intermediate_size"]),
+            max_position_embeddings=int(d.get("max_position_embeddings", 2048)),
+            rotary_pct=1.0,
+            rotary_emb_base=float(rope.get("rope_theta", d.get("rope_theta", 10000.0))),
+            layernorm_eps=float(d.get("rms_norm_eps", 1e-6)),
+            parallel_residual=False,
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+            activation=SWIGLU,
+            norm=RMSNORM,
+            attention_bias=bool(d.get("attention_bias", False)),
+            mlp_bias=bool(d.get("mlp_bias", False)),
+            bos_token_id=int(d.get("bos_token_id") or 0),
+            eos_token_id=int(d.get("eos_token_id") or 0),
+        )
+
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any]) -> NeoXConfig:
+        if d.get("model_type") == "llama":
+            try:
+                return cls._from_llama_hf_dict(d)
+            except KeyError as e:
+                raise ConfigError(f"config.json lacks the key {e.args[0]!r}") from None
+            except (TypeError, ValueError) as e:
+                raise ConfigError(f"config.json has a bad value: {e}") from None
         if d.get("model_type") not in (None, "gpt_neox"):
-            raise ConfigError(f"config.json has model_type {d.get('model_type')!r}, expected 'gpt_neox'")
+            raise ConfigError(f"config.json has model_type {d.get('model_type')!r}, expected 'gpt_neox' or 'llama'")
         rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
         try:
             return cls(
@@ -196,30 +325,53 @@ class NeoXConfig:
         problems = []
         if str(d.get("pos_emb", "rotary")) != "rotary":
             problems.append(f"pos-emb {d['pos_emb']!r} (only 'rotary' is supported)")
-        if str(d.get("norm", "layernorm")) != "layernorm":
-            problems.append(f"norm {d['norm']!r} (only 'layernorm' is supported)")
-        if str(d.get("activation", "gelu")) != "gelu":
-            problems.append(f"activation {d['activation']!r} (only 'gelu' is supported)")
+        norm = str(d.get("norm", LAYERNORM))
+        if norm not in _NORMS:
+            problems.append(f"norm {norm!r} (only 'layernorm' and 'rmsnorm' are supported)")
+        activation = str(d.get("activation", "gelu"))
+        old_llama_mlp = str(d.get("mlp_type", "regular")) == "llama"  # gpt-neox 2023-05 .. 2024-09: w1/w2/w3
+        if old_llama_mlp and activation not in ("silu", "swish"):
+            problems.append(f"mlp_type 'llama' with activation {activation!r} (only 'silu' is supported)")
+        elif not old_llama_mlp and activation not in ("gelu", SWIGLU):
+            problems.append(f"activation {activation!r} (only 'gelu' and 'swiglu' are supported)")
         if d.get("gpt_j_tied"):
             problems.append("gpt_j_tied (shared layer norms) is not supported")
+        if _as_bool(d.get("use_qk_layernorm", False)):
+            problems.append("use_qk_layernorm is not supported")
         if problems:
             raise ConfigError("unsupported NeoX config: " + "; ".join(problems))
         fused = _as_bool(d.get("bias_gelu_fusion", False))
+        gated = old_llama_mlp or activation == SWIGLU
         try:
+            hidden = int(d["hidden_size"])
+            if old_llama_mlp:
+                intermediate = llama_mlp_intermediate_size(hidden, d.get("intermediate_size"))
+            elif gated:
+                intermediate = gated_intermediate_size(
+                    hidden, intermediate_size=d.get("intermediate_size"), expansion_factor=d.get("expansion_factor"),
+                    multiple_of=int(d.get("mlp_multiple_of") or 1))
+            else:
+                intermediate = int(d["intermediate_size"]) if d.get("intermediate_size") else None
+            eps_key, eps_default = ("rms_norm_epsilon", NEOX_RMSNORM_EPS) if norm == RMSNORM else \
+                ("layernorm_epsilon", NEOX_LAYERNORM_EPS)
             return cls(
                 num_layers=int(d["num_layers"]),
-                hidden_size=int(d["hidden_size"]),
+                hidden_size=hidden,
                 num_heads=int(d["num_attention_heads"]),
+                num_kv_heads=int(d["num_kv_heads"]) if d.get("num_kv_heads") else None,
                 vocab_size=int(d["padded_vocab_size"]) if d.get("padded_vocab_size") else None,
-                intermediate_size=int(d["intermediate_size"]) if d.get("intermediate_size") else None,
+                intermediate_size=intermediate,
                 max_position_embeddings=int(d.get("max_position_embeddings") or d.get("seq_length") or 2048),
                 rotary_pct=float(d.get("rotary_pct", 1.0)),
                 rotary_emb_base=float(d.get("rotary_emb_base", 10000)),
-                layernorm_eps=float(d.get("layernorm_epsilon", 1e-5)),
+                layernorm_eps=float(d.get(eps_key, eps_default)),
                 parallel_residual=_as_bool(d.get("gpt_j_residual", False)),
                 tie_word_embeddings=not _as_bool(d.get("no_weight_tying", False)),
-                activation=GELU_TANH if fused else GELU_EXACT,
+                activation=SWIGLU if gated else (GELU_TANH if fused else GELU_EXACT),
                 make_vocab_size_divisible_by=int(d.get("make_vocab_size_divisible_by", 128)),
+                norm=norm,
+                attention_bias=_as_bool(d.get("use_bias_in_attn_linear", True)),
+                mlp_bias=False if old_llama_mlp else _as_bool(d.get("use_bias_in_mlp", True)),
             )
         except (TypeError, ValueError, OverflowError) as e:  # int(.inf) is an OverflowError
             raise ConfigError(f"NeoX config has a bad value: {e}") from None
@@ -241,11 +393,48 @@ class NeoXConfig:
         problems = []
         if self.num_heads % tp_degree:
             problems.append(f"num_heads {self.num_heads} is not divisible by the TP degree {tp_degree}")
+        if self.gqa and self.kv_heads % tp_degree:
+            problems.append(f"num_kv_heads {self.kv_heads} is not divisible by the TP degree {tp_degree}")
         if self.ffn_size % tp_degree:
             problems.append(f"intermediate size {self.ffn_size} is not divisible by the TP degree {tp_degree}")
         if self.vocab_size is not None and self.vocab_size % tp_degree:
             problems.append(f"vocab_size {self.vocab_size} is not divisible by the TP degree {tp_degree}")
         return problems
+
+
+def gated_intermediate_size(hidden_size: int, *, intermediate_size: Any = None, expansion_factor: Any = None,
+                            multiple_of: int = 1) -> int:
+    """Hugging Face ``intermediate_size`` of a gated (SwiGLU) gpt-neox MLP: its ``ffn_dim_in``.
+
+    gpt-neox's ParallelMLP: ffn = intermediate_size, or expansion_factor x h, or 4h; gated: ffn = int(ffn x 2/3)
+    (linear1's rows, both halves), ffn_in = ffn // 2; then ffn rounds up to a multiple of 2 x mlp_multiple_of
+    and ffn_in to a multiple of mlp_multiple_of. linear1 must hold exactly two halves of ffn_in rows.
+    """
+    if intermediate_size:
+        ffn = int(intermediate_size)
+    elif expansion_factor:
+        ffn = int(float(expansion_factor) * hidden_size)
+    else:
+        ffn = 4 * hidden_size
+    if multiple_of <= 0:
+        raise ConfigError(f"mlp_multiple_of must be positive, got {multiple_of}")
+    ffn = int(ffn * 2 / 3)
+    ffn_in = ffn // 2
+    ffn = 2 * multiple_of * -(-ffn // (2 * multiple_of))
+    ffn_in = multiple_of * -(-ffn_in // multiple_of)
+    if ffn != 2 * ffn_in:
+        raise ConfigError(f"intermediate size {intermediate_size or expansion_factor} with mlp_multiple_of "
+                          f"{multiple_of} gives linear1 {ffn} rows but linear2 {ffn_in} inputs (not two halves)")
+    return ffn_in
+
+
+def llama_mlp_intermediate_size(hidden_size: int, intermediate_size: Any = None) -> int:
+    """``mlp_type: llama`` (gpt-neox 2023-05 .. 2024-09, w1/w2/w3): intermediate_size as given, else
+    int(2 x 4h / 3) rounded up to a multiple of 256 (LLaMAParallelMLP's multiple_of)."""
+    if intermediate_size:
+        return int(intermediate_size)
+    ff = int(2 * hidden_size * 4 / 3)
+    return 256 * -(-ff // 256)
 
 
 def _as_bool(v: Any) -> bool:

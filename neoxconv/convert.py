@@ -28,15 +28,17 @@ import numpy as np
 
 from neoxconv import __version__
 from neoxconv.checkpoint import Checkpoint, open_checkpoint
-from neoxconv.config import NeoXConfig
+from neoxconv.config import LLAMA, NeoXConfig
 from neoxconv.dtypes import canonical_dtype, count_nonfinite
-from neoxconv.errors import CheckpointError, MergeError, OutputError, UsageError
+from neoxconv.errors import CheckpointError, ConfigError, MergeError, OutputError, UsageError
 from neoxconv.fingerprint import layer_fingerprint, source_identity
 from neoxconv.integrity import INDEX, MANIFEST
 from neoxconv.interrupt import InterruptGuard, deferred_sigint
+from neoxconv.merge import (LayerPlan, QkvLayout, Rule, TensorPlan, block_generation, iter_merged_chunks,
+                            max_divergence, merge_tensor, plan_layer, read_checked, resolve_qkv_split,
+                            resolve_row_bias)
 from neoxconv.outdir import (JOURNAL, OutputLock, check_out_path, foreign_entries, make_out_dir,
-                              remove_previous_output, remove_stale_temps)
-from neoxconv.merge import LayerPlan, Rule, TensorPlan, iter_merged_chunks, max_divergence, merge_tensor, plan_layer, read_checked, resolve_row_bias
+                             remove_previous_output, remove_stale_temps)
 from neoxconv.prefetch import prefetch
 from neoxconv.progress import format_bytes, progress_bar
 from neoxconv.storage import SourceReader
@@ -54,6 +56,7 @@ class MergeOptions:
 
     dtype: str = "auto"  # auto | fp16 | bf16 | fp32
     row_bias: str = "auto"  # auto | sum | replicated
+    qkv_layout: str = "auto"  # auto | blocked | interleaved (grouped-query attention of Llama-style models)
     replica_tolerance: float = 1e-2  # max |rank_k - rank_0| for replicated tensors
     allow_nonfinite: bool = False
     config_path: Path | None = None
@@ -62,9 +65,12 @@ class MergeOptions:
     force: bool = False
     quiet: bool = False
 
-    def recorded(self, row_bias_rule: Rule) -> dict[str, Any]:
+    def recorded(self, row_bias_rule: Rule, qkv: QkvLayout | None = None) -> dict[str, Any]:
         """The options that determine the output bytes (a resume must match them)."""
-        return {"dtype": self.dtype, "row_bias": row_bias_rule.value}
+        out = {"dtype": self.dtype, "row_bias": row_bias_rule.value}
+        if qkv is not None:
+            out["qkv_layout"] = qkv.split.value
+        return out
 
 
 @dataclass
@@ -290,7 +296,7 @@ def _write_layer(path: Path, plan: LayerPlan, options: MergeOptions, warnings: l
             bar.update(chunk.nbytes)
     tensors_meta: dict[str, Any] = {}
     for t in plan.tensors:
-        meta: dict[str, Any] = {"source_key": t.key, "rule": t.rule.value, "dtype": t.out_dtype, "shape": list(t.shape)}
+        meta: dict[str, Any] = {"source_key": t.key, "rule": t.rule_label, "dtype": t.out_dtype, "shape": list(t.shape)}
         if t.key in small and small[t.key][1] is not None:
             meta["max_replica_divergence"] = small[t.key][1]
         tensors_meta[t.hf_name] = meta
@@ -305,10 +311,30 @@ def _write_layer(path: Path, plan: LayerPlan, options: MergeOptions, warnings: l
     }
 
 
-def plan_checkpoint(ckpt: Checkpoint, *, row_bias: Rule, out_dtype: str | None) -> tuple[NeoXConfig, list[LayerPlan]]:
+def checkpoint_qkv_layout(ckpt: Checkpoint, choice: str = "auto") -> QkvLayout | None:
+    """How a Llama-style checkpoint's fused QKV rows are laid out (None for GPT-NeoX, which keeps them fused).
+
+    Decided by the config (GQA or not), the first block's key generation and ``--qkv-layout``.
+    """
+    if ckpt.config.architecture != LLAMA:
+        if choice != "auto":
+            raise ConfigError(f"{ckpt.config_source}: --qkv-layout applies to Llama-style (rmsnorm) models only; "
+                              "GPT-NeoX models keep query_key_value fused")
+        return None
+    blocks = [layer for layer in ckpt.layers if layer.block is not None]
+    keys = set(ckpt.tensors(blocks[0], 0)) if blocks else None
+    layout = resolve_qkv_split(choice, ckpt.config, ckpt.tp_degree, block_generation(ckpt.config, keys))
+    if layout.assumed:
+        log.warning("assumed QKV layout %s: %s", layout.split.value, layout.reason)
+    return layout
+
+
+def plan_checkpoint(ckpt: Checkpoint, *, row_bias: Rule, out_dtype: str | None,
+                    qkv: QkvLayout | None = None) -> tuple[NeoXConfig, list[LayerPlan]]:
     """Every layer's plan, checked against the rule table and the config (tensor descriptions only).
 
     Returns the config with vocab_size taken from the embedding's rows when the config did not say it.
+    ``qkv``: the resolved QKV layout of a Llama-style checkpoint (`checkpoint_qkv_layout`).
     """
     emb = ckpt.tensors(ckpt.layers[0], 0).get("word_embeddings.weight")
     if emb is None or not emb.shape:
@@ -320,7 +346,8 @@ def plan_checkpoint(ckpt: Checkpoint, *, row_bias: Rule, out_dtype: str | None) 
     for layer in ckpt.layers:
         files = [p.name for p in ckpt.layer_files(layer)]
         shards = [ckpt.tensors(layer, r) for r in range(ckpt.tp_degree)]
-        plans.append(plan_layer(layer, shards, files=files, config=config, row_bias=row_bias, out_dtype=out_dtype))
+        plans.append(plan_layer(layer, shards, files=files, config=config, row_bias=row_bias, out_dtype=out_dtype,
+                                qkv_split=None if qkv is None else qkv.split))
         ckpt.release(layer)  # the plan keeps the tensor references it needs
     return config, plans
 
@@ -347,7 +374,8 @@ def _merge(src: Path, out: Path, options: MergeOptions, guard: InterruptGuard,
     row_bias = resolve_row_bias(options.row_bias, ckpt.config)
 
     # ---- preflight: every archive's description, every layer's plan; no tensor data read ----
-    config, plans = plan_checkpoint(ckpt, row_bias=row_bias, out_dtype=out_dtype)
+    qkv = checkpoint_qkv_layout(ckpt, options.qkv_layout)
+    config, plans = plan_checkpoint(ckpt, row_bias=row_bias, out_dtype=out_dtype, qkv=qkv)
     if ckpt.tokenizer is not None:
         eos = eos_token_id(ckpt.tokenizer)
         if eos is not None:
@@ -356,7 +384,7 @@ def _merge(src: Path, out: Path, options: MergeOptions, guard: InterruptGuard,
     config_dtype = dtypes.pop() if len(dtypes) == 1 else "float32"
 
     source = source_identity(ckpt)
-    recorded = options.recorded(row_bias)
+    recorded = options.recorded(row_bias, qkv)
     make_out_dir(out)
     held.enter_context(OutputLock(out))  # released when the merge ends, however it ends
     reusable = _prepare_out(out, _load_state(out), source, recorded, options)
@@ -435,6 +463,10 @@ def _merge(src: Path, out: Path, options: MergeOptions, guard: InterruptGuard,
     state["config"] = asdict(config)
     state["tokenizer"] = ckpt.tokenizer.name if ckpt.tokenizer else None
     state["max_replica_divergence"] = max(divergences, default=0.0)
+    if qkv is not None:
+        state["qkv_layout"] = {"split": qkv.split.value, "assumed": qkv.assumed, "reason": qkv.reason}
+        if qkv.assumed:
+            warnings.append(f"assumed QKV layout {qkv.split.value}: {qkv.reason}")
     state["warnings"] = warnings
     atomic_write_json(out / MANIFEST, state)
     (out / JOURNAL).unlink(missing_ok=True)

@@ -83,7 +83,7 @@ def generate(model: NeoXForCausalLM, prompt_ids: list[int], *, max_new_tokens: i
     if not prompt_ids:
         raise ValueError("the prompt has no tokens")
     device, layer_devices = execution_devices(model)
-    dtype = dtype or model.gpt_neox.embed_in.weight.dtype
+    dtype = dtype or model.input_embeddings.weight.dtype
     max_len = min(len(prompt_ids) + max_new_tokens, model.config.max_position_embeddings)
     if len(prompt_ids) >= model.config.max_position_embeddings:
         raise ValueError(f"the prompt has {len(prompt_ids)} tokens; the model takes at most "

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from neoxconv.checkpoint import open_checkpoint
-from neoxconv.convert import _output_names as output_names, plan_checkpoint
+from neoxconv.convert import _output_names as output_names, checkpoint_qkv_layout, plan_checkpoint
 from neoxconv.dtypes import canonical_dtype
 from neoxconv.merge import resolve_row_bias
 from neoxconv.progress import format_bytes
@@ -27,8 +27,9 @@ def free_bytes(path: Path) -> tuple[Path, int]:
 
 
 def inspect_checkpoint(src: Path, *, config_path: Path | None = None, out: Path | None = None,
-                       dtype: str = "auto", row_bias: str = "auto") -> dict[str, Any]:
-    """TP degree, layout, shapes, dtype, parameter count, files found / missing, and the merge plan.
+                       dtype: str = "auto", row_bias: str = "auto", qkv_layout: str = "auto") -> dict[str, Any]:
+    """TP degree, layout, architecture, shapes, dtype, parameter count, files found / missing, the QKV layout
+    assumed (Llama-style), and the merge plan.
 
     The plan (``tensors``: name, shape, dtype, rule, source key and output file of every merged tensor;
     ``output_bytes``, the index's ``total_size`` after a merge with the same ``dtype`` and ``row_bias``) needs
@@ -42,9 +43,13 @@ def inspect_checkpoint(src: Path, *, config_path: Path | None = None, out: Path 
         "step_dir": str(ckpt.step_dir),
         "layout": ckpt.layout,
         "tp_degree": ckpt.tp_degree,
+        "architecture": config.architecture,
         "num_layers": config.num_layers,
         "hidden_size": config.hidden_size,
         "num_heads": config.num_heads,
+        "num_kv_heads": config.kv_heads,
+        "norm": config.norm,
+        "norm_eps": config.layernorm_eps,
         "intermediate_size": config.ffn_size,
         "vocab_size": config.vocab_size,
         "rotary_pct": config.rotary_pct,
@@ -55,6 +60,7 @@ def inspect_checkpoint(src: Path, *, config_path: Path | None = None, out: Path 
         "files_found": found,
         "files_missing": list(ckpt.missing_files[:_LISTED]),  # the first few; the count says how many
         "files_missing_count": len(ckpt.missing_files),
+        "qkv_layout": None,
         "dtype": None,
         "parameters": None,
         "key_generation": None,
@@ -70,9 +76,14 @@ def inspect_checkpoint(src: Path, *, config_path: Path | None = None, out: Path 
         result["out_free_bytes_at"] = str(where)
     if ckpt.missing_files:
         return result
+    qkv = checkpoint_qkv_layout(ckpt, qkv_layout)
+    if qkv is not None:
+        result["qkv_layout"] = {"split": qkv.split.value, "assumed": qkv.assumed, "reason": qkv.reason}
+    else:
+        result["qkv_layout"] = {"split": "fused [heads, 3, head_dim] (kept as query_key_value)", "assumed": False}
     rule = resolve_row_bias(row_bias, config)
     out_dtype = None if dtype == "auto" else canonical_dtype(dtype)
-    config, plans = plan_checkpoint(ckpt, row_bias=rule, out_dtype=out_dtype)
+    config, plans = plan_checkpoint(ckpt, row_bias=rule, out_dtype=out_dtype, qkv=qkv)
     tensors = [t for plan in plans for t in plan.tensors]
     dtypes = {t.src_dtype for t in tensors}
     out_dtypes = {t.out_dtype for t in tensors}
@@ -85,7 +96,7 @@ def inspect_checkpoint(src: Path, *, config_path: Path | None = None, out: Path 
     result["output_dtype"] = out_dtypes.pop() if len(out_dtypes) == 1 else sorted(out_dtypes)
     result["output_bytes"] = sum(p.nbytes for p in plans)
     result["tensors"] = [
-        {"name": t.hf_name, "shape": list(t.shape), "dtype": t.out_dtype, "rule": t.rule.value,
+        {"name": t.hf_name, "shape": list(t.shape), "dtype": t.out_dtype, "rule": t.rule_label,
          "source": t.key, "file": file}
         for file, plan in zip(output_names(len(plans)), plans) for t in plan.tensors
     ]
@@ -109,7 +120,9 @@ def format_inspect(info: dict[str, Any]) -> str:
 
     rows = [
         ("step folder", info["step_dir"]), ("layout", info["layout"]), ("TP degree", info["tp_degree"]),
+        ("architecture", info["architecture"]), ("norm", f"{info['norm']} (eps {info['norm_eps']:g})"),
         ("layers", info["num_layers"]), ("hidden size", info["hidden_size"]), ("heads", info["num_heads"]),
+        ("kv heads", info["num_kv_heads"]),
         ("ffn size", info["intermediate_size"]), ("vocab size", info["vocab_size"]),
         ("rotary pct", info["rotary_pct"]), ("parallel residual", info["parallel_residual"]),
         ("activation", info["activation"]), ("config", info["config_source"]),
@@ -121,6 +134,9 @@ def format_inspect(info: dict[str, Any]) -> str:
             f" and {info['files_missing_count'] - len(info['files_missing'])} more"
             if info["files_missing_count"] > len(info["files_missing"]) else "")),
     ]
+    if info["qkv_layout"] is not None:
+        qkv = info["qkv_layout"]
+        rows.append(("QKV layout", qkv["split"] + (f" (ASSUMED: {qkv['reason']})" if qkv["assumed"] else "")))
     if info["output_bytes"] is not None:
         rows += [("row-parallel bias", info["row_bias"]), ("output dtype", info["output_dtype"]),
                  ("output bytes", f"{info['output_bytes']:,} ({format_bytes(info['output_bytes'])})")]

@@ -1,4 +1,5 @@
-"""LLM.int8 as a separate swap step: replace each block's four linear layers by bitsandbytes' Linear8bitLt.
+"""LLM.int8 as a separate swap step: replace each block's linear layers (the model class's ``LINEARS``: four
+for GPT-NeoX, seven for Llama-style) by bitsandbytes' Linear8bitLt.
 
 Embedding, norms and readout stay in the model's dtype (as in LLM.int8). bitsandbytes is imported lazily;
 >= 0.45 runs Linear8bitLt on the CPU as well as on CUDA.
@@ -14,7 +15,7 @@ from torch import nn
 from neoxconv.errors import UsageError
 from neoxconv.layers import NeoXForCausalLM
 
-LINEARS = ("attention.query_key_value", "attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h")
+LINEARS = NeoXForCausalLM.LINEARS
 
 
 def _bnb():
@@ -31,12 +32,12 @@ def require_bitsandbytes() -> None:
     _bnb()
 
 
-def quantize_int8(model: NeoXForCausalLM, *, threshold: float = 6.0) -> NeoXForCausalLM:
+def quantize_int8(model: nn.Module, *, threshold: float = 6.0) -> nn.Module:
     """Swap the linear layers of every transformer block for Linear8bitLt (in place); returns the model."""
     bnb = _bnb()
     device = next(model.parameters()).device
-    for block in model.gpt_neox.layers:
-        for path in LINEARS:
+    for block in model.blocks:
+        for path in model.LINEARS:
             parent_name, name = path.rsplit(".", 1)
             parent = block.get_submodule(parent_name)
             lin: nn.Linear = getattr(parent, name)

@@ -12,7 +12,7 @@ from neoxconv.checkpoint import model_layers
 from neoxconv.config import NeoXConfig
 from neoxconv.dtypes import FROM_SAFETENSORS, tensor_nbytes
 from neoxconv.errors import CheckpointError, VerificationError
-from neoxconv.merge import RULES, expected_shape, hf_name
+from neoxconv.merge import output_shapes
 from neoxconv.writer import sha256_file
 
 MANIFEST = "neoxconv.json"
@@ -45,10 +45,7 @@ def expected_tensors(config: NeoXConfig) -> dict[str, tuple[int, ...]]:
     """Hugging Face name -> shape of every tensor a merged model of this config holds."""
     out: dict[str, tuple[int, ...]] = {}
     for layer in model_layers(config, with_readout=not config.tie_word_embeddings):
-        for spec in RULES[layer.kind].values():
-            name = hf_name(spec, layer)
-            if name is not None:
-                out[name] = expected_shape(spec, config)  # type: ignore[assignment]
+        out.update(output_shapes(config, layer))  # type: ignore[arg-type]
     return out
 
 

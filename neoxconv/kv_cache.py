@@ -1,6 +1,7 @@
 """A preallocated key/value cache, passed explicitly into the model's forward.
 
-One `LayerKVCache` per transformer layer holds k and v buffers of shape (B, nh, max_len, hd). Decoding a
+One `LayerKVCache` per transformer layer holds k and v buffers of shape (B, kvh, max_len, hd), kvh the kv
+heads (= the heads without grouped-query attention). Decoding a
 token writes one position and attends over a view of the first ``start + 1`` positions: no reallocation,
 no concatenation, cost O(current length).
 """
@@ -38,7 +39,7 @@ class KVCache:
 
     def __init__(self, config: NeoXConfig, *, batch: int, max_len: int, device: torch.device | str,
                  dtype: torch.dtype, layer_devices: list[torch.device] | None = None) -> None:
-        shape = (batch, config.num_heads, max_len, config.head_dim)
+        shape = (batch, config.kv_heads, max_len, config.head_dim)
         devices = layer_devices or [device] * config.num_layers
         self.layers = [LayerKVCache(torch.zeros(shape, device=d, dtype=dtype),
                                     torch.zeros(shape, device=d, dtype=dtype))

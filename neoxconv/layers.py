@@ -10,6 +10,11 @@ Numerics follow what GPT-NeoX-20B was trained with:
 * attention scores and softmax in fp32 (fp16 scores overflow), mask fill = the dtype's minimum;
 * tanh-approximated GELU when the config says so (NeoX's fused bias-GELU), exact GELU otherwise;
 * parallel residual ``x + attn(ln1(x)) + mlp(ln2(x))`` or the sequential form.
+
+Llama-style models trained with gpt-neox (`LlamaForCausalLM` below, Hugging Face Llama names) follow
+gpt-neox's numerics too: RMSNorm in fp32 with the scale applied before the cast back (norms.py), gated
+SiLU ``down(silu(gate(x)) * up(x))``, RoPE over the whole head, grouped-query attention whose KV cache holds
+only the kv heads (query heads j*g .. j*g+g-1 share kv head j, as repeat_interleave / HF repeat_kv).
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from neoxconv.config import GELU_TANH, NeoXConfig
+from neoxconv.config import GELU_TANH, LLAMA, NeoXConfig
 from neoxconv.kv_cache import KVCache, LayerKVCache
 
 
@@ -82,21 +87,33 @@ def apply_partial_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) 
 
 # ----- attention -----------------------------------------------------------------------------------------
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, q_start: int,
-                     use_sdpa: bool = False) -> torch.Tensor:
+                     use_sdpa: bool = False, row_period: int | None = None) -> torch.Tensor:
     """Softmax attention of T queries at positions q_start.. over S keys at positions 0..S-1.
 
     q: (B, nh, T, hd); k, v: (B, nh, S, hd) -> (B, nh, T, hd). Scores and softmax in fp32.
+    With grouped-query attention k, v are (B, kvh, S, hd), kvh dividing nh: query heads j*g .. j*g+g-1
+    (g = nh / kvh) attend with kv head j, without copying k and v.
     """
-    T, S, hd = q.shape[-2], k.shape[-2], q.shape[-1]
+    B, nh, T, hd = q.shape
+    kvh, S = k.shape[1], k.shape[-2]
+    if kvh != nh:
+        g = nh // kvh
+        if use_sdpa:
+            mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=q_start) if T > 1 else None
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        qg = q.reshape(B, kvh, g * T, hd)  # rows: (group member, position)
+        out = causal_attention(qg, k, v, q_start=q_start, row_period=T)  # (B, kvh, g*T, hd)
+        return out.view(B, nh, T, hd)
     if use_sdpa:
         mask = None
         if T > 1:  # query i (position q_start+i) sees keys 0..q_start+i
             mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=q_start)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) / math.sqrt(hd)  # (B, nh, T, S)
-    if T > 1:
-        future = torch.ones(T, S, dtype=torch.bool, device=q.device).triu(diagonal=q_start + 1)
-        scores = scores.masked_fill(future, torch.finfo(scores.dtype).min)
+    period = row_period or T  # query row r is at position q_start + r % period (grouped rows repeat)
+    if period > 1:
+        future = torch.ones(period, S, dtype=torch.bool, device=q.device).triu(diagonal=q_start + 1)
+        scores = scores.masked_fill(future.repeat(T // period, 1), torch.finfo(scores.dtype).min)
     probs = torch.softmax(scores, dim=-1).to(v.dtype)
     return torch.matmul(probs, v)
 
@@ -184,9 +201,25 @@ class NeoXForCausalLM(nn.Module):
         self.config = config
         self.gpt_neox = NeoXBody(config)
         self.embed_out = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        if config.tie_word_embeddings:
-            self.embed_out.weight = self.gpt_neox.embed_in.weight
+        self.tie_weights()
         self.rotary = RotaryTables(config.rotary_dims, config.rotary_emb_base, config.max_position_embeddings)
+
+    LINEARS = ("attention.query_key_value", "attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h")
+    # module names of the stages (placement's units) and of the rotary tables in transformers' model
+    UNITS = {"embed": "gpt_neox.embed_in", "blocks": "gpt_neox.layers", "final_norm": "gpt_neox.final_layer_norm",
+             "readout": "embed_out", "hf_rotary": "gpt_neox.rotary_emb"}
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return self.gpt_neox.layers
+
+    @property
+    def input_embeddings(self) -> nn.Module:
+        return self.gpt_neox.embed_in
+
+    def tie_weights(self) -> None:
+        if self.config.tie_word_embeddings:
+            self.embed_out.weight = self.gpt_neox.embed_in.weight
 
     def set_attention(self, kind: str) -> None:
         """'eager' (fp32 scores, the reference) or 'sdpa' (torch's fused kernel)."""
@@ -208,3 +241,143 @@ class NeoXForCausalLM(nn.Module):
         if cache is not None:
             cache.length = start + T
         return self.embed_out(self.gpt_neox.final_layer_norm(x))  # (B, T, V)
+
+
+# ----- Llama-style models trained with gpt-neox --------------------------------------------------------------
+class RMSNorm(nn.Module):
+    """gpt-neox's RMSNorm (norms.py): x / sqrt(mean(x^2) + eps) * scale, in fp32, cast back. weight: (H,)."""
+
+    def __init__(self, size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (self.weight * normed).to(x.dtype)
+
+
+class GroupedQueryAttention(nn.Module):
+    """q_proj: (nh*hd, H), k_proj, v_proj: (kvh*hd, H), o_proj: (H, nh*hd); RoPE over whole heads.
+
+    The cache holds kvh heads: (B, kvh, max_len, hd).
+    """
+
+    def __init__(self, config: NeoXConfig) -> None:
+        super().__init__()
+        H, hd, bias = config.hidden_size, config.head_dim, config.attention_bias
+        self.num_heads, self.kv_heads, self.head_dim = config.num_heads, config.kv_heads, hd
+        self.q_proj = nn.Linear(H, self.num_heads * hd, bias=bias)
+        self.k_proj = nn.Linear(H, self.kv_heads * hd, bias=bias)
+        self.v_proj = nn.Linear(H, self.kv_heads * hd, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * hd, H, bias=bias)
+        self.use_sdpa = False
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: int,
+                cache: LayerKVCache | None = None) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
+        k = self.k_proj(x).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)  # (B, kvh, T, hd)
+        v = self.v_proj(x).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)  # (B, kvh, T, hd)
+        q, k = apply_partial_rotary(q, cos, sin), apply_partial_rotary(k, cos, sin)
+        if cache is not None:
+            k, v = cache.write(start, k, v)  # (B, kvh, start+T, hd)
+        out = causal_attention(q, k, v, q_start=start, use_sdpa=self.use_sdpa)  # (B, nh, T, hd)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+
+
+class SwiGLU(nn.Module):
+    """down_proj(silu(gate_proj(x)) * up_proj(x)); gate_proj, up_proj: (F, H), down_proj: (H, F)."""
+
+    def __init__(self, config: NeoXConfig) -> None:
+        super().__init__()
+        H, Fs, bias = config.hidden_size, config.ffn_size, config.mlp_bias
+        self.gate_proj = nn.Linear(H, Fs, bias=bias)
+        self.up_proj = nn.Linear(H, Fs, bias=bias)
+        self.down_proj = nn.Linear(Fs, H, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class LlamaLayer(nn.Module):
+    """One block, sequential residual: y = x + attn(norm1(x)); y + mlp(norm2(y))."""
+
+    def __init__(self, config: NeoXConfig) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.layernorm_eps)
+        self.self_attn = GroupedQueryAttention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.layernorm_eps)
+        self.mlp = SwiGLU(config)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: int,
+                cache: LayerKVCache | None = None) -> torch.Tensor:
+        y = x + self.self_attn(self.input_layernorm(x), cos, sin, start, cache)
+        return y + self.mlp(self.post_attention_layernorm(y))
+
+
+class LlamaBody(nn.Module):
+    """embed_tokens -> layers -> norm (named as Hugging Face's ``model``)."""
+
+    def __init__(self, config: NeoXConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(LlamaLayer(config) for _ in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.layernorm_eps)
+
+
+class LlamaForCausalLM(nn.Module):
+    """A Llama-style model in Hugging Face Llama names. ``forward(ids, start, cache)`` -> logits (B, T, V)."""
+
+    LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+               "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+    UNITS = {"embed": "model.embed_tokens", "blocks": "model.layers", "final_norm": "model.norm",
+             "readout": "lm_head", "hf_rotary": "model.rotary_emb"}
+
+    def __init__(self, config: NeoXConfig) -> None:
+        super().__init__()
+        if config.vocab_size is None:
+            raise ValueError("LlamaForCausalLM needs config.vocab_size")
+        self.config = config
+        self.model = LlamaBody(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.tie_weights()
+        self.rotary = RotaryTables(config.rotary_dims, config.rotary_emb_base, config.max_position_embeddings)
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return self.model.layers
+
+    @property
+    def input_embeddings(self) -> nn.Module:
+        return self.model.embed_tokens
+
+    def tie_weights(self) -> None:
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def set_attention(self, kind: str) -> None:
+        """'eager' (fp32 scores, the reference) or 'sdpa' (torch's fused kernel)."""
+        if kind not in ("eager", "sdpa"):
+            raise ValueError(f"attention must be 'eager' or 'sdpa', got {kind!r}")
+        for layer in self.model.layers:
+            layer.self_attn.use_sdpa = kind == "sdpa"
+
+    def forward(self, ids: torch.Tensor, start: int = 0, cache: KVCache | None = None) -> torch.Tensor:
+        B, T = ids.shape
+        if start + T > self.config.max_position_embeddings:
+            raise ValueError(f"positions up to {start + T} exceed max_position_embeddings "
+                             f"{self.config.max_position_embeddings}")
+        cos, sin = self.rotary(torch.arange(start, start + T, device=ids.device))  # (T, hd) each
+        x = self.model.embed_tokens(ids)  # (B, T, H)
+        for i, layer in enumerate(self.model.layers):
+            x = layer(x, cos, sin, start, None if cache is None else cache.layers[i])
+        if cache is not None:
+            cache.length = start + T
+        return self.lm_head(self.model.norm(x))  # (B, T, V)
+
+
+def build_model(config: NeoXConfig) -> nn.Module:
+    """The reference model of the config's architecture (parameter names = what ``merge`` writes)."""
+    return LlamaForCausalLM(config) if config.architecture == LLAMA else NeoXForCausalLM(config)

@@ -14,7 +14,7 @@ from neoxconv.config import NeoXConfig
 from neoxconv.dtypes import canonical_dtype
 from neoxconv.errors import NeoXConvError, VerificationError
 from neoxconv.integrity import INDEX, load_config
-from neoxconv.layers import NeoXForCausalLM, RotaryTables
+from neoxconv.layers import NeoXForCausalLM, RotaryTables, build_model
 from neoxconv.placement import Device, PlacementPlan, load_placed, plan_placement
 from neoxconv.progress import progress_bar
 
@@ -85,7 +85,7 @@ def load_model(out: Path, *, device: str | torch.device = "auto", dtype: str | t
     files = sorted(set(index["weight_map"].values()))
     t0 = time.perf_counter()
     with torch.device("meta"):
-        model = NeoXForCausalLM(config)
+        model = build_model(config)  # NeoXForCausalLM or LlamaForCausalLM
     if max_memory is not None or device_map is not None or fit:
         model = model.to(dtype=tdtype)  # meta: offloaded weights take the dtype of their meta placeholders
         plan = plan_placement(model, dtype=tdtype, main_device=dev, device_map=device_map, max_memory=max_memory,
@@ -110,8 +110,7 @@ def load_model(out: Path, *, device: str | torch.device = "auto", dtype: str | t
                 raise VerificationError(f"{path}: unexpected tensors {result.unexpected_keys}")
             del tensors
             bar.update(1)
-    if config.tie_word_embeddings:
-        model.embed_out.weight = model.gpt_neox.embed_in.weight
+    model.tie_weights()
     model.rotary = RotaryTables(config.rotary_dims, config.rotary_emb_base, config.max_position_embeddings).to(dev)
     still_meta = [n for n, p in model.named_parameters() if p.is_meta]
     if still_meta:

@@ -11,7 +11,16 @@ How T tensor-parallel shards become one tensor (see DESIGN.md section 2):
                  rank 0's bytes (a mean of 3 equal fp32 values can move by 1 ulp), else the fp32 mean
     DROP         derived buffers (rotary inv_freq, causal-mask buffers): check identical, not written
 
-Row-parallel biases are ``ROW_BIAS`` in the table and resolve to SUM or REPLICATED by option/config.
+    SPLIT_ROWS   one column-parallel tensor that holds several Hugging Face tensors: each rank's rows divide
+                 by a named `Split` (GQA [Q|K|V] blocks, per-head QKV, gated [up|gate] halves), each part is
+                 taken per rank, then the ranks' parts are concatenated (never concat-then-split: wrong for TP > 1)
+
+Row-parallel biases are ``ROW_BIAS`` in the table and resolve to SUM or REPLICATED by option/config; the QKV
+split of Llama-style models is ``Split.QKV`` in the table and resolves by config and ``--qkv-layout``.
+
+One table per architecture and key generation (`rule_table`): GPT-NeoX (``RULES``, 20B-style) and
+Llama-style (``LLAMA_RULES``: RMSNorm ``scale``, gated MLP as ``mlp.linear1/linear2`` since gpt-neox 2024-09
+or ``mlp.w1/w2/w3`` before, optional biases).
 """
 
 from __future__ import annotations
@@ -24,9 +33,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from neoxconv.checkpoint import LayerKind, SourceLayer
-from neoxconv.config import NeoXConfig
+from neoxconv.config import LLAMA, NeoXConfig
 from neoxconv.dtypes import FLOAT_DTYPES, from_f32, tensor_nbytes, to_f32
-from neoxconv.errors import CheckpointError, MergeError
+from neoxconv.errors import CheckpointError, ConfigError, MergeError
 from neoxconv.ptfile import NUMPY_DTYPES, TensorRef
 from neoxconv.storage import CHUNK_BYTES, SourceReader
 
@@ -38,13 +47,28 @@ class Rule(str, enum.Enum):
     REPLICATED = "replicated"
     DROP = "drop"
     ROW_BIAS = "row_bias"  # resolved to SUM or REPLICATED
+    SPLIT_ROWS = "split_rows"  # per-rank parts by a `Split`, then concat over ranks
+
+
+class Split(str, enum.Enum):
+    """How each rank's rows of one column-parallel NeoX tensor divide into Hugging Face tensors (gpt-neox
+    megatron/model/transformer.py). Every rank holds a contiguous block of output rows, laid out so:"""
+
+    QKV = "qkv"  # placeholder in the table, resolved by `resolve_qkv_split`
+    QKV_PER_HEAD = "qkv_per_head"  # no GQA: [local heads, 3, head_dim] (the 20B interleave) -> q, k, v
+    QKV_BLOCKS = "qkv_gqa_blocks"  # GQA since 2024-11: [Q local heads | K local kv heads | V local kv heads]
+    QKV_INTERLEAVED = "qkv_gqa_interleaved"  # GQA 2024-02..2024-11: per local query head [Q | K/g | V/g]
+    GATED_HALVES = "gated_halves"  # gated linear1: [first half: up (x) | second half: gate (through SiLU)]
 
 
 @dataclass(frozen=True)
 class RuleSpec:
     rule: Rule
-    hf_name: str | None  # "{i}" is the transformer block number; None for dropped keys
-    shape: str  # merged shape in config terms: V vocab, H hidden, F ffn
+    hf_name: str | None  # "{i}" is the transformer block number; None for dropped and split keys
+    shape: str  # merged shape in config terms: V vocab, H hidden, F ffn, KV kv heads x head_dim
+    split: Split | None = None  # SPLIT_ROWS: how each rank's rows divide
+    parts: tuple[tuple[str, str], ...] = ()  # SPLIT_ROWS: (hf_name, shape) of each part, in the split's order
+    when: str | None = None  # a NeoXConfig flag that must be true for the key to exist (e.g. "mlp_bias")
 
 
 _BLOCK = "gpt_neox.layers.{i}."
@@ -104,6 +128,206 @@ def detect_key_generations(keys: set[str]) -> list[str]:
             found.append(name)
     return found
 
+_L = "model.layers.{i}."
+
+
+def _qkv(kind: str) -> RuleSpec:
+    dim = ",H" if kind == "weight" else ""
+    return RuleSpec(Rule.SPLIT_ROWS, None, "*", split=Split.QKV, when=None if kind == "weight" else "attention_bias",
+                    parts=((_L + f"self_attn.q_proj.{kind}", "H" + dim), (_L + f"self_attn.k_proj.{kind}", "KV" + dim),
+                           (_L + f"self_attn.v_proj.{kind}", "KV" + dim)))
+
+
+def _gated(kind: str) -> RuleSpec:
+    dim = ",H" if kind == "weight" else ""
+    return RuleSpec(Rule.SPLIT_ROWS, None, "*", split=Split.GATED_HALVES, when=None if kind == "weight" else "mlp_bias",
+                    parts=((_L + f"mlp.up_proj.{kind}", "F" + dim), (_L + f"mlp.gate_proj.{kind}", "F" + dim)))
+
+
+_LLAMA_ATTENTION = {
+    "input_layernorm.scale": RuleSpec(Rule.REPLICATED, _L + "input_layernorm.weight", "H"),
+    "attention.query_key_value.weight": _qkv("weight"),
+    "attention.query_key_value.bias": _qkv("bias"),
+    "attention.dense.weight": RuleSpec(Rule.CONCAT_COLS, _L + "self_attn.o_proj.weight", "H,H"),
+    "attention.dense.bias": RuleSpec(Rule.ROW_BIAS, _L + "self_attn.o_proj.bias", "H", when="attention_bias"),
+    "post_attention_layernorm.scale": RuleSpec(Rule.REPLICATED, _L + "post_attention_layernorm.weight", "H"),
+    "attention.rotary_emb.inv_freq": RuleSpec(Rule.DROP, None, "R"),  # saved only with rotary_save_freqs_buffer
+}
+# Key generations of the gated MLP. gpt-neox since 2024-09 (ParallelMLP, gated): linear1 = [up | gate] per
+# rank, linear2 row-parallel. 2023-05 .. 2024-09 (mlp_type: llama, LLaMAParallelMLP, no biases):
+# silu(w1(x)) * w3(x) -> w2, so w1 is the gate, w3 the up projection.
+LLAMA_MLP_GENERATIONS: dict[str, dict[str, RuleSpec]] = {
+    "linear1/linear2": {
+        "mlp.linear1.weight": _gated("weight"),
+        "mlp.linear1.bias": _gated("bias"),
+        "mlp.linear2.weight": RuleSpec(Rule.CONCAT_COLS, _L + "mlp.down_proj.weight", "H,F"),
+        "mlp.linear2.bias": RuleSpec(Rule.ROW_BIAS, _L + "mlp.down_proj.bias", "H", when="mlp_bias"),
+    },
+    "w1/w2/w3": {
+        "mlp.w1.weight": RuleSpec(Rule.CONCAT_ROWS, _L + "mlp.gate_proj.weight", "F,H"),
+        "mlp.w3.weight": RuleSpec(Rule.CONCAT_ROWS, _L + "mlp.up_proj.weight", "F,H"),
+        "mlp.w2.weight": RuleSpec(Rule.CONCAT_COLS, _L + "mlp.down_proj.weight", "H,F"),
+    },
+}
+LLAMA_RULES: dict[LayerKind, dict[str, RuleSpec]] = {
+    LayerKind.EMBEDDING: {"word_embeddings.weight": RuleSpec(Rule.CONCAT_ROWS, "model.embed_tokens.weight", "V,H")},
+    LayerKind.BLOCK: {**_LLAMA_ATTENTION, **LLAMA_MLP_GENERATIONS["linear1/linear2"]},
+    LayerKind.FINAL_NORM: {"norm.scale": RuleSpec(Rule.REPLICATED, "model.norm.weight", "H")},
+    LayerKind.READOUT: {"final_linear.weight": RuleSpec(Rule.CONCAT_ROWS, "lm_head.weight", "V,H")},
+}
+
+
+def block_generation(config: NeoXConfig, keys: set[str] | None) -> str:
+    """The key generation a block's keys are written in (the current one when ``keys`` is None)."""
+    if config.architecture != LLAMA:
+        found = detect_key_generations(keys or set())
+        return found[0] if found else "dense_h_to_4h/dense_4h_to_h"
+    if keys is not None and any(k.startswith("mlp.w1.") or k.startswith("mlp.w3.") for k in keys):
+        return "w1/w2/w3"
+    return "linear1/linear2"
+
+
+def rule_table(config: NeoXConfig, kind: LayerKind, generation: str | None = None) -> dict[str, RuleSpec]:
+    """The rules of one layer kind for this config's architecture and key generation, biases per the config."""
+    if config.architecture != LLAMA:
+        return RULES[kind]
+    table = LLAMA_RULES[kind]
+    if kind is LayerKind.BLOCK:
+        table = {**_LLAMA_ATTENTION, **LLAMA_MLP_GENERATIONS[generation or "linear1/linear2"]}
+    return {k: s for k, s in table.items() if s.when is None or getattr(config, s.when)}
+
+
+def output_names(spec: RuleSpec) -> list[tuple[str, str]]:
+    """(hf_name template, shape) of every tensor a rule writes (none for dropped keys)."""
+    if spec.rule is Rule.SPLIT_ROWS:
+        return list(spec.parts)
+    return [] if spec.hf_name is None else [(spec.hf_name, spec.shape)]
+
+
+def output_shapes(config: NeoXConfig, layer: SourceLayer) -> dict[str, tuple[int, ...] | None]:
+    """Hugging Face name -> merged shape of every tensor written for ``layer``."""
+    out: dict[str, tuple[int, ...] | None] = {}
+    for spec in rule_table(config, layer.kind).values():
+        for name, shape in output_names(spec):
+            out[name.format(i=layer.block)] = shape_of(shape, config)
+    return out
+
+
+# ----- QKV layouts and named splits ---------------------------------------------------------------------
+QKV_LAYOUT_CHOICES = ("auto", "blocked", "interleaved")
+
+
+@dataclass(frozen=True)
+class QkvLayout:
+    split: Split
+    assumed: bool  # True: the checkpoint could not tell; --qkv-layout decides
+    reason: str
+
+
+def resolve_qkv_split(choice: str, config: NeoXConfig, tp_degree: int, generation: str) -> QkvLayout:
+    """How each rank's ``attention.query_key_value`` rows are laid out (Llama-style models).
+
+    gpt-neox uses GQA only when num_kv_heads is set and differs from the head count; otherwise every rank's
+    rows are [heads, 3, head_dim]. GQA rows were interleaved per query head from 2024-02 (mistral PR #1131)
+    to 2024-11 (#1315) and are [Q | K | V] blocks since. The checkpoint records no gpt-neox version, but the
+    ``mlp.w1/w2/w3`` key names (renamed 2024-09) date a GQA checkpoint to the interleaved era.
+    """
+    if choice not in QKV_LAYOUT_CHOICES:
+        raise ValueError(f"qkv_layout must be one of {QKV_LAYOUT_CHOICES}, got {choice!r}")
+    if not config.gqa:
+        if choice != "auto":
+            raise ConfigError(f"--qkv-layout {choice} applies to grouped-query attention only; this model has "
+                              f"{config.num_heads} heads and as many kv heads (one layout: [heads, 3, head_dim])")
+        return QkvLayout(Split.QKV_PER_HEAD, False, "no grouped-query attention: per-head [heads, 3, head_dim]")
+    if choice == "blocked":
+        return QkvLayout(Split.QKV_BLOCKS, False, "--qkv-layout blocked")
+    if choice == "interleaved":
+        if not _interleave_fits(config, tp_degree):
+            raise ConfigError(f"--qkv-layout interleaved is impossible for {config.num_heads} heads, {config.kv_heads} "
+                              f"kv heads, head_dim {config.head_dim} at TP {tp_degree} (gpt-neox could not run it)")
+        return QkvLayout(Split.QKV_INTERLEAVED, False, "--qkv-layout interleaved")
+    if generation == "w1/w2/w3":
+        return QkvLayout(Split.QKV_INTERLEAVED, False,
+                         "GQA with mlp.w1/w2/w3 keys: gpt-neox 2024-02..2024-09, rows interleaved per query head")
+    if not _interleave_fits(config, tp_degree):
+        return QkvLayout(Split.QKV_BLOCKS, False, "GQA; the 2024 interleaved layout cannot hold these head counts")
+    return QkvLayout(Split.QKV_BLOCKS, True,
+                     "GQA with mlp.linear1 keys: [Q|K|V] blocks per rank (gpt-neox since 2024-11); a checkpoint "
+                     "trained between 2024-09 and 2024-11 needs --qkv-layout interleaved")
+
+
+def _interleave_fits(config: NeoXConfig, tp_degree: int) -> bool:
+    heads, kv = config.num_heads // tp_degree, config.kv_heads // tp_degree
+    return (config.head_dim * kv) % heads == 0
+
+
+def split_segments(split: Split, part: int, rows: int, *, heads: int, kv_heads: int,
+                   head_dim: int) -> list[tuple[int, int]]:
+    """(start, count) row ranges of one rank's ``rows`` that form ``part`` of ``split``, in output order.
+
+    ``heads``/``kv_heads`` are the rank's local counts. Weights and biases split the same way (by rows).
+    """
+    hd = head_dim
+    if split is Split.GATED_HALVES:
+        if rows % 2:
+            raise ValueError(f"a gated linear1 shard has {rows} rows, not two halves")
+        half = rows // 2
+        return [(part * half, half)]
+    if split is Split.QKV_PER_HEAD:
+        if rows != 3 * heads * hd:
+            raise ValueError(f"{rows} rows, expected 3 x {heads} heads x {hd}")
+        return [(h * 3 * hd + part * hd, hd) for h in range(heads)]
+    if rows != (heads + 2 * kv_heads) * hd:
+        raise ValueError(f"{rows} rows, expected ({heads} heads + 2 x {kv_heads} kv heads) x {hd}")
+    if split is Split.QKV_BLOCKS:
+        sizes = (heads * hd, kv_heads * hd, kv_heads * hd)
+        return [(sum(sizes[:part]), sizes[part])]
+    if split is Split.QKV_INTERLEAVED:
+        if (hd * kv_heads) % heads:
+            raise ValueError(f"head_dim {hd} x {kv_heads} kv heads is not divisible by {heads} heads")
+        kv_part = hd * kv_heads // heads  # each query head's share of K (and of V)
+        group = hd + 2 * kv_part
+        offset, size = ((0, hd), (hd, kv_part), (hd + kv_part, kv_part))[part]
+        return [(h * group + offset, size) for h in range(heads)]
+    raise ValueError(f"{split} is a placeholder; resolve it first")
+
+
+def merge_split(split: Split, part: int, shards: list[np.ndarray], *, heads: int, kv_heads: int,
+                head_dim: int) -> np.ndarray:
+    """``part`` of ``split`` taken from each rank's shard, concatenated over ranks (pure; for N shards).
+
+    ``heads``/``kv_heads`` are the model's totals; each rank holds 1/N of them.
+    """
+    n = len(shards)
+    pieces = []
+    for shard in shards:
+        for start, count in split_segments(split, part, shard.shape[0], heads=heads // n, kv_heads=kv_heads // n,
+                                           head_dim=head_dim):
+            pieces.append(shard[start:start + count])
+    return np.concatenate(pieces, axis=0)
+
+def join_split(split: Split, parts: list[np.ndarray], tp: int, *, heads: int, kv_heads: int,
+               head_dim: int) -> list[np.ndarray]:
+    """The inverse of `merge_split`: each rank's rows from the Hugging Face ``parts`` (for split/reshard).
+
+    ``heads``/``kv_heads`` are the model's totals. Each part is cut into ``tp`` row blocks; rank r's rows
+    place block r of every part where `split_segments` says it lives.
+    """
+    blocks = [np.split(p, tp, axis=0) for p in parts]
+    shards = []
+    for r in range(tp):
+        rows = sum(b[r].shape[0] for b in blocks)
+        shard = np.empty((rows, *parts[0].shape[1:]), dtype=parts[0].dtype)
+        for part, b in enumerate(blocks):
+            done = 0
+            for start, count in split_segments(split, part, rows, heads=heads // tp, kv_heads=kv_heads // tp,
+                                               head_dim=head_dim):
+                shard[start:start + count] = b[r][done:done + count]
+                done += count
+        shards.append(shard)
+    return shards
+
+
 ROW_BIAS_CHOICES = ("auto", "sum", "replicated")
 
 
@@ -126,10 +350,16 @@ def hf_name(spec: RuleSpec, layer: SourceLayer) -> str | None:
 
 def expected_shape(spec: RuleSpec, config: NeoXConfig) -> tuple[int, ...] | None:
     """The merged tensor's shape from the config (None: not checked)."""
-    if spec.shape in ("*", "R", "mask", "scalar"):
+    return shape_of(spec.shape, config)
+
+
+def shape_of(shape: str, config: NeoXConfig) -> tuple[int, ...] | None:
+    """A shape in config terms ("V,H", "KV,H", ...) in numbers (None: not checked)."""
+    if shape in ("*", "R", "mask", "scalar"):
         return None
-    sizes = {"V": config.vocab_size, "H": config.hidden_size, "3H": 3 * config.hidden_size, "F": config.ffn_size}
-    dims = tuple(sizes[d] for d in spec.shape.split(","))
+    sizes = {"V": config.vocab_size, "H": config.hidden_size, "3H": 3 * config.hidden_size, "F": config.ffn_size,
+             "KV": config.kv_heads * config.head_dim}
+    dims = tuple(sizes[d] for d in shape.split(","))
     return None if any(d is None for d in dims) else dims  # type: ignore[return-value]
 
 
@@ -213,10 +443,20 @@ class TensorPlan:
     out_dtype: str
     shape: tuple[int, ...]
     row_bias: bool = False  # a row-parallel bias (its rule came from --row-bias / the config)
+    segments: tuple[tuple[int, int], ...] = ()  # SPLIT_ROWS: (start, count) rows taken from every rank, in order
+    split: Split | None = None  # SPLIT_ROWS: the resolved split and which part of it this tensor is
+    part: int = 0
 
     @property
     def nbytes(self) -> int:
         return tensor_nbytes(self.out_dtype, self.shape)
+
+    @property
+    def rule_label(self) -> str:
+        """The rule as the manifest records it."""
+        if self.split is None:
+            return self.rule.value
+        return f"{self.rule.value}:{self.split.value}[{self.part}]"
 
 
 @dataclass
@@ -253,22 +493,27 @@ def plan_layer(
     config: NeoXConfig,
     row_bias: Rule,
     out_dtype: str | None,
+    qkv_split: Split | None = None,
 ) -> LayerPlan:
     """Check a layer's shards against the rule table and config (metadata only); every problem at once.
 
-    ``out_dtype=None`` keeps each tensor's source dtype.
+    ``out_dtype=None`` keeps each tensor's source dtype. ``qkv_split`` resolves `Split.QKV` (Llama-style).
     """
-    table = RULES[layer.kind]
+    generation = block_generation(config, set(shards[0])) if layer.kind is LayerKind.BLOCK else None
+    table = rule_table(config, layer.kind, generation)
     problems: list[str] = []
     bad_keys = False  # unknown/missing keys are a checkpoint problem; the rest are merge problems
     plan = LayerPlan(layer=layer, files=files)
     tp = len(shards)
-    generations = [detect_key_generations(set(shard)) for shard in shards]
-    if any(len(g) > 1 for g in generations) or len({tuple(g) for g in generations}) > 1:
-        per_rank = ", ".join(f"{files[r]}: {' + '.join(g) or 'none'}" for r, g in enumerate(generations))
-        raise CheckpointError(f"{layer.label}: MLP key names of different gpt-neox generations mixed ({per_rank})")
-    plan.key_generation = generations[0][0] if generations and generations[0] else None
-    aliases = KEY_GENERATIONS.get(plan.key_generation or "", {})
+    if config.architecture == LLAMA:  # one table per key generation (LLAMA_MLP_GENERATIONS), no aliases
+        plan.key_generation, aliases = generation, {}
+    else:
+        generations = [detect_key_generations(set(shard)) for shard in shards]
+        if any(len(g) > 1 for g in generations) or len({tuple(g) for g in generations}) > 1:
+            per_rank = ", ".join(f"{files[r]}: {' + '.join(g) or 'none'}" for r, g in enumerate(generations))
+            raise CheckpointError(f"{layer.label}: MLP key names of different gpt-neox generations mixed ({per_rank})")
+        plan.key_generation = generations[0][0] if generations and generations[0] else None
+        aliases = KEY_GENERATIONS.get(plan.key_generation or "", {})
     inverse = {v: k for k, v in aliases.items()}
     shards = [{inverse.get(k, k): ref for k, ref in shard.items()} for shard in shards]  # rule-table keys
     for rank, shard in enumerate(shards):
@@ -305,6 +550,18 @@ def plan_layer(
             per_rank = ", ".join(f"rank {i}: {list(s)}" for i, s in enumerate(shapes))
             problems.append(f"{key!r}: shape differs between ranks ({per_rank})")
             continue
+        if rule is Rule.SPLIT_ROWS:
+            split = qkv_split if spec.split is Split.QKV else spec.split
+            if split is None or split is Split.QKV:
+                raise ValueError("plan_layer needs qkv_split for a Llama-style QKV split")
+            try:
+                parts = _split_plans(key, spec, split, refs, layer, config, src_dtype, out_dtype or src_dtype)
+            except ValueError as e:
+                per_rank = ", ".join(f"rank {i}: {list(s)}" for i, s in enumerate(shapes))
+                problems.append(f"{key!r}: does not fit split {split.value} ({per_rank}): {e}")
+                continue
+            plan.tensors.extend(parts)
+            continue
         merged = _merged_shape(rule, shapes)
         if merged is None:
             per_rank = ", ".join(f"rank {i}: {list(s)}" for i, s in enumerate(shapes))
@@ -336,6 +593,29 @@ def plan_layer(
     return plan
 
 
+def _split_plans(key: str, spec: RuleSpec, split: Split, refs: list[TensorRef], layer: SourceLayer,
+                 config: NeoXConfig, src_dtype: str, out_dtype: str) -> list[TensorPlan]:
+    """One plan per part of a SPLIT_ROWS key; raises ValueError when the shards do not fit the split."""
+    tp, shape = len(refs), refs[0].shape
+    if not shape:
+        raise ValueError("a scalar cannot be split by rows")
+    plans = []
+    for part, (name, part_shape) in enumerate(spec.parts):
+        segments = split_segments(split, part, shape[0], heads=config.num_heads // tp,
+                                  kv_heads=config.kv_heads // tp, head_dim=config.head_dim)
+        merged = (tp * sum(c for _, c in segments), *shape[1:])
+        want = shape_of(part_shape, config)
+        if want is not None and merged != want:
+            hint = (" (gpt-neox sizes it from intermediate_size or expansion_factor and mlp_multiple_of, which "
+                    "was 256 before 2024-09-10: check those settings)") if part_shape.startswith("F") else ""
+            raise ValueError(f"part {part} ({name.format(i=layer.block)}) would be {list(merged)}, "
+                             f"config expects {list(want)}{hint}")
+        plans.append(TensorPlan(
+            key=key, hf_name=name.format(i=layer.block), rule=Rule.SPLIT_ROWS, shards=refs, src_dtype=src_dtype,
+            out_dtype=out_dtype, shape=merged, segments=tuple(segments), split=split, part=part))
+    return plans
+
+
 # ----- streaming the merged bytes -----------------------------------------------------------------------
 def read_checked(ref: TensorRef, key: str, reader: SourceReader | None = None) -> np.ndarray:
     """A whole (small) tensor, in memory; its storage's CRC-32 is checked once its last planned read is done.
@@ -352,8 +632,9 @@ def read_checked(ref: TensorRef, key: str, reader: SourceReader | None = None) -
 
 def iter_merged_chunks(plan: TensorPlan, *, chunk_bytes: int = CHUNK_BYTES,
                        reader: SourceReader | None = None) -> Iterator[np.ndarray]:
-    """The merged tensor of a concat rule, as consecutive row blocks (bounded memory), CRC-checked by storage."""
-    if plan.rule not in (Rule.CONCAT_ROWS, Rule.CONCAT_COLS):
+    """The merged tensor of a concat or split rule, as consecutive row blocks (bounded memory), CRC-checked by
+    storage (a split reads each shard in several parts: each part is one planned read of it)."""
+    if plan.rule not in (Rule.CONCAT_ROWS, Rule.CONCAT_COLS, Rule.SPLIT_ROWS):
         raise ValueError(f"{plan.rule} is not streamed")
     if reader is None:
         with SourceReader(chunk_bytes=chunk_bytes) as own:
@@ -363,6 +644,14 @@ def iter_merged_chunks(plan: TensorPlan, *, chunk_bytes: int = CHUNK_BYTES,
     def row_bytes(ref: TensorRef) -> int:
         return NUMPY_DTYPES[ref.dtype].itemsize * math.prod(ref.shape[1:])
 
+    if plan.rule is Rule.SPLIT_ROWS:  # each rank's segments, rank after rank
+        for ref in plan.shards:
+            step = max(1, chunk_bytes // max(1, row_bytes(ref)))
+            for start, count in plan.segments:
+                for i in range(start, start + count, step):
+                    yield _cast(reader.rows(ref, i, min(step, start + count - i)), plan.src_dtype, plan.out_dtype)
+            reader.done(ref, plan.key)
+        return
     if plan.rule is Rule.CONCAT_ROWS:  # the ranks' bytes back to back
         for ref in plan.shards:
             rows = ref.shape[0] if ref.shape else 0

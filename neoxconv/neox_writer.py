@@ -41,7 +41,7 @@ import torch
 
 from neoxconv import __version__
 from neoxconv.checkpoint import SourceLayer, model_layers, pipeline_file_name, sequential_file_name
-from neoxconv.config import GELU_TANH, NeoXConfig, padded_vocab_size
+from neoxconv.config import GELU_TANH, LLAMA, NeoXConfig, padded_vocab_size
 from neoxconv.errors import ConfigError, OutputError
 from neoxconv.interrupt import InterruptGuard
 from neoxconv.outdir import (OutputLock, foreign_entries, make_out_dir, remove_file, remove_previous_output,
@@ -158,22 +158,40 @@ def neox_yaml(target: NeoXTarget, divisible_by: int) -> str:
         f'  "hidden-size": {c.hidden_size},',
         f'  "num-attention-heads": {c.num_heads},',
     ]
-    if c.ffn_size != 4 * c.hidden_size:
+    llama = c.architecture == LLAMA
+    if llama:  # gpt-neox sizes a gated MLP as int(intermediate_size * 2/3) // 2 (mlp_multiple_of 1: as is)
+        lines += [f'  "intermediate_size": {3 * c.ffn_size},  # linear1: 2 x {c.ffn_size} rows, linear2: {c.ffn_size}',
+                  '  "mlp_multiple_of": 1,']
+        if c.gqa:
+            lines.append(f'  "num_kv_heads": {c.kv_heads},')
+    elif c.ffn_size != 4 * c.hidden_size:
         lines.append(f'  "intermediate_size": {c.ffn_size},')
     lines += [
         f'  "seq-length": {c.max_position_embeddings},',
         f'  "max-position-embeddings": {c.max_position_embeddings},',
-        '  "norm": "layernorm",',
-        f'  "layernorm-epsilon": {_yaml_float(c.layernorm_eps)},',
+    ]
+    if llama:
+        lines += ['  "norm": "rmsnorm",', f'  "rms_norm_epsilon": {_yaml_float(c.layernorm_eps)},',
+                  f'  "use_bias_in_attn_linear": {b(c.attention_bias)},', f'  "use_bias_in_mlp": {b(c.mlp_bias)},',
+                  '  "use_bias_in_norms": false,']
+    else:
+        lines += ['  "norm": "layernorm",', f'  "layernorm-epsilon": {_yaml_float(c.layernorm_eps)},']
+    lines += [
         '  "pos-emb": "rotary",',
         f'  "rotary_pct": {_yaml_float(c.rotary_pct)},',
         f'  "rotary_emb_base": {int(c.rotary_emb_base) if float(c.rotary_emb_base).is_integer() else _yaml_float(c.rotary_emb_base)},',
+        '  "rotary_save_freqs_buffer": false,  # as gpt-neox saves Llama-style models: no inv_freq' if llama else
         '  "rotary_save_freqs_buffer": true,  # the block files carry attention.rotary_emb.inv_freq',
         f'  "no-weight-tying": {b(not c.tie_word_embeddings)},',
         f'  "gpt_j_residual": {b(c.parallel_residual)},',
         '  "output_layer_parallelism": "column",',
-        '  "activation": "gelu",',
-        f'  "bias-gelu-fusion": {b(c.activation == GELU_TANH)},  # true: the tanh GELU (gelu_fast)',
+    ]
+    if llama:
+        lines += ['  "activation": "swiglu",', '  "bias-gelu-fusion": false,']
+    else:
+        lines += ['  "activation": "gelu",',
+                  f'  "bias-gelu-fusion": {b(c.activation == GELU_TANH)},  # true: the tanh GELU (gelu_fast)']
+    lines += [
         f'  "make_vocab_size_divisible_by": {divisible_by},  # pads the vocabulary to {c.vocab_size} rows',
         "",
         f'  "precision": "{precision}",',

@@ -203,6 +203,7 @@ class PlacementPlan:
     caps: dict[Device, int]
     unit_bytes: dict[str, int]
     notes: list[str] = field(default_factory=list)
+    units: dict[str, str] = field(default_factory=dict)  # the model class's UNITS (its module names)
 
     def execution_device(self, unit: str) -> torch.device:
         dev = self.device_map[unit]
@@ -224,16 +225,17 @@ class PlacementPlan:
 
 def model_units(model: torch.nn.Module) -> list[str]:
     """The stages in execution order: the granularity of the device map (layers are never split)."""
-    n = len(model.gpt_neox.layers)
-    return (["gpt_neox.embed_in"] + [f"gpt_neox.layers.{i}" for i in range(n)]
-            + ["gpt_neox.final_layer_norm", "embed_out"])
+    u = model.UNITS  # GPT-NeoX's or Llama's module names
+    return ([u["embed"]] + [f"{u['blocks']}.{i}" for i in range(len(model.blocks))]
+            + [u["final_norm"], u["readout"]])
 
 
 def unit_sizes(model: torch.nn.Module, dtype: torch.dtype) -> dict[str, int]:
     """Weight bytes of each stage in the compute dtype (a tied readout adds nothing to the embedding)."""
     size = torch.finfo(dtype).bits // 8
-    tied = model.embed_out.weight is model.gpt_neox.embed_in.weight
-    return {u: 0 if (u == "embed_out" and tied) else
+    readout, embed = model.UNITS["readout"], model.UNITS["embed"]
+    tied = model.get_submodule(readout).weight is model.get_submodule(embed).weight
+    return {u: 0 if (u == readout and tied) else
             sum(p.numel() for p in model.get_submodule(u).parameters()) * size
             for u in model_units(model)}
 
@@ -310,14 +312,14 @@ def plan_placement(model: torch.nn.Module, *, dtype: torch.dtype, main_device: t
             from accelerate.utils import get_balanced_memory
 
             caps.update(get_balanced_memory(model, max_memory=dict(caps), dtype=dtype,
-                                            no_split_module_classes=["TransformerLayer"]))
+                                            no_split_module_classes=[type(model.blocks[0]).__name__]))
 
     used = {d: 0 for d in order}
     placed: dict[str, Device] = {}
     largest_cap = max(caps[d] for d in order)
     for unit, size in sizes.items():
-        if unit == "embed_out" and size == 0:  # tied: wherever the embedding is
-            placed[unit] = placed["gpt_neox.embed_in"]
+        if unit == model.UNITS["readout"] and size == 0:  # tied: wherever the embedding is
+            placed[unit] = placed[model.UNITS["embed"]]
             continue
         for d in order:
             if used[d] + size <= caps[d]:
@@ -327,8 +329,8 @@ def plan_placement(model: torch.nn.Module, *, dtype: torch.dtype, main_device: t
         else:
             placed[unit] = "disk"
             if size > largest_cap:
-                how = {"gpt_neox.embed_in": "only the rows it looks up are read, for each use",
-                       "embed_out": f"it is read {format_bytes(ROW_BLOCK_BYTES)} of rows at a time, for each use"}
+                how = {model.UNITS["embed"]: "only the rows it looks up are read, for each use",
+                       model.UNITS["readout"]: f"it is read {format_bytes(ROW_BLOCK_BYTES)} of rows at a time, for each use"}
                 notes.append(f"{unit} ({format_bytes(size)}) is larger than the memory cap "
                              f"({format_bytes(largest_cap)}): "
                              + how.get(unit, "it is brought in for each use and dropped after"))
@@ -336,7 +338,7 @@ def plan_placement(model: torch.nn.Module, *, dtype: torch.dtype, main_device: t
     for note in notes:  # said now, not only in the report: a streamed run of a big model is long
         log.warning(note)
     plan = PlacementPlan(device_map=placed, main_device=main_device, caps={d: caps[d] for d in order},
-                         unit_bytes=sizes, notes=notes)
+                         unit_bytes=sizes, notes=notes, units=dict(model.UNITS))
     if plan.offloaded_units:
         log.info("streaming %s of weights from disk/CPU: %s", format_bytes(plan.offloaded_bytes),
                  ", ".join(plan.offloaded_units))
@@ -404,12 +406,12 @@ def _stream_vocab_modules(model: torch.nn.Module, plan: PlacementPlan, weight_ma
     """Swap an offloaded embedding / readout for the row-streamed modules above (after dispatch)."""
     from accelerate.hooks import remove_hook_from_module
 
-    emb_name = "gpt_neox.embed_in.weight"
+    embed, readout = model.UNITS["embed"], model.UNITS["readout"]
     tied = model.config.tie_word_embeddings
-    for unit, cls in (("gpt_neox.embed_in", RowStreamedEmbedding), ("embed_out", RowStreamedLinear)):
+    for unit, cls in ((embed, RowStreamedEmbedding), (readout, RowStreamedLinear)):
         if plan.device_map.get(unit) != "disk":
             continue
-        name = emb_name if (tied or unit == "gpt_neox.embed_in") else "embed_out.weight"
+        name = f"{embed}.weight" if (tied or unit == embed) else f"{readout}.weight"
         old = model.get_submodule(unit)
         remove_hook_from_module(old, recurse=True)
         new = cls(_FileTensor(out / weight_map[name], name), shape=tuple(old.weight.shape), dtype=dtype,
@@ -462,8 +464,9 @@ def load_placed(out: Path, model: torch.nn.Module, plan: PlacementPlan, *, dtype
 
         raise VerificationError(f"{out}: no weights for {', '.join(missing[:8])}"
                                 + (f" and {len(missing) - 8} more" if len(missing) > 8 else ""))
-    if tied and "gpt_neox.embed_in.weight" in offload_index:
-        offload_index["embed_out.weight"] = offload_index["gpt_neox.embed_in.weight"]
+    emb_w, out_w = f"{model.UNITS['embed']}.weight", f"{model.UNITS['readout']}.weight"
+    if tied and emb_w in offload_index:
+        offload_index[out_w] = offload_index[emb_w]
     read = 0
     with progress_bar(total=len(resident), desc="load", quiet=quiet) as bar:
         for file, names in sorted(resident.items()):
@@ -478,9 +481,9 @@ def load_placed(out: Path, model: torch.nn.Module, plan: PlacementPlan, *, dtype
             read += (out / file).stat().st_size
             bar.update(1)
     if tied:
-        model.embed_out.weight = model.gpt_neox.embed_in.weight
-        if "gpt_neox.embed_in.weight" in cpu_state:
-            cpu_state["embed_out.weight"] = cpu_state["gpt_neox.embed_in.weight"]
+        model.tie_weights()
+        if emb_w in cpu_state:
+            cpu_state[out_w] = cpu_state[emb_w]
     model.rotary = RotaryTables(config.rotary_dims, config.rotary_emb_base,
                                 config.max_position_embeddings).to(plan.main_device)
     accel_map = dict(plan.device_map)
@@ -507,19 +510,20 @@ def hf_device_map(plan: PlacementPlan, *, hf_class: type, out: Path) -> dict[str
     with init_empty_weights():
         hf = hf_class(AutoConfig.from_pretrained(str(out)))
     children = {n for n, _ in hf.named_children()}
-    readout = "embed_out" if "embed_out" in children else "lm_head"  # transformers 4.x / 5.x
-    rename = {"embed_out": readout, "rotary": "gpt_neox.rotary_emb"}
+    ours = plan.units  # our module names: GPT-NeoX's or Llama's (equal to transformers' but the readout)
+    readout = "embed_out" if "embed_out" in children else "lm_head"  # GPT-NeoX in transformers 4.x / 5.x
+    rename = {ours["readout"]: readout, "rotary": ours["hf_rotary"]}
     return {rename.get(u, u): d for u, d in plan.device_map.items()}
 
 
 def execution_devices(model: torch.nn.Module) -> tuple[torch.device, list[torch.device]]:
     """(device of the inputs, execution device of each transformer layer): where the KV cache goes."""
     plan: PlacementPlan | None = getattr(model, "neoxconv_placement", None)
-    n = len(model.gpt_neox.layers)
+    n = len(model.blocks)
     if plan is None:
         dev = next(p.device for p in model.parameters() if not p.is_meta)
         return dev, [dev] * n
-    return plan.main_device, [plan.execution_device(f"gpt_neox.layers.{i}") for i in range(n)]
+    return plan.main_device, [plan.execution_device(f"{model.UNITS['blocks']}.{i}") for i in range(n)]
 
 
 def resident_weight_bytes(model: torch.nn.Module) -> int:
@@ -540,7 +544,7 @@ def quantize_int8_placed(model: torch.nn.Module, *, threshold: float) -> None:
     from accelerate.utils import set_module_tensor_to_device
     from torch import nn
 
-    from neoxconv.int8 import LINEARS, _bnb
+    from neoxconv.int8 import _bnb
 
     bnb = _bnb()
     plan: PlacementPlan = model.neoxconv_placement
@@ -566,10 +570,10 @@ def quantize_int8_placed(model: torch.nn.Module, *, threshold: float) -> None:
                 set_module_tensor_to_device(module, "bias", "meta")
             return output
 
-    for i, block in enumerate(model.gpt_neox.layers):
-        unit = f"gpt_neox.layers.{i}"
+    for i, block in enumerate(model.blocks):
+        unit = f"{model.UNITS['blocks']}.{i}"
         device = plan.execution_device(unit)
-        for path in LINEARS:
+        for path in model.LINEARS:
             parent_name, name = path.rsplit(".", 1)
             parent = block.get_submodule(parent_name)
             lin: nn.Linear = getattr(parent, name)

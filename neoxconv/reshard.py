@@ -25,9 +25,10 @@ from neoxconv.interrupt import deferred_sigint
 from neoxconv.outdir import check_out_path
 from neoxconv.merge import (
     LayerPlan, Rule, TensorPlan, iter_merged_chunks, max_divergence, merge_tensor, read_checked, resolve_row_bias,
+    rule_table,
 )
 from neoxconv.neox_writer import TORCH_DTYPES, NeoXTarget, Shard, WriteReport, check_target, write_neox_checkpoint
-from neoxconv.split import planned_bytes, shard_layer, tokenizer_size
+from neoxconv.split import part_key, planned_bytes, shard_layer, tokenizer_size
 
 _STEP = re.compile(r"^global_step(\d+)$")
 
@@ -39,6 +40,7 @@ class ReshardOptions:
     dtype: str = "auto"
     step: int | None = None  # None: keep the source's (from its global_step folder name), else 0
     row_bias: str = "auto"  # how the source's row-parallel biases merge (as `merge --row-bias`)
+    qkv_layout: str = "auto"  # Llama-style GQA sources: how their QKV rows lie (as `merge --qkv-layout`)
     replica_tolerance: float = 1e-2
     config_path: Path | None = None
     tokenizer_path: Path | None = None
@@ -54,7 +56,7 @@ def _to_torch(a: np.ndarray, dtype: str) -> torch.Tensor:
 
 def merged_tensor(t: TensorPlan, *, tolerance: float, where: str) -> np.ndarray:
     """The merged value of one planned tensor (the whole tensor, in ``t.out_dtype``)."""
-    if t.rule in (Rule.CONCAT_ROWS, Rule.CONCAT_COLS):
+    if t.rule in (Rule.CONCAT_ROWS, Rule.CONCAT_COLS, Rule.SPLIT_ROWS):
         full = np.empty(t.shape, dtype=np.uint16 if t.out_dtype == "bfloat16" else np.dtype(t.out_dtype))
         row = 0
         for chunk in iter_merged_chunks(t):
@@ -74,13 +76,14 @@ def merged_tensor(t: TensorPlan, *, tolerance: float, where: str) -> np.ndarray:
 
 def reshard_checkpoint(src: Path, out: Path, options: ReshardOptions) -> WriteReport:
     """Reshard the NeoX checkpoint ``src`` to TP ``options.tp`` in ``out`` (checked fully before writing)."""
-    from neoxconv.convert import plan_checkpoint
+    from neoxconv.convert import checkpoint_qkv_layout, plan_checkpoint
 
     check_out_path(Path(out))
     ckpt = open_checkpoint(src, config_path=options.config_path, tokenizer_path=options.tokenizer_path)
     out_dtype = None if options.dtype == "auto" else canonical_dtype(options.dtype)
     src_row_bias = resolve_row_bias(options.row_bias, ckpt.config)
-    config, plans = plan_checkpoint(ckpt, row_bias=src_row_bias, out_dtype=out_dtype)
+    qkv = checkpoint_qkv_layout(ckpt, options.qkv_layout)  # Llama-style: how the source's QKV rows lie
+    config, plans = plan_checkpoint(ckpt, row_bias=src_row_bias, out_dtype=out_dtype, qkv=qkv)
     dtypes = {t.out_dtype for p in plans for t in p.tensors}
     if len(dtypes) != 1:
         raise ConfigError(f"{ckpt.step_dir}: the weights have mixed dtypes ({', '.join(sorted(dtypes))}); "
@@ -110,10 +113,12 @@ def reshard_checkpoint(src: Path, out: Path, options: ReshardOptions) -> WriteRe
     def rank_shards(layer: SourceLayer, ranks: list[int]) -> Iterator[Shard]:
         plan = by_index[layer.index]
         where = f"{layer.label} [{', '.join(plan.files)}]"
-        full = {t.key: _to_torch(merged_tensor(t, tolerance=options.replica_tolerance, where=where), t.out_dtype)
+        full = {t.key if t.split is None else part_key(t.key, t.part):
+                _to_torch(merged_tensor(t, tolerance=options.replica_tolerance, where=where), t.out_dtype)
                 for t in plan.tensors}
         yield from shard_layer(layer, full, config=config, tp=options.tp, ranks=ranks, row_bias=row_bias,
-                               dtype=torch_dtype)
+                               dtype=torch_dtype, table=rule_table(config, layer.kind, plan.key_generation),
+                               qkv_split=None if qkv is None else qkv.split)  # the source's layout and key names
 
     config_sha = config_digest(config)
     layer_fps: dict[int, dict[str, Any]] = {}
@@ -127,6 +132,8 @@ def reshard_checkpoint(src: Path, out: Path, options: ReshardOptions) -> WriteRe
 
     recorded = {"command": "reshard", "tp": options.tp, "layout": layout, "dtype": dtype, "step": step,
                 "row_bias": src_row_bias.value, "replica_tolerance": options.replica_tolerance}
+    if qkv is not None:  # the merged QKV rows depend on it, as for `merge` (a resume must match it)
+        recorded["qkv_layout"] = qkv.split.value
     with deferred_sigint() as guard:
         return write_neox_checkpoint(
             Path(out), target, rank_shards, source=source_identity(ckpt), recorded=recorded, fingerprint=fingerprint,

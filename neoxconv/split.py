@@ -1,4 +1,4 @@
-"""`split_model`: a Hugging Face GPT-NeoX folder becomes a GPT-NeoX checkpoint at tensor-parallel degree T.
+"""`split_model`: a Hugging Face GPT-NeoX (or Llama) folder becomes a gpt-neox checkpoint at tensor-parallel degree T.
 
 The split runs the merge rule table (`neoxconv.merge.RULES`, NeoX key -> rule and Hugging Face name) backwards;
 the inverse of each rule is declared once, in `SPLITTERS`, and buffers gpt-neox derives from the config are
@@ -15,6 +15,9 @@ declared in `DERIVED`. A new architecture is a new rule table; these two tables 
                     Training then updates every rank's part by the same gradient, which is what gpt-neox does.
     DROP         -> not written, except the buffers in DERIVED (attention.rotary_emb.inv_freq, computed as
                     gpt-neox computes it and stored in the checkpoint's dtype, as module.half() leaves it)
+    SPLIT_ROWS   -> (Llama-style) each rank's rows of the fused tensor from its block of every part
+                    (`merge.join_split`): QKV as today's gpt-neox lays it out ([heads, 3, head_dim] without GQA,
+                    [Q|K|V] blocks with it; reshard keeps the source's layout), linear1 as [up | gate]
 
 Only safetensors are read (never a pickle). One source layer is in memory at a time.
 """
@@ -30,15 +33,16 @@ from typing import Any
 
 import torch
 
-from neoxconv.checkpoint import SourceLayer, model_layers
-from neoxconv.config import NeoXConfig
+from neoxconv.checkpoint import LayerKind, SourceLayer, model_layers
+from neoxconv.config import GPT_NEOX, NeoXConfig
 from neoxconv.dtypes import FLOAT_DTYPES, FROM_SAFETENSORS, canonical_dtype, tensor_nbytes
 from neoxconv.errors import CheckpointError, ConfigError
 from neoxconv.fingerprint import config_digest, file_fingerprint
 from neoxconv.integrity import read_safetensors_header
 from neoxconv.interrupt import deferred_sigint
+from neoxconv.merge import (RULES, Rule, RuleSpec, Split, expected_shape, join_split, output_names, resolve_row_bias,
+                            rule_table, shape_of)
 from neoxconv.outdir import check_out_path
-from neoxconv.merge import RULES, Rule, RuleSpec, expected_shape, hf_name, resolve_row_bias
 from neoxconv.neox_writer import TORCH_DTYPES, NeoXTarget, Shard, WriteReport, check_target, write_neox_checkpoint
 
 log = logging.getLogger(__name__)
@@ -75,33 +79,61 @@ DERIVED: dict[str, Callable[[NeoXConfig, torch.dtype], torch.Tensor]] = {
 
 def shard_layer(layer: SourceLayer, full: dict[str, torch.Tensor], *, config: NeoXConfig, tp: int,
                 ranks: list[int], row_bias: Rule, dtype: torch.dtype,
-                table: dict[str, RuleSpec] | None = None) -> Iterator[Shard]:
+                table: dict[str, RuleSpec] | None = None, qkv_split: Split | None = None) -> Iterator[Shard]:
     """Rank shards of one source layer from its full tensors (NeoX keys), in the rule table's key order.
 
     ``table`` is the layer's rule table (default: GPT-NeoX's, ``RULES[layer.kind]``); another architecture
-    passes its own and reuses `SPLITTERS` / `DERIVED` unchanged.
+    passes its own and reuses `SPLITTERS` / `DERIVED` unchanged. ``qkv_split``: the Llama-style QKV layout to
+    write (default: today's gpt-neox layout, `current_split`).
     """
     table = RULES[layer.kind] if table is None else table
+    joined: dict[str, list[torch.Tensor]] = {}
+    for key, spec in table.items():  # SPLIT_ROWS: every rank's rows from the parts, in gpt-neox's current layout
+        if spec.rule is Rule.SPLIT_ROWS:
+            split = (qkv_split or current_split(config)) if spec.split is Split.QKV else spec.split
+            parts = [full[part_key(key, i)] for i in range(len(spec.parts))]
+            joined[key] = [torch.from_numpy(a) for a in join_split(
+                split, [p.view(torch.int16).numpy() if p.dtype == torch.bfloat16 else p.numpy() for p in parts],
+                tp, heads=config.num_heads, kv_heads=config.kv_heads, head_dim=config.head_dim)]
+            if parts[0].dtype == torch.bfloat16:
+                joined[key] = [t.view(torch.bfloat16) for t in joined[key]]
     for rank in ranks:
         shard: Shard = {}
         for key, spec in table.items():
             if spec.rule is Rule.DROP:
-                if key in DERIVED:
+                if key in DERIVED and config.architecture == GPT_NEOX:  # Llama-style: not saved by gpt-neox
                     shard[key] = DERIVED[key](config, dtype)
+                continue
+            if spec.rule is Rule.SPLIT_ROWS:
+                shard[key] = joined[key][rank]
                 continue
             rule = row_bias if spec.rule is Rule.ROW_BIAS else spec.rule
             shard[key] = SPLITTERS[rule](full[key], tp, rank)
         yield shard
 
 
+def part_key(key: str, part: int) -> str:
+    """The name a SPLIT_ROWS key's part goes by in a layer's full tensors (``key#part``)."""
+    return f"{key}#{part}"
+
+
+def current_split(config: NeoXConfig) -> Split:
+    """The QKV layout today's gpt-neox expects: per head without GQA, [Q|K|V] blocks per rank with it."""
+    return Split.QKV_BLOCKS if config.gqa else Split.QKV_PER_HEAD
+
+
 def planned_bytes(config: NeoXConfig, tp: int, dtype: str, row_bias: Rule) -> int:
     """Bytes of weights the split writes (replicated tensors count once per rank)."""
     total = 0
     for layer in model_layers(config, with_readout=not config.tie_word_embeddings):
-        for key, spec in RULES[layer.kind].items():
+        for key, spec in rule_table(config, layer.kind).items():
             rule = row_bias if spec.rule is Rule.ROW_BIAS else spec.rule
             if rule is Rule.DROP:
-                total += tp * tensor_nbytes(dtype, (config.rotary_dims // 2,)) if key in DERIVED else 0
+                derived = key in DERIVED and config.architecture == GPT_NEOX
+                total += tp * tensor_nbytes(dtype, (config.rotary_dims // 2,)) if derived else 0
+                continue
+            if rule is Rule.SPLIT_ROWS:
+                total += sum(tensor_nbytes(dtype, shape_of(s, config) or ()) for _, s in spec.parts)
                 continue
             shape = expected_shape(spec, config) or ()
             total += tensor_nbytes(dtype, shape) * (1 if rule in (Rule.CONCAT_ROWS, Rule.CONCAT_COLS) else tp)
@@ -130,7 +162,9 @@ class HFModel:
         if not cfg.is_file():
             raise ConfigError(f"{self.folder}: no config.json (a Hugging Face GPT-NeoX folder has one)")
         raw = _read_json(cfg, ConfigError)
-        if raw.get("attention_bias") is False:
+        if raw.get("model_type") not in (None, "gpt_neox", "llama"):
+            raise ConfigError(f"{cfg}: model_type {raw.get('model_type')!r}: split writes GPT-NeoX and Llama models")
+        if raw.get("model_type") in (None, "gpt_neox") and raw.get("attention_bias") is False:
             raise ConfigError(f"{cfg}: attention_bias is false; GPT-NeoX checkpoints have attention biases")
         self.config = NeoXConfig.from_hf_json(cfg)
         self.tensors = self._scan()
@@ -177,8 +211,8 @@ class HFModel:
 
     def plan(self) -> tuple[NeoXConfig, dict[SourceLayer, dict[str, str]], str]:
         """Check every expected tensor (names, shapes, dtypes) at once; (config, {layer: {neox key: HF name}}, dtype)."""
-        emb = self.tensors.get("gpt_neox.embed_in.weight")
         config = self.config
+        emb = self.tensors.get(rule_table(config, LayerKind.EMBEDDING)["word_embeddings.weight"].hf_name or "")
         if emb is not None and len(emb.shape) == 2 and emb.shape[0] != config.vocab_size:
             log.info("embedding has %d rows, config.json says vocab_size %s; using the rows", emb.shape[0],
                      config.vocab_size)
@@ -189,22 +223,22 @@ class HFModel:
         expected: set[str] = set()
         for layer in layers:
             names[layer] = {}
-            for key, spec in RULES[layer.kind].items():
-                name = hf_name(spec, layer)
-                if name is None:
-                    continue
-                expected.add(name)
-                names[layer][key] = name
-                t = self.tensors.get(name)
-                if t is None:
-                    problems.append(f"missing {name!r}")
-                    continue
-                want = expected_shape(spec, config)
-                if want is not None and t.shape != want:
-                    problems.append(f"{name!r} has shape {list(t.shape)}, config.json implies {list(want)}")
-                if t.dtype not in FLOAT_DTYPES:
-                    problems.append(f"{name!r} has dtype {t.dtype}, not a floating-point type")
-        ignorable = {"embed_out.weight"} if config.tie_word_embeddings else set()
+            for key, spec in rule_table(config, layer.kind).items():
+                outputs = output_names(spec)  # SPLIT_ROWS: one HF tensor per part, read as key#part
+                for part, (template, shape) in enumerate(outputs):
+                    name = template.format(i=layer.block)
+                    expected.add(name)
+                    names[layer][part_key(key, part) if spec.rule is Rule.SPLIT_ROWS else key] = name
+                    t = self.tensors.get(name)
+                    if t is None:
+                        problems.append(f"missing {name!r}")
+                        continue
+                    want = shape_of(shape, config)
+                    if want is not None and t.shape != want:
+                        problems.append(f"{name!r} has shape {list(t.shape)}, config.json implies {list(want)}")
+                    if t.dtype not in FLOAT_DTYPES:
+                        problems.append(f"{name!r} has dtype {t.dtype}, not a floating-point type")
+        ignorable = {"embed_out.weight", "lm_head.weight"} if config.tie_word_embeddings else set()
         unknown = sorted(n for n in self.tensors if n not in expected and n not in ignorable
                          and not n.endswith(_HF_DERIVED_SUFFIXES))
         if unknown:
@@ -304,7 +338,7 @@ def split_model(hf_dir: Path, out: Path, options: SplitOptions) -> WriteReport:
     def rank_shards(layer: SourceLayer, ranks: list[int]) -> Iterator[Shard]:
         full = hf.read_layer(names[layer], torch_dtype)  # one layer in memory
         yield from shard_layer(layer, full, config=config, tp=options.tp, ranks=ranks, row_bias=row_bias,
-                               dtype=torch_dtype)
+                               dtype=torch_dtype, table=rule_table(config, layer.kind))
 
     config_sha = config_digest(config)
     file_fps: dict[Path, dict[str, Any]] = {}

@@ -20,8 +20,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from neoxconv.checkpoint import LayerKind, open_checkpoint
-from neoxconv.config import GELU_TANH, NeoXConfig
+from neoxconv.checkpoint import Checkpoint, LayerKind, open_checkpoint
+from neoxconv.config import GELU_TANH, LLAMA, NeoXConfig
 from neoxconv.layers import RotaryTables, apply_partial_rotary, causal_attention
 from neoxconv.ptfile import TensorRef
 
@@ -50,13 +50,18 @@ def _ln(x: torch.Tensor, shard: dict[str, TensorRef], prefix: str, eps: float) -
 
 @torch.inference_mode()
 def tensor_parallel_logits(src: Path, ids: list[int], *, row_bias: str = "auto",
-                           config_path: Path | None = None) -> tuple[torch.Tensor, NeoXConfig]:
+                           config_path: Path | None = None, qkv_layout: str = "auto") -> tuple[torch.Tensor, NeoXConfig]:
     """Logits (T, V) fp32 of the tensor-parallel model at ``src`` on ``ids``, one layer in memory at a time.
+
+    ``qkv_layout``: for Llama-style GQA checkpoints, 'blocked' or 'interleaved' (gpt-neox 2024-02..2024-11),
+    'auto' as `merge` decides it.
 
     ``row_bias``: 'sum' (each rank adds its part before the all-reduce: NeoX with gpt_j_residual),
     'replicated' (full bias added once after the all-reduce), or 'auto' (follow the config).
     """
     ckpt = open_checkpoint(src, config_path=config_path)
+    if ckpt.config.architecture == LLAMA:
+        return _llama_tensor_parallel_logits(ckpt, ids, qkv_layout=qkv_layout), ckpt.config
     config, T = ckpt.config, ckpt.tp_degree
     if row_bias == "auto":
         row_bias = "sum" if config.parallel_residual else "replicated"
@@ -120,3 +125,92 @@ def tensor_parallel_logits(src: Path, ids: list[int], *, row_bias: str = "auto",
         logits_parts = [_linear_by_rows(x[r], ckpt.tensors(emb_layer, r)["word_embeddings.weight"])
                         for r in range(T)]
     return torch.cat(logits_parts, dim=-1), config
+
+
+# ----- Llama-style models (gpt-neox norm: rmsnorm, activation: swiglu, num_kv_heads) ------------------------
+def _rms(x: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
+    """gpt-neox norms.RMSNorm in fp32."""
+    return scale * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+
+
+def _llama_tensor_parallel_logits(ckpt: Checkpoint, ids: list[int], *, qkv_layout: str) -> torch.Tensor:
+    """What gpt-neox's ParallelSelfAttention / ParallelMLP compute on each rank, collectives simulated.
+
+    Per rank (megatron/model/transformer.py): the local QKV output is viewed [np, 3, hn] without GQA, split
+    [np*hn | kvp*hn | kvp*hn] with GQA (or, 2024-02..2024-11, viewed [np, hn*(1+2*kvp/np)] and split per query
+    head), kv heads repeat_interleave'd to the local query heads; RoPE on whole heads; the local linear1 output
+    is chunked in two, ``x, gate``, and ``silu(gate) * x`` feeds the local linear2 columns (older checkpoints:
+    ``silu(w1) * w3`` into w2). Row-parallel outputs are summed (all-reduce) and their bias added once after
+    (sequential residual: parallel_output is False).
+    """
+    from neoxconv.convert import checkpoint_qkv_layout
+    from neoxconv.merge import Split
+
+    config, T = ckpt.config, ckpt.tp_degree
+    layout = checkpoint_qkv_layout(ckpt, qkv_layout)
+    split = layout.split if layout is not None else Split.QKV_PER_HEAD
+    hd, eps = config.head_dim, config.layernorm_eps
+    np_, kvp = config.num_heads // T, config.kv_heads // T
+    tokens = torch.tensor(ids)
+    n = len(ids)
+    cos, sin = RotaryTables(config.rotary_dims, config.rotary_emb_base, max(n, 1))(torch.arange(n))
+
+    def linear(h, shard, key):
+        bias = shard.get(key[: -len("weight")] + "bias")
+        return F.linear(h, _tensor(shard[key]), None if bias is None else _tensor(bias))
+
+    def row_bias(shards, key):
+        return _tensor(shards[0][key]) if key in shards[0] else 0.0  # every rank holds the full bias
+
+    def rank_attention(h, shard):
+        mixed = linear(h, shard, "attention.query_key_value.weight")  # (n, local rows)
+        if split is Split.QKV_PER_HEAD:
+            q, k, v = mixed.view(n, np_, 3 * hd).split(hd, dim=-1)  # each (n, np, hd)
+        elif split is Split.QKV_BLOCKS:
+            q, k, v = mixed.split((np_ * hd, kvp * hd, kvp * hd), dim=-1)
+            q, k, v = q.reshape(n, np_, hd), k.reshape(n, kvp, hd), v.reshape(n, kvp, hd)
+        else:  # interleaved: per query head [hn | hn*kvp/np | hn*kvp/np]
+            part = hd * kvp // np_
+            q, k, v = mixed.view(n, np_, hd + 2 * part).split((hd, part, part), dim=-1)
+            k, v = k.reshape(n, kvp, hd), v.reshape(n, kvp, hd)
+        k = torch.repeat_interleave(k, np_ // kvp, dim=1)
+        v = torch.repeat_interleave(v, np_ // kvp, dim=1)
+        q, k, v = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))  # (1, np, n, hd)
+        q, k = apply_partial_rotary(q, cos, sin), apply_partial_rotary(k, cos, sin)
+        ctx = causal_attention(q, k, v, q_start=0)[0].transpose(0, 1).reshape(n, np_ * hd)
+        return F.linear(ctx, _tensor(shard["attention.dense.weight"]))
+
+    def rank_mlp(h, shard):
+        if "mlp.linear1.weight" in shard:
+            x, gate = linear(h, shard, "mlp.linear1.weight").chunk(2, dim=-1)  # Gated_Activation
+            return F.linear(F.silu(gate) * x, _tensor(shard["mlp.linear2.weight"]))
+        act = F.silu(linear(h, shard, "mlp.w1.weight")) * linear(h, shard, "mlp.w3.weight")  # LLaMAParallelMLP
+        return F.linear(act, _tensor(shard["mlp.w2.weight"]))
+
+    x = torch.zeros(n, config.hidden_size)
+    finals: list[torch.Tensor] = []
+    logits_parts: list[torch.Tensor] = []
+    for layer in ckpt.layers:
+        shards = [ckpt.tensors(layer, r) for r in range(T)]
+        if layer.kind is LayerKind.EMBEDDING:
+            start = 0
+            for shard in shards:  # VocabParallelEmbedding, then the all-reduce
+                w = _tensor(shard["word_embeddings.weight"])
+                local = tokens - start
+                inside = (local >= 0) & (local < w.shape[0])
+                x += F.embedding(local.clamp(0, w.shape[0] - 1), w) * inside[:, None]
+                start += w.shape[0]
+        elif layer.kind is LayerKind.BLOCK:
+            attn = sum(rank_attention(_rms(x, _tensor(s["input_layernorm.scale"]), eps), s) for s in shards)
+            x = x + attn + row_bias(shards, "attention.dense.bias")
+            mlp = sum(rank_mlp(_rms(x, _tensor(s["post_attention_layernorm.scale"]), eps), s) for s in shards)
+            x = x + mlp + row_bias(shards, "mlp.linear2.bias")
+        elif layer.kind is LayerKind.FINAL_NORM:
+            finals = [_rms(x, _tensor(s["norm.scale"]), eps) for s in shards]  # each rank's own copy
+        elif layer.kind is LayerKind.READOUT:
+            logits_parts = [F.linear(finals[r], _tensor(s["final_linear.weight"])) for r, s in enumerate(shards)]
+        ckpt.release(layer)
+    if config.tie_word_embeddings:
+        logits_parts = [F.linear(finals[r], _tensor(ckpt.tensors(ckpt.layers[0], r)["word_embeddings.weight"]))
+                        for r in range(T)]
+    return torch.cat(logits_parts, dim=-1)

@@ -58,6 +58,7 @@ class VerifyOptions:
     against: Path | None = None
     against_config: Path | None = None
     row_bias: str = "auto"
+    qkv_layout: str = "auto"  # Llama-style GQA checkpoints: auto | blocked | interleaved (for --against)
     reference: str | None = None  # "hf"
     int8: bool = False
     int8_threshold: float = 6.0
@@ -227,7 +228,7 @@ def against_check(model, gen: GenerationResult, options: VerifyOptions, dtype: t
     from neoxconv.tp_reference import tensor_parallel_logits
 
     tp_logits, _ = tensor_parallel_logits(options.against, gen.prompt_ids, row_bias=options.row_bias,
-                                          config_path=options.against_config)
+                                          config_path=options.against_config, qkv_layout=options.qkv_layout)
     ours = gen.prompt_logits
     if tp_logits.shape != ours.shape:
         return Check("against", False, None, None, f"logit shapes differ: TP {list(tp_logits.shape)} vs {list(ours.shape)}")
@@ -242,27 +243,29 @@ def against_check(model, gen: GenerationResult, options: VerifyOptions, dtype: t
 
 def reference_hf_check(out: Path, model, gen: GenerationResult, dtype: torch.dtype, device: torch.device) -> Check:
     try:
-        from transformers import GPTNeoXForCausalLM
+        import transformers
     except ImportError:  # require_optional() refuses this up front; kept for library callers
         return Check("reference_hf", False, None, None, "transformers is not installed (pip install 'neoxconv[hf]')")
+    cls_name = "LlamaForCausalLM" if model.config.architecture == "llama" else "GPTNeoXForCausalLM"
+    hf_class = getattr(transformers, cls_name)
     plan = getattr(model, "neoxconv_placement", None)
     if plan is None:
-        hf = GPTNeoXForCausalLM.from_pretrained(str(out), dtype=dtype).to(device).eval()
+        hf = hf_class.from_pretrained(str(out), dtype=dtype).to(device).eval()
         with torch.inference_mode():
             theirs = hf(torch.tensor([gen.prompt_ids], device=device)).logits[0].float().cpu()
     else:  # the same placement for transformers' model (accelerate under from_pretrained)
         from neoxconv.placement import hf_device_map
 
         with tempfile.TemporaryDirectory(prefix="neoxconv-offload-") as offload:
-            device_map = hf_device_map(plan, hf_class=GPTNeoXForCausalLM, out=out)
-            hf = GPTNeoXForCausalLM.from_pretrained(str(out), dtype=dtype, device_map=device_map,
-                                                    offload_folder=offload).eval()
+            device_map = hf_device_map(plan, hf_class=hf_class, out=out)
+            hf = hf_class.from_pretrained(str(out), dtype=dtype, device_map=device_map,
+                                          offload_folder=offload).eval()
             with torch.inference_mode():
                 theirs = hf(torch.tensor([gen.prompt_ids], device=plan.main_device)).logits[0].float().cpu()
     del hf
     diff = _max_abs(gen.prompt_logits, theirs)
     tol = MODEL_TOL[dtype] * _scale(theirs)
-    return Check("reference_hf", diff <= tol, diff, tol, "vs transformers GPTNeoXForCausalLM on the prompt")
+    return Check("reference_hf", diff <= tol, diff, tol, f"vs transformers {cls_name} on the prompt")
 
 
 def int8_checks(loaded: LoadedModel, gen: GenerationResult, options: VerifyOptions) -> tuple[list[Check], dict]:
@@ -273,12 +276,11 @@ def int8_checks(loaded: LoadedModel, gen: GenerationResult, options: VerifyOptio
         quantize_int8(loaded.model, threshold=options.int8_threshold)
         after = int8_weight_bytes(loaded.model)
     else:  # offloaded weights are not resident: compare the whole model's bytes, computed from the shapes
-        from neoxconv.int8 import LINEARS
         from neoxconv.placement import quantize_int8_placed
 
         before = sum(loaded.placement.unit_bytes.values())
         size = torch.finfo(loaded.dtype).bits // 8
-        lins = [blk.get_submodule(p) for blk in loaded.model.gpt_neox.layers for p in LINEARS]
+        lins = [blk.get_submodule(p) for blk in loaded.model.blocks for p in loaded.model.LINEARS]
         after = before - sum(lin.weight.numel() * (size - 1) - lin.out_features * 4 for lin in lins)
         quantize_int8_placed(loaded.model, threshold=options.int8_threshold)
     seq = gen.prompt_ids + gen.generated_ids[:-1]

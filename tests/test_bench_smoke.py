@@ -40,3 +40,13 @@ def test_bigverify_bench_smoke(tmp_path):
                "--max-memory", "64KiB", "--new-tokens", 4, "--no-against", "--workdir", tmp_path)
     assert "identical generated ids: yes" in out and "bytes read per generated token" in out
     assert "peak capped / uncapped" in out
+
+
+def test_llama_benches_run_at_toy_sizes(tmp_path):
+    out = _run("llama_merge_bench.py", "--hidden", 128, "--heads", 8, "--kv-heads", 2, "--intermediate", 256,
+               "--vocab", 512, "--layers", 1, "--runs", 1, "--workdir", tmp_path / "merge")
+    assert "merge" in out and "peak RSS" in out
+    out = _run("llama_gpu_check.py", "--device", "cpu", "--hidden", 128, "--heads", 8, "--kv-heads", 2,
+               "--intermediate", 256, "--layers", 1, "--vocab", 512, "--new-tokens", 4, "--no-int8",
+               "--workdir", tmp_path / "gpu")  # int8 on a Llama model: tests/test_llama.py
+    assert "=== verify fp16 on cpu ===" in out and "all checks passed" in out and "2 kv heads of 8" in out
