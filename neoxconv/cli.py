@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -87,6 +88,9 @@ _dtype_choice = click.Choice(["auto", "fp16", "bf16", "fp32"], case_sensitive=Fa
               help="Redo every layer even if OUT holds completed ones (also over a merge made with other options).")
 @click.option("--force", is_flag=True,
               help="Write into a non-empty OUT that is not this source's output (only neoxconv's files are replaced).")
+@click.option("--hash", "hash_algo", type=click.Choice(["blake3", "sha256"]), default="blake3", show_default=True,
+              help="Digest recorded for every output file in the manifest; sha256 matches Hugging Face Hub LFS ids, "
+                   "BLAKE3 costs ~4x less CPU.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary.")
 @click.option("--json", "as_json", is_flag=True,
               help="Print one JSON object on stdout (out, files_written, bytes_written, seconds, dtype, ...); "
@@ -94,6 +98,7 @@ _dtype_choice = click.Choice(["auto", "fp16", "bf16", "fp32"], case_sensitive=Fa
 @_run
 def merge(src: Path, out: Path, dtype: str, row_bias: str, qkv_layout: str, replica_tolerance: float,
           config_path: Path | None, tokenizer_path: Path | None, allow_nonfinite: bool, no_resume: bool, force: bool,
+          hash_algo: str,
           quiet: bool, as_json: bool) -> None:
     """Merge the tensor-parallel checkpoint SRC into a Hugging Face folder OUT.
 
@@ -102,11 +107,13 @@ def merge(src: Path, out: Path, dtype: str, row_bias: str, qkv_layout: str, repl
     any TP degree. OUT gets one safetensors file per source layer, model.safetensors.index.json,
     config.json, the tokenizer and a manifest (neoxconv.json). An interrupted merge resumes when re-run.
     """
+    if "numpy" not in sys.modules:  # a fresh process: the merge does no linear algebra, and numpy's OpenBLAS
+        os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # threads would spin at import (0.07 core-s)
     from neoxconv.convert import MergeOptions, merge_checkpoint
 
     options = MergeOptions(dtype=dtype, row_bias=row_bias, qkv_layout=qkv_layout, replica_tolerance=replica_tolerance,
                            allow_nonfinite=allow_nonfinite, config_path=config_path, tokenizer_path=tokenizer_path,
-                           resume=not no_resume, force=force, quiet=quiet)
+                           resume=not no_resume, force=force, quiet=quiet, hash=hash_algo)
     report = merge_checkpoint(src, out, options)
     if as_json:
         click.echo(json.dumps(report.to_json()))
@@ -196,7 +203,8 @@ def _parse_max_memory(ctx, param, value: str | None):
 @click.option("--int8", is_flag=True, help="Also run LLM.int8 (bitsandbytes) and compare it with full precision.")
 @click.option("--int8-threshold", type=float, default=6.0, show_default=True, help="LLM.int8 outlier threshold.")
 @click.option("--check-hashes/--no-check-hashes", default=None,
-              help="Check every file's sha256 against the manifest (default: on for models under 2 GB).")
+              help="Check every file's hash (BLAKE3 or sha256, as the manifest records) against the manifest "
+                   "(default: on for models under 2 GB).")
 @click.option("--no-manifest", is_flag=True,
               help="Accept a folder without neoxconv.json (not written by neoxconv): only headers are checked.")
 @click.option("--attention", type=click.Choice(["eager", "sdpa"]), default="eager", show_default=True,
@@ -220,7 +228,7 @@ def verify(out: Path, prompt: str | None, ids_text: str | None, max_new_tokens: 
 
     \b
     Checks (exit code 7 when one fails its tolerance):
-      integrity     files present, sizes and sha256 as in the manifest, headers agree with config.json
+      integrity     files present, sizes and hashes as in the manifest, headers agree with config.json
       kv_cache      cached step-by-step logits vs one uncached forward over the same tokens
       sanity        logits finite and not constant
       against       with --against SRC: vs a simulated tensor-parallel forward over the unmerged shards

@@ -9,7 +9,7 @@ Order of work:
 3. config.json, tokenizer files, ``model.safetensors.index.json`` and finally the manifest ``neoxconv.json``.
 
 An interrupted run leaves the journal; the same command resumes, keeping every layer whose file still
-matches its recorded sha256.
+matches its recorded hash (BLAKE3 by default, sha256 with ``hash="sha256"``; see `neoxconv.hashing`).
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from neoxconv.config import LLAMA, NeoXConfig
 from neoxconv.dtypes import canonical_dtype, count_nonfinite
 from neoxconv.errors import CheckpointError, ConfigError, MergeError, OutputError, UsageError
 from neoxconv.fingerprint import layer_fingerprint, source_identity
+from neoxconv.hashing import DEFAULT_HASH, check_algorithm, file_matches, with_hash
 from neoxconv.integrity import INDEX, MANIFEST
 from neoxconv.interrupt import InterruptGuard, deferred_sigint
 from neoxconv.merge import (LayerPlan, QkvLayout, Rule, TensorPlan, block_generation, iter_merged_chunks,
@@ -42,8 +43,9 @@ from neoxconv.outdir import (JOURNAL, OutputLock, check_out_path, foreign_entrie
 from neoxconv.prefetch import prefetch
 from neoxconv.progress import format_bytes, progress_bar
 from neoxconv.storage import SourceReader
+from neoxconv.streaming import stream_tensor, streams_direct
 from neoxconv.tokenizer_files import eos_token_id, tokenizer_config
-from neoxconv.writer import SafetensorsWriter, atomic_write, atomic_write_json, sha256_file
+from neoxconv.writer import SafetensorsWriter, atomic_write, atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +66,7 @@ class MergeOptions:
     resume: bool = True
     force: bool = False
     quiet: bool = False
+    hash: str = DEFAULT_HASH  # blake3 | sha256: the digest the manifest records for every file
 
     def recorded(self, row_bias_rule: Rule, qkv: QkvLayout | None = None) -> dict[str, Any]:
         """The options that determine the output bytes (a resume must match them)."""
@@ -258,7 +261,10 @@ def _merge_small(t: TensorPlan, tolerance: float, where: str, reader: SourceRead
 
 
 def _nonfinite(values: np.ndarray, t: TensorPlan, where: str, allow: bool, warnings: list[str]) -> None:
-    n = count_nonfinite(values, t.out_dtype)
+    _report_nonfinite(count_nonfinite(values, t.out_dtype), t, where, allow, warnings)
+
+
+def _report_nonfinite(n: int, t: TensorPlan, where: str, allow: bool, warnings: list[str]) -> None:
     if n:
         msg = f"{where}: {t.key!r} ({t.hf_name}) has {n} non-finite value(s) (inf/nan) after merging to {t.out_dtype}"
         if not allow:
@@ -279,21 +285,27 @@ def _write_layer(path: Path, plan: LayerPlan, options: MergeOptions, warnings: l
             _nonfinite(small[t.key][0], t, where, options.allow_nonfinite, warnings)
     entries = [(t.hf_name, t.out_dtype, t.shape) for t in plan.tensors]
 
-    def chunks():  # runs in a worker thread: read, CRC-check, cast, interleave
-        for t in plan.tensors:
-            if t.key in small:
-                yield t, small[t.key][0], False
-            else:
-                for chunk in iter_merged_chunks(t, reader=reader):
-                    yield t, chunk, True
+    def on_block(nbytes: int) -> None:
+        guard.check()
+        bar.update(nbytes)
 
-    with SafetensorsWriter(path, entries) as w:
-        for t, chunk, streamed in prefetch(chunks()):  # this thread checks and writes; a helper hashes
+    with SafetensorsWriter(path, entries, hash_algo=options.hash) as w:  # its thread hashes and writes
+        for t in plan.tensors:
             guard.check()
-            if streamed:
-                _nonfinite(chunk, t, where, options.allow_nonfinite, warnings)
-            w.write_chunk(t.hf_name, chunk)
-            bar.update(chunk.nbytes)
+            if t.key in small:
+                w.write_chunk(t.hf_name, small[t.key][0])
+                bar.update(t.nbytes)
+            elif streams_direct(t):  # read straight into the output buffer, checked there
+                n = stream_tensor(w, t, on_block=on_block)
+                for r in t.shards:  # it read each shard's whole storage and checked its CRC-32
+                    reader.vouch(r)
+                _report_nonfinite(n, t, where, options.allow_nonfinite, warnings)
+            else:  # casts, views: a worker thread reads, CRC-checks, casts and interleaves the next chunk
+                for chunk in prefetch(iter_merged_chunks(t, reader=reader)):
+                    on_block(0)
+                    _nonfinite(chunk, t, where, options.allow_nonfinite, warnings)
+                    w.write_chunk(t.hf_name, chunk)
+                    bar.update(chunk.nbytes)
     tensors_meta: dict[str, Any] = {}
     for t in plan.tensors:
         meta: dict[str, Any] = {"source_key": t.key, "rule": t.rule_label, "dtype": t.out_dtype, "shape": list(t.shape)}
@@ -304,7 +316,7 @@ def _write_layer(path: Path, plan: LayerPlan, options: MergeOptions, warnings: l
         "source_layer": plan.layer.index,
         "kind": plan.layer.kind.value,
         "source_files": plan.files,
-        "sha256": w.sha256,
+        w.hash_algo: w.hexdigest(),
         "size": w.size,
         "tensors": tensors_meta,
         "dropped": {t.key: t.rule.value for t in plan.dropped},
@@ -369,6 +381,7 @@ def _merge(src: Path, out: Path, options: MergeOptions, guard: InterruptGuard,
         raise UsageError(f"--replica-tolerance must be a finite number >= 0, got {options.replica_tolerance}")
     check_out_path(out)
     started = time.perf_counter()
+    check_algorithm(options.hash)
     ckpt = open_checkpoint(src, config_path=options.config_path, tokenizer_path=options.tokenizer_path)
     out_dtype = None if options.dtype == "auto" else canonical_dtype(options.dtype)
     row_bias = resolve_row_bias(options.row_bias, ckpt.config)
@@ -391,10 +404,10 @@ def _merge(src: Path, out: Path, options: MergeOptions, guard: InterruptGuard,
     names = _output_names(len(plans))
     state: dict[str, Any] = {
         "tool": "neoxconv", "version": __version__, "format": MANIFEST_FORMAT,
-        "source": source, "options": recorded, "layers": {},
+        "source": source, "options": recorded, "hash": options.hash, "layers": {},
     }
 
-    # which layers are already done (same source inputs, file present, its sha256 as recorded); a bar while
+    # which layers are already done (same source inputs, file present, its hash as recorded); a bar while
     # re-hashing them
     todo: list[tuple[str, LayerPlan]] = []
     fingerprints = {name: layer_fingerprint(plan, ckpt.step_dir) for name, plan in zip(names, plans)}
@@ -406,10 +419,10 @@ def _merge(src: Path, out: Path, options: MergeOptions, guard: InterruptGuard,
         for name, plan, entry in candidates:
             if entry:
                 bar.set_postfix_str(name, refresh=False)
-                intact = sha256_file(out / name) == entry.get("sha256")
+                intact = file_matches(out / name, entry)
                 bar.update(entry["size"])
                 if intact:
-                    state["layers"][name] = entry
+                    state["layers"][name] = with_hash(entry, out / name, options.hash)
                     continue
             todo.append((name, plan))
     _check_disk(out, sum(p.nbytes for _, p in todo) + (1 << 20))
@@ -449,17 +462,21 @@ def _merge(src: Path, out: Path, options: MergeOptions, guard: InterruptGuard,
 
     # ---- config, tokenizer, index, manifest (last) ----
     files: dict[str, str] = {}
-    files["config.json"] = atomic_write_json(out / "config.json", config.to_hf_dict(torch_dtype=config_dtype))
+    algo = options.hash
+    files["config.json"] = atomic_write_json(out / "config.json", config.to_hf_dict(torch_dtype=config_dtype),
+                                             hash_algo=algo)
     if ckpt.tokenizer is not None:
-        files["tokenizer.json"] = atomic_write(out / "tokenizer.json", ckpt.tokenizer.read_bytes())
+        files["tokenizer.json"] = atomic_write(out / "tokenizer.json", ckpt.tokenizer.read_bytes(), hash_algo=algo)
         files["tokenizer_config.json"] = atomic_write_json(
-            out / "tokenizer_config.json", tokenizer_config(ckpt.tokenizer, config.max_position_embeddings))
+            out / "tokenizer_config.json", tokenizer_config(ckpt.tokenizer, config.max_position_embeddings),
+            hash_algo=algo)
     weight_map = {t: name for name in names for t in state["layers"][name]["tensors"]}
     total_size = sum(p.nbytes for p in plans)
     files[INDEX] = atomic_write_json(
-        out / INDEX, {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))})
+        out / INDEX, {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))},
+        hash_algo=algo)
     divergences = [m.get("max_replica_divergence", 0.0) for e in state["layers"].values() for m in e["tensors"].values()]
-    state["files"] = {k: {"sha256": v, "size": (out / k).stat().st_size} for k, v in files.items()}
+    state["files"] = {k: {algo: v, "size": (out / k).stat().st_size} for k, v in files.items()}
     state["config"] = asdict(config)
     state["tokenizer"] = ckpt.tokenizer.name if ckpt.tokenizer else None
     state["max_replica_divergence"] = max(divergences, default=0.0)

@@ -76,13 +76,39 @@ def cast(a: np.ndarray, src: str, dst: str) -> np.ndarray:
     return from_f32(to_f32(a, src), dst)
 
 
+class NonFiniteCounter:
+    """Counts inf/nan in consecutive blocks of one dtype's bytes, from the exponent bits.
+
+    An element is inf or nan exactly when its exponent bits are all ones: fp16 ``(u & 0x7c00) == 0x7c00``,
+    bf16 ``(u & 0x7f80) == 0x7f80``, fp32 ``(u & 0x7f800000) == 0x7f800000``. One AND into a reused
+    scratch buffer and one max per block (the block is fresh in the CPU cache when the merge checks it);
+    the exact count is taken only when the max says there is something to count. ~4x less CPU than
+    ``np.isfinite`` on fp16 (bench/checks_bench.py). Blocks must hold whole elements.
+    """
+
+    def __init__(self, dtype: str) -> None:
+        self.dtype = dtype
+        self.count = 0
+        self._mask = _EXP_MASK.get(dtype)
+        self._scratch: np.ndarray | None = None
+
+    def update(self, data) -> None:
+        if self._mask is None:
+            return
+        utype, mask = self._mask
+        bits = np.frombuffer(data, dtype=utype) if not isinstance(data, np.ndarray) else \
+            np.ascontiguousarray(data).reshape(-1).view(utype)
+        if not bits.size:
+            return
+        if self._scratch is None or self._scratch.size < bits.size:
+            self._scratch = np.empty(bits.size, dtype=utype)
+        exponent = np.bitwise_and(bits, utype(mask), out=self._scratch[: bits.size])
+        if exponent.max() == mask:
+            self.count += int(np.count_nonzero(exponent == utype(mask)))
+
+
 def count_nonfinite(a: np.ndarray, dtype: str) -> int:
     """How many elements are inf or nan, from the exponent bits (no float conversion needed)."""
-    if dtype not in _EXP_MASK:
-        return 0
-    utype, mask = _EXP_MASK[dtype]
-    bits = np.ascontiguousarray(a).view(utype)
-    exponent = np.bitwise_and(bits, utype(mask))
-    if not bits.size or exponent.max() != mask:  # fast path: one pass, one reduction
-        return 0
-    return int(np.count_nonzero(exponent == utype(mask)))
+    counter = NonFiniteCounter(dtype)
+    counter.update(a)
+    return counter.count

@@ -1,4 +1,4 @@
-"""Check a merged folder before trusting it: manifest, sizes, sha256, safetensors headers vs config and index."""
+"""Check a merged folder before trusting it: manifest, sizes, hashes, safetensors headers vs config and index."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from neoxconv.checkpoint import model_layers
 from neoxconv.config import NeoXConfig
 from neoxconv.dtypes import FROM_SAFETENSORS, tensor_nbytes
 from neoxconv.errors import CheckpointError, VerificationError
+from neoxconv.hashing import hash_file, recorded_hash
 from neoxconv.merge import output_shapes
-from neoxconv.writer import sha256_file
 
 MANIFEST = "neoxconv.json"
 JOURNAL = ".neoxconv-journal.json"  # a merge in progress or interrupted
@@ -102,9 +102,10 @@ def _hash_mismatch(path: Path, entry: dict) -> tuple[str, bool] | None:
 
     The one place integrity hashes a file.
     """
-    if "sha256" in entry:
-        return "sha256", sha256_file(path) != entry["sha256"]
-    return None
+    recorded = recorded_hash(entry)  # BLAKE3, or sha256 (--hash sha256, manifests from before BLAKE3)
+    if recorded is None:
+        return None
+    return recorded[0], hash_file(path, recorded[0]) != recorded[1]
 
 
 def load_config(out: Path) -> NeoXConfig:

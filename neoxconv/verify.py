@@ -1,7 +1,7 @@
 """`verify_model`: load a merged folder into neoxconv's layers, generate, and run checks that catch a bad merge.
 
 Checks (each with its figure and tolerance; any failure makes the CLI exit 7):
-* integrity     manifest, file sizes, sha256 (small models by default), safetensors headers vs config/index;
+* integrity     manifest, file sizes, hashes (small models by default), safetensors headers vs config/index;
                 done before any model is built
 * kv_cache      max |logits of cached step-by-step decoding - logits of one uncached forward|
 * against       max |merged model's prompt logits - a simulated tensor-parallel forward over the unmerged

@@ -4,17 +4,18 @@
 ``os.replace`` into place (and fsync the folder). An exception, Ctrl-C or SIGKILL at any moment leaves at
 most a ``.*.neoxconv-tmp`` file, which the next run removes. The safetensors header is computed up front
 from the planned names, dtypes and shapes, so tensor data is streamed straight to disk in order while its
-sha256 is computed on the way.
+hash (BLAKE3 by default, see `neoxconv.hashing`) is computed on the way. Tensor data can be read from the
+source straight into the buffer that is written (`SafetensorsWriter.fill_chunk`): no copy in between.
 """
 
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import mmap
 import os
 import struct
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
@@ -23,12 +24,17 @@ import numpy as np
 
 from neoxconv.dtypes import SAFETENSORS_NAMES, tensor_nbytes
 from neoxconv.errors import OutputError
+from neoxconv.hashing import DEFAULT_HASH, StreamHasher, hash_file
 
 TMP_SUFFIX = ".neoxconv-tmp"
 _WRITEBACK_BYTES = 32 << 20
 _STAGE_BYTES = 8 << 20  # O_DIRECT staging buffer
 _BLOCK = 4096  # O_DIRECT alignment of offsets and lengths
-_THREADED_HASH_BYTES = 1 << 20
+# BLAKE3 on one thread: on a 1 MB block in cache it costs 0.15 CPU-s/GB on one core vs 0.22 spread over
+# two (bench/checks_bench.py), and one core already hashes faster than the disk writes; hash_file (verify,
+# resume), with nothing to overlap, uses every core.
+_HASH_THREADS = 1
+_FILL_BYTES = 1 << 20  # fill_chunk hands out views of at most this much: they stay in the CPU cache
 
 
 def _load_sync_file_range():
@@ -77,37 +83,36 @@ def _output_error(path: Path, e: OSError) -> OutputError:
 
 
 class _AtomicFile:
-    """Write-to-temp-then-rename with fsync; hashes what is written (in a helper thread for big chunks).
+    """Write-to-temp-then-rename with fsync; hashes what is written, in order.
 
-    ``direct=True`` writes through an aligned staging buffer with O_DIRECT where the filesystem allows it:
-    no copy into the page cache (which costs more CPU than the hashing when memory is full of cached
-    checkpoint files) and no eviction of the user's page cache. Falls back to buffered writes, with the
-    kernel's writeback started early, wherever O_DIRECT is refused.
+    ``staged=True`` (big files) writes through two page-aligned staging buffers: the caller fills one
+    (copying with `write`, or reading straight into it with `reserve`/`commit`, which hashes the bytes
+    while they are in the CPU cache) while a helper thread writes the other to disk. The file is opened
+    with O_DIRECT where the filesystem allows it: no copy into the page cache (which costs more CPU than
+    the hashing when memory is full of cached checkpoint files) and no eviction of the user's page cache.
+    Falls back to buffered writes, with the kernel's writeback started early, wherever O_DIRECT is refused.
     """
 
-    def __init__(self, path: Path, *, direct: bool = False) -> None:
+    def __init__(self, path: Path, *, staged: bool = False, hash_algo: str = DEFAULT_HASH) -> None:
         self.path = Path(path)
         self.tmp = tmp_path_for(self.path)
-        self._sha256 = hashlib.sha256()
-        self._hasher: ThreadPoolExecutor | None = None  # hashes chunk k while chunk k is written
-        self._pending: Future | None = None
-        self._want_direct = direct and hasattr(os, "O_DIRECT")
+        self.hash_algo = hash_algo
+        self._hash = StreamHasher(hash_algo, threads=_HASH_THREADS)
+        self._staged = staged
+        self._want_direct = staged and hasattr(os, "O_DIRECT")
         self._direct = False
-        self._stage: mmap.mmap | None = None
-        self._fill = 0  # bytes waiting in the staging buffer
-        self._flushed = 0  # buffered mode: bytes handed to the kernel's writeback so far
+        self._stages: list[mmap.mmap] = []  # staged mode: the buffer being filled and the one being written
+        self._current = 0  # index of the stage being filled
+        self._fill = 0  # bytes waiting in it
+        self._io: ThreadPoolExecutor | None = None  # writes one stage while the caller fills the other
+        self._writes: list[Future | None] = [None, None]
+        self._written = 0  # bytes handed to the kernel so far (in file order)
+        self._flushed = 0  # buffered mode: bytes whose writeback was started
         self.size = 0
         self._f = None
 
-    @property
-    def sha256(self):
-        self._wait_hash()
-        return self._sha256
-
-    def _wait_hash(self) -> None:
-        if self._pending is not None:
-            self._pending.result()
-            self._pending = None
+    def hexdigest(self) -> str:
+        return self._hash.hexdigest()
 
     def __enter__(self) -> _AtomicFile:
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0)
@@ -117,37 +122,86 @@ class _AtomicFile:
                 try:
                     fd = os.open(self.tmp, flags | os.O_DIRECT, 0o644)
                     self._direct = True
-                    self._stage = mmap.mmap(-1, _STAGE_BYTES)  # page-aligned, as O_DIRECT requires
                 except OSError as e:
                     if e.errno != errno.EINVAL:
                         raise
             if fd is None:
                 fd = os.open(self.tmp, flags, 0o644)
             self._f = open(fd, "wb", buffering=0)
+            if self._staged:  # page-aligned, as O_DIRECT requires; reused, so touched (faulted in) once
+                self._stages = [mmap.mmap(-1, _STAGE_BYTES), mmap.mmap(-1, _STAGE_BYTES)]
+                self._io = ThreadPoolExecutor(1, thread_name_prefix="neoxconv-write")
         except OSError as e:
+            if fd is not None and self._f is None:
+                os.close(fd)
+            self._abandon()
             raise _output_error(self.path, e) from None
         return self
 
+    # ----- filling -----
     def write(self, data) -> None:
+        """Append ``data`` (any contiguous buffer): hashed now, copied into a stage (staged mode)."""
         mv = memoryview(data).cast("B")
-        self._wait_hash()
-        if len(mv) >= _THREADED_HASH_BYTES:
-            if self._hasher is None:
-                self._hasher = ThreadPoolExecutor(1, thread_name_prefix="neoxconv-sha256")
-            self._pending = self._hasher.submit(self._sha256.update, mv)
-        else:
-            self._sha256.update(mv)
-        try:
-            if self._stage is not None:  # O_DIRECT mode (or fell back from it: keep the byte order)
-                self._stage_write(mv)
-            else:
+        if not self._staged:
+            self._hash.update(mv)
+            try:
                 self._write_all(mv)
-                if self.size + len(mv) - self._flushed >= _WRITEBACK_BYTES:  # start writing to disk now
-                    start_writeback(self._f.fileno(), self._flushed, self.size + len(mv) - self._flushed)
-                    self._flushed = self.size + len(mv)
-        except OSError as e:
-            raise _output_error(self.path, e) from None
-        self.size += len(mv)
+            except OSError as e:
+                raise _output_error(self.path, e) from None
+            self.size += len(mv)
+            return
+        while len(mv):
+            view = self.reserve(len(mv))
+            n = len(view)
+            view[:] = mv[:n]
+            self.commit(n)
+            mv = mv[n:]
+
+    def reserve(self, nbytes: int) -> memoryview:
+        """A writable view of the next ``min(nbytes, stage space)`` bytes of the file (staged mode only).
+
+        Fill it, then `commit` the bytes filled; nothing else may be written in between.
+        """
+        if not self._staged:
+            raise RuntimeError(f"{self.path}: reserve() needs a staged file")
+        return memoryview(self._stages[self._current])[self._fill : self._fill + min(nbytes, self.stage_space)]
+
+    @property
+    def stage_space(self) -> int:
+        return _STAGE_BYTES - self._fill
+
+    def commit(self, nbytes: int) -> None:
+        """The first ``nbytes`` of the last `reserve` view are filled; a full stage goes to the writer."""
+        # hashed here, by the thread that just filled these bytes: they are still in its core's cache
+        self._hash.update(memoryview(self._stages[self._current])[self._fill : self._fill + nbytes])
+        self._fill += nbytes
+        self.size += nbytes
+        if self._fill == _STAGE_BYTES:
+            self._submit(_STAGE_BYTES)
+
+    def _submit(self, nbytes: int) -> None:
+        """Hand the current stage to the writer thread; wait until the other one is free to fill."""
+        stage = self._current
+        self._writes[stage] = self._io.submit(self._write_stage, memoryview(self._stages[stage])[:nbytes])
+        self._current = 1 - stage
+        self._fill = 0
+        self._wait(self._current)
+
+    def _wait(self, stage: int) -> None:
+        pending, self._writes[stage] = self._writes[stage], None
+        if pending is not None:
+            try:
+                pending.result()
+            except OSError as e:
+                raise _output_error(self.path, e) from None
+
+    # ----- writing (the writer thread in staged mode) -----
+    def _write_stage(self, view: memoryview) -> None:
+        self._write_all(view)
+        self._written += len(view)
+        if not self._direct and self._written - self._flushed >= _WRITEBACK_BYTES:  # start writing to disk now
+            start_writeback(self._f.fileno(), self._flushed, self._written - self._flushed)
+            self._flushed = self._written
 
     def _write_all(self, mv: memoryview) -> None:
         done = 0
@@ -170,49 +224,44 @@ class _AtomicFile:
         fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_DIRECT)
         self._direct = False
 
-    def _stage_write(self, mv: memoryview) -> None:
-        stage = memoryview(self._stage)
-        while len(mv):
-            n = min(len(mv), _STAGE_BYTES - self._fill)
-            stage[self._fill : self._fill + n] = mv[:n]
-            self._fill += n
-            mv = mv[n:]
-            if self._fill == _STAGE_BYTES:
-                self._write_all(stage)
-                self._fill = 0
-
     def _finish(self) -> None:
         """Write what is staged: padded to the block size for O_DIRECT, then cut back to the true size."""
-        if self._stage is None:
+        if not self._staged:
             return
+        for stage in (1 - self._current, self._current):
+            self._wait(stage)
         if self._fill:
             padded = -(-self._fill // _BLOCK) * _BLOCK
-            self._stage[self._fill : padded] = bytes(padded - self._fill)
+            stage = self._stages[self._current]
+            stage[self._fill : padded] = bytes(padded - self._fill)
             was_direct = self._direct
-            self._write_all(memoryview(self._stage)[: padded if self._direct else self._fill])
+            self._write_all(memoryview(stage)[: padded if self._direct else self._fill])
             if was_direct:
                 os.ftruncate(self._f.fileno(), self.size)
             self._fill = 0
-        self._release_stage()
 
-    def _release_stage(self) -> None:
-        stage, self._stage = self._stage, None
-        if stage is not None:
+    def _stop_io(self) -> None:
+        """Let a write in flight end (its error, if any, is the caller's to report), stop the thread."""
+        io, self._io = self._io, None
+        if io is not None:
+            io.shutdown(wait=True)
+        self._writes = [None, None]
+
+    def _release_stages(self) -> None:
+        stages, self._stages = self._stages, []
+        for stage in stages:
             try:
                 stage.close()
             except BufferError:  # a view is still referenced (e.g. by a traceback): the GC frees it
                 pass
 
     def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: TracebackType | None) -> None:
-        try:
-            self._wait_hash()
-        finally:
-            if self._hasher is not None:
-                self._hasher.shutdown()
-                self._hasher = None
         if exc_type is None:
             try:
-                self._finish()
+                try:
+                    self._finish()
+                finally:
+                    self._stop_io()
                 self._f.flush()
                 os.fsync(self._f.fileno())
                 self._f.close()
@@ -223,15 +272,17 @@ class _AtomicFile:
                     raise _output_error(self.path, e) from None
                 raise
             self._f = None
+            self._release_stages()
             fsync_dir(self.path.parent)
             return
         self._abandon()
 
     def _abandon(self) -> None:
+        self._stop_io()
         f, self._f = self._f, None
         if f is not None:
             _close_quietly(f)
-        self._release_stage()
+        self._release_stages()
         _unlink_quietly(self.tmp)
 
 
@@ -249,16 +300,18 @@ def _unlink_quietly(p: Path) -> None:
         pass
 
 
-def atomic_write(path: Path, data: bytes) -> str:
-    """Write ``data`` to ``path`` atomically; returns its sha256."""
-    with _AtomicFile(path) as f:
+def atomic_write(path: Path, data: bytes, *, hash_algo: str = "sha256") -> str:
+    """Write ``data`` to ``path`` atomically; returns its hex digest under ``hash_algo`` (sha256 unless asked:
+    callers that record the digest name the algorithm)."""
+    with _AtomicFile(path, hash_algo=hash_algo) as f:
         f.write(data)
-    return f.sha256.hexdigest()
+    return f.hexdigest()
 
 
-def atomic_write_json(path: Path, obj) -> str:
+def atomic_write_json(path: Path, obj, *, hash_algo: str = "sha256") -> str:
     """Strict JSON: NaN/Infinity are refused (ValueError), never written as invalid JSON."""
-    return atomic_write(path, (json.dumps(obj, indent=2, sort_keys=False, allow_nan=False) + "\n").encode())
+    return atomic_write(path, (json.dumps(obj, indent=2, sort_keys=False, allow_nan=False) + "\n").encode(),
+                        hash_algo=hash_algo)
 
 
 def safetensors_header(entries: list[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str]) -> bytes:
@@ -281,16 +334,18 @@ class SafetensorsWriter:
 
         with SafetensorsWriter(path, [(name, dtype, shape), ...]) as w:
             w.write_chunk(name, rows); ...         # a tensor whole or in consecutive pieces
-        w.sha256, w.size
+            w.fill_chunk(name, nbytes, fill)       # or: fill(view) reads its bytes straight into the output
+        w.hexdigest(), w.hash_algo, w.size
     """
 
     def __init__(self, path: Path, entries: list[tuple[str, str, tuple[int, ...]]],
-                 metadata: dict[str, str] | None = None) -> None:
+                 metadata: dict[str, str] | None = None, *, hash_algo: str = DEFAULT_HASH) -> None:
         self.path = Path(path)
         self.entries = list(entries)
         self.header = safetensors_header(self.entries, {"format": "pt", **(metadata or {})})
         self._sizes = {name: tensor_nbytes(dtype, shape) for name, dtype, shape in self.entries}
-        self._file = _AtomicFile(self.path, direct=True)
+        self._file = _AtomicFile(self.path, staged=True, hash_algo=hash_algo)
+        self.hash_algo = hash_algo
         self._pos = 0  # index into entries of the tensor being written
         self._written = 0  # bytes written of that tensor
 
@@ -303,20 +358,49 @@ class SafetensorsWriter:
             raise
         return self
 
-    def write_chunk(self, name: str, data: np.ndarray) -> None:
-        if data.size == 0:
-            return
+    def _advance(self, name: str, nbytes: int) -> None:
+        """Check that ``nbytes`` more of ``name`` are due now."""
         while self._pos < len(self.entries) and self._written == self._sizes[self.entries[self._pos][0]]:
             self._pos += 1
             self._written = 0
         if self._pos >= len(self.entries) or self.entries[self._pos][0] != name:
             expected = self.entries[self._pos][0] if self._pos < len(self.entries) else "nothing"
             raise RuntimeError(f"{self.path}: writing {name!r} but {expected!r} is due")
-        data = np.ascontiguousarray(data)
-        if self._written + data.nbytes > self._sizes[name]:
+        if self._written + nbytes > self._sizes[name]:
             raise RuntimeError(f"{self.path}: {name!r} gets more bytes than its shape holds")
+
+    def write_chunk(self, name: str, data: np.ndarray) -> None:
+        if data.size == 0:
+            return
+        data = np.ascontiguousarray(data)
+        self._advance(name, data.nbytes)
         self._file.write(data)
         self._written += data.nbytes
+
+    def fill_chunk(self, name: str, nbytes: int, fill: Callable[[memoryview], None], *, unit: int = 1) -> None:
+        """Write the next ``nbytes`` of ``name`` by calling ``fill(view)`` on the output buffer itself.
+
+        ``fill`` receives consecutive writable views, each a multiple of ``unit`` bytes (a whole element or
+        row) of at most ~1 MB, and must fill each completely, in order. A unit that would straddle two
+        staging buffers is filled in a bounce buffer and copied.
+        """
+        if nbytes % unit:
+            raise ValueError(f"{name!r}: {nbytes} bytes is not a multiple of the unit {unit}")
+        self._advance(name, nbytes)
+        left = nbytes
+        while left:
+            n = min(left, max(_FILL_BYTES // unit, 1) * unit, self._file.stage_space // unit * unit)
+            if n:
+                view = self._file.reserve(n)
+                fill(view)
+                self._file.commit(n)
+            else:  # less than one unit left in this stage
+                n = unit
+                bounce = bytearray(n)
+                fill(memoryview(bounce))
+                self._file.write(bounce)
+            left -= n
+            self._written += n
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None:
@@ -326,18 +410,20 @@ class SafetensorsWriter:
                 raise RuntimeError(f"{self.path}: closed before every tensor was written")
         self._file.__exit__(exc_type, exc, tb)
 
+    def hexdigest(self) -> str:
+        """The file's digest under ``hash_algo`` (complete once the writer is closed)."""
+        return self._file.hexdigest()
+
     @property
     def sha256(self) -> str:
-        return self._file.sha256.hexdigest()
+        if self.hash_algo != "sha256":
+            raise ValueError(f"{self.path}: written with hash {self.hash_algo!r}; use hexdigest()")
+        return self._file.hexdigest()
 
     @property
     def size(self) -> int:
         return self._file.size
 
 
-def sha256_file(path: Path, *, chunk: int = 16 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+def sha256_file(path: Path) -> str:
+    return hash_file(path, "sha256")

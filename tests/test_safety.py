@@ -166,7 +166,7 @@ def test_verify_hashes_the_index_an_index_redirected_to_an_added_file_fails(copy
     redirected = json.dumps(index, indent=2) + "\n"  # same size as before: only a hash can tell
     assert len(redirected) == (copy / "model.safetensors.index.json").stat().st_size
     (copy / "model.safetensors.index.json").write_text(redirected)
-    _one_line_error(_cli("verify", copy, *VERIFY), 7, "model.safetensors.index.json: sha256 differs",
+    _one_line_error(_cli("verify", copy, *VERIFY), 7, "model.safetensors.index.json: blake3 differs",
                     "model-00099-of-00099.safetensors, which the manifest does not list")
 
 
@@ -186,7 +186,7 @@ def test_small_files_are_hashed_even_above_the_weight_hashing_threshold(copy):
     assert "small files' hashes" in report.summary() and "NOT proven: the" in report.summary()
     text = (copy / "config.json").read_text()  # rotary base 10000 -> 10, the file keeps its size
     (copy / "config.json").write_text(text.replace('"rotary_emb_base": 10000.0', '"rotary_emb_base": 10.0000'))
-    _one_line_error(_cli("verify", copy, *VERIFY, "--no-check-hashes"), 7, "config.json: sha256 differs")
+    _one_line_error(_cli("verify", copy, *VERIFY, "--no-check-hashes"), 7, "config.json: blake3 differs")
 
 
 @pytest.mark.parametrize("where", ["check", "write"])

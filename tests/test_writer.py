@@ -1,11 +1,11 @@
 """The crash-safe safetensors writer: exact header bytes, O_DIRECT and buffered paths byte-identical."""
 
 import errno
-import hashlib
 import json
 import os
 import struct
 
+import blake3
 import numpy as np
 import pytest
 import torch
@@ -41,7 +41,7 @@ def test_direct_and_buffered_paths_write_identical_valid_files(tmp_path, monkeyp
     monkeypatch.setattr(writer.os, "O_DIRECT", 0, raising=False)  # O_DIRECT unavailable -> buffered
     buffered = _write(tmp_path / "buffered.safetensors", arrays)
     a, b = (tmp_path / "direct.safetensors").read_bytes(), (tmp_path / "buffered.safetensors").read_bytes()
-    assert a == b and direct.sha256 == buffered.sha256 == hashlib.sha256(a).hexdigest()
+    assert a == b and direct.hexdigest() == buffered.hexdigest() == blake3.blake3(a).hexdigest()
     loaded = load_file(str(tmp_path / "direct.safetensors"))
     for name, arr in arrays.items():
         assert np.array_equal(loaded[name].numpy(), arr)
