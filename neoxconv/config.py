@@ -236,10 +236,7 @@ class NeoXConfig:
 
     @classmethod
     def _from_llama_hf_dict(cls, d: dict[str, Any]) -> NeoXConfig:
-        rope = d.get("rope_parameters") or {}
-        if (d.get("rope_scaling") or {}).get("rope_type", "default") not in ("default", None) or \
-                rope.get("rope_type", "default") != "default":
-            raise ConfigError("config.json uses RoPE scaling, which neoxconv's layers do not implement")
+        rope = _unscaled_rope(d)
         if d.get("hidden_act", "silu") != "silu":
             raise ConfigError(f"config.json has hidden_act {d['hidden_act']!r}; Llama-style models use 'silu'")
         heads = int(d["num_attention_heads"])
@@ -255,7 +252,8 @@ class NeoXConfig:
             intermediate_size=int(d["intermediate_size"]),
             max_position_embeddings=int(d.get("max_position_embeddings", 2048)),
             rotary_pct=1.0,
-            rotary_emb_base=float(rope.get("rope_theta", d.get("rope_theta", 10000.0))),
+            rotary_emb_base=_agreed("the rotary base", [("rope_parameters.rope_theta", rope.get("rope_theta")),
+                                                         ("rope_theta", d.get("rope_theta"))], 10000.0),
             layernorm_eps=float(d.get("rms_norm_eps", 1e-6)),
             parallel_residual=False,
             tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
@@ -278,7 +276,7 @@ class NeoXConfig:
                 raise ConfigError(f"config.json has a bad value: {e}") from None
         if d.get("model_type") not in (None, "gpt_neox"):
             raise ConfigError(f"config.json has model_type {d.get('model_type')!r}, expected 'gpt_neox' or 'llama'")
-        rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
+        rope = _unscaled_rope(d)
         try:
             return cls(
                 num_layers=int(d["num_hidden_layers"]),
@@ -287,8 +285,10 @@ class NeoXConfig:
                 vocab_size=int(d["vocab_size"]),
                 intermediate_size=int(d.get("intermediate_size") or 4 * int(d["hidden_size"])),
                 max_position_embeddings=int(d.get("max_position_embeddings", 2048)),
-                rotary_pct=float(d.get("rotary_pct", rope.get("partial_rotary_factor", 0.25))),
-                rotary_emb_base=float(d.get("rotary_emb_base", d.get("rope_theta", rope.get("rope_theta", 10000)))),
+                rotary_pct=_agreed("the rotary share", [("rotary_pct", d.get("rotary_pct")), (
+                    "rope_parameters.partial_rotary_factor", rope.get("partial_rotary_factor"))], 0.25),
+                rotary_emb_base=_agreed("the rotary base", [("rotary_emb_base", d.get("rotary_emb_base")), (
+                    "rope_theta", d.get("rope_theta")), ("rope_parameters.rope_theta", rope.get("rope_theta"))], 10000.0),
                 layernorm_eps=float(d.get("layer_norm_eps", 1e-5)),
                 parallel_residual=bool(d.get("use_parallel_residual", True)),
                 tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
@@ -467,3 +467,31 @@ def padded_vocab_size(tokenizer_size: int, *, divisible_by: int, tp_degree: int)
 
 
 GPT_NEOX_20B = NeoXConfig()
+
+
+def _unscaled_rope(d: dict[str, Any]) -> dict[str, Any]:
+    """config.json's RoPE settings (transformers 5's ``rope_parameters``, else 4's ``rope_scaling``); any RoPE
+    scaling is refused, for GPT-NeoX and Llama alike: neoxconv's layers and the gpt-neox checkpoints have none."""
+    found: dict[str, Any] = {}
+    for key in ("rope_parameters", "rope_scaling"):
+        value = d.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, dict):
+            raise ConfigError(f"config.json: {key} is not an object")
+        if value.get("rope_type", value.get("type", "default")) not in ("default", None):
+            raise ConfigError(f"config.json uses RoPE scaling ({key}: {value.get('rope_type', value.get('type'))!r}), "
+                              "which neoxconv's layers do not implement")
+        found = found or value
+    return found
+
+
+def _agreed(what: str, spellings: list[tuple[str, Any]], default: float) -> float:
+    """One setting that config.json may spell several ways (transformers 4 reads one, 5 another): the spellings
+    present must agree, or the two versions would load different models."""
+    present = [(key, float(value)) for key, value in spellings if value is not None]
+    if len({value for _, value in present}) > 1:
+        raise ConfigError(f"config.json gives {what} as " + ", ".join(f"{k} = {v:g}" for k, v in present)
+                          + ": transformers versions read different ones; make them agree")
+    return present[0][1] if present else default
+

@@ -248,3 +248,37 @@ def test_index_naming_a_tensor_no_file_holds_fails_integrity(merged, tmp_path):
     result = _cli("verify", copy, "--ids", "1,2", "--device", "cpu", "--no-manifest", "--max-new-tokens", "1")
     assert result.exit_code == 7, result.output
     assert "places tensors in files that do not hold them" in result.output and "attention.extra" in result.output
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"rope_scaling": {"type": "linear", "factor": 4.0}}, "uses RoPE scaling (rope_scaling: 'linear')"),
+    ({"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}, "uses RoPE scaling (rope_scaling: 'dynamic')"),
+    ({"rope_parameters": {"rope_type": "default", "rope_theta": 500000.0}}, "rotary base as rotary_emb_base"),
+    ({"rope_theta": 1000.0}, "rotary base as rotary_emb_base"),
+    ({"rope_parameters": {"rope_type": "default", "partial_rotary_factor": 1.0}}, "rotary share as rotary_pct"),
+])
+def test_rope_settings_neoxconv_would_ignore_are_refused(merged, tmp_path, change, message):
+    """GPT-NeoX config.json with RoPE scaling (transformers' GPTNeoX implements it; neoxconv's layers and gpt-neox
+    checkpoints do not), or two spellings of one RoPE setting that disagree (transformers 4 reads the legacy
+    key, 5 rope_parameters): verify and split refuse it (exit 3) instead of silently using one reading."""
+    _, out = merged
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    cfg = json.loads((copy / "config.json").read_text())
+    (copy / "config.json").write_text(json.dumps({**cfg, **change}))
+    for result in (_cli("verify", copy, "--ids", "1,2", "--device", "cpu", "--no-check-hashes"),
+                   _split(copy, tmp_path / "neox")):
+        assert result.exit_code == 3, result.output
+        assert message in result.output
+
+
+def test_llama_rope_theta_spellings_that_disagree_are_refused():
+    from neoxconv.config import RMSNORM, SWIGLU, NeoXConfig
+    from neoxconv.errors import ConfigError
+
+    llama = NeoXConfig(num_layers=1, hidden_size=64, num_heads=4, num_kv_heads=2, vocab_size=128, norm=RMSNORM,
+                       activation=SWIGLU, rotary_pct=1.0, parallel_residual=False, rotary_emb_base=1e6,
+                       layernorm_eps=1e-8, intermediate_size=96).to_hf_dict()
+    assert llama["model_type"] == "llama" and NeoXConfig.from_hf_dict(llama).rotary_emb_base == 1e6
+    with pytest.raises(ConfigError, match="rope_parameters.rope_theta = 1e\\+06, rope_theta = 500000"):
+        NeoXConfig.from_hf_dict({**llama, "rope_theta": 5e5})
