@@ -30,6 +30,9 @@ def find_demo_tokenizer(explicit: Path | None = None) -> Path | None:
 def run_demo(*, workdir: Path | None = None, tp_degree: int = 2, tokenizer: Path | None = None,
              echo: Callable[[str], None] = print) -> None:
     """Synthesize -> inspect -> merge -> check every tensor -> verify (in a temporary folder by default)."""
+    from neoxconv.synthetic import SyntheticSpec, check_split, tiny_config
+
+    check_split(SyntheticSpec(tiny_config(), tp_degree=tp_degree))  # a usage error before any folder is made
     if workdir is None:
         with tempfile.TemporaryDirectory(prefix="neoxconv-demo-") as tmp:
             echo(f"demo: working in {tmp} (a temporary folder, removed when the demo ends; "

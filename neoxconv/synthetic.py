@@ -206,13 +206,9 @@ def parameter_count(config: NeoXConfig) -> int:
     return V * H * (1 if config.tie_word_embeddings else 2) + config.num_layers * block + 2 * H
 
 
-def synthesize(out: Path, spec: SyntheticSpec) -> dict[str, int | str]:
-    """``neoxconv synth``: write a random checkpoint of ``spec``'s size to a new or empty folder ``out``.
-
-    Raises UsageError (exit 2) for a size the tensor-parallel split cannot hold, OutputError (6) when ``out``
-    is a file or a non-empty folder. Returns what was written (parameters, bytes, files).
-    """
-    from neoxconv.errors import OutputError, UsageError
+def check_split(spec: SyntheticSpec) -> None:
+    """UsageError (exit 2) when ``spec``'s model cannot be split ``spec.tp_degree`` ways; before anything is written."""
+    from neoxconv.errors import UsageError
 
     config, tp = spec.config, spec.tp_degree
     if tp < 1:
@@ -223,6 +219,18 @@ def synthesize(out: Path, spec: SyntheticSpec) -> dict[str, int | str]:
                                     ("--ffn", config.ffn_size)) if n % tp]
     if problems:
         raise UsageError("cannot split this model: " + "; ".join(problems))
+
+
+def synthesize(out: Path, spec: SyntheticSpec) -> dict[str, int | str]:
+    """``neoxconv synth``: write a random checkpoint of ``spec``'s size to a new or empty folder ``out``.
+
+    Raises UsageError (exit 2) for a size the tensor-parallel split cannot hold, OutputError (6) when ``out``
+    is a file or a non-empty folder. Returns what was written (parameters, bytes, files).
+    """
+    from neoxconv.errors import OutputError
+
+    check_split(spec)
+    config = spec.config
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise OutputError(f"{out}: exists and is {'a file' if not out.is_dir() else 'not empty'}; "

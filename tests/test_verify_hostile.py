@@ -282,3 +282,10 @@ def test_llama_rope_theta_spellings_that_disagree_are_refused():
     assert llama["model_type"] == "llama" and NeoXConfig.from_hf_dict(llama).rotary_emb_base == 1e6
     with pytest.raises(ConfigError, match="rope_parameters.rope_theta = 1e\\+06, rope_theta = 500000"):
         NeoXConfig.from_hf_dict({**llama, "rope_theta": 5e5})
+
+
+@pytest.mark.parametrize("tp", ["0", "-1", "3"])
+def test_demo_with_a_tp_its_model_cannot_take_is_a_usage_error(tp, tmp_path):
+    result = _cli("demo", "--tp", tp, "--workdir", tmp_path / "w")
+    assert result.exit_code == 2 and "cannot split this model" in result.output, result.output
+    assert not (tmp_path / "w").exists()  # refused before anything is written
