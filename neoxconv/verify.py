@@ -340,7 +340,8 @@ def verify_model(out: Path, options: VerifyOptions) -> VerifyReport:
         for i in range(torch.cuda.device_count()):
             torch.cuda.reset_peak_memory_stats(i)
     sampler = PeakAnonMemory().start()  # stops at stop(), or when dropped on an error
-    reserve = runtime_reserve(config, tokens=len(prompt_ids) + options.max_new_tokens, dtype=dtype)
+    tokens = min(len(prompt_ids) + options.max_new_tokens, config.max_position_embeddings)  # as generate caps it
+    reserve = runtime_reserve(config, tokens=tokens, dtype=dtype)
     loaded = load_model(out, device=device, dtype=dtype, quiet=options.quiet, max_memory=options.max_memory,
                         device_map=options.device_map, fit=True, reserve=reserve)
     loaded.model.set_attention(options.attention)

@@ -58,14 +58,18 @@ def test_prompt_longer_than_the_model_is_a_usage_error_before_loading(merged):
     assert "load:" not in result.output  # refused before any weight is read
 
 
-def test_max_new_tokens_zero_and_huge_run(merged):
+def test_max_new_tokens_zero_and_huge_run_resident(merged):
+    """A huge --max-new-tokens stops at max_position_embeddings, and the memory verify plans for is that of the
+    tokens it can generate: a tiny model stays resident (it was streamed from disk, the KV cache and logits of
+    a million tokens taken as not fitting)."""
     _, out = merged
-    for n in ("0", "100000"):
+    cap = json.loads((out / "config.json").read_text())["max_position_embeddings"]
+    for n in ("0", "1000000"):
         result = _cli("verify", out, "--ids", "1,2", "--device", "cpu", "--max-new-tokens", n, "--json", "-q")
         assert result.exit_code == 0, result.output
         report = json.loads(result.stdout)
-        cap = json.loads((out / "config.json").read_text())["max_position_embeddings"]
         assert len(report["generated_ids"]) <= (0 if n == "0" else cap - 2)
+        assert report["offloaded_bytes"] == 0 and report["device_map"] is None, report["notes"]
 
 
 def test_cuda_on_a_machine_without_cuda_is_a_usage_error(merged):
