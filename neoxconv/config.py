@@ -252,8 +252,9 @@ class NeoXConfig:
             intermediate_size=int(d["intermediate_size"]),
             max_position_embeddings=int(d.get("max_position_embeddings", 2048)),
             rotary_pct=1.0,
-            rotary_emb_base=_agreed("the rotary base", [("rope_parameters.rope_theta", rope.get("rope_theta")),
-                                                         ("rope_theta", d.get("rope_theta"))], 10000.0),
+            rotary_emb_base=_agreed("the rotary base", [
+                (key, value) for key, value in (("rope_parameters.rope_theta", rope.get("rope_theta")),
+                                                ("rope_theta", d.get("rope_theta"))) if value is not None], 10000.0),
             layernorm_eps=float(d.get("rms_norm_eps", 1e-6)),
             parallel_residual=False,
             tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
@@ -285,10 +286,11 @@ class NeoXConfig:
                 vocab_size=int(d["vocab_size"]),
                 intermediate_size=int(d.get("intermediate_size") or 4 * int(d["hidden_size"])),
                 max_position_embeddings=int(d.get("max_position_embeddings", 2048)),
-                rotary_pct=_agreed("the rotary share", [("rotary_pct", d.get("rotary_pct")), (
-                    "rope_parameters.partial_rotary_factor", rope.get("partial_rotary_factor"))], 0.25),
-                rotary_emb_base=_agreed("the rotary base", [("rotary_emb_base", d.get("rotary_emb_base")), (
-                    "rope_theta", d.get("rope_theta")), ("rope_parameters.rope_theta", rope.get("rope_theta"))], 10000.0),
+                rotary_pct=_agreed("the rotary share", [("rotary_pct", d.get("rotary_pct", _ABSENT)), (
+                    "rope_parameters.partial_rotary_factor", rope.get("partial_rotary_factor", _ABSENT))], 0.25),
+                rotary_emb_base=_agreed("the rotary base", [("rotary_emb_base", d.get("rotary_emb_base", _ABSENT)), (
+                    "rope_theta", d.get("rope_theta", _ABSENT)),
+                    ("rope_parameters.rope_theta", rope.get("rope_theta", _ABSENT))], 10000.0),
                 layernorm_eps=float(d.get("layer_norm_eps", 1e-5)),
                 parallel_residual=bool(d.get("use_parallel_residual", True)),
                 tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
@@ -478,7 +480,7 @@ def _unscaled_rope(d: dict[str, Any]) -> dict[str, Any]:
         if value is None:
             continue
         if not isinstance(value, dict):
-            raise ConfigError(f"config.json: {key} is not an object")
+            raise ConfigError(f"config.json has a bad value: {key} is {value!r:.40}, not an object")
         if value.get("rope_type", value.get("type", "default")) not in ("default", None):
             raise ConfigError(f"config.json uses RoPE scaling ({key}: {value.get('rope_type', value.get('type'))!r}), "
                               "which neoxconv's layers do not implement")
@@ -486,12 +488,15 @@ def _unscaled_rope(d: dict[str, Any]) -> dict[str, Any]:
     return found
 
 
+_ABSENT = object()  # a key that config.json does not have
+
+
 def _agreed(what: str, spellings: list[tuple[str, Any]], default: float) -> float:
     """One setting that config.json may spell several ways (transformers 4 reads one, 5 another): the spellings
-    present must agree, or the two versions would load different models."""
-    present = [(key, float(value)) for key, value in spellings if value is not None]
+    present must agree, or the two versions would load different models. `_ABSENT` values are skipped; any
+    other is converted with float(), so a null is a bad value (TypeError) unless the caller leaves it out."""
+    present = [(key, float(value)) for key, value in spellings if value is not _ABSENT]
     if len({value for _, value in present}) > 1:
         raise ConfigError(f"config.json gives {what} as " + ", ".join(f"{k} = {v:g}" for k, v in present)
                           + ": transformers versions read different ones; make them agree")
     return present[0][1] if present else default
-
