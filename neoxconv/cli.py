@@ -384,7 +384,7 @@ def synth(out: Path, tp_degree: int, layers: int, hidden: int, heads: int | None
     from neoxconv.synthetic import SyntheticSpec, synthesize
 
     try:
-        config = NeoXConfig(num_layers=layers, hidden_size=hidden, num_heads=heads or max(1, hidden // 64),
+        config = NeoXConfig(num_layers=layers, hidden_size=hidden, num_heads=heads if heads is not None else max(1, hidden // 64),
                             vocab_size=vocab, intermediate_size=ffn, max_position_embeddings=max_positions,
                             rotary_pct=rotary_pct, parallel_residual=not sequential_residual, activation=GELU_TANH)
     except ConfigError as e:

@@ -1,0 +1,93 @@
+"""Adversarial checks of merge / inspect / synth through the CLI: each test is a defect found by attacking
+the landed code (a hostile or careless user), fixed at the shared mechanism."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from neoxconv.cli import main
+
+from conftest import COMMITTED_FIXTURE, REPO
+
+
+def _cli(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def _one_line_error(result, code, *words):
+    assert result.exit_code == code, (result.exit_code, result.output)
+    lines = [ln for ln in result.output.splitlines() if ln.startswith("neoxconv: ")]
+    assert len(lines) == 1 and lines[0].startswith("neoxconv: error: "), result.output
+    assert "internal error" not in result.output and "Traceback" not in result.output
+    for w in words:
+        assert str(w) in lines[0], (w, lines[0])
+    return lines[0]
+
+
+def _merge_subprocess(src: Path, out: Path, timeout: float = 60) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-m", "neoxconv", "merge", "-q", str(src), str(out)], env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("target", ["dangling", "existing"])
+def test_a_symlink_planted_as_the_lock_is_refused_and_nothing_outside_out_is_touched(tmp_path, target):
+    # Before: the lock followed the symlink (O_CREAT created the dangling target outside OUT) and then spun
+    # for ever, because the file it locked was never the one at OUT/.neoxconv.lock.
+    out = tmp_path / "out"
+    out.mkdir()
+    victim = tmp_path / "victim.txt"
+    if target == "existing":
+        victim.write_text("precious\n")
+    (out / ".neoxconv.lock").symlink_to(victim)
+    r = _merge_subprocess(COMMITTED_FIXTURE, out)  # a hang here is the bug: the timeout fails the test
+    assert r.returncode == 6, (r.returncode, r.stderr)
+    assert ".neoxconv.lock" in r.stderr and "symbolic link" in r.stderr and "internal error" not in r.stderr
+    if target == "existing":
+        assert victim.read_text() == "precious\n"
+    else:
+        assert not victim.exists()
+    assert sorted(p.name for p in out.iterdir()) == [".neoxconv.lock"]
+
+
+def test_a_directory_planted_as_the_lock_is_named(tmp_path):
+    out = tmp_path / "out"
+    (out / ".neoxconv.lock").mkdir(parents=True)
+    _one_line_error(_cli("merge", "-q", COMMITTED_FIXTURE, out), 6, ".neoxconv.lock", "is a directory")
+
+
+def test_a_stale_lock_file_of_a_dead_pid_is_taken_over(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".neoxconv.lock").write_text("999999999\n")  # a SIGKILLed merge leaves it behind, unlocked
+    r = _cli("merge", "-q", COMMITTED_FIXTURE, out)
+    assert r.exit_code == 0, r.output
+    assert not (out / ".neoxconv.lock").exists() and (out / "neoxconv.json").is_file()
+
+
+def test_synth_of_a_size_that_does_not_fit_on_disk_is_refused_before_writing(tmp_path):
+    # Before: torch tried to allocate 512 GB and the CLI printed "internal error: RuntimeError".
+    out = tmp_path / "ckpt"
+    _one_line_error(_cli("synth", out, "--hidden", 1_000_000_000, "--heads", 4, "--vocab", 128, "--layers", 1),
+                    6, str(out), "free")
+    assert not out.exists()
+
+
+def test_synth_of_a_size_that_does_not_fit_in_memory_is_refused_before_writing(tmp_path, monkeypatch):
+    monkeypatch.setattr("neoxconv.placement._meminfo", lambda key: 1 << 20)  # 1 MiB available
+    out = tmp_path / "ckpt"
+    _one_line_error(_cli("synth", out, "--hidden", 256, "--heads", 4, "--vocab", 1024, "--layers", 1,
+                         "--layout", "sequential"), 2, "memory", "--layout pipeline")
+    assert not out.exists()
+
+
+def test_synth_heads_zero_is_an_error_not_the_default(tmp_path):
+    # Before: --heads 0 was read as "not given" and the error talked about "--heads 1".
+    _one_line_error(_cli("synth", tmp_path / "c", "--hidden", 64, "--heads", 0), 2, "num_heads", "got 0")
