@@ -361,6 +361,13 @@ def plan_checkpoint(ckpt: Checkpoint, *, row_bias: Rule, out_dtype: str | None,
         plans.append(plan_layer(layer, shards, files=files, config=config, row_bias=row_bias, out_dtype=out_dtype,
                                 qkv_split=None if qkv is None else qkv.split))
         ckpt.release(layer)  # the plan keeps the tensor references it needs
+        first = next(p for p in plans if p.layer.block is not None) if layer.block is not None else None
+        if config.architecture == LLAMA and first is not None and plans[-1].key_generation != first.key_generation:
+            # the QKV layout was decided from the first block's generation: it cannot hold for this one
+            raise CheckpointError(
+                f"{files[0]}: {layer.label} has MLP keys {plans[-1].key_generation} but {first.files[0]} "
+                f"({first.layer.label}) has {first.key_generation}: blocks of different gpt-neox versions "
+                "(files mixed from different checkpoints?)")
     return config, plans
 
 

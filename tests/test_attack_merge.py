@@ -91,3 +91,21 @@ def test_synth_of_a_size_that_does_not_fit_in_memory_is_refused_before_writing(t
 def test_synth_heads_zero_is_an_error_not_the_default(tmp_path):
     # Before: --heads 0 was read as "not given" and the error talked about "--heads 1".
     _one_line_error(_cli("synth", tmp_path / "c", "--hidden", 64, "--heads", 0), 2, "num_heads", "got 0")
+
+
+def test_llama_blocks_of_different_key_generations_are_refused(tmp_path):
+    # The QKV layout of a GQA Llama-style checkpoint is decided from the first block's MLP key generation
+    # (w1/w2/w3 -> interleaved rows). Before: a later block spelled linear1/linear2 (blocked rows, copied from
+    # a newer run) was merged with the first block's layout: exit 0 and a silently wrong model.
+    from llama_checkpoints import LlamaSpec, write_llama_checkpoint
+
+    old = LlamaSpec(tp=2, heads=8, kv_heads=2, layers=2, qkv="interleaved", mlp_keys="w1w2w3")
+    new = LlamaSpec(tp=2, heads=8, kv_heads=2, layers=2, qkv="blocked", mlp_keys="linear1")
+    write_llama_checkpoint(tmp_path / "old", old)
+    write_llama_checkpoint(tmp_path / "new", new)
+    for r in range(2):
+        name = f"layer_03-model_{r:02d}-model_states.pt"
+        shutil.copyfile(tmp_path / "new" / "global_step10" / name, tmp_path / "old" / "global_step10" / name)
+    for cmd in (("merge", "-q", tmp_path / "old", tmp_path / "out"), ("inspect", tmp_path / "old")):
+        _one_line_error(_cli(*cmd), 4, "layer_03", "w1/w2/w3", "linear1/linear2")
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").glob("*.safetensors"))
