@@ -109,3 +109,15 @@ def test_llama_blocks_of_different_key_generations_are_refused(tmp_path):
     for cmd in (("merge", "-q", tmp_path / "old", tmp_path / "out"), ("inspect", tmp_path / "old")):
         _one_line_error(_cli(*cmd), 4, "layer_03", "w1/w2/w3", "linear1/linear2")
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").glob("*.safetensors"))
+
+
+@pytest.mark.parametrize("content", [b"\x00\xff\xfe", b"global_step150000\nfoo", b"x" * 5000, b"global_step9"])
+def test_a_bad_latest_file_is_a_one_line_checkpoint_error(tmp_path, content):
+    # Before: a binary `latest` was "internal error: UnicodeDecodeError"; a two-line one printed a
+    # two-line error (the path with its newline).
+    src = tmp_path / "src"
+    shutil.copytree(COMMITTED_FIXTURE, src)
+    (src / "latest").write_bytes(content)
+    for cmd in (("inspect", src), ("merge", "-q", src, tmp_path / "out")):
+        line = _one_line_error(_cli(*cmd), 4, "latest", "pass the step folder itself as SRC")
+        assert "\n" not in line
