@@ -10,10 +10,17 @@ Each merged layer records the fingerprint of exactly what it read:
 A resumed merge redoes every layer whose fingerprint differs and keeps the rest. The CRCs catch changed
 data even where the mtime was preserved (``cp -p``, ``rsync -t``); the mtime catches the (unlikely) file
 with different bytes but the same CRCs. Each tensor's bytes are checked against that CRC when read.
+
+`split` reads safetensors, which record no checksum: `file_fingerprint` records size, mtime, ctime and the
+sha256 of the header (names, dtypes, shapes, offsets). The ctime is set by the kernel whenever a file is
+created, replaced or its metadata changed, and no tool can set it back, so a same-size file put in place
+with its old mtime restored (``cp -p``, ``rsync -t``) is still seen; a ``chmod`` also counts as a change
+(a redo, never a stale output). Hashing the data itself would cost a full read of the source.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from pathlib import Path
@@ -21,6 +28,7 @@ from typing import Any
 
 from neoxconv.checkpoint import Checkpoint
 from neoxconv.errors import CheckpointError
+from neoxconv.integrity import _MAX_HEADER
 from neoxconv.merge import LayerPlan
 
 
@@ -50,3 +58,26 @@ def layer_fingerprint(plan: LayerPlan, step_dir: Path) -> dict[str, Any]:
             raise CheckpointError(f"{Path(step_dir) / name}: cannot read: {e.strerror or e}") from None
         files[name] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
     return {"files": files, "tensors_sha256": digest}
+
+
+def file_fingerprint(path: Path, *, safetensors_header: bool = False) -> dict[str, Any]:
+    """Size, mtime and ctime (ns) of a source file and, for a safetensors file, the sha256 of its header."""
+    path = Path(path)
+    try:
+        st = path.stat()
+        fp: dict[str, Any] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns}
+        if safetensors_header:
+            with open(path, "rb") as f:
+                raw = f.read(8)
+                n = int.from_bytes(raw, "little") if len(raw) == 8 else 0
+                if not 0 < n <= min(st.st_size - 8, _MAX_HEADER):
+                    raise CheckpointError(f"{path}: not a safetensors file (header length {n})")
+                fp["header_sha256"] = hashlib.sha256(f.read(n)).hexdigest()
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read: {e.strerror or e}") from None
+    return fp
+
+
+def config_digest(config: Any) -> str:
+    """The sha256 of a model config (a dataclass): every output depends on it."""
+    return hashlib.sha256(json.dumps(dataclasses.asdict(config), sort_keys=True).encode()).hexdigest()

@@ -17,15 +17,19 @@ What gpt-neox and DeepSpeed read when they load (checked against their source):
   rank, each tensor its own storage (a view would drag its whole base storage into the file).
 
 Files are written to a temporary name, fsynced and renamed; a journal records every finished file with its
-sha256 so an interrupted run resumes; the manifest ``neoxconv-neox.json`` is written last.
+sha256 and the fingerprint of the source it was made from, so an interrupted run resumes and a changed source
+is redone; the manifest ``neoxconv-neox.json`` is written last, and a no-op re-run never removes it. OUT is
+locked for the whole run and only names `is_neox_output_name` accepts are ever deleted (`neoxconv.outdir`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import errno
+import hashlib
 import json
 import os
+import re
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -40,6 +44,8 @@ from neoxconv.checkpoint import SourceLayer, model_layers, pipeline_file_name, s
 from neoxconv.config import GELU_TANH, LLAMA, NeoXConfig, padded_vocab_size
 from neoxconv.errors import ConfigError, OutputError
 from neoxconv.interrupt import InterruptGuard
+from neoxconv.outdir import (OutputLock, foreign_entries, make_out_dir, remove_file, remove_previous_output,
+                              remove_stale_temps)
 from neoxconv.progress import progress_bar
 from neoxconv.writer import TMP_SUFFIX, atomic_write, atomic_write_json, fsync_dir, sha256_file
 
@@ -236,14 +242,6 @@ def save_pt(path: Path, obj: Any) -> tuple[str, int]:
     return sha256_file(path), path.stat().st_size
 
 
-def _remove_stale(d: Path) -> None:
-    for stale in d.glob(f".*{TMP_SUFFIX}"):
-        if stale.is_dir() and not stale.is_symlink():
-            shutil.rmtree(stale)
-        else:
-            stale.unlink()
-
-
 def bookkeeping(target: NeoXTarget, module: Shard | None) -> dict[str, Any]:
     """What DeepSpeed and gpt-neox read from ``mp_rank_XX_model_states.pt`` (ints and None only)."""
     return {
@@ -256,47 +254,152 @@ def shard_bytes(shard: Shard) -> int:
     return sum(t.numel() * t.element_size() for t in shard.values())
 
 
-# ----- the job: journal, resume, files, manifest -----------------------------------------------------------
+# ----- the output folder: what is ours ---------------------------------------------------------------------
+FORMAT = 2  # the manifest format: 2 records each file's source fingerprint
+_STEP_FILE = re.compile(r"^global_step\d+/(layer_\d{2,}-model_\d{2,}-model_states|mp_rank_\d{2,}_model_states)\.pt$")
+_FIXED = frozenset({MANIFEST, JOURNAL, "latest", f"configs/{CONFIG_NAME}"})
+
+
+def is_neox_output_name(rel: str) -> bool:
+    """A path (relative to OUT) that `split` / `reshard` write: the rank files in ``global_step*/``,
+    ``configs/neox.yml``, ``latest``, a ``*tokenizer.json`` copy, the manifest and the journal."""
+    return rel in _FIXED or bool(_STEP_FILE.match(rel)) or ("/" not in rel and rel.endswith("tokenizer.json"))
+
+
+def _check_folders(out: Path, step_name: str) -> None:
+    """The folders neoxconv writes into are real folders inside OUT (or absent): never written through a link."""
+    for name in (step_name, "configs"):
+        p = out / name
+        if p.is_symlink() or (p.exists() and not p.is_dir()):
+            what = "a symlink" if p.is_symlink() else "not a folder"
+            raise OutputError(f"{p}: is {what}; neoxconv writes its own folder there: remove it or choose another OUT")
+
+
+def _step_folders(out: Path) -> list[str]:
+    return sorted(p.name for p in out.glob("global_step*") if re.fullmatch(r"global_step\d+", p.name)
+                  and p.is_dir() and not p.is_symlink())
+
+
+def _remove_staging(folder: Path, *, ours: bool) -> None:
+    """The hidden staging folder of `save_pt`: our files in it are removed only in an OUT that is ours; the
+    folder itself only when empty."""
+    staging = folder / STAGING
+    if staging.is_symlink() or not staging.is_dir():
+        return
+    if ours:
+        for p in staging.iterdir():
+            if is_neox_output_name(f"{folder.name}/{p.name}") and p.is_file() and not p.is_symlink():
+                remove_file(p)
+    try:
+        staging.rmdir()
+    except OSError:
+        pass
+
+
+def _remove_stale(out: Path) -> None:
+    """Temporaries of an interrupted run of ours (only called once OUT is known to be ours)."""
+    remove_stale_temps(out, is_neox_output_name)
+    remove_stale_temps(out, is_neox_output_name, "configs/")
+    for step in _step_folders(out):
+        remove_stale_temps(out, is_neox_output_name, f"{step}/")
+        _remove_staging(out / step, ours=True)
+
+
+def _remove_empty_folders(out: Path) -> None:
+    for name in [*_step_folders(out), "configs"]:
+        p = out / name
+        if p.is_dir() and not p.is_symlink():
+            try:
+                p.rmdir()  # only when empty
+            except OSError:
+                pass
+
+
 def _load_state(out: Path) -> dict[str, Any] | None:
     for name in (JOURNAL, MANIFEST):
         p = out / name
-        if p.is_file():
+        if p.is_file() and not p.is_symlink():
             try:
                 state = json.loads(p.read_text())
-            except (OSError, json.JSONDecodeError):
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
                 continue
             if isinstance(state, dict) and state.get("tool") == "neoxconv" and state.get("kind") == "neox":
                 return state
     return None
 
 
-def _prepare_out(out: Path, source: dict, recorded: dict, *, resume: bool, force: bool) -> dict[str, Any]:
-    """Check OUT is safe to write; return the finished files that may be kept ({name: {sha256, size}})."""
-    if out.exists() and not out.is_dir():
-        raise OutputError(f"{out}: exists and is not a folder")
-    state = _load_state(out) if out.is_dir() else None
-    entries = list(out.iterdir()) if out.is_dir() else []
+def _prepare_out(out: Path, state: dict[str, Any] | None, source: dict, recorded: dict, *, step_name: str,
+                 resume: bool, force: bool) -> dict[str, Any]:
+    """Decide whether OUT is ours before deleting anything; return the finished files that may be kept.
+
+    Called with OUT locked. A folder without our manifest or journal is someone else's: refused unless
+    --force, and then nothing in it is deleted. In ours, only names `is_neox_output_name` accepts are removed:
+    stale temporaries, and (--force over another source or options, or an output of an older format) the
+    files its manifest lists.
+    """
     if state is None:
-        if entries and not force:
-            raise OutputError(f"{out}: the folder is not empty and is not a neoxconv NeoX output; choose an empty "
-                              "folder or pass --force (neoxconv only overwrites the files it writes)")
+        foreign = foreign_entries(out, is_neox_output_name)
+        if foreign and not force:
+            shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+            raise OutputError(f"{out}: the folder is not empty ({shown}) and is not a neoxconv NeoX output; choose "
+                              "an empty folder or pass --force (neoxconv only overwrites the files it writes)")
+        _check_folders(out, step_name)
         return {}
-    same = state.get("source") == source and state.get("options") == recorded
-    if not same and state.get("files") and not force:
+    _check_folders(out, step_name)
+    files = state.get("files") if isinstance(state.get("files"), dict) else {}
+    same_source = (state.get("source") == source if state.get("format") == FORMAT
+                   else _same_legacy_source(state.get("source"), source))
+    same = same_source and state.get("options") == recorded
+    if not same and files and not force:
         raise OutputError(f"{out}: holds a neoxconv output of another source or other options "
                           f"({state.get('options')}); choose another folder or pass --force to overwrite it")
     if not same:
-        for name in [*state.get("files", {}), MANIFEST, JOURNAL]:
-            parts = Path(name).parts
-            if not Path(name).is_absolute() and ".." not in parts and len(parts) <= 2:  # our names only
-                (out / name).unlink(missing_ok=True)
-        return {}
-    return dict(state.get("files", {})) if resume else {}
+        remove_previous_output(out, [*map(str, files), MANIFEST, JOURNAL], is_neox_output_name)
+    _remove_stale(out)
+    if not same:
+        _remove_empty_folders(out)
+    return dict(files) if same and resume else {}  # an older format's entries carry no fingerprint: all redone
 
 
-def _is_done(out: Path, name: str, entry: dict | None) -> bool:
+def _same_legacy_source(recorded: Any, source: dict) -> bool:
+    """An output of the format before per-file fingerprints: the same source folder (its files are redone)."""
+    if not isinstance(recorded, dict):
+        return False
+    if "step_dir" in recorded:  # reshard
+        return recorded.get("step_dir") == source.get("step_dir")
+    files = recorded.get("files") if isinstance(recorded.get("files"), list) else []
+    folders = {str(Path(str(f.get("path"))).parent) for f in files if isinstance(f, dict)}
+    return bool(folders) and folders <= {source.get("hf_dir")}
+
+
+def _is_done(out: Path, name: str, entry: Any, fingerprint: str) -> bool:
+    """A finished file worth keeping: made from the same inputs, present, its recorded size and sha256."""
     p = out / name
-    return bool(entry) and p.is_file() and p.stat().st_size == entry.get("size") and sha256_file(p) == entry.get("sha256")
+    return (isinstance(entry, dict) and entry.get("source_fingerprint") == fingerprint and p.is_file()
+            and not p.is_symlink() and p.stat().st_size == entry.get("size") and sha256_file(p) == entry.get("sha256"))
+
+
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _is_same(out: Path, name: str, entry: Any, data: bytes) -> bool:
+    """A small file (config, tokenizer, ``latest``) already holds ``data`` as recorded: not rewritten."""
+    sha = hashlib.sha256(data).hexdigest()
+    p = out / name
+    return (isinstance(entry, dict) and entry.get("sha256") == sha and p.is_file() and not p.is_symlink()
+            and sha256_file(p) == sha)
+
+
+@dataclass
+class _Group:
+    """Files written together from the same source layers: a pipeline layer's rank files, or one mp_rank file."""
+
+    names: list[str]
+    layers: list[SourceLayer]
+    fingerprint: str
+    rank: int | None = None  # sequential: the rank; pipeline: None (all ranks of ``layers[0]``)
+    bookkeeping: bool = False
 
 
 def write_neox_checkpoint(
@@ -306,6 +409,7 @@ def write_neox_checkpoint(
     *,
     source: dict[str, Any],
     recorded: dict[str, Any],
+    fingerprint: Callable[[list[SourceLayer]], Any],
     planned_bytes: int,
     tokenizer: Path | None,
     guard: InterruptGuard,
@@ -316,85 +420,121 @@ def write_neox_checkpoint(
 ) -> WriteReport:
     """Write the checkpoint. ``rank_shards(layer, ranks)`` yields that layer's shard for each of ``ranks``.
 
+    ``source`` says which source this is (a different one is refused without --force); ``fingerprint(layers)``
+    is the proof of what those source layers hold (JSON-able), recorded with each file: a resumed run keeps a
+    file only when its fingerprint is unchanged and its bytes hash as recorded.
+
     Pipeline: one layer in memory (its full tensors, inside ``rank_shards``) plus one rank's shard.
     Sequential: each rank's file holds that rank's whole model, so ranks are written one after another and
     ``rank_shards`` is asked for every layer once per rank (memory: 1/T of the model plus one layer).
+    OUT is locked (`OutputLock`) for the whole run.
     """
-    t0 = time.monotonic()
     out = Path(out)
-    reusable = _prepare_out(out, source, recorded, resume=resume, force=force)
+    make_out_dir(out)
+    with OutputLock(out, command=desc):
+        return _write(out, target, rank_shards, source=source, recorded=recorded, fingerprint=fingerprint,
+                      planned_bytes=planned_bytes, tokenizer=tokenizer, guard=guard, resume=resume, force=force,
+                      quiet=quiet, desc=desc)
+
+
+def _write(out: Path, target: NeoXTarget, rank_shards: Callable[[SourceLayer, list[int]], Iterator[Shard]], *,
+           source: dict[str, Any], recorded: dict[str, Any], fingerprint: Callable[[list[SourceLayer]], Any],
+           planned_bytes: int, tokenizer: Path | None, guard: InterruptGuard, resume: bool, force: bool,
+           quiet: bool, desc: str) -> WriteReport:
+    t0 = time.monotonic()
+    previous = _load_state(out)
+    reusable = _prepare_out(out, previous, source, recorded, step_name=target.step_name, resume=resume, force=force)
     step_dir = out / target.step_name
-    step_dir.mkdir(parents=True, exist_ok=True)
-    _remove_stale(out)
-    _remove_stale(step_dir)
-    free = shutil.disk_usage(out).free
-    if planned_bytes > free:
-        raise OutputError(f"{out}: needs about {planned_bytes / 1e9:.2f} GB but only {free / 1e9:.2f} GB is free")
-    (out / MANIFEST).unlink(missing_ok=True)
-    state: dict[str, Any] = {"tool": "neoxconv", "kind": "neox", "version": __version__, "source": source,
-                             "options": recorded, "files": {}}
     T = target.tp_degree
     rel = lambda name: f"{target.step_name}/{name}"  # noqa: E731
-    written = reused = bytes_written = 0
-    with progress_bar(total=planned_bytes, desc=desc, unit="B", quiet=quiet) as bar:
-        if target.layout == "pipeline":
-            for layer in target.layers:
-                guard.check()
-                names = [rel(pipeline_file_name(layer.index, r)) for r in range(T)]
-                if all(_is_done(out, n, reusable.get(n)) for n in names):
-                    state["files"].update({n: reusable[n] for n in names})
-                    reused += T
-                    continue
+    groups: list[_Group] = []
+    if target.layout == "pipeline":
+        for layer in target.layers:
+            groups.append(_Group([rel(pipeline_file_name(layer.index, r)) for r in range(T)], [layer],
+                                 _digest(fingerprint([layer]))))
+        groups.append(_Group([rel(sequential_file_name(r)) for r in range(T)], [], _digest(fingerprint([])),
+                             bookkeeping=True))
+    else:
+        whole = _digest(fingerprint(target.layers))
+        groups += [_Group([rel(sequential_file_name(r))], target.layers, whole, rank=r) for r in range(T)]
+
+    # which files are kept (same inputs, sha256 as recorded), what else changes: decided before writing
+    state: dict[str, Any] = {"tool": "neoxconv", "kind": "neox", "format": FORMAT, "version": __version__,
+                             "source": source, "options": recorded, "files": {}}
+    todo: list[_Group] = []
+    reused = 0
+    for g in groups:
+        guard.check()
+        if all(_is_done(out, n, reusable.get(n), g.fingerprint) for n in g.names):
+            state["files"].update({n: reusable[n] for n in g.names})
+            reused += len(g.names) if not g.bookkeeping else 0
+        else:
+            todo.append(g)
+    rows = target.config.vocab_size or 0
+    divisor = vocab_divisor(rows, T, target.tokenizer_size)
+    small = {f"configs/{CONFIG_NAME}": neox_yaml(target, divisor).encode()}
+    if tokenizer is not None:
+        small[tokenizer.name] = tokenizer.read_bytes()
+    small["latest"] = target.step_name.encode()
+    small_todo = {n for n, data in small.items() if not _is_same(out, n, reusable.get(n), data)}
+    state["files"].update({n: reusable[n] for n in small if n not in small_todo})  # the journal keeps them too
+    if todo or small_todo:  # a file is about to change: the manifest only exists beside a complete output
+        remove_file(out / MANIFEST)
+    # a no-op re-run changes no file and keeps the old manifest until the new one replaces it (a Ctrl-C never
+    # leaves none)
+    if todo:
+        free = shutil.disk_usage(out).free
+        if planned_bytes > free:
+            raise OutputError(f"{out}: needs about {planned_bytes / 1e9:.2f} GB but only {free / 1e9:.2f} GB is free")
+    atomic_write_json(out / JOURNAL, state)
+    step_dir.mkdir(exist_ok=True)
+    written = bytes_written = 0
+
+    def record(name: str, sha: str, size: int, g: _Group) -> None:
+        state["files"][name] = {"sha256": sha, "size": size, "source_fingerprint": g.fingerprint}
+
+    with progress_bar(total=planned_bytes, desc=desc, unit="B", quiet=quiet or not todo) as bar:
+        for g in todo:
+            guard.check()
+            if g.bookkeeping:
+                for name in g.names:
+                    record(name, *save_pt(out / name, bookkeeping(target, None)), g)
+            elif g.rank is None:
+                layer = g.layers[0]
                 bar.set_postfix_str(layer.label, refresh=False)
-                for name, shard in zip(names, rank_shards(layer, list(range(T)))):
+                for name, shard in zip(g.names, rank_shards(layer, list(range(T)))):
                     sha, size = save_pt(out / name, shard)
-                    state["files"][name] = {"sha256": sha, "size": size}
+                    record(name, sha, size, g)
                     written += 1
                     bytes_written += size
                     bar.update(shard_bytes(shard))
                     del shard  # before the next rank's part is made
-                atomic_write_json(out / JOURNAL, state)
-                guard.check()
-            for r in range(T):
-                name = rel(sequential_file_name(r))
-                sha, size = save_pt(out / name, bookkeeping(target, None))
-                state["files"][name] = {"sha256": sha, "size": size}
-        else:
-            for r in range(T):
-                guard.check()
-                name = rel(sequential_file_name(r))
-                if _is_done(out, name, reusable.get(name)):
-                    state["files"][name] = reusable[name]
-                    reused += 1
-                    continue
+            else:
                 module: Shard = {}
-                for layer in target.layers:
-                    bar.set_postfix_str(f"rank {r}, {layer.label}", refresh=False)
-                    for shard in rank_shards(layer, [r]):
+                for layer in g.layers:
+                    bar.set_postfix_str(f"rank {g.rank}, {layer.label}", refresh=False)
+                    for shard in rank_shards(layer, [g.rank]):
                         module.update({f"sequential.{layer.index}.{k}": v for k, v in shard.items()})
                         bar.update(shard_bytes(shard))
                     guard.check()
-                sha, size = save_pt(out / name, bookkeeping(target, module))
+                sha, size = save_pt(out / g.names[0], bookkeeping(target, module))
                 del module
-                state["files"][name] = {"sha256": sha, "size": size}
+                record(g.names[0], sha, size, g)
                 written += 1
                 bytes_written += size
-                atomic_write_json(out / JOURNAL, state)
+            atomic_write_json(out / JOURNAL, state)
+            guard.check()
+    state["files"] = {n: state["files"][n] for g in groups for n in g.names}  # in order; small files below
 
-    rows = target.config.vocab_size or 0
-    divisor = vocab_divisor(rows, T, target.tokenizer_size)
     (out / "configs").mkdir(exist_ok=True)
-    files = {f"configs/{CONFIG_NAME}": atomic_write(out / "configs" / CONFIG_NAME, neox_yaml(target, divisor).encode())}
-    if tokenizer is not None:
-        files[tokenizer.name] = atomic_write(out / tokenizer.name, tokenizer.read_bytes())
-    files["latest"] = atomic_write(out / "latest", target.step_name.encode())
-    for name, sha in files.items():
-        state["files"][name] = {"sha256": sha, "size": (out / name).stat().st_size}
+    for name, data in small.items():
+        sha = atomic_write(out / name, data) if name in small_todo else hashlib.sha256(data).hexdigest()
+        state["files"][name] = {"sha256": sha, "size": len(data)}
     state["config"] = dataclasses.asdict(target.config)
     state["make_vocab_size_divisible_by"] = divisor
     atomic_write_json(out / MANIFEST, state)
-    (out / JOURNAL).unlink(missing_ok=True)
-    _remove_stale(step_dir)
+    remove_file(out / JOURNAL)
+    _remove_staging(step_dir, ours=False)
     total = sum(e["size"] for e in state["files"].values())
     row_bias = "rank0" if target.config.parallel_residual else "replicated"
     return WriteReport(out_dir=out, tp_degree=T, layout=target.layout, step=target.step, files_written=written,

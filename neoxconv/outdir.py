@@ -9,6 +9,9 @@ Rules (each has a test in ``tests/test_safety.py``):
 * Ownership is decided before anything is deleted. Only names neoxconv itself writes are ever removed
   (`is_output_name`, and their hidden temporaries), and with ``--force`` only those the previous manifest
   lists: a user's ``notes.txt`` or ``.notes.neoxconv-tmp`` is never touched, whatever a manifest claims.
+  `split` / `reshard` pass their own name test (``is_ours``, over paths relative to OUT such as
+  ``global_step0/layer_02-model_00-model_states.pt``); a path is never followed through a symlink or
+  outside OUT.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import fcntl
 import logging
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 
@@ -37,9 +41,12 @@ def is_output_name(name: str) -> bool:
     return name in _FIXED_NAMES or bool(_WEIGHT_FILE.match(name))
 
 
-def is_temp_name(name: str) -> bool:
-    """The hidden temporary of one of neoxconv's own output names (``.config.json.neoxconv-tmp``)."""
-    return name.startswith(".") and name.endswith(TMP_SUFFIX) and is_output_name(name[1 : -len(TMP_SUFFIX)])
+def is_temp_name(name: str, is_ours: Callable[[str], bool] = is_output_name, folder: str = "") -> bool:
+    """The hidden temporary of one of neoxconv's own output names (``.config.json.neoxconv-tmp``).
+
+    ``folder`` is the temporary's folder relative to OUT (``configs/``), for names ``is_ours`` tests as paths.
+    """
+    return name.startswith(".") and name.endswith(TMP_SUFFIX) and is_ours(folder + name[1 : -len(TMP_SUFFIX)])
 
 
 def check_out_path(out: Path) -> None:
@@ -67,31 +74,52 @@ def _entries(out: Path) -> list[Path]:
         raise OutputError(f"{out}: cannot list the output folder: {e.strerror or e}") from None
 
 
-def foreign_entries(out: Path) -> list[str]:
+def foreign_entries(out: Path, is_ours: Callable[[str], bool] = is_output_name) -> list[str]:
     """Entries of OUT that are not neoxconv's lock or temporaries (what makes a folder someone else's)."""
-    return sorted(p.name for p in _entries(out) if p.name != LOCK and not is_temp_name(p.name))
+    return sorted(p.name for p in _entries(out) if p.name != LOCK and not is_temp_name(p.name, is_ours))
 
 
-def remove_stale_temps(out: Path) -> None:
-    """Our own temporaries from an interrupted run (only called once OUT is known to be ours)."""
-    for p in _entries(out):
-        if is_temp_name(p.name) and p.is_file() and not p.is_symlink():
-            _unlink(p)
+def remove_stale_temps(out: Path, is_ours: Callable[[str], bool] = is_output_name, folder: str = "") -> None:
+    """Our own temporaries from an interrupted run (only called once OUT is known to be ours).
+
+    ``folder``: a subfolder of OUT (``global_step0/``), checked with `safe_path` first.
+    """
+    d = safe_path(out, folder.rstrip("/")) if folder else Path(out)
+    if d is None or not d.is_dir():
+        return
+    for p in _entries(d):
+        if is_temp_name(p.name, is_ours, folder) and p.is_file() and not p.is_symlink():
+            remove_file(p)
 
 
-def remove_previous_output(out: Path, listed: list[str]) -> list[str]:
+def safe_path(out: Path, rel: str) -> Path | None:
+    """``OUT/rel`` when ``rel`` is a plain relative path whose every folder is a real folder inside OUT (no
+    symlink, no ``..``, nothing absolute); None otherwise. What neoxconv may delete or write through."""
+    parts = rel.split("/")
+    if not rel or rel.startswith("/") or any(p in ("", ".", "..") or "\\" in p for p in parts):
+        return None
+    path = Path(out)
+    for part in parts[:-1]:
+        path = path / part
+        if path.is_symlink() or not path.is_dir():
+            return None
+    return path / parts[-1]
+
+
+def remove_previous_output(out: Path, listed: list[str], is_ours: Callable[[str], bool] = is_output_name) -> list[str]:
     """--force over another neoxconv output: remove what its manifest lists AND neoxconv writes. Returns them."""
     removed = []
     for name in dict.fromkeys(listed):
-        path = Path(out) / str(name)
-        if is_output_name(str(name)) and path.name == name and path.is_file() and not path.is_symlink():
-            _unlink(path)
+        path = safe_path(out, str(name)) if is_ours(str(name)) else None
+        if path is not None and path.is_file() and not path.is_symlink():
+            remove_file(path)
             removed.append(name)
-    remove_stale_temps(out)
+    remove_stale_temps(out, is_ours)
     return removed
 
 
-def _unlink(path: Path) -> None:
+def remove_file(path: Path) -> None:
+    """Remove one file (gone already is fine); anything else that fails is an `OutputError` naming it."""
     try:
         path.unlink()
     except FileNotFoundError:
@@ -101,14 +129,16 @@ def _unlink(path: Path) -> None:
 
 
 class OutputLock:
-    """Exclusive ``flock`` on ``OUT/.neoxconv.lock`` for the whole merge; the file records the holder's pid.
+    """Exclusive ``flock`` on ``OUT/.neoxconv.lock`` for a whole merge, split or reshard; the file records the
+    holder's pid and command.
 
     The lock file is removed (while still locked) when the merge ends, so a finished OUT holds only its
     outputs. A merge killed with SIGKILL leaves the file behind unlocked; the next merge takes it over.
     """
 
-    def __init__(self, out: Path) -> None:
+    def __init__(self, out: Path, command: str = "merge") -> None:
         self.out = Path(out)
+        self.command = command
         self.path = self.out / LOCK
         self._fd: int | None = None
 
@@ -127,11 +157,11 @@ class OutputLock:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                holder = _read_pid(fd)
+                holder, command = _read_holder(fd)
                 os.close(fd)
                 who = f" (pid {holder})" if holder else ""
                 raise OutputError(
-                    f"{self.out}: another neoxconv merge{who} is writing into this folder; "
+                    f"{self.out}: another neoxconv {command or 'run'}{who} is writing into this folder; "
                     "wait for it to finish, or choose another OUT"
                 ) from None
             except OSError as e:  # a filesystem without flock (some NFS/FUSE mounts): say so, carry on
@@ -146,7 +176,7 @@ class OutputLock:
             self._fd = fd
             try:
                 os.ftruncate(fd, 0)
-                os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+                os.pwrite(fd, f"{os.getpid()} {self.command}\n".encode(), 0)
             except OSError as e:
                 self.__exit__(None, None, None)
                 raise OutputError(f"{self.path}: cannot write: {e.strerror or e}") from None
@@ -171,9 +201,12 @@ class OutputLock:
         os.close(fd)
 
 
-def _read_pid(fd: int) -> int | None:
+def _read_holder(fd: int) -> tuple[int | None, str | None]:
+    """(pid, command) from a lock file ("1234 merge"; older files hold the pid alone)."""
     try:
-        raw = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+        raw = os.pread(fd, 64, 0).decode("ascii", "replace").split()
     except OSError:
-        return None
-    return int(raw) if raw.isdigit() else None
+        return None, None
+    pid = int(raw[0]) if raw and raw[0].isdigit() else None
+    command = raw[1] if len(raw) > 1 and raw[1].isalpha() else ("merge" if pid is not None and len(raw) == 1 else None)
+    return pid, command

@@ -20,7 +20,9 @@ import torch
 from neoxconv.checkpoint import SourceLayer, open_checkpoint
 from neoxconv.dtypes import canonical_dtype
 from neoxconv.errors import ConfigError, MergeError, OutputError
+from neoxconv.fingerprint import config_digest, layer_fingerprint, source_identity
 from neoxconv.interrupt import deferred_sigint
+from neoxconv.outdir import check_out_path
 from neoxconv.merge import (
     LayerPlan, Rule, TensorPlan, iter_merged_chunks, max_divergence, merge_tensor, read_checked, resolve_row_bias,
     rule_table,
@@ -76,6 +78,7 @@ def reshard_checkpoint(src: Path, out: Path, options: ReshardOptions) -> WriteRe
     """Reshard the NeoX checkpoint ``src`` to TP ``options.tp`` in ``out`` (checked fully before writing)."""
     from neoxconv.convert import checkpoint_qkv_layout, plan_checkpoint
 
+    check_out_path(Path(out))
     ckpt = open_checkpoint(src, config_path=options.config_path, tokenizer_path=options.tokenizer_path)
     out_dtype = None if options.dtype == "auto" else canonical_dtype(options.dtype)
     src_row_bias = resolve_row_bias(options.row_bias, ckpt.config)
@@ -117,14 +120,22 @@ def reshard_checkpoint(src: Path, out: Path, options: ReshardOptions) -> WriteRe
                                dtype=torch_dtype, table=rule_table(config, layer.kind, plan.key_generation),
                                qkv_split=None if qkv is None else qkv.split)  # the source's layout and key names
 
-    source: dict[str, Any] = {
-        "step_dir": str(ckpt.step_dir.resolve()), "layout": ckpt.layout, "tp_degree": ckpt.tp_degree,
-        "files": [{"name": p.name, "size": p.stat().st_size} for p in ckpt.source_files()],
-    }
+    config_sha = config_digest(config)
+    layer_fps: dict[int, dict[str, Any]] = {}
+
+    def fingerprint(layers: list[SourceLayer]) -> dict[str, Any]:
+        """The proof of what ``layers`` read (`layer_fingerprint`: CRC-32s, sizes, mtimes) and the config."""
+        for layer in layers:
+            if layer.index not in layer_fps:
+                layer_fps[layer.index] = layer_fingerprint(by_index[layer.index], ckpt.step_dir)
+        return {"config": config_sha, "layers": [layer_fps[layer.index] for layer in layers]}
+
     recorded = {"command": "reshard", "tp": options.tp, "layout": layout, "dtype": dtype, "step": step,
                 "row_bias": src_row_bias.value, "replica_tolerance": options.replica_tolerance}
+    if qkv is not None:  # the merged QKV rows depend on it, as for `merge` (a resume must match it)
+        recorded["qkv_layout"] = qkv.split.value
     with deferred_sigint() as guard:
         return write_neox_checkpoint(
-            Path(out), target, rank_shards, source=source, recorded=recorded,
+            Path(out), target, rank_shards, source=source_identity(ckpt), recorded=recorded, fingerprint=fingerprint,
             planned_bytes=planned_bytes(config, options.tp, dtype, row_bias), tokenizer=ckpt.tokenizer,
             guard=guard, resume=options.resume, force=options.force, quiet=options.quiet, desc="reshard")

@@ -37,10 +37,12 @@ from neoxconv.checkpoint import LayerKind, SourceLayer, model_layers
 from neoxconv.config import GPT_NEOX, NeoXConfig
 from neoxconv.dtypes import FLOAT_DTYPES, FROM_SAFETENSORS, canonical_dtype, tensor_nbytes
 from neoxconv.errors import CheckpointError, ConfigError
+from neoxconv.fingerprint import config_digest, file_fingerprint
 from neoxconv.integrity import read_safetensors_header
 from neoxconv.interrupt import deferred_sigint
 from neoxconv.merge import (RULES, Rule, RuleSpec, Split, expected_shape, join_split, output_names, resolve_row_bias,
                             rule_table, shape_of)
+from neoxconv.outdir import check_out_path
 from neoxconv.neox_writer import TORCH_DTYPES, NeoXTarget, Shard, WriteReport, check_target, write_neox_checkpoint
 
 log = logging.getLogger(__name__)
@@ -306,8 +308,9 @@ class SplitOptions:
     quiet: bool = False
 
 
-def _source_fingerprint(files: list[Path]) -> dict[str, Any]:
-    return {"files": [{"path": str(p.resolve()), "size": p.stat().st_size} for p in sorted(set(files))]}
+def _source_identity(hf: HFModel) -> dict[str, Any]:
+    """Which source this is (folder and weight files); what each file holds is proven per output file."""
+    return {"hf_dir": str(hf.folder.resolve()), "files": sorted({t.file.name for t in hf.tensors.values()})}
 
 
 def split_model(hf_dir: Path, out: Path, options: SplitOptions) -> WriteReport:
@@ -315,6 +318,7 @@ def split_model(hf_dir: Path, out: Path, options: SplitOptions) -> WriteReport:
 
     Everything is checked (config, names, shapes, dtypes, divisibility) before the first byte is written.
     """
+    check_out_path(Path(out))
     hf = HFModel(hf_dir, tokenizer_path=options.tokenizer_path)
     config, names, src_dtype = hf.plan()
     if options.dtype == "auto":
@@ -336,11 +340,21 @@ def split_model(hf_dir: Path, out: Path, options: SplitOptions) -> WriteReport:
         yield from shard_layer(layer, full, config=config, tp=options.tp, ranks=ranks, row_bias=row_bias,
                                dtype=torch_dtype, table=rule_table(config, layer.kind))
 
-    files = [t.file for t in hf.tensors.values()] + [Path(hf_dir) / "config.json"]
+    config_sha = config_digest(config)
+    file_fps: dict[Path, dict[str, Any]] = {}
+
+    def fingerprint(layers: list[SourceLayer]) -> dict[str, Any]:
+        """The proof of what ``layers`` read: the config and each safetensors file holding their tensors."""
+        files = sorted({hf.tensors[n].file for layer in layers for n in names[layer].values()})
+        for f in files:
+            if f not in file_fps:
+                file_fps[f] = file_fingerprint(f, safetensors_header=True)
+        return {"config": config_sha, "files": {f.name: file_fps[f] for f in files}}
+
     recorded = {"command": "split", "tp": options.tp, "layout": options.layout, "dtype": dtype, "step": options.step}
     with deferred_sigint() as guard:
         return write_neox_checkpoint(
-            Path(out), target, rank_shards, source=_source_fingerprint(files), recorded=recorded,
+            Path(out), target, rank_shards, source=_source_identity(hf), recorded=recorded, fingerprint=fingerprint,
             planned_bytes=planned_bytes(config, options.tp, dtype, row_bias), tokenizer=hf.tokenizer,
             guard=guard, resume=options.resume, force=options.force, quiet=options.quiet)
 
