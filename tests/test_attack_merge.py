@@ -121,3 +121,17 @@ def test_a_bad_latest_file_is_a_one_line_checkpoint_error(tmp_path, content):
     for cmd in (("inspect", src), ("merge", "-q", src, tmp_path / "out")):
         line = _one_line_error(_cli(*cmd), 4, "latest", "pass the step folder itself as SRC")
         assert "\n" not in line
+
+
+@pytest.mark.parametrize("line", ['"num-layers": 1.5,', '"intermediate_size": 256.7,', '"num-attention-heads": true,',
+                                  '"seq-length": 100.5, "max-position-embeddings": null,'])
+def test_a_non_whole_number_in_the_neox_yaml_is_a_config_error(tmp_path, line):
+    # Before: int() truncated them silently (1.5 layers merged as 1, and the rest of the files ignored).
+    src = tmp_path / "src"
+    shutil.copytree(COMMITTED_FIXTURE, src)
+    yml = next((src / "configs").glob("*.yml"))
+    text = yml.read_text()
+    end = text.rindex("}")
+    yml.write_text(text[:end] + "  " + line + "\n" + text[end:])  # after the key it overrides (last wins)
+    for cmd in (("inspect", src), ("merge", "-q", src, tmp_path / "out")):
+        _one_line_error(_cli(*cmd), 3, yml.name, "whole number", line.split('"')[1].replace("_", "-"))
