@@ -242,6 +242,15 @@ class SourceReader:
             pos += n
         return True
 
+    def check_whole(self, refs: Iterable[TensorRef]) -> None:
+        """Read and CRC-check, once each, the whole storages behind ``refs``: for a caller that reads them in
+        many separate passes without `expect` (``reshard``), so that each pass does not re-read the gaps."""
+        for ref in refs:
+            st = self._storage(ref)
+            if not st.verified:
+                st.starts, st.ranges = [], {}
+                self._verify(st)
+
     def vouch(self, ref: TensorRef) -> None:
         """The caller read ``ref``'s whole storage itself and checked its CRC-32 (`neoxconv.streaming`):
         one planned read done, nothing left to read or check for that storage."""
