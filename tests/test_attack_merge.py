@@ -178,3 +178,46 @@ def test_reshard_of_a_corrupt_flat_buffer_fails_before_writing(tmp_path):
     _one_line_error(_cli("reshard", "-q", root, tmp_path / "out", "--tp", 1), 4, files[1].name, "CRC-32")
     out = tmp_path / "out"
     assert not out.exists() or not any(out.rglob("*.pt"))
+
+
+def _redirect_member(path: Path, key: str, to_key: str) -> None:
+    """Point the zip directory entry of ``key``'s storage at ``to_key``'s storage bytes (its own CRC kept)."""
+    import struct
+    import zipfile
+
+    from neoxconv.ptfile import read_pt
+
+    refs = read_pt(path).tensors()
+    with zipfile.ZipFile(path) as z:
+        infos = [i for i in z.infolist() if "/data/" in i.filename]
+    with open(path, "rb") as f:
+        def member(ref):
+            for i in infos:
+                f.seek(i.header_offset + 26)
+                n, m = struct.unpack("<HH", f.read(4))
+                if i.header_offset + 30 + n + m == ref.data_offset:
+                    return i
+            raise AssertionError(ref)
+        a, b = member(refs[to_key]), member(refs[key])
+    assert a.file_size == b.file_size and a.CRC != b.CRC
+    raw = bytearray(path.read_bytes())
+    pos = 0
+    while True:  # the central directory entry of b
+        pos = raw.index(b"PK\x01\x02", pos)
+        n, m, k = struct.unpack("<HHH", raw[pos + 28:pos + 34])
+        if raw[pos + 46:pos + 46 + n].decode() == b.filename:
+            raw[pos + 42:pos + 46] = struct.pack("<I", a.header_offset)
+            break
+        pos += 46 + n + m + k
+    path.write_bytes(bytes(raw))
+
+
+def test_a_storage_entry_redirected_to_another_storages_bytes_fails_its_own_crc(tmp_path):
+    # Two zip directory entries pointing at one member's bytes: the storages were keyed by file offset only,
+    # so the second shared the first's CRC check and its own recorded CRC-32 was never compared: exit 0 and
+    # a tensor silently holding another tensor's values.
+    src = tmp_path / "src"
+    shutil.copytree(COMMITTED_FIXTURE, src)
+    victim = src / "global_step150000" / "layer_02-model_01-model_states.pt"
+    _redirect_member(victim, "attention.dense.bias", "input_layernorm.bias")  # a summed row bias: no replica check
+    _one_line_error(_cli("merge", "-q", src, tmp_path / "out"), 4, victim.name, "CRC-32")
