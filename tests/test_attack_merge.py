@@ -221,3 +221,27 @@ def test_a_storage_entry_redirected_to_another_storages_bytes_fails_its_own_crc(
     victim = src / "global_step150000" / "layer_02-model_01-model_states.pt"
     _redirect_member(victim, "attention.dense.bias", "input_layernorm.bias")  # a summed row bias: no replica check
     _one_line_error(_cli("merge", "-q", src, tmp_path / "out"), 4, victim.name, "CRC-32")
+
+
+def _tokenizer(path: Path, n: int) -> Path:
+    import json
+
+    vocab = {f"t{i}": i for i in range(n - 1)}
+    path.write_text(json.dumps({"model": {"type": "BPE", "vocab": vocab, "merges": []},
+                                "added_tokens": [{"id": n - 1, "content": "<|endoftext|>", "special": True}]}))
+    return path
+
+
+def test_a_tokenizer_bigger_than_the_embedding_is_refused(tmp_path):
+    # Before: merge wrote a model whose tokenizer yields ids past its embedding (exit 0); verify --prompt then
+    # failed on the output ("token ids ... are outside the vocabulary"). synth wrote such a pair too.
+    rows = 512  # the committed fixture's padded vocabulary (2 ranks x 256)
+    big = _tokenizer(tmp_path / "tok.json", rows + 1)
+    _one_line_error(_cli("merge", "-q", COMMITTED_FIXTURE, tmp_path / "out", "--tokenizer", big), 4,
+                    "tok.json", f"{rows + 1} tokens", f"{rows} rows", "--tokenizer")
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+    fits = _tokenizer(tmp_path / "fits.json", rows)
+    r = _cli("merge", "-q", COMMITTED_FIXTURE, tmp_path / "out2", "--tokenizer", fits)
+    assert r.exit_code == 0, r.output
+    _one_line_error(_cli("synth", tmp_path / "c", "--hidden", 64, "--heads", 4, "--vocab", 128, "--tokenizer",
+                         _tokenizer(tmp_path / "t200.json", 200)), 2, "200 tokens", "--vocab 128")
