@@ -126,10 +126,21 @@ def find_step_dir(src: Path) -> tuple[Path, Path]:
         return src.parent, src
     latest = src / "latest"
     if latest.is_file():
-        name = latest.read_text().strip()
+        try:
+            with open(latest, "rb") as f:
+                raw = f.read(4097)
+            name = raw.decode("utf-8").strip() if len(raw) <= 4096 else None
+        except UnicodeDecodeError:
+            name = None
+        except OSError as e:
+            raise CheckpointError(f"{latest}: cannot read: {e.strerror or e}") from None
+        if name is None:  # DeepSpeed writes the step folder's name there, nothing else
+            raise CheckpointError(f"{latest}: not a step folder name (binary or over 4 KiB); "
+                                  "pass the step folder itself as SRC")
         step = src / name
         if not step.is_dir():
-            raise CheckpointError(f"{latest}: names {name!r}, but {step} is not a folder")
+            raise CheckpointError(f"{latest}: names {name!r}, which is not a folder in {src}; "
+                                  "pass the step folder itself as SRC")
         return src, step
     steps = sorted(p for p in src.glob("global_step*") if p.is_dir())
     if len(steps) == 1:

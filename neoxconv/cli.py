@@ -392,11 +392,18 @@ def synth(out: Path, tp_degree: int, layers: int, hidden: int, heads: int | None
     from neoxconv.synthetic import SyntheticSpec, synthesize
 
     try:
-        config = NeoXConfig(num_layers=layers, hidden_size=hidden, num_heads=heads or max(1, hidden // 64),
+        config = NeoXConfig(num_layers=layers, hidden_size=hidden, num_heads=heads if heads is not None else max(1, hidden // 64),
                             vocab_size=vocab, intermediate_size=ffn, max_position_embeddings=max_positions,
                             rotary_pct=rotary_pct, parallel_residual=not sequential_residual, activation=GELU_TANH)
     except ConfigError as e:
         raise UsageError(f"{e} (--layers/--hidden/--heads/--ffn/--vocab/--rotary-pct)") from None
+    if tokenizer_path is not None:
+        from neoxconv.tokenizer_files import token_count
+
+        tokens = token_count(tokenizer_path)
+        if tokens is not None and tokens > vocab:
+            raise UsageError(f"{tokenizer_path}: has {tokens} tokens, more than --vocab {vocab}; raise --vocab "
+                             "(50432 fits the 20B tokenizer)")
     spec = SyntheticSpec(config, tp_degree=tp_degree, layout=layout, dtype={"fp16": "float16", "bf16": "bfloat16",
                          "fp32": "float32"}[dtype], seed=seed, tokenizer=tokenizer_path)
     info = synthesize(out, spec)

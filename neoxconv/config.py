@@ -345,32 +345,32 @@ class NeoXConfig:
         fused = _as_bool(d.get("bias_gelu_fusion", False))
         gated = old_llama_mlp or activation == SWIGLU
         try:
-            hidden = int(d["hidden_size"])
+            hidden = _whole(d, "hidden_size")
             if old_llama_mlp:
-                intermediate = llama_mlp_intermediate_size(hidden, d.get("intermediate_size"))
+                intermediate = llama_mlp_intermediate_size(hidden, _whole(d, "intermediate_size"))
             elif gated:
                 intermediate = gated_intermediate_size(
-                    hidden, intermediate_size=d.get("intermediate_size"), expansion_factor=d.get("expansion_factor"),
-                    multiple_of=int(d.get("mlp_multiple_of") or 1))
+                    hidden, intermediate_size=_whole(d, "intermediate_size"), expansion_factor=d.get("expansion_factor"),
+                    multiple_of=_whole(d, "mlp_multiple_of") or 1)
             else:
-                intermediate = int(d["intermediate_size"]) if d.get("intermediate_size") else None
+                intermediate = _whole(d, "intermediate_size") or None
             eps_key, eps_default = ("rms_norm_epsilon", NEOX_RMSNORM_EPS) if norm == RMSNORM else \
                 ("layernorm_epsilon", NEOX_LAYERNORM_EPS)
             return cls(
-                num_layers=int(d["num_layers"]),
+                num_layers=_whole(d, "num_layers"),
                 hidden_size=hidden,
-                num_heads=int(d["num_attention_heads"]),
-                num_kv_heads=int(d["num_kv_heads"]) if d.get("num_kv_heads") else None,
-                vocab_size=int(d["padded_vocab_size"]) if d.get("padded_vocab_size") else None,
+                num_heads=_whole(d, "num_attention_heads"),
+                num_kv_heads=_whole(d, "num_kv_heads") or None,
+                vocab_size=_whole(d, "padded_vocab_size") or None,
                 intermediate_size=intermediate,
-                max_position_embeddings=int(d.get("max_position_embeddings") or d.get("seq_length") or 2048),
+                max_position_embeddings=_whole(d, "max_position_embeddings") or _whole(d, "seq_length") or 2048,
                 rotary_pct=float(d.get("rotary_pct", 1.0)),
                 rotary_emb_base=float(d.get("rotary_emb_base", 10000)),
                 layernorm_eps=float(d.get(eps_key, eps_default)),
                 parallel_residual=_as_bool(d.get("gpt_j_residual", False)),
                 tie_word_embeddings=not _as_bool(d.get("no_weight_tying", False)),
                 activation=SWIGLU if gated else (GELU_TANH if fused else GELU_EXACT),
-                make_vocab_size_divisible_by=int(d.get("make_vocab_size_divisible_by", 128)),
+                make_vocab_size_divisible_by=_whole(d, "make_vocab_size_divisible_by", 128),
                 norm=norm,
                 attention_bias=_as_bool(d.get("use_bias_in_attn_linear", True)),
                 mlp_bias=False if old_llama_mlp else _as_bool(d.get("use_bias_in_mlp", True)),
@@ -437,6 +437,17 @@ def llama_mlp_intermediate_size(hidden_size: int, intermediate_size: Any = None)
         return int(intermediate_size)
     ff = int(2 * hidden_size * 4 / 3)
     return 256 * -(-ff // 256)
+
+
+def _whole(d: dict[str, Any], key: str, default: int | None = None) -> int | None:
+    """``d[key]`` as an int (None when absent or empty): NeoX would fail on 2.5 layers or ``true`` heads,
+    so a non-whole number is a ConfigError, never silently truncated."""
+    v = d.get(key)
+    if v is None or v == "":
+        return default
+    if isinstance(v, bool) or (isinstance(v, float) and not v.is_integer()):
+        raise ConfigError(f"{key.replace('_', '-')} must be a whole number, got {v!r}")
+    return int(v)
 
 
 def _as_bool(v: Any) -> bool:

@@ -44,7 +44,7 @@ from neoxconv.prefetch import prefetch
 from neoxconv.progress import format_bytes, progress_bar
 from neoxconv.storage import SourceReader
 from neoxconv.streaming import stream_tensor, streams_direct
-from neoxconv.tokenizer_files import eos_token_id, tokenizer_config
+from neoxconv.tokenizer_files import eos_token_id, token_count, tokenizer_config
 from neoxconv.writer import SafetensorsWriter, atomic_write, atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -361,6 +361,13 @@ def plan_checkpoint(ckpt: Checkpoint, *, row_bias: Rule, out_dtype: str | None,
         plans.append(plan_layer(layer, shards, files=files, config=config, row_bias=row_bias, out_dtype=out_dtype,
                                 qkv_split=None if qkv is None else qkv.split))
         ckpt.release(layer)  # the plan keeps the tensor references it needs
+        first = next(p for p in plans if p.layer.block is not None) if layer.block is not None else None
+        if config.architecture == LLAMA and first is not None and plans[-1].key_generation != first.key_generation:
+            # the QKV layout was decided from the first block's generation: it cannot hold for this one
+            raise CheckpointError(
+                f"{files[0]}: {layer.label} has MLP keys {plans[-1].key_generation} but {first.files[0]} "
+                f"({first.layer.label}) has {first.key_generation}: blocks of different gpt-neox versions "
+                "(files mixed from different checkpoints?)")
     return config, plans
 
 
@@ -390,6 +397,11 @@ def _merge(src: Path, out: Path, options: MergeOptions, guard: InterruptGuard,
     qkv = checkpoint_qkv_layout(ckpt, options.qkv_layout)
     config, plans = plan_checkpoint(ckpt, row_bias=row_bias, out_dtype=out_dtype, qkv=qkv)
     if ckpt.tokenizer is not None:
+        tokens = token_count(ckpt.tokenizer)
+        if tokens is not None and config.vocab_size is not None and tokens > config.vocab_size:
+            raise CheckpointError(f"{ckpt.tokenizer}: has {tokens} tokens but the model's embedding has "
+                                  f"{config.vocab_size} rows: not this model's tokenizer; pass the right one "
+                                  "with --tokenizer FILE")
         eos = eos_token_id(ckpt.tokenizer)
         if eos is not None:
             config = config.with_(bos_token_id=eos, eos_token_id=eos)

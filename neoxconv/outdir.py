@@ -145,8 +145,14 @@ class OutputLock:
     def __enter__(self) -> OutputLock:
         while self._fd is None:
             try:
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+                # O_NOFOLLOW: a symlink planted as the lock must not make us create or lock a file elsewhere
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0),
+                             0o644)
             except OSError as e:
+                if e.errno in (errno.ELOOP, errno.EISDIR):
+                    what = "a symbolic link" if e.errno == errno.ELOOP else "a directory"
+                    raise OutputError(f"{self.path}: is {what}, not neoxconv's lock file; remove it, "
+                                      "then re-run") from None
                 raise OutputError(f"{self.out}: cannot write in the output folder: {e.strerror or e}") from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

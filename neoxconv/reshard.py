@@ -9,6 +9,7 @@ as its merged value on rank 0 and zeros elsewhere, and replicated tensors are wr
 from __future__ import annotations
 
 import re
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,7 @@ from neoxconv.merge import (
     rule_table,
 )
 from neoxconv.neox_writer import TORCH_DTYPES, NeoXTarget, Shard, WriteReport, check_target, write_neox_checkpoint
+from neoxconv.storage import SourceReader
 from neoxconv.split import part_key, planned_bytes, shard_layer, tokenizer_size
 
 _STEP = re.compile(r"^global_step(\d+)$")
@@ -54,16 +56,16 @@ def _to_torch(a: np.ndarray, dtype: str) -> torch.Tensor:
     return t.view(torch.bfloat16) if dtype == "bfloat16" else t
 
 
-def merged_tensor(t: TensorPlan, *, tolerance: float, where: str) -> np.ndarray:
+def merged_tensor(t: TensorPlan, *, tolerance: float, where: str, reader: SourceReader | None = None) -> np.ndarray:
     """The merged value of one planned tensor (the whole tensor, in ``t.out_dtype``)."""
     if t.rule in (Rule.CONCAT_ROWS, Rule.CONCAT_COLS, Rule.SPLIT_ROWS):
         full = np.empty(t.shape, dtype=np.uint16 if t.out_dtype == "bfloat16" else np.dtype(t.out_dtype))
         row = 0
-        for chunk in iter_merged_chunks(t):
+        for chunk in iter_merged_chunks(t, reader=reader):
             full[row:row + chunk.shape[0]] = chunk
             row += chunk.shape[0]
         return full
-    arrays = [read_checked(r, t.key) for r in t.shards]
+    arrays = [read_checked(r, t.key, reader) for r in t.shards]
     if t.rule in (Rule.REPLICATED, Rule.DROP):
         limit = 0.0 if t.rule is Rule.DROP else tolerance
         divergence = max_divergence(arrays, t.src_dtype)
@@ -102,19 +104,30 @@ def reshard_checkpoint(src: Path, out: Path, options: ReshardOptions) -> WriteRe
     torch_dtype = TORCH_DTYPES[dtype]
     if Path(out).resolve() in (ckpt.root.resolve(), ckpt.step_dir.resolve()):
         raise OutputError(f"{out}: OUT is the source checkpoint; choose another folder")
-    for plan in plans:  # the small tensors (norms, buffers) are checked across ranks before anything is written
-        where = f"{plan.layer.label} [{', '.join(plan.files)}]"
-        for t in plan.dropped:
-            merged_tensor(t, tolerance=0.0, where=where)
-        for t in plan.tensors:
-            if t.rule is Rule.REPLICATED:
-                merged_tensor(t, tolerance=options.replica_tolerance, where=where)
+    # A storage that several tensors read (a ZeRO flat buffer, the HF converter's full tensors) is CRC-checked
+    # once, whole, before anything is written; each tensor read alone has its storage checked as it is read.
+    reader = SourceReader()
+    reads = Counter((r.path, r.data_offset) for p in plans for t in [*p.tensors, *p.dropped] for r in t.shards)
+    try:
+        reader.check_whole(r for p in plans for t in [*p.tensors, *p.dropped] for r in t.shards
+                           if reads[(r.path, r.data_offset)] > 1)
+        for plan in plans:  # the small tensors (norms, buffers) are checked across ranks before anything is written
+            where = f"{plan.layer.label} [{', '.join(plan.files)}]"
+            for t in plan.dropped:
+                merged_tensor(t, tolerance=0.0, where=where, reader=reader)
+            for t in plan.tensors:
+                if t.rule is Rule.REPLICATED:
+                    merged_tensor(t, tolerance=options.replica_tolerance, where=where, reader=reader)
+    except BaseException:
+        reader.close()
+        raise
 
     def rank_shards(layer: SourceLayer, ranks: list[int]) -> Iterator[Shard]:
         plan = by_index[layer.index]
         where = f"{layer.label} [{', '.join(plan.files)}]"
         full = {t.key if t.split is None else part_key(t.key, t.part):
-                _to_torch(merged_tensor(t, tolerance=options.replica_tolerance, where=where), t.out_dtype)
+                _to_torch(merged_tensor(t, tolerance=options.replica_tolerance, where=where, reader=reader),
+                          t.out_dtype)
                 for t in plan.tensors}
         yield from shard_layer(layer, full, config=config, tp=options.tp, ranks=ranks, row_bias=row_bias,
                                dtype=torch_dtype, table=rule_table(config, layer.kind, plan.key_generation),
@@ -134,7 +147,7 @@ def reshard_checkpoint(src: Path, out: Path, options: ReshardOptions) -> WriteRe
                 "row_bias": src_row_bias.value, "replica_tolerance": options.replica_tolerance}
     if qkv is not None:  # the merged QKV rows depend on it, as for `merge` (a resume must match it)
         recorded["qkv_layout"] = qkv.split.value
-    with deferred_sigint() as guard:
+    with reader, deferred_sigint() as guard:
         return write_neox_checkpoint(
             Path(out), target, rank_shards, source=source_identity(ckpt), recorded=recorded, fingerprint=fingerprint,
             planned_bytes=planned_bytes(config, options.tp, dtype, row_bias), tokenizer=ckpt.tokenizer,

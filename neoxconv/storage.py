@@ -117,7 +117,7 @@ class SourceReader:
     def __init__(self, *, chunk_bytes: int = CHUNK_BYTES) -> None:
         self.chunk_bytes = chunk_bytes
         self.bytes_read = 0
-        self._storages: dict[tuple[Path, int], _Storage] = {}
+        self._storages: dict[tuple[Path, int, int, int], _Storage] = {}
         self._fds: dict[Path, int] = {}
 
     def __enter__(self) -> SourceReader:
@@ -132,7 +132,9 @@ class SourceReader:
         self._fds.clear()
 
     def _storage(self, ref: TensorRef) -> _Storage:
-        key = (ref.path, ref.data_offset)
+        # the recorded size and CRC are part of the key: two zip entries pointing at the same bytes are each
+        # checked against their own CRC-32 (keyed by offset alone, the second shared the first's check)
+        key = (ref.path, ref.data_offset, ref.storage_nbytes, ref.storage_crc)
         st = self._storages.get(key)
         if st is None:
             st = self._storages[key] = _Storage(ref)
@@ -241,6 +243,15 @@ class SourceReader:
                 return False
             pos += n
         return True
+
+    def check_whole(self, refs: Iterable[TensorRef]) -> None:
+        """Read and CRC-check, once each, the whole storages behind ``refs``: for a caller that reads them in
+        many separate passes without `expect` (``reshard``), so that each pass does not re-read the gaps."""
+        for ref in refs:
+            st = self._storage(ref)
+            if not st.verified:
+                st.starts, st.ranges = [], {}
+                self._verify(st)
 
     def vouch(self, ref: TensorRef) -> None:
         """The caller read ``ref``'s whole storage itself and checked its CRC-32 (`neoxconv.streaming`):

@@ -221,6 +221,32 @@ def check_split(spec: SyntheticSpec) -> None:
         raise UsageError("cannot split this model: " + "; ".join(problems))
 
 
+def _check_resources(out: Path, spec: SyntheticSpec) -> None:
+    """Refuse, before writing anything, a size this machine cannot hold: the files must fit on OUT's disk
+    (OutputError, exit 6) and the largest layer, generated in fp32 and split (the whole model for the
+    sequential layout, whose rank files are written at the end), in the available memory (UsageError, exit 2)."""
+    from neoxconv.errors import OutputError, UsageError
+    from neoxconv.inspect import free_bytes
+    from neoxconv.placement import _meminfo
+    from neoxconv.progress import format_bytes
+
+    config = spec.config
+    itemsize = 4 if spec.dtype == "float32" else 2
+    need = parameter_count(config) * itemsize
+    where, free = free_bytes(out)
+    if need > free:
+        raise OutputError(f"{out}: the checkpoint needs {format_bytes(need)} but {where} has {format_bytes(free)} "
+                          "free; choose a smaller --layers/--hidden/--vocab or another OUT")
+    H, F, V = config.hidden_size, config.ffn_size, config.vocab_size or 0
+    largest = max(V * H, 4 * H * H + 2 * F * H + 9 * H + F)  # embedding or readout, or one block
+    peak = largest * (4 + 2 * itemsize) + (need if spec.layout == "sequential" else 0)
+    avail = _meminfo("MemAvailable")
+    if avail is not None and peak > avail:
+        raise UsageError(f"this size needs about {format_bytes(peak)} of memory while writing, but "
+                         f"{format_bytes(avail)} is available; choose a smaller --hidden/--vocab/--ffn"
+                         + (" or --layout pipeline" if spec.layout == "sequential" else ""))
+
+
 def synthesize(out: Path, spec: SyntheticSpec) -> dict[str, int | str]:
     """``neoxconv synth``: write a random checkpoint of ``spec``'s size to a new or empty folder ``out``.
 
@@ -235,6 +261,7 @@ def synthesize(out: Path, spec: SyntheticSpec) -> dict[str, int | str]:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise OutputError(f"{out}: exists and is {'a file' if not out.is_dir() else 'not empty'}; "
                           "synth writes only into a new or empty folder")
+    _check_resources(out, spec)
     write_checkpoint(out, spec, keep_reference=False)
     files = [p for p in out.rglob("*") if p.is_file()]
     return {"out": str(out), "parameters": parameter_count(config), "bytes": sum(p.stat().st_size for p in files),

@@ -31,6 +31,15 @@ def _load(path: Path) -> dict[str, Any]:
     return data
 
 
+def token_count(path: Path) -> int | None:
+    """Largest token id + 1 over the vocabulary and the added tokens (None when the file lists no ids)."""
+    data = _load(path)
+    vocab = data["model"].get("vocab")
+    ids = [v for v in (vocab.values() if isinstance(vocab, dict) else ()) if type(v) is int]
+    ids += [t["id"] for t in data.get("added_tokens") or [] if type(t.get("id")) is int]
+    return max(ids) + 1 if ids else None
+
+
 def eos_token_id(path: Path) -> int | None:
     """The id of ``<|endoftext|>`` (0 for GPT-NeoX-20B), from added_tokens or the vocabulary."""
     data = _load(path)
