@@ -239,18 +239,18 @@ class NeoXConfig:
         rope = _unscaled_rope(d)
         if d.get("hidden_act", "silu") != "silu":
             raise ConfigError(f"config.json has hidden_act {d['hidden_act']!r}; Llama-style models use 'silu'")
-        heads = int(d["num_attention_heads"])
+        heads = _hf_whole(d, "num_attention_heads")
         head_dim = d.get("head_dim")
-        if head_dim is not None and int(head_dim) * heads != int(d["hidden_size"]):
+        if head_dim is not None and _hf_whole(d, "head_dim") * heads != _hf_whole(d, "hidden_size"):
             raise ConfigError(f"config.json has head_dim {head_dim} != hidden_size / num_attention_heads")
         return cls(
-            num_layers=int(d["num_hidden_layers"]),
-            hidden_size=int(d["hidden_size"]),
+            num_layers=_hf_whole(d, "num_hidden_layers"),
+            hidden_size=_hf_whole(d, "hidden_size"),
             num_heads=heads,
-            num_kv_heads=int(d.get("num_key_value_heads") or heads),
-            vocab_size=int(d["vocab_size"]),
-            intermediate_size=int(d["intermediate_size"]),
-            max_position_embeddings=int(d.get("max_position_embeddings", 2048)),
+            num_kv_heads=_hf_whole(d, "num_key_value_heads", 0) or heads,
+            vocab_size=_hf_whole(d, "vocab_size"),
+            intermediate_size=_hf_whole(d, "intermediate_size"),
+            max_position_embeddings=_hf_whole(d, "max_position_embeddings", 2048),
             rotary_pct=1.0,
             rotary_emb_base=_agreed("the rotary base", [
                 (key, value) for key, value in (("rope_parameters.rope_theta", rope.get("rope_theta")),
@@ -262,8 +262,8 @@ class NeoXConfig:
             norm=RMSNORM,
             attention_bias=bool(d.get("attention_bias", False)),
             mlp_bias=bool(d.get("mlp_bias", False)),
-            bos_token_id=int(d.get("bos_token_id") or 0),
-            eos_token_id=int(d.get("eos_token_id") or 0),
+            bos_token_id=_hf_whole(d, "bos_token_id", 0),
+            eos_token_id=_hf_whole(d, "eos_token_id", 0),
         )
 
     @classmethod
@@ -280,12 +280,12 @@ class NeoXConfig:
         rope = _unscaled_rope(d)
         try:
             return cls(
-                num_layers=int(d["num_hidden_layers"]),
-                hidden_size=int(d["hidden_size"]),
-                num_heads=int(d["num_attention_heads"]),
-                vocab_size=int(d["vocab_size"]),
-                intermediate_size=int(d.get("intermediate_size") or 4 * int(d["hidden_size"])),
-                max_position_embeddings=int(d.get("max_position_embeddings", 2048)),
+                num_layers=_hf_whole(d, "num_hidden_layers"),
+                hidden_size=_hf_whole(d, "hidden_size"),
+                num_heads=_hf_whole(d, "num_attention_heads"),
+                vocab_size=_hf_whole(d, "vocab_size"),
+                intermediate_size=_hf_whole(d, "intermediate_size", 0) or 4 * _hf_whole(d, "hidden_size"),
+                max_position_embeddings=_hf_whole(d, "max_position_embeddings", 2048),
                 rotary_pct=_agreed("the rotary share", [("rotary_pct", d.get("rotary_pct", _ABSENT)), (
                     "rope_parameters.partial_rotary_factor", rope.get("partial_rotary_factor", _ABSENT))], 0.25),
                 rotary_emb_base=_agreed("the rotary base", [("rotary_emb_base", d.get("rotary_emb_base", _ABSENT)), (
@@ -295,8 +295,8 @@ class NeoXConfig:
                 parallel_residual=bool(d.get("use_parallel_residual", True)),
                 tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
                 activation=str(d.get("hidden_act", GELU_EXACT)),
-                bos_token_id=int(d.get("bos_token_id") or 0),
-                eos_token_id=int(d.get("eos_token_id") or 0),
+                bos_token_id=_hf_whole(d, "bos_token_id", 0),
+                eos_token_id=_hf_whole(d, "eos_token_id", 0),
             )
         except KeyError as e:
             raise ConfigError(f"config.json lacks the key {e.args[0]!r}") from None
@@ -439,15 +439,25 @@ def llama_mlp_intermediate_size(hidden_size: int, intermediate_size: Any = None)
     return 256 * -(-ff // 256)
 
 
-def _whole(d: dict[str, Any], key: str, default: int | None = None) -> int | None:
+def _whole(d: dict[str, Any], key: str, default: int | None = None, *, name: str | None = None) -> int | None:
     """``d[key]`` as an int (None when absent or empty): NeoX would fail on 2.5 layers or ``true`` heads,
-    so a non-whole number is a ConfigError, never silently truncated."""
+    so a non-whole number is a ConfigError, never silently truncated. ``name`` spells the key in the message."""
     v = d.get(key)
     if v is None or v == "":
         return default
     if isinstance(v, bool) or (isinstance(v, float) and not v.is_integer()):
-        raise ConfigError(f"{key.replace('_', '-')} must be a whole number, got {v!r}")
+        raise ConfigError(f"{name or key.replace('_', '-')} must be a whole number, got {v!r}")
     return int(v)
+
+
+def _hf_whole(d: dict[str, Any], key: str, default: int | None = None) -> int:
+    """A whole-number field of a Hugging Face config.json (`_whole`'s rule); without a default it is required."""
+    value = _whole(d, key, default, name=f"config.json: {key}")
+    if value is None:
+        if key not in d:
+            raise KeyError(key)
+        raise ConfigError(f"config.json: {key} must be a whole number, got {d[key]!r}")
+    return value
 
 
 def _as_bool(v: Any) -> bool:
