@@ -452,11 +452,11 @@ def _whole(d: dict[str, Any], key: str, default: int | None = None, *, name: str
 
 def _hf_whole(d: dict[str, Any], key: str, default: int | None = None) -> int:
     """A whole-number field of a Hugging Face config.json (`_whole`'s rule); without a default it is required."""
-    value = _whole(d, key, default, name=f"config.json: {key}")
+    value = _whole(d, key, default, name=f"config.json has a bad value: {key}")
     if value is None:
         if key not in d:
             raise KeyError(key)
-        raise ConfigError(f"config.json: {key} must be a whole number, got {d[key]!r}")
+        raise ConfigError(f"config.json has a bad value: {key} must be a whole number, got {d[key]!r}")
     return value
 
 
