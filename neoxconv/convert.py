@@ -39,7 +39,7 @@ from neoxconv.merge import (LayerPlan, QkvLayout, Rule, TensorPlan, block_genera
                             max_divergence, merge_tensor, plan_layer, read_checked, resolve_qkv_split,
                             resolve_row_bias)
 from neoxconv.outdir import (JOURNAL, OutputLock, check_out_path, foreign_entries, make_out_dir,
-                             remove_previous_output, remove_stale_temps)
+                             remove_file, remove_previous_output, remove_stale_temps)
 from neoxconv.prefetch import prefetch
 from neoxconv.progress import format_bytes, progress_bar
 from neoxconv.storage import SourceReader
@@ -439,7 +439,7 @@ def _merge(src: Path, out: Path, options: MergeOptions, guard: InterruptGuard,
             todo.append((name, plan))
     _check_disk(out, sum(p.nbytes for _, p in todo) + (1 << 20))
     if todo:  # a layer is about to change: the manifest only exists beside a complete output
-        (out / MANIFEST).unlink(missing_ok=True)
+        remove_file(out / MANIFEST)
     # a no-op re-run keeps the old manifest until the new one replaces it (a Ctrl-C never leaves none)
     atomic_write_json(out / JOURNAL, state)
 

@@ -50,3 +50,16 @@ def test_a_non_whole_number_in_a_hugging_face_config_is_a_config_error(tmp_path,
     r = _cli("merge", "-q", "--config", path, COMMITTED_FIXTURE, tmp_path / "out")
     _one_line_error(r, 3, path.name, key, "whole number", repr(value))
     assert not (tmp_path / "out" / "neoxconv.json").exists()
+
+
+@pytest.mark.parametrize("before", ["empty", "merged"])
+def test_a_directory_in_place_of_the_manifest_is_an_output_error(tmp_path, merged, before):
+    # Before: merge --force unlinked it with Path.unlink -> "internal error: IsADirectoryError".
+    out = tmp_path / "out"
+    if before == "merged":
+        shutil.copytree(merged, out)
+        (out / "neoxconv.json").unlink()
+    (out / "neoxconv.json").mkdir(parents=True)
+    (out / "neoxconv.json" / "keep.txt").write_text("mine\n")
+    _one_line_error(_cli("merge", "-q", "--force", COMMITTED_FIXTURE, out), 6, out / "neoxconv.json", "directory")
+    assert (out / "neoxconv.json" / "keep.txt").read_text() == "mine\n"
