@@ -159,8 +159,12 @@ def inspect(src: Path, config_path: Path | None, out: Path | None, dtype: str, r
 def _parse_ids(value: str | None) -> tuple[int, ...] | None:
     if not value:
         return None
+    items = value.replace(" ", "").split(",")
+    if "" in items:  # "1,,2" or "1,2,": a lost id, never silently dropped
+        raise click.BadParameter(f"--ids {value!r} has an empty item; expected comma-separated token ids, "
+                                 "e.g. 12092,1533")
     try:
-        return tuple(int(v) for v in value.replace(" ", "").split(",") if v)
+        return tuple(int(v) for v in items)
     except ValueError:
         raise click.BadParameter("expected comma-separated token ids, e.g. 12092,1533") from None
 

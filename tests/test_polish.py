@@ -63,3 +63,11 @@ def test_a_directory_in_place_of_the_manifest_is_an_output_error(tmp_path, merge
     (out / "neoxconv.json" / "keep.txt").write_text("mine\n")
     _one_line_error(_cli("merge", "-q", "--force", COMMITTED_FIXTURE, out), 6, out / "neoxconv.json", "directory")
     assert (out / "neoxconv.json" / "keep.txt").read_text() == "mine\n"
+
+
+@pytest.mark.parametrize("ids", ["1,,2", "1,2,", ",1", " , "])
+def test_an_empty_item_in_verify_ids_is_a_usage_error(merged, ids):
+    # Before: "1,,2" was read as [1, 2] (the lost id dropped silently).
+    r = _cli("verify", merged, "--ids", ids)
+    assert r.exit_code == 2, r.output
+    assert "--ids" in r.output and "empty item" in r.output and "Traceback" not in r.output
