@@ -44,7 +44,7 @@ from neoxconv.prefetch import prefetch
 from neoxconv.progress import format_bytes, progress_bar
 from neoxconv.storage import SourceReader
 from neoxconv.streaming import stream_tensor, streams_direct
-from neoxconv.tokenizer_files import eos_token_id, token_count, tokenizer_config
+from neoxconv.tokenizer_files import checked_token_count, eos_token_id, tokenizer_config
 from neoxconv.writer import SafetensorsWriter, atomic_write, atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -397,11 +397,7 @@ def _merge(src: Path, out: Path, options: MergeOptions, guard: InterruptGuard,
     qkv = checkpoint_qkv_layout(ckpt, options.qkv_layout)
     config, plans = plan_checkpoint(ckpt, row_bias=row_bias, out_dtype=out_dtype, qkv=qkv)
     if ckpt.tokenizer is not None:
-        tokens = token_count(ckpt.tokenizer)
-        if tokens is not None and config.vocab_size is not None and tokens > config.vocab_size:
-            raise CheckpointError(f"{ckpt.tokenizer}: has {tokens} tokens but the model's embedding has "
-                                  f"{config.vocab_size} rows: not this model's tokenizer; pass the right one "
-                                  "with --tokenizer FILE")
+        checked_token_count(ckpt.tokenizer, config.vocab_size)
         eos = eos_token_id(ckpt.tokenizer)
         if eos is not None:
             config = config.with_(bos_token_id=eos, eos_token_id=eos)

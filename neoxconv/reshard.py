@@ -97,7 +97,7 @@ def reshard_checkpoint(src: Path, out: Path, options: ReshardOptions) -> WriteRe
     step = options.step if options.step is not None else (int(m.group(1)) if m else 0)
     layout = options.layout or ckpt.layout
     target = NeoXTarget(config=config, tp_degree=options.tp, layout=layout, dtype=dtype, step=step,
-                        tokenizer_size=tokenizer_size(ckpt.tokenizer))
+                        tokenizer_size=tokenizer_size(ckpt.tokenizer, config.vocab_size))
     check_target(target, where=ckpt.config_source)
     row_bias = resolve_row_bias("auto", config)  # how the output's row-parallel biases are split
     by_index: dict[int, LayerPlan] = {p.layer.index: p for p in plans}

@@ -43,6 +43,7 @@ from neoxconv.interrupt import deferred_sigint
 from neoxconv.merge import (RULES, Rule, RuleSpec, Split, expected_shape, join_split, output_names, resolve_row_bias,
                             rule_table, shape_of)
 from neoxconv.outdir import check_out_path
+from neoxconv.tokenizer_files import checked_token_count
 from neoxconv.neox_writer import TORCH_DTYPES, NeoXTarget, Shard, WriteReport, check_target, write_neox_checkpoint
 
 log = logging.getLogger(__name__)
@@ -284,17 +285,11 @@ def _read_json(path: Path, error: type) -> dict[str, Any]:
     return d
 
 
-def tokenizer_size(path: Path | None) -> int | None:
-    """Entries of a tokenizer.json (largest id + 1 over the vocabulary and added tokens); None if unknown."""
-    if path is None:
-        return None
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-        ids = [int(v) for v in ((data.get("model") or {}).get("vocab") or {}).values()]
-        ids += [int(t["id"]) for t in data.get("added_tokens") or []]
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError, TypeError, ValueError, KeyError):
-        return None
-    return max(ids) + 1 if ids else None
+def tokenizer_size(path: Path | None, rows: int | None) -> int | None:
+    """Entries of a tokenizer.json (largest id + 1 over the vocabulary and added tokens); None if unknown or no
+    tokenizer. Checked as merge checks it (`checked_token_count`): a broken one is a CheckpointError naming it,
+    never copied into OUT."""
+    return None if path is None else checked_token_count(path, rows)
 
 
 # ----- the job ---------------------------------------------------------------------------------------------------
@@ -332,7 +327,7 @@ def split_model(hf_dir: Path, out: Path, options: SplitOptions) -> WriteReport:
     if dtype not in TORCH_DTYPES:
         raise ConfigError(f"{hf_dir}: weights are {dtype}; choose --dtype fp16, bf16 or fp32")
     target = NeoXTarget(config=config, tp_degree=options.tp, layout=options.layout, dtype=dtype, step=options.step,
-                        tokenizer_size=tokenizer_size(hf.tokenizer))
+                        tokenizer_size=tokenizer_size(hf.tokenizer, config.vocab_size))
     check_target(target, where=str(Path(hf_dir) / "config.json"))
     row_bias = resolve_row_bias("auto", config)
     torch_dtype = TORCH_DTYPES[dtype]

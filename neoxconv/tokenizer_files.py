@@ -54,6 +54,17 @@ def eos_token_id(path: Path) -> int | None:
     return found
 
 
+def checked_token_count(path: Path, rows: int | None) -> int | None:
+    """`token_count`, after every check merge makes of a tokenizer.json before using it: readable and well formed,
+    no more tokens than the embedding's ``rows`` (None: unknown), a valid ``<|endoftext|>`` id."""
+    tokens = token_count(path)
+    if tokens is not None and rows is not None and tokens > rows:
+        raise CheckpointError(f"{path}: has {tokens} tokens but the model's embedding has {rows} rows: "
+                              "not this model's tokenizer; pass the right one with --tokenizer FILE")
+    eos_token_id(path)
+    return tokens
+
+
 # GPT-NeoX takes no token_type_ids. Without this list transformers 4.x's PreTrainedTokenizerFast returns them
 # and `model.generate(**tok(text, return_tensors="pt"))` fails; 5.x already leaves them out.
 MODEL_INPUT_NAMES = ["input_ids", "attention_mask"]

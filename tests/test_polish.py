@@ -71,3 +71,48 @@ def test_an_empty_item_in_verify_ids_is_a_usage_error(merged, ids):
     r = _cli("verify", merged, "--ids", ids)
     assert r.exit_code == 2, r.output
     assert "--ids" in r.output and "empty item" in r.output and "Traceback" not in r.output
+
+
+@pytest.fixture(scope="module")
+def hf_model(tmp_path_factory) -> Path:
+    from test_split import _make_hf
+
+    return _make_hf(tmp_path_factory.mktemp("hf"))
+
+
+_BROKEN_TOKENIZERS = {
+    "not json": "{\"model\": {\"vocab\": ",
+    "no model": json.dumps({"added_tokens": []}),
+    "more tokens than rows": json.dumps({"model": {"vocab": {f"t{i}": i for i in range(600)}}}),
+    "bad eos id": json.dumps({"model": {"vocab": {"a": 1}}, "added_tokens": [{"id": "0", "content": "<|endoftext|>"}]}),
+}
+
+
+@pytest.mark.parametrize("how", ["next to HF_DIR", "--tokenizer"])
+@pytest.mark.parametrize("kind", sorted(_BROKEN_TOKENIZERS))
+def test_split_and_reshard_refuse_a_broken_tokenizer_as_merge_does(tmp_path, hf_model, kind, how):
+    # Before: split and reshard copied any tokenizer.json into OUT verbatim (merge refuses these with exit 4).
+    tok = tmp_path / "tokenizer.json"
+    tok.write_text(_BROKEN_TOKENIZERS[kind])
+    if how == "--tokenizer":
+        src, extra = hf_model, ("--tokenizer", tok)
+    else:
+        src, extra = tmp_path / "hf", ()
+        shutil.copytree(hf_model, src)
+        shutil.copy(tok, src / "tokenizer.json")
+        tok = src / "tokenizer.json"
+    out = tmp_path / "neox"
+    _one_line_error(_cli("split", "-q", "--tp", 2, *extra, src, out), 4, tok)
+    assert not (out / "configs").exists() and not (out / "tokenizer.json").exists()
+    if how == "--tokenizer" and kind != "more tokens than rows":  # reshard the committed NeoX fixture (more rows)
+        _one_line_error(_cli("reshard", "-q", "--tp", 1, "--tokenizer", tok, COMMITTED_FIXTURE, tmp_path / "re"), 4, tok)
+        assert not (tmp_path / "re" / "tokenizer.json").exists()
+
+
+def test_split_still_copies_a_good_tokenizer(tmp_path, hf_model):
+    src = tmp_path / "hf"
+    shutil.copytree(hf_model, src)
+    (src / "tokenizer.json").write_text(json.dumps({"model": {"vocab": {"<|endoftext|>": 0, "a": 1}}}))
+    r = _cli("split", "-q", "--tp", 2, src, tmp_path / "neox")
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "neox" / "tokenizer.json").read_bytes() == (src / "tokenizer.json").read_bytes()
