@@ -4,6 +4,7 @@ descriptions only (no tensor data is read)."""
 from __future__ import annotations
 
 import math
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -11,7 +12,9 @@ from typing import Any
 from neoxconv.checkpoint import open_checkpoint
 from neoxconv.convert import _output_names as output_names, checkpoint_qkv_layout, plan_checkpoint
 from neoxconv.dtypes import canonical_dtype
+from neoxconv.errors import OutputError
 from neoxconv.merge import resolve_row_bias
+from neoxconv.outdir import check_out_path
 from neoxconv.progress import format_bytes
 
 
@@ -24,6 +27,23 @@ def free_bytes(path: Path) -> tuple[Path, int]:
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
     return probe, shutil.disk_usage(probe).free
+
+
+def out_problem(out: Path) -> str | None:
+    """Why a merge could not create or write OUT (what it would refuse with exit 6), or None. Creates nothing."""
+    try:
+        check_out_path(out)
+    except OutputError as e:
+        return str(e)
+    path = Path(out).absolute()
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        return f"{out}: OUT cannot be created: {probe} is a file, not a folder; choose another OUT"
+    if not os.access(probe, os.W_OK | os.X_OK):
+        return f"{out}: OUT cannot be {'written' if probe == path else 'created'}: {probe} is not writable"
+    return None
 
 
 def inspect_checkpoint(src: Path, *, config_path: Path | None = None, out: Path | None = None,
@@ -74,6 +94,7 @@ def inspect_checkpoint(src: Path, *, config_path: Path | None = None, out: Path 
         result["out"] = str(out)
         result["out_free_bytes"] = free
         result["out_free_bytes_at"] = str(where)
+        result["out_problem"] = out_problem(out)  # a merge into OUT would fail (exit 6): out_fits is false
     if ckpt.missing_files:
         return result
     qkv = checkpoint_qkv_layout(ckpt, qkv_layout)
@@ -101,7 +122,7 @@ def inspect_checkpoint(src: Path, *, config_path: Path | None = None, out: Path 
         for file, plan in zip(output_names(len(plans)), plans) for t in plan.tensors
     ]
     if out is not None:
-        result["out_fits"] = result["out_free_bytes"] >= result["output_bytes"]
+        result["out_fits"] = result["out_problem"] is None and result["out_free_bytes"] >= result["output_bytes"]
     return result
 
 
@@ -142,9 +163,11 @@ def format_inspect(info: dict[str, Any]) -> str:
                  ("output bytes", f"{info['output_bytes']:,} ({format_bytes(info['output_bytes'])})")]
     if "out_free_bytes" in info:
         free = f"{info['out_free_bytes']:,} bytes ({format_bytes(info['out_free_bytes'])}) at {info['out_free_bytes_at']}"
-        if info.get("out_fits") is False:
+        if info.get("out_fits") is False and not info.get("out_problem"):
             free += "; NOT ENOUGH for the merge"
         rows.append(("free at OUT", free))
+        if info.get("out_problem"):
+            rows.append(("OUT", "UNUSABLE, a merge would fail: " + info["out_problem"]))
     lines = [f"{k:>18}: {show(v)}" for k, v in rows]
     if info["tensors"]:
         lines += ["", f"plan: {len(info['tensors'])} tensors (rule, dtype, shape, name <- source key, file)"]

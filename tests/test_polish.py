@@ -116,3 +116,25 @@ def test_split_still_copies_a_good_tokenizer(tmp_path, hf_model):
     r = _cli("split", "-q", "--tp", 2, src, tmp_path / "neox")
     assert r.exit_code == 0, r.output
     assert (tmp_path / "neox" / "tokenizer.json").read_bytes() == (src / "tokenizer.json").read_bytes()
+
+
+@pytest.mark.parametrize("as_json", [False, True])
+def test_inspect_reports_an_out_under_a_file_as_unusable(tmp_path, as_json):
+    # Before: inspect reported the free space at the file and said the merge fits; merge then failed with exit 6.
+    (tmp_path / "afile").write_text("not a folder\n")
+    out = tmp_path / "afile" / "sub"
+    assert _cli("merge", "-q", COMMITTED_FIXTURE, out).exit_code == 6
+    r = _cli("inspect", COMMITTED_FIXTURE, "--out", out, *(["--json"] if as_json else []))
+    assert r.exit_code == 0, r.output  # inspect reports, as for too little space; merge is what refuses
+    if as_json:
+        info = json.loads(r.stdout)
+        assert info["out_fits"] is False and "afile" in info["out_problem"] and "not a folder" in info["out_problem"]
+    else:
+        assert "UNUSABLE" in r.stdout and "not a folder" in r.stdout and "NOT ENOUGH" not in r.stdout
+    assert not out.exists()
+
+
+def test_inspect_says_a_usable_out_fits(tmp_path):
+    info = json.loads(_cli("inspect", COMMITTED_FIXTURE, "--out", tmp_path / "new" / "sub", "--json").stdout)
+    assert info["out_problem"] is None and info["out_fits"] is True
+    assert not (tmp_path / "new").exists()
