@@ -126,29 +126,42 @@ def test_a_second_merge_into_a_locked_output_is_refused_with_the_holders_pid(src
     assert not out.joinpath(".neoxconv.lock").exists()
 
 
-def test_two_real_merges_into_one_output(tmp_path):
-    from neoxconv.synthetic import SyntheticSpec, tiny_config, write_checkpoint
+# The first merge, through the real CLI, stops once its first weight file is open (header written, a temporary in
+# OUT) until its stdin gets a line: the second merge always meets a merge in progress, on any machine's speed.
+_PAUSED_MERGE = textwrap.dedent("""
+    import sys
+    from neoxconv import writer
+    from neoxconv.cli import main
+    real_enter, paused = writer.SafetensorsWriter.__enter__, []
+    def enter(self):
+        entered = real_enter(self)
+        if not paused:
+            paused.append(self.path)
+            print("paused", flush=True)
+            sys.stdin.readline()
+        return entered
+    writer.SafetensorsWriter.__enter__ = enter
+    main(sys.argv[1:], prog_name="neoxconv")
+""")
 
-    root = tmp_path / "big"
-    write_checkpoint(root, SyntheticSpec(tiny_config(hidden_size=256, num_heads=8, num_layers=6), tp_degree=2))
+
+def test_two_real_merges_into_one_output(src, tmp_path):
     clean = tmp_path / "clean"
-    merge_checkpoint(root, clean, MergeOptions(quiet=True))
+    merge_checkpoint(src, clean, MergeOptions(quiet=True))
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "neoxconv", "merge", str(root), str(out), "--quiet"]
-    first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
-    t0 = time.time()
-    def mid_merge():  # the first merge is writing a layer
-        return out.is_dir() and any(p.name.endswith(".safetensors.neoxconv-tmp") for p in out.iterdir())
-
-    while not mid_merge() and first.poll() is None and time.time() - t0 < 60:
-        time.sleep(0.0005)
-    second = subprocess.run(cmd, capture_output=True, text=True, env=_env())
-    first_err = first.communicate(timeout=120)[1]
+    args = ["merge", str(src), str(out), "--quiet"]
+    first = subprocess.Popen([sys.executable, "-c", _PAUSED_MERGE, *args], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+    try:
+        assert first.stdout.readline().strip() == "paused", "the first merge never reached its first weight file"
+        assert any(p.name.endswith(".safetensors.neoxconv-tmp") for p in out.iterdir())  # mid-merge
+        second = subprocess.run([sys.executable, "-m", "neoxconv", *args], capture_output=True, text=True,
+                                env=_env(), timeout=60)
+        assert second.returncode == 6 and f"(pid {first.pid})" in second.stderr, second.stderr
+    finally:
+        first_out, first_err = first.communicate("go\n", timeout=60)
     assert first.returncode == 0, first_err
-    if second.returncode == 0:
-        pytest.skip("the first merge finished before the second one started")
-    assert second.returncode == 6 and f"(pid {first.pid})" in second.stderr, second.stderr
-    assert _bytes(out) == _bytes(clean)  # the first merge's output is whole
+    assert _bytes(out) == _bytes(clean)  # the first merge's output is whole, untouched by the refused one
 
 
 # ----- tamper evidence -----------------------------------------------------------------------------------
