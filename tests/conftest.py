@@ -6,10 +6,12 @@ import os
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
+from neoxconv.cli import main  # noqa: E402
 from neoxconv.synthetic import SyntheticSpec, tiny_config, write_checkpoint  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -30,6 +32,27 @@ def find_real_tokenizer() -> Path | None:
 
 
 REAL_TOKENIZER = find_real_tokenizer()
+
+
+def cli(*args):
+    """Run the neoxconv CLI in-process; every argument goes in as ``str``."""
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def one_line_error(result, code, *words):
+    """Exit ``code``, one ``neoxconv: error:`` line naming ``words``, never an internal error."""
+    assert result.exit_code == code, (result.exit_code, result.output)
+    lines = [ln for ln in result.output.splitlines() if ln.startswith("neoxconv: ")]
+    assert len(lines) == 1 and lines[0].startswith("neoxconv: error: "), result.output
+    assert "internal error" not in result.output and "Traceback" not in result.output
+    for w in words:
+        assert str(w) in lines[0], (w, lines[0])
+    return lines[0]
+
+
+def subprocess_env() -> dict[str, str]:
+    """The environment for a ``python -m neoxconv`` subprocess: this checkout's neoxconv comes first."""
+    return {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
 
 
 @pytest.fixture(scope="session")

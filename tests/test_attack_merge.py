@@ -10,25 +10,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
-from neoxconv.cli import main
-
-from conftest import COMMITTED_FIXTURE, REPO
-
-
-def _cli(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def _one_line_error(result, code, *words):
-    assert result.exit_code == code, (result.exit_code, result.output)
-    lines = [ln for ln in result.output.splitlines() if ln.startswith("neoxconv: ")]
-    assert len(lines) == 1 and lines[0].startswith("neoxconv: error: "), result.output
-    assert "internal error" not in result.output and "Traceback" not in result.output
-    for w in words:
-        assert str(w) in lines[0], (w, lines[0])
-    return lines[0]
+from conftest import COMMITTED_FIXTURE, REPO, cli, one_line_error
 
 
 def _merge_subprocess(src: Path, out: Path, timeout: float = 60) -> subprocess.CompletedProcess:
@@ -60,14 +43,14 @@ def test_a_symlink_planted_as_the_lock_is_refused_and_nothing_outside_out_is_tou
 def test_a_directory_planted_as_the_lock_is_named(tmp_path):
     out = tmp_path / "out"
     (out / ".neoxconv.lock").mkdir(parents=True)
-    _one_line_error(_cli("merge", "-q", COMMITTED_FIXTURE, out), 6, ".neoxconv.lock", "is a directory")
+    one_line_error(cli("merge", "-q", COMMITTED_FIXTURE, out), 6, ".neoxconv.lock", "is a directory")
 
 
 def test_a_stale_lock_file_of_a_dead_pid_is_taken_over(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / ".neoxconv.lock").write_text("999999999\n")  # a SIGKILLed merge leaves it behind, unlocked
-    r = _cli("merge", "-q", COMMITTED_FIXTURE, out)
+    r = cli("merge", "-q", COMMITTED_FIXTURE, out)
     assert r.exit_code == 0, r.output
     assert not (out / ".neoxconv.lock").exists() and (out / "neoxconv.json").is_file()
 
@@ -75,7 +58,7 @@ def test_a_stale_lock_file_of_a_dead_pid_is_taken_over(tmp_path):
 def test_synth_of_a_size_that_does_not_fit_on_disk_is_refused_before_writing(tmp_path):
     # Before: torch tried to allocate 512 GB and the CLI printed "internal error: RuntimeError".
     out = tmp_path / "ckpt"
-    _one_line_error(_cli("synth", out, "--hidden", 1_000_000_000, "--heads", 4, "--vocab", 128, "--layers", 1),
+    one_line_error(cli("synth", out, "--hidden", 1_000_000_000, "--heads", 4, "--vocab", 128, "--layers", 1),
                     6, str(out), "free")
     assert not out.exists()
 
@@ -83,14 +66,14 @@ def test_synth_of_a_size_that_does_not_fit_on_disk_is_refused_before_writing(tmp
 def test_synth_of_a_size_that_does_not_fit_in_memory_is_refused_before_writing(tmp_path, monkeypatch):
     monkeypatch.setattr("neoxconv.placement._meminfo", lambda key: 1 << 20)  # 1 MiB available
     out = tmp_path / "ckpt"
-    _one_line_error(_cli("synth", out, "--hidden", 256, "--heads", 4, "--vocab", 1024, "--layers", 1,
+    one_line_error(cli("synth", out, "--hidden", 256, "--heads", 4, "--vocab", 1024, "--layers", 1,
                          "--layout", "sequential"), 2, "memory", "--layout pipeline")
     assert not out.exists()
 
 
 def test_synth_heads_zero_is_an_error_not_the_default(tmp_path):
     # Before: --heads 0 was read as "not given" and the error talked about "--heads 1".
-    _one_line_error(_cli("synth", tmp_path / "c", "--hidden", 64, "--heads", 0), 2, "num_heads", "got 0")
+    one_line_error(cli("synth", tmp_path / "c", "--hidden", 64, "--heads", 0), 2, "num_heads", "got 0")
 
 
 def test_llama_blocks_of_different_key_generations_are_refused(tmp_path):
@@ -107,7 +90,7 @@ def test_llama_blocks_of_different_key_generations_are_refused(tmp_path):
         name = f"layer_03-model_{r:02d}-model_states.pt"
         shutil.copyfile(tmp_path / "new" / "global_step10" / name, tmp_path / "old" / "global_step10" / name)
     for cmd in (("merge", "-q", tmp_path / "old", tmp_path / "out"), ("inspect", tmp_path / "old")):
-        _one_line_error(_cli(*cmd), 4, "layer_03", "w1/w2/w3", "linear1/linear2")
+        one_line_error(cli(*cmd), 4, "layer_03", "w1/w2/w3", "linear1/linear2")
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").glob("*.safetensors"))
 
 
@@ -119,7 +102,7 @@ def test_a_bad_latest_file_is_a_one_line_checkpoint_error(tmp_path, content):
     shutil.copytree(COMMITTED_FIXTURE, src)
     (src / "latest").write_bytes(content)
     for cmd in (("inspect", src), ("merge", "-q", src, tmp_path / "out")):
-        line = _one_line_error(_cli(*cmd), 4, "latest", "pass the step folder itself as SRC")
+        line = one_line_error(cli(*cmd), 4, "latest", "pass the step folder itself as SRC")
         assert "\n" not in line
 
 
@@ -134,7 +117,7 @@ def test_a_non_whole_number_in_the_neox_yaml_is_a_config_error(tmp_path, line):
     end = text.rindex("}")
     yml.write_text(text[:end] + "  " + line + "\n" + text[end:])  # after the key it overrides (last wins)
     for cmd in (("inspect", src), ("merge", "-q", src, tmp_path / "out")):
-        _one_line_error(_cli(*cmd), 3, yml.name, "whole number", line.split('"')[1].replace("_", "-"))
+        one_line_error(cli(*cmd), 3, yml.name, "whole number", line.split('"')[1].replace("_", "-"))
 
 
 def _view_heavy(tmp_path, layers=12):
@@ -159,13 +142,13 @@ def test_reshard_of_a_view_heavy_checkpoint_reads_each_shared_storage_once(tmp_p
         return pread(self, st, start, view)
 
     monkeypatch.setattr(storage.SourceReader, "_pread", counting)
-    r = _cli("reshard", "-q", root, tmp_path / "out", "--tp", 1)
+    r = cli("reshard", "-q", root, tmp_path / "out", "--tp", 1)
     assert r.exit_code == 0, r.output
     source = sum(p.stat().st_size for p in files)
     assert read[0] <= 2.2 * source, f"read {read[0]} bytes for {source} ({read[0] / source:.1f}x)"
     # and the result is the merge of the source, bit for bit
-    assert _cli("merge", "-q", root, tmp_path / "m1").exit_code == 0
-    assert _cli("merge", "-q", tmp_path / "out", tmp_path / "m2").exit_code == 0
+    assert cli("merge", "-q", root, tmp_path / "m1").exit_code == 0
+    assert cli("merge", "-q", tmp_path / "out", tmp_path / "m2").exit_code == 0
     for f in sorted((tmp_path / "m1").glob("*.safetensors")):
         assert f.read_bytes() == (tmp_path / "m2" / f.name).read_bytes(), f.name
 
@@ -175,7 +158,7 @@ def test_reshard_of_a_corrupt_flat_buffer_fails_before_writing(tmp_path):
     data = bytearray(files[1].read_bytes())
     data[len(data) // 2] ^= 0x10  # inside rank 1's flat buffer
     files[1].write_bytes(bytes(data))
-    _one_line_error(_cli("reshard", "-q", root, tmp_path / "out", "--tp", 1), 4, files[1].name, "CRC-32")
+    one_line_error(cli("reshard", "-q", root, tmp_path / "out", "--tp", 1), 4, files[1].name, "CRC-32")
     out = tmp_path / "out"
     assert not out.exists() or not any(out.rglob("*.pt"))
 
@@ -220,7 +203,7 @@ def test_a_storage_entry_redirected_to_another_storages_bytes_fails_its_own_crc(
     shutil.copytree(COMMITTED_FIXTURE, src)
     victim = src / "global_step150000" / "layer_02-model_01-model_states.pt"
     _redirect_member(victim, "attention.dense.bias", "input_layernorm.bias")  # a summed row bias: no replica check
-    _one_line_error(_cli("merge", "-q", src, tmp_path / "out"), 4, victim.name, "CRC-32")
+    one_line_error(cli("merge", "-q", src, tmp_path / "out"), 4, victim.name, "CRC-32")
 
 
 def _tokenizer(path: Path, n: int) -> Path:
@@ -237,11 +220,11 @@ def test_a_tokenizer_bigger_than_the_embedding_is_refused(tmp_path):
     # failed on the output ("token ids ... are outside the vocabulary"). synth wrote such a pair too.
     rows = 512  # the committed fixture's padded vocabulary (2 ranks x 256)
     big = _tokenizer(tmp_path / "tok.json", rows + 1)
-    _one_line_error(_cli("merge", "-q", COMMITTED_FIXTURE, tmp_path / "out", "--tokenizer", big), 4,
+    one_line_error(cli("merge", "-q", COMMITTED_FIXTURE, tmp_path / "out", "--tokenizer", big), 4,
                     "tok.json", f"{rows + 1} tokens", f"{rows} rows", "--tokenizer")
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
     fits = _tokenizer(tmp_path / "fits.json", rows)
-    r = _cli("merge", "-q", COMMITTED_FIXTURE, tmp_path / "out2", "--tokenizer", fits)
+    r = cli("merge", "-q", COMMITTED_FIXTURE, tmp_path / "out2", "--tokenizer", fits)
     assert r.exit_code == 0, r.output
-    _one_line_error(_cli("synth", tmp_path / "c", "--hidden", 64, "--heads", 4, "--vocab", 128, "--tokenizer",
+    one_line_error(cli("synth", tmp_path / "c", "--hidden", 64, "--heads", 4, "--vocab", 128, "--tokenizer",
                          _tokenizer(tmp_path / "t200.json", 200)), 2, "200 tokens", "--vocab 128")

@@ -7,32 +7,15 @@ import shutil
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
-from neoxconv.cli import main
-
-from conftest import COMMITTED_FIXTURE
-
-
-def _cli(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def _one_line_error(result, code, *words):
-    assert result.exit_code == code, (result.exit_code, result.output)
-    lines = [ln for ln in result.output.splitlines() if ln.startswith("neoxconv: ")]
-    assert len(lines) == 1 and lines[0].startswith("neoxconv: error: "), result.output
-    assert "internal error" not in result.output and "Traceback" not in result.output
-    for w in words:
-        assert str(w) in lines[0], (w, lines[0])
-    return lines[0]
+from conftest import COMMITTED_FIXTURE, cli, one_line_error
 
 
 @pytest.fixture(scope="module")
 def merged(tmp_path_factory) -> Path:
     """The committed fixture merged once: a real config.json and a complete output to attack."""
     out = tmp_path_factory.mktemp("merged") / "out"
-    r = _cli("merge", "-q", COMMITTED_FIXTURE, out)
+    r = cli("merge", "-q", COMMITTED_FIXTURE, out)
     assert r.exit_code == 0, r.output
     return out
 
@@ -47,8 +30,8 @@ def test_a_non_whole_number_in_a_hugging_face_config_is_a_config_error(tmp_path,
         cfg = {**cfg, "model_type": "llama", "hidden_act": "silu"}
     path = tmp_path / "config.json"
     path.write_text(json.dumps({**cfg, key: value}))
-    r = _cli("merge", "-q", "--config", path, COMMITTED_FIXTURE, tmp_path / "out")
-    _one_line_error(r, 3, path.name, key, "whole number", repr(value))
+    r = cli("merge", "-q", "--config", path, COMMITTED_FIXTURE, tmp_path / "out")
+    one_line_error(r, 3, path.name, key, "whole number", repr(value))
     assert not (tmp_path / "out" / "neoxconv.json").exists()
 
 
@@ -61,14 +44,14 @@ def test_a_directory_in_place_of_the_manifest_is_an_output_error(tmp_path, merge
         (out / "neoxconv.json").unlink()
     (out / "neoxconv.json").mkdir(parents=True)
     (out / "neoxconv.json" / "keep.txt").write_text("mine\n")
-    _one_line_error(_cli("merge", "-q", "--force", COMMITTED_FIXTURE, out), 6, out / "neoxconv.json", "directory")
+    one_line_error(cli("merge", "-q", "--force", COMMITTED_FIXTURE, out), 6, out / "neoxconv.json", "directory")
     assert (out / "neoxconv.json" / "keep.txt").read_text() == "mine\n"
 
 
 @pytest.mark.parametrize("ids", ["1,,2", "1,2,", ",1", " , "])
 def test_an_empty_item_in_verify_ids_is_a_usage_error(merged, ids):
     # Before: "1,,2" was read as [1, 2] (the lost id dropped silently).
-    r = _cli("verify", merged, "--ids", ids)
+    r = cli("verify", merged, "--ids", ids)
     assert r.exit_code == 2, r.output
     assert "--ids" in r.output and "empty item" in r.output and "Traceback" not in r.output
 
@@ -102,10 +85,10 @@ def test_split_and_reshard_refuse_a_broken_tokenizer_as_merge_does(tmp_path, hf_
         shutil.copy(tok, src / "tokenizer.json")
         tok = src / "tokenizer.json"
     out = tmp_path / "neox"
-    _one_line_error(_cli("split", "-q", "--tp", 2, *extra, src, out), 4, tok)
+    one_line_error(cli("split", "-q", "--tp", 2, *extra, src, out), 4, tok)
     assert not (out / "configs").exists() and not (out / "tokenizer.json").exists()
     if how == "--tokenizer" and kind != "more tokens than rows":  # reshard the committed NeoX fixture (more rows)
-        _one_line_error(_cli("reshard", "-q", "--tp", 1, "--tokenizer", tok, COMMITTED_FIXTURE, tmp_path / "re"), 4, tok)
+        one_line_error(cli("reshard", "-q", "--tp", 1, "--tokenizer", tok, COMMITTED_FIXTURE, tmp_path / "re"), 4, tok)
         assert not (tmp_path / "re" / "tokenizer.json").exists()
 
 
@@ -113,7 +96,7 @@ def test_split_still_copies_a_good_tokenizer(tmp_path, hf_model):
     src = tmp_path / "hf"
     shutil.copytree(hf_model, src)
     (src / "tokenizer.json").write_text(json.dumps({"model": {"vocab": {"<|endoftext|>": 0, "a": 1}}}))
-    r = _cli("split", "-q", "--tp", 2, src, tmp_path / "neox")
+    r = cli("split", "-q", "--tp", 2, src, tmp_path / "neox")
     assert r.exit_code == 0, r.output
     assert (tmp_path / "neox" / "tokenizer.json").read_bytes() == (src / "tokenizer.json").read_bytes()
 
@@ -123,8 +106,8 @@ def test_inspect_reports_an_out_under_a_file_as_unusable(tmp_path, as_json):
     # Before: inspect reported the free space at the file and said the merge fits; merge then failed with exit 6.
     (tmp_path / "afile").write_text("not a folder\n")
     out = tmp_path / "afile" / "sub"
-    assert _cli("merge", "-q", COMMITTED_FIXTURE, out).exit_code == 6
-    r = _cli("inspect", COMMITTED_FIXTURE, "--out", out, *(["--json"] if as_json else []))
+    assert cli("merge", "-q", COMMITTED_FIXTURE, out).exit_code == 6
+    r = cli("inspect", COMMITTED_FIXTURE, "--out", out, *(["--json"] if as_json else []))
     assert r.exit_code == 0, r.output  # inspect reports, as for too little space; merge is what refuses
     if as_json:
         info = json.loads(r.stdout)
@@ -135,6 +118,6 @@ def test_inspect_reports_an_out_under_a_file_as_unusable(tmp_path, as_json):
 
 
 def test_inspect_says_a_usable_out_fits(tmp_path):
-    info = json.loads(_cli("inspect", COMMITTED_FIXTURE, "--out", tmp_path / "new" / "sub", "--json").stdout)
+    info = json.loads(cli("inspect", COMMITTED_FIXTURE, "--out", tmp_path / "new" / "sub", "--json").stdout)
     assert info["out_problem"] is None and info["out_fits"] is True
     assert not (tmp_path / "new").exists()

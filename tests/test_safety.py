@@ -15,32 +15,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
 
 from neoxconv import writer
-from neoxconv.cli import main
 from neoxconv.convert import MergeOptions, merge_checkpoint
 from neoxconv.integrity import check_output, load_config
 
-from conftest import COMMITTED_FIXTURE, REPO
+from conftest import COMMITTED_FIXTURE, cli, one_line_error, subprocess_env
 
 STEP = "global_step150000"
 VERIFY = ("--ids", "1,2,3", "--max-new-tokens", "2", "--device", "cpu", "--quiet")
-
-
-def _cli(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def _one_line_error(result, code, *words):
-    """Exit ``code``, one ``neoxconv: error:`` line naming ``words``, never an internal error."""
-    assert result.exit_code == code, (result.exit_code, result.output)
-    lines = [ln for ln in result.output.splitlines() if ln.startswith("neoxconv: ")]
-    assert len(lines) == 1 and lines[0].startswith("neoxconv: error: "), result.output
-    assert "internal error" not in result.output and "Traceback" not in result.output
-    for w in words:
-        assert str(w) in lines[0], (w, lines[0])
-    return lines[0]
 
 
 def _bytes(folder: Path) -> dict[str, bytes]:
@@ -69,7 +52,7 @@ def copy(merged, tmp_path):
 # ----- resume after the source changed -------------------------------------------------------------------
 def test_resume_redoes_a_layer_file_replaced_by_a_same_size_different_one(src, tmp_path):
     out = tmp_path / "out"
-    assert _cli("merge", src, out).exit_code == 0
+    assert cli("merge", src, out).exit_code == 0
     victim = src / STEP / "layer_03-model_01-model_states.pt"
     before = victim.stat()
     d = torch.load(victim, weights_only=True)
@@ -78,15 +61,15 @@ def test_resume_redoes_a_layer_file_replaced_by_a_same_size_different_one(src, t
     os.utime(victim, ns=(before.st_atime_ns, before.st_mtime_ns))  # even with the old mtime (cp -p, rsync -t)
     assert victim.stat().st_size == before.st_size and victim.stat().st_mtime_ns == before.st_mtime_ns
 
-    result = _cli("merge", src, out)
+    result = cli("merge", src, out)
     assert result.exit_code == 0, result.output
     assert "1 file(s) written" in result.output and "reused" in result.output  # exactly the layer that changed
     fresh = tmp_path / "fresh"
-    assert _cli("merge", src, fresh).exit_code == 0
+    assert cli("merge", src, fresh).exit_code == 0
     assert _bytes(out) == _bytes(fresh)  # manifest included
     # and a touched but unchanged file is redone too (mtime is part of the proof), nothing else
     os.utime(src / STEP / "layer_05-model_00-model_states.pt")
-    assert "1 file(s) written" in _cli("merge", src, out).output
+    assert "1 file(s) written" in cli("merge", src, out).output
 
 
 # ----- one merge at a time -------------------------------------------------------------------------------
@@ -99,19 +82,15 @@ _HOLD_LOCK = textwrap.dedent("""
 """)
 
 
-def _env():
-    return {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-
-
 def test_a_second_merge_into_a_locked_output_is_refused_with_the_holders_pid(src, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     holder = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(out)], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, text=True, env=_env())
+                              stdout=subprocess.PIPE, text=True, env=subprocess_env())
     try:
         assert holder.stdout.readline().strip() == "locked"
         second = subprocess.run([sys.executable, "-m", "neoxconv", "merge", str(src), str(out), "--quiet"],
-                                capture_output=True, text=True, env=_env())
+                                capture_output=True, text=True, env=subprocess_env())
         assert second.returncode == 6, second.stderr
         assert f"another neoxconv merge (pid {holder.pid}) is writing into this folder" in second.stderr
         assert "Traceback" not in second.stderr
@@ -121,7 +100,7 @@ def test_a_second_merge_into_a_locked_output_is_refused_with_the_holders_pid(src
         holder.wait(timeout=30)
     assert not out.joinpath(".neoxconv.lock").exists()  # released and removed
     again = subprocess.run([sys.executable, "-m", "neoxconv", "merge", str(src), str(out), "--quiet"],
-                           capture_output=True, text=True, env=_env())
+                           capture_output=True, text=True, env=subprocess_env())
     assert again.returncode == 0, again.stderr
     assert not out.joinpath(".neoxconv.lock").exists()
 
@@ -151,12 +130,12 @@ def test_two_real_merges_into_one_output(src, tmp_path):
     out = tmp_path / "out"
     args = ["merge", str(src), str(out), "--quiet"]
     first = subprocess.Popen([sys.executable, "-c", _PAUSED_MERGE, *args], stdin=subprocess.PIPE,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=subprocess_env())
     try:
         assert first.stdout.readline().strip() == "paused", "the first merge never reached its first weight file"
         assert any(p.name.endswith(".safetensors.neoxconv-tmp") for p in out.iterdir())  # mid-merge
         second = subprocess.run([sys.executable, "-m", "neoxconv", *args], capture_output=True, text=True,
-                                env=_env(), timeout=60)
+                                env=subprocess_env(), timeout=60)
         assert second.returncode == 6 and f"(pid {first.pid})" in second.stderr, second.stderr
     finally:
         first_out, first_err = first.communicate("go\n", timeout=60)
@@ -179,17 +158,17 @@ def test_verify_hashes_the_index_an_index_redirected_to_an_added_file_fails(copy
     redirected = json.dumps(index, indent=2) + "\n"  # same size as before: only a hash can tell
     assert len(redirected) == (copy / "model.safetensors.index.json").stat().st_size
     (copy / "model.safetensors.index.json").write_text(redirected)
-    _one_line_error(_cli("verify", copy, *VERIFY), 7, "model.safetensors.index.json: blake3 differs",
+    one_line_error(cli("verify", copy, *VERIFY), 7, "model.safetensors.index.json: blake3 differs",
                     "model-00099-of-00099.safetensors, which the manifest does not list")
 
 
 def test_a_folder_without_manifest_fails_integrity_unless_no_manifest(copy):
     (copy / "neoxconv.json").unlink()
-    _one_line_error(_cli("verify", copy, *VERIFY), 7, "no neoxconv.json", "--no-manifest")
+    one_line_error(cli("verify", copy, *VERIFY), 7, "no neoxconv.json", "--no-manifest")
     (copy / ".neoxconv-journal.json").write_text("{}")  # an interrupted merge says so
-    _one_line_error(_cli("verify", copy, *VERIFY), 7, "the merge was interrupted; re-run it")
+    one_line_error(cli("verify", copy, *VERIFY), 7, "the merge was interrupted; re-run it")
     (copy / ".neoxconv-journal.json").unlink()
-    result = _cli("verify", copy, *VERIFY, "--no-manifest")
+    result = cli("verify", copy, *VERIFY, "--no-manifest")
     assert result.exit_code == 0, result.output
     assert "NOT proven: file contents" in result.output  # the report says what was not proven
 
@@ -199,7 +178,7 @@ def test_small_files_are_hashed_even_above_the_weight_hashing_threshold(copy):
     assert "small files' hashes" in report.summary() and "NOT proven: the" in report.summary()
     text = (copy / "config.json").read_text()  # rotary base 10000 -> 10, the file keeps its size
     (copy / "config.json").write_text(text.replace('"rotary_emb_base": 10000.0', '"rotary_emb_base": 10.0000'))
-    _one_line_error(_cli("verify", copy, *VERIFY, "--no-check-hashes"), 7, "config.json: blake3 differs")
+    one_line_error(cli("verify", copy, *VERIFY, "--no-check-hashes"), 7, "config.json: blake3 differs")
 
 
 @pytest.mark.parametrize("where", ["check", "write"])
@@ -229,7 +208,7 @@ def test_ctrl_c_in_a_no_op_rerun_never_leaves_the_output_without_its_manifest(co
         check_output(copy, load_config(copy), hashes=True)  # the folder still proves itself
         if not stopped:
             break
-    assert _cli("verify", copy, *VERIFY).exit_code == 0
+    assert cli("verify", copy, *VERIFY).exit_code == 0
 
 
 # ----- output folder safety ------------------------------------------------------------------------------
@@ -239,9 +218,9 @@ def test_a_foreign_output_folder_loses_nothing_not_even_files_named_like_our_tem
     mine = {"notes.txt": b"mine", ".draft.neoxconv-tmp": b"my draft", ".neoxconv-tmp": b"also mine"}
     for name, data in mine.items():
         (out / name).write_bytes(data)
-    _one_line_error(_cli("merge", COMMITTED_FIXTURE, out), 6, "not empty", "--force")
+    one_line_error(cli("merge", COMMITTED_FIXTURE, out), 6, "not empty", "--force")
     assert _bytes(out) == mine  # refused before anything was deleted
-    assert _cli("merge", COMMITTED_FIXTURE, out, "--force").exit_code == 0
+    assert cli("merge", COMMITTED_FIXTURE, out, "--force").exit_code == 0
     assert {k: _bytes(out)[k] for k in mine} == mine
 
 
@@ -255,12 +234,12 @@ def test_force_deletes_only_listed_files_named_like_neoxconvs_outputs(tmp_path):
                "layers": {"precious.txt": {}, "../outside.txt": {}, "model-00001-of-00009.safetensors.bak": {}},
                "files": {"precious.txt": {}, "/etc/hostname": {}}}
     (out / "neoxconv.json").write_text(json.dumps(planted))
-    _one_line_error(_cli("merge", COMMITTED_FIXTURE, out), 6, "different source", "--force")
-    assert _cli("merge", COMMITTED_FIXTURE, out, "--force").exit_code == 0
+    one_line_error(cli("merge", COMMITTED_FIXTURE, out), 6, "different source", "--force")
+    assert cli("merge", COMMITTED_FIXTURE, out, "--force").exit_code == 0
     assert (out / "precious.txt").read_text() == "precious"
     assert (tmp_path / "outside.txt").read_text() == "outside"
     assert (out / "model-00001-of-00009.safetensors.bak").read_text() == "backup"
-    assert _cli("verify", out, *VERIFY).exit_code == 0
+    assert cli("verify", out, *VERIFY).exit_code == 0
 
 
 # ----- resource bounds -----------------------------------------------------------------------------------
@@ -269,18 +248,18 @@ def test_a_config_with_absurd_num_layers_is_fast_and_its_errors_short(src, num_l
     yml = src / "configs" / "model.yml"
     yml.write_text(yml.read_text().replace('"num-layers": 2,', f'"num-layers": {num_layers},'))
     t0 = time.perf_counter()
-    inspect = _cli("inspect", src, "--json")
-    merge = _cli("merge", src, src.parent / "out")
+    inspect = cli("inspect", src, "--json")
+    merge = cli("merge", src, src.parent / "out")
     assert time.perf_counter() - t0 < 10
     if code is None:  # plausible but wrong: inspect lists a few missing files and a count; merge names a few
         info = json.loads(inspect.stdout)
         assert info["files_missing_count"] == 2 * (num_layers + 3) - 10  # expected files minus the 10 there
         assert len(info["files_missing"]) <= 20
-        _one_line_error(inspect, 4, f"{info['files_missing_count']} rank file(s) missing", "more")
-        line = _one_line_error(merge, 4, "missing layer_04-model_00-model_states.pt", "more")
+        one_line_error(inspect, 4, f"{info['files_missing_count']} rank file(s) missing", "more")
+        line = one_line_error(merge, 4, "missing layer_04-model_00-model_states.pt", "more")
     else:
-        _one_line_error(inspect, 3, "num_layers", "implausible")
-        line = _one_line_error(merge, 3, "num_layers", "implausible")
+        one_line_error(inspect, 3, "num_layers", "implausible")
+        line = one_line_error(merge, 3, "num_layers", "implausible")
     assert len(line) < 1000
 
 
@@ -290,9 +269,9 @@ def test_huge_max_position_embeddings_does_not_allocate_huge_rope_tables(src, tm
               "use_parallel_residual": True, "hidden_act": "gelu_fast", "layer_norm_eps": 1e-5}
     (tmp_path / "config.json").write_text(json.dumps(config))
     out = tmp_path / "out"
-    assert _cli("merge", src, out, "--config", tmp_path / "config.json").exit_code == 0
+    assert cli("merge", src, out, "--config", tmp_path / "config.json").exit_code == 0
     result = subprocess.run([sys.executable, "-m", "neoxconv", "verify", str(out), *VERIFY, "--json"],
-                            capture_output=True, text=True, env=_env())
+                            capture_output=True, text=True, env=subprocess_env())
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["peak_memory_bytes"] < 3 << 30  # the old tables alone: 2e8 x 4 x 4 B x 2 = 6.4 GB
@@ -307,12 +286,12 @@ def test_huge_max_position_embeddings_does_not_allocate_huge_rope_tables(src, tm
 # ----- errors that used to escape as internal errors -----------------------------------------------------
 def test_out_is_a_file(tmp_path):
     (tmp_path / "out").write_text("a file")
-    _one_line_error(_cli("merge", COMMITTED_FIXTURE, tmp_path / "out"), 6, "OUT is a file, not a folder")
+    one_line_error(cli("merge", COMMITTED_FIXTURE, tmp_path / "out"), 6, "OUT is a file, not a folder")
 
 
 def test_out_is_a_dangling_symlink(tmp_path):
     (tmp_path / "out").symlink_to(tmp_path / "nowhere")
-    _one_line_error(_cli("merge", COMMITTED_FIXTURE, tmp_path / "out"), 6, "dangling symlink", "nowhere")
+    one_line_error(cli("merge", COMMITTED_FIXTURE, tmp_path / "out"), 6, "dangling symlink", "nowhere")
 
 
 def test_out_on_a_read_only_filesystem(tmp_path, monkeypatch):
@@ -324,7 +303,7 @@ def test_out_on_a_read_only_filesystem(tmp_path, monkeypatch):
     probe = ["unshare", "-rm", "sh", "-c", f"mount -t tmpfs -o ro tmpfs {ro}"]
     real = shutil.which("unshare") and subprocess.run(probe, capture_output=True).returncode == 0
     if real:
-        result = subprocess.run(["unshare", "-rm", "sh", "-c", script], capture_output=True, text=True, env=_env())
+        result = subprocess.run(["unshare", "-rm", "sh", "-c", script], capture_output=True, text=True, env=subprocess_env())
         assert result.returncode == 6, result.stderr
         assert f"{ro}/out" in result.stderr and "Read-only file system" in result.stderr
         assert "internal error" not in result.stderr
@@ -340,7 +319,7 @@ def test_out_on_a_read_only_filesystem(tmp_path, monkeypatch):
         return real_open(path, flags, *args, **kwargs)
 
     monkeypatch.setattr(os, "open", read_only)
-    _one_line_error(_cli("merge", COMMITTED_FIXTURE, ro / "out"), 6, ro / "out", "Read-only file system")
+    one_line_error(cli("merge", COMMITTED_FIXTURE, ro / "out"), 6, ro / "out", "Read-only file system")
 
 
 def _deep(n):
@@ -360,7 +339,7 @@ def _deep(n):
 def test_hostile_tokenizer_json(tmp_path, content):
     tok = tmp_path / "tokenizer.json"
     tok.write_bytes(content if isinstance(content, bytes) else content.encode())
-    _one_line_error(_cli("merge", COMMITTED_FIXTURE, tmp_path / "out", "--tokenizer", tok), 4, tok)
+    one_line_error(cli("merge", COMMITTED_FIXTURE, tmp_path / "out", "--tokenizer", tok), 4, tok)
 
 
 @pytest.mark.parametrize("change, words", [
@@ -378,22 +357,22 @@ def test_bad_config_values_are_config_errors(tmp_path, merged, change, words):
     config.update(change)
     path = tmp_path / "config.json"
     path.write_text(json.dumps(config))  # Python writes NaN / Infinity, as a careless tool would
-    _one_line_error(_cli("merge", COMMITTED_FIXTURE, tmp_path / "out", "--config", path), 3, path, *words)
+    one_line_error(cli("merge", COMMITTED_FIXTURE, tmp_path / "out", "--config", path), 3, path, *words)
     out = tmp_path / "copy"  # the same config.json inside a merged folder: verify says exit 3 too
     shutil.copytree(merged, out)
     shutil.copy(path, out / "config.json")
-    _one_line_error(_cli("verify", out, *VERIFY), 3, "config.json", *words)
+    one_line_error(cli("verify", out, *VERIFY), 3, "config.json", *words)
 
 
 def test_nan_in_a_neox_yaml_is_a_config_error(src):
     yml = src / "configs" / "model.yml"
     yml.write_text(yml.read_text().replace('"layernorm-epsilon": 1e-05,', '"layernorm-epsilon": .nan,'))
-    _one_line_error(_cli("merge", src, src.parent / "out"), 3, "model.yml", "layernorm_eps")
+    one_line_error(cli("merge", src, src.parent / "out"), 3, "model.yml", "layernorm_eps")
 
 
 @pytest.mark.parametrize("tolerance", ["nan", "inf", "-1"])
 def test_a_non_finite_replica_tolerance_is_a_usage_error(tmp_path, tolerance):
-    _one_line_error(_cli("merge", COMMITTED_FIXTURE, tmp_path / "out", "--replica-tolerance", tolerance), 2,
+    one_line_error(cli("merge", COMMITTED_FIXTURE, tmp_path / "out", "--replica-tolerance", tolerance), 2,
                     "--replica-tolerance")
     assert not (tmp_path / "out").exists()
 
@@ -426,20 +405,20 @@ def test_overlapping_safetensors_offsets_are_a_verification_error(copy):
     assert len(new) == n
     victim.write_bytes(raw[:8] + new + raw[8 + n:])
     (copy / "neoxconv.json").unlink()  # headers only: the layout check itself must catch it
-    _one_line_error(_cli("verify", copy, *VERIFY, "--no-manifest"), 7, victim.name, "overlaps")
+    one_line_error(cli("verify", copy, *VERIFY, "--no-manifest"), 7, victim.name, "overlaps")
 
 
 def test_an_output_of_the_previous_manifest_format_is_redone_not_refused(tmp_path):
     """Manifests without per-layer fingerprints (files listed with sizes) prove nothing: every layer is redone."""
     out = tmp_path / "out"
-    assert _cli("merge", COMMITTED_FIXTURE, out).exit_code == 0
+    assert cli("merge", COMMITTED_FIXTURE, out).exit_code == 0
     want = _bytes(out)
     manifest = json.loads((out / "neoxconv.json").read_text())
     manifest["source"]["files"] = [{"name": n, "size": 1} for n in manifest["source"]["files"]]
     for entry in manifest["layers"].values():
         del entry["source_fingerprint"]
     (out / "neoxconv.json").write_text(json.dumps(manifest))
-    result = _cli("merge", COMMITTED_FIXTURE, out)
+    result = cli("merge", COMMITTED_FIXTURE, out)
     assert result.exit_code == 0, result.output
     assert f"{len(manifest['layers'])} file(s) written" in result.output
     assert _bytes(out) == want

@@ -16,37 +16,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
 
 from neoxconv import writer
-from neoxconv.cli import main
 
-from conftest import REPO
+from conftest import cli, one_line_error, subprocess_env
 from test_split import _make_hf
 
 MANIFEST = "neoxconv-neox.json"
 
 
-def _cli(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def _one_line_error(result, code, *words):
-    assert result.exit_code == code, (result.exit_code, result.output)
-    lines = [ln for ln in result.output.splitlines() if ln.startswith("neoxconv: ")]
-    assert len(lines) == 1 and lines[0].startswith("neoxconv: error: "), result.output
-    assert "internal error" not in result.output and "Traceback" not in result.output
-    for w in words:
-        assert str(w) in lines[0], (w, lines[0])
-    return lines[0]
-
-
 def _tree(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def _env():
-    return {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
 
 
 def _assert_manifest_proves(out: Path) -> None:
@@ -91,11 +71,11 @@ def test_a_second_run_into_a_locked_output_is_refused_with_the_holders_pid(comma
     out = tmp_path / "out"
     out.mkdir()
     holder = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(out), name], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, text=True, env=_env())
+                              stdout=subprocess.PIPE, text=True, env=subprocess_env())
     try:
         assert holder.stdout.readline().strip() == "locked"
         second = subprocess.run([sys.executable, "-m", "neoxconv", name, str(src), str(out), "--tp", "2", "-q"],
-                                capture_output=True, text=True, env=_env())
+                                capture_output=True, text=True, env=subprocess_env())
         assert second.returncode == 6, second.stderr
         assert f"another neoxconv {name} (pid {holder.pid}) is writing into this folder" in second.stderr
         assert "Traceback" not in second.stderr
@@ -103,7 +83,7 @@ def test_a_second_run_into_a_locked_output_is_refused_with_the_holders_pid(comma
     finally:
         holder.stdin.close()
         holder.wait(timeout=30)
-    assert _cli(name, src, out, "--tp", "2", "-q").exit_code == 0
+    assert cli(name, src, out, "--tp", "2", "-q").exit_code == 0
     assert not (out / ".neoxconv.lock").exists()  # released and removed
 
 
@@ -120,7 +100,7 @@ def test_the_lock_is_held_while_files_are_written(command, tmp_path, monkeypatch
         return real(path, obj)
 
     monkeypatch.setattr(neox_writer, "save_pt", save_pt)
-    assert _cli(name, src, out, "--tp", "2", "-q").exit_code == 0
+    assert cli(name, src, out, "--tp", "2", "-q").exit_code == 0
     assert seen and all(s == [str(os.getpid()), name] for s in seen)
     assert not (out / ".neoxconv.lock").exists()
 
@@ -143,9 +123,9 @@ def test_force_deletes_only_listed_files_named_like_our_outputs_and_never_throug
                                          "global_step9/layer_00-model_00-model_states.pt"]}}
     (out / MANIFEST).write_text(json.dumps(planted))
     before = {**_tree(out), **_tree(outside)}
-    _one_line_error(_cli(name, src, out, "--tp", "2"), 6, "another source", "--force")
+    one_line_error(cli(name, src, out, "--tp", "2"), 6, "another source", "--force")
     assert {**_tree(out), **_tree(outside)} == before  # refused before anything was deleted
-    assert _cli(name, src, out, "--tp", "2", "--force", "-q").exit_code == 0
+    assert cli(name, src, out, "--tp", "2", "--force", "-q").exit_code == 0
     assert (out / "precious.txt").read_text() == "precious"
     assert (out / "configs" / "mine.yml").read_text() == "mine"
     assert (tmp_path / "outside.txt").read_text() == "outside"
@@ -156,10 +136,10 @@ def test_force_deletes_only_listed_files_named_like_our_outputs_and_never_throug
 
 def test_force_over_our_own_output_of_other_options_removes_its_files(hf, tmp_path):
     out = tmp_path / "out"
-    assert _cli("split", hf, out, "--tp", "4", "--step", "7", "-q").exit_code == 0
+    assert cli("split", hf, out, "--tp", "4", "--step", "7", "-q").exit_code == 0
     (out / "notes.txt").write_text("mine")
-    _one_line_error(_cli("split", hf, out, "--tp", "2"), 6, "other options", "--force")
-    assert _cli("split", hf, out, "--tp", "2", "--force", "-q").exit_code == 0
+    one_line_error(cli("split", hf, out, "--tp", "2"), 6, "other options", "--force")
+    assert cli("split", hf, out, "--tp", "2", "--force", "-q").exit_code == 0
     assert not (out / "global_step7").exists()  # the old step folder emptied, then removed
     assert sorted(p.name for p in out.iterdir()) == ["configs", "global_step0", "latest", MANIFEST, "notes.txt"]
 
@@ -169,7 +149,7 @@ def test_a_link_where_we_write_a_folder_is_refused(hf, tmp_path):
     out.mkdir()
     elsewhere.mkdir()
     (out / "configs").symlink_to(elsewhere)
-    _one_line_error(_cli("split", hf, out, "--tp", "2", "--force"), 6, "configs", "symlink")
+    one_line_error(cli("split", hf, out, "--tp", "2", "--force"), 6, "configs", "symlink")
     assert list(elsewhere.iterdir()) == []
 
 
@@ -187,15 +167,15 @@ def test_a_foreign_output_folder_loses_nothing_not_even_files_named_like_our_tem
     (out / step / ".staging.neoxconv-tmp" / "notes.txt").write_text("in a folder named like our staging")
     (out / step / ".mine.neoxconv-tmp").write_text("mine too")
     mine = _tree(out)
-    _one_line_error(_cli(name, src, out, "--tp", "2"), 6, "not empty", "--force")
+    one_line_error(cli(name, src, out, "--tp", "2"), 6, "not empty", "--force")
     assert _tree(out) == mine  # refused before anything was deleted
-    assert _cli(name, src, out, "--tp", "2", "--force", "-q").exit_code == 0
+    assert cli(name, src, out, "--tp", "2", "--force", "-q").exit_code == 0
     assert {k: v for k, v in _tree(out).items() if k in mine} == mine  # forced: nothing of the user's deleted
 
 
 def test_our_own_stale_temporaries_are_removed_and_only_those(hf, tmp_path):
     out = tmp_path / "out"
-    assert _cli("split", hf, out, "--tp", "2", "-q").exit_code == 0
+    assert cli("split", hf, out, "--tp", "2", "-q").exit_code == 0
     stale = [".latest.neoxconv-tmp", "configs/.neox.yml.neoxconv-tmp",
              "global_step0/.layer_02-model_00-model_states.pt.neoxconv-tmp",
              "global_step0/.staging.neoxconv-tmp/layer_02-model_01-model_states.pt"]
@@ -203,7 +183,7 @@ def test_our_own_stale_temporaries_are_removed_and_only_those(hf, tmp_path):
     for rel in stale + users:
         (out / rel).parent.mkdir(parents=True, exist_ok=True)
         (out / rel).write_text("x")
-    assert _cli("split", hf, out, "--tp", "2", "-q").exit_code == 0
+    assert cli("split", hf, out, "--tp", "2", "-q").exit_code == 0
     assert not any((out / rel).exists() for rel in stale)
     assert all((out / rel).read_text() == "x" for rel in users)
 
@@ -220,7 +200,7 @@ def test_split_resume_redoes_what_a_same_size_replaced_safetensors_file_feeds(hf
     from safetensors.torch import load_file, save_file
 
     out = tmp_path / "out"
-    assert _cli("split", hf_copy, out, "--tp", "2", "-q").exit_code == 0
+    assert cli("split", hf_copy, out, "--tp", "2", "-q").exit_code == 0
     # the shard holding layer 1's MLP output weight (and maybe a few other tensors)
     index = json.loads((hf_copy / "model.safetensors.index.json").read_text())["weight_map"]
     shard = index["gpt_neox.layers.1.mlp.dense_4h_to_h.weight"]
@@ -230,13 +210,13 @@ def test_split_resume_redoes_what_a_same_size_replaced_safetensors_file_feeds(hf
     save_file({k: v * 2 for k, v in tensors.items()}, str(victim), metadata={"format": "pt"})
     os.utime(victim, ns=(before.st_atime_ns, before.st_mtime_ns))  # even with the old mtime (cp -p, rsync -t)
     assert victim.stat().st_size == before.st_size and victim.stat().st_mtime_ns == before.st_mtime_ns
-    result = _cli("split", hf_copy, out, "--tp", "2", "--json")
+    result = cli("split", hf_copy, out, "--tp", "2", "--json")
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)
     layers = {_source_layer(n) for n in tensors}
     assert 0 < report["files_written"] < 10 and report["files_written"] == 2 * len(layers)  # those layers only
     fresh = tmp_path / "fresh"
-    assert _cli("split", hf_copy, fresh, "--tp", "2", "-q").exit_code == 0
+    assert cli("split", hf_copy, fresh, "--tp", "2", "-q").exit_code == 0
     assert _tree(out) == _tree(fresh)  # byte-identical to a fresh split, manifest included
 
 
@@ -244,7 +224,7 @@ def test_reshard_resume_redoes_a_layer_file_replaced_by_a_same_size_different_on
     root = tmp_path / "src"
     shutil.copytree(make_checkpoint(2, "pipeline", "float16")[0], root)
     out = tmp_path / "out"
-    assert _cli("reshard", root, out, "--tp", "1", "-q").exit_code == 0
+    assert cli("reshard", root, out, "--tp", "1", "-q").exit_code == 0
     victim = next(root.glob("global_step*/layer_03-model_01-model_states.pt"))
     before = victim.stat()
     d = torch.load(victim, weights_only=True)
@@ -252,17 +232,17 @@ def test_reshard_resume_redoes_a_layer_file_replaced_by_a_same_size_different_on
     torch.save(d, victim)
     os.utime(victim, ns=(before.st_atime_ns, before.st_mtime_ns))
     assert victim.stat().st_size == before.st_size
-    result = _cli("reshard", root, out, "--tp", "1", "--json")
+    result = cli("reshard", root, out, "--tp", "1", "--json")
     assert result.exit_code == 0, result.output
     assert json.loads(result.output)["files_written"] == 1  # layer 3's one rank file
     fresh = tmp_path / "fresh"
-    assert _cli("reshard", root, fresh, "--tp", "1", "-q").exit_code == 0
+    assert cli("reshard", root, fresh, "--tp", "1", "-q").exit_code == 0
     assert _tree(out) == _tree(fresh)
 
 
 def test_an_output_of_the_previous_manifest_format_is_redone_not_refused(hf, tmp_path):
     out = tmp_path / "out"
-    assert _cli("split", hf, out, "--tp", "2", "-q").exit_code == 0
+    assert cli("split", hf, out, "--tp", "2", "-q").exit_code == 0
     state = json.loads((out / MANIFEST).read_text())
     files = sorted({p for p in hf.glob("*.safetensors")} | {hf / "config.json"})
     state.pop("format")
@@ -270,7 +250,7 @@ def test_an_output_of_the_previous_manifest_format_is_redone_not_refused(hf, tmp
     for entry in state["files"].values():
         entry.pop("source_fingerprint", None)
     (out / MANIFEST).write_text(json.dumps(state))
-    result = _cli("split", hf, out, "--tp", "2", "--json")
+    result = cli("split", hf, out, "--tp", "2", "--json")
     assert result.exit_code == 0, result.output
     assert json.loads(result.output)["files_written"] == 10  # nothing of it can be proven: all redone
     _assert_manifest_proves(out)
@@ -285,7 +265,7 @@ def test_ctrl_c_in_a_no_op_rerun_never_leaves_the_output_without_its_manifest(co
 
     name, src = command
     out = tmp_path / "out"
-    assert _cli(name, src, out, "--tp", "2", "-q").exit_code == 0
+    assert cli(name, src, out, "--tp", "2", "-q").exit_code == 0
     target = (writer._AtomicFile, "__enter__") if where == "write" else (InterruptGuard, "check")
     original = getattr(*target)
     for k in range(1, 40):
@@ -298,7 +278,7 @@ def test_ctrl_c_in_a_no_op_rerun_never_leaves_the_output_without_its_manifest(co
             return original(self, *args)
 
         monkeypatch.setattr(*target, interrupted)
-        result = _cli(name, src, out, "--tp", "2", "-q")
+        result = cli(name, src, out, "--tp", "2", "-q")
         monkeypatch.undo()
         assert result.exit_code in (0, 130), result.output
         _assert_manifest_proves(out)
@@ -313,13 +293,13 @@ def test_ctrl_c_in_a_no_op_rerun_never_leaves_the_output_without_its_manifest(co
 def test_out_is_a_file(command, tmp_path):
     name, src = command
     (tmp_path / "out").write_text("a file")
-    _one_line_error(_cli(name, src, tmp_path / "out", "--tp", "2"), 6, "OUT is a file, not a folder")
+    one_line_error(cli(name, src, tmp_path / "out", "--tp", "2"), 6, "OUT is a file, not a folder")
 
 
 def test_out_is_a_dangling_symlink(command, tmp_path):
     name, src = command
     (tmp_path / "out").symlink_to(tmp_path / "nowhere")
-    _one_line_error(_cli(name, src, tmp_path / "out", "--tp", "2"), 6, "dangling symlink", "nowhere")
+    one_line_error(cli(name, src, tmp_path / "out", "--tp", "2"), 6, "dangling symlink", "nowhere")
 
 
 def test_out_on_a_read_only_filesystem(command, tmp_path, monkeypatch):
@@ -330,7 +310,7 @@ def test_out_on_a_read_only_filesystem(command, tmp_path, monkeypatch):
     probe = ["unshare", "-rm", "sh", "-c", f"mount -t tmpfs -o ro tmpfs {ro}"]
     if shutil.which("unshare") and subprocess.run(probe, capture_output=True).returncode == 0:
         script = f"mount -t tmpfs -o ro tmpfs {ro} && exec {sys.executable} -m neoxconv {name} {src} {ro}/out --tp 2"
-        result = subprocess.run(["unshare", "-rm", "sh", "-c", script], capture_output=True, text=True, env=_env())
+        result = subprocess.run(["unshare", "-rm", "sh", "-c", script], capture_output=True, text=True, env=subprocess_env())
         assert result.returncode == 6, result.stderr
         assert f"{ro}/out" in result.stderr and "Read-only file system" in result.stderr
         assert "internal error" not in result.stderr
@@ -343,7 +323,7 @@ def test_out_on_a_read_only_filesystem(command, tmp_path, monkeypatch):
         return real_open(path, flags, *args, **kwargs)
 
     monkeypatch.setattr(os, "open", read_only)
-    _one_line_error(_cli(name, src, ro / "out", "--tp", "2"), 6, ro / "out", "Read-only file system")
+    one_line_error(cli(name, src, ro / "out", "--tp", "2"), 6, ro / "out", "Read-only file system")
 
 
 @pytest.mark.parametrize("change, words", [
@@ -362,5 +342,5 @@ def test_bad_hf_config_values_are_config_errors(hf, tmp_path, change, words):
     config = json.loads((src / "config.json").read_text())
     config.update(change)
     (src / "config.json").write_text(json.dumps(config))  # Python writes NaN / Infinity, as a careless tool would
-    _one_line_error(_cli("split", src, tmp_path / "out", "--tp", "2"), 3, src / "config.json", *words)
+    one_line_error(cli("split", src, tmp_path / "out", "--tp", "2"), 3, src / "config.json", *words)
     assert not (tmp_path / "out").exists()

@@ -11,10 +11,10 @@ import shutil
 import struct
 
 import pytest
-from click.testing import CliRunner
 
-from neoxconv.cli import main
 from neoxconv.convert import MergeOptions, merge_checkpoint
+
+from conftest import cli
 
 
 @pytest.fixture(scope="module")
@@ -23,10 +23,6 @@ def merged(tmp_path_factory, make_checkpoint):
     out = tmp_path_factory.mktemp("hostile") / "out"
     merge_checkpoint(root, out, MergeOptions(quiet=True))
     return root, out
-
-
-def _cli(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
 
 
 def _no_internal_error(result):
@@ -43,7 +39,7 @@ def _no_internal_error(result):
 ])
 def test_bad_generation_options_are_usage_errors(merged, args, message):
     _, out = merged
-    result = _cli("verify", out, "--ids", "1,2", "--device", "cpu", *args)
+    result = cli("verify", out, "--ids", "1,2", "--device", "cpu", *args)
     assert result.exit_code == 2, result.output
     assert message in result.output
     _no_internal_error(result)
@@ -52,7 +48,7 @@ def test_bad_generation_options_are_usage_errors(merged, args, message):
 def test_prompt_longer_than_the_model_is_a_usage_error_before_loading(merged):
     _, out = merged
     n = json.loads((out / "config.json").read_text())["max_position_embeddings"]
-    result = _cli("verify", out, "--ids", ",".join(["1"] * n), "--device", "cpu", "--max-new-tokens", "0")
+    result = cli("verify", out, "--ids", ",".join(["1"] * n), "--device", "cpu", "--max-new-tokens", "0")
     assert result.exit_code == 2, result.output
     assert f"the prompt has {n} tokens" in result.output and "max_position_embeddings" in result.output
     assert "load:" not in result.output  # refused before any weight is read
@@ -65,7 +61,7 @@ def test_max_new_tokens_zero_and_huge_run_resident(merged):
     _, out = merged
     cap = json.loads((out / "config.json").read_text())["max_position_embeddings"]
     for n in ("0", "1000000"):
-        result = _cli("verify", out, "--ids", "1,2", "--device", "cpu", "--max-new-tokens", n, "--json", "-q")
+        result = cli("verify", out, "--ids", "1,2", "--device", "cpu", "--max-new-tokens", n, "--json", "-q")
         assert result.exit_code == 0, result.output
         report = json.loads(result.stdout)
         assert len(report["generated_ids"]) <= (0 if n == "0" else cap - 2)
@@ -78,7 +74,7 @@ def test_cuda_on_a_machine_without_cuda_is_a_usage_error(merged):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
     _, out = merged
-    result = _cli("verify", out, "--ids", "1,2", "--device", "cuda")
+    result = cli("verify", out, "--ids", "1,2", "--device", "cuda")
     assert result.exit_code == 2 and "no CUDA device" in result.output, result.output
 
 
@@ -117,14 +113,14 @@ def test_header_safetensors_would_refuse_fails_integrity_not_the_loader(merged, 
     (copy / "neoxconv.json").unlink()
     victim = sorted(copy.glob("model-*.safetensors"))[0]
     _rewrite_header(victim, tamper(_header(victim)))
-    result = _cli("verify", copy, "--ids", "1,2", "--device", "cpu", "--no-manifest", "--max-new-tokens", "1")
+    result = cli("verify", copy, "--ids", "1,2", "--device", "cpu", "--no-manifest", "--max-new-tokens", "1")
     assert result.exit_code == 7, result.output
     assert victim.name in result.output and message in result.output
     _no_internal_error(result)
 
 
 def _split(src, out):
-    return _cli("split", src, out, "--tp", "2", "-q")
+    return cli("split", src, out, "--tp", "2", "-q")
 
 
 @pytest.mark.parametrize("entry, message", [
@@ -183,7 +179,7 @@ def test_against_a_source_that_does_not_fit_its_config_names_the_tensor(merged, 
     assert f'"hidden-size": {hidden},' in text
     other = tmp_path / "other.yml"
     other.write_text(text.replace(f'"hidden-size": {hidden},', f'"hidden-size": {hidden // 2},'))
-    result = _cli("verify", out, "--ids", "1,2", "--device", "cpu", "--max-new-tokens", "1",
+    result = cli("verify", out, "--ids", "1,2", "--device", "cpu", "--max-new-tokens", "1",
                   "--against", root, "--against-config", other)
     assert result.exit_code == 5, result.output
     assert "word_embeddings.weight" in result.output and "config expects" in result.output
@@ -192,7 +188,7 @@ def test_against_a_source_that_does_not_fit_its_config_names_the_tensor(merged, 
 
 def test_against_with_qkv_layout_on_a_gpt_neox_model_is_refused_as_in_merge(merged):
     root, out = merged
-    result = _cli("verify", out, "--ids", "1,2", "--device", "cpu", "--max-new-tokens", "1",
+    result = cli("verify", out, "--ids", "1,2", "--device", "cpu", "--max-new-tokens", "1",
                   "--against", root, "--qkv-layout", "blocked")
     assert result.exit_code == 3 and "--qkv-layout applies to Llama-style" in result.output, result.output
 
@@ -209,11 +205,11 @@ def test_tokenizer_that_does_not_match_the_model(merged, tmp_path):
     tok = Tokenizer(models.WordLevel({"[UNK]": 0, "hello": vocab + 7}, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.save(str(copy / "tokenizer.json"))
-    result = _cli("verify", copy, "--prompt", "hello", "--device", "cpu")
+    result = cli("verify", copy, "--prompt", "hello", "--device", "cpu")
     assert result.exit_code == 2, result.output
     assert "--prompt: the tokenizer" in result.output and "does not match the model" in result.output
     assert f"[{vocab + 7}]" in result.output
-    result = _cli("verify", copy, "--ids", "1,2", "--device", "cpu", "--max-new-tokens", "1")
+    result = cli("verify", copy, "--ids", "1,2", "--device", "cpu", "--max-new-tokens", "1")
     assert result.exit_code == 0, result.output
     assert "NOT proven: tokenizer.json: not in the manifest" in result.output
 
@@ -223,7 +219,7 @@ def test_unreadable_tokenizer_is_an_input_error(merged, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(out, copy)
     (copy / "tokenizer.json").write_text("[1")
-    result = _cli("verify", copy, "--ids", "1,2", "--device", "cpu", "--max-new-tokens", "1")
+    result = cli("verify", copy, "--ids", "1,2", "--device", "cpu", "--max-new-tokens", "1")
     assert result.exit_code == 4 and "cannot load the tokenizer" in result.output, result.output
 
 
@@ -235,7 +231,7 @@ def test_manifest_that_does_not_list_config_json_fails_integrity(merged, tmp_pat
     manifest = json.loads((copy / "neoxconv.json").read_text())
     del manifest["files"]["config.json"]
     (copy / "neoxconv.json").write_text(json.dumps(manifest))
-    result = _cli("verify", copy, "--ids", "1,2", "--device", "cpu", "--max-new-tokens", "1")
+    result = cli("verify", copy, "--ids", "1,2", "--device", "cpu", "--max-new-tokens", "1")
     assert result.exit_code == 7 and "neoxconv.json: does not list config.json" in result.output, result.output
 
 
@@ -249,7 +245,7 @@ def test_index_naming_a_tensor_no_file_holds_fails_integrity(merged, tmp_path):
     first = sorted(set(index["weight_map"].values()))[0]
     index["weight_map"]["gpt_neox.layers.0.attention.extra.weight"] = first
     (copy / "model.safetensors.index.json").write_text(json.dumps(index))
-    result = _cli("verify", copy, "--ids", "1,2", "--device", "cpu", "--no-manifest", "--max-new-tokens", "1")
+    result = cli("verify", copy, "--ids", "1,2", "--device", "cpu", "--no-manifest", "--max-new-tokens", "1")
     assert result.exit_code == 7, result.output
     assert "places tensors in files that do not hold them" in result.output and "attention.extra" in result.output
 
@@ -270,7 +266,7 @@ def test_rope_settings_neoxconv_would_ignore_are_refused(merged, tmp_path, chang
     shutil.copytree(out, copy)
     cfg = json.loads((copy / "config.json").read_text())
     (copy / "config.json").write_text(json.dumps({**cfg, **change}))
-    for result in (_cli("verify", copy, "--ids", "1,2", "--device", "cpu", "--no-check-hashes"),
+    for result in (cli("verify", copy, "--ids", "1,2", "--device", "cpu", "--no-check-hashes"),
                    _split(copy, tmp_path / "neox")):
         assert result.exit_code == 3, result.output
         assert message in result.output
@@ -290,6 +286,6 @@ def test_llama_rope_theta_spellings_that_disagree_are_refused():
 
 @pytest.mark.parametrize("tp", ["0", "-1", "3"])
 def test_demo_with_a_tp_its_model_cannot_take_is_a_usage_error(tp, tmp_path):
-    result = _cli("demo", "--tp", tp, "--workdir", tmp_path / "w")
+    result = cli("demo", "--tp", tp, "--workdir", tmp_path / "w")
     assert result.exit_code == 2 and "cannot split this model" in result.output, result.output
     assert not (tmp_path / "w").exists()  # refused before anything is written
