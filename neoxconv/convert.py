@@ -113,7 +113,8 @@ class MergeReport:
                 f"max replica divergence {self.max_replica_divergence:.3g}")
 
 
-def _output_names(n: int) -> list[str]:
+def output_names(n: int) -> list[str]:
+    """The weight file names of an output of ``n`` files, in order."""
     return [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
 
 
@@ -409,7 +410,7 @@ def _merge(src: Path, out: Path, options: MergeOptions, guard: InterruptGuard,
     make_out_dir(out)
     held.enter_context(OutputLock(out))  # released when the merge ends, however it ends
     reusable = _prepare_out(out, _load_state(out), source, recorded, options)
-    names = _output_names(len(plans))
+    names = output_names(len(plans))
     state: dict[str, Any] = {
         "tool": "neoxconv", "version": __version__, "format": MANIFEST_FORMAT,
         "source": source, "options": recorded, "hash": options.hash, "layers": {},

@@ -28,7 +28,7 @@ from typing import Any
 
 from neoxconv.checkpoint import Checkpoint
 from neoxconv.errors import CheckpointError
-from neoxconv.integrity import _MAX_HEADER
+from neoxconv.integrity import MAX_HEADER_BYTES
 from neoxconv.merge import LayerPlan
 
 
@@ -70,7 +70,7 @@ def file_fingerprint(path: Path, *, safetensors_header: bool = False) -> dict[st
             with open(path, "rb") as f:
                 raw = f.read(8)
                 n = int.from_bytes(raw, "little") if len(raw) == 8 else 0
-                if not 0 < n <= min(st.st_size - 8, _MAX_HEADER):
+                if not 0 < n <= min(st.st_size - 8, MAX_HEADER_BYTES):
                     raise CheckpointError(f"{path}: not a safetensors file (header length {n})")
                 fp["header_sha256"] = hashlib.sha256(f.read(n)).hexdigest()
     except OSError as e:

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from neoxconv.checkpoint import open_checkpoint
-from neoxconv.convert import _output_names as output_names, checkpoint_qkv_layout, plan_checkpoint
+from neoxconv.convert import checkpoint_qkv_layout, output_names, plan_checkpoint
 from neoxconv.dtypes import canonical_dtype
 from neoxconv.errors import OutputError
 from neoxconv.merge import resolve_row_bias

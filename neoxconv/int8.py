@@ -18,7 +18,8 @@ from neoxconv.layers import NeoXForCausalLM
 LINEARS = NeoXForCausalLM.LINEARS
 
 
-def _bnb():
+def require_bitsandbytes():
+    """The bitsandbytes module; UsageError (exit 2) with the install hint when it cannot be imported."""
     try:
         logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
         import bitsandbytes as bnb
@@ -27,14 +28,9 @@ def _bnb():
     return bnb
 
 
-def require_bitsandbytes() -> None:
-    """Raise UsageError (exit 2) with the install hint when bitsandbytes cannot be imported."""
-    _bnb()
-
-
 def quantize_int8(model: nn.Module, *, threshold: float = 6.0) -> nn.Module:
     """Swap the linear layers of every transformer block for Linear8bitLt (in place); returns the model."""
-    bnb = _bnb()
+    bnb = require_bitsandbytes()
     device = next(model.parameters()).device
     for block in model.blocks:
         for path in model.LINEARS:

@@ -18,7 +18,7 @@ from neoxconv.merge import output_shapes
 MANIFEST = "neoxconv.json"
 JOURNAL = ".neoxconv-journal.json"  # a merge in progress or interrupted
 INDEX = "model.safetensors.index.json"
-_MAX_HEADER = 100 << 20
+MAX_HEADER_BYTES = 100 << 20  # the largest safetensors header we read (a bound, not a format limit)
 
 
 @dataclass
@@ -70,7 +70,7 @@ def _read_header(path: Path) -> tuple[dict, int]:
         if len(raw) != 8:
             raise ValueError("shorter than a safetensors header")
         (n,) = struct.unpack("<Q", raw)
-        if n > _MAX_HEADER:
+        if n > MAX_HEADER_BYTES:
             raise ValueError(f"header length {n} is implausible")
         text = f.read(n)
         data_len = os.fstat(f.fileno()).st_size - 8 - n

@@ -105,7 +105,8 @@ def format_bytes(n: int) -> str:
 
 
 # ----- memory available and used ---------------------------------------------------------------------------
-def _meminfo(key: str) -> int | None:
+def meminfo(key: str) -> int | None:
+    """A /proc/meminfo entry in bytes (``MemAvailable``), or None where there is none."""
     try:
         with open("/proc/meminfo") as f:
             for line in f:
@@ -119,7 +120,7 @@ def _meminfo(key: str) -> int | None:
 def available_memory(device: Device) -> int:
     """Bytes the device can still take: CUDA free memory, or the host's MemAvailable."""
     if device == "cpu":
-        avail = _meminfo("MemAvailable")
+        avail = meminfo("MemAvailable")
         if avail is None:
             import psutil
 
@@ -544,9 +545,9 @@ def quantize_int8_placed(model: torch.nn.Module, *, threshold: float) -> None:
     from accelerate.utils import set_module_tensor_to_device
     from torch import nn
 
-    from neoxconv.int8 import _bnb
+    from neoxconv.int8 import require_bitsandbytes
 
-    bnb = _bnb()
+    bnb = require_bitsandbytes()
     plan: PlacementPlan = model.neoxconv_placement
 
     class QuantizeOnLoad(ModelHook):

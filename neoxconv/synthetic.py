@@ -227,7 +227,7 @@ def _check_resources(out: Path, spec: SyntheticSpec) -> None:
     sequential layout, whose rank files are written at the end), in the available memory (UsageError, exit 2)."""
     from neoxconv.errors import OutputError, UsageError
     from neoxconv.inspect import free_bytes
-    from neoxconv.placement import _meminfo
+    from neoxconv.placement import meminfo
     from neoxconv.progress import format_bytes
 
     config = spec.config
@@ -240,7 +240,7 @@ def _check_resources(out: Path, spec: SyntheticSpec) -> None:
     H, F, V = config.hidden_size, config.ffn_size, config.vocab_size or 0
     largest = max(V * H, 4 * H * H + 2 * F * H + 9 * H + F)  # embedding or readout, or one block
     peak = largest * (4 + 2 * itemsize) + (need if spec.layout == "sequential" else 0)
-    avail = _meminfo("MemAvailable")
+    avail = meminfo("MemAvailable")
     if avail is not None and peak > avail:
         raise UsageError(f"this size needs about {format_bytes(peak)} of memory while writing, but "
                          f"{format_bytes(avail)} is available; choose a smaller --hidden/--vocab/--ffn"

@@ -64,7 +64,7 @@ def test_synth_of_a_size_that_does_not_fit_on_disk_is_refused_before_writing(tmp
 
 
 def test_synth_of_a_size_that_does_not_fit_in_memory_is_refused_before_writing(tmp_path, monkeypatch):
-    monkeypatch.setattr("neoxconv.placement._meminfo", lambda key: 1 << 20)  # 1 MiB available
+    monkeypatch.setattr("neoxconv.placement.meminfo", lambda key: 1 << 20)  # 1 MiB available
     out = tmp_path / "ckpt"
     one_line_error(cli("synth", out, "--hidden", 256, "--heads", 4, "--vocab", 1024, "--layers", 1,
                          "--layout", "sequential"), 2, "memory", "--layout pipeline")
