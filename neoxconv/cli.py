@@ -62,6 +62,8 @@ def main(debug: bool) -> None:
 
 
 _dtype_choice = click.Choice(["auto", "fp16", "bf16", "fp32"], case_sensitive=False)
+_row_bias_choice = click.Choice(["auto", "sum", "replicated"])
+_qkv_layout_choice = click.Choice(["auto", "blocked", "interleaved"])
 
 
 @main.command()
@@ -69,11 +71,11 @@ _dtype_choice = click.Choice(["auto", "fp16", "bf16", "fp32"], case_sensitive=Fa
 @click.argument("out", type=click.Path(path_type=Path))
 @click.option("--dtype", type=_dtype_choice, default="auto", show_default=True,
               help="Output dtype; auto keeps the checkpoint's own (fp16 for 20B).")
-@click.option("--row-bias", type=click.Choice(["auto", "sum", "replicated"]), default="auto", show_default=True,
+@click.option("--row-bias", type=_row_bias_choice, default="auto", show_default=True,
               help="Row-parallel biases (attention.dense, mlp.dense_4h_to_h): sum the ranks' parts (NeoX with "
                    "gpt_j_residual) or check-and-keep-one; auto follows the config. Use 'replicated' for "
                    "checkpoints converted from Hugging Face by older gpt-neox tools (full bias on every rank).")
-@click.option("--qkv-layout", type=click.Choice(["auto", "blocked", "interleaved"]), default="auto", show_default=True,
+@click.option("--qkv-layout", type=_qkv_layout_choice, default="auto", show_default=True,
               help="Llama-style models with grouped-query attention: each rank's query_key_value rows as [Q|K|V] "
                    "blocks (gpt-neox since 2024-11) or interleaved per query head (2024-02..2024-11). auto: "
                    "interleaved for mlp.w1/w2/w3 checkpoints, else blocked (with a warning).")
@@ -129,9 +131,9 @@ def merge(src: Path, out: Path, dtype: str, row_bias: str, qkv_layout: str, repl
               help="Where the merge will write: report the free disk space there.")
 @click.option("--dtype", type=_dtype_choice, default="auto", show_default=True,
               help="Plan for this merge --dtype (output dtype and bytes).")
-@click.option("--row-bias", type=click.Choice(["auto", "sum", "replicated"]), default="auto", show_default=True,
+@click.option("--row-bias", type=_row_bias_choice, default="auto", show_default=True,
               help="Plan for this merge --row-bias.")
-@click.option("--qkv-layout", type=click.Choice(["auto", "blocked", "interleaved"]), default="auto", show_default=True,
+@click.option("--qkv-layout", type=_qkv_layout_choice, default="auto", show_default=True,
               help="Plan for this merge --qkv-layout (Llama-style models with grouped-query attention).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @_run
@@ -205,9 +207,9 @@ def _parse_max_memory(ctx, param, value: str | None):
               help="The unmerged checkpoint: compare with a simulated tensor-parallel forward over its rank shards.")
 @click.option("--against-config", type=click.Path(path_type=Path, dir_okay=False),
               help="Config for --against when it is not next to that checkpoint.")
-@click.option("--row-bias", type=click.Choice(["auto", "sum", "replicated"]), default="auto", show_default=True,
+@click.option("--row-bias", type=_row_bias_choice, default="auto", show_default=True,
               help="How the --against simulation applies row-parallel biases (auto follows the config).")
-@click.option("--qkv-layout", type=click.Choice(["auto", "blocked", "interleaved"]), default="auto", show_default=True,
+@click.option("--qkv-layout", type=_qkv_layout_choice, default="auto", show_default=True,
               help="How the --against simulation reads grouped-query QKV rows (Llama-style; as for merge).")
 @click.option("--reference", type=click.Choice(["hf"]),
               help="Also compare with transformers (GPTNeoXForCausalLM or LlamaForCausalLM).")
@@ -271,6 +273,18 @@ def verify(out: Path, prompt: str | None, ids_text: str | None, max_new_tokens: 
 _layout_choice = click.Choice(["pipeline", "sequential"])
 
 
+def _neox_output_options(fn):
+    """--no-resume, --force, --json and --quiet of the commands that write a gpt-neox checkpoint."""
+    for option in reversed([
+        click.option("--no-resume", is_flag=True, help="Redo every file even if OUT holds completed ones."),
+        click.option("--force", is_flag=True, help="Write into a non-empty OUT (only neoxconv's files are replaced)."),
+        click.option("--json", "as_json", is_flag=True, help="Print one JSON object (implies no progress bar)."),
+        click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary."),
+    ]):
+        fn = option(fn)
+    return fn
+
+
 def _print_neox_report(report, as_json: bool, quiet: bool) -> None:
     if as_json:
         click.echo(json.dumps(report.as_dict()))
@@ -291,10 +305,7 @@ def _print_neox_report(report, as_json: bool, quiet: bool) -> None:
 @click.option("--step", type=int, default=0, show_default=True, help="Writes global_step{STEP} and 'latest'.")
 @click.option("--tokenizer", "tokenizer_path", type=click.Path(path_type=Path, dir_okay=False),
               help="tokenizer.json to copy (default: HF_DIR/tokenizer.json).")
-@click.option("--no-resume", is_flag=True, help="Redo every file even if OUT holds completed ones.")
-@click.option("--force", is_flag=True, help="Write into a non-empty OUT (only neoxconv's files are replaced).")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (implies no progress bar).")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary.")
+@_neox_output_options
 @_run
 def split(hf_dir: Path, out: Path, tp: int, layout: str, dtype: str, step: int, tokenizer_path: Path | None,
           no_resume: bool, force: bool, as_json: bool, quiet: bool) -> None:
@@ -318,9 +329,9 @@ def split(hf_dir: Path, out: Path, tp: int, layout: str, dtype: str, step: int, 
 @click.option("--layout", type=_layout_choice, help="Output layout (default: the source's).")
 @click.option("--dtype", type=_dtype_choice, default="auto", show_default=True, help="auto keeps the checkpoint's own.")
 @click.option("--step", type=int, help="Output step (default: the source's global_step number).")
-@click.option("--row-bias", type=click.Choice(["auto", "sum", "replicated"]), default="auto", show_default=True,
+@click.option("--row-bias", type=_row_bias_choice, default="auto", show_default=True,
               help="How the SOURCE's row-parallel biases combine (as in merge).")
-@click.option("--qkv-layout", type=click.Choice(["auto", "blocked", "interleaved"]), default="auto", show_default=True,
+@click.option("--qkv-layout", type=_qkv_layout_choice, default="auto", show_default=True,
               help="Llama-style GQA sources: how their QKV rows lie (as in merge); OUT keeps that layout.")
 @click.option("--replica-tolerance", type=float, default=1e-2, show_default=True,
               help="Largest |rank_k - rank_0| accepted for replicated tensors of the source.")
@@ -328,10 +339,7 @@ def split(hf_dir: Path, out: Path, tp: int, layout: str, dtype: str, step: int, 
               help="NeoX YAML of the source; default: configs/*.yml next to SRC.")
 @click.option("--tokenizer", "tokenizer_path", type=click.Path(path_type=Path, dir_okay=False),
               help="tokenizer.json to copy; default: *tokenizer*.json next to SRC.")
-@click.option("--no-resume", is_flag=True, help="Redo every file even if OUT holds completed ones.")
-@click.option("--force", is_flag=True, help="Write into a non-empty OUT (only neoxconv's files are replaced).")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (implies no progress bar).")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary.")
+@_neox_output_options
 @_run
 def reshard(src: Path, out: Path, tp: int, layout: str | None, dtype: str, step: int | None, row_bias: str,
             qkv_layout: str, replica_tolerance: float, config_path: Path | None, tokenizer_path: Path | None, no_resume: bool,
@@ -374,7 +382,7 @@ def demo(workdir: Path | None, tp_degree: int, tokenizer_path: Path | None) -> N
 @click.option("--rotary-pct", type=float, default=0.25, show_default=True, help="Share of each head RoPE rotates.")
 @click.option("--dtype", type=click.Choice(["fp16", "bf16", "fp32"]), default="fp16", show_default=True,
               help="Storage dtype of the rank files.")
-@click.option("--layout", type=click.Choice(["pipeline", "sequential"]), default="pipeline", show_default=True,
+@click.option("--layout", type=_layout_choice, default="pipeline", show_default=True,
               help="pipeline: layer_XX-model_YY-model_states.pt (20B); sequential: mp_rank_XX_model_states.pt.")
 @click.option("--sequential-residual", is_flag=True, help="gpt_j_residual false (row-parallel biases replicated).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random weights.")
