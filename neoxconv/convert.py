@@ -38,7 +38,7 @@ from neoxconv.interrupt import InterruptGuard, deferred_sigint
 from neoxconv.merge import (LayerPlan, QkvLayout, Rule, TensorPlan, block_generation, iter_merged_chunks,
                             max_divergence, merge_tensor, plan_layer, read_checked, resolve_qkv_split,
                             resolve_row_bias)
-from neoxconv.outdir import (JOURNAL, OutputLock, check_out_path, foreign_entries, make_out_dir,
+from neoxconv.outdir import (JOURNAL, OutputLock, check_out_path, foreign_entries, load_state, make_out_dir,
                              remove_file, remove_previous_output, remove_stale_temps)
 from neoxconv.prefetch import prefetch
 from neoxconv.progress import format_bytes, progress_bar
@@ -116,19 +116,6 @@ class MergeReport:
 def output_names(n: int) -> list[str]:
     """The weight file names of an output of ``n`` files, in order."""
     return [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-
-
-def _load_state(out: Path) -> dict[str, Any] | None:
-    for name in (JOURNAL, MANIFEST):
-        p = out / name
-        if p.is_file():
-            try:
-                state = json.loads(p.read_text())
-            except (OSError, json.JSONDecodeError):
-                continue
-            if isinstance(state, dict) and state.get("tool") == "neoxconv":
-                return state
-    return None
 
 
 def _prepare_out(out: Path, state: dict | None, source: dict, recorded: dict, options: MergeOptions) -> dict:
@@ -409,7 +396,7 @@ def _merge(src: Path, out: Path, options: MergeOptions, guard: InterruptGuard,
     recorded = options.recorded(row_bias, qkv)
     make_out_dir(out)
     held.enter_context(OutputLock(out))  # released when the merge ends, however it ends
-    reusable = _prepare_out(out, _load_state(out), source, recorded, options)
+    reusable = _prepare_out(out, load_state(out), source, recorded, options)
     names = output_names(len(plans))
     state: dict[str, Any] = {
         "tool": "neoxconv", "version": __version__, "format": MANIFEST_FORMAT,

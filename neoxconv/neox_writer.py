@@ -44,8 +44,8 @@ from neoxconv.checkpoint import SourceLayer, model_layers, pipeline_file_name, s
 from neoxconv.config import GELU_TANH, LLAMA, NeoXConfig, padded_vocab_size
 from neoxconv.errors import ConfigError, OutputError
 from neoxconv.interrupt import InterruptGuard
-from neoxconv.outdir import (OutputLock, foreign_entries, make_out_dir, remove_file, remove_previous_output,
-                              remove_stale_temps)
+from neoxconv.outdir import (OutputLock, foreign_entries, load_state, make_out_dir, remove_file,
+                              remove_previous_output, remove_stale_temps)
 from neoxconv.progress import progress_bar
 from neoxconv.writer import TMP_SUFFIX, atomic_write, atomic_write_json, fsync_dir, sha256_file
 
@@ -315,19 +315,6 @@ def _remove_empty_folders(out: Path) -> None:
                 pass
 
 
-def _load_state(out: Path) -> dict[str, Any] | None:
-    for name in (JOURNAL, MANIFEST):
-        p = out / name
-        if p.is_file() and not p.is_symlink():
-            try:
-                state = json.loads(p.read_text())
-            except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
-                continue
-            if isinstance(state, dict) and state.get("tool") == "neoxconv" and state.get("kind") == "neox":
-                return state
-    return None
-
-
 def _prepare_out(out: Path, state: dict[str, Any] | None, source: dict, recorded: dict, *, step_name: str,
                  resume: bool, force: bool) -> dict[str, Any]:
     """Decide whether OUT is ours before deleting anything; return the finished files that may be kept.
@@ -442,7 +429,7 @@ def _write(out: Path, target: NeoXTarget, rank_shards: Callable[[SourceLayer, li
            planned_bytes: int, tokenizer: Path | None, guard: InterruptGuard, resume: bool, force: bool,
            quiet: bool, desc: str) -> WriteReport:
     t0 = time.monotonic()
-    previous = _load_state(out)
+    previous = load_state(out, (JOURNAL, MANIFEST), kind="neox")
     reusable = _prepare_out(out, previous, source, recorded, step_name=target.step_name, resume=resume, force=force)
     step_dir = out / target.step_name
     T = target.tp_degree

@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import json
 import logging
 import os
 import re
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 from neoxconv.errors import OutputError
 from neoxconv.integrity import INDEX, JOURNAL, MANIFEST
@@ -65,6 +67,23 @@ def make_out_dir(out: Path) -> None:
         Path(out).mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise OutputError(f"{out}: cannot create the output folder: {e.strerror or e}") from None
+
+
+def load_state(out: Path, names: tuple[str, ...] = (JOURNAL, MANIFEST), kind: str | None = None) -> dict[str, Any] | None:
+    """The first of ``names`` in OUT that is a readable neoxconv journal or manifest (of ``kind``, if given).
+
+    A symlink, unreadable bytes or JSON that is not neoxconv's count as no state: OUT is then someone else's.
+    """
+    for name in names:
+        p = Path(out) / name
+        if p.is_file() and not p.is_symlink():
+            try:
+                state = json.loads(p.read_text())
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+                continue
+            if isinstance(state, dict) and state.get("tool") == "neoxconv" and (kind is None or state.get("kind") == kind):
+                return state
+    return None
 
 
 def _entries(out: Path) -> list[Path]:

@@ -121,3 +121,14 @@ def test_inspect_says_a_usable_out_fits(tmp_path):
     info = json.loads(cli("inspect", COMMITTED_FIXTURE, "--out", tmp_path / "new" / "sub", "--json").stdout)
     assert info["out_problem"] is None and info["out_fits"] is True
     assert not (tmp_path / "new").exists()
+
+
+def test_an_undecodable_manifest_in_out_makes_it_someone_elses_folder(tmp_path):
+    # Before: merge read OUT/neoxconv.json as UTF-8 unguarded -> "internal error: UnicodeDecodeError" (split's
+    # reader already treated it as no state); both now share outdir.load_state.
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "neoxconv.json").write_bytes(b"\xff\xfe{")
+    r = cli("merge", "-q", COMMITTED_FIXTURE, out)
+    one_line_error(r, 6, "neoxconv.json", "not a neoxconv output", "--force")
+    assert (out / "neoxconv.json").read_bytes() == b"\xff\xfe{"
