@@ -24,16 +24,11 @@ from pathlib import Path
 
 import numpy as np
 
-from neoxconv.checksums import crc32 as _crc32
+from neoxconv.checksums import crc32  # the one CRC-32 of the read path (hardware-accelerated)
 from neoxconv.errors import CheckpointError
 from neoxconv.ptfile import NUMPY_DTYPES, TensorRef
 
 CHUNK_BYTES = 16 << 20
-
-
-def crc32(data, value: int = 0) -> int:
-    """The one CRC-32 call of the read path: `neoxconv.checksums.crc32` (hardware-accelerated)."""
-    return _crc32(data, value)
 
 
 # CRC-32 of a concatenation from the CRCs of its parts (zlib's crc32_combine, which Python's zlib does not
@@ -75,6 +70,21 @@ def crc32_combine(crc1: int, crc2: int, len2: int) -> int:
         k += 1
     return _multmodp(p, crc1) ^ crc2
 
+
+
+def pread_exactly(fd: int, view: memoryview, offset: int, path: Path | str, truncated: str) -> int:
+    """Fill ``view`` from ``fd`` at ``offset`` (short reads retried); CheckpointError naming ``path`` when it
+    cannot be read or ends first (``truncated`` says what it ends inside). Returns the bytes read."""
+    done = 0
+    while done < len(view):
+        try:
+            n = os.preadv(fd, [view[done:]], offset + done)
+        except OSError as e:
+            raise CheckpointError(f"{path}: cannot read: {e.strerror or e}") from None
+        if n <= 0:
+            raise CheckpointError(f"{path}: {truncated}")
+        done += n
+    return done
 
 class _Storage:
     """One storage: where it is, its recorded CRC, and the CRCs of the disjoint byte ranges read so far."""
@@ -158,16 +168,8 @@ class SourceReader:
                 fd = self._fds[st.path] = os.open(st.path, os.O_RDONLY)
             except OSError as e:
                 raise CheckpointError(f"{st.path}: cannot read: {e.strerror or e}") from None
-        done, offset = 0, st.offset + start
-        while done < len(view):
-            try:
-                n = os.preadv(fd, [view[done:]], offset + done)
-            except OSError as e:
-                raise CheckpointError(f"{st.path}: cannot read: {e.strerror or e}") from None
-            if n <= 0:
-                raise CheckpointError(f"{st.path}: ends inside storage data (truncated; re-download it)")
-            done += n
-        self.bytes_read += done
+        self.bytes_read += pread_exactly(fd, view, st.offset + start, st.path,
+                                         "ends inside storage data (truncated; re-download it)")
 
     def _span(self, ref: TensorRef, start_row: int, shape: tuple[int, ...]) -> tuple[int, int]:
         """Element range [lo, hi) of the storage that rows ``start_row ...`` of shape ``shape`` touch."""

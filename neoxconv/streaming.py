@@ -27,6 +27,7 @@ from neoxconv.dtypes import NonFiniteCounter
 from neoxconv.errors import CheckpointError
 from neoxconv.merge import Rule, TensorPlan
 from neoxconv.ptfile import TensorRef
+from neoxconv.storage import pread_exactly
 from neoxconv.writer import SafetensorsWriter
 
 
@@ -55,16 +56,8 @@ class _RankReader:
     def read_into(self, view: memoryview) -> None:
         if self.pos + len(view) > self.end:
             raise RuntimeError(f"{self.ref.path}: read past the data of {self.key!r}")
-        done = 0
-        while done < len(view):
-            try:
-                n = os.preadv(self._fd, [view[done:]], self.pos + done)
-            except OSError as e:
-                raise CheckpointError(f"{self.ref.path}: cannot read: {e.strerror or e}") from None
-            if n <= 0:
-                raise CheckpointError(f"{self.ref.path}: ends inside the data of {self.key!r} (truncated)")
-            done += n
-        self.pos += done
+        self.pos += pread_exactly(self._fd, view, self.pos, self.ref.path,
+                                  f"ends inside the data of {self.key!r} (truncated)")
         self.crc = crc32(view, self.crc)
 
     def check(self) -> None:
