@@ -527,17 +527,6 @@ def execution_devices(model: torch.nn.Module) -> tuple[torch.device, list[torch.
     return plan.main_device, [plan.execution_device(f"{model.UNITS['blocks']}.{i}") for i in range(n)]
 
 
-def resident_weight_bytes(model: torch.nn.Module) -> int:
-    """Weight bytes resident now (meta parameters, i.e. offloaded ones, count nothing; tied ones once)."""
-    seen, total = set(), 0
-    for p in model.parameters():
-        if p.is_meta or p.data_ptr() in seen:
-            continue
-        seen.add(p.data_ptr())
-        total += p.numel() * p.element_size()
-    return total
-
-
 # ----- int8 with offload -------------------------------------------------------------------------------------
 def quantize_int8_placed(model: torch.nn.Module, *, threshold: float) -> None:
     """LLM.int8 for a placed model: resident linears are swapped as usual; offloaded ones quantize on load."""
