@@ -278,7 +278,7 @@ class HFModel:
 def _read_json(path: Path, error: type) -> dict[str, Any]:
     try:
         d = json.loads(Path(path).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise error(f"{path}: not readable JSON: {e}") from None
     if not isinstance(d, dict):
         raise error(f"{path}: expected a JSON object")

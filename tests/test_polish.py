@@ -132,3 +132,15 @@ def test_an_undecodable_manifest_in_out_makes_it_someone_elses_folder(tmp_path):
     r = cli("merge", "-q", COMMITTED_FIXTURE, out)
     one_line_error(r, 6, "neoxconv.json", "not a neoxconv output", "--force")
     assert (out / "neoxconv.json").read_bytes() == b"\xff\xfe{"
+
+
+@pytest.mark.parametrize("file, code", [("config.json", 3), ("model.safetensors.index.json", 4)])
+def test_a_deeply_nested_json_in_the_split_source_is_named_not_an_internal_error(tmp_path, file, code):
+    # Before: split's JSON reader let RecursionError escape -> "internal error" (the other readers caught it).
+    from test_split import _make_hf
+
+    hf = tmp_path / "hf"
+    _make_hf(hf)
+    (hf / file).write_text("[" * 100_000)
+    r = cli("split", "-q", "--tp", "1", hf, tmp_path / "out")
+    one_line_error(r, code, file, "not readable JSON")
