@@ -25,7 +25,6 @@ locked for the whole run and only names `is_neox_output_name` accepts are ever d
 from __future__ import annotations
 
 import dataclasses
-import errno
 import hashlib
 import json
 import os
@@ -47,7 +46,7 @@ from neoxconv.interrupt import InterruptGuard
 from neoxconv.outdir import (OutputLock, foreign_entries, load_state, make_out_dir, remove_file,
                               remove_previous_output, remove_stale_temps)
 from neoxconv.progress import progress_bar
-from neoxconv.writer import TMP_SUFFIX, atomic_write, atomic_write_json, fsync_dir, sha256_file
+from neoxconv.writer import TMP_SUFFIX, atomic_write, atomic_write_json, fsync_dir, output_error, sha256_file
 
 JOURNAL = ".neoxconv-journal.json"
 MANIFEST = "neoxconv-neox.json"
@@ -205,12 +204,6 @@ def neox_yaml(target: NeoXTarget, divisible_by: int) -> str:
 
 
 # ----- files ---------------------------------------------------------------------------------------------
-def _output_error(path: Path, e: OSError) -> OutputError:
-    if e.errno == errno.ENOSPC:
-        return OutputError(f"{path}: no space left on the device; free some space and re-run the same command to resume")
-    return OutputError(f"{path}: cannot write: {e.strerror or e}")
-
-
 STAGING = ".staging" + TMP_SUFFIX  # a hidden folder beside the files; removed when a run ends
 
 
@@ -234,7 +227,7 @@ def save_pt(path: Path, obj: Any) -> tuple[str, int]:
         os.replace(tmp, path)
     except OSError as e:
         tmp.unlink(missing_ok=True)
-        raise _output_error(path, e) from None
+        raise output_error(path, e) from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -76,7 +76,8 @@ def fsync_dir(d: Path) -> None:
         os.close(fd)
 
 
-def _output_error(path: Path, e: OSError) -> OutputError:
+def output_error(path: Path, e: OSError) -> OutputError:
+    """The OutputError for a failed write of ``path``: a full disk says how to resume."""
     if e.errno == errno.ENOSPC:
         return OutputError(f"{path}: no space left on the device; free some space and re-run the same command to resume")
     return OutputError(f"{path}: cannot write: {e.strerror or e}")
@@ -135,7 +136,7 @@ class _AtomicFile:
             if fd is not None and self._f is None:
                 os.close(fd)
             self._abandon()
-            raise _output_error(self.path, e) from None
+            raise output_error(self.path, e) from None
         return self
 
     # ----- filling -----
@@ -147,7 +148,7 @@ class _AtomicFile:
             try:
                 self._write_all(mv)
             except OSError as e:
-                raise _output_error(self.path, e) from None
+                raise output_error(self.path, e) from None
             self.size += len(mv)
             return
         while len(mv):
@@ -193,7 +194,7 @@ class _AtomicFile:
             try:
                 pending.result()
             except OSError as e:
-                raise _output_error(self.path, e) from None
+                raise output_error(self.path, e) from None
 
     # ----- writing (the writer thread in staged mode) -----
     def _write_stage(self, view: memoryview) -> None:
@@ -269,7 +270,7 @@ class _AtomicFile:
             except BaseException as e:  # OSError, or Ctrl-C landing here: no temp file left behind
                 self._abandon()
                 if isinstance(e, OSError):
-                    raise _output_error(self.path, e) from None
+                    raise output_error(self.path, e) from None
                 raise
             self._f = None
             self._release_stages()
