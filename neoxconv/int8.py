@@ -33,19 +33,31 @@ def quantize_int8(model: nn.Module, *, threshold: float = 6.0) -> nn.Module:
     bnb = require_bitsandbytes()
     device = next(model.parameters()).device
     for block in model.blocks:
-        for path in model.LINEARS:
-            parent_name, name = path.rsplit(".", 1)
-            parent = block.get_submodule(parent_name)
-            lin: nn.Linear = getattr(parent, name)
-            q = bnb.nn.Linear8bitLt(lin.in_features, lin.out_features, bias=lin.bias is not None,
-                                    has_fp16_weights=False, threshold=threshold, device="meta")
-            weight = lin.weight.data.to("cpu", torch.float16)
-            q.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)
-            if lin.bias is not None:
-                q.bias = nn.Parameter(lin.bias.data.clone(), requires_grad=False)
-            setattr(parent, name, q.to(device))  # moving the Int8Params quantizes them
-            del lin, weight
+        for parent, name, lin in block_linears(model, block):
+            setattr(parent, name, int8_linear(bnb, lin, threshold=threshold).to(device))  # moving quantizes
+            del lin
     return model
+
+
+def block_linears(model: nn.Module, block: nn.Module):
+    """(parent module, attribute name, nn.Linear) for each linear layer of ``block`` that int8 swaps."""
+    for path in model.LINEARS:
+        parent_name, name = path.rsplit(".", 1)
+        parent = block.get_submodule(parent_name)
+        yield parent, name, getattr(parent, name)
+
+
+def int8_linear(bnb, lin: nn.Linear, *, threshold: float, resident: bool = True) -> nn.Module:
+    """A Linear8bitLt shaped like ``lin``; with ``resident`` it holds lin's weights (quantized when moved to a
+    device), otherwise its parameters stay on the meta device for a hook to fill."""
+    q = bnb.nn.Linear8bitLt(lin.in_features, lin.out_features, bias=lin.bias is not None,
+                            has_fp16_weights=False, threshold=threshold, device="meta")
+    if resident:
+        q.weight = bnb.nn.Int8Params(lin.weight.data.to("cpu", torch.float16), requires_grad=False,
+                                     has_fp16_weights=False)
+        if lin.bias is not None:
+            q.bias = nn.Parameter(lin.bias.data.clone(), requires_grad=False)
+    return q
 
 
 def int8_weight_bytes(model: nn.Module) -> int:

@@ -534,7 +534,7 @@ def quantize_int8_placed(model: torch.nn.Module, *, threshold: float) -> None:
     from accelerate.utils import set_module_tensor_to_device
     from torch import nn
 
-    from neoxconv.int8 import require_bitsandbytes
+    from neoxconv.int8 import block_linears, int8_linear, require_bitsandbytes
 
     bnb = require_bitsandbytes()
     plan: PlacementPlan = model.neoxconv_placement
@@ -563,19 +563,11 @@ def quantize_int8_placed(model: torch.nn.Module, *, threshold: float) -> None:
     for i, block in enumerate(model.blocks):
         unit = f"{model.UNITS['blocks']}.{i}"
         device = plan.execution_device(unit)
-        for path in model.LINEARS:
-            parent_name, name = path.rsplit(".", 1)
-            parent = block.get_submodule(parent_name)
-            lin: nn.Linear = getattr(parent, name)
-            q = bnb.nn.Linear8bitLt(lin.in_features, lin.out_features, bias=lin.bias is not None,
-                                    has_fp16_weights=False, threshold=threshold, device="meta")
+        for parent, name, lin in block_linears(model, block):
             hook = getattr(lin, "_hf_hook", None)
             weights = getattr(hook, "weights_map", None) if getattr(hook, "offload", False) else None
+            q = int8_linear(bnb, lin, threshold=threshold, resident=weights is None)
             if weights is None:  # resident: quantize now, as int8.quantize_int8 does
-                weight = lin.weight.data.to("cpu", torch.float16)
-                q.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)
-                if lin.bias is not None:
-                    q.bias = nn.Parameter(lin.bias.data.clone(), requires_grad=False)
                 q = q.to(device)
                 remove_hook_from_module(lin)
             else:
