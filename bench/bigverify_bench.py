@@ -3,7 +3,7 @@
     python bench/bigverify_bench.py          # hidden 2048, 16 heads, 8 layers, vocab 50432, TP=2 fp16 (~1.2 GB)
     python bench/bigverify_bench.py --hidden 64 --heads 4 --layers 2 --vocab 1024 --max-memory 64KiB   # toy
 
-Builds the synthetic checkpoint (neoxconv/synthetic.py) and merges it, then runs `neoxconv verify --device cpu
+Builds the synthetic checkpoint (neoxconv/tools/synthetic.py) and merges it, then runs `neoxconv verify --device cpu
 --dtype fp32 --json` in a fresh process for each of: uncapped, --max-memory CAP, and both again with
 --against SRC. Each process reports its own peak RssAnon (the process's anonymous memory: weights cast to fp32,
 activations, KV cache, logits; not the page cache of the memory-mapped safetensors files).
@@ -25,8 +25,8 @@ from pathlib import Path
 
 
 def build(work: Path, args) -> tuple[Path, Path]:
-    from neoxconv.convert import MergeOptions, merge_checkpoint
-    from neoxconv.synthetic import SyntheticSpec, tiny_config, write_checkpoint
+    from neoxconv.output.hf_merge import MergeOptions, merge_checkpoint
+    from neoxconv.tools.synthetic import SyntheticSpec, tiny_config, write_checkpoint
 
     src, out = work / "src", work / "out"
     if not (out / "neoxconv.json").exists():

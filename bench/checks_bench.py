@@ -93,9 +93,9 @@ def main() -> None:
     row("crc32", "isal isal_zlib.crc32", isal_crc)
     row("crc32", "zlib_ng.crc32", zlib_ng_crc)
 
-    from neoxconv.checksums import CRC32_IMPLEMENTATION, crc32
+    from neoxconv.source.checksums import CRC32_IMPLEMENTATION, crc32
 
-    row("crc32", f"neoxconv.checksums.crc32 ({CRC32_IMPLEMENTATION})", lambda b: crc32(b))
+    row("crc32", f"neoxconv.source.checksums.crc32 ({CRC32_IMPLEMENTATION})", lambda b: crc32(b))
 
     from neoxconv.dtypes import NonFiniteCounter
 

@@ -24,8 +24,8 @@ import torch
 
 
 def build(workdir: Path, args) -> Path:
-    from neoxconv.convert import MergeOptions, merge_checkpoint
-    from neoxconv.synthetic import SyntheticSpec, tiny_config, write_checkpoint
+    from neoxconv.output.hf_merge import MergeOptions, merge_checkpoint
+    from neoxconv.tools.synthetic import SyntheticSpec, tiny_config, write_checkpoint
 
     out = workdir / "merged"
     if not (out / "neoxconv.json").exists():
@@ -57,7 +57,7 @@ def read_bytes_seconds(folder: Path) -> float:
 
 
 def run_ours(model, prompt: list[int], new_tokens: int):
-    from neoxconv.generation import generate
+    from neoxconv.model.generation import generate
 
     t = time.perf_counter()
     gen = generate(model, prompt, max_new_tokens=new_tokens, eos_id=None)
@@ -99,7 +99,7 @@ def main() -> None:
 
     from transformers import GPTNeoXForCausalLM
 
-    from neoxconv.loading import load_model
+    from neoxconv.runtime.loading import load_model
 
     read_s = min(read_bytes_seconds(out) for _ in range(3))
     loads = []

@@ -37,8 +37,8 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path)
     args = ap.parse_args()
 
-    from neoxconv.convert import MergeOptions, merge_checkpoint
-    from neoxconv.synthetic import SyntheticSpec, tiny_config, write_checkpoint
+    from neoxconv.output.hf_merge import MergeOptions, merge_checkpoint
+    from neoxconv.tools.synthetic import SyntheticSpec, tiny_config, write_checkpoint
     from neoxconv.verify import VerifyOptions, format_report, verify_model
 
     work = args.workdir or Path(tempfile.mkdtemp(prefix="neoxconv-gpu-"))

@@ -41,9 +41,9 @@ def main() -> None:
     sys.path.insert(0, str(REPO / "tests"))
     from llama_checkpoints import LlamaSpec, write_llama_checkpoint
 
-    from neoxconv.convert import MergeOptions, merge_checkpoint
-    from neoxconv.integrity import load_config
-    from neoxconv.kv_cache import KVCache
+    from neoxconv.output.hf_merge import MergeOptions, merge_checkpoint
+    from neoxconv.check.integrity import load_config
+    from neoxconv.model.kv_cache import KVCache
     from neoxconv.verify import VerifyOptions, format_report, verify_model
 
     work = args.workdir or Path(tempfile.mkdtemp(prefix="neoxconv-llama-gpu-"))

@@ -24,7 +24,7 @@ def main() -> None:
     from llama_checkpoints import write_llama_checkpoint
 
     from neoxconv import config as config_mod
-    from neoxconv.convert import MergeOptions, merge_checkpoint
+    from neoxconv.output.hf_merge import MergeOptions, merge_checkpoint
 
     cases = {"correct, GQA TP=2 fp32": (t.GQA_TP2, lambda m: None),
              "correct, MHA TP=4 fp16 (biases)": (t.MHA_TP4, lambda m: None),

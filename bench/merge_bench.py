@@ -35,7 +35,7 @@ _GIB = 1 << 30
 # ----- fixtures -------------------------------------------------------------------------------------
 def make_fixture(root: Path, *, hidden: int, heads: int, layers: int, vocab: int, tp: int) -> Path:
     """The pipeline-layout checkpoint of the 20B release's shape (one fresh storage per tensor)."""
-    from neoxconv.synthetic import SyntheticSpec, tiny_config, write_checkpoint
+    from neoxconv.tools.synthetic import SyntheticSpec, tiny_config, write_checkpoint
 
     marker = root / ".complete"
     if not marker.exists():
@@ -185,7 +185,7 @@ def run_merge(src: Path, out: Path) -> tuple[float, float, int]:
 
 
 def digest(folder: Path) -> str:
-    from neoxconv.hashing import hash_file
+    from neoxconv.output.hashing import hash_file
 
     return "/".join(f"{p.name}:{hash_file(p)}" for p in sorted(folder.iterdir())
                     if p.is_file() and p.name != "neoxconv.json")
@@ -205,7 +205,7 @@ def _drop_page_cache(folder: Path) -> None:
 
 _IO_PROBE = """
 import sys
-import neoxconv.convert, neoxconv.streaming  # imports read files too: counted before the merge starts
+import neoxconv.output.hf_merge, neoxconv.output.streaming  # imports read files too: counted before the merge starts
 from neoxconv.cli import main
 def io():
     return {k: int(v) for k, v in (line.split(": ") for line in open("/proc/self/io").read().splitlines())}
@@ -282,7 +282,7 @@ def main() -> None:
     view_hidden = args.view_hidden or (64 if quick else 1024)
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="neoxconv-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
-    from neoxconv.checksums import CRC32_IMPLEMENTATION
+    from neoxconv.source.checksums import CRC32_IMPLEMENTATION
 
     print(f"# {os.cpu_count()} CPU(s); CRC-32 by {CRC32_IMPLEMENTATION}; fixtures in {workdir}", flush=True)
     try:

@@ -111,7 +111,7 @@ def merge(src: Path, out: Path, dtype: str, row_bias: str, qkv_layout: str, repl
     """
     if "numpy" not in sys.modules:  # a fresh process: the merge does no linear algebra, and numpy's OpenBLAS
         os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # threads would spin at import (0.07 core-s)
-    from neoxconv.convert import MergeOptions, merge_checkpoint
+    from neoxconv.output.hf_merge import MergeOptions, merge_checkpoint
 
     options = MergeOptions(dtype=dtype, row_bias=row_bias, qkv_layout=qkv_layout, replica_tolerance=replica_tolerance,
                            allow_nonfinite=allow_nonfinite, config_path=config_path, tokenizer_path=tokenizer_path,
@@ -146,7 +146,7 @@ def inspect(src: Path, config_path: Path | None, out: Path | None, dtype: str, r
     missing (after printing what was found).
     """
     from neoxconv.errors import CheckpointError
-    from neoxconv.inspect import format_inspect, inspect_checkpoint
+    from neoxconv.plan.describe import format_inspect, inspect_checkpoint
 
     info = inspect_checkpoint(src, config_path=config_path, out=out, dtype=dtype, row_bias=row_bias,
                               qkv_layout=qkv_layout)
@@ -180,7 +180,7 @@ def _finite_nonnegative(param, value: float) -> float:
 def _parse_max_memory(ctx, param, value: str | None):
     if value is None:
         return None
-    from neoxconv.placement import parse_max_memory
+    from neoxconv.runtime.placement import parse_max_memory
 
     try:
         return parse_max_memory(value)
@@ -249,7 +249,7 @@ def verify(out: Path, prompt: str | None, ids_text: str | None, max_new_tokens: 
       reference_hf  with --reference hf: vs transformers' GPTNeoXForCausalLM / LlamaForCausalLM
       int8_*        with --int8: LLM.int8 top-1 agreement and weight memory
     """
-    from neoxconv.generation import Sampling
+    from neoxconv.model.generation import Sampling
     from neoxconv.verify import VerifyOptions, format_report, report_json, verify_model
 
     try:
@@ -315,7 +315,7 @@ def split(hf_dir: Path, out: Path, tp: int, layout: str, dtype: str, step: int, 
     tokenizer. Row-parallel biases with parallel residual go whole to rank 0 (zeros elsewhere), so the
     ranks' parts sum to the bias exactly. Load it in gpt-neox with 'finetune: true' (see the README).
     """
-    from neoxconv.split import SplitOptions, split_model
+    from neoxconv.output.split import SplitOptions, split_model
 
     options = SplitOptions(tp=tp, layout=layout, dtype=dtype, step=step, tokenizer_path=tokenizer_path,
                            resume=not no_resume, force=force, quiet=quiet or as_json)
@@ -345,7 +345,7 @@ def reshard(src: Path, out: Path, tp: int, layout: str | None, dtype: str, step:
             qkv_layout: str, replica_tolerance: float, config_path: Path | None, tokenizer_path: Path | None, no_resume: bool,
             force: bool, as_json: bool, quiet: bool) -> None:
     """Reshard the gpt-neox checkpoint SRC (any TP degree) to TP degree --tp in OUT, one layer at a time."""
-    from neoxconv.reshard import ReshardOptions, reshard_checkpoint
+    from neoxconv.output.reshard import ReshardOptions, reshard_checkpoint
 
     options = ReshardOptions(tp=tp, layout=layout, dtype=dtype, step=step, row_bias=row_bias, qkv_layout=qkv_layout,
                              replica_tolerance=replica_tolerance, config_path=config_path,
@@ -363,7 +363,7 @@ def reshard(src: Path, out: Path, tp: int, layout: str | None, dtype: str, step:
 @_run
 def demo(workdir: Path | None, tp_degree: int, tokenizer_path: Path | None) -> None:
     """Build a tiny synthetic GPT-NeoX-20B-layout checkpoint, merge it, inspect it, verify it."""
-    from neoxconv.demo import run_demo
+    from neoxconv.tools.demo import run_demo
 
     run_demo(workdir=workdir, tp_degree=tp_degree, tokenizer=tokenizer_path, echo=click.echo)
 
@@ -401,7 +401,7 @@ def synth(out: Path, tp_degree: int, layers: int, hidden: int, heads: int | None
     from neoxconv.config import GELU_TANH, NeoXConfig
     from neoxconv.errors import ConfigError, UsageError
     from neoxconv.progress import format_bytes
-    from neoxconv.synthetic import SyntheticSpec, synthesize
+    from neoxconv.tools.synthetic import SyntheticSpec, synthesize
 
     try:
         config = NeoXConfig(num_layers=layers, hidden_size=hidden, num_heads=heads if heads is not None else max(1, hidden // 64),
@@ -410,7 +410,7 @@ def synth(out: Path, tp_degree: int, layers: int, hidden: int, heads: int | None
     except ConfigError as e:
         raise UsageError(f"{e} (--layers/--hidden/--heads/--ffn/--vocab/--rotary-pct)") from None
     if tokenizer_path is not None:
-        from neoxconv.tokenizer_files import token_count
+        from neoxconv.source.tokenizer import token_count
 
         tokens = token_count(tokenizer_path)
         if tokens is not None and tokens > vocab:

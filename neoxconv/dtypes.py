@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from neoxconv.ptfile import NUMPY_DTYPES
+from neoxconv.source.ptfile import NUMPY_DTYPES
 
 SAFETENSORS_NAMES = {
     "float16": "F16", "bfloat16": "BF16", "float32": "F32", "float64": "F64",

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from neoxconv.config import GELU_TANH, LLAMA, NeoXConfig
-from neoxconv.kv_cache import KVCache, LayerKVCache
+from neoxconv.model.kv_cache import KVCache, LayerKVCache
 
 
 # ----- rotary position embedding -----------------------------------------------------------------------

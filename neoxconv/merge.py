@@ -32,12 +32,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from neoxconv.checkpoint import LayerKind, SourceLayer
+from neoxconv.source.checkpoint import LayerKind, SourceLayer
 from neoxconv.config import LLAMA, NeoXConfig
 from neoxconv.dtypes import FLOAT_DTYPES, from_f32, tensor_nbytes, to_f32
 from neoxconv.errors import CheckpointError, ConfigError, MergeError
-from neoxconv.ptfile import NUMPY_DTYPES, TensorRef
-from neoxconv.storage import CHUNK_BYTES, SourceReader
+from neoxconv.source.ptfile import NUMPY_DTYPES, TensorRef
+from neoxconv.source.storage import CHUNK_BYTES, SourceReader
 
 
 class Rule(str, enum.Enum):

@@ -31,10 +31,10 @@ import torch
 
 from neoxconv.dtypes import FROM_SAFETENSORS
 from neoxconv.errors import CheckpointError, UsageError
-from neoxconv.generation import GenerationResult, Sampling, full_forward_logits, generate
-from neoxconv.integrity import INDEX, check_output, load_config, read_safetensors_header
-from neoxconv.loading import TORCH_DTYPES, LoadedModel, load_model, resolve_device, resolve_dtype, weight_bytes
-from neoxconv.placement import PeakAnonMemory, format_bytes, runtime_reserve
+from neoxconv.model.generation import GenerationResult, Sampling, full_forward_logits, generate
+from neoxconv.check.integrity import INDEX, check_output, load_config, read_safetensors_header
+from neoxconv.runtime.loading import TORCH_DTYPES, LoadedModel, load_model, resolve_device, resolve_dtype, weight_bytes
+from neoxconv.runtime.placement import PeakAnonMemory, format_bytes, runtime_reserve
 
 log = logging.getLogger(__name__)
 
@@ -177,7 +177,7 @@ def coarser(a: torch.dtype, b: torch.dtype | None) -> torch.dtype:
 def merge_rounding(out: Path, options: VerifyOptions) -> tuple[torch.dtype, torch.dtype] | None:
     """(stored, source) dtypes when the merged weights are stored coarser than the ``--against`` source's,
     i.e. the merge rounded them; None when it did not (or a dtype is unknown)."""
-    from neoxconv.checkpoint import open_checkpoint
+    from neoxconv.source.checkpoint import open_checkpoint
 
     stored = stored_dtype(out)
     ckpt = open_checkpoint(options.against, config_path=options.against_config)
@@ -197,7 +197,7 @@ def require_optional(options: VerifyOptions) -> None:
             raise UsageError("--reference hf needs transformers: pip install 'neoxconv[hf]' "
                              "(or pip install transformers)") from None
     if options.int8:
-        from neoxconv.int8 import require_bitsandbytes
+        from neoxconv.model.int8 import require_bitsandbytes
 
         require_bitsandbytes()
 
@@ -225,7 +225,7 @@ def against_check(model, gen: GenerationResult, options: VerifyOptions, dtype: t
                   rounding: tuple[torch.dtype, torch.dtype] | None = None) -> Check:
     """``dtype``: the compute dtype; ``rounding``: (stored, source) dtypes when the merge rounded the weights.
     The simulation uses the source's own weights in fp32, so rounding widens the tolerance to its dtype's."""
-    from neoxconv.tp_reference import tensor_parallel_logits
+    from neoxconv.check.tp_reference import tensor_parallel_logits
 
     tp_logits, _ = tensor_parallel_logits(options.against, gen.prompt_ids, row_bias=options.row_bias,
                                           config_path=options.against_config, qkv_layout=options.qkv_layout)
@@ -254,7 +254,7 @@ def reference_hf_check(out: Path, model, gen: GenerationResult, dtype: torch.dty
         with torch.inference_mode():
             theirs = hf(torch.tensor([gen.prompt_ids], device=device)).logits[0].float().cpu()
     else:  # the same placement for transformers' model (accelerate under from_pretrained)
-        from neoxconv.placement import hf_device_map
+        from neoxconv.runtime.placement import hf_device_map
 
         with tempfile.TemporaryDirectory(prefix="neoxconv-offload-") as offload:
             device_map = hf_device_map(plan, hf_class=hf_class, out=out)
@@ -269,14 +269,14 @@ def reference_hf_check(out: Path, model, gen: GenerationResult, dtype: torch.dty
 
 
 def int8_checks(loaded: LoadedModel, gen: GenerationResult, options: VerifyOptions) -> tuple[list[Check], dict]:
-    from neoxconv.int8 import int8_weight_bytes, quantize_int8
+    from neoxconv.model.int8 import int8_weight_bytes, quantize_int8
 
     if loaded.placement is None:
         before = weight_bytes(loaded.model)
         quantize_int8(loaded.model, threshold=options.int8_threshold)
         after = int8_weight_bytes(loaded.model)
     else:  # offloaded weights are not resident: compare the whole model's bytes, computed from the shapes
-        from neoxconv.placement import quantize_int8_placed
+        from neoxconv.runtime.placement import quantize_int8_placed
 
         before = sum(loaded.placement.unit_bytes.values())
         size = torch.finfo(loaded.dtype).bits // 8

@@ -12,7 +12,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 from neoxconv.cli import main  # noqa: E402
-from neoxconv.synthetic import SyntheticSpec, tiny_config, write_checkpoint  # noqa: E402
+from neoxconv.tools.synthetic import SyntheticSpec, tiny_config, write_checkpoint  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 COMMITTED_FIXTURE = REPO / "tests" / "fixtures" / "tiny_tp2_fp16"

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from neoxconv.synthetic import SyntheticSpec, neox_yaml, random_state_dict, tiny_config
+from neoxconv.tools.synthetic import SyntheticSpec, neox_yaml, random_state_dict, tiny_config
 
 
 class NeoXArgs:

@@ -64,7 +64,7 @@ def test_synth_of_a_size_that_does_not_fit_on_disk_is_refused_before_writing(tmp
 
 
 def test_synth_of_a_size_that_does_not_fit_in_memory_is_refused_before_writing(tmp_path, monkeypatch):
-    monkeypatch.setattr("neoxconv.placement.meminfo", lambda key: 1 << 20)  # 1 MiB available
+    monkeypatch.setattr("neoxconv.runtime.placement.meminfo", lambda key: 1 << 20)  # 1 MiB available
     out = tmp_path / "ckpt"
     one_line_error(cli("synth", out, "--hidden", 256, "--heads", 4, "--vocab", 1024, "--layers", 1,
                          "--layout", "sequential"), 2, "memory", "--layout pipeline")
@@ -131,7 +131,7 @@ def _view_heavy(tmp_path, layers=12):
 def test_reshard_of_a_view_heavy_checkpoint_reads_each_shared_storage_once(tmp_path, monkeypatch):
     # Before: every tensor was read with a fresh SourceReader, whose CRC check re-read the whole ZeRO flat
     # buffer (the gaps) per tensor: 182x the source for 12 layers, quadratic in the layer count.
-    from neoxconv import storage
+    from neoxconv.source import storage
 
     root, files = _view_heavy(tmp_path)
     read = [0]
@@ -168,7 +168,7 @@ def _redirect_member(path: Path, key: str, to_key: str) -> None:
     import struct
     import zipfile
 
-    from neoxconv.ptfile import read_pt
+    from neoxconv.source.ptfile import read_pt
 
     refs = read_pt(path).tensors()
     with zipfile.ZipFile(path) as z:

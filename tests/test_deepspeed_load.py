@@ -25,7 +25,7 @@ from deepspeed.runtime.engine import DeepSpeedEngine  # noqa: E402
 from deepspeed.runtime.pipe.module import PipelineModule  # noqa: E402
 from deepspeed.runtime.state_dict_factory import SDLoaderFactory  # noqa: E402
 
-from neoxconv.split import SplitOptions, split_model  # noqa: E402
+from neoxconv.output.split import SplitOptions, split_model  # noqa: E402
 
 from test_split import _hf_tensors, _make_hf  # noqa: E402
 

@@ -7,7 +7,7 @@ import torch
 from click.testing import CliRunner
 
 from neoxconv.cli import main
-from neoxconv.convert import MergeOptions, merge_checkpoint
+from neoxconv.output.hf_merge import MergeOptions, merge_checkpoint
 from neoxconv.errors import CheckpointError, ConfigError, MergeError
 
 from conftest import COMMITTED_FIXTURE

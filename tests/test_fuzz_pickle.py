@@ -22,8 +22,8 @@ import pytest
 import torch
 
 from neoxconv.errors import NeoXConvError
-from neoxconv.ptfile import read_pt
-from neoxconv.storage import SourceReader
+from neoxconv.source.ptfile import read_pt
+from neoxconv.source.storage import SourceReader
 
 from conftest import COMMITTED_FIXTURE, REPO
 from real_writers import WriterSpec, write_real_checkpoint
@@ -145,7 +145,7 @@ import json, random, resource, shutil, sys
 from pathlib import Path
 resource.setrlimit(resource.RLIMIT_AS, (int(sys.argv[4]) << 20, int(sys.argv[4]) << 20))
 sys.path.insert(0, sys.argv[3])
-from neoxconv.convert import MergeOptions, merge_checkpoint
+from neoxconv.output.hf_merge import MergeOptions, merge_checkpoint
 from neoxconv.errors import NeoXConvError
 from test_fuzz_pickle import members, mutate, overwrite, with_pkl
 

@@ -15,11 +15,11 @@ from click.testing import CliRunner
 
 from llama_checkpoints import LlamaSpec, write_llama_checkpoint
 from neoxconv import config as config_mod
-from neoxconv import convert
+from neoxconv.output import hf_merge as convert
 from neoxconv import merge as merge_mod
 from neoxconv.cli import main
 from neoxconv.config import NeoXConfig, gated_intermediate_size, llama_mlp_intermediate_size
-from neoxconv.convert import MergeOptions, merge_checkpoint
+from neoxconv.output.hf_merge import MergeOptions, merge_checkpoint
 from neoxconv.errors import ConfigError, MergeError
 from neoxconv.merge import QkvLayout, Rule, Split, merge_split, split_segments
 from neoxconv.verify import VerifyOptions, verify_model
@@ -259,7 +259,7 @@ def test_a_flipped_byte_in_a_split_tensor_is_caught_by_crc(key, offset, build, t
     import shutil
 
     from neoxconv.errors import NeoXConvError
-    from neoxconv.ptfile import read_pt
+    from neoxconv.source.ptfile import read_pt
 
     root, _ = build(GQA_TP2)
     shutil.copytree(root, tmp_path / "src")
@@ -376,8 +376,8 @@ def test_llama_config_json_round_trip_and_both_rope_keys():
 
 # ----- the Llama layers themselves -----------------------------------------------------------------------
 def test_grouped_attention_equals_repeated_kv_heads_and_the_cache_holds_only_kv_heads():
-    from neoxconv.generation import full_forward_logits, generate
-    from neoxconv.kv_cache import KVCache
+    from neoxconv.model.generation import full_forward_logits, generate
+    from neoxconv.model.kv_cache import KVCache
     from neoxconv.layers import LlamaForCausalLM, causal_attention
 
     g = torch.Generator().manual_seed(0)
@@ -476,7 +476,7 @@ def test_split_of_a_llama_folder_is_gpt_neox_s_layout_and_merges_back_bit_for_bi
 
     from llama_checkpoints import neox_shards
 
-    from neoxconv.split import SplitOptions, split_model
+    from neoxconv.output.split import SplitOptions, split_model
 
     root, hf, out = _merged(build, tmp_path, spec)
     split_model(out, tmp_path / "neox", SplitOptions(tp=tp, layout=layout, quiet=True))
@@ -506,7 +506,7 @@ def test_split_of_a_llama_folder_is_gpt_neox_s_layout_and_merges_back_bit_for_bi
 def test_reshard_of_a_llama_checkpoint_merges_like_the_source(spec, tp, build, tmp_path):
     """The output keeps the source's QKV layout and key names (interleaved GQA with w1/w2/w3 stays so: the
     gpt-neox version that wrote it reads it back)."""
-    from neoxconv.reshard import ReshardOptions, reshard_checkpoint
+    from neoxconv.output.reshard import ReshardOptions, reshard_checkpoint
 
     root, _, out = _merged(build, tmp_path, spec)
     reshard_checkpoint(root, tmp_path / "re", ReshardOptions(tp=tp, quiet=True))

@@ -7,7 +7,7 @@ import torch
 from safetensors import safe_open
 
 from hf_reference import hf_logits, hf_model
-from neoxconv.convert import MergeOptions, merge_checkpoint
+from neoxconv.output.hf_merge import MergeOptions, merge_checkpoint
 from neoxconv.errors import MergeError, OutputError
 
 transformers = pytest.importorskip("transformers")
@@ -61,7 +61,7 @@ def test_a_wrong_row_bias_rule_is_caught_by_the_equivalence_check(make_checkpoin
 def test_a_wrong_concat_axis_is_caught(make_checkpoint, tmp_path, monkeypatch):
     """QKV concatenated on dim 1 instead of dim 0 cannot produce the config's shape: refused."""
     from neoxconv import merge as merge_mod
-    from neoxconv.checkpoint import LayerKind
+    from neoxconv.source.checkpoint import LayerKind
 
     root, _, _ = make_checkpoint(2, "pipeline", "float32")
     table = {k: dict(v) for k, v in merge_mod.RULES.items()}

@@ -1,7 +1,7 @@
 """The fast merge path writes the same bytes as before and every check still fires.
 
-Fast path = concat tensors read straight into the writer's staging buffer (`neoxconv.streaming`), CRC-32
-by `neoxconv.checksums`, finiteness from exponent bits (`NonFiniteCounter`), BLAKE3 as the default hash.
+Fast path = concat tensors read straight into the writer's staging buffer (`neoxconv.output.streaming`), CRC-32
+by `neoxconv.source.checksums`, finiteness from exponent bits (`NonFiniteCounter`), BLAKE3 as the default hash.
 """
 
 import hashlib
@@ -15,14 +15,20 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from neoxconv import checksums, convert, streaming, writer
+from neoxconv.source import checksums
+
+from neoxconv.output import hf_merge as convert
+
+from neoxconv.output import streaming
+
+from neoxconv.output import writer
 from neoxconv.cli import main
-from neoxconv.convert import MergeOptions, merge_checkpoint
+from neoxconv.output.hf_merge import MergeOptions, merge_checkpoint
 from neoxconv.dtypes import NonFiniteCounter, count_nonfinite
 from neoxconv.errors import CheckpointError, MergeError, VerificationError
-from neoxconv.hashing import hash_file
-from neoxconv.integrity import check_output, load_config
-from neoxconv.ptfile import read_pt
+from neoxconv.output.hashing import hash_file
+from neoxconv.check.integrity import check_output, load_config
+from neoxconv.source.ptfile import read_pt
 
 from conftest import COMMITTED_FIXTURE
 
@@ -248,7 +254,7 @@ def test_unknown_hash_is_refused():
 
 
 def test_streams_direct_only_where_it_is_byte_identical(make_checkpoint):
-    from neoxconv.checkpoint import open_checkpoint
+    from neoxconv.source.checkpoint import open_checkpoint
     from neoxconv.merge import Rule
 
     root, _, _ = make_checkpoint(2, "pipeline", "float16")

@@ -6,12 +6,12 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from neoxconv import placement
+from neoxconv.runtime import placement
 from neoxconv.cli import main
-from neoxconv.convert import MergeOptions, merge_checkpoint
-from neoxconv.generation import generate
-from neoxconv.loading import load_model
-from neoxconv.placement import PlacementError, parse_max_memory, parse_size, plan_placement
+from neoxconv.output.hf_merge import MergeOptions, merge_checkpoint
+from neoxconv.model.generation import generate
+from neoxconv.runtime.loading import load_model
+from neoxconv.runtime.placement import PlacementError, parse_max_memory, parse_size, plan_placement
 from neoxconv.verify import VerifyOptions, verify_model
 
 PROMPT = (12092, 1533, 13, 50, 7000)
@@ -155,7 +155,7 @@ def test_verify_picks_a_cap_when_the_model_does_not_fit(merged, resident, monkey
 def test_stock_accelerate_maps_everything_to_disk_below_the_largest_module(merged):
     """Why the device map is neoxconv's own: accelerate reserves the largest module on every device."""
     accelerate = pytest.importorskip("accelerate")
-    from neoxconv.integrity import load_config
+    from neoxconv.check.integrity import load_config
     from neoxconv.layers import NeoXForCausalLM
 
     _, out = merged
@@ -175,7 +175,7 @@ def test_unknown_gpu_in_a_device_map_on_cpu_is_a_placement_error(merged):
 
 
 def test_against_reads_the_readout_in_blocks_with_the_same_logits(merged, monkeypatch):
-    from neoxconv import tp_reference
+    from neoxconv.check import tp_reference
 
     root, _ = merged
     whole, _ = tp_reference.tensor_parallel_logits(root, list(PROMPT))
@@ -209,8 +209,8 @@ def test_other_architectures_with_everything_on_disk(make_checkpoint, tmp_path, 
 
 
 def test_kv_cache_of_each_layer_on_that_layers_device():
-    from neoxconv.kv_cache import KVCache
-    from neoxconv.synthetic import tiny_config
+    from neoxconv.model.kv_cache import KVCache
+    from neoxconv.tools.synthetic import tiny_config
 
     cfg = tiny_config(num_layers=3)
     devices = [torch.device("cpu"), torch.device("meta"), torch.device("cpu")]
@@ -222,7 +222,7 @@ def test_kv_cache_of_each_layer_on_that_layers_device():
 def test_gpu_device_maps_are_planned_without_a_gpu(monkeypatch, kind):
     """Planning alone (no dispatch) for two 10 MB GPUs: sequential fills GPU 0; balanced spreads the layers."""
     from neoxconv.layers import NeoXForCausalLM
-    from neoxconv.synthetic import tiny_config
+    from neoxconv.tools.synthetic import tiny_config
 
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setattr(placement, "available_memory", lambda device: 10**7 if device != "cpu" else 10**9)
@@ -242,7 +242,7 @@ def test_gpu_device_maps_are_planned_without_a_gpu(monkeypatch, kind):
 
 def test_a_gpu_cap_sends_the_rest_to_cpu_ram_in_a_map(monkeypatch):
     from neoxconv.layers import NeoXForCausalLM
-    from neoxconv.synthetic import tiny_config
+    from neoxconv.tools.synthetic import tiny_config
 
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(placement, "available_memory", lambda device: 10**9)

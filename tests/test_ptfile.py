@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from neoxconv.errors import CheckpointError, UnsafePickleError
-from neoxconv.ptfile import read_pt
+from neoxconv.source.ptfile import read_pt
 
 
 def _np(t: torch.Tensor) -> np.ndarray:

@@ -22,10 +22,10 @@ import numpy as np
 import pytest
 import torch
 
-from neoxconv.convert import MergeOptions, merge_checkpoint
+from neoxconv.output.hf_merge import MergeOptions, merge_checkpoint
 from neoxconv.errors import CheckpointError
-from neoxconv.ptfile import read_pt
-from neoxconv.storage import SourceReader
+from neoxconv.source.ptfile import read_pt
+from neoxconv.source.storage import SourceReader
 
 from conftest import COMMITTED_FIXTURE, REPO
 
@@ -285,7 +285,7 @@ def test_big_endian_archives_are_refused(tmp_path, order, message):
 
 # ---- zip64: archives over 4 GiB (a sparse file: no disk, no time) ---------------------------------------
 def _zero_crc(n: int) -> int:
-    from neoxconv.storage import crc32_combine
+    from neoxconv.source.storage import crc32_combine
 
     block = 1 << 24
     c_block, crc = zlib.crc32(bytes(block)), 0

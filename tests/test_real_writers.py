@@ -19,8 +19,8 @@ import torch
 from safetensors import safe_open
 
 from hf_reference import hf_logits, hf_model
-from neoxconv.convert import MergeOptions, merge_checkpoint
-from neoxconv.inspect import inspect_checkpoint
+from neoxconv.output.hf_merge import MergeOptions, merge_checkpoint
+from neoxconv.plan.describe import inspect_checkpoint
 from real_writers import WriterSpec, write_real_checkpoint
 
 transformers = pytest.importorskip("transformers")
@@ -166,10 +166,10 @@ def test_cuda_tags_and_metadata_are_really_in_the_files(written):
 
 def test_views_are_read_once_per_storage(written, tmp_path):
     """A merge reads each source byte at most about once, however many tensors view one storage."""
-    from neoxconv.checkpoint import open_checkpoint
-    from neoxconv.convert import plan_checkpoint
+    from neoxconv.source.checkpoint import open_checkpoint
+    from neoxconv.output.hf_merge import plan_checkpoint
     from neoxconv.merge import Rule
-    from neoxconv.storage import SourceReader
+    from neoxconv.source.storage import SourceReader
 
     root, _, _ = written("pipe-views-pre-2021")
     ckpt = open_checkpoint(root)
@@ -190,7 +190,7 @@ BYTES_READ_SCRIPT = r"""
 import json, sys
 from pathlib import Path
 sys.path.insert(0, sys.argv[3])
-from neoxconv.convert import MergeOptions, merge_checkpoint
+from neoxconv.output.hf_merge import MergeOptions, merge_checkpoint
 
 def rchar():
     return int(dict(l.split(": ") for l in Path("/proc/self/io").read_text().splitlines())["rchar"])
@@ -231,10 +231,10 @@ def test_a_storage_bigger_than_the_chunk_budget_is_streamed(written):
     """Reading every tensor of a flat ZeRO buffer with a 4 KiB budget: peak memory stays near the budget."""
     import tracemalloc
 
-    from neoxconv.checkpoint import open_checkpoint
-    from neoxconv.convert import plan_checkpoint
+    from neoxconv.source.checkpoint import open_checkpoint
+    from neoxconv.output.hf_merge import plan_checkpoint
     from neoxconv.merge import Rule, iter_merged_chunks
-    from neoxconv.storage import SourceReader
+    from neoxconv.source.storage import SourceReader
 
     root, _, _ = written("seq-zero-cuda-tp2")
     _, plans = plan_checkpoint(open_checkpoint(root), row_bias=Rule.SUM, out_dtype=None)
@@ -261,7 +261,7 @@ def test_corrupt_shared_storage_fails_and_leaves_no_unconfirmed_layer(written, t
     import shutil
 
     from neoxconv.errors import CheckpointError
-    from neoxconv.ptfile import read_pt
+    from neoxconv.source.ptfile import read_pt
 
     root, _, _ = written("seq-zero-cuda-tp2")
     src = tmp_path / "src"
@@ -287,7 +287,7 @@ def test_corrupt_shared_storage_fails_and_leaves_no_unconfirmed_layer(written, t
 
 
 def test_hf_converter_files_hold_strided_views_of_full_tensors(written):
-    from neoxconv.ptfile import read_pt
+    from neoxconv.source.ptfile import read_pt
 
     root, _, _ = written("seq-hf-converter")
     refs = read_pt(root / "global_step1000" / "mp_rank_01_model_states.pt", lenient=True).tensors(("module",))

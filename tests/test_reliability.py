@@ -13,8 +13,8 @@ import time
 import pytest
 import torch
 
-from neoxconv import writer
-from neoxconv.convert import MergeOptions, merge_checkpoint
+from neoxconv.output import writer
+from neoxconv.output.hf_merge import MergeOptions, merge_checkpoint
 from neoxconv.errors import MergeError, NeoXConvError, OutputError
 
 from conftest import COMMITTED_FIXTURE
@@ -72,7 +72,7 @@ def test_fuzz_truncations_and_byte_flips(tmp_path, clean_merge):
 def test_flipped_tensor_byte_is_caught_by_crc(tmp_path):
     shutil.copytree(COMMITTED_FIXTURE, tmp_path / "src")
     victim = tmp_path / "src" / STEP / "layer_02-model_01-model_states.pt"
-    from neoxconv.ptfile import read_pt
+    from neoxconv.source.ptfile import read_pt
 
     ref = read_pt(victim).tensors()["mlp.dense_4h_to_h.weight"]
     data = bytearray(victim.read_bytes())
@@ -166,7 +166,7 @@ def test_disk_full_mid_merge_is_clear_and_resumable(tmp_path, monkeypatch, clean
 
 
 def _big_checkpoint(tmp_path_factory):
-    from neoxconv.synthetic import SyntheticSpec, tiny_config, write_checkpoint
+    from neoxconv.tools.synthetic import SyntheticSpec, tiny_config, write_checkpoint
 
     root = tmp_path_factory.mktemp("big")
     write_checkpoint(root, SyntheticSpec(tiny_config(hidden_size=256, num_heads=8, num_layers=6), tp_degree=2))

@@ -12,8 +12,8 @@ from safetensors.torch import load_file
 
 from neoxconv.cli import main
 from neoxconv.config import read_neox_yaml
-from neoxconv.convert import MergeOptions, merge_checkpoint
-from neoxconv.reshard import ReshardOptions, reshard_checkpoint
+from neoxconv.output.hf_merge import MergeOptions, merge_checkpoint
+from neoxconv.output.reshard import ReshardOptions, reshard_checkpoint
 
 
 def _merged(src: Path, out: Path, **kw) -> dict[str, torch.Tensor]:

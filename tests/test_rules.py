@@ -4,12 +4,12 @@ import numpy as np
 import pytest
 import torch
 
-from neoxconv.checkpoint import LayerKind, SourceLayer
+from neoxconv.source.checkpoint import LayerKind, SourceLayer
 from neoxconv.config import NeoXConfig
 from neoxconv.dtypes import from_f32, to_f32
 from neoxconv.errors import CheckpointError, MergeError
 from neoxconv.merge import RULES, Rule, merge_tensor, plan_layer, resolve_row_bias, split_tensor
-from neoxconv.ptfile import read_pt
+from neoxconv.source.ptfile import read_pt
 
 NEOX_20B_BLOCK_KEYS = {
     "input_layernorm.weight", "input_layernorm.bias",

@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from neoxconv import writer
-from neoxconv.convert import MergeOptions, merge_checkpoint
-from neoxconv.integrity import check_output, load_config
+from neoxconv.output import writer
+from neoxconv.output.hf_merge import MergeOptions, merge_checkpoint
+from neoxconv.check.integrity import check_output, load_config
 
 from conftest import COMMITTED_FIXTURE, cli, one_line_error, subprocess_env
 
@@ -75,7 +75,7 @@ def test_resume_redoes_a_layer_file_replaced_by_a_same_size_different_one(src, t
 # ----- one merge at a time -------------------------------------------------------------------------------
 _HOLD_LOCK = textwrap.dedent("""
     import sys
-    from neoxconv.outdir import OutputLock
+    from neoxconv.output.folder import OutputLock
     with OutputLock(sys.argv[1]):
         print("locked", flush=True)
         sys.stdin.read()
@@ -109,7 +109,7 @@ def test_a_second_merge_into_a_locked_output_is_refused_with_the_holders_pid(src
 # OUT) until its stdin gets a line: the second merge always meets a merge in progress, on any machine's speed.
 _PAUSED_MERGE = textwrap.dedent("""
     import sys
-    from neoxconv import writer
+    from neoxconv.output import writer
     from neoxconv.cli import main
     real_enter, paused = writer.SafetensorsWriter.__enter__, []
     def enter(self):
@@ -275,7 +275,7 @@ def test_huge_max_position_embeddings_does_not_allocate_huge_rope_tables(src, tm
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["peak_memory_bytes"] < 3 << 30  # the old tables alone: 2e8 x 4 x 4 B x 2 = 6.4 GB
-    from neoxconv.loading import load_model
+    from neoxconv.runtime.loading import load_model
 
     model = load_model(out, device="cpu", dtype="fp32").model
     assert model.rotary.cos.shape[0] == 0  # nothing until a position is used
@@ -390,7 +390,7 @@ def test_written_json_is_strict(merged):
 
 
 def test_overlapping_safetensors_offsets_are_a_verification_error(copy):
-    from neoxconv.integrity import read_safetensors_header
+    from neoxconv.check.integrity import read_safetensors_header
 
     victim = sorted(copy.glob("model-*.safetensors"))[1]
     raw = victim.read_bytes()

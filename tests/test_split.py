@@ -12,9 +12,9 @@ from safetensors.torch import load_file
 
 from neoxconv.cli import main
 from neoxconv.config import NeoXConfig, padded_vocab_size
-from neoxconv.convert import MergeOptions, merge_checkpoint
-from neoxconv.neox_writer import vocab_divisor
-from neoxconv.split import SplitOptions, split_model
+from neoxconv.output.hf_merge import MergeOptions, merge_checkpoint
+from neoxconv.output.neox import vocab_divisor
+from neoxconv.output.split import SplitOptions, split_model
 
 from neox_tp_split import tp_split
 
@@ -150,7 +150,7 @@ def test_written_config_reads_back_and_pads_the_vocab_onto_the_embedding(hf_dir,
 def test_yaml_floats_read_back_as_floats():
     import yaml
 
-    from neoxconv.neox_writer import _yaml_float
+    from neoxconv.output.neox import _yaml_float
 
     for x in (1e-5, 1e-12, 0.25, 1.0, 2.5e-7, 1e20, 10000.5):
         assert yaml.safe_load(_yaml_float(x)) == x and isinstance(yaml.safe_load(_yaml_float(x)), float)
@@ -194,7 +194,7 @@ def test_split_dtype_option_and_tanh_gelu(hf_dir, tmp_path):
 def test_simulated_tp_forward_of_the_split_agrees_with_transformers(hf_dir, tmp_path):
     from transformers import GPTNeoXForCausalLM
 
-    from neoxconv.tp_reference import tensor_parallel_logits
+    from neoxconv.check.tp_reference import tensor_parallel_logits
 
     src = hf_dir(torch.float32)
     split_model(src, tmp_path / "n", SplitOptions(tp=4, quiet=True))

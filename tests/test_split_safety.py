@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from neoxconv import writer
+from neoxconv.output import writer
 
 from conftest import cli, one_line_error, subprocess_env
 from test_split import _make_hf
@@ -59,7 +59,7 @@ def command(request, hf, make_checkpoint):
 # ----- one run at a time ---------------------------------------------------------------------------------
 _HOLD_LOCK = textwrap.dedent("""
     import sys
-    from neoxconv.outdir import OutputLock
+    from neoxconv.output.folder import OutputLock
     with OutputLock(sys.argv[1], sys.argv[2]):
         print("locked", flush=True)
         sys.stdin.read()
@@ -88,7 +88,7 @@ def test_a_second_run_into_a_locked_output_is_refused_with_the_holders_pid(comma
 
 
 def test_the_lock_is_held_while_files_are_written(command, tmp_path, monkeypatch):
-    from neoxconv import neox_writer
+    from neoxconv.output import neox as neox_writer
 
     name, src = command
     out = tmp_path / "out"

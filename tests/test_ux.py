@@ -9,7 +9,9 @@ import sys
 import pytest
 from click.testing import CliRunner
 
-from neoxconv import convert, verify
+from neoxconv import verify
+
+from neoxconv.output import hf_merge as convert
 from neoxconv.cli import main
 
 from conftest import COMMITTED_FIXTURE
@@ -241,7 +243,7 @@ def test_remerge_with_other_options_names_the_difference(tmp_path):
 
 # ----- demo and synth ---------------------------------------------------------------------------------------
 def test_demo_says_where_its_files_are(monkeypatch):
-    from neoxconv import demo
+    from neoxconv.tools import demo
 
     seen = []
     monkeypatch.setattr(demo, "_demo", lambda work, *a: seen.append(work))  # the flow itself: test_cli.py
@@ -253,7 +255,7 @@ def test_demo_says_where_its_files_are(monkeypatch):
 
 
 def test_demo_with_workdir_says_what_it_kept(tmp_path, monkeypatch):
-    from neoxconv import demo
+    from neoxconv.tools import demo
 
     monkeypatch.setattr(demo, "_demo", lambda work, *a: None)
     result = _run("demo", "--workdir", tmp_path / "d")
@@ -262,7 +264,7 @@ def test_demo_with_workdir_says_what_it_kept(tmp_path, monkeypatch):
 
 def test_synth_writes_a_checkpoint_of_the_chosen_size(tmp_path):
     from neoxconv.config import NeoXConfig
-    from neoxconv.synthetic import parameter_count
+    from neoxconv.tools.synthetic import parameter_count
 
     result = _run("synth", tmp_path / "ck", "--tp", 2, "--layers", 3, "--hidden", 64, "--heads", 4, "--vocab", 512,
                   "--dtype", "bf16")

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from neoxconv import convert
+from neoxconv.output import hf_merge as convert
 from neoxconv.cli import main
-from neoxconv.convert import MergeOptions, merge_checkpoint
+from neoxconv.output.hf_merge import MergeOptions, merge_checkpoint
 from neoxconv.errors import VerificationError
 from neoxconv.merge import Rule
 from neoxconv.verify import VerifyOptions, verify_model

@@ -12,7 +12,7 @@ import struct
 
 import pytest
 
-from neoxconv.convert import MergeOptions, merge_checkpoint
+from neoxconv.output.hf_merge import MergeOptions, merge_checkpoint
 
 from conftest import cli
 

@@ -11,8 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from neoxconv import writer
-from neoxconv.writer import SafetensorsWriter, safetensors_header
+from neoxconv.output import writer
+from neoxconv.output.writer import SafetensorsWriter, safetensors_header
 
 
 def test_header_bytes_are_exact():
@@ -90,7 +90,7 @@ def test_closing_early_leaves_no_file(tmp_path):
 
 def test_fast_merge_equals_the_plain_torch_path(tmp_path):
     """The plain way (torch.load + torch.cat/sum + safetensors.save_file) gives the same tensors."""
-    from neoxconv.convert import MergeOptions, merge_checkpoint
+    from neoxconv.output.hf_merge import MergeOptions, merge_checkpoint
 
     from conftest import COMMITTED_FIXTURE
 

@@ -9,12 +9,12 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from neoxconv.checkpoint import open_checkpoint
-from neoxconv.convert import checkpoint_qkv_layout, output_names, plan_checkpoint
+from neoxconv.source.checkpoint import open_checkpoint
+from neoxconv.output.hf_merge import checkpoint_qkv_layout, output_names, plan_checkpoint
 from neoxconv.dtypes import canonical_dtype
 from neoxconv.errors import OutputError
 from neoxconv.merge import resolve_row_bias
-from neoxconv.outdir import check_out_path
+from neoxconv.output.folder import check_out_path
 from neoxconv.progress import format_bytes
 
 

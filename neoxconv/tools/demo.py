@@ -30,7 +30,7 @@ def find_demo_tokenizer(explicit: Path | None = None) -> Path | None:
 def run_demo(*, workdir: Path | None = None, tp_degree: int = 2, tokenizer: Path | None = None,
              echo: Callable[[str], None] = print) -> None:
     """Synthesize -> inspect -> merge -> check every tensor -> verify (in a temporary folder by default)."""
-    from neoxconv.synthetic import SyntheticSpec, check_split, tiny_config
+    from neoxconv.tools.synthetic import SyntheticSpec, check_split, tiny_config
 
     check_split(SyntheticSpec(tiny_config(), tp_degree=tp_degree))  # a usage error before any folder is made
     if workdir is None:
@@ -51,9 +51,9 @@ def run_demo(*, workdir: Path | None = None, tp_degree: int = 2, tokenizer: Path
 def _demo(work: Path, tp_degree: int, tokenizer: Path | None, echo: Callable[[str], None]) -> None:
     from safetensors import safe_open
 
-    from neoxconv.convert import MergeOptions, merge_checkpoint
-    from neoxconv.inspect import inspect_checkpoint
-    from neoxconv.synthetic import SyntheticSpec, tiny_config, write_checkpoint
+    from neoxconv.output.hf_merge import MergeOptions, merge_checkpoint
+    from neoxconv.plan.describe import inspect_checkpoint
+    from neoxconv.tools.synthetic import SyntheticSpec, tiny_config, write_checkpoint
 
     tok = find_demo_tokenizer(tokenizer)
     if tok is None:

@@ -13,9 +13,9 @@ import torch
 from neoxconv.config import NeoXConfig
 from neoxconv.dtypes import canonical_dtype
 from neoxconv.errors import NeoXConvError, UsageError, VerificationError
-from neoxconv.integrity import INDEX, load_config
+from neoxconv.check.integrity import INDEX, load_config
 from neoxconv.layers import NeoXForCausalLM, RotaryTables, build_model
-from neoxconv.placement import Device, PlacementPlan, load_placed, plan_placement
+from neoxconv.runtime.placement import Device, PlacementPlan, load_placed, plan_placement
 from neoxconv.progress import progress_bar
 
 log = logging.getLogger(__name__)
@@ -74,7 +74,7 @@ def load_model(out: Path, *, device: str | torch.device = "auto", dtype: str | t
     """Build the model on the meta device, then fill it file by file (peak host memory ~ one file).
 
     ``device`` and ``dtype`` take the CLI spellings ('auto', 'cuda', 'fp16', ...) or torch objects.
-    ``max_memory`` / ``device_map`` place the model over GPUs, CPU and disk (see ``neoxconv.placement``);
+    ``max_memory`` / ``device_map`` place the model over GPUs, CPU and disk (see ``neoxconv.runtime.placement``);
     ``fit`` does so by itself when the weights plus ``reserve`` bytes do not fit the device.
     """
     out = Path(out)

@@ -9,7 +9,7 @@ Order of work:
 3. config.json, tokenizer files, ``model.safetensors.index.json`` and finally the manifest ``neoxconv.json``.
 
 An interrupted run leaves the journal; the same command resumes, keeping every layer whose file still
-matches its recorded hash (BLAKE3 by default, sha256 with ``hash="sha256"``; see `neoxconv.hashing`).
+matches its recorded hash (BLAKE3 by default, sha256 with ``hash="sha256"``; see `neoxconv.output.hashing`).
 """
 
 from __future__ import annotations
@@ -27,25 +27,25 @@ from typing import Any
 import numpy as np
 
 from neoxconv import __version__
-from neoxconv.checkpoint import Checkpoint, open_checkpoint
+from neoxconv.source.checkpoint import Checkpoint, open_checkpoint
 from neoxconv.config import LLAMA, NeoXConfig
 from neoxconv.dtypes import canonical_dtype, count_nonfinite
 from neoxconv.errors import CheckpointError, ConfigError, MergeError, OutputError, UsageError
-from neoxconv.fingerprint import layer_fingerprint, source_identity
-from neoxconv.hashing import DEFAULT_HASH, check_algorithm, file_matches, with_hash
-from neoxconv.integrity import INDEX, MANIFEST
+from neoxconv.plan.fingerprint import layer_fingerprint, source_identity
+from neoxconv.output.hashing import DEFAULT_HASH, check_algorithm, file_matches, with_hash
+from neoxconv.check.integrity import INDEX, MANIFEST
 from neoxconv.interrupt import InterruptGuard, deferred_sigint
 from neoxconv.merge import (LayerPlan, QkvLayout, Rule, TensorPlan, block_generation, iter_merged_chunks,
                             max_divergence, merge_tensor, plan_layer, read_checked, resolve_qkv_split,
                             resolve_row_bias)
-from neoxconv.outdir import (JOURNAL, OutputLock, check_out_path, foreign_entries, load_state, make_out_dir,
+from neoxconv.output.folder import (JOURNAL, OutputLock, check_out_path, foreign_entries, load_state, make_out_dir,
                              remove_file, remove_previous_output, remove_stale_temps)
-from neoxconv.prefetch import prefetch
+from neoxconv.output.prefetch import prefetch
 from neoxconv.progress import format_bytes, progress_bar
-from neoxconv.storage import SourceReader
-from neoxconv.streaming import stream_tensor, streams_direct
-from neoxconv.tokenizer_files import checked_token_count, eos_token_id, tokenizer_config
-from neoxconv.writer import SafetensorsWriter, atomic_write, atomic_write_json
+from neoxconv.source.storage import SourceReader
+from neoxconv.output.streaming import stream_tensor, streams_direct
+from neoxconv.source.tokenizer import checked_token_count, eos_token_id, tokenizer_config
+from neoxconv.output.writer import SafetensorsWriter, atomic_write, atomic_write_json
 
 log = logging.getLogger(__name__)
 

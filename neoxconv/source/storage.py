@@ -24,9 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
-from neoxconv.checksums import crc32  # the one CRC-32 of the read path (hardware-accelerated)
+from neoxconv.source.checksums import crc32  # the one CRC-32 of the read path (hardware-accelerated)
 from neoxconv.errors import CheckpointError
-from neoxconv.ptfile import NUMPY_DTYPES, TensorRef
+from neoxconv.source.ptfile import NUMPY_DTYPES, TensorRef
 
 CHUNK_BYTES = 16 << 20
 
@@ -256,7 +256,7 @@ class SourceReader:
                 self._verify(st)
 
     def vouch(self, ref: TensorRef) -> None:
-        """The caller read ``ref``'s whole storage itself and checked its CRC-32 (`neoxconv.streaming`):
+        """The caller read ``ref``'s whole storage itself and checked its CRC-32 (`neoxconv.output.streaming`):
         one planned read done, nothing left to read or check for that storage."""
         st = self._storage(ref)
         st.pending -= 1

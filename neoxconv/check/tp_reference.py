@@ -20,10 +20,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from neoxconv.checkpoint import Checkpoint, LayerKind, open_checkpoint
+from neoxconv.source.checkpoint import Checkpoint, LayerKind, open_checkpoint
 from neoxconv.config import GELU_TANH, LLAMA, NeoXConfig
 from neoxconv.layers import RotaryTables, apply_partial_rotary, causal_attention
-from neoxconv.ptfile import TensorRef
+from neoxconv.source.ptfile import TensorRef
 
 
 READ_BLOCK_BYTES = 64 << 20  # fp32 bytes of weight rows in memory at a time for the vocab-sized tensors
@@ -59,7 +59,7 @@ def tensor_parallel_logits(src: Path, ids: list[int], *, row_bias: str = "auto",
     ``row_bias``: 'sum' (each rank adds its part before the all-reduce: NeoX with gpt_j_residual),
     'replicated' (full bias added once after the all-reduce), or 'auto' (follow the config).
     """
-    from neoxconv.convert import checkpoint_qkv_layout, plan_checkpoint
+    from neoxconv.output.hf_merge import checkpoint_qkv_layout, plan_checkpoint
     from neoxconv.merge import Rule
 
     ckpt = open_checkpoint(src, config_path=config_path)

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import torch
 
-from neoxconv.checkpoint import LayerKind, SourceLayer, model_layers, pipeline_file_name, sequential_file_name
+from neoxconv.source.checkpoint import LayerKind, SourceLayer, model_layers, pipeline_file_name, sequential_file_name
 from neoxconv.config import GELU_TANH, NeoXConfig
-from neoxconv.loading import TORCH_DTYPES
+from neoxconv.runtime.loading import TORCH_DTYPES
 from neoxconv.merge import RULES, Rule, hf_name
 
 
@@ -226,8 +226,8 @@ def _check_resources(out: Path, spec: SyntheticSpec) -> None:
     (OutputError, exit 6) and the largest layer, generated in fp32 and split (the whole model for the
     sequential layout, whose rank files are written at the end), in the available memory (UsageError, exit 2)."""
     from neoxconv.errors import OutputError, UsageError
-    from neoxconv.inspect import free_bytes
-    from neoxconv.placement import meminfo
+    from neoxconv.plan.describe import free_bytes
+    from neoxconv.runtime.placement import meminfo
     from neoxconv.progress import format_bytes
 
     config = spec.config

@@ -62,7 +62,7 @@ def int8_linear(bnb, lin: nn.Linear, *, threshold: float, resident: bool = True)
 
 def int8_weight_bytes(model: nn.Module) -> int:
     """Weight bytes including the per-row scales bitsandbytes keeps beside int8 weights."""
-    from neoxconv.loading import weight_bytes
+    from neoxconv.runtime.loading import weight_bytes
 
     extra = 0
     for m in model.modules():

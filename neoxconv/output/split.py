@@ -33,18 +33,18 @@ from typing import Any
 
 import torch
 
-from neoxconv.checkpoint import LayerKind, SourceLayer, model_layers
+from neoxconv.source.checkpoint import LayerKind, SourceLayer, model_layers
 from neoxconv.config import GPT_NEOX, NeoXConfig
 from neoxconv.dtypes import FLOAT_DTYPES, FROM_SAFETENSORS, canonical_dtype, tensor_nbytes
 from neoxconv.errors import CheckpointError, ConfigError
-from neoxconv.fingerprint import config_digest, file_fingerprint
-from neoxconv.integrity import checked_safetensors_header
+from neoxconv.plan.fingerprint import config_digest, file_fingerprint
+from neoxconv.check.integrity import checked_safetensors_header
 from neoxconv.interrupt import deferred_sigint
 from neoxconv.merge import (RULES, Rule, RuleSpec, Split, expected_shape, join_split, output_names, resolve_row_bias,
                             rule_table, shape_of)
-from neoxconv.outdir import check_out_path
-from neoxconv.tokenizer_files import checked_token_count
-from neoxconv.neox_writer import TORCH_DTYPES, NeoXTarget, Shard, WriteReport, check_target, write_neox_checkpoint
+from neoxconv.output.folder import check_out_path
+from neoxconv.source.tokenizer import checked_token_count
+from neoxconv.output.neox import TORCH_DTYPES, NeoXTarget, Shard, WriteReport, check_target, write_neox_checkpoint
 
 log = logging.getLogger(__name__)
 

@@ -534,7 +534,7 @@ def quantize_int8_placed(model: torch.nn.Module, *, threshold: float) -> None:
     from accelerate.utils import set_module_tensor_to_device
     from torch import nn
 
-    from neoxconv.int8 import block_linears, int8_linear, require_bitsandbytes
+    from neoxconv.model.int8 import block_linears, int8_linear, require_bitsandbytes
 
     bnb = require_bitsandbytes()
     plan: PlacementPlan = model.neoxconv_placement

@@ -19,7 +19,7 @@ What gpt-neox and DeepSpeed read when they load (checked against their source):
 Files are written to a temporary name, fsynced and renamed; a journal records every finished file with its
 sha256 and the fingerprint of the source it was made from, so an interrupted run resumes and a changed source
 is redone; the manifest ``neoxconv-neox.json`` is written last, and a no-op re-run never removes it. OUT is
-locked for the whole run and only names `is_neox_output_name` accepts are ever deleted (`neoxconv.outdir`).
+locked for the whole run and only names `is_neox_output_name` accepts are ever deleted (`neoxconv.output.folder`).
 """
 
 from __future__ import annotations
@@ -39,14 +39,14 @@ from typing import Any
 import torch
 
 from neoxconv import __version__
-from neoxconv.checkpoint import SourceLayer, model_layers, pipeline_file_name, sequential_file_name
+from neoxconv.source.checkpoint import SourceLayer, model_layers, pipeline_file_name, sequential_file_name
 from neoxconv.config import GELU_TANH, LLAMA, NeoXConfig, padded_vocab_size
 from neoxconv.errors import ConfigError, OutputError
 from neoxconv.interrupt import InterruptGuard
-from neoxconv.outdir import (OutputLock, foreign_entries, load_state, make_out_dir, remove_file,
+from neoxconv.output.folder import (OutputLock, foreign_entries, load_state, make_out_dir, remove_file,
                               remove_previous_output, remove_stale_temps)
 from neoxconv.progress import progress_bar
-from neoxconv.writer import TMP_SUFFIX, atomic_write, atomic_write_json, fsync_dir, output_error, sha256_file
+from neoxconv.output.writer import TMP_SUFFIX, atomic_write, atomic_write_json, fsync_dir, output_error, sha256_file
 
 JOURNAL = ".neoxconv-journal.json"
 MANIFEST = "neoxconv-neox.json"

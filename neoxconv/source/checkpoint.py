@@ -21,7 +21,7 @@ from pathlib import Path
 
 from neoxconv.config import NeoXConfig
 from neoxconv.errors import CheckpointError, ConfigError
-from neoxconv.ptfile import PtArchive, TensorRef, read_pt
+from neoxconv.source.ptfile import PtArchive, TensorRef, read_pt
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ read with ``os.preadv``
   (the ranks' column blocks alternate within every output row).
 
 Each block (~1 MB) is checked while it is in the CPU cache: its CRC-32 accumulates towards the zip
-directory's value (`neoxconv.checksums.crc32`, hardware-accelerated) and its exponent bits are counted
+directory's value (`neoxconv.source.checksums.crc32`, hardware-accelerated) and its exponent bits are counted
 for inf/nan (`NonFiniteCounter`). The writer's thread hashes and writes the staging buffer. Everything
 else (casts, views into shared storages, sums, replicas) takes the general path in `neoxconv.merge`.
 """
@@ -22,13 +22,13 @@ from collections.abc import Callable
 
 import numpy as np
 
-from neoxconv.checksums import crc32
+from neoxconv.source.checksums import crc32
 from neoxconv.dtypes import NonFiniteCounter
 from neoxconv.errors import CheckpointError
 from neoxconv.merge import Rule, TensorPlan
-from neoxconv.ptfile import TensorRef
-from neoxconv.storage import pread_exactly
-from neoxconv.writer import SafetensorsWriter
+from neoxconv.source.ptfile import TensorRef
+from neoxconv.source.storage import pread_exactly
+from neoxconv.output.writer import SafetensorsWriter
 
 
 def streams_direct(plan: TensorPlan) -> bool:

@@ -28,8 +28,8 @@ from types import TracebackType
 from typing import Any
 
 from neoxconv.errors import OutputError
-from neoxconv.integrity import INDEX, JOURNAL, MANIFEST
-from neoxconv.writer import TMP_SUFFIX
+from neoxconv.check.integrity import INDEX, JOURNAL, MANIFEST
+from neoxconv.output.writer import TMP_SUFFIX
 
 log = logging.getLogger(__name__)
 

@@ -8,11 +8,11 @@ import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from neoxconv.checkpoint import model_layers
+from neoxconv.source.checkpoint import model_layers
 from neoxconv.config import NeoXConfig
 from neoxconv.dtypes import FROM_SAFETENSORS, tensor_nbytes
 from neoxconv.errors import CheckpointError, VerificationError
-from neoxconv.hashing import hash_file, recorded_hash
+from neoxconv.output.hashing import hash_file, recorded_hash
 from neoxconv.merge import output_shapes
 
 MANIFEST = "neoxconv.json"

@@ -26,9 +26,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from neoxconv.checkpoint import Checkpoint
+from neoxconv.source.checkpoint import Checkpoint
 from neoxconv.errors import CheckpointError
-from neoxconv.integrity import MAX_HEADER_BYTES
+from neoxconv.check.integrity import MAX_HEADER_BYTES
 from neoxconv.merge import LayerPlan
 
 

@@ -8,9 +8,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from neoxconv.kv_cache import KVCache
+from neoxconv.model.kv_cache import KVCache
 from neoxconv.layers import NeoXForCausalLM
-from neoxconv.placement import execution_devices
+from neoxconv.runtime.placement import execution_devices
 
 
 @dataclass(frozen=True)

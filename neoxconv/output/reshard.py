@@ -1,7 +1,7 @@
 """`reshard_checkpoint`: a GPT-NeoX checkpoint at TP T becomes one at TP M, one source layer at a time.
 
 Each layer is merged in memory by the merge rules (read with neoxconv's own safe .pt reader, CRC-checked,
-replicas checked against the tolerance) and split again by `neoxconv.split.shard_layer`. So
+replicas checked against the tolerance) and split again by `neoxconv.output.split.shard_layer`. So
 ``merge(reshard(SRC, M)) == merge(SRC)`` bit for bit: concatenations are exact, a row-parallel bias is written
 as its merged value on rank 0 and zeros elsewhere, and replicated tensors are written as their merged value.
 """
@@ -18,19 +18,19 @@ from typing import Any
 import numpy as np
 import torch
 
-from neoxconv.checkpoint import SourceLayer, open_checkpoint
+from neoxconv.source.checkpoint import SourceLayer, open_checkpoint
 from neoxconv.dtypes import canonical_dtype
 from neoxconv.errors import ConfigError, MergeError, OutputError
-from neoxconv.fingerprint import config_digest, layer_fingerprint, source_identity
+from neoxconv.plan.fingerprint import config_digest, layer_fingerprint, source_identity
 from neoxconv.interrupt import deferred_sigint
-from neoxconv.outdir import check_out_path
+from neoxconv.output.folder import check_out_path
 from neoxconv.merge import (
     LayerPlan, Rule, TensorPlan, iter_merged_chunks, max_divergence, merge_tensor, read_checked, resolve_row_bias,
     rule_table,
 )
-from neoxconv.neox_writer import TORCH_DTYPES, NeoXTarget, Shard, WriteReport, check_target, write_neox_checkpoint
-from neoxconv.storage import SourceReader
-from neoxconv.split import part_key, planned_bytes, shard_layer, tokenizer_size
+from neoxconv.output.neox import TORCH_DTYPES, NeoXTarget, Shard, WriteReport, check_target, write_neox_checkpoint
+from neoxconv.source.storage import SourceReader
+from neoxconv.output.split import part_key, planned_bytes, shard_layer, tokenizer_size
 
 _STEP = re.compile(r"^global_step(\d+)$")
 
@@ -78,7 +78,7 @@ def merged_tensor(t: TensorPlan, *, tolerance: float, where: str, reader: Source
 
 def reshard_checkpoint(src: Path, out: Path, options: ReshardOptions) -> WriteReport:
     """Reshard the NeoX checkpoint ``src`` to TP ``options.tp`` in ``out`` (checked fully before writing)."""
-    from neoxconv.convert import checkpoint_qkv_layout, plan_checkpoint
+    from neoxconv.output.hf_merge import checkpoint_qkv_layout, plan_checkpoint
 
     check_out_path(Path(out))
     ckpt = open_checkpoint(src, config_path=options.config_path, tokenizer_path=options.tokenizer_path)

@@ -4,7 +4,7 @@
 ``os.replace`` into place (and fsync the folder). An exception, Ctrl-C or SIGKILL at any moment leaves at
 most a ``.*.neoxconv-tmp`` file, which the next run removes. The safetensors header is computed up front
 from the planned names, dtypes and shapes, so tensor data is streamed straight to disk in order while its
-hash (BLAKE3 by default, see `neoxconv.hashing`) is computed on the way. Tensor data can be read from the
+hash (BLAKE3 by default, see `neoxconv.output.hashing`) is computed on the way. Tensor data can be read from the
 source straight into the buffer that is written (`SafetensorsWriter.fill_chunk`): no copy in between.
 """
 
@@ -24,7 +24,7 @@ import numpy as np
 
 from neoxconv.dtypes import SAFETENSORS_NAMES, tensor_nbytes
 from neoxconv.errors import OutputError
-from neoxconv.hashing import DEFAULT_HASH, StreamHasher, hash_file
+from neoxconv.output.hashing import DEFAULT_HASH, StreamHasher, hash_file
 
 TMP_SUFFIX = ".neoxconv-tmp"
 _WRITEBACK_BYTES = 32 << 20

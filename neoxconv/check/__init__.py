@@ -1,0 +1,1 @@
+"""Checks of a written folder: integrity, the simulated tensor-parallel forward."""

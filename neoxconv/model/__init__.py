@@ -1,0 +1,1 @@
+"""The model's runtime pieces: KV cache, generation, int8 swap."""

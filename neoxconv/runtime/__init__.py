@@ -1,0 +1,1 @@
+"""Loading a merged folder onto devices: resident or placed (accelerate)."""

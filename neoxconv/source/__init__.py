@@ -1,0 +1,1 @@
+"""Reading sources: torch archives, DeepSpeed checkpoints, storages, checksums, tokenizer files."""
