@@ -7,11 +7,11 @@ import torch
 from neoxconv.config import NeoXConfig
 
 
-def hf_model(config: NeoXConfig, state_dict: dict[str, torch.Tensor], dtype=torch.float32):
-    """A GPTNeoXForCausalLM built from our config's *fields* (not our config.json) and the given weights."""
-    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+def hf_config(config: NeoXConfig):
+    """A transformers GPTNeoXConfig from our config's *fields* (not from neoxconv's config.json)."""
+    from transformers import GPTNeoXConfig
 
-    hc = GPTNeoXConfig(
+    return GPTNeoXConfig(
         vocab_size=config.vocab_size, hidden_size=config.hidden_size, num_hidden_layers=config.num_layers,
         num_attention_heads=config.num_heads, intermediate_size=config.ffn_size,
         max_position_embeddings=config.max_position_embeddings, rotary_pct=config.rotary_pct,
@@ -20,7 +20,13 @@ def hf_model(config: NeoXConfig, state_dict: dict[str, torch.Tensor], dtype=torc
         hidden_act=config.activation, bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id,
         attn_implementation="eager",
     )
-    model = GPTNeoXForCausalLM(hc).to(dtype).eval()
+
+
+def hf_model(config: NeoXConfig, state_dict: dict[str, torch.Tensor], dtype=torch.float32):
+    """A GPTNeoXForCausalLM built from our config's *fields* (not our config.json) and the given weights."""
+    from transformers import GPTNeoXForCausalLM
+
+    model = GPTNeoXForCausalLM(hf_config(config)).to(dtype).eval()
     own = model.state_dict()
     sd = {}
     for k, v in state_dict.items():

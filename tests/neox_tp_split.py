@@ -13,8 +13,10 @@ from __future__ import annotations
 import torch
 
 
-def tp_split(sd: dict[str, torch.Tensor], *, layers: int, heads: int, rotary_dims: int, base: float, tp: int,
-             parallel_residual: bool) -> tuple[dict[int, list[dict[str, torch.Tensor]]], dict[tuple[int, str], torch.Tensor]]:
+def tp_split(
+    sd: dict[str, torch.Tensor], *, layers: int, heads: int, rotary_dims: int, base: float, tp: int,
+    parallel_residual: bool,
+) -> tuple[dict[int, list[dict[str, torch.Tensor]]], dict[tuple[int, str], torch.Tensor]]:
     """({pipeline layer index: [shard per rank]}, {(layer index, key): full row bias}) with NeoX key names."""
     V, H = sd["gpt_neox.embed_in.weight"].shape
     out: dict[int, list[dict[str, torch.Tensor]]] = {}
@@ -62,5 +64,6 @@ def tp_split(sd: dict[str, torch.Tensor], *, layers: int, heads: int, rotary_dim
         out[idx] = shards
     out[layers + 3] = [{"norm.weight": sd["gpt_neox.final_layer_norm.weight"],
                         "norm.bias": sd["gpt_neox.final_layer_norm.bias"]} for _ in range(tp)]
-    out[layers + 4] = [{"final_linear.weight": vocab_rows(sd["embed_out.weight"], r)} for r in range(tp)]
+    if "embed_out.weight" in sd:  # tied embeddings have no readout stage
+        out[layers + 4] = [{"final_linear.weight": vocab_rows(sd["embed_out.weight"], r)} for r in range(tp)]
     return out, row_bias_sums
