@@ -1,4 +1,9 @@
-"""Shared fixtures: tiny GPT-NeoX checkpoints in the real 20B file layout, built once per session."""
+"""Shared fixtures: tiny GPT-NeoX checkpoints in the real 20B file layout, built once per session.
+
+``make_checkpoint`` builds them with ``neox_checkpoints`` (a transformers GPTNeoXForCausalLM split by an
+independent tensor-parallel split and saved as DeepSpeed saves: no neoxconv rule table, STYLE.md #11);
+``merged_fixture`` is the committed fixture merged once (read it, copy it to change it).
+"""
 
 from __future__ import annotations
 
@@ -11,8 +16,9 @@ from click.testing import CliRunner
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
+from neox_checkpoints import NeoXCheckpoint, build_neox_checkpoint  # noqa: E402
 from neoxconv.cli import main  # noqa: E402
-from neoxconv.tools.synthetic import SyntheticSpec, tiny_config, write_checkpoint  # noqa: E402
+from neoxconv.tools.synthetic import SyntheticSpec, tiny_config  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 COMMITTED_FIXTURE = REPO / "tests" / "fixtures" / "tiny_tp2_fp16"
@@ -61,22 +67,50 @@ def real_tokenizer() -> Path | None:
 
 
 @pytest.fixture(scope="session")
-def make_checkpoint(tmp_path_factory):
-    """``make_checkpoint(tp=2, layout="pipeline", dtype="float16", **spec_and_config_overrides)``.
+def neox_checkpoint(tmp_path_factory):
+    """``neox_checkpoint(tp=2, layout="pipeline", dtype="float16", **spec_and_config_overrides)`` ->
+    ``NeoXCheckpoint`` (root, the transformers model whose state_dict is the truth, reference, spec).
 
-    Returns ``(root, reference_state_dict, spec)``; identical requests share one checkpoint.
+    Identical requests share one checkpoint: treat it as read-only (copy it to change it).
     """
-    cache: dict[tuple, tuple] = {}
+    cache: dict[tuple, NeoXCheckpoint] = {}
 
     def make(tp: int = 2, layout: str = "pipeline", dtype: str = "float16", *, seed: int = 0,
-             tokenizer: Path | None = None, config_overrides: dict | None = None, **spec_kw):
+             tokenizer: Path | None = None, config_overrides: dict | None = None, **spec_kw) -> NeoXCheckpoint:
         key = (tp, layout, dtype, seed, str(tokenizer), tuple(sorted((config_overrides or {}).items())),
                tuple(sorted(spec_kw.items())))
         if key not in cache:
             root = tmp_path_factory.mktemp(f"ckpt-tp{tp}-{layout}-{dtype}")
             spec = SyntheticSpec(tiny_config(**(config_overrides or {})), tp_degree=tp, layout=layout, dtype=dtype,
                                  seed=seed, tokenizer=tokenizer, **spec_kw)
-            cache[key] = (root, write_checkpoint(root, spec), spec)
+            cache[key] = build_neox_checkpoint(root, spec)
         return cache[key]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def make_checkpoint(neox_checkpoint):
+    """``make_checkpoint(tp=2, layout="pipeline", dtype="float16", **spec_and_config_overrides)``.
+
+    Returns ``(root, reference_state_dict, spec)``; identical requests share one checkpoint (read-only).
+    """
+
+    def make(*args, **kw):
+        ckpt = neox_checkpoint(*args, **kw)
+        return ckpt.root, ckpt.reference, ckpt.spec
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def merged_fixture(tmp_path_factory) -> Path:
+    """The committed fixture merged once by ``neoxconv merge -q`` (default options: fp16, BLAKE3 manifest).
+
+    Shared by every test of the session: read it, or ``shutil.copytree`` it before changing anything.
+    """
+    out = tmp_path_factory.mktemp("merged-fixture") / "out"
+    result = cli("merge", "-q", COMMITTED_FIXTURE, out)
+    if result.exit_code != 0:
+        raise RuntimeError(f"merging {COMMITTED_FIXTURE} failed: {result.output}")
+    return out

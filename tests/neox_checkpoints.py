@@ -94,10 +94,10 @@ def build_neox_checkpoint(root: Path, spec: SyntheticSpec) -> NeoXCheckpoint:
     """Write ``spec``'s checkpoint under ``root`` (latest, configs/, global_step*/); see the module docstring."""
     config, T, dtype = spec.config, spec.tp_degree, DTYPES[spec.dtype]
     model = random_hf_model(config, seed=spec.seed).to(dtype)
-    hf_sd = model.state_dict()
-    shards, row_bias_sums = tp_split(neoxconv_names(hf_sd, tied=config.tie_word_embeddings), layers=config.num_layers, heads=config.num_heads,
-                                     rotary_dims=config.rotary_dims, base=config.rotary_emb_base, tp=T,
-                                     parallel_residual=config.parallel_residual)
+    hf_sd = {k: v.detach().clone() for k, v in model.state_dict().items()}  # the shards must not alias the model
+    shards, row_bias_sums = tp_split(neoxconv_names(hf_sd, tied=config.tie_word_embeddings), layers=config.num_layers,
+                                     heads=config.num_heads, rotary_dims=config.rotary_dims,
+                                     base=config.rotary_emb_base, tp=T, parallel_residual=config.parallel_residual)
     g = torch.Generator().manual_seed(spec.seed + 1)
     truth: dict[str, torch.Tensor] = {}  # Hugging Face name -> the value the ranks' parts stand for
     for (idx, key), bias in row_bias_sums.items():
