@@ -61,7 +61,8 @@ def logits(model, ids=IDS) -> torch.Tensor:
 
 def merged_logits(out: Path) -> torch.Tensor:
     """transformers' own loader on neoxconv's output folder (its config.json, its safetensors), in fp32."""
-    return logits(transformers.GPTNeoXForCausalLM.from_pretrained(out, dtype=torch.float32, attn_implementation="eager").eval())
+    model = transformers.GPTNeoXForCausalLM.from_pretrained(out, dtype=torch.float32, attn_implementation="eager")
+    return logits(model.eval())
 
 
 def truth_logits(ckpt) -> torch.Tensor:
