@@ -8,6 +8,7 @@ independent tensor-parallel split and saved as DeepSpeed saves: no neoxconv rule
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -16,9 +17,10 @@ from click.testing import CliRunner
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-from neox_checkpoints import NeoXCheckpoint, build_neox_checkpoint  # noqa: E402
 from neoxconv.cli import main  # noqa: E402
 from neoxconv.tools.synthetic import SyntheticSpec, tiny_config  # noqa: E402
+
+from neox_checkpoints import NeoXCheckpoint, build_neox_checkpoint  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 COMMITTED_FIXTURE = REPO / "tests" / "fixtures" / "tiny_tp2_fp16"
@@ -114,3 +116,37 @@ def merged_fixture(tmp_path_factory) -> Path:
     if result.exit_code != 0:
         raise RuntimeError(f"merging {COMMITTED_FIXTURE} failed: {result.output}")
     return out
+
+
+# ---- shared by the tests of several behaviours (see /work/tools/test_moves.md) -----------------------------
+STEP = "global_step150000"  # the committed fixture's step folder
+
+
+def folder_bytes(folder: Path) -> dict[str, bytes]:
+    """Every file directly in ``folder``, by name (what "byte-identical output" compares)."""
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+@pytest.fixture()
+def src_copy(tmp_path) -> Path:
+    """A private copy of the committed fixture, at ``tmp_path / "src"``, to damage."""
+    shutil.copytree(COMMITTED_FIXTURE, tmp_path / "src")
+    return tmp_path / "src"
+
+
+@pytest.fixture()
+def merged_fixture_copy(merged_fixture, tmp_path) -> Path:
+    """A private copy of ``merged_fixture``, at ``tmp_path / "copy"``, to damage."""
+    shutil.copytree(merged_fixture, tmp_path / "copy")
+    return tmp_path / "copy"
+
+
+@pytest.fixture(scope="session")
+def merged_fp32(make_checkpoint, tmp_path_factory) -> tuple[Path, Path]:
+    """``(src, out)``: ``make_checkpoint(2, "pipeline", "float32")`` merged once by ``neoxconv merge -q``."""
+    root, _, _ = make_checkpoint(2, "pipeline", "float32")
+    out = tmp_path_factory.mktemp("merged-fp32") / "out"
+    result = cli("merge", "-q", root, out)
+    if result.exit_code != 0:
+        raise RuntimeError(f"merging {root} failed: {result.output}")
+    return root, out

@@ -28,10 +28,11 @@ from pathlib import Path
 
 import torch
 
-from hf_reference import hf_config
-from neox_tp_split import tp_split
 from neoxconv.config import NeoXConfig
 from neoxconv.tools.synthetic import SyntheticSpec, neox_yaml
+
+from hf_reference import hf_config
+from neox_tp_split import tp_split
 from real_writers import SequentialWrapper, WriterSpec, bookkeeping, model_layers
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}

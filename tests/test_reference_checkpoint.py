@@ -19,10 +19,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from neoxconv.tools.synthetic import tiny_config
+
 from conftest import COMMITTED_FIXTURE, REPO, cli
 from hf_reference import hf_model
 from neox_tp_split import tp_split
-from neoxconv.tools.synthetic import tiny_config
 
 transformers = pytest.importorskip("transformers")
 
