@@ -215,8 +215,9 @@ class PtArchiveWriter:
         return self._pos
 
     def write(self, index: int, block) -> None:
-        """Append ``block`` (any contiguous buffer) to storage ``index`` (``data/{index}``)."""
-        mv = memoryview(block).cast("B")
+        """Append ``block`` (any C-contiguous buffer) to storage ``index`` (``data/{index}``)."""
+        mv = memoryview(block)
+        n = mv.nbytes
         storages = self.layout.storages
         if self._finished:
             raise ValueError(f"{self.layout.archive_name}: write after finish()")
@@ -225,14 +226,17 @@ class PtArchiveWriter:
         s = self._s
         if s.index != index:
             raise ValueError(f"{self.layout.archive_name}: bytes for storage {index} while {self._due()} is due")
-        if s.written + len(mv) > storages[index].size:
-            raise ValueError(f"{self.layout.archive_name}: {self._what(index)} gets {s.written + len(mv)} bytes, "
+        if s.written + n > storages[index].size:
+            raise ValueError(f"{self.layout.archive_name}: {self._what(index)} gets {s.written + n} bytes, "
                              f"more than its {storages[index].size}")
+        if not n:
+            return
+        mv = mv.cast("B")  # (refuses a non-contiguous buffer)
         if len(s.head) < 8:
             s.head += bytes(mv[: 8 - len(s.head)])
         s.crc = crc32(mv, s.crc)
         self._emit(mv)
-        s.written += len(mv)
+        s.written += n
 
     def finish(self) -> PtArchiveResult:
         """Close the last storage and write the tail; returns the size, the storages' CRCs and the id."""
@@ -633,7 +637,7 @@ class _TorchPickler:
         stride, step = [], 1
         for size in reversed(spec.shape):
             stride.append(step)
-            step *= size
+            step *= max(size, 1)  # torch: a 0-length dim counts as 1 in the strides
         self.save_global(self.rebuild)
         self.out += b"("
         self.save_tuple(("storage", storage_type, key, "cpu", spec.numel))
