@@ -13,9 +13,12 @@ import hashlib
 import io
 import os
 import struct
+import subprocess
+import sys
 import zipfile
 import zlib
 from collections import OrderedDict
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -190,7 +193,7 @@ def test_whole_file_is_byte_identical_to_torch_save(tmp_path, name):
     assert mine.read_bytes() == ref.read_bytes()  # the serialization id included
 
 
-@pytest.mark.parametrize("count", [0, 1, 2, 6, 7, 12, 13, 40, 120, 300])
+@pytest.mark.parametrize("count", [0, 1, 2, 6, 7, 12, 13, 40, 120, 300, 2500])
 def test_serialization_id_follows_torch_for_any_number_of_records(tmp_path, count):
     """The id hashes the record names in libstdc++'s unordered_set order, which reshuffles at each rehash."""
     obj = OrderedDict((f"k{i}", torch.full((i % 3 + 1,), float(i))) for i in range(count))
@@ -413,3 +416,11 @@ def test_what_cannot_be_pickled_is_refused_by_name():
         TensorSpec("float8", (2,))
     with pytest.raises(ValueError, match="non-negative"):
         TensorSpec("float16", (-1,))
+
+
+def test_bench_runs_and_writes_torchs_bytes(tmp_path):
+    bench = Path(__file__).resolve().parents[1] / "bench" / "ptarchive_bench.py"
+    proc = subprocess.run([sys.executable, str(bench), "--mb", "1", "--repeat", "1", "--workdir", str(tmp_path)],
+                          check=False, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "ptarchive + BLAKE3 while writing" in proc.stdout and "same bytes as torch.save: yes" in proc.stdout
