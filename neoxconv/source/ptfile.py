@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from neoxconv.dtypes import NUMPY_DTYPES
 from neoxconv.errors import CheckpointError, UnsafePickleError
 
 # torch storage class name -> (our dtype name, bytes per element)
@@ -37,20 +38,6 @@ _STORAGES = {
     "CharStorage": "int8",
     "ByteStorage": "uint8",
     "BoolStorage": "bool",
-}
-
-# numpy dtype used to hold each dtype's bits (bfloat16 has no numpy type: its bits live in uint16)
-NUMPY_DTYPES = {
-    "float16": np.dtype("<f2"),
-    "float32": np.dtype("<f4"),
-    "float64": np.dtype("<f8"),
-    "bfloat16": np.dtype("<u2"),
-    "int64": np.dtype("<i8"),
-    "int32": np.dtype("<i4"),
-    "int16": np.dtype("<i2"),
-    "int8": np.dtype("i1"),
-    "uint8": np.dtype("u1"),
-    "bool": np.dtype("?"),
 }
 
 _MAX_PICKLE_BYTES = 64 << 20  # the tensor description of one file; real ones are a few kB
