@@ -3,6 +3,10 @@ once per pass, whatever the caller does; and the bytes used are the bytes checke
 
 from __future__ import annotations
 
+import io
+import struct
+import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -121,3 +125,126 @@ def test_the_reader_has_one_way_in(tmp_path):
     """No counting protocol is left to get wrong."""
     for name in ("expect", "done", "vouch", "check_whole"):
         assert not hasattr(SourceReader, name)
+
+
+# ---- archives that zip readers read differently (torch.load must be what neoxconv reads) ----------------
+def _zip_parts(data: bytes) -> dict:
+    """Where torch.save put things: the central directory, its size, the member count, the members."""
+    (n, cd_size, cd_off) = struct.unpack_from("<HII", data, len(data) - 22 + 10)
+    if data[len(data) - 42: len(data) - 38] == b"PK\x06\x07":  # zip64 (torch.save always writes it)
+        z_at = struct.unpack_from("<Q", data, len(data) - 42 + 8)[0]
+        n, _, cd_size, cd_off = struct.unpack_from("<QQQQ", data, z_at + 24)
+    return {"n": n, "cd_off": cd_off, "cd_size": cd_size}
+
+
+def _tail(n: int, cd_size: int, cd_off: int, z_at: int) -> bytes:
+    """zip64 end record at ``z_at``, its locator, the end record (as torch.save writes them)."""
+    return (struct.pack("<IQHHIIQQQQ", 0x06064B50, 44, 45, 45, 0, 0, n, n, cd_size, cd_off)
+            + struct.pack("<IIQI", 0x07064B50, 0, z_at, 1)
+            + struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, n, n, cd_size, cd_off, 0))
+
+
+def _data_span(data: bytes, name: str) -> tuple[int, int, int]:
+    """(local header offset, data start, data end) of member ``name`` (found through the central directory)."""
+    info = next(i for i in zipfile.ZipFile(io.BytesIO(data)).infolist() if i.filename.endswith(name))
+    n, m = struct.unpack_from("<HH", data, info.header_offset + 26)
+    start = info.header_offset + 30 + n + m
+    return info.header_offset, start, start + info.compress_size
+
+
+def _two_directories(data: bytes, victim: str = "data/0") -> bytes:
+    """The attack: the end record names the real central directory (torch.load reads it), but a second one
+    ends right before the end record, so Python's zipfile reads it, shifting every offset to a copy of the
+    members in which ``victim``'s data is negated, its CRC-32s (descriptor, directory) made right."""
+    parts = _zip_parts(data)
+    cd_off, cd_size = parts["cd_off"], parts["cd_size"]
+    members, cd1 = data[:cd_off], data[cd_off: cd_off + cd_size]
+    _, start, end = _data_span(data, victim)
+    negated = (np.frombuffer(data[start:end], dtype="<f4") * -1).astype("<f4").tobytes()
+    crc = zlib.crc32(negated)
+    copy = bytearray(members)
+    copy[start:end] = negated
+    assert copy[end:end + 4] == b"PK\x07\x08"  # torch.save's data descriptor: signature, crc, sizes
+    copy[end + 4:end + 8] = struct.pack("<I", crc)
+    cd2, pos = bytearray(cd1), 0
+    while pos < len(cd2):  # the victim's directory entry gets the negated data's CRC-32
+        n, m, k = struct.unpack_from("<HHH", cd2, pos + 28)
+        if cd2[pos + 46: pos + 46 + n].decode().endswith(victim):
+            cd2[pos + 16: pos + 20] = struct.pack("<I", crc)
+        pos += 46 + n + m + k
+    body = members + cd1 + bytes(copy) + bytes(cd2)
+    return body + _tail(parts["n"], cd_size, cd_off, len(body))
+
+
+def test_two_central_directories_are_refused_where_python_and_torch_disagree(tmp_path):
+    """merge once read a negated copy (valid CRC-32) that Python's zipfile found, exit 0, while torch.load
+    reads the real weights; verify --against agreed, reading the same way."""
+    w = torch.randn(8, 8)
+    good = tmp_path / "good.pt"
+    torch.save({"w": w}, good)
+    hostile = tmp_path / "layer_02-model_00-model_states.pt"
+    hostile.write_bytes(_two_directories(good.read_bytes()))
+    # the attack is real: torch.load reads the weights, Python's zipfile (CRC-checked) their negation
+    assert torch.equal(torch.load(hostile, weights_only=True)["w"], w)
+    with zipfile.ZipFile(hostile) as zf:
+        name = next(n for n in zf.namelist() if n.endswith("data/0"))
+        np.testing.assert_array_equal(np.frombuffer(zf.read(name), dtype="<f4"), -w.numpy().reshape(-1))
+    with pytest.raises(CheckpointError, match=r"layer_02-model_00-model_states\.pt: .*central directory.*refused"):
+        read_pt(hostile)
+
+
+def _hostile_variants(data: bytes) -> dict[str, bytes]:
+    parts = _zip_parts(data)
+    cd_off, cd_size, n = parts["cd_off"], parts["cd_size"], parts["n"]
+    members, cd = data[:cd_off], data[cd_off: cd_off + cd_size]
+    at, start, end = _data_span(data, "data/0")
+    out = {}
+    renamed = bytearray(data)  # the local header names another member than the directory does
+    nlen = struct.unpack_from("<H", renamed, at + 26)[0]
+    renamed[at + 30 + nlen - 1: at + 30 + nlen] = b"9"
+    out["local header name"] = bytes(renamed)
+    gap = members + b"\0" * 64 + cd  # bytes in no member, before the directory
+    out["bytes outside every member"] = gap + _tail(n, cd_size, cd_off + 64, len(gap))
+    out["comment after the end record"] = data[:-2] + struct.pack("<H", 4) + b"note"
+    wrong = bytearray(data)  # the zip64 locator points elsewhere than the record before it
+    struct.pack_into("<Q", wrong, len(wrong) - 42 + 8, 0)
+    out["zip64 locator elsewhere"] = bytes(wrong)
+    overlap, pos = bytearray(data), cd_off  # a second member's header offset inside the first's data
+    pos += 46 + sum(struct.unpack_from("<HHH", data, pos + 28))
+    struct.pack_into("<I", overlap, pos + 42, struct.unpack_from("<I", data, cd_off + 42)[0] + 40)
+    out["overlapping members"] = bytes(overlap)
+    out["two directories"] = _two_directories(data)
+    return out
+
+
+def test_every_ambiguous_archive_is_refused_or_read_as_torch_reads_it(tmp_path):
+    w = torch.randn(8, 8)
+    good = tmp_path / "good.pt"
+    torch.save({"w": w, "b": torch.arange(5.0)}, good)
+    for what, data in _hostile_variants(good.read_bytes()).items():
+        path = tmp_path / "hostile.pt"
+        path.write_bytes(data)
+        try:
+            refs = read_pt(path).tensors()
+            got = read_tensors(refs)
+        except CheckpointError as e:
+            assert "hostile.pt" in str(e), (what, str(e))
+            continue
+        want = torch.load(path, weights_only=True)  # accepted: then it must read exactly as torch does
+        for k, v in want.items():
+            np.testing.assert_array_equal(got[k], v.numpy(), err_msg=what)
+
+
+def test_a_merge_of_a_source_with_two_central_directories_fails_naming_the_file(tmp_path):
+    import shutil
+
+    from conftest import COMMITTED_FIXTURE, cli, one_line_error
+
+    src = tmp_path / "src"
+    shutil.copytree(COMMITTED_FIXTURE, src)
+    victim = next(src.glob("global_step*")) / "layer_02-model_01-model_states.pt"
+    sd = torch.load(victim, weights_only=True)
+    torch.save({k: v.float() for k, v in sd.items()}, victim)  # fp32, so the helper negates whole floats
+    victim.write_bytes(_two_directories(victim.read_bytes()))
+    one_line_error(cli("merge", "-q", "--dtype", "fp16", src, tmp_path / "out"), 4, victim.name, "refused")
+    assert not (tmp_path / "out" / "model.safetensors.index.json").exists()
