@@ -248,3 +248,89 @@ def test_a_merge_of_a_source_with_two_central_directories_fails_naming_the_file(
     victim.write_bytes(_two_directories(victim.read_bytes()))
     one_line_error(cli("merge", "-q", "--dtype", "fp16", src, tmp_path / "out"), 4, victim.name, "refused")
     assert not (tmp_path / "out" / "model.safetensors.index.json").exists()
+
+
+# ---- the bytes used are the bytes checked (a source rewritten while neoxconv runs) ----------------------
+def _rewrite(path: Path, offset: int) -> None:
+    """Change one byte in place (same size; the zip directory keeps the old CRC-32), as a concurrent writer."""
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        b = f.read(1)
+        f.seek(offset)
+        f.write(bytes([b[0] ^ 0x40]))
+
+
+def test_bytes_read_after_a_whole_check_are_checked_again(tmp_path):
+    """reshard checks a shared storage whole first, then reads its tensors layer by layer: a rewrite in
+    between was used unchecked."""
+    path = tmp_path / "flat.pt"
+    _flat_buffer_file(path)
+    refs = read_pt(path).tensors()
+    with SourceReader() as reader:
+        reader.check(refs.values())
+        read_before = reader.bytes_read
+        with reader.scope() as reads:  # unchanged: checked against the remembered spans, nothing re-read
+            reads.read(refs["w2"])
+        assert reader.bytes_read == read_before + refs["w2"].nbytes
+        _rewrite(path, refs["w3"].byte_offset + 1)
+        with pytest.raises(CheckpointError, match=r"flat\.pt: the storage holding .*'w3'.* changed while"):
+            with reader.scope() as reads:
+                reads.read(refs["w3"])
+
+
+@pytest.mark.parametrize("between", ["scopes", "reads in one scope"])
+def test_a_second_pass_over_a_rewritten_storage_fails(tmp_path, between):
+    path = tmp_path / "flat.pt"
+    _flat_buffer_file(path)
+    refs = read_pt(path).tensors()
+    with SourceReader() as reader, pytest.raises(CheckpointError, match="changed while neoxconv read it"):
+        with reader.scope() as reads:
+            for r in refs.values():
+                reads.read(r)
+        with reader.scope() as reads:
+            reads.read(refs["w1"])
+            if between == "reads in one scope":
+                reads.read(refs["w6"])
+            _rewrite(path, refs["w6"].byte_offset)
+            reads.read(refs["w6"])
+            reads.read(refs["w1"])
+
+
+def test_reshard_fails_when_a_source_is_rewritten_after_its_check(tmp_path, monkeypatch):
+    from conftest import cli, one_line_error
+    from real_writers import WriterSpec, write_real_checkpoint
+
+    root = tmp_path / "src"
+    write_real_checkpoint(root, WriterSpec(tp=2, layout="sequential", num_layers=2, clone="none"))
+    victim = next(root.glob("global_step*")) / "mp_rank_01_model_states.pt"
+    ref = read_pt(victim, lenient=True).tensors(("module",))["sequential.2.attention.dense.weight"]
+    real_check = SourceReader.check
+
+    def check_then_rewrite(self, refs):
+        real_check(self, refs)
+        _rewrite(victim, ref.byte_offset + 3)  # the precheck passed; now the bytes change
+
+    monkeypatch.setattr(SourceReader, "check", check_then_rewrite)
+    line = one_line_error(cli("reshard", "-q", root, tmp_path / "out", "--tp", 1), 4, victim.name)
+    assert "changed while neoxconv read it" in line
+
+
+def test_verify_against_a_corrupt_source_is_a_crc_error(make_checkpoint, tmp_path):
+    """verify --against read the source memory-mapped, unchecked: a flipped byte became an 'against' failure
+    (or a pass), not the named CRC error that merge gives."""
+    import shutil
+
+    from conftest import cli, one_line_error
+
+    from neoxconv.output.hf_merge import MergeOptions, merge_checkpoint
+
+    root, _, _ = make_checkpoint(2, "pipeline", "float32")
+    src = tmp_path / "src"
+    shutil.copytree(root, src)
+    merge_checkpoint(src, tmp_path / "out", MergeOptions(quiet=True))
+    victim = next(src.glob("global_step*")) / "layer_02-model_01-model_states.pt"
+    ref = read_pt(victim).tensors()["mlp.dense_4h_to_h.weight"]
+    _rewrite(victim, ref.byte_offset + 2)
+    line = one_line_error(cli("verify", tmp_path / "out", "--ids", "1,2,3", "--max-new-tokens", 2,
+                              "--against", src), 4, victim.name, "CRC-32")
+    assert "mlp.dense_4h_to_h.weight" in line

@@ -174,7 +174,7 @@ class _Storage:
         self.first_check = True  # no byte of it has passed against the zip directory yet
         self.served = _Ranges()  # handed to a caller, not checked yet
         self.last_scope = last_scope  # the last planned scope that reads it (-1: none planned)
-        self.names: list[str] = []
+        self.names: list[str] = []  # (the first few) tensors served since its last check, for messages
 
     def name(self, key: str) -> None:
         if key not in self.names and len(self.names) < 3:
@@ -286,10 +286,12 @@ class SourceReader:
         # (a tensor that is its whole storage, or a span `check` remembered)
         s, (end, crc) = self._served_around(st, start)
         if st.known.spans.get(s, (None,))[0] == end:
-            self._compare(st, crc, st.known.spans[s][1])
             del st.served.spans[s]
             st.served.starts.remove(s)
+            self._compare(st, crc, st.known.spans[s][1])
             st.first_check = False
+            if not st.served:
+                st.names.clear()
 
     @staticmethod
     def _served_around(st: _Storage, pos: int) -> tuple[int, tuple[int, int]]:
@@ -338,6 +340,8 @@ class SourceReader:
         self._compare(st, crc, st.known.crc_of(lo, hi))
         st.known.replace(lo, hi, pieces)
         st.first_check = False
+        if not st.served:
+            st.names.clear()
 
     def _compare(self, st: _Storage, got: int, want: int) -> None:
         if got == want:
