@@ -4,6 +4,7 @@ once per pass, whatever the caller does; and the bytes used are the bytes checke
 from __future__ import annotations
 
 import io
+import json
 import struct
 import zipfile
 import zlib
@@ -334,3 +335,107 @@ def test_verify_against_a_corrupt_source_is_a_crc_error(make_checkpoint, tmp_pat
     line = one_line_error(cli("verify", tmp_path / "out", "--ids", "1,2,3", "--max-new-tokens", 2,
                               "--against", src), 4, victim.name, "CRC-32")
     assert "mlp.dense_4h_to_h.weight" in line
+
+
+# ---- safetensors headers: one reader, bounded ------------------------------------------------------------
+def _inflate_header(path: Path, pad: int) -> None:
+    """Rewrite a safetensors file with a ``pad``-byte string in its __metadata__ (data unchanged)."""
+    from neoxconv.source.safetensors import header_bytes
+
+    text, data_len = header_bytes(path)
+    data = path.read_bytes()[-data_len:] if data_len else b""
+    header = json.loads(text)
+    header["__metadata__"] = {**header.get("__metadata__", {}), "pad": "x" * pad}
+    raw = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data)
+
+
+@pytest.fixture()
+def merged_out(make_checkpoint, tmp_path):
+    from neoxconv.output.hf_merge import MergeOptions, merge_checkpoint
+
+    root, _, _ = make_checkpoint(2, "pipeline", "float32")
+    merge_checkpoint(root, tmp_path / "out", MergeOptions(quiet=True))
+    return tmp_path / "out"
+
+
+def test_a_100_mib_safetensors_header_is_refused_before_it_is_read(merged_out, tmp_path):
+    """Once 19-40 s and 1.6 GB per file (MemoryError under a 1 GiB limit); real headers are kB to a few MB."""
+    import time
+    import tracemalloc
+
+    from conftest import cli, one_line_error
+
+    from neoxconv.source.safetensors import MAX_HEADER_BYTES, read_header
+
+    victim = sorted(merged_out.glob("model-*.safetensors"))[1]
+    _inflate_header(victim, 100 << 20)
+    tracemalloc.start()
+    t = time.perf_counter()
+    with pytest.raises(ValueError, match=f"more than neoxconv reads \\({MAX_HEADER_BYTES >> 20} MiB"):
+        read_header(victim)
+    assert time.perf_counter() - t < 0.5 and tracemalloc.get_traced_memory()[1] < 1 << 20
+    tracemalloc.stop()
+    # every command that reads safetensors headers names the file and the limit
+    line = one_line_error(cli("split", merged_out, tmp_path / "split", "--tp", 2), 4, victim.name, "MiB")
+    assert "internal error" not in line
+    r = cli("verify", merged_out, "--ids", "1,2", "--max-new-tokens", 1)
+    assert r.exit_code != 0 and victim.name in r.output and "MiB" in r.output, r.output
+    assert "internal error" not in r.output and "Traceback" not in r.output
+
+
+def test_headers_up_to_the_limit_are_read(tmp_path):
+    from neoxconv.source.safetensors import MAX_HEADER_BYTES, checked_safetensors_header
+
+    path = tmp_path / "a.safetensors"
+    raw = json.dumps({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}).encode()
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + bytes(8))
+    _inflate_header(path, MAX_HEADER_BYTES - len(raw) - 64)
+    assert list(checked_safetensors_header(path)) == ["w", "__metadata__"]
+    _inflate_header(path, MAX_HEADER_BYTES)
+    with pytest.raises(ValueError, match="MiB"):
+        checked_safetensors_header(path)
+
+
+def test_many_huge_headers_under_a_1_gib_address_space(merged_out):
+    """Bounded per file, not growing with the file count: no MemoryError under RLIMIT_AS = 1 GiB."""
+    import subprocess
+    import sys
+
+    from conftest import subprocess_env
+
+    files = sorted(merged_out.glob("model-*.safetensors"))
+    for f in files:
+        _inflate_header(f, 100 << 20)
+    script = ("import resource, sys\n"
+              "resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))\n"
+              "from neoxconv.source.safetensors import read_header\n"
+              "for f in sys.argv[1:]:\n"
+              "    try:\n"
+              "        read_header(f)\n"
+              "    except ValueError as e:\n"
+              "        assert 'MiB' in str(e), e\n"
+              "    else:\n"
+              "        raise SystemExit('read a 100 MiB header')\n"
+              "print('ok')\n")
+    res = subprocess.run([sys.executable, "-c", script, *map(str, files * 5)], capture_output=True, text=True,
+                         env=subprocess_env(), timeout=60)
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr
+
+
+def test_split_refuses_a_source_file_rewritten_after_its_header_was_checked(merged_out):
+    """safetensors record no checksum: what split uses must be the file its header check saw."""
+    import os
+
+    from neoxconv.output.split import HFModel
+
+    model = HFModel(merged_out)
+    _, names, _ = model.plan()
+    layer, layer_names = next(iter(names.items()))
+    file = model.tensors[next(iter(layer_names.values()))].file
+    assert model.read_layer(layer_names, torch.float32)  # unchanged: read
+    data = file.read_bytes()
+    file.write_bytes(data)  # same size, same bytes, but written: its data is no longer the checked file's
+    os.utime(file, ns=(model.states[file].mtime_ns, model.states[file].mtime_ns))  # even with the mtime put back
+    with pytest.raises(CheckpointError, match=f"{file.name}: changed while neoxconv read it"):
+        model.read_layer(layer_names, torch.float32)
