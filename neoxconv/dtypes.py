@@ -8,8 +8,19 @@ from __future__ import annotations
 
 import numpy as np
 
-from neoxconv.source.ptfile import NUMPY_DTYPES
-
+# numpy dtype used to hold each dtype's bits (bfloat16 has no numpy type: its bits live in uint16)
+NUMPY_DTYPES = {
+    "float16": np.dtype("<f2"),
+    "float32": np.dtype("<f4"),
+    "float64": np.dtype("<f8"),
+    "bfloat16": np.dtype("<u2"),
+    "int64": np.dtype("<i8"),
+    "int32": np.dtype("<i4"),
+    "int16": np.dtype("<i2"),
+    "int8": np.dtype("i1"),
+    "uint8": np.dtype("u1"),
+    "bool": np.dtype("?"),
+}
 SAFETENSORS_NAMES = {
     "float16": "F16", "bfloat16": "BF16", "float32": "F32", "float64": "F64",
     "int64": "I64", "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL",
@@ -67,13 +78,6 @@ def from_f32(a: np.ndarray, dtype: str) -> np.ndarray:
         return rounded.astype(np.uint16)
     with np.errstate(over="ignore"):  # out-of-range values become inf, as in torch; the merge checks
         return a.astype(NUMPY_DTYPES[dtype])
-
-
-def cast(a: np.ndarray, src: str, dst: str) -> np.ndarray:
-    """Convert an array of ``src`` values to ``dst`` (returns ``a`` itself when they are the same)."""
-    if src == dst:
-        return a
-    return from_f32(to_f32(a, src), dst)
 
 
 class NonFiniteCounter:

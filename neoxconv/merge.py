@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import enum
 import math
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -36,8 +35,7 @@ from neoxconv.source.checkpoint import LayerKind, SourceLayer
 from neoxconv.config import LLAMA, NeoXConfig
 from neoxconv.dtypes import FLOAT_DTYPES, from_f32, tensor_nbytes, to_f32
 from neoxconv.errors import CheckpointError, ConfigError, MergeError
-from neoxconv.source.ptfile import NUMPY_DTYPES, TensorRef
-from neoxconv.source.storage import CHUNK_BYTES, SourceReader
+from neoxconv.source.ptfile import TensorRef
 
 
 class Rule(str, enum.Enum):
@@ -614,57 +612,3 @@ def _split_plans(key: str, spec: RuleSpec, split: Split, refs: list[TensorRef], 
             key=key, hf_name=name.format(i=layer.block), rule=Rule.SPLIT_ROWS, shards=refs, src_dtype=src_dtype,
             out_dtype=out_dtype, shape=merged, segments=tuple(segments), split=split, part=part))
     return plans
-
-
-# ----- streaming the merged bytes -----------------------------------------------------------------------
-def read_checked(ref: TensorRef, key: str, reader: SourceReader | None = None) -> np.ndarray:
-    """A whole (small) tensor, in memory; its storage's CRC-32 is checked once its last planned read is done.
-
-    Without ``reader`` the tensor's storage is checked right away (read once).
-    """
-    if reader is None:
-        with SourceReader() as own:
-            return read_checked(ref, key, own)
-    a = reader.read(ref)
-    reader.done(ref, key)
-    return a
-
-
-def iter_merged_chunks(plan: TensorPlan, *, chunk_bytes: int = CHUNK_BYTES,
-                       reader: SourceReader | None = None) -> Iterator[np.ndarray]:
-    """The merged tensor of a concat or split rule, as consecutive row blocks (bounded memory), CRC-checked by
-    storage (a split reads each shard in several parts: each part is one planned read of it)."""
-    if plan.rule not in (Rule.CONCAT_ROWS, Rule.CONCAT_COLS, Rule.SPLIT_ROWS):
-        raise ValueError(f"{plan.rule} is not streamed")
-    if reader is None:
-        with SourceReader(chunk_bytes=chunk_bytes) as own:
-            yield from iter_merged_chunks(plan, chunk_bytes=chunk_bytes, reader=own)
-        return
-
-    def row_bytes(ref: TensorRef) -> int:
-        return NUMPY_DTYPES[ref.dtype].itemsize * math.prod(ref.shape[1:])
-
-    if plan.rule is Rule.SPLIT_ROWS:  # each rank's segments, rank after rank
-        for ref in plan.shards:
-            step = max(1, chunk_bytes // max(1, row_bytes(ref)))
-            for start, count in plan.segments:
-                for i in range(start, start + count, step):
-                    yield _cast(reader.rows(ref, i, min(step, start + count - i)), plan.src_dtype, plan.out_dtype)
-            reader.done(ref, plan.key)
-        return
-    if plan.rule is Rule.CONCAT_ROWS:  # the ranks' bytes back to back
-        for ref in plan.shards:
-            rows = ref.shape[0] if ref.shape else 0
-            step = max(1, chunk_bytes // max(1, row_bytes(ref)))
-            for i in range(0, rows, step):
-                yield _cast(reader.rows(ref, i, min(step, rows - i)), plan.src_dtype, plan.out_dtype)
-            reader.done(ref, plan.key)
-    else:  # row-parallel: interleave each output row from the ranks' column blocks
-        rows = plan.shape[0]
-        step = max(1, chunk_bytes // max(1, sum(row_bytes(r) for r in plan.shards)))
-        for i in range(0, rows, step):
-            n = min(step, rows - i)
-            blocks = [reader.rows(ref, i, n) for ref in plan.shards]
-            yield merge_tensor(Rule.CONCAT_COLS, blocks, dtype=plan.src_dtype, out_dtype=plan.out_dtype)
-        for ref in plan.shards:
-            reader.done(ref, plan.key)

@@ -32,7 +32,8 @@ import torch
 from neoxconv.dtypes import FROM_SAFETENSORS
 from neoxconv.errors import CheckpointError, UsageError
 from neoxconv.model.generation import GenerationResult, Sampling, full_forward_logits, generate
-from neoxconv.check.integrity import INDEX, check_output, load_config, read_safetensors_header
+from neoxconv.check.integrity import INDEX, check_output, load_config
+from neoxconv.source.safetensors import read_safetensors_header
 from neoxconv.runtime.loading import TORCH_DTYPES, LoadedModel, load_model, resolve_device, resolve_dtype, weight_bytes
 from neoxconv.runtime.placement import PeakAnonMemory, format_bytes, runtime_reserve
 

@@ -91,10 +91,9 @@ def check_parse(path: Path, *, lenient: bool) -> str:
         else:
             refs = archive.tensors()
         got = {}
-        with SourceReader() as reader:
+        with SourceReader() as reader, reader.scope() as reads:
             for k, ref in refs.items():
-                got[k] = reader.read(ref)
-                reader.done(ref, k)
+                got[k] = reads.read(ref, key=k)
     except NeoXConvError as e:
         assert path.name in str(e), str(e)
         assert len(str(e)) < 2000

@@ -101,10 +101,10 @@ def test_build_on_an_allowed_global_is_refused_and_never_leaks(tmp_path, target)
     # and in this process, after the hostile file, another file still decodes exactly as torch.load does
     other = src / STEP / "layer_03-model_00-model_states.pt"
     want = torch.load(other, map_location="cpu", weights_only=True)
-    with SourceReader() as reader:
+    with SourceReader() as reader, reader.scope() as reads:
         for k, ref in read_pt(other).tensors().items():
             assert ref.dtype == str(want[k].dtype).removeprefix("torch.")
-            np.testing.assert_array_equal(reader.read(ref), want[k].numpy())
+            np.testing.assert_array_equal(reads.read(ref), want[k].numpy())
 
 
 # ---- duplicate zip member names -------------------------------------------------------------------------
@@ -363,9 +363,9 @@ def test_zip64_archive_over_4_gib(tmp_path):
     refs = read_pt(path).tensors()
     assert refs["big"].storage_nbytes == big_n and refs["small"].data_offset > 1 << 32
     with SourceReader() as reader:
-        np.testing.assert_array_equal(reader.read(refs["small"]), small.numpy())
-        reader.done(refs["small"], "small")  # its CRC-32 checked
-        assert reader.verified([refs["small"]])
+        with reader.scope() as reads:
+            np.testing.assert_array_equal(reads.read(refs["small"]), small.numpy())
+        assert reader.verified([refs["small"]])  # its CRC-32 checked as the scope closed
     assert torch.equal(torch.load(path, map_location="cpu", weights_only=False, mmap=True)["small"], small)
 
 

@@ -178,10 +178,10 @@ def test_views_are_read_once_per_storage(written, tmp_path):
     storages = {(r.path, r.data_offset): r.storage_nbytes for r in refs}
     assert len(storages) < len(refs) / 3  # view-heavy: many tensors per storage
     with SourceReader() as reader:
-        reader.expect(refs)
-        for r in refs:
-            reader.read(r)
-            reader.done(r, r.name)
+        with reader.scope() as reads:
+            for r in refs:
+                reads.read(r)
+            assert not reader.verified(refs)  # served, checked as the scope closes
         assert reader.verified(refs)
     assert reader.bytes_read <= sum(storages.values())
 
@@ -233,7 +233,8 @@ def test_a_storage_bigger_than_the_chunk_budget_is_streamed(written):
 
     from neoxconv.source.checkpoint import open_checkpoint
     from neoxconv.output.hf_merge import plan_checkpoint
-    from neoxconv.merge import Rule, iter_merged_chunks
+    from neoxconv.merge import Rule
+    from neoxconv.output.streaming import iter_merged_chunks
     from neoxconv.source.storage import SourceReader
 
     root, _, _ = written("seq-zero-cuda-tp2")
@@ -243,11 +244,11 @@ def test_a_storage_bigger_than_the_chunk_budget_is_streamed(written):
     biggest = max(r.storage_nbytes for r in refs)
     assert biggest > 40 * 4096
     with SourceReader(chunk_bytes=4096) as reader:
-        reader.expect(refs)
         tracemalloc.start()
-        for t in streamed:
-            for chunk in iter_merged_chunks(t, chunk_bytes=4096, reader=reader):
-                assert chunk.nbytes <= 4096 or chunk.shape[0] == 1
+        with reader.scope() as reads:  # its check (as it closes) is inside the measurement too
+            for t in streamed:
+                for chunk in iter_merged_chunks(t, chunk_bytes=4096, reader=reads):
+                    assert chunk.nbytes <= 4096 or chunk.shape[0] == 1
         peak = tracemalloc.get_traced_memory()[1]
         tracemalloc.stop()
         assert reader.verified(refs)

@@ -390,7 +390,7 @@ def test_written_json_is_strict(merged):
 
 
 def test_overlapping_safetensors_offsets_are_a_verification_error(copy):
-    from neoxconv.check.integrity import read_safetensors_header
+    from neoxconv.source.safetensors import read_safetensors_header
 
     victim = sorted(copy.glob("model-*.safetensors"))[1]
     raw = victim.read_bytes()

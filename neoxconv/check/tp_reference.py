@@ -7,7 +7,7 @@ part added before the sum (parallel residual) or the full bias once after it, an
 readout's slices are gathered. Layer norms are each rank's own copy. No merge rule is used, so a merged
 model that disagrees with this forward was merged wrongly.
 
-Memory: one layer's rank shards in fp32 at a time (read straight from the memory-mapped files), the
+Memory: one layer's rank shards in fp32 at a time (read through `neoxconv.source.storage`, CRC-checked), the
 embedding's rows for the prompt only, and the vocab-sized readout ``READ_BLOCK_BYTES`` at a time; so the
 cross-check of a 20B merge needs about one layer of memory on top of what ``verify --max-memory`` keeps.
 """
@@ -20,32 +20,57 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from neoxconv.source.checkpoint import Checkpoint, LayerKind, open_checkpoint
 from neoxconv.config import GELU_TANH, LLAMA, NeoXConfig
 from neoxconv.layers import RotaryTables, apply_partial_rotary, causal_attention
+from neoxconv.source.checkpoint import Checkpoint, LayerKind, open_checkpoint
 from neoxconv.source.ptfile import TensorRef
-
+from neoxconv.source.storage import Reads, SourceReader
 
 READ_BLOCK_BYTES = 64 << 20  # fp32 bytes of weight rows in memory at a time for the vocab-sized tensors
 
 
-def _tensor(ref: TensorRef, rows: slice | np.ndarray | None = None) -> torch.Tensor:
-    """An fp32 copy of the tensor (or of some of its rows), read straight from the memory-mapped file."""
-    a = ref.array() if rows is None else ref.array()[rows]
-    if ref.dtype == "bfloat16":  # numpy has no bfloat16: copy the bits, then widen
-        return torch.from_numpy(np.array(a)).view(torch.bfloat16).float()
-    return torch.from_numpy(np.array(a, dtype=np.float32))  # one private copy, already fp32
+def _tensor(src: Reads, ref: TensorRef, rows: slice | np.ndarray | None = None) -> torch.Tensor:
+    """An fp32 copy of the tensor (or of some of its rows), read through the layer's CRC-checked reads."""
+    if rows is None:
+        a = src.read(ref)
+    elif isinstance(rows, slice):
+        start = rows.start or 0
+        a = src.rows(ref, start, min(rows.stop, ref.shape[0]) - start)
+    else:
+        a = np.stack([src.rows(ref, int(i), 1)[0] for i in rows]) if len(rows) else src.rows(ref, 0, 0)
+    if ref.dtype == "bfloat16":  # numpy has no bfloat16: the bits, then widen
+        return torch.from_numpy(a).view(torch.bfloat16).float()
+    return torch.from_numpy(a.astype(np.float32, copy=False))
 
 
-def _linear_by_rows(x: torch.Tensor, ref: TensorRef) -> torch.Tensor:
+class _Shard:
+    """One rank's tensors of one layer: ``shard[key]`` is an fp32 copy read through the layer's reads."""
+
+    def __init__(self, src: Reads, refs: dict[str, TensorRef]) -> None:
+        self.src, self.refs = src, refs
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return _tensor(self.src, self.refs[key])
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.refs
+
+    def get(self, key: str) -> torch.Tensor | None:
+        return self[key] if key in self.refs else None
+
+    def rows(self, key: str, rows: slice | np.ndarray) -> torch.Tensor:
+        return _tensor(self.src, self.refs[key], rows)
+
+
+def _linear_by_rows(x: torch.Tensor, shard: _Shard, key: str) -> torch.Tensor:
     """x @ W.T for a (rows, H) weight read a block of rows at a time: a 50k-row readout is never whole in fp32."""
-    rows, width = ref.shape
+    rows, width = shard.refs[key].shape
     block = max(1, READ_BLOCK_BYTES // (4 * width))
-    return torch.cat([F.linear(x, _tensor(ref, slice(i, i + block))) for i in range(0, rows, block)], dim=-1)
+    return torch.cat([F.linear(x, shard.rows(key, slice(i, i + block))) for i in range(0, rows, block)], dim=-1)
 
 
-def _ln(x: torch.Tensor, shard: dict[str, TensorRef], prefix: str, eps: float) -> torch.Tensor:
-    return F.layer_norm(x, x.shape[-1:], _tensor(shard[prefix + ".weight"]), _tensor(shard[prefix + ".bias"]), eps)
+def _ln(x: torch.Tensor, shard: _Shard, prefix: str, eps: float) -> torch.Tensor:
+    return F.layer_norm(x, x.shape[-1:], shard[prefix + ".weight"], shard[prefix + ".bias"], eps)
 
 
 @torch.inference_mode()
@@ -59,8 +84,8 @@ def tensor_parallel_logits(src: Path, ids: list[int], *, row_bias: str = "auto",
     ``row_bias``: 'sum' (each rank adds its part before the all-reduce: NeoX with gpt_j_residual),
     'replicated' (full bias added once after the all-reduce), or 'auto' (follow the config).
     """
-    from neoxconv.output.hf_merge import checkpoint_qkv_layout, plan_checkpoint
     from neoxconv.merge import Rule
+    from neoxconv.output.hf_merge import checkpoint_qkv_layout, plan_checkpoint
 
     ckpt = open_checkpoint(src, config_path=config_path)
     if row_bias == "auto":
@@ -68,9 +93,15 @@ def tensor_parallel_logits(src: Path, ids: list[int], *, row_bias: str = "auto",
     # the checks merge makes (keys, dtypes, every shard's shape against the config), so that a source that
     # does not fit its config is named here instead of failing inside a matmul
     layout = checkpoint_qkv_layout(ckpt, qkv_layout)
-    plan_checkpoint(ckpt, row_bias=Rule.SUM if row_bias == "sum" else Rule.REPLICATED, out_dtype=None, qkv=layout)
+    _, plans = plan_checkpoint(ckpt, row_bias=Rule.SUM if row_bias == "sum" else Rule.REPLICATED, out_dtype=None,
+                               qkv=layout)
+    # what each layer reads, in order (and the embedding again as a tied readout): a storage several layers share
+    # (a ZeRO flat buffer) is CRC-checked once, with the last of them
+    plan = [[r for t in [*p.tensors, *p.dropped] for r in t.shards] for p in plans]
+    if ckpt.config.tie_word_embeddings:
+        plan.append(plan[0])
     if ckpt.config.architecture == LLAMA:
-        return _llama_tensor_parallel_logits(ckpt, ids, layout=layout), ckpt.config
+        return _llama_tensor_parallel_logits(ckpt, ids, layout=layout, plan=plan), ckpt.config
     config, T = ckpt.config, ckpt.tp_degree
     hd, eps = config.head_dim, config.layernorm_eps
     approximate = "tanh" if config.activation == GELU_TANH else "none"
@@ -84,54 +115,59 @@ def tensor_parallel_logits(src: Path, ids: list[int], *, row_bias: str = "auto",
             return sum(p + b for p, b in zip(partials, biases))
         return sum(partials) + biases[0]
 
-    def rank_attention(h: torch.Tensor, shard: dict[str, TensorRef]) -> torch.Tensor:
+    def rank_attention(h: torch.Tensor, shard: _Shard) -> torch.Tensor:
         """One rank's attention over its heads; its partial dense output (n, H), bias not added."""
-        qkv = F.linear(h, _tensor(shard["attention.query_key_value.weight"]),
-                       _tensor(shard["attention.query_key_value.bias"]))  # (n, 3 H/T), [heads, 3, hd]
+        qkv = F.linear(h, shard["attention.query_key_value.weight"],
+                       shard["attention.query_key_value.bias"])  # (n, 3 H/T), [heads, 3, hd]
         heads = qkv.shape[-1] // (3 * hd)
         q, k, v = qkv.view(n, heads, 3 * hd).transpose(0, 1).unsqueeze(0).chunk(3, dim=-1)  # (1, heads, n, hd)
         q, k = apply_partial_rotary(q, cos, sin), apply_partial_rotary(k, cos, sin)
         ctx = causal_attention(q, k, v, q_start=0)[0].transpose(0, 1).reshape(n, heads * hd)
-        return F.linear(ctx, _tensor(shard["attention.dense.weight"]))
+        return F.linear(ctx, shard["attention.dense.weight"])
 
-    def rank_mlp(h: torch.Tensor, shard: dict[str, TensorRef]) -> torch.Tensor:
+    def rank_mlp(h: torch.Tensor, shard: _Shard) -> torch.Tensor:
         """One rank's MLP columns; its partial output (n, H), bias not added."""
-        up = F.linear(h, _tensor(shard["mlp.dense_h_to_4h.weight"]), _tensor(shard["mlp.dense_h_to_4h.bias"]))
-        return F.linear(F.gelu(up, approximate=approximate), _tensor(shard["mlp.dense_4h_to_h.weight"]))
+        up = F.linear(h, shard["mlp.dense_h_to_4h.weight"], shard["mlp.dense_h_to_4h.bias"])
+        return F.linear(F.gelu(up, approximate=approximate), shard["mlp.dense_4h_to_h.weight"])
 
-    x = None
-    logits_parts: list[torch.Tensor] = []
-    for layer in ckpt.layers:
-        shards = [ckpt.tensors(layer, r) for r in range(T)]
-        if layer.kind is LayerKind.EMBEDDING:
-            x = torch.zeros(n, config.hidden_size)
-            start = 0
-            for shard in shards:  # VocabParallelEmbedding: each rank looks up its own rows, then all-reduce
-                ref = shard["word_embeddings.weight"]
-                rows = ref.shape[0]
-                local = tokens - start
-                inside = (local >= 0) & (local < rows)
-                x += _tensor(ref, local.clamp(0, rows - 1).numpy()) * inside[:, None]  # only the prompt's rows
-                start += rows
-        elif layer.kind is LayerKind.BLOCK:
-            # attention: each rank on its own heads; partial outputs (+ bias parts) summed by the all-reduce
-            attn = row_parallel([rank_attention(_ln(x, s, "input_layernorm", eps), s) for s in shards],
-                                [_tensor(s["attention.dense.bias"]) for s in shards])
-            mlp_input = x if config.parallel_residual else x + attn
-            # MLP: each rank on its own columns of the 4h projection, then the all-reduce
-            mlp = row_parallel([rank_mlp(_ln(mlp_input, s, "post_attention_layernorm", eps), s) for s in shards],
-                               [_tensor(s["mlp.dense_4h_to_h.bias"]) for s in shards])
-            x = x + attn + mlp if config.parallel_residual else mlp_input + mlp
-        elif layer.kind is LayerKind.FINAL_NORM:
-            x = [_ln(x, shard, "norm", eps) for shard in shards]  # each rank normalises its own copy
-        elif layer.kind is LayerKind.READOUT:
-            logits_parts = [_linear_by_rows(x[r], shard["final_linear.weight"]) for r, shard in enumerate(shards)]
-        ckpt.release(layer)
-    if config.tie_word_embeddings:  # readout is the embedding, vocab-parallel
-        emb_layer = ckpt.layers[0]
-        logits_parts = [_linear_by_rows(x[r], ckpt.tensors(emb_layer, r)["word_embeddings.weight"])
-                        for r in range(T)]
-    return torch.cat(logits_parts, dim=-1), config
+    with SourceReader(plan=plan) as reader:
+        x = None
+        logits_parts: list[torch.Tensor] = []
+        for layer in ckpt.layers:
+            with reader.scope() as reads:
+                shards = [_Shard(reads, ckpt.tensors(layer, r)) for r in range(T)]
+                if layer.kind is LayerKind.EMBEDDING:
+                    x = torch.zeros(n, config.hidden_size)
+                    start = 0
+                    for shard in shards:  # VocabParallelEmbedding: each rank looks up its own rows, then all-reduce
+                        rows = shard.refs["word_embeddings.weight"].shape[0]
+                        local = tokens - start
+                        inside = (local >= 0) & (local < rows)
+                        # only the prompt's rows
+                        x += shard.rows("word_embeddings.weight", local.clamp(0, rows - 1).numpy()) * inside[:, None]
+                        start += rows
+                elif layer.kind is LayerKind.BLOCK:
+                    # attention: each rank on its own heads; partial outputs (+ bias parts) summed by the all-reduce
+                    attn = row_parallel([rank_attention(_ln(x, s, "input_layernorm", eps), s) for s in shards],
+                                        [s["attention.dense.bias"] for s in shards])
+                    mlp_input = x if config.parallel_residual else x + attn
+                    # MLP: each rank on its own columns of the 4h projection, then the all-reduce
+                    mlp = row_parallel([rank_mlp(_ln(mlp_input, s, "post_attention_layernorm", eps), s)
+                                        for s in shards],
+                                       [s["mlp.dense_4h_to_h.bias"] for s in shards])
+                    x = x + attn + mlp if config.parallel_residual else mlp_input + mlp
+                elif layer.kind is LayerKind.FINAL_NORM:
+                    x = [_ln(x, shard, "norm", eps) for shard in shards]  # each rank normalises its own copy
+                elif layer.kind is LayerKind.READOUT:
+                    logits_parts = [_linear_by_rows(x[r], shard, "final_linear.weight")
+                                    for r, shard in enumerate(shards)]
+                ckpt.release(layer)
+        if config.tie_word_embeddings:  # readout is the embedding, vocab-parallel
+            emb_layer = ckpt.layers[0]
+            with reader.scope() as reads:
+                logits_parts = [_linear_by_rows(x[r], _Shard(reads, ckpt.tensors(emb_layer, r)), "word_embeddings.weight")
+                                for r in range(T)]
+        return torch.cat(logits_parts, dim=-1), config
 
 
 # ----- Llama-style models (gpt-neox norm: rmsnorm, activation: swiglu, num_kv_heads) ------------------------
@@ -140,7 +176,8 @@ def _rms(x: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
     return scale * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
 
 
-def _llama_tensor_parallel_logits(ckpt: Checkpoint, ids: list[int], *, layout) -> torch.Tensor:
+def _llama_tensor_parallel_logits(ckpt: Checkpoint, ids: list[int], *, layout,
+                                  plan: list[list[TensorRef]]) -> torch.Tensor:
     """What gpt-neox's ParallelSelfAttention / ParallelMLP compute on each rank, collectives simulated.
 
     Per rank (megatron/model/transformer.py): the local QKV output is viewed [np, 3, hn] without GQA, split
@@ -162,10 +199,10 @@ def _llama_tensor_parallel_logits(ckpt: Checkpoint, ids: list[int], *, layout) -
 
     def linear(h, shard, key):
         bias = shard.get(key[: -len("weight")] + "bias")
-        return F.linear(h, _tensor(shard[key]), None if bias is None else _tensor(bias))
+        return F.linear(h, shard[key], bias)
 
     def row_bias(shards, key):
-        return _tensor(shards[0][key]) if key in shards[0] else 0.0  # every rank holds the full bias
+        return shards[0][key] if key in shards[0] else 0.0  # every rank holds the full bias
 
     def rank_attention(h, shard):
         mixed = linear(h, shard, "attention.query_key_value.weight")  # (n, local rows)
@@ -183,39 +220,42 @@ def _llama_tensor_parallel_logits(ckpt: Checkpoint, ids: list[int], *, layout) -
         q, k, v = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))  # (1, np, n, hd)
         q, k = apply_partial_rotary(q, cos, sin), apply_partial_rotary(k, cos, sin)
         ctx = causal_attention(q, k, v, q_start=0)[0].transpose(0, 1).reshape(n, np_ * hd)
-        return F.linear(ctx, _tensor(shard["attention.dense.weight"]))
+        return F.linear(ctx, shard["attention.dense.weight"])
 
     def rank_mlp(h, shard):
         if "mlp.linear1.weight" in shard:
             x, gate = linear(h, shard, "mlp.linear1.weight").chunk(2, dim=-1)  # Gated_Activation
-            return F.linear(F.silu(gate) * x, _tensor(shard["mlp.linear2.weight"]))
+            return F.linear(F.silu(gate) * x, shard["mlp.linear2.weight"])
         act = F.silu(linear(h, shard, "mlp.w1.weight")) * linear(h, shard, "mlp.w3.weight")  # LLaMAParallelMLP
-        return F.linear(act, _tensor(shard["mlp.w2.weight"]))
+        return F.linear(act, shard["mlp.w2.weight"])
 
-    x = torch.zeros(n, config.hidden_size)
-    finals: list[torch.Tensor] = []
-    logits_parts: list[torch.Tensor] = []
-    for layer in ckpt.layers:
-        shards = [ckpt.tensors(layer, r) for r in range(T)]
-        if layer.kind is LayerKind.EMBEDDING:
-            start = 0
-            for shard in shards:  # VocabParallelEmbedding, then the all-reduce
-                w = _tensor(shard["word_embeddings.weight"])
-                local = tokens - start
-                inside = (local >= 0) & (local < w.shape[0])
-                x += F.embedding(local.clamp(0, w.shape[0] - 1), w) * inside[:, None]
-                start += w.shape[0]
-        elif layer.kind is LayerKind.BLOCK:
-            attn = sum(rank_attention(_rms(x, _tensor(s["input_layernorm.scale"]), eps), s) for s in shards)
-            x = x + attn + row_bias(shards, "attention.dense.bias")
-            mlp = sum(rank_mlp(_rms(x, _tensor(s["post_attention_layernorm.scale"]), eps), s) for s in shards)
-            x = x + mlp + row_bias(shards, "mlp.linear2.bias")
-        elif layer.kind is LayerKind.FINAL_NORM:
-            finals = [_rms(x, _tensor(s["norm.scale"]), eps) for s in shards]  # each rank's own copy
-        elif layer.kind is LayerKind.READOUT:
-            logits_parts = [F.linear(finals[r], _tensor(s["final_linear.weight"])) for r, s in enumerate(shards)]
-        ckpt.release(layer)
-    if config.tie_word_embeddings:
-        logits_parts = [F.linear(finals[r], _tensor(ckpt.tensors(ckpt.layers[0], r)["word_embeddings.weight"]))
-                        for r in range(T)]
-    return torch.cat(logits_parts, dim=-1)
+    with SourceReader(plan=plan) as reader:
+        x = torch.zeros(n, config.hidden_size)
+        finals: list[torch.Tensor] = []
+        logits_parts: list[torch.Tensor] = []
+        for layer in ckpt.layers:
+            with reader.scope() as reads:
+                shards = [_Shard(reads, ckpt.tensors(layer, r)) for r in range(T)]
+                if layer.kind is LayerKind.EMBEDDING:
+                    start = 0
+                    for shard in shards:  # VocabParallelEmbedding, then the all-reduce
+                        w = shard["word_embeddings.weight"]
+                        local = tokens - start
+                        inside = (local >= 0) & (local < w.shape[0])
+                        x += F.embedding(local.clamp(0, w.shape[0] - 1), w) * inside[:, None]
+                        start += w.shape[0]
+                elif layer.kind is LayerKind.BLOCK:
+                    attn = sum(rank_attention(_rms(x, s["input_layernorm.scale"], eps), s) for s in shards)
+                    x = x + attn + row_bias(shards, "attention.dense.bias")
+                    mlp = sum(rank_mlp(_rms(x, s["post_attention_layernorm.scale"], eps), s) for s in shards)
+                    x = x + mlp + row_bias(shards, "mlp.linear2.bias")
+                elif layer.kind is LayerKind.FINAL_NORM:
+                    finals = [_rms(x, s["norm.scale"], eps) for s in shards]  # each rank's own copy
+                elif layer.kind is LayerKind.READOUT:
+                    logits_parts = [F.linear(finals[r], s["final_linear.weight"]) for r, s in enumerate(shards)]
+                ckpt.release(layer)
+        if config.tie_word_embeddings:
+            with reader.scope() as reads:
+                logits_parts = [F.linear(finals[r], _Shard(reads, ckpt.tensors(ckpt.layers[0], r))["word_embeddings.weight"])
+                                for r in range(T)]
+        return torch.cat(logits_parts, dim=-1)

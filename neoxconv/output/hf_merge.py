@@ -35,15 +35,14 @@ from neoxconv.plan.fingerprint import layer_fingerprint, source_identity
 from neoxconv.output.hashing import DEFAULT_HASH, check_algorithm, file_matches, with_hash
 from neoxconv.check.integrity import INDEX, MANIFEST
 from neoxconv.interrupt import InterruptGuard, deferred_sigint
-from neoxconv.merge import (LayerPlan, QkvLayout, Rule, TensorPlan, block_generation, iter_merged_chunks,
-                            max_divergence, merge_tensor, plan_layer, read_checked, resolve_qkv_split,
-                            resolve_row_bias)
+from neoxconv.merge import (LayerPlan, QkvLayout, Rule, TensorPlan, block_generation, max_divergence,
+                            merge_tensor, plan_layer, resolve_qkv_split, resolve_row_bias)
 from neoxconv.output.folder import (JOURNAL, OutputLock, check_out_path, foreign_entries, load_state, make_out_dir,
                              remove_file, remove_previous_output, remove_stale_temps)
 from neoxconv.output.prefetch import prefetch
 from neoxconv.progress import format_bytes, progress_bar
-from neoxconv.source.storage import SourceReader
-from neoxconv.output.streaming import stream_tensor, streams_direct
+from neoxconv.source.storage import Reads, SourceReader
+from neoxconv.output.streaming import iter_merged_chunks, stream_tensor, streams_direct
 from neoxconv.source.tokenizer import checked_token_count, eos_token_id, tokenizer_config
 from neoxconv.output.writer import SafetensorsWriter, atomic_write, atomic_write_json
 
@@ -221,19 +220,16 @@ def _check_disk(out: Path, need: int) -> None:
         )
 
 
-def _check_dropped(t: TensorPlan, where: str, reader: SourceReader) -> None:
+def _check_dropped(t: TensorPlan, where: str, reader: Reads) -> None:
     """Derived buffers are not written, but every rank must hold the same bytes (compared by storage)."""
-    same = reader.same(t.shards)
-    for r in t.shards:
-        reader.done(r, t.key)
-    if not same:
+    if not reader.same(t.shards, key=t.key):
         ranks = ", ".join(r.path.name for r in t.shards)
         raise MergeError(f"{where}: derived buffer differs across ranks for {t.key!r} [{ranks}]")
 
 
-def _merge_small(t: TensorPlan, tolerance: float, where: str, reader: SourceReader) -> tuple[np.ndarray, float | None]:
+def _merge_small(t: TensorPlan, tolerance: float, where: str, reader: Reads) -> tuple[np.ndarray, float | None]:
     """Sum / replicated: whole tensors in memory (they are vectors). Returns (value, divergence)."""
-    arrays = [read_checked(r, t.key, reader) for r in t.shards]
+    arrays = [reader.read(r, key=t.key) for r in t.shards]
     divergence = None
     if t.rule is Rule.REPLICATED:
         divergence = max_divergence(arrays, t.src_dtype)
@@ -262,7 +258,7 @@ def _report_nonfinite(n: int, t: TensorPlan, where: str, allow: bool, warnings: 
 
 
 def _write_layer(path: Path, plan: LayerPlan, options: MergeOptions, warnings: list[str], bar,
-                 guard: InterruptGuard, reader: SourceReader) -> dict[str, Any]:
+                 guard: InterruptGuard, reader: Reads) -> dict[str, Any]:
     where = f"{plan.layer.label} [{', '.join(plan.files)}]"
     small: dict[str, tuple[np.ndarray, float | None]] = {}
     for t in plan.dropped:
@@ -284,9 +280,7 @@ def _write_layer(path: Path, plan: LayerPlan, options: MergeOptions, warnings: l
                 w.write_chunk(t.hf_name, small[t.key][0])
                 bar.update(t.nbytes)
             elif streams_direct(t):  # read straight into the output buffer, checked there
-                n = stream_tensor(w, t, on_block=on_block)
-                for r in t.shards:  # it read each shard's whole storage and checked its CRC-32
-                    reader.vouch(r)
+                n = stream_tensor(w, t, reader=reader, on_block=on_block)
                 _report_nonfinite(n, t, where, options.allow_nonfinite, warnings)
             else:  # casts, views: a worker thread reads, CRC-checks, casts and interleaves the next chunk
                 for chunk in prefetch(iter_merged_chunks(t, reader=reader)):
@@ -431,20 +425,22 @@ def _merge(src: Path, out: Path, options: MergeOptions, guard: InterruptGuard,
     warnings: list[str] = []
     total = sum(p.nbytes for _, p in todo)
     guard.check()
-    # A storage shared by several layers (a ZeRO flat buffer) is CRC-checked when its last tensor has been
-    # read; a layer enters the journal only once every storage it read from has passed.
+    # A storage shared by several layers (a ZeRO flat buffer) is CRC-checked when the last layer that reads it
+    # is done (the reader's plan); a layer enters the journal only once every storage it read from has passed.
     unconfirmed: list[tuple[str, dict[str, Any], list]] = []
+    layer_refs = [[r for t in [*plan.tensors, *plan.dropped] for r in t.shards] for _, plan in todo]
     with progress_bar(total=total, desc="merge", unit="B", quiet=options.quiet or not todo) as bar, \
-            SourceReader() as reader:
-        reader.expect(r for _, plan in todo for t in [*plan.tensors, *plan.dropped] for r in t.shards)
+            SourceReader(plan=layer_refs) as reader:
         try:
-            for name, plan in todo:
+            for (name, plan), refs in zip(todo, layer_refs):
                 guard.check()
                 bar.set_postfix_str(f"{plan.layer.label} -> {name}", refresh=False)
-                entry = _write_layer(out / name, plan, options, warnings, bar, guard, reader)
+                unconfirmed.append((name, {}, refs))  # its file is not trusted until its storages pass
+                with reader.scope() as reads:  # checks what the layer read as it closes (or with a later layer)
+                    entry = _write_layer(out / name, plan, options, warnings, bar, guard, reads)
                 entry["source_fingerprint"] = fingerprints[name]
-                unconfirmed.append((name, entry, [r for t in [*plan.tensors, *plan.dropped] for r in t.shards]))
-                confirmed = [(n, e) for n, e, refs in unconfirmed if reader.verified(refs)]
+                unconfirmed[-1] = (name, entry, refs)
+                confirmed = [(n, e) for n, e, rs in unconfirmed if reader.verified(rs)]
                 if confirmed:
                     state["layers"].update(confirmed)
                     unconfirmed = [u for u in unconfirmed if u[0] not in state["layers"]]

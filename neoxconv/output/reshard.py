@@ -24,12 +24,10 @@ from neoxconv.errors import ConfigError, MergeError, OutputError
 from neoxconv.plan.fingerprint import config_digest, layer_fingerprint, source_identity
 from neoxconv.interrupt import deferred_sigint
 from neoxconv.output.folder import check_out_path
-from neoxconv.merge import (
-    LayerPlan, Rule, TensorPlan, iter_merged_chunks, max_divergence, merge_tensor, read_checked, resolve_row_bias,
-    rule_table,
-)
+from neoxconv.merge import LayerPlan, Rule, TensorPlan, max_divergence, merge_tensor, resolve_row_bias, rule_table
 from neoxconv.output.neox import TORCH_DTYPES, NeoXTarget, Shard, WriteReport, check_target, write_neox_checkpoint
-from neoxconv.source.storage import SourceReader
+from neoxconv.output.streaming import iter_merged_chunks
+from neoxconv.source.storage import Reads, SourceReader
 from neoxconv.output.split import part_key, planned_bytes, shard_layer, tokenizer_size
 
 _STEP = re.compile(r"^global_step(\d+)$")
@@ -56,7 +54,7 @@ def _to_torch(a: np.ndarray, dtype: str) -> torch.Tensor:
     return t.view(torch.bfloat16) if dtype == "bfloat16" else t
 
 
-def merged_tensor(t: TensorPlan, *, tolerance: float, where: str, reader: SourceReader | None = None) -> np.ndarray:
+def merged_tensor(t: TensorPlan, *, tolerance: float, where: str, reader: Reads) -> np.ndarray:
     """The merged value of one planned tensor (the whole tensor, in ``t.out_dtype``)."""
     if t.rule in (Rule.CONCAT_ROWS, Rule.CONCAT_COLS, Rule.SPLIT_ROWS):
         full = np.empty(t.shape, dtype=np.uint16 if t.out_dtype == "bfloat16" else np.dtype(t.out_dtype))
@@ -65,7 +63,7 @@ def merged_tensor(t: TensorPlan, *, tolerance: float, where: str, reader: Source
             full[row:row + chunk.shape[0]] = chunk
             row += chunk.shape[0]
         return full
-    arrays = [read_checked(r, t.key, reader) for r in t.shards]
+    arrays = [reader.read(r, key=t.key) for r in t.shards]
     if t.rule in (Rule.REPLICATED, Rule.DROP):
         limit = 0.0 if t.rule is Rule.DROP else tolerance
         divergence = max_divergence(arrays, t.src_dtype)
@@ -105,19 +103,21 @@ def reshard_checkpoint(src: Path, out: Path, options: ReshardOptions) -> WriteRe
     if Path(out).resolve() in (ckpt.root.resolve(), ckpt.step_dir.resolve()):
         raise OutputError(f"{out}: OUT is the source checkpoint; choose another folder")
     # A storage that several tensors read (a ZeRO flat buffer, the HF converter's full tensors) is CRC-checked
-    # once, whole, before anything is written; each tensor read alone has its storage checked as it is read.
+    # once, whole, before anything is written, its tensors' spans remembered; every layer's reads are checked
+    # (against those spans, or the storage's own CRC-32) before the layer is written.
     reader = SourceReader()
     reads = Counter((r.path, r.data_offset) for p in plans for t in [*p.tensors, *p.dropped] for r in t.shards)
     try:
-        reader.check_whole(r for p in plans for t in [*p.tensors, *p.dropped] for r in t.shards
-                           if reads[(r.path, r.data_offset)] > 1)
+        reader.check(r for p in plans for t in [*p.tensors, *p.dropped] for r in t.shards
+                     if reads[(r.path, r.data_offset)] > 1)
         for plan in plans:  # the small tensors (norms, buffers) are checked across ranks before anything is written
             where = f"{plan.layer.label} [{', '.join(plan.files)}]"
-            for t in plan.dropped:
-                merged_tensor(t, tolerance=0.0, where=where, reader=reader)
-            for t in plan.tensors:
-                if t.rule is Rule.REPLICATED:
-                    merged_tensor(t, tolerance=options.replica_tolerance, where=where, reader=reader)
+            with reader.scope() as reads:
+                for t in plan.dropped:
+                    merged_tensor(t, tolerance=0.0, where=where, reader=reads)
+                for t in plan.tensors:
+                    if t.rule is Rule.REPLICATED:
+                        merged_tensor(t, tolerance=options.replica_tolerance, where=where, reader=reads)
     except BaseException:
         reader.close()
         raise
@@ -125,10 +125,11 @@ def reshard_checkpoint(src: Path, out: Path, options: ReshardOptions) -> WriteRe
     def rank_shards(layer: SourceLayer, ranks: list[int]) -> Iterator[Shard]:
         plan = by_index[layer.index]
         where = f"{layer.label} [{', '.join(plan.files)}]"
-        full = {t.key if t.split is None else part_key(t.key, t.part):
-                _to_torch(merged_tensor(t, tolerance=options.replica_tolerance, where=where, reader=reader),
-                          t.out_dtype)
-                for t in plan.tensors}
+        with reader.scope() as reads:  # the layer's reads are checked as it closes, before anything is written
+            full = {t.key if t.split is None else part_key(t.key, t.part):
+                    _to_torch(merged_tensor(t, tolerance=options.replica_tolerance, where=where, reader=reads),
+                              t.out_dtype)
+                    for t in plan.tensors}
         yield from shard_layer(layer, full, config=config, tp=options.tp, ranks=ranks, row_bias=row_bias,
                                dtype=torch_dtype, table=rule_table(config, layer.kind, plan.key_generation),
                                qkv_split=None if qkv is None else qkv.split)  # the source's layout and key names

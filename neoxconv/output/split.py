@@ -38,7 +38,7 @@ from neoxconv.config import GPT_NEOX, NeoXConfig
 from neoxconv.dtypes import FLOAT_DTYPES, FROM_SAFETENSORS, canonical_dtype, tensor_nbytes
 from neoxconv.errors import CheckpointError, ConfigError
 from neoxconv.plan.fingerprint import config_digest, file_fingerprint
-from neoxconv.check.integrity import checked_safetensors_header
+from neoxconv.source.safetensors import FileState, check_unchanged, checked_safetensors_header, file_state
 from neoxconv.interrupt import deferred_sigint
 from neoxconv.merge import (RULES, Rule, RuleSpec, Split, expected_shape, join_split, output_names, resolve_row_bias,
                             rule_table, shape_of)
@@ -186,9 +186,11 @@ class HFModel:
                     "safe_serialization=True)") if pickles else ""
             raise CheckpointError(f"{self.folder}: no *.safetensors weights{hint}")
         tensors: dict[str, HFTensor] = {}
+        self.states: dict[Path, FileState] = {}  # as each file was when its header was checked
         for f in files:
             if not f.is_file() or f.parent.resolve() != self.folder.resolve():
                 raise CheckpointError(f"{f}: listed in the index but not a file in {self.folder}")
+            self.states[f] = file_state(f)
             try:
                 header = checked_safetensors_header(f)
             except (OSError, ValueError) as e:
@@ -256,8 +258,9 @@ class HFModel:
     def read_layer(self, names: dict[str, str], dtype: torch.dtype) -> dict[str, torch.Tensor]:
         """{NeoX key: tensor} for one layer's HF names, cast to ``dtype``.
 
-        Each file is opened for this call only: a safetensors handle keeps its whole file mapped, and mapped
-        pages that were read count as resident memory until the mapping goes (with the layer's tensors).
+        The tensors are copies, read while each file was as it was when its header was checked (else a
+        CheckpointError: the file changed since). Each file is opened for this call only: a safetensors handle
+        keeps its whole file mapped until it is closed.
         """
         from safetensors import SafetensorError, safe_open
 
@@ -269,9 +272,10 @@ class HFModel:
             try:
                 with safe_open(str(file), framework="pt") as f:
                     for key, name in items:
-                        out[key] = f.get_tensor(name).to(dtype)  # maps the file until the layer is dropped
+                        out[key] = f.get_tensor(name).to(dtype, copy=True)  # our copy: the file may change later
             except (OSError, SafetensorError) as e:
                 raise CheckpointError(f"{file}: cannot read the tensors of {', '.join(n for _, n in items)}: {e}") from None
+            check_unchanged(file, self.states[file])  # what we hold is what the checked header describes
         return out
 
 

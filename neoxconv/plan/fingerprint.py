@@ -28,7 +28,7 @@ from typing import Any
 
 from neoxconv.source.checkpoint import Checkpoint
 from neoxconv.errors import CheckpointError
-from neoxconv.check.integrity import MAX_HEADER_BYTES
+from neoxconv.source.safetensors import header_bytes
 from neoxconv.merge import LayerPlan
 
 
@@ -67,12 +67,11 @@ def file_fingerprint(path: Path, *, safetensors_header: bool = False) -> dict[st
         st = path.stat()
         fp: dict[str, Any] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns}
         if safetensors_header:
-            with open(path, "rb") as f:
-                raw = f.read(8)
-                n = int.from_bytes(raw, "little") if len(raw) == 8 else 0
-                if not 0 < n <= min(st.st_size - 8, MAX_HEADER_BYTES):
-                    raise CheckpointError(f"{path}: not a safetensors file (header length {n})")
-                fp["header_sha256"] = hashlib.sha256(f.read(n)).hexdigest()
+            try:
+                text, _ = header_bytes(path)
+            except ValueError as e:
+                raise CheckpointError(f"{path}: not a safetensors file ({e})") from None
+            fp["header_sha256"] = hashlib.sha256(text).hexdigest()
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read: {e.strerror or e}") from None
     return fp

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from neoxconv.dtypes import NUMPY_DTYPES
 from neoxconv.errors import CheckpointError, UnsafePickleError
 
 # torch storage class name -> (our dtype name, bytes per element)
@@ -37,20 +38,6 @@ _STORAGES = {
     "CharStorage": "int8",
     "ByteStorage": "uint8",
     "BoolStorage": "bool",
-}
-
-# numpy dtype used to hold each dtype's bits (bfloat16 has no numpy type: its bits live in uint16)
-NUMPY_DTYPES = {
-    "float16": np.dtype("<f2"),
-    "float32": np.dtype("<f4"),
-    "float64": np.dtype("<f8"),
-    "bfloat16": np.dtype("<u2"),
-    "int64": np.dtype("<i8"),
-    "int32": np.dtype("<i4"),
-    "int16": np.dtype("<i2"),
-    "int8": np.dtype("i1"),
-    "uint8": np.dtype("u1"),
-    "bool": np.dtype("?"),
 }
 
 _MAX_PICKLE_BYTES = 64 << 20  # the tensor description of one file; real ones are a few kB
@@ -327,6 +314,101 @@ def _data_offset(f, info: zipfile.ZipInfo) -> int:
     return info.header_offset + 30 + name_len + extra_len
 
 
+_EOCD = struct.Struct("<IHHHHIIH")  # end of central directory record (22 bytes)
+_LOC64 = struct.Struct("<IIQI")  # zip64 end of central directory locator (20 bytes)
+_EOCD64 = struct.Struct("<IQHHIIQQQQ")  # zip64 end of central directory record (56 bytes)
+_CDH = struct.Struct("<IHHHHHHIIIHHHHHII")  # central directory file header (46 bytes)
+_LFH = struct.Struct("<IHHHHHIIIHH")  # local file header (30 bytes)
+
+
+def _check_zip_layout(path: Path, f, size: int, infos: list[zipfile.ZipInfo]) -> None:
+    """Refuse an archive that two zip readers could read differently.
+
+    torch.load (miniz, caffe2/serialize/inline_container.cc) takes the central directory at the offset the
+    end record names; Python's zipfile takes the one that ends right before the end record and shifts every
+    offset by the difference ("data prepended to the archive"). An archive with two central directories thus
+    reads as two different sets of bytes, each with valid CRC-32s. torch.save writes one tight layout:
+    members back to back from offset 0 (local header, data, data descriptor), the central directory right
+    after them, the zip64 end record and locator, and the end record as the last 22 bytes, no comment. We
+    require exactly that, so both readers find the same directory, the same members and the same bytes.
+    """
+    def refuse(why: str) -> None:
+        raise CheckpointError(f"{path}: {why}; zip readers (torch.load among them) could read different bytes "
+                              "from it, so it is refused (the file was tampered with or badly re-zipped)")
+
+    def read(offset: int, n: int) -> bytes:
+        f.seek(offset)
+        return f.read(n)
+
+    if size < _EOCD.size:
+        refuse("no end-of-central-directory record")
+    sig, disk, cd_disk, _, entries, cd_size, cd_off, comment = _EOCD.unpack(read(size - _EOCD.size, _EOCD.size))
+    if sig != 0x06054B50 or comment:
+        refuse("the end-of-central-directory record is not the last 22 bytes of the file")
+    if disk or cd_disk:
+        refuse("a multi-disk archive")
+    cd_end = size - _EOCD.size
+    loc_at = cd_end - _LOC64.size
+    if loc_at >= 0 and read(loc_at, 4) == b"PK\x06\x07":
+        _, _, z_at, _ = _LOC64.unpack(read(loc_at, _LOC64.size))
+        if z_at != loc_at - _EOCD64.size:  # miniz follows the pointer; Python reads the record before the locator
+            refuse("the zip64 locator does not point at the zip64 end record just before it")
+        z = _EOCD64.unpack(read(z_at, _EOCD64.size))
+        if z[0] != 0x06064B50 or z[1] != _EOCD64.size - 12:
+            refuse("malformed zip64 end record")
+        for plain, wide, sentinel in ((entries, z[7], 0xFFFF), (cd_size, z[8], 0xFFFFFFFF), (cd_off, z[9], 0xFFFFFFFF)):
+            if plain not in (wide, sentinel):
+                refuse("the end record and the zip64 end record disagree")
+        entries, cd_size, cd_off, cd_end = z[7], z[8], z[9], z_at
+    if cd_off + cd_size != cd_end:
+        refuse(f"the central directory the end record names (bytes {cd_off}..{cd_off + cd_size}) does not end "
+               f"where the end record starts ({cd_end}): a second central directory or hidden bytes")
+    if entries != len(infos):
+        refuse(f"the end record counts {entries} members, the central directory holds {len(infos)}")
+    directory = read(cd_off, cd_size)
+    pos, names = 0, []
+    for _ in range(entries):
+        if pos + _CDH.size > len(directory) or directory[pos:pos + 4] != b"PK\x01\x02":
+            refuse("malformed central directory")
+        h = _CDH.unpack_from(directory, pos)
+        names.append(directory[pos + _CDH.size: pos + _CDH.size + h[10]])
+        pos += _CDH.size + h[10] + h[11] + h[12]
+    if pos != cd_size:
+        refuse("the central directory holds bytes after its last entry")
+    expected = 0  # members must tile the file from 0 to the central directory: no gap, no overlap
+    for info, raw_name in sorted(zip(infos, names), key=lambda x: x[0].header_offset):
+        at = info.header_offset
+        if at != expected:
+            what = "overlaps the member before it" if at < expected else f"leaves bytes {expected}..{at} in no member"
+            refuse(f"member {info.filename[:80]!r} {what}")
+        head = read(at, _LFH.size)
+        if len(head) != _LFH.size or head[:4] != b"PK\x03\x04":
+            refuse(f"member {info.filename[:80]!r} has no local header where the central directory says")
+        _, _, flag, method, _, _, crc, csize, usize, n, m = _LFH.unpack(head)
+        if read(at + _LFH.size, n) != raw_name or method != info.compress_type:
+            refuse(f"the local header of member {info.filename[:80]!r} disagrees with the central directory")
+        end = at + _LFH.size + n + m + info.compress_size
+        if flag & 0x08:  # a data descriptor follows the data (torch.save writes one): crc, sizes (4 or 8 bytes)
+            d = read(end, 24)
+            skip = 4 if d[:4] == b"PK\x07\x08" else 0
+            body = d[skip:]
+            sizes = (info.compress_size, info.file_size)
+            if len(body) >= 12 and struct.unpack_from("<I", body)[0] == info.CRC and \
+                    struct.unpack_from("<II", body, 4) == sizes:
+                end += skip + 12
+            elif len(body) >= 20 and struct.unpack_from("<I", body)[0] == info.CRC and \
+                    struct.unpack_from("<QQ", body, 4) == sizes:
+                end += skip + 20
+            else:
+                refuse(f"the data descriptor of member {info.filename[:80]!r} disagrees with the central directory")
+        elif crc != info.CRC or csize not in (info.compress_size, 0xFFFFFFFF) or \
+                usize not in (info.file_size, 0xFFFFFFFF):
+            refuse(f"the local header of member {info.filename[:80]!r} disagrees with the central directory")
+        expected = end
+    if expected != cd_off:
+        refuse(f"bytes {expected}..{cd_off} between the last member and the central directory are in no member")
+
+
 @dataclass
 class PtArchive:
     """The tensors of one ``torch.save`` file, found without reading their data."""
@@ -378,6 +460,7 @@ def read_pt(path: Path, *, lenient: bool = False) -> PtArchive:
             f.seek(0)
             zf = zipfile.ZipFile(f)
             infos = zf.infolist()
+            _check_zip_layout(path, f, size, infos)
             members = {i.filename: i for i in infos}
             if len(members) != len(infos):
                 dup = sorted({i.filename for i in infos if sum(j.filename == i.filename for j in infos) > 1})

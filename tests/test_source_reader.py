@@ -1,0 +1,441 @@
+"""The one reader of source bytes (`neoxconv.source.storage`): every byte it serves is CRC-checked, exactly
+once per pass, whatever the caller does; and the bytes used are the bytes checked."""
+
+from __future__ import annotations
+
+import io
+import json
+import struct
+import zipfile
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from neoxconv.errors import CheckpointError
+from neoxconv.source.ptfile import read_pt
+from neoxconv.source.storage import SourceReader, read_tensors
+
+
+def _flat_buffer_file(path: Path, n_views: int = 8, width: int = 64) -> dict[str, torch.Tensor]:
+    """A ZeRO-style file: ``n_views`` fp16 views into one flat buffer with padding between them."""
+    flat = torch.randn(n_views * (width + 8) + 32).half()
+    views = {f"w{i}": flat[i * (width + 8): i * (width + 8) + width].view(8, width // 8) for i in range(n_views)}
+    torch.save(views, path)
+    return {k: v.clone() for k, v in views.items()}
+
+
+def _flip(path: Path, offset: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x40
+    path.write_bytes(bytes(data))
+
+
+def test_a_scope_checks_what_it_served_when_it_closes(tmp_path):
+    path = tmp_path / "flat.pt"
+    want = _flat_buffer_file(path)
+    refs = read_pt(path).tensors()
+    with SourceReader() as reader:
+        with reader.scope() as reads:
+            got = {k: reads.read(r) for k, r in refs.items()}
+            assert not reader.verified(refs.values())  # served, not checked yet
+        assert reader.verified(refs.values())
+    for k, v in want.items():
+        np.testing.assert_array_equal(got[k], v.numpy())
+    assert reader.bytes_read == refs["w0"].storage_nbytes  # the views, then the padding once
+
+
+def test_padding_no_tensor_reads_is_checked_too(tmp_path):
+    path = tmp_path / "flat.pt"
+    _flat_buffer_file(path)
+    refs = read_pt(path).tensors()
+    r = refs["w0"]
+    _flip(path, r.data_offset + r.storage_nbytes - 4)  # the tail padding of the flat buffer
+    with pytest.raises(CheckpointError, match=r"flat\.pt: the storage holding 'w0'.* fails its CRC-32 check"):
+        with SourceReader() as reader, reader.scope() as reads:
+            reads.read(r)
+
+
+def test_a_planned_later_scope_defers_the_check_and_a_missing_one_cannot_skip_it(tmp_path):
+    """With a plan, a storage shared by scopes 0 and 1 is checked as scope 1 closes (read once in all); a
+    plan naming a scope that never opens only moves the check to the reader's end, never skips it."""
+    path = tmp_path / "flat.pt"
+    _flat_buffer_file(path)
+    refs = list(read_pt(path).tensors().values())
+    first, second = refs[:4], refs[4:]
+    with SourceReader(plan=[first, second]) as reader:
+        with reader.scope() as reads:
+            for r in first:
+                reads.read(r)
+        assert not reader.verified(first)  # scope 1 reads the same storage: checked with it
+        with reader.scope() as reads:
+            for r in second:
+                reads.read(r)
+        assert reader.verified(refs)
+    assert reader.bytes_read == refs[0].storage_nbytes
+
+    _flip(path, refs[0].data_offset + 2)
+    with pytest.raises(CheckpointError, match="CRC-32"):
+        with SourceReader(plan=[first, second, second]) as reader:
+            with reader.scope() as reads:
+                for r in first:
+                    reads.read(r)
+            # the planned scopes 1 and 2 never open: the reader's own end checks what was served
+
+
+def test_read_tensors_checks_before_returning(tmp_path):
+    path = tmp_path / "flat.pt"
+    want = _flat_buffer_file(path)
+    refs = read_pt(path).tensors()
+    got = read_tensors(refs)
+    np.testing.assert_array_equal(got["w3"], want["w3"].numpy())
+    _flip(path, refs["w5"].data_offset + 5)
+    with pytest.raises(CheckpointError, match="CRC-32"):
+        read_tensors({"w0": refs["w0"]})  # its storage holds w5 too: checked whole
+
+
+def test_strided_views_far_apart_are_read_exactly_and_checked(tmp_path):
+    """A column slice at a high TP degree (rows far apart) and a transposed view: same values as torch."""
+    path = tmp_path / "views.pt"
+    full = torch.randn(64, 512).half()
+    torch.save({"cols": full[:, 8:16], "t": full.t(), "expanded": torch.ones(1, 4).half().expand(4096, 4)}, path)
+    refs = read_pt(path).tensors()
+    with SourceReader(chunk_bytes=256) as reader, reader.scope() as reads:
+        for key in ("cols", "t", "expanded"):
+            want = torch.load(path, weights_only=True)[key]
+            np.testing.assert_array_equal(reads.read(refs[key]), want.numpy())
+            np.testing.assert_array_equal(reads.rows(refs[key], 3, 5), want[3:8].numpy())
+
+
+def test_bytes_read_twice_in_one_pass_are_compared(tmp_path):
+    """Overlapping views (the same bytes served twice): the first reading is checked before the second."""
+    path = tmp_path / "overlap.pt"
+    base = torch.randn(256).half()
+    torch.save({"a": base[:200], "b": base[100:]}, path)
+    refs = read_pt(path).tensors()
+    with SourceReader() as reader, reader.scope() as reads:
+        np.testing.assert_array_equal(reads.read(refs["a"]), base[:200].numpy())
+        np.testing.assert_array_equal(reads.read(refs["b"]), base[100:].numpy())
+        assert reads.same([refs["a"], refs["a"]])
+    assert reader.verified(refs.values())
+
+
+def test_the_reader_has_one_way_in(tmp_path):
+    """No counting protocol is left to get wrong."""
+    for name in ("expect", "done", "vouch", "check_whole"):
+        assert not hasattr(SourceReader, name)
+
+
+# ---- archives that zip readers read differently (torch.load must be what neoxconv reads) ----------------
+def _zip_parts(data: bytes) -> dict:
+    """Where torch.save put things: the central directory, its size, the member count, the members."""
+    (n, cd_size, cd_off) = struct.unpack_from("<HII", data, len(data) - 22 + 10)
+    if data[len(data) - 42: len(data) - 38] == b"PK\x06\x07":  # zip64 (torch.save always writes it)
+        z_at = struct.unpack_from("<Q", data, len(data) - 42 + 8)[0]
+        n, _, cd_size, cd_off = struct.unpack_from("<QQQQ", data, z_at + 24)
+    return {"n": n, "cd_off": cd_off, "cd_size": cd_size}
+
+
+def _tail(n: int, cd_size: int, cd_off: int, z_at: int) -> bytes:
+    """zip64 end record at ``z_at``, its locator, the end record (as torch.save writes them)."""
+    return (struct.pack("<IQHHIIQQQQ", 0x06064B50, 44, 45, 45, 0, 0, n, n, cd_size, cd_off)
+            + struct.pack("<IIQI", 0x07064B50, 0, z_at, 1)
+            + struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, n, n, cd_size, cd_off, 0))
+
+
+def _data_span(data: bytes, name: str) -> tuple[int, int, int]:
+    """(local header offset, data start, data end) of member ``name`` (found through the central directory)."""
+    info = next(i for i in zipfile.ZipFile(io.BytesIO(data)).infolist() if i.filename.endswith(name))
+    n, m = struct.unpack_from("<HH", data, info.header_offset + 26)
+    start = info.header_offset + 30 + n + m
+    return info.header_offset, start, start + info.compress_size
+
+
+def _two_directories(data: bytes, victim: str = "data/0") -> bytes:
+    """The attack: the end record names the real central directory (torch.load reads it), but a second one
+    ends right before the end record, so Python's zipfile reads it, shifting every offset to a copy of the
+    members in which ``victim``'s data is negated, its CRC-32s (descriptor, directory) made right."""
+    parts = _zip_parts(data)
+    cd_off, cd_size = parts["cd_off"], parts["cd_size"]
+    members, cd1 = data[:cd_off], data[cd_off: cd_off + cd_size]
+    _, start, end = _data_span(data, victim)
+    negated = (np.frombuffer(data[start:end], dtype="<f4") * -1).astype("<f4").tobytes()
+    crc = zlib.crc32(negated)
+    copy = bytearray(members)
+    copy[start:end] = negated
+    assert copy[end:end + 4] == b"PK\x07\x08"  # torch.save's data descriptor: signature, crc, sizes
+    copy[end + 4:end + 8] = struct.pack("<I", crc)
+    cd2, pos = bytearray(cd1), 0
+    while pos < len(cd2):  # the victim's directory entry gets the negated data's CRC-32
+        n, m, k = struct.unpack_from("<HHH", cd2, pos + 28)
+        if cd2[pos + 46: pos + 46 + n].decode().endswith(victim):
+            cd2[pos + 16: pos + 20] = struct.pack("<I", crc)
+        pos += 46 + n + m + k
+    body = members + cd1 + bytes(copy) + bytes(cd2)
+    return body + _tail(parts["n"], cd_size, cd_off, len(body))
+
+
+def test_two_central_directories_are_refused_where_python_and_torch_disagree(tmp_path):
+    """merge once read a negated copy (valid CRC-32) that Python's zipfile found, exit 0, while torch.load
+    reads the real weights; verify --against agreed, reading the same way."""
+    w = torch.randn(8, 8)
+    good = tmp_path / "good.pt"
+    torch.save({"w": w}, good)
+    hostile = tmp_path / "layer_02-model_00-model_states.pt"
+    hostile.write_bytes(_two_directories(good.read_bytes()))
+    # the attack is real: torch.load reads the weights, Python's zipfile (CRC-checked) their negation
+    assert torch.equal(torch.load(hostile, weights_only=True)["w"], w)
+    with zipfile.ZipFile(hostile) as zf:
+        name = next(n for n in zf.namelist() if n.endswith("data/0"))
+        np.testing.assert_array_equal(np.frombuffer(zf.read(name), dtype="<f4"), -w.numpy().reshape(-1))
+    with pytest.raises(CheckpointError, match=r"layer_02-model_00-model_states\.pt: .*central directory.*refused"):
+        read_pt(hostile)
+
+
+def _hostile_variants(data: bytes) -> dict[str, bytes]:
+    parts = _zip_parts(data)
+    cd_off, cd_size, n = parts["cd_off"], parts["cd_size"], parts["n"]
+    members, cd = data[:cd_off], data[cd_off: cd_off + cd_size]
+    at, start, end = _data_span(data, "data/0")
+    out = {}
+    renamed = bytearray(data)  # the local header names another member than the directory does
+    nlen = struct.unpack_from("<H", renamed, at + 26)[0]
+    renamed[at + 30 + nlen - 1: at + 30 + nlen] = b"9"
+    out["local header name"] = bytes(renamed)
+    gap = members + b"\0" * 64 + cd  # bytes in no member, before the directory
+    out["bytes outside every member"] = gap + _tail(n, cd_size, cd_off + 64, len(gap))
+    out["comment after the end record"] = data[:-2] + struct.pack("<H", 4) + b"note"
+    wrong = bytearray(data)  # the zip64 locator points elsewhere than the record before it
+    struct.pack_into("<Q", wrong, len(wrong) - 42 + 8, 0)
+    out["zip64 locator elsewhere"] = bytes(wrong)
+    overlap, pos = bytearray(data), cd_off  # a second member's header offset inside the first's data
+    pos += 46 + sum(struct.unpack_from("<HHH", data, pos + 28))
+    struct.pack_into("<I", overlap, pos + 42, struct.unpack_from("<I", data, cd_off + 42)[0] + 40)
+    out["overlapping members"] = bytes(overlap)
+    out["two directories"] = _two_directories(data)
+    return out
+
+
+def test_every_ambiguous_archive_is_refused_or_read_as_torch_reads_it(tmp_path):
+    w = torch.randn(8, 8)
+    good = tmp_path / "good.pt"
+    torch.save({"w": w, "b": torch.arange(5.0)}, good)
+    for what, data in _hostile_variants(good.read_bytes()).items():
+        path = tmp_path / "hostile.pt"
+        path.write_bytes(data)
+        try:
+            refs = read_pt(path).tensors()
+            got = read_tensors(refs)
+        except CheckpointError as e:
+            assert "hostile.pt" in str(e), (what, str(e))
+            continue
+        want = torch.load(path, weights_only=True)  # accepted: then it must read exactly as torch does
+        for k, v in want.items():
+            np.testing.assert_array_equal(got[k], v.numpy(), err_msg=what)
+
+
+def test_a_merge_of_a_source_with_two_central_directories_fails_naming_the_file(tmp_path):
+    import shutil
+
+    from conftest import COMMITTED_FIXTURE, cli, one_line_error
+
+    src = tmp_path / "src"
+    shutil.copytree(COMMITTED_FIXTURE, src)
+    victim = next(src.glob("global_step*")) / "layer_02-model_01-model_states.pt"
+    sd = torch.load(victim, weights_only=True)
+    torch.save({k: v.float() for k, v in sd.items()}, victim)  # fp32, so the helper negates whole floats
+    victim.write_bytes(_two_directories(victim.read_bytes()))
+    one_line_error(cli("merge", "-q", "--dtype", "fp16", src, tmp_path / "out"), 4, victim.name, "refused")
+    assert not (tmp_path / "out" / "model.safetensors.index.json").exists()
+
+
+# ---- the bytes used are the bytes checked (a source rewritten while neoxconv runs) ----------------------
+def _rewrite(path: Path, offset: int) -> None:
+    """Change one byte in place (same size; the zip directory keeps the old CRC-32), as a concurrent writer."""
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        b = f.read(1)
+        f.seek(offset)
+        f.write(bytes([b[0] ^ 0x40]))
+
+
+def test_bytes_read_after_a_whole_check_are_checked_again(tmp_path):
+    """reshard checks a shared storage whole first, then reads its tensors layer by layer: a rewrite in
+    between was used unchecked."""
+    path = tmp_path / "flat.pt"
+    _flat_buffer_file(path)
+    refs = read_pt(path).tensors()
+    with SourceReader() as reader:
+        reader.check(refs.values())
+        read_before = reader.bytes_read
+        with reader.scope() as reads:  # unchanged: checked against the remembered spans, nothing re-read
+            reads.read(refs["w2"])
+        assert reader.bytes_read == read_before + refs["w2"].nbytes
+        _rewrite(path, refs["w3"].byte_offset + 1)
+        with pytest.raises(CheckpointError, match=r"flat\.pt: the storage holding .*'w3'.* changed while"):
+            with reader.scope() as reads:
+                reads.read(refs["w3"])
+
+
+@pytest.mark.parametrize("between", ["scopes", "reads in one scope"])
+def test_a_second_pass_over_a_rewritten_storage_fails(tmp_path, between):
+    path = tmp_path / "flat.pt"
+    _flat_buffer_file(path)
+    refs = read_pt(path).tensors()
+    with SourceReader() as reader, pytest.raises(CheckpointError, match="changed while neoxconv read it"):
+        with reader.scope() as reads:
+            for r in refs.values():
+                reads.read(r)
+        with reader.scope() as reads:
+            reads.read(refs["w1"])
+            if between == "reads in one scope":
+                reads.read(refs["w6"])
+            _rewrite(path, refs["w6"].byte_offset)
+            reads.read(refs["w6"])
+            reads.read(refs["w1"])
+
+
+def test_reshard_fails_when_a_source_is_rewritten_after_its_check(tmp_path, monkeypatch):
+    from conftest import cli, one_line_error
+    from real_writers import WriterSpec, write_real_checkpoint
+
+    root = tmp_path / "src"
+    write_real_checkpoint(root, WriterSpec(tp=2, layout="sequential", num_layers=2, clone="none"))
+    victim = next(root.glob("global_step*")) / "mp_rank_01_model_states.pt"
+    ref = read_pt(victim, lenient=True).tensors(("module",))["sequential.2.attention.dense.weight"]
+    real_check = SourceReader.check
+
+    def check_then_rewrite(self, refs):
+        real_check(self, refs)
+        _rewrite(victim, ref.byte_offset + 3)  # the precheck passed; now the bytes change
+
+    monkeypatch.setattr(SourceReader, "check", check_then_rewrite)
+    line = one_line_error(cli("reshard", "-q", root, tmp_path / "out", "--tp", 1), 4, victim.name)
+    assert "changed while neoxconv read it" in line
+
+
+def test_verify_against_a_corrupt_source_is_a_crc_error(make_checkpoint, tmp_path):
+    """verify --against read the source memory-mapped, unchecked: a flipped byte became an 'against' failure
+    (or a pass), not the named CRC error that merge gives."""
+    import shutil
+
+    from conftest import cli, one_line_error
+
+    from neoxconv.output.hf_merge import MergeOptions, merge_checkpoint
+
+    root, _, _ = make_checkpoint(2, "pipeline", "float32")
+    src = tmp_path / "src"
+    shutil.copytree(root, src)
+    merge_checkpoint(src, tmp_path / "out", MergeOptions(quiet=True))
+    victim = next(src.glob("global_step*")) / "layer_02-model_01-model_states.pt"
+    ref = read_pt(victim).tensors()["mlp.dense_4h_to_h.weight"]
+    _rewrite(victim, ref.byte_offset + 2)
+    line = one_line_error(cli("verify", tmp_path / "out", "--ids", "1,2,3", "--max-new-tokens", 2,
+                              "--against", src), 4, victim.name, "CRC-32")
+    assert "mlp.dense_4h_to_h.weight" in line
+
+
+# ---- safetensors headers: one reader, bounded ------------------------------------------------------------
+def _inflate_header(path: Path, pad: int) -> None:
+    """Rewrite a safetensors file with a ``pad``-byte string in its __metadata__ (data unchanged)."""
+    from neoxconv.source.safetensors import header_bytes
+
+    text, data_len = header_bytes(path)
+    data = path.read_bytes()[-data_len:] if data_len else b""
+    header = json.loads(text)
+    header["__metadata__"] = {**header.get("__metadata__", {}), "pad": "x" * pad}
+    raw = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data)
+
+
+@pytest.fixture()
+def merged_out(make_checkpoint, tmp_path):
+    from neoxconv.output.hf_merge import MergeOptions, merge_checkpoint
+
+    root, _, _ = make_checkpoint(2, "pipeline", "float32")
+    merge_checkpoint(root, tmp_path / "out", MergeOptions(quiet=True))
+    return tmp_path / "out"
+
+
+def test_a_100_mib_safetensors_header_is_refused_before_it_is_read(merged_out, tmp_path):
+    """Once 19-40 s and 1.6 GB per file (MemoryError under a 1 GiB limit); real headers are kB to a few MB."""
+    import time
+    import tracemalloc
+
+    from conftest import cli, one_line_error
+
+    from neoxconv.source.safetensors import MAX_HEADER_BYTES, read_header
+
+    victim = sorted(merged_out.glob("model-*.safetensors"))[1]
+    _inflate_header(victim, 100 << 20)
+    tracemalloc.start()
+    t = time.perf_counter()
+    with pytest.raises(ValueError, match=f"more than neoxconv reads \\({MAX_HEADER_BYTES >> 20} MiB"):
+        read_header(victim)
+    assert time.perf_counter() - t < 0.5 and tracemalloc.get_traced_memory()[1] < 1 << 20
+    tracemalloc.stop()
+    # every command that reads safetensors headers names the file and the limit
+    line = one_line_error(cli("split", merged_out, tmp_path / "split", "--tp", 2), 4, victim.name, "MiB")
+    assert "internal error" not in line
+    r = cli("verify", merged_out, "--ids", "1,2", "--max-new-tokens", 1)
+    assert r.exit_code != 0 and victim.name in r.output and "MiB" in r.output, r.output
+    assert "internal error" not in r.output and "Traceback" not in r.output
+
+
+def test_headers_up_to_the_limit_are_read(tmp_path):
+    from neoxconv.source.safetensors import MAX_HEADER_BYTES, checked_safetensors_header
+
+    path = tmp_path / "a.safetensors"
+    raw = json.dumps({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}).encode()
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + bytes(8))
+    _inflate_header(path, MAX_HEADER_BYTES - len(raw) - 64)
+    assert list(checked_safetensors_header(path)) == ["w", "__metadata__"]
+    _inflate_header(path, MAX_HEADER_BYTES)
+    with pytest.raises(ValueError, match="MiB"):
+        checked_safetensors_header(path)
+
+
+def test_many_huge_headers_under_a_1_gib_address_space(merged_out):
+    """Bounded per file, not growing with the file count: no MemoryError under RLIMIT_AS = 1 GiB."""
+    import subprocess
+    import sys
+
+    from conftest import subprocess_env
+
+    files = sorted(merged_out.glob("model-*.safetensors"))
+    for f in files:
+        _inflate_header(f, 100 << 20)
+    script = ("import resource, sys\n"
+              "resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))\n"
+              "from neoxconv.source.safetensors import read_header\n"
+              "for f in sys.argv[1:]:\n"
+              "    try:\n"
+              "        read_header(f)\n"
+              "    except ValueError as e:\n"
+              "        assert 'MiB' in str(e), e\n"
+              "    else:\n"
+              "        raise SystemExit('read a 100 MiB header')\n"
+              "print('ok')\n")
+    res = subprocess.run([sys.executable, "-c", script, *map(str, files * 5)], capture_output=True, text=True,
+                         env=subprocess_env(), timeout=60)
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr
+
+
+def test_split_refuses_a_source_file_rewritten_after_its_header_was_checked(merged_out):
+    """safetensors record no checksum: what split uses must be the file its header check saw."""
+    import os
+
+    from neoxconv.output.split import HFModel
+
+    model = HFModel(merged_out)
+    _, names, _ = model.plan()
+    layer, layer_names = next(iter(names.items()))
+    file = model.tensors[next(iter(layer_names.values()))].file
+    assert model.read_layer(layer_names, torch.float32)  # unchanged: read
+    data = file.read_bytes()
+    file.write_bytes(data)  # same size, same bytes, but written: its data is no longer the checked file's
+    os.utime(file, ns=(model.states[file].mtime_ns, model.states[file].mtime_ns))  # even with the mtime put back
+    with pytest.raises(CheckpointError, match=f"{file.name}: changed while neoxconv read it"):
+        model.read_layer(layer_names, torch.float32)
