@@ -36,7 +36,7 @@ from neoxconv.errors import CheckpointError, UsageError
 from neoxconv.layers import weight_bytes
 from neoxconv.model.generation import GenerationResult, Sampling, full_forward_logits, generate
 from neoxconv.output.folder import INDEX
-from neoxconv.progress import format_bytes
+from neoxconv.progress import format_bytes, terminal_json, terminal_text
 from neoxconv.runtime.loading import LoadedModel, load_model, resolve_device, resolve_dtype
 from neoxconv.runtime.placement import PeakAnonMemory, PlacementPlan, runtime_reserve
 
@@ -407,9 +407,12 @@ def format_report(report: VerifyReport) -> str:
         lines.append("device map: " + ", ".join(f"{n} stage(s) on {dev}" for dev, n in where.items()))
     lines += [f"note: {n}" for n in report.notes]
     lines.append("all checks passed" if report.ok else "SOME CHECKS FAILED")
-    return "\n".join(lines)
+    # each line escaped on its own: text from input files (names in notes and details, decoded tokens) can
+    # neither add a line (a forged "all checks passed") nor send a terminal escape sequence
+    return "\n".join(terminal_text(line) for line in lines)
 
 
 def report_json(report: VerifyReport) -> str:
-    return json.dumps(report.to_json(), ensure_ascii=False)
+    """One JSON object on one line; control characters in its strings escaped (`terminal_json`)."""
+    return terminal_json(report.to_json())
 
