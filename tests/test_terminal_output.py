@@ -113,7 +113,8 @@ def test_log_warnings_are_escaped_like_the_error_line(tmp_path):
         from neoxconv.cli import main
         main(["inspect", "SRC"])
     """)
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, env=subprocess_env(), cwd=tmp_path, check=False)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, env=subprocess_env(), cwd=tmp_path,
+                       check=False)
     assert r.returncode == 0, r.stderr
     assert r.stderr == b"neoxconv: found x\\x1b]0;pwned\\x07\\nneoxconv: all checks passed\\x9b2J\n"
 
