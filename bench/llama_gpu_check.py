@@ -42,7 +42,7 @@ def main() -> None:
     from llama_checkpoints import LlamaSpec, write_llama_checkpoint
 
     from neoxconv.output.hf_merge import MergeOptions, merge_checkpoint
-    from neoxconv.check.integrity import load_config
+    from neoxconv.config import load_out_config
     from neoxconv.model.kv_cache import KVCache
     from neoxconv.verify import VerifyOptions, format_report, verify_model
 
@@ -54,7 +54,7 @@ def main() -> None:
     merge_checkpoint(work / "src", work / "out", MergeOptions(quiet=True, force=True))
     print(f"# built and merged {args.layers} layers at hidden {args.hidden} in {time.perf_counter() - t:.1f} s")
 
-    config = load_config(work / "out")
+    config = load_out_config(work / "out")
     kv = KVCache(config, batch=1, max_len=32 + args.new_tokens, device="meta", dtype=torch.float16)
     print(f"# KV cache for {32 + args.new_tokens} positions: {kv.nbytes / 2**20:.1f} MiB "
           f"({config.kv_heads} kv heads of {config.num_heads})")

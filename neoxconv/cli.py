@@ -13,13 +13,17 @@ import click
 
 from neoxconv import __version__
 from neoxconv.errors import NeoXConvError, VerificationError
+from neoxconv.progress import terminal_text
 
 log = logging.getLogger("neoxconv")
 EXIT_INTERRUPTED = 130
 
 
 def _run(fn):
-    """Turn library errors into ``neoxconv: error: ...`` on stderr and the error's exit code."""
+    """Turn library errors into ``neoxconv: error: ...`` on stderr and the error's exit code.
+
+    The message is one line whatever it quotes: names from input files (an index, a manifest, a config) are
+    escaped by `terminal_text`, so they can neither forge a second line nor send a terminal escape sequence."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -29,7 +33,7 @@ def _run(fn):
         except NeoXConvError as e:
             if debug:
                 raise
-            click.echo(f"neoxconv: error: {e}", err=True)
+            click.echo(f"neoxconv: error: {terminal_text(str(e))}", err=True)
             sys.exit(e.exit_code)
         except KeyboardInterrupt:
             click.echo("neoxconv: interrupted; re-run the same command to resume where it stopped", err=True)
@@ -39,7 +43,7 @@ def _run(fn):
         except Exception as e:  # a bug of ours: still one line, the traceback with --debug
             if debug:
                 raise
-            click.echo(f"neoxconv: internal error: {type(e).__name__}: {e} "
+            click.echo(f"neoxconv: internal error: {type(e).__name__}: {terminal_text(str(e))} "
                        "(re-run with --debug for the traceback, and please report it)", err=True)
             sys.exit(1)
 
@@ -58,7 +62,17 @@ def main(debug: bool) -> None:
       neoxconv merge ./20B_checkpoints ./neox-20b # streamed, resumable, verified on write
       neoxconv demo                               # the whole flow on a tiny synthetic model
     """
-    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="neoxconv: %(message)s")
+    handler = logging.StreamHandler()
+    handler.setFormatter(_OneLineFormatter("neoxconv: %(message)s"))
+    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, handlers=[handler])
+
+
+class _OneLineFormatter(logging.Formatter):
+    """Log lines (warnings naming source keys and files) escaped as the error line is (`terminal_text`); a
+    traceback under --debug stays as it is."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        return terminal_text(super().formatMessage(record))
 
 
 _dtype_choice = click.Choice(["auto", "fp16", "bf16", "fp32"], case_sensitive=False)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from neoxconv.errors import ConfigError
+from neoxconv.errors import CheckpointError, ConfigError
 
 # tanh-approximated GELU is what NeoX's fused bias-GELU kernel computes; Hugging Face calls it gelu_fast.
 GELU_TANH = "gelu_fast"
@@ -521,3 +521,12 @@ def _agreed(what: str, spellings: list[tuple[str, Any]], default: float) -> floa
         raise ConfigError(f"config.json gives {what} as " + ", ".join(f"{k} = {v:g}" for k, v in present)
                           + ": transformers versions read different ones; make them agree")
     return present[0][1] if present else default
+
+
+def load_out_config(out: Path) -> NeoXConfig:
+    """The config.json of a merged folder OUT (CheckpointError, exit 4, when there is none)."""
+    path = Path(out) / "config.json"
+    if not path.is_file():  # an input problem (exit 4), not a failed check
+        raise CheckpointError(f"{out}: no config.json, so not a folder written by 'neoxconv merge'; "
+                              "pass the OUT folder of a merge")
+    return NeoXConfig.from_hf_json(path)

@@ -44,6 +44,22 @@ _EXP_MASK = {
 }
 
 
+# the dtypes torch computes in here (verify's compute dtype, split/reshard's output): canonical names
+TORCH_FLOAT_DTYPES = ("float16", "bfloat16", "float32")
+
+
+def as_torch_dtype(name: str):
+    """The ``torch.dtype`` of a canonical name in ``TORCH_FLOAT_DTYPES`` (ValueError for any other).
+
+    torch is imported here, not at module level: the merge imports this module and never imports torch.
+    """
+    if name not in TORCH_FLOAT_DTYPES:
+        raise ValueError(f"no torch compute dtype for {name!r}; use one of {', '.join(TORCH_FLOAT_DTYPES)}")
+    import torch
+
+    return getattr(torch, name)
+
+
 def tensor_nbytes(dtype: str, shape: tuple[int, ...]) -> int:
     """Bytes of a contiguous tensor of ``dtype`` and ``shape``."""
     n = NUMPY_DTYPES[dtype].itemsize

@@ -381,3 +381,15 @@ class LlamaForCausalLM(nn.Module):
 def build_model(config: NeoXConfig) -> nn.Module:
     """The reference model of the config's architecture (parameter names = what ``merge`` writes)."""
     return LlamaForCausalLM(config) if config.architecture == LLAMA else NeoXForCausalLM(config)
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes held by parameters and buffers that are weights (tied tensors counted once; offloaded ones,
+    on the meta device between uses, not at all)."""
+    seen, total = set(), 0
+    for t in list(model.parameters()) + [b for n, b in model.named_buffers() if "rotary" not in n]:
+        if t.is_meta or t.data_ptr() in seen:
+            continue
+        seen.add(t.data_ptr())
+        total += t.numel() * t.element_size()
+    return total

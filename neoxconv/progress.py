@@ -1,27 +1,60 @@
-"""Progress bars that the library owns and a ``quiet`` switch turns off.
+"""Progress bars that the library owns and a ``quiet`` switch turns off, and the formatting of what neoxconv
+prints: byte counts, and text from input files made safe for a terminal (`terminal_text`, `terminal_json`).
 
 Byte counts use decimal units (kB, MB, GB = 1e9 bytes) everywhere: the bars, the summaries and the error
-messages (`format_bytes`), so a figure in one can be compared with another.
+messages (`format_bytes`), so a figure in one can be compared with another; memory (verify's placement)
+is given in binary units by the same function.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
+import re
 from collections.abc import Iterator
+from typing import Any
 
 from tqdm import tqdm
 
 _BYTES_BAR = "{l_bar}{bar}| {n_fmt}B/{total_fmt}B [{elapsed}<{remaining}, {rate_fmt}{postfix}]"
 
 
-def format_bytes(n: float) -> str:
-    """``116.5 kB``, ``41.12 GB``: decimal units, as the progress bars show them."""
+def format_bytes(n: float, *, binary: bool = False) -> str:
+    """``116.5 kB``, ``41.12 GB``: decimal units, as the progress bars show them; with ``binary``, powers of
+    1024 (``64.00 MiB``, ``1.25 GiB``), as memory caps (``--max-memory``) are usually given."""
+    base, units = (1024, ("KiB", "MiB", "GiB", "TiB")) if binary else (1000, ("kB", "MB", "GB", "TB"))
     value, unit = float(n), "B"
-    for larger in ("kB", "MB", "GB", "TB"):
-        if abs(value) < 1000:
+    for larger in units:
+        if abs(value) < base:
             break
-        value, unit = value / 1000, larger
+        value, unit = value / base, larger
     return f"{value:.0f} B" if unit == "B" else f"{value:.{1 if abs(value) >= 100 else 2}f} {unit}"
+
+
+# C0 controls (newline, carriage return, ESC, BEL, ...), DEL, C1 controls (CSI 0x9b, OSC 0x9d: terminals that
+# take 8-bit controls act on them), the Unicode line and paragraph separators, and lone surrogates (a file name
+# or JSON string that is not valid UTF-8: unprintable, and a crash when stdout is strict UTF-8)
+_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
+_UNSAFE_IN_JSON = re.compile("[\x7f-\x9f\u2028\u2029\ud800-\udfff]")  # json.dumps escapes the C0 controls
+_SHORT = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escape(c: str) -> str:
+    return _SHORT.get(c) or (f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}")
+
+
+def terminal_text(text: str) -> str:
+    """``text`` on one line, safe for a terminal: every control character (C0 including newline and ESC, DEL,
+    C1), line separator and lone surrogate is written as a Python-style escape (``\\n``, ``\\x1b``, ``\\x9b``,
+    ``\\u2028``). Names read from input files go into messages: they can then neither start a line that looks
+    like neoxconv's own nor a terminal escape sequence (ANSI CSI, OSC: a window title, a hyperlink)."""
+    return _UNSAFE.sub(lambda m: _escape(m.group()), text)
+
+
+def terminal_json(obj: Any) -> str:
+    """``json.dumps(obj, ensure_ascii=False)`` with DEL, the C1 controls, the line separators and lone
+    surrogates written as ``\\uXXXX`` escapes too: the same JSON value, on one line, safe for a terminal."""
+    return _UNSAFE_IN_JSON.sub(lambda m: f"\\u{ord(m.group()):04x}", json.dumps(obj, ensure_ascii=False))
 
 
 @contextlib.contextmanager

@@ -29,13 +29,17 @@ from typing import Any
 
 import torch
 
-from neoxconv.dtypes import FROM_SAFETENSORS
-from neoxconv.errors import CheckpointError, UsageError
-from neoxconv.model.generation import GenerationResult, Sampling, full_forward_logits, generate
-from neoxconv.check.integrity import INDEX, check_output, load_config
+from neoxconv.check.integrity import check_output
 from neoxconv.source.safetensors import read_safetensors_header
-from neoxconv.runtime.loading import TORCH_DTYPES, LoadedModel, load_model, resolve_device, resolve_dtype, weight_bytes
-from neoxconv.runtime.placement import PeakAnonMemory, format_bytes, runtime_reserve
+from neoxconv.config import load_out_config
+from neoxconv.dtypes import FROM_SAFETENSORS, TORCH_FLOAT_DTYPES, as_torch_dtype
+from neoxconv.errors import CheckpointError, UsageError
+from neoxconv.layers import weight_bytes
+from neoxconv.model.generation import GenerationResult, Sampling, full_forward_logits, generate
+from neoxconv.output.folder import INDEX
+from neoxconv.progress import format_bytes, terminal_json, terminal_text
+from neoxconv.runtime.loading import LoadedModel, load_model, resolve_device, resolve_dtype
+from neoxconv.runtime.placement import PeakAnonMemory, PlacementPlan, runtime_reserve
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +167,7 @@ def stored_dtype(out: Path) -> torch.dtype | None:
                   for name, info in read_safetensors_header(Path(out) / f).items() if name != "__metadata__"}
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None  # the integrity check has already named what is wrong with these files
-    found = [TORCH_DTYPES[d] for d in dtypes if d in TORCH_DTYPES]
+    found = [as_torch_dtype(d) for d in dtypes if d in TORCH_FLOAT_DTYPES]
     return max(found, key=_COARSENESS.__getitem__, default=None)
 
 
@@ -183,7 +187,7 @@ def merge_rounding(out: Path, options: VerifyOptions) -> tuple[torch.dtype, torc
     stored = stored_dtype(out)
     ckpt = open_checkpoint(options.against, config_path=options.against_config)
     names = {ref.dtype for ref in ckpt.tensors(ckpt.layers[0], 0).values()}  # the embedding: metadata only
-    source = [TORCH_DTYPES[d] for d in names if d in TORCH_DTYPES]
+    source = [as_torch_dtype(d) for d in names if d in TORCH_FLOAT_DTYPES]
     if stored is None or len(source) != 1 or _COARSENESS[stored] <= _COARSENESS[source[0]]:
         return None
     return stored, source[0]
@@ -203,13 +207,13 @@ def require_optional(options: VerifyOptions) -> None:
         require_bitsandbytes()
 
 
-def kv_cache_check(model, gen: GenerationResult, dtype: torch.dtype) -> tuple[Check, float]:
+def kv_cache_check(loaded: LoadedModel, gen: GenerationResult) -> tuple[Check, float]:
     """Cached logits (prefill + each decode step) vs one uncached forward over the same tokens."""
     seq = gen.prompt_ids + gen.generated_ids[:-1]
-    full = full_forward_logits(model, seq)  # (P+N-1, V)
+    full = full_forward_logits(loaded.model, seq, devices=loaded.devices)  # (P+N-1, V)
     cached = torch.cat([gen.prompt_logits, gen.step_logits[1:]]) if len(gen.step_logits) > 1 else gen.prompt_logits
     diff = _max_abs(cached, full)
-    tol = KV_TOL[dtype] * _scale(full)
+    tol = KV_TOL[loaded.dtype] * _scale(full)
     return Check("kv_cache", diff <= tol, diff, tol, f"{len(seq)} positions, cached vs uncached"), diff
 
 
@@ -242,14 +246,15 @@ def against_check(model, gen: GenerationResult, options: VerifyOptions, dtype: t
                  f"vs simulated tensor-parallel forward of {options.against} (top-1 agreement {agree:.0%}{stored})")
 
 
-def reference_hf_check(out: Path, model, gen: GenerationResult, dtype: torch.dtype, device: torch.device) -> Check:
+def reference_hf_check(out: Path, model, gen: GenerationResult, dtype: torch.dtype, device: torch.device,
+                       plan: PlacementPlan | None = None) -> Check:
+    """``plan``: the placement of ``model``, given to transformers' model too (None: resident on ``device``)."""
     try:
         import transformers
     except ImportError:  # require_optional() refuses this up front; kept for library callers
         return Check("reference_hf", False, None, None, "transformers is not installed (pip install 'neoxconv[hf]')")
     cls_name = "LlamaForCausalLM" if model.config.architecture == "llama" else "GPTNeoXForCausalLM"
     hf_class = getattr(transformers, cls_name)
-    plan = getattr(model, "neoxconv_placement", None)
     if plan is None:
         hf = hf_class.from_pretrained(str(out), dtype=dtype).to(device).eval()
         with torch.inference_mode():
@@ -283,15 +288,15 @@ def int8_checks(loaded: LoadedModel, gen: GenerationResult, options: VerifyOptio
         size = torch.finfo(loaded.dtype).bits // 8
         lins = [blk.get_submodule(p) for blk in loaded.model.blocks for p in loaded.model.LINEARS]
         after = before - sum(lin.weight.numel() * (size - 1) - lin.out_features * 4 for lin in lins)
-        quantize_int8_placed(loaded.model, threshold=options.int8_threshold)
+        quantize_int8_placed(loaded.model, loaded.placement, threshold=options.int8_threshold)
     seq = gen.prompt_ids + gen.generated_ids[:-1]
-    logits = full_forward_logits(loaded.model, seq)  # teacher-forced on the full-precision tokens
+    logits = full_forward_logits(loaded.model, seq, devices=loaded.devices)  # teacher-forced on the full-precision tokens
     P = len(gen.prompt_ids)
     steps = logits[P - 1:]
     agreement = float((steps.argmax(-1) == torch.tensor(gen.generated_ids)).float().mean()) if gen.generated_ids else 1.0
     prompt_diff = _max_abs(logits[:P], gen.prompt_logits)
     int8_gen = generate(loaded.model, gen.prompt_ids, max_new_tokens=len(gen.generated_ids) or 1,
-                        sampling=Sampling(), dtype=loaded.dtype)
+                        sampling=Sampling(), dtype=loaded.dtype, devices=loaded.devices)
     info = {"weight_bytes_before": before, "weight_bytes_after": after, "memory_ratio": after / before,
             "top1_agreement": agreement, "prompt_max_abs_logit_diff": prompt_diff,
             "tokens_per_second": int8_gen.decode_tokens_per_second, "threshold": options.int8_threshold}
@@ -312,7 +317,7 @@ def verify_model(out: Path, options: VerifyOptions) -> VerifyReport:
     if options.prompt is None and options.ids is None:
         raise UsageError("give a prompt (--prompt TEXT) or token ids (--ids 1,2,3)")
     require_optional(options)
-    config = load_config(out)
+    config = load_out_config(out)
     integrity = check_output(out, config, hashes=options.check_hashes, require_manifest=options.require_manifest)
     tokenizer = _tokenizer(out, options.tokenizer)
     if options.ids is not None:
@@ -347,7 +352,7 @@ def verify_model(out: Path, options: VerifyOptions) -> VerifyReport:
                         device_map=options.device_map, fit=True, reserve=reserve)
     loaded.model.set_attention(options.attention)
     gen = generate(loaded.model, prompt_ids, max_new_tokens=options.max_new_tokens, eos_id=config.eos_token_id,
-                   sampling=options.sampling, dtype=dtype)
+                   sampling=options.sampling, dtype=dtype, devices=loaded.devices)
     text = tokenizer.decode(gen.generated_ids) if tokenizer is not None else ""
     report = VerifyReport(
         out_dir=str(out), device=str(device), dtype=str(dtype).replace("torch.", ""), prompt_ids=prompt_ids,
@@ -358,13 +363,13 @@ def verify_model(out: Path, options: VerifyOptions) -> VerifyReport:
         report.offloaded_bytes, report.device_map = loaded.placement.offloaded_bytes, loaded.placement.to_json()
         report.notes.extend(loaded.placement.notes)
     report.checks.append(Check("integrity", True, None, None, integrity.summary()))
-    kv, report.kv_cache_max_abs_diff = kv_cache_check(loaded.model, gen, dtype)
+    kv, report.kv_cache_max_abs_diff = kv_cache_check(loaded, gen)
     report.checks.append(kv)
     report.checks.append(sanity_check(gen))
     if options.against is not None:
         report.checks.append(against_check(loaded.model, gen, options, dtype, merge_rounding(out, options)))
     if options.reference == "hf":
-        report.checks.append(reference_hf_check(out, loaded.model, gen, dtype, device))
+        report.checks.append(reference_hf_check(out, loaded.model, gen, dtype, device, loaded.placement))
     if options.int8:
         checks, report.int8 = int8_checks(loaded, gen, options)
         report.checks.extend(checks)
@@ -382,7 +387,7 @@ def format_report(report: VerifyReport) -> str:
         f"device {report.device}, dtype {report.dtype}; load {report.load_seconds:.2f} s, prefill "
         f"{report.prefill_seconds * 1e3:.1f} ms, decode {report.tokens_per_second:.1f} tokens/s, "
         f"weights {report.weight_bytes / 2**20:.1f} MiB, peak memory {report.peak_memory_bytes / 2**20:.0f} MiB"
-        + (f", {format_bytes(report.offloaded_bytes)} streamed from disk/CPU per forward"
+        + (f", {format_bytes(report.offloaded_bytes, binary=True)} streamed from disk/CPU per forward"
            if report.offloaded_bytes else ""),
         "",
         "checks:",
@@ -403,9 +408,12 @@ def format_report(report: VerifyReport) -> str:
         lines.append("device map: " + ", ".join(f"{n} stage(s) on {dev}" for dev, n in where.items()))
     lines += [f"note: {n}" for n in report.notes]
     lines.append("all checks passed" if report.ok else "SOME CHECKS FAILED")
-    return "\n".join(lines)
+    # each line escaped on its own: text from input files (names in notes and details, decoded tokens) can
+    # neither add a line (a forged "all checks passed") nor send a terminal escape sequence
+    return "\n".join(terminal_text(line) for line in lines)
 
 
 def report_json(report: VerifyReport) -> str:
-    return json.dumps(report.to_json(), ensure_ascii=False)
+    """One JSON object on one line; control characters in its strings escaped (`terminal_json`)."""
+    return terminal_json(report.to_json())
 

@@ -216,8 +216,9 @@ def _tokenizer(path: Path, n: int) -> Path:
     import json
 
     vocab = {f"t{i}": i for i in range(n - 1)}
-    path.write_text(json.dumps({"model": {"type": "BPE", "vocab": vocab, "merges": []},
-                                "added_tokens": [{"id": n - 1, "content": "<|endoftext|>", "special": True}]}))
+    eos = {"id": n - 1, "content": "<|endoftext|>", "special": True, "single_word": False, "lstrip": False,
+           "rstrip": False, "normalized": False}  # every field, as tokenizers writes it (it loads nothing less)
+    path.write_text(json.dumps({"model": {"type": "BPE", "vocab": vocab, "merges": []}, "added_tokens": [eos]}))
     return path
 
 

@@ -27,7 +27,8 @@ from neoxconv.output.hf_merge import MergeOptions, merge_checkpoint
 from neoxconv.dtypes import NonFiniteCounter, count_nonfinite
 from neoxconv.errors import CheckpointError, MergeError, VerificationError
 from neoxconv.output.hashing import hash_file
-from neoxconv.check.integrity import check_output, load_config
+from neoxconv.check.integrity import check_output
+from neoxconv.config import load_out_config
 from neoxconv.source.ptfile import read_pt
 
 from conftest import COMMITTED_FIXTURE
@@ -207,7 +208,7 @@ def test_tampered_output_is_detected_under_either_hash(merged_both, tmp_path, al
     out = tmp_path / "copy"
     shutil.copytree(merged_both / algo, out)
     victim = sorted(out.glob("model-*.safetensors"))[1]
-    config = load_config(out)
+    config = load_out_config(out)
     assert check_output(out, config, hashes=True).hashes_checked
     data = bytearray(victim.read_bytes())
     data[len(data) // 2] ^= 0x04  # same size: only the hash can tell
@@ -223,14 +224,14 @@ def test_old_sha256_manifest_still_verifies(merged_both, tmp_path):
     manifest = json.loads((out / "neoxconv.json").read_text())
     del manifest["hash"]
     (out / "neoxconv.json").write_text(json.dumps(manifest))
-    report = check_output(out, load_config(out), hashes=True)
+    report = check_output(out, load_out_config(out), hashes=True)
     assert report.hashes_checked and report.files_checked >= 6  # 5 layer files and config.json at least
     victim = sorted(out.glob("model-*.safetensors"))[0]
     data = bytearray(victim.read_bytes())
     data[-1] ^= 0x01
     victim.write_bytes(bytes(data))
     with pytest.raises(VerificationError, match="sha256 differs"):
-        check_output(out, load_config(out), hashes=True)
+        check_output(out, load_out_config(out), hashes=True)
 
 
 def test_resume_under_another_hash_reuses_layers_and_rehashes_them(merged_both, tmp_path):

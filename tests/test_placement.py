@@ -75,7 +75,7 @@ def test_capped_logits_equal_resident_logits(merged):
     for cap in (ONE_LAYER_CAP, 1):  # 1 byte: every stage on disk, the final norm too
         placed = load_model(out, device="cpu", dtype="fp32", max_memory=cap)
         assert placed.placement is not None and placed.weight_bytes <= cap
-        got = generate(placed.model, list(PROMPT), max_new_tokens=6)
+        got = generate(placed.model, list(PROMPT), max_new_tokens=6, devices=placed.devices)
         assert got.generated_ids == ref.generated_ids
         torch.testing.assert_close(got.prompt_logits, ref.prompt_logits, rtol=0, atol=1e-5)
         torch.testing.assert_close(got.step_logits, ref.step_logits, rtol=0, atol=1e-5)
@@ -155,12 +155,12 @@ def test_verify_picks_a_cap_when_the_model_does_not_fit(merged, resident, monkey
 def test_stock_accelerate_maps_everything_to_disk_below_the_largest_module(merged):
     """Why the device map is neoxconv's own: accelerate reserves the largest module on every device."""
     accelerate = pytest.importorskip("accelerate")
-    from neoxconv.check.integrity import load_config
+    from neoxconv.config import load_out_config
     from neoxconv.layers import NeoXForCausalLM
 
     _, out = merged
     with torch.device("meta"):
-        model = NeoXForCausalLM(load_config(out))
+        model = NeoXForCausalLM(load_out_config(out))
     stock = accelerate.infer_auto_device_map(model, max_memory={"cpu": ONE_LAYER_CAP},
                                              no_split_module_classes=["TransformerLayer"])
     assert set(stock.values()) == {"disk"}
@@ -192,7 +192,7 @@ def test_offloaded_embedding_and_readout_stream_rows(merged, monkeypatch):
     placed = load_model(out, device="cpu", dtype="fp32", max_memory=ONE_LAYER_CAP)
     assert isinstance(placed.model.gpt_neox.embed_in, placement.RowStreamedEmbedding)
     assert isinstance(placed.model.embed_out, placement.RowStreamedLinear)
-    got = generate(placed.model, list(PROMPT), max_new_tokens=4)
+    got = generate(placed.model, list(PROMPT), max_new_tokens=4, devices=placed.devices)
     assert got.generated_ids == ref.generated_ids
     torch.testing.assert_close(got.prompt_logits, ref.prompt_logits, rtol=0, atol=1e-5)
 
@@ -234,9 +234,8 @@ def test_gpu_device_maps_are_planned_without_a_gpu(monkeypatch, kind):
         assert set(plan.device_map.values()) == {0}
     else:
         assert layers[0] == 0 and layers[-1] == 1 and layers == sorted(layers)
-    model.neoxconv_placement = plan
-    _, kv_devices = placement.execution_devices(model)
-    assert kv_devices == [torch.device("cuda", d) for d in layers]
+    assert plan.devices.layers == tuple(torch.device("cuda", d) for d in layers)  # where each KV cache goes
+    assert plan.devices.inputs == torch.device("cuda", 0)
     assert plan.offloaded_bytes == 0 and plan.main_device == torch.device("cuda", 0)
 
 
@@ -257,3 +256,74 @@ def test_a_gpu_cap_sends_the_rest_to_cpu_ram_in_a_map(monkeypatch):
     # CPU RAM stages are offloaded on a GPU run: moved to the GPU for each use
     assert plan.offloaded_bytes == sum(sizes[u] for u, d in plan.device_map.items() if d == "cpu") > 0
     assert plan.execution_device("gpt_neox.layers.3") == torch.device("cuda", 0)
+
+
+# ----- one loader for resident and placed models ---------------------------------------------------------
+def test_the_loader_says_where_the_model_runs_and_hangs_nothing_on_it(merged):
+    """Resident and placed models come from the same loader; the devices are a typed object handed to
+    generate, not an attribute read back off the model."""
+    from neoxconv.model.generation import ExecutionDevices
+
+    _, out = merged
+    full = load_model(out, device="cpu", dtype="fp32")
+    n = len(full.model.blocks)
+    assert full.placement is None and full.devices == ExecutionDevices(torch.device("cpu"), (torch.device("cpu"),) * n)
+    placed = load_model(out, device="cpu", dtype="fp32", max_memory=1)
+    assert placed.devices == placed.placement.devices and len(placed.devices.layers) == n
+    for loaded in (full, placed):
+        assert not [k for k in vars(loaded.model) if "placement" in k or "neoxconv" in k]
+    # every weight offloaded: nothing on the model says where to run, so generate asks for the devices
+    with pytest.raises(ValueError, match="LoadedModel.devices"):
+        generate(placed.model, list(PROMPT), max_new_tokens=1)
+
+
+@pytest.mark.parametrize("max_memory", [None, ONE_LAYER_CAP])
+@pytest.mark.parametrize("damage, message", [
+    ("extra", "unexpected tensors gpt_neox.layers.9.mlp.bogus.weight"),
+    ("missing", "no weights for gpt_neox.layers.1.attention.dense.weight"),
+    ("moved", "no tensor gpt_neox.layers.1.attention.dense.weight, which model.safetensors.index.json places"),
+    ("no file", "model-99999-of-99999.safetensors: cannot read it as safetensors"),
+])
+def test_a_resident_and_a_placed_load_refuse_the_same_bad_index(merged, tmp_path, max_memory, damage, message):
+    import shutil
+
+    from neoxconv.errors import VerificationError
+
+    _, out = merged
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy)
+    index = json.loads((copy / "model.safetensors.index.json").read_text())
+    name = "gpt_neox.layers.1.attention.dense.weight"
+    if damage == "extra":
+        index["weight_map"]["gpt_neox.layers.9.mlp.bogus.weight"] = index["weight_map"][name]
+    elif damage == "missing":
+        del index["weight_map"][name]
+    elif damage == "moved":  # the index places it in a file that does not hold it
+        index["weight_map"][name] = index["weight_map"]["gpt_neox.layers.0.attention.dense.weight"]
+    else:
+        index["weight_map"][name] = "model-99999-of-99999.safetensors"
+    (copy / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(VerificationError, match=message.replace(".", r"\.")):
+        load_model(copy, device="cpu", dtype="fp32", max_memory=max_memory)
+
+
+def test_torch_dtypes_have_one_home_that_imports_torch_lazily():
+    import subprocess
+    import sys
+
+    from neoxconv.dtypes import TORCH_FLOAT_DTYPES, as_torch_dtype
+
+    assert [as_torch_dtype(n) for n in TORCH_FLOAT_DTYPES] == [torch.float16, torch.bfloat16, torch.float32]
+    with pytest.raises(ValueError, match="int8"):
+        as_torch_dtype("int8")
+    code = "import sys, neoxconv.dtypes; print('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True).stdout.strip() == "False"
+
+
+def test_memory_and_file_sizes_share_one_formatter():
+    from neoxconv.progress import format_bytes
+
+    assert format_bytes(116_500) == "116.5 kB" and format_bytes(41.12e9) == "41.12 GB" and format_bytes(999) == "999 B"
+    assert format_bytes(64 << 20, binary=True) == "64.00 MiB" and format_bytes(1.5 * 2**30, binary=True) == "1.50 GiB"
+    assert format_bytes(1000, binary=True) == "1000 B" and format_bytes(300 * 2**20, binary=True) == "300.0 MiB"

@@ -95,7 +95,8 @@ def test_split_and_reshard_refuse_a_broken_tokenizer_as_merge_does(tmp_path, hf_
 def test_split_still_copies_a_good_tokenizer(tmp_path, hf_model):
     src = tmp_path / "hf"
     shutil.copytree(hf_model, src)
-    (src / "tokenizer.json").write_text(json.dumps({"model": {"vocab": {"<|endoftext|>": 0, "a": 1}}}))
+    good = {"model": {"vocab": {"<|endoftext|>": 0, "a": 1}, "unk_token": "<|endoftext|>"}}  # tokenizers loads it
+    (src / "tokenizer.json").write_text(json.dumps(good))
     r = cli("split", "-q", "--tp", 2, src, tmp_path / "neox")
     assert r.exit_code == 0, r.output
     assert (tmp_path / "neox" / "tokenizer.json").read_bytes() == (src / "tokenizer.json").read_bytes()

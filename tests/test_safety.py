@@ -18,7 +18,8 @@ import torch
 
 from neoxconv.output import writer
 from neoxconv.output.hf_merge import MergeOptions, merge_checkpoint
-from neoxconv.check.integrity import check_output, load_config
+from neoxconv.check.integrity import check_output
+from neoxconv.config import load_out_config
 
 from conftest import COMMITTED_FIXTURE, cli, one_line_error, subprocess_env
 
@@ -174,7 +175,7 @@ def test_a_folder_without_manifest_fails_integrity_unless_no_manifest(copy):
 
 
 def test_small_files_are_hashed_even_above_the_weight_hashing_threshold(copy):
-    report = check_output(copy, load_config(copy), hashes=False)  # as above the 2 GB threshold
+    report = check_output(copy, load_out_config(copy), hashes=False)  # as above the 2 GB threshold
     assert "small files' hashes" in report.summary() and "NOT proven: the" in report.summary()
     text = (copy / "config.json").read_text()  # rotary base 10000 -> 10, the file keeps its size
     (copy / "config.json").write_text(text.replace('"rotary_emb_base": 10000.0', '"rotary_emb_base": 10.0000'))
@@ -205,7 +206,7 @@ def test_ctrl_c_in_a_no_op_rerun_never_leaves_the_output_without_its_manifest(co
             stopped = True
         monkeypatch.undo()
         assert (copy / "neoxconv.json").is_file(), (where, k)
-        check_output(copy, load_config(copy), hashes=True)  # the folder still proves itself
+        check_output(copy, load_out_config(copy), hashes=True)  # the folder still proves itself
         if not stopped:
             break
     assert cli("verify", copy, *VERIFY).exit_code == 0

@@ -279,7 +279,8 @@ def test_tokenizer_is_copied_and_sets_the_vocab_divisor(hf_dir, tmp_path, tp, di
         (src / f.name).write_bytes(f.read_bytes())
     vocab = {f"t{i}": i for i in range(300)}
     tok = {"version": "1.0", "model": {"type": "BPE", "vocab": vocab, "merges": []},
-           "added_tokens": [{"id": 300, "content": "<|endoftext|>", "special": True}]}
+           "added_tokens": [{"id": 300, "content": "<|endoftext|>", "special": True, "single_word": False,
+                             "lstrip": False, "rstrip": False, "normalized": False}]}  # as tokenizers writes it
     (src / "tokenizer.json").write_text(json.dumps(tok))
     report = split_model(src, tmp_path / "n", SplitOptions(tp=tp, quiet=True))
     assert report.make_vocab_size_divisible_by == divisor

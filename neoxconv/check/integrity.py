@@ -58,14 +58,6 @@ def _hash_mismatch(path: Path, entry: dict) -> tuple[str, bool] | None:
     return recorded[0], hash_file(path, recorded[0]) != recorded[1]
 
 
-def load_config(out: Path) -> NeoXConfig:
-    path = Path(out) / "config.json"
-    if not path.is_file():  # an input problem (exit 4), not a failed check
-        raise CheckpointError(f"{out}: no config.json, so not a folder written by 'neoxconv merge'; "
-                              "pass the OUT folder of a merge")
-    return NeoXConfig.from_hf_json(path)
-
-
 def check_output(out: Path, config: NeoXConfig, *, hashes: bool | None = None,
                  hash_limit_bytes: int = 2 << 30, require_manifest: bool = True) -> IntegrityReport:
     """Raise `VerificationError` naming every missing, resized, modified or malformed file.

@@ -8,9 +8,27 @@ from dataclasses import dataclass, field
 
 import torch
 
-from neoxconv.model.kv_cache import KVCache
 from neoxconv.layers import NeoXForCausalLM
-from neoxconv.runtime.placement import execution_devices
+from neoxconv.model.kv_cache import KVCache
+
+
+@dataclass(frozen=True)
+class ExecutionDevices:
+    """Where a model runs: the device its input ids go to, and each transformer layer's execution device
+    (where that layer's KV cache lives). The loader that placed the model says so; nothing is read back
+    from the model."""
+
+    inputs: torch.device
+    layers: tuple[torch.device, ...]
+
+    @classmethod
+    def resident(cls, model: NeoXForCausalLM) -> ExecutionDevices:
+        """Every stage on the device of the model's weights (a model loaded whole, or built in memory)."""
+        device = next((p.device for p in model.parameters() if not p.is_meta), None)
+        if device is None:
+            raise ValueError("every weight of this model is offloaded: pass the devices its loader placed it on "
+                             "(LoadedModel.devices)")
+        return cls(device, (device,) * len(model.blocks))
 
 
 @dataclass(frozen=True)
@@ -80,17 +98,22 @@ def _sync(device: torch.device) -> None:
 
 @torch.inference_mode()
 def generate(model: NeoXForCausalLM, prompt_ids: list[int], *, max_new_tokens: int, eos_id: int | None = None,
-             sampling: Sampling = Sampling(), dtype: torch.dtype | None = None) -> GenerationResult:
-    """Greedy (or sampled) generation of up to ``max_new_tokens`` after the prompt, with a KV cache."""
+             sampling: Sampling = Sampling(), dtype: torch.dtype | None = None,
+             devices: ExecutionDevices | None = None) -> GenerationResult:
+    """Greedy (or sampled) generation of up to ``max_new_tokens`` after the prompt, with a KV cache.
+
+    ``devices``: where the model runs (``LoadedModel.devices``); None for a model resident on one device."""
     if not prompt_ids:
         raise ValueError("the prompt has no tokens")
-    device, layer_devices = execution_devices(model)
+    devices = devices or ExecutionDevices.resident(model)
+    device = devices.inputs
     dtype = dtype or model.input_embeddings.weight.dtype
     max_len = min(len(prompt_ids) + max_new_tokens, model.config.max_position_embeddings)
     if len(prompt_ids) >= model.config.max_position_embeddings:
         raise ValueError(f"the prompt has {len(prompt_ids)} tokens; the model takes at most "
                          f"{model.config.max_position_embeddings - 1} before generating")
-    cache = KVCache(model.config, batch=1, max_len=max_len, device=device, dtype=dtype, layer_devices=layer_devices)
+    cache = KVCache(model.config, batch=1, max_len=max_len, device=device, dtype=dtype,
+                    layer_devices=list(devices.layers))
     generator = torch.Generator(device="cpu").manual_seed(sampling.seed) if sampling.temperature else None
 
     _sync(device)
@@ -128,7 +151,8 @@ def generate(model: NeoXForCausalLM, prompt_ids: list[int], *, max_new_tokens: i
 
 
 @torch.inference_mode()
-def full_forward_logits(model: NeoXForCausalLM, ids: list[int]) -> torch.Tensor:
-    """Logits (T, V) fp32 of one uncached forward over ``ids``."""
-    device, _ = execution_devices(model)
-    return model(torch.tensor([ids], device=device))[0].float().cpu()
+def full_forward_logits(model: NeoXForCausalLM, ids: list[int], *,
+                        devices: ExecutionDevices | None = None) -> torch.Tensor:
+    """Logits (T, V) fp32 of one uncached forward over ``ids`` (``devices`` as for `generate`)."""
+    devices = devices or ExecutionDevices.resident(model)
+    return model(torch.tensor([ids], device=devices.inputs))[0].float().cpu()

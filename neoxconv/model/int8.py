@@ -13,9 +13,7 @@ import torch
 from torch import nn
 
 from neoxconv.errors import UsageError
-from neoxconv.layers import NeoXForCausalLM
-
-LINEARS = NeoXForCausalLM.LINEARS
+from neoxconv.layers import weight_bytes
 
 
 def require_bitsandbytes():
@@ -62,8 +60,6 @@ def int8_linear(bnb, lin: nn.Linear, *, threshold: float, resident: bool = True)
 
 def int8_weight_bytes(model: nn.Module) -> int:
     """Weight bytes including the per-row scales bitsandbytes keeps beside int8 weights."""
-    from neoxconv.runtime.loading import weight_bytes
-
     extra = 0
     for m in model.modules():
         scb = getattr(getattr(m, "weight", None), "SCB", None)

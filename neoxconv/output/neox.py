@@ -52,7 +52,6 @@ JOURNAL = ".neoxconv-journal.json"
 MANIFEST = "neoxconv-neox.json"
 CONFIG_NAME = "neox.yml"
 LAYOUTS = ("pipeline", "sequential")
-TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 _PRECISION = {"float16": "fp16", "bfloat16": "bfloat16", "float32": "fp32"}
 
 # One source layer's tensors for one rank: NeoX key -> tensor (each its own storage).

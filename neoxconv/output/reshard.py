@@ -19,13 +19,13 @@ import numpy as np
 import torch
 
 from neoxconv.source.checkpoint import SourceLayer, open_checkpoint
-from neoxconv.dtypes import canonical_dtype
+from neoxconv.dtypes import TORCH_FLOAT_DTYPES, as_torch_dtype, canonical_dtype
 from neoxconv.errors import ConfigError, MergeError, OutputError
 from neoxconv.plan.fingerprint import config_digest, layer_fingerprint, source_identity
 from neoxconv.interrupt import deferred_sigint
 from neoxconv.output.folder import check_out_path
 from neoxconv.merge import LayerPlan, Rule, TensorPlan, max_divergence, merge_tensor, resolve_row_bias, rule_table
-from neoxconv.output.neox import TORCH_DTYPES, NeoXTarget, Shard, WriteReport, check_target, write_neox_checkpoint
+from neoxconv.output.neox import NeoXTarget, Shard, WriteReport, check_target, write_neox_checkpoint
 from neoxconv.output.streaming import iter_merged_chunks
 from neoxconv.source.storage import Reads, SourceReader
 from neoxconv.output.split import part_key, planned_bytes, shard_layer, tokenizer_size
@@ -89,7 +89,7 @@ def reshard_checkpoint(src: Path, out: Path, options: ReshardOptions) -> WriteRe
         raise ConfigError(f"{ckpt.step_dir}: the weights have mixed dtypes ({', '.join(sorted(dtypes))}); "
                           "choose one with --dtype fp16|bf16|fp32")
     dtype = dtypes.pop()
-    if dtype not in TORCH_DTYPES:
+    if dtype not in TORCH_FLOAT_DTYPES:
         raise ConfigError(f"{ckpt.step_dir}: weights are {dtype}; choose --dtype fp16, bf16 or fp32")
     m = _STEP.match(ckpt.step_dir.name)
     step = options.step if options.step is not None else (int(m.group(1)) if m else 0)
@@ -99,7 +99,7 @@ def reshard_checkpoint(src: Path, out: Path, options: ReshardOptions) -> WriteRe
     check_target(target, where=ckpt.config_source)
     row_bias = resolve_row_bias("auto", config)  # how the output's row-parallel biases are split
     by_index: dict[int, LayerPlan] = {p.layer.index: p for p in plans}
-    torch_dtype = TORCH_DTYPES[dtype]
+    torch_dtype = as_torch_dtype(dtype)
     if Path(out).resolve() in (ckpt.root.resolve(), ckpt.step_dir.resolve()):
         raise OutputError(f"{out}: OUT is the source checkpoint; choose another folder")
     # A storage that several tensors read (a ZeRO flat buffer, the HF converter's full tensors) is CRC-checked

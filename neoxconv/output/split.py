@@ -35,7 +35,7 @@ import torch
 
 from neoxconv.source.checkpoint import LayerKind, SourceLayer, model_layers
 from neoxconv.config import GPT_NEOX, NeoXConfig
-from neoxconv.dtypes import FLOAT_DTYPES, FROM_SAFETENSORS, canonical_dtype, tensor_nbytes
+from neoxconv.dtypes import FLOAT_DTYPES, FROM_SAFETENSORS, TORCH_FLOAT_DTYPES, as_torch_dtype, canonical_dtype, tensor_nbytes
 from neoxconv.errors import CheckpointError, ConfigError
 from neoxconv.plan.fingerprint import config_digest, file_fingerprint
 from neoxconv.source.safetensors import FileState, check_unchanged, checked_safetensors_header, file_state
@@ -44,7 +44,7 @@ from neoxconv.merge import (RULES, Rule, RuleSpec, Split, expected_shape, join_s
                             rule_table, shape_of)
 from neoxconv.output.folder import check_out_path
 from neoxconv.source.tokenizer import checked_token_count
-from neoxconv.output.neox import TORCH_DTYPES, NeoXTarget, Shard, WriteReport, check_target, write_neox_checkpoint
+from neoxconv.output.neox import NeoXTarget, Shard, WriteReport, check_target, write_neox_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -328,13 +328,13 @@ def split_model(hf_dir: Path, out: Path, options: SplitOptions) -> WriteReport:
         dtype = src_dtype
     else:
         dtype = canonical_dtype(options.dtype)
-    if dtype not in TORCH_DTYPES:
+    if dtype not in TORCH_FLOAT_DTYPES:
         raise ConfigError(f"{hf_dir}: weights are {dtype}; choose --dtype fp16, bf16 or fp32")
     target = NeoXTarget(config=config, tp_degree=options.tp, layout=options.layout, dtype=dtype, step=options.step,
                         tokenizer_size=tokenizer_size(hf.tokenizer, config.vocab_size))
     check_target(target, where=str(Path(hf_dir) / "config.json"))
     row_bias = resolve_row_bias("auto", config)
-    torch_dtype = TORCH_DTYPES[dtype]
+    torch_dtype = as_torch_dtype(dtype)
 
     def rank_shards(layer: SourceLayer, ranks: list[int]) -> Iterator[Shard]:
         full = hf.read_layer(names[layer], torch_dtype)  # one layer in memory

@@ -41,7 +41,10 @@ import torch
 import torch.nn.functional as F
 
 from neoxconv.config import NeoXConfig
-from neoxconv.errors import NeoXConvError, UsageError
+from neoxconv.errors import NeoXConvError, UsageError, VerificationError
+from neoxconv.model.generation import ExecutionDevices
+from neoxconv.model.int8 import block_linears, int8_linear, require_bitsandbytes
+from neoxconv.progress import format_bytes
 
 log = logging.getLogger(__name__)
 
@@ -98,10 +101,9 @@ def parse_max_memory(text: str) -> dict[Device, int] | int:
     return caps
 
 
-def format_bytes(n: int) -> str:
-    if n >= 2**30:
-        return f"{n / 2**30:.2f} GiB"
-    return f"{n / 2**20:.0f} MiB" if n >= 2**20 else f"{n / 2**10:.0f} KiB"
+def _memory(n: float) -> str:
+    """Memory in binary units (``512.00 MiB``), as --max-memory caps are usually given."""
+    return format_bytes(n, binary=True)
 
 
 # ----- memory available and used ---------------------------------------------------------------------------
@@ -211,6 +213,27 @@ class PlacementPlan:
         return self.main_device if dev in ("cpu", "disk") else torch.device("cuda", int(dev))
 
     @property
+    def devices(self) -> ExecutionDevices:
+        """Where generation runs: inputs on the main device, each layer (and its KV cache) on its execution device."""
+        blocks = self.units["blocks"] + "."
+        n = sum(1 for u in self.device_map if u.startswith(blocks))
+        return ExecutionDevices(self.main_device, tuple(self.execution_device(f"{blocks}{i}") for i in range(n)))
+
+    def unit_of(self, name: str) -> str:
+        """The stage a tensor name belongs to."""
+        for u in self.device_map:
+            if name == u or name.startswith(u + "."):
+                return u
+        raise VerificationError(f"tensor {name} belongs to no stage of the model")
+
+    def load_device(self, name: str) -> torch.device | None:
+        """Where the loader puts a tensor: its stage's GPU, CPU RAM, or None (disk: read for each use)."""
+        dev = self.device_map[self.unit_of(name)]
+        if dev == "disk":
+            return None
+        return torch.device("cpu") if dev == "cpu" else torch.device("cuda", int(dev))
+
+    @property
     def offloaded_units(self) -> list[str]:
         """Stages not resident on their execution device (disk, or CPU RAM while computing on a GPU)."""
         off = ("disk",) if self.main_device.type == "cpu" else ("disk", "cpu")
@@ -284,8 +307,8 @@ def plan_placement(model: torch.nn.Module, *, dtype: torch.dtype, main_device: t
             if total <= avail:
                 return None
             cap = max(avail - largest_module_bytes(model, dtype), 0)  # room for one streamed module in use
-            notes.append(f"the model needs {format_bytes(total)} of weights in {str(dtype)[6:]}, {main_device} has "
-                         f"{format_bytes(avail + reserve)} available: keeping at most {format_bytes(cap)} resident and "
+            notes.append(f"the model needs {_memory(total)} of weights in {str(dtype)[6:]}, {main_device} has "
+                         f"{_memory(avail + reserve)} available: keeping at most {_memory(cap)} resident and "
                          "streaming the rest from disk layer by layer (choose with --max-memory)")
             caps: dict[Device, int] = {main: cap}
             if on_gpu:
@@ -331,9 +354,9 @@ def plan_placement(model: torch.nn.Module, *, dtype: torch.dtype, main_device: t
             placed[unit] = "disk"
             if size > largest_cap:
                 how = {model.UNITS["embed"]: "only the rows it looks up are read, for each use",
-                       model.UNITS["readout"]: f"it is read {format_bytes(ROW_BLOCK_BYTES)} of rows at a time, for each use"}
-                notes.append(f"{unit} ({format_bytes(size)}) is larger than the memory cap "
-                             f"({format_bytes(largest_cap)}): "
+                       model.UNITS["readout"]: f"it is read {_memory(ROW_BLOCK_BYTES)} of rows at a time, for each use"}
+                notes.append(f"{unit} ({_memory(size)}) is larger than the memory cap "
+                             f"({_memory(largest_cap)}): "
                              + how.get(unit, "it is brought in for each use and dropped after"))
     placed["rotary"] = main  # cos/sin tables, not weights
     for note in notes:  # said now, not only in the report: a streamed run of a big model is long
@@ -341,7 +364,7 @@ def plan_placement(model: torch.nn.Module, *, dtype: torch.dtype, main_device: t
     plan = PlacementPlan(device_map=placed, main_device=main_device, caps={d: caps[d] for d in order},
                          unit_bytes=sizes, notes=notes, units=dict(model.UNITS))
     if plan.offloaded_units:
-        log.info("streaming %s of weights from disk/CPU: %s", format_bytes(plan.offloaded_bytes),
+        log.info("streaming %s of weights from disk/CPU: %s", _memory(plan.offloaded_bytes),
                  ", ".join(plan.offloaded_units))
     return plan
 
@@ -421,86 +444,40 @@ def _stream_vocab_modules(model: torch.nn.Module, plan: PlacementPlan, weight_ma
         setattr(model.get_submodule(parent) if parent else model, attr, new)
 
 
-def _accelerate():
+def require_accelerate() -> None:
     try:
         import accelerate  # noqa: F401
     except ImportError:
         raise NeoXConvError("--max-memory/--device-map need accelerate: pip install accelerate") from None
 
 
-def load_placed(out: Path, model: torch.nn.Module, plan: PlacementPlan, *, dtype: torch.dtype,
-                weight_map: dict[str, str], quiet: bool = True) -> int:
-    """Fill the resident stages from OUT, dispatch the rest with accelerate; returns the bytes of files read.
-
-    ``model`` is on the meta device; ``weight_map`` is the index's name -> file.
-    """
-    _accelerate()
+def dispatch_placed(out: Path, model: torch.nn.Module, plan: PlacementPlan, *, weight_map: dict[str, str],
+                    host_state: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
+    """Attach accelerate's hooks to a model whose resident stages the loader has filled (``runtime.loading``):
+    stages on disk are read from OUT's files for each use, ``host_state`` (tensors held in CPU RAM for a GPU
+    run) moved to the GPU for each use; an offloaded embedding / readout is row-streamed."""
     from accelerate import dispatch_model
-    from safetensors import safe_open
 
-    from neoxconv.layers import RotaryTables
-    from neoxconv.progress import progress_bar
-
-    def unit_of(name: str) -> str:
-        for u in plan.device_map:
-            if name == u or name.startswith(u + "."):
-                return u
-        raise NeoXConvError(f"{out}: tensor {name} belongs to no stage of the model")
-
-    config = model.config
-    resident: dict[str, list[str]] = {}  # file -> names to load now
-    offload_index: dict[str, dict[str, str]] = {}
-    cpu_state: dict[str, torch.Tensor] = {}
-    for name, file in weight_map.items():
-        dev = plan.device_map[unit_of(name)]
-        if dev == "disk":
-            offload_index[name] = {"safetensors_file": str(out / file), "weight_name": name,
-                                   "dtype": str(dtype).replace("torch.", "")}
-        else:
-            resident.setdefault(file, []).append(name)
-    tied = config.tie_word_embeddings
-    missing = [n for n, _ in model.named_parameters() if n not in weight_map]  # a tied readout is not listed
-    if missing:
-        from neoxconv.errors import VerificationError
-
-        raise VerificationError(f"{out}: no weights for {', '.join(missing[:8])}"
-                                + (f" and {len(missing) - 8} more" if len(missing) > 8 else ""))
-    emb_w, out_w = f"{model.UNITS['embed']}.weight", f"{model.UNITS['readout']}.weight"
-    if tied and emb_w in offload_index:
-        offload_index[out_w] = offload_index[emb_w]
-    read = 0
-    with progress_bar(total=len(resident), desc="load", quiet=quiet) as bar:
-        for file, names in sorted(resident.items()):
-            with safe_open(str(out / file), framework="pt", device="cpu") as f:
-                for name in names:
-                    dev = plan.device_map[unit_of(name)]
-                    target = "cpu" if dev == "cpu" else torch.device("cuda", int(dev))
-                    t = f.get_tensor(name).to(device=target, dtype=dtype)
-                    if dev == "cpu" and plan.main_device.type == "cuda":
-                        cpu_state[name] = t  # accelerate moves it to the GPU for each use
-                    model.load_state_dict({name: t}, strict=False, assign=True)
-            read += (out / file).stat().st_size
-            bar.update(1)
-    if tied:
-        model.tie_weights()
-        if emb_w in cpu_state:
-            cpu_state[out_w] = cpu_state[emb_w]
-    model.rotary = RotaryTables(config.rotary_dims, config.rotary_emb_base,
-                                config.max_position_embeddings).to(plan.main_device)
-    accel_map = dict(plan.device_map)
+    offload_index = {name: {"safetensors_file": str(out / file), "weight_name": name,
+                            "dtype": str(dtype).replace("torch.", "")}
+                     for name, file in weight_map.items() if plan.load_device(name) is None}
+    host_state = dict(host_state)
+    if model.config.tie_word_embeddings:
+        emb_w, out_w = f"{model.UNITS['embed']}.weight", f"{model.UNITS['readout']}.weight"
+        for table in (offload_index, host_state):
+            if emb_w in table:
+                table[out_w] = table[emb_w]
     main = (plan.main_device.index or 0) if plan.main_device.type == "cuda" else "cpu"
     # accelerate warns about meta parameters for every offloaded model: that is the design here
     accelerate_log = logging.getLogger("accelerate.big_modeling")
     level = accelerate_log.level
     accelerate_log.setLevel(logging.ERROR)
     try:
-        dispatch_model(model, accel_map, main_device=main, state_dict=cpu_state or None,
+        dispatch_model(model, dict(plan.device_map), main_device=main, state_dict=host_state or None,
                        offload_index=offload_index or None, force_hooks=True)
     finally:
         accelerate_log.setLevel(level)
     _stream_vocab_modules(model, plan, weight_map, out, dtype)
-    model.neoxconv_placement = plan
-    return read
 
 
 def hf_device_map(plan: PlacementPlan, *, hf_class: type, out: Path) -> dict[str, Device]:
@@ -517,27 +494,15 @@ def hf_device_map(plan: PlacementPlan, *, hf_class: type, out: Path) -> dict[str
     return {rename.get(u, u): d for u, d in plan.device_map.items()}
 
 
-def execution_devices(model: torch.nn.Module) -> tuple[torch.device, list[torch.device]]:
-    """(device of the inputs, execution device of each transformer layer): where the KV cache goes."""
-    plan: PlacementPlan | None = getattr(model, "neoxconv_placement", None)
-    n = len(model.blocks)
-    if plan is None:
-        dev = next(p.device for p in model.parameters() if not p.is_meta)
-        return dev, [dev] * n
-    return plan.main_device, [plan.execution_device(f"{model.UNITS['blocks']}.{i}") for i in range(n)]
-
-
 # ----- int8 with offload -------------------------------------------------------------------------------------
-def quantize_int8_placed(model: torch.nn.Module, *, threshold: float) -> None:
-    """LLM.int8 for a placed model: resident linears are swapped as usual; offloaded ones quantize on load."""
+def quantize_int8_placed(model: torch.nn.Module, plan: PlacementPlan, *, threshold: float) -> None:
+    """LLM.int8 for a model placed by ``plan``: resident linears are swapped as usual; offloaded ones quantize
+    on load."""
     from accelerate.hooks import ModelHook, add_hook_to_module, remove_hook_from_module
     from accelerate.utils import set_module_tensor_to_device
     from torch import nn
 
-    from neoxconv.model.int8 import block_linears, int8_linear, require_bitsandbytes
-
     bnb = require_bitsandbytes()
-    plan: PlacementPlan = model.neoxconv_placement
 
     class QuantizeOnLoad(ModelHook):
         """Load the linear's weights from the offload source, quantize them, run, drop them."""

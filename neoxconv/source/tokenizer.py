@@ -1,4 +1,5 @@
-"""What merge needs to know about a Hugging Face ``tokenizer.json`` (read as JSON; no tokenizer library)."""
+"""What merge, split and reshard need to know about a Hugging Face ``tokenizer.json``: read as JSON, and checked
+with the ``tokenizers`` library (when installed) before it is copied into OUT."""
 
 from __future__ import annotations
 
@@ -14,12 +15,14 @@ EOS_TEXT = "<|endoftext|>"
 _MAX_BYTES = 256 << 20  # a tokenizer.json is a few MB (20B's: 2 MB)
 
 
-def _load(path: Path) -> dict[str, Any]:
+def _read(path: Path) -> tuple[str, dict[str, Any]]:
+    """(the file's text, its JSON) after a bounded-size read and the shape checks."""
     try:
         size = Path(path).stat().st_size
         if size > _MAX_BYTES:
             raise CheckpointError(f"{path}: {size} bytes is implausibly large for a tokenizer.json")
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        text = Path(path).read_text(encoding="utf-8")
+        data = json.loads(text)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise CheckpointError(f"{path}: not a readable tokenizer.json: {str(e)[:200]}") from None
     if not isinstance(data, dict) or "model" not in data:
@@ -28,21 +31,21 @@ def _load(path: Path) -> dict[str, Any]:
     if not isinstance(data["model"], dict) or not (
             added is None or isinstance(added, list) and all(isinstance(t, dict) for t in added)):
         raise CheckpointError(f"{path}: not a Hugging Face tokenizer.json ('model' or 'added_tokens' malformed)")
-    return data
+    return text, data
 
 
-def token_count(path: Path) -> int | None:
-    """Largest token id + 1 over the vocabulary and the added tokens (None when the file lists no ids)."""
-    data = _load(path)
+def _load(path: Path) -> dict[str, Any]:
+    return _read(path)[1]
+
+
+def _token_count(data: dict[str, Any]) -> int | None:
     vocab = data["model"].get("vocab")
     ids = [v for v in (vocab.values() if isinstance(vocab, dict) else ()) if type(v) is int]
     ids += [t["id"] for t in data.get("added_tokens") or [] if type(t.get("id")) is int]
     return max(ids) + 1 if ids else None
 
 
-def eos_token_id(path: Path) -> int | None:
-    """The id of ``<|endoftext|>`` (0 for GPT-NeoX-20B), from added_tokens or the vocabulary."""
-    data = _load(path)
+def _eos_token_id(path: Path, data: dict[str, Any]) -> int | None:
     found = next((tok.get("id") for tok in data.get("added_tokens") or [] if tok.get("content") == EOS_TEXT), None)
     vocab = data["model"].get("vocab")
     if found is None and isinstance(vocab, dict):
@@ -54,14 +57,41 @@ def eos_token_id(path: Path) -> int | None:
     return found
 
 
+def token_count(path: Path) -> int | None:
+    """Largest token id + 1 over the vocabulary and the added tokens (None when the file lists no ids)."""
+    return _token_count(_load(path))
+
+
+def eos_token_id(path: Path) -> int | None:
+    """The id of ``<|endoftext|>`` (0 for GPT-NeoX-20B), from added_tokens or the vocabulary."""
+    return _eos_token_id(path, _load(path))
+
+
+def _library_check(path: Path, text: str) -> None:
+    """Refuse a file that the ``tokenizers`` library (what transformers and ``verify`` load it with) cannot
+    load; nothing to check when the library is not installed."""
+    try:
+        from tokenizers import Tokenizer
+    except ImportError:
+        return
+    try:
+        Tokenizer.from_str(text)
+    except Exception as e:  # noqa: BLE001  (the library raises a bare Exception for every kind of bad file)
+        raise CheckpointError(f"{path}: the tokenizers library cannot load this tokenizer.json: "
+                              f"{str(e)[:200]}") from None
+
+
 def checked_token_count(path: Path, rows: int | None) -> int | None:
-    """`token_count`, after every check merge makes of a tokenizer.json before using it: readable and well formed,
-    no more tokens than the embedding's ``rows`` (None: unknown), a valid ``<|endoftext|>`` id."""
-    tokens = token_count(path)
+    """`token_count`, after every check merge, split and reshard make of a tokenizer.json before copying it:
+    readable and well formed, loadable by the tokenizers library, no more tokens than the embedding's ``rows``
+    (None: unknown), a valid ``<|endoftext|>`` id."""
+    text, data = _read(path)
+    tokens = _token_count(data)
     if tokens is not None and rows is not None and tokens > rows:
         raise CheckpointError(f"{path}: has {tokens} tokens but the model's embedding has {rows} rows: "
                               "not this model's tokenizer; pass the right one with --tokenizer FILE")
-    eos_token_id(path)
+    _eos_token_id(path, data)
+    _library_check(path, text)
     return tokens
 
 

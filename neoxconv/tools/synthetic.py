@@ -17,7 +17,7 @@ import torch
 
 from neoxconv.source.checkpoint import LayerKind, SourceLayer, model_layers, pipeline_file_name, sequential_file_name
 from neoxconv.config import GELU_TANH, NeoXConfig
-from neoxconv.runtime.loading import TORCH_DTYPES
+from neoxconv.dtypes import as_torch_dtype
 from neoxconv.merge import RULES, Rule, hf_name
 
 
@@ -88,7 +88,7 @@ def split_layer(
     layer: SourceLayer, reference: dict[str, torch.Tensor], spec: SyntheticSpec, g: torch.Generator
 ) -> list[dict[str, torch.Tensor]]:
     """The T rank shards of one source layer; updates ``reference`` row biases to the parts' true sum."""
-    T, dtype = spec.tp_degree, TORCH_DTYPES[spec.dtype]
+    T, dtype = spec.tp_degree, as_torch_dtype(spec.dtype)
     row_bias = Rule.SUM if spec.config.parallel_residual and not spec.full_row_bias_on_every_rank else Rule.REPLICATED
     shards: list[dict[str, torch.Tensor]] = [{} for _ in range(T)]
     for key, rs in RULES[layer.kind].items():
@@ -182,7 +182,7 @@ def write_checkpoint(root: Path, spec: SyntheticSpec, *, keep_reference: bool = 
     g_split = torch.Generator().manual_seed(spec.seed + 1)
     module: list[dict[str, torch.Tensor]] = [{} for _ in range(spec.tp_degree)]
     for layer in model_layers(config, with_readout=not config.tie_word_embeddings):  # one layer in memory
-        weights = {k: v.to(TORCH_DTYPES[spec.dtype]) for k, v in random_layer(config, layer, g_weights).items()}
+        weights = {k: v.to(as_torch_dtype(spec.dtype)) for k, v in random_layer(config, layer, g_weights).items()}
         shards = split_layer(layer, weights, spec, g_split)
         for rank, shard in enumerate(shards):
             if spec.layout == "pipeline":
