@@ -6,6 +6,7 @@ The checkpoints come from random transformers LlamaForCausalLMs split into gpt-n
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -22,6 +23,7 @@ from neoxconv.config import NeoXConfig, gated_intermediate_size, llama_mlp_inter
 from neoxconv.output.hf_merge import MergeOptions, merge_checkpoint
 from neoxconv.errors import ConfigError, MergeError
 from neoxconv.merge import QkvLayout, Rule, Split, merge_split, split_segments
+from neoxconv.source.checkpoint import LayerKind
 from neoxconv.verify import VerifyOptions, verify_model
 
 transformers = pytest.importorskip("transformers")
@@ -201,9 +203,9 @@ def _cat_then_split(key_prefix: str, spec: LlamaSpec):
 
 
 def _swap_gate_up(monkeypatch):
-    spec = merge_mod.LLAMA_MLP_GENERATIONS["linear1/linear2"]["mlp.linear1.weight"]
-    swapped = merge_mod.RuleSpec(spec.rule, None, spec.shape, split=spec.split, parts=spec.parts[::-1])
-    monkeypatch.setitem(merge_mod.LLAMA_MLP_GENERATIONS["linear1/linear2"], "mlp.linear1.weight", swapped)
+    spec = merge_mod.LLAMA_RULES[LayerKind.BLOCK]["mlp.linear1.weight"]
+    swapped = dataclasses.replace(spec, parts=spec.parts[::-1])
+    monkeypatch.setitem(merge_mod.LLAMA_RULES[LayerKind.BLOCK], "mlp.linear1.weight", swapped)
 
 
 def _gqa_split_on_mha(monkeypatch):

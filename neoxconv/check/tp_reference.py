@@ -14,15 +14,17 @@ cross-check of a 20B merge needs about one layer of memory on top of what ``veri
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from neoxconv.source.checkpoint import Checkpoint, LayerKind, open_checkpoint
+from neoxconv.source.checkpoint import Checkpoint, LayerKind, SourceLayer, open_checkpoint
 from neoxconv.config import GELU_TANH, LLAMA, NeoXConfig
 from neoxconv.layers import RotaryTables, apply_partial_rotary, causal_attention
+from neoxconv.merge import key_table
 from neoxconv.source.ptfile import TensorRef
 
 
@@ -68,10 +70,19 @@ def tensor_parallel_logits(src: Path, ids: list[int], *, row_bias: str = "auto",
     # the checks merge makes (keys, dtypes, every shard's shape against the config), so that a source that
     # does not fit its config is named here instead of failing inside a matmul
     layout = checkpoint_qkv_layout(ckpt, qkv_layout)
-    plan_checkpoint(ckpt, row_bias=Rule.SUM if row_bias == "sum" else Rule.REPLICATED, out_dtype=None, qkv=layout)
+    _, plans = plan_checkpoint(ckpt, row_bias=Rule.SUM if row_bias == "sum" else Rule.REPLICATED, out_dtype=None,
+                               qkv=layout)
+    generations = {p.layer.index: p.key_generation for p in plans}
+
+    def rank_tensors(layer: SourceLayer) -> list[dict[str, TensorRef]]:
+        """Each rank's tensors under the key table's own names, whichever key generation the files spell."""
+        table = key_table(ckpt.config, layer.kind, generations[layer.index])
+        return [{table[k].key: ref for k, ref in ckpt.tensors(layer, r).items() if k in table}
+                for r in range(ckpt.tp_degree)]
+
     if ckpt.config.architecture == LLAMA:
-        return _llama_tensor_parallel_logits(ckpt, ids, layout=layout), ckpt.config
-    config, T = ckpt.config, ckpt.tp_degree
+        return _llama_tensor_parallel_logits(ckpt, ids, layout=layout, rank_tensors=rank_tensors), ckpt.config
+    config = ckpt.config
     hd, eps = config.head_dim, config.layernorm_eps
     approximate = "tanh" if config.activation == GELU_TANH else "none"
     tokens = torch.tensor(ids)
@@ -102,7 +113,7 @@ def tensor_parallel_logits(src: Path, ids: list[int], *, row_bias: str = "auto",
     x = None
     logits_parts: list[torch.Tensor] = []
     for layer in ckpt.layers:
-        shards = [ckpt.tensors(layer, r) for r in range(T)]
+        shards = rank_tensors(layer)
         if layer.kind is LayerKind.EMBEDDING:
             x = torch.zeros(n, config.hidden_size)
             start = 0
@@ -129,8 +140,8 @@ def tensor_parallel_logits(src: Path, ids: list[int], *, row_bias: str = "auto",
         ckpt.release(layer)
     if config.tie_word_embeddings:  # readout is the embedding, vocab-parallel
         emb_layer = ckpt.layers[0]
-        logits_parts = [_linear_by_rows(x[r], ckpt.tensors(emb_layer, r)["word_embeddings.weight"])
-                        for r in range(T)]
+        logits_parts = [_linear_by_rows(x[r], shard["word_embeddings.weight"])
+                        for r, shard in enumerate(rank_tensors(emb_layer))]
     return torch.cat(logits_parts, dim=-1), config
 
 
@@ -140,7 +151,8 @@ def _rms(x: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
     return scale * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
 
 
-def _llama_tensor_parallel_logits(ckpt: Checkpoint, ids: list[int], *, layout) -> torch.Tensor:
+def _llama_tensor_parallel_logits(ckpt: Checkpoint, ids: list[int], *, layout,
+                                  rank_tensors: Callable[[SourceLayer], list[dict[str, TensorRef]]]) -> torch.Tensor:
     """What gpt-neox's ParallelSelfAttention / ParallelMLP compute on each rank, collectives simulated.
 
     Per rank (megatron/model/transformer.py): the local QKV output is viewed [np, 3, hn] without GQA, split
@@ -196,7 +208,7 @@ def _llama_tensor_parallel_logits(ckpt: Checkpoint, ids: list[int], *, layout) -
     finals: list[torch.Tensor] = []
     logits_parts: list[torch.Tensor] = []
     for layer in ckpt.layers:
-        shards = [ckpt.tensors(layer, r) for r in range(T)]
+        shards = rank_tensors(layer)
         if layer.kind is LayerKind.EMBEDDING:
             start = 0
             for shard in shards:  # VocabParallelEmbedding, then the all-reduce
@@ -216,6 +228,6 @@ def _llama_tensor_parallel_logits(ckpt: Checkpoint, ids: list[int], *, layout) -
             logits_parts = [F.linear(finals[r], _tensor(s["final_linear.weight"])) for r, s in enumerate(shards)]
         ckpt.release(layer)
     if config.tie_word_embeddings:
-        logits_parts = [F.linear(finals[r], _tensor(ckpt.tensors(ckpt.layers[0], r)["word_embeddings.weight"]))
-                        for r in range(T)]
+        logits_parts = [F.linear(finals[r], _tensor(shard["word_embeddings.weight"]))
+                        for r, shard in enumerate(rank_tensors(ckpt.layers[0]))]
     return torch.cat(logits_parts, dim=-1)

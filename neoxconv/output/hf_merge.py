@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from neoxconv import __version__
-from neoxconv.source.checkpoint import Checkpoint, open_checkpoint
+from neoxconv.source.checkpoint import Checkpoint, LayerKind, open_checkpoint
 from neoxconv.config import LLAMA, NeoXConfig
 from neoxconv.dtypes import canonical_dtype, count_nonfinite
 from neoxconv.errors import CheckpointError, ConfigError, MergeError, OutputError, UsageError
@@ -35,7 +35,7 @@ from neoxconv.plan.fingerprint import layer_fingerprint, source_identity
 from neoxconv.output.hashing import DEFAULT_HASH, check_algorithm, file_matches, with_hash
 from neoxconv.check.integrity import INDEX, MANIFEST
 from neoxconv.interrupt import InterruptGuard, deferred_sigint
-from neoxconv.merge import (LayerPlan, QkvLayout, Rule, TensorPlan, block_generation, iter_merged_chunks,
+from neoxconv.merge import (LayerPlan, QkvLayout, Rule, TensorPlan, detect_generations, iter_merged_chunks,
                             max_divergence, merge_tensor, plan_layer, read_checked, resolve_qkv_split,
                             resolve_row_bias)
 from neoxconv.output.folder import (JOURNAL, OutputLock, check_out_path, foreign_entries, load_state, make_out_dir,
@@ -322,8 +322,8 @@ def checkpoint_qkv_layout(ckpt: Checkpoint, choice: str = "auto") -> QkvLayout |
                               "GPT-NeoX models keep query_key_value fused")
         return None
     blocks = [layer for layer in ckpt.layers if layer.block is not None]
-    keys = set(ckpt.tensors(blocks[0], 0)) if blocks else None
-    layout = resolve_qkv_split(choice, ckpt.config, ckpt.tp_degree, block_generation(ckpt.config, keys))
+    found = detect_generations(ckpt.config, LayerKind.BLOCK, set(ckpt.tensors(blocks[0], 0)) if blocks else set())
+    layout = resolve_qkv_split(choice, ckpt.config, ckpt.tp_degree, found[0] if len(found) == 1 else None)
     if layout.assumed:
         log.warning("assumed QKV layout %s: %s", layout.split.value, layout.reason)
     return layout

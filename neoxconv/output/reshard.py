@@ -26,7 +26,6 @@ from neoxconv.interrupt import deferred_sigint
 from neoxconv.output.folder import check_out_path
 from neoxconv.merge import (
     LayerPlan, Rule, TensorPlan, iter_merged_chunks, max_divergence, merge_tensor, read_checked, resolve_row_bias,
-    rule_table,
 )
 from neoxconv.output.neox import TORCH_DTYPES, NeoXTarget, Shard, WriteReport, check_target, write_neox_checkpoint
 from neoxconv.source.storage import SourceReader
@@ -130,7 +129,7 @@ def reshard_checkpoint(src: Path, out: Path, options: ReshardOptions) -> WriteRe
                           t.out_dtype)
                 for t in plan.tensors}
         yield from shard_layer(layer, full, config=config, tp=options.tp, ranks=ranks, row_bias=row_bias,
-                               dtype=torch_dtype, table=rule_table(config, layer.kind, plan.key_generation),
+                               dtype=torch_dtype, generation=plan.key_generation,
                                qkv_split=None if qkv is None else qkv.split)  # the source's layout and key names
 
     config_sha = config_digest(config)

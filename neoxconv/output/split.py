@@ -1,6 +1,6 @@
 """`split_model`: a Hugging Face GPT-NeoX (or Llama) folder becomes a gpt-neox checkpoint at tensor-parallel degree T.
 
-The split runs the merge rule table (`neoxconv.merge.RULES`, NeoX key -> rule and Hugging Face name) backwards;
+The split runs the merge key table (`neoxconv.merge.key_table`, NeoX key -> rule and Hugging Face name) backwards;
 the inverse of each rule is declared once, in `SPLITTERS`, and buffers gpt-neox derives from the config are
 declared in `DERIVED`. A new architecture is a new rule table; these two tables stay as they are.
 
@@ -40,8 +40,8 @@ from neoxconv.errors import CheckpointError, ConfigError
 from neoxconv.plan.fingerprint import config_digest, file_fingerprint
 from neoxconv.check.integrity import checked_safetensors_header
 from neoxconv.interrupt import deferred_sigint
-from neoxconv.merge import (RULES, Rule, RuleSpec, Split, expected_shape, join_split, output_names, resolve_row_bias,
-                            rule_table, shape_of)
+from neoxconv.merge import (Rule, Split, expected_shape, join_split, key_table, output_names, resolve_row_bias,
+                            shape_of)
 from neoxconv.output.folder import check_out_path
 from neoxconv.source.tokenizer import checked_token_count
 from neoxconv.output.neox import TORCH_DTYPES, NeoXTarget, Shard, WriteReport, check_target, write_neox_checkpoint
@@ -80,14 +80,14 @@ DERIVED: dict[str, Callable[[NeoXConfig, torch.dtype], torch.Tensor]] = {
 
 def shard_layer(layer: SourceLayer, full: dict[str, torch.Tensor], *, config: NeoXConfig, tp: int,
                 ranks: list[int], row_bias: Rule, dtype: torch.dtype,
-                table: dict[str, RuleSpec] | None = None, qkv_split: Split | None = None) -> Iterator[Shard]:
-    """Rank shards of one source layer from its full tensors (NeoX keys), in the rule table's key order.
+                generation: str | None = None, qkv_split: Split | None = None) -> Iterator[Shard]:
+    """Rank shards of one source layer from its full tensors, in the key table's order.
 
-    ``table`` is the layer's rule table (default: GPT-NeoX's, ``RULES[layer.kind]``); another architecture
-    passes its own and reuses `SPLITTERS` / `DERIVED` unchanged. ``qkv_split``: the Llama-style QKV layout to
-    write (default: today's gpt-neox layout, `current_split`).
+    ``full`` and the shards are keyed as ``generation`` spells the keys (`merge.key_table`; None: the
+    architecture's first generation). ``qkv_split``: the Llama-style QKV layout to write (default: today's
+    gpt-neox layout, `current_split`).
     """
-    table = RULES[layer.kind] if table is None else table
+    table = key_table(config, layer.kind, generation)
     joined: dict[str, list[torch.Tensor]] = {}
     for key, spec in table.items():  # SPLIT_ROWS: every rank's rows from the parts, in gpt-neox's current layout
         if spec.rule is Rule.SPLIT_ROWS:
@@ -102,7 +102,7 @@ def shard_layer(layer: SourceLayer, full: dict[str, torch.Tensor], *, config: Ne
         shard: Shard = {}
         for key, spec in table.items():
             if spec.rule is Rule.DROP:
-                if key in DERIVED and config.architecture == GPT_NEOX:  # Llama-style: not saved by gpt-neox
+                if spec.key in DERIVED and config.architecture == GPT_NEOX:  # Llama-style: not saved by gpt-neox
                     shard[key] = DERIVED[key](config, dtype)
                 continue
             if spec.rule is Rule.SPLIT_ROWS:
@@ -127,10 +127,10 @@ def planned_bytes(config: NeoXConfig, tp: int, dtype: str, row_bias: Rule) -> in
     """Bytes of weights the split writes (replicated tensors count once per rank)."""
     total = 0
     for layer in model_layers(config, with_readout=not config.tie_word_embeddings):
-        for key, spec in rule_table(config, layer.kind).items():
+        for spec in key_table(config, layer.kind).values():
             rule = row_bias if spec.rule is Rule.ROW_BIAS else spec.rule
             if rule is Rule.DROP:
-                derived = key in DERIVED and config.architecture == GPT_NEOX
+                derived = spec.key in DERIVED and config.architecture == GPT_NEOX
                 total += tp * tensor_nbytes(dtype, (config.rotary_dims // 2,)) if derived else 0
                 continue
             if rule is Rule.SPLIT_ROWS:
@@ -215,7 +215,7 @@ class HFModel:
     def plan(self) -> tuple[NeoXConfig, dict[SourceLayer, dict[str, str]], str]:
         """Check every expected tensor (names, shapes, dtypes) at once; (config, {layer: {neox key: HF name}}, dtype)."""
         config = self.config
-        emb = self.tensors.get(rule_table(config, LayerKind.EMBEDDING)["word_embeddings.weight"].hf_name or "")
+        emb = self.tensors.get(key_table(config, LayerKind.EMBEDDING)["word_embeddings.weight"].hf_name or "")
         if emb is not None and len(emb.shape) == 2 and emb.shape[0] != config.vocab_size:
             log.info("embedding has %d rows, config.json says vocab_size %s; using the rows", emb.shape[0],
                      config.vocab_size)
@@ -226,7 +226,7 @@ class HFModel:
         expected: set[str] = set()
         for layer in layers:
             names[layer] = {}
-            for key, spec in rule_table(config, layer.kind).items():
+            for key, spec in key_table(config, layer.kind).items():
                 outputs = output_names(spec)  # SPLIT_ROWS: one HF tensor per part, read as key#part
                 for part, (template, shape) in enumerate(outputs):
                     name = template.format(i=layer.block)
@@ -335,7 +335,7 @@ def split_model(hf_dir: Path, out: Path, options: SplitOptions) -> WriteReport:
     def rank_shards(layer: SourceLayer, ranks: list[int]) -> Iterator[Shard]:
         full = hf.read_layer(names[layer], torch_dtype)  # one layer in memory
         yield from shard_layer(layer, full, config=config, tp=options.tp, ranks=ranks, row_bias=row_bias,
-                               dtype=torch_dtype, table=rule_table(config, layer.kind))
+                               dtype=torch_dtype)
 
     config_sha = config_digest(config)
     file_fps: dict[Path, dict[str, Any]] = {}
