@@ -30,13 +30,13 @@ from __future__ import annotations
 import enum
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from neoxconv.source.checkpoint import LayerKind, SourceLayer
 from neoxconv.config import GPT_NEOX, LLAMA, NeoXConfig
-from neoxconv.dtypes import FLOAT_DTYPES, from_f32, tensor_nbytes, to_f32
+from neoxconv.dtypes import FLOAT_DTYPES, from_f32, to_f32
 from neoxconv.errors import CheckpointError, ConfigError, MergeError
 from neoxconv.source.ptfile import NUMPY_DTYPES, TensorRef
 from neoxconv.source.storage import CHUNK_BYTES, SourceReader
@@ -440,14 +440,23 @@ def merge_tensor(rule: Rule, shards: list[np.ndarray], *, dtype: str, out_dtype:
 
 
 def split_tensor(rule: Rule, full: np.ndarray, parts: int) -> list[np.ndarray]:
-    """The inverse of `merge_tensor` for the concat and replicated rules (used to build fixtures)."""
+    """The inverse of `merge_tensor`: each of ``parts`` ranks' shard of ``full`` (views: copy what you keep).
+
+    CONCAT_ROWS / CONCAT_COLS: rank r gets its block of rows / columns. REPLICATED (and DROP): every rank the
+    whole tensor. SUM: rank 0 the whole tensor and the others zeros: b + 0 + ... + 0 == b exactly in any dtype
+    and summation order, for every T (dividing by T is exact only for powers of two, and not for fp16
+    subnormals); training then updates every rank's part by the same gradient, as gpt-neox does.
+    SPLIT_ROWS has its own inverse, `join_split`.
+    """
     if rule is Rule.CONCAT_ROWS:
         return list(np.split(full, parts, axis=0))
     if rule is Rule.CONCAT_COLS:
         return list(np.split(full, parts, axis=1))
     if rule in (Rule.REPLICATED, Rule.DROP):
-        return [full.copy() for _ in range(parts)]
-    raise ValueError(f"{rule} has no unique inverse (a sum can be split many ways)")
+        return [full] * parts
+    if rule is Rule.SUM:
+        return [full] + [np.zeros_like(full)] * (parts - 1)
+    raise ValueError(f"{rule} has no inverse here (resolve ROW_BIAS first; SPLIT_ROWS: join_split)")
 
 
 def same_bits(a: np.ndarray, b: np.ndarray) -> bool:
@@ -475,178 +484,22 @@ def max_divergence(shards: list[np.ndarray], dtype: str) -> float:
     return worst
 
 
-# ----- per-layer planning and validation --------------------------------------------------------------
-@dataclass
-class TensorPlan:
-    """How one output tensor is made: its rule, its shards, its output name, dtype and shape."""
-
-    key: str
-    hf_name: str
-    rule: Rule
-    shards: list[TensorRef]
-    src_dtype: str
-    out_dtype: str
-    shape: tuple[int, ...]
-    row_bias: bool = False  # a row-parallel bias (its rule came from --row-bias / the config)
-    segments: tuple[tuple[int, int], ...] = ()  # SPLIT_ROWS: (start, count) rows taken from every rank, in order
-    split: Split | None = None  # SPLIT_ROWS: the resolved split and which part of it this tensor is
-    part: int = 0
-
-    @property
-    def nbytes(self) -> int:
-        return tensor_nbytes(self.out_dtype, self.shape)
-
-    @property
-    def rule_label(self) -> str:
-        """The rule as the manifest records it."""
-        if self.split is None:
-            return self.rule.value
-        return f"{self.rule.value}:{self.split.value}[{self.part}]"
-
-
-@dataclass
-class LayerPlan:
-    layer: SourceLayer
-    files: list[str]
-    tensors: list[TensorPlan] = field(default_factory=list)
-    dropped: list[TensorPlan] = field(default_factory=list)
-    key_generation: str | None = None  # the key generation the files spell (None: no generation's own keys)
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.nbytes for t in self.tensors)
-
-
-def _merged_shape(rule: Rule, shapes: list[tuple[int, ...]]) -> tuple[int, ...] | None:
-    first = shapes[0]
-    if rule is Rule.CONCAT_ROWS:
-        if any(len(s) != len(first) or s[1:] != first[1:] for s in shapes) or not first:
-            return None
-        return (sum(s[0] for s in shapes), *first[1:])
-    if rule is Rule.CONCAT_COLS:
-        if any(len(s) != 2 for s in shapes) or any(s[0] != first[0] for s in shapes):
-            return None
-        return (first[0], sum(s[1] for s in shapes))
-    return first if all(s == first for s in shapes) else None
-
-
-def plan_layer(
-    layer: SourceLayer,
-    shards: list[dict[str, TensorRef]],
-    *,
-    files: list[str],
-    config: NeoXConfig,
-    row_bias: Rule,
-    out_dtype: str | None,
-    qkv_split: Split | None = None,
-) -> LayerPlan:
-    """Check a layer's shards against the rule table and config (metadata only); every problem at once.
-
-    ``out_dtype=None`` keeps each tensor's source dtype. ``qkv_split`` resolves `Split.QKV` (Llama-style).
-    """
-    problems: list[str] = []
-    bad_keys = False  # unknown/missing keys are a checkpoint problem; the rest are merge problems
-    plan = LayerPlan(layer=layer, files=files)
-    tp = len(shards)
-    plan.key_generation = layer_generation(config, layer, shards, files)
-    table = key_table(config, layer.kind, plan.key_generation)  # in the files' own spelling
-    for rank, shard in enumerate(shards):
-        unknown = sorted(set(shard) - set(table))
-        if unknown:
-            bad_keys = True
-            more = f" (+{len(unknown) - 8} more)" if len(unknown) > 8 else ""
-            problems.append(f"{files[rank]}: unknown key(s) {', '.join(map(repr, unknown[:8]))}{more} "
-                            f"in a {layer.kind.value} layer")
-        missing = sorted(k for k, spec in table.items() if not spec.optional and k not in shard)
-        if missing:
-            bad_keys = True
-            problems.append(f"{files[rank]}: missing key(s) {', '.join(map(repr, missing))}")
-    for key, spec in table.items():
-        present = [rank for rank, shard in enumerate(shards) if key in shard]
-        if not present or len(present) != tp:
-            if present and spec.optional:
-                problems.append(f"{key!r}: present on ranks {present} only, of {tp}")
-            continue
-        refs = [shards[r][key] for r in range(tp)]
-        rule = row_bias if spec.rule is Rule.ROW_BIAS else spec.rule
-        dtypes = {r.dtype for r in refs}
-        if len(dtypes) > 1:
-            per_rank = ", ".join(f"rank {i}: {r.dtype}" for i, r in enumerate(refs))
-            problems.append(f"{key!r}: dtype differs between ranks ({per_rank})")
-            continue
-        src_dtype = refs[0].dtype
-        if spec.rule is not Rule.DROP and src_dtype not in FLOAT_DTYPES:
-            problems.append(f"{key!r} in {files[0]}: dtype {src_dtype} is not a floating-point type")
-            continue
-        shapes = [r.shape for r in refs]
-        if any(s != shapes[0] for s in shapes):  # NeoX splits evenly: every rank's shard has one shape
-            per_rank = ", ".join(f"rank {i}: {list(s)}" for i, s in enumerate(shapes))
-            problems.append(f"{key!r}: shape differs between ranks ({per_rank})")
-            continue
-        if rule is Rule.SPLIT_ROWS:
-            split = qkv_split if spec.split is Split.QKV else spec.split
-            if split is None or split is Split.QKV:
-                raise ValueError("plan_layer needs qkv_split for a Llama-style QKV split")
-            try:
-                parts = _split_plans(key, spec, split, refs, layer, config, src_dtype, out_dtype or src_dtype)
-            except ValueError as e:
-                per_rank = ", ".join(f"rank {i}: {list(s)}" for i, s in enumerate(shapes))
-                problems.append(f"{key!r}: does not fit split {split.value} ({per_rank}): {e}")
-                continue
-            plan.tensors.extend(parts)
-            continue
-        merged = _merged_shape(rule, shapes)
-        if merged is None:
-            per_rank = ", ".join(f"rank {i}: {list(s)}" for i, s in enumerate(shapes))
-            problems.append(f"{key!r}: shapes do not fit rule {rule.value} ({per_rank})")
-            continue
-        if spec.shape == "mask" and not (len(merged) == 4 and merged[:2] == (1, 1) and merged[2] == merged[3]):
-            problems.append(f"{key!r}: shape {list(merged)}, expected a causal mask [1, 1, P, P]")
-            continue
-        if spec.shape == "scalar" and math.prod(merged) != 1:
-            problems.append(f"{key!r}: shape {list(merged)}, expected a single value")
-            continue
-        want = expected_shape(spec, config)
-        if spec.shape == "R" and merged != (config.rotary_dims // 2,):
-            problems.append(f"{key!r}: shape {list(merged)}, expected [{config.rotary_dims // 2}] (rotary dims / 2)")
-            continue
-        if want is not None and merged != want:
-            problems.append(
-                f"{key!r}: merged shape {list(merged)} (rule {rule.value} over {tp} ranks), config expects {list(want)}"
-            )
-            continue
-        tp_plan = TensorPlan(
-            key=key, hf_name=hf_name(spec, layer) or key, rule=rule, shards=refs,
-            src_dtype=src_dtype, out_dtype=out_dtype or src_dtype, shape=merged, row_bias=spec.rule is Rule.ROW_BIAS,
-        )
-        (plan.dropped if rule is Rule.DROP else plan.tensors).append(tp_plan)
-    if problems:
-        error = CheckpointError if bad_keys else MergeError
-        raise error(f"{layer.label}, {files[0]}{' ...' if tp > 1 else ''}: " + "; ".join(problems))
-    return plan
-
-
-def _split_plans(key: str, spec: RuleSpec, split: Split, refs: list[TensorRef], layer: SourceLayer,
-                 config: NeoXConfig, src_dtype: str, out_dtype: str) -> list[TensorPlan]:
-    """One plan per part of a SPLIT_ROWS key; raises ValueError when the shards do not fit the split."""
-    tp, shape = len(refs), refs[0].shape
-    if not shape:
-        raise ValueError("a scalar cannot be split by rows")
-    plans = []
-    for part, (name, part_shape) in enumerate(spec.parts):
-        segments = split_segments(split, part, shape[0], heads=config.num_heads // tp,
-                                  kv_heads=config.kv_heads // tp, head_dim=config.head_dim)
-        merged = (tp * sum(c for _, c in segments), *shape[1:])
-        want = shape_of(part_shape, config)
-        if want is not None and merged != want:
-            hint = (" (gpt-neox sizes it from intermediate_size or expansion_factor and mlp_multiple_of, which "
-                    "was 256 before 2024-09-10: check those settings)") if part_shape.startswith("F") else ""
-            raise ValueError(f"part {part} ({name.format(i=layer.block)}) would be {list(merged)}, "
-                             f"config expects {list(want)}{hint}")
-        plans.append(TensorPlan(
-            key=key, hf_name=name.format(i=layer.block), rule=Rule.SPLIT_ROWS, shards=refs, src_dtype=src_dtype,
-            out_dtype=out_dtype, shape=merged, segments=tuple(segments), split=split, part=part))
-    return plans
+def check_replicas(shards: list[np.ndarray], *, dtype: str, tolerance: float, key: str, ranks: list[str],
+                   where: str, row_bias: bool = False, derived: bool = False) -> float:
+    """How far a replicated tensor's rank copies diverge (`max_divergence`); a MergeError naming the key and
+    the rank files beyond ``tolerance``. ``derived`` buffers must be bit-identical; ``row_bias``: a row-parallel
+    bias merged as replicated (the error suggests --row-bias sum)."""
+    if derived:
+        if not all(same_bits(shards[0], s) for s in shards[1:]):
+            raise MergeError(f"{where}: derived buffer differs across ranks for {key!r} [{', '.join(ranks)}]")
+        return 0.0
+    divergence = max_divergence(shards, dtype)
+    if not divergence <= tolerance:
+        hint = (" (raise --replica-tolerance to accept it, or use --row-bias sum if this is a row-parallel bias)"
+                if row_bias else " (raise --replica-tolerance to accept it)")
+        raise MergeError(f"{where}: replicated tensor diverges across ranks for {key!r}: max |rank_k - rank_0| = "
+                         f"{divergence:.3g} > tolerance {tolerance:g} [{', '.join(ranks)}]{hint}")
+    return divergence
 
 
 # ----- streaming the merged bytes -----------------------------------------------------------------------
@@ -663,7 +516,7 @@ def read_checked(ref: TensorRef, key: str, reader: SourceReader | None = None) -
     return a
 
 
-def iter_merged_chunks(plan: TensorPlan, *, chunk_bytes: int = CHUNK_BYTES,
+def iter_merged_chunks(plan: TensorPlan, *, chunk_bytes: int = CHUNK_BYTES,  # noqa: F821 (plan.plan's TensorPlan: this moves to output.streaming)
                        reader: SourceReader | None = None) -> Iterator[np.ndarray]:
     """The merged tensor of a concat or split rule, as consecutive row blocks (bounded memory), CRC-checked by
     storage (a split reads each shard in several parts: each part is one planned read of it)."""

@@ -18,6 +18,7 @@ from llama_checkpoints import LlamaSpec, write_llama_checkpoint
 from neoxconv import config as config_mod
 from neoxconv.output import hf_merge as convert
 from neoxconv import merge as merge_mod
+from neoxconv.plan import plan as plan_mod
 from neoxconv.cli import main
 from neoxconv.config import NeoXConfig, gated_intermediate_size, llama_mlp_intermediate_size
 from neoxconv.output.hf_merge import MergeOptions, merge_checkpoint
@@ -209,7 +210,7 @@ def _swap_gate_up(monkeypatch):
 
 
 def _gqa_split_on_mha(monkeypatch):
-    monkeypatch.setattr(convert, "resolve_qkv_split",
+    monkeypatch.setattr(plan_mod, "resolve_qkv_split",
                         lambda *a: QkvLayout(Split.QKV_BLOCKS, False, "the GQA split applied to MHA"))
 
 

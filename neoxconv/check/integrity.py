@@ -3,22 +3,24 @@
 from __future__ import annotations
 
 import json
-import os
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from neoxconv.source.checkpoint import model_layers
 from neoxconv.config import NeoXConfig
-from neoxconv.dtypes import FROM_SAFETENSORS, tensor_nbytes
-from neoxconv.errors import CheckpointError, VerificationError
+from neoxconv.dtypes import FROM_SAFETENSORS
+from neoxconv.errors import CheckpointError, VerificationError, few
 from neoxconv.output.hashing import hash_file, recorded_hash
 from neoxconv.merge import output_shapes
+from neoxconv.source.safetensors_header import (  # noqa: F401 (the header reader moved to the source stage)
+    MAX_HEADER_BYTES, checked_safetensors_header, read_safetensors_header,
+)
+from neoxconv.source.safetensors_header import layout_problems as _layout_problems
+from neoxconv.source.safetensors_header import read_header as _read_header
 
 MANIFEST = "neoxconv.json"
 JOURNAL = ".neoxconv-journal.json"  # a merge in progress or interrupted
 INDEX = "model.safetensors.index.json"
-MAX_HEADER_BYTES = 100 << 20  # the largest safetensors header we read (a bound, not a format limit)
 
 
 @dataclass
@@ -47,89 +49,6 @@ def expected_tensors(config: NeoXConfig) -> dict[str, tuple[int, ...]]:
     for layer in model_layers(config, with_readout=not config.tie_word_embeddings):
         out.update(output_shapes(config, layer))  # type: ignore[arg-type]
     return out
-
-
-def read_safetensors_header(path: Path) -> dict:
-    return _read_header(path)[0]
-
-
-def checked_safetensors_header(path: Path) -> dict:
-    """The header of a safetensors file that safetensors itself would load: every entry well-formed, the
-    data offsets tiling the data exactly (`ValueError` naming the first problem otherwise)."""
-    header, data_len = _read_header(path)
-    problems = _layout_problems(Path(path).name, header, data_len)
-    if problems:
-        raise ValueError(problems[0])
-    return header
-
-
-def _read_header(path: Path) -> tuple[dict, int]:
-    """(header, bytes of tensor data after it)."""
-    with open(path, "rb") as f:
-        raw = f.read(8)
-        if len(raw) != 8:
-            raise ValueError("shorter than a safetensors header")
-        (n,) = struct.unpack("<Q", raw)
-        if n > MAX_HEADER_BYTES:
-            raise ValueError(f"header length {n} is implausible")
-        text = f.read(n)
-        data_len = os.fstat(f.fileno()).st_size - 8 - n
-    if len(text) != n:
-        raise ValueError(f"header length {n} runs past the end of the file")
-    if not text.startswith(b"{"):  # safetensors refuses anything else before the object
-        raise ValueError("header does not start with '{'")
-    try:
-        header = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
-    except RecursionError:
-        raise ValueError("header is nested too deeply") from None
-    if not isinstance(header, dict):
-        raise ValueError("header is not a JSON object")
-    meta = header.get("__metadata__")
-    if meta is not None and not (isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
-        raise ValueError("__metadata__ is not a table of strings, which safetensors refuses to load")
-    return header, data_len
-
-
-def _no_duplicates(pairs: list[tuple[str, object]]) -> dict:
-    """JSON readers disagree on which of two same-named entries counts: refuse the header instead."""
-    out: dict = {}
-    for key, value in pairs:
-        if key in out:
-            raise ValueError(f"header names {key!r:.80} twice")
-        out[key] = value
-    return out
-
-
-def _no_constant(name: str) -> None:
-    raise ValueError(f"header holds {name}, which is not JSON")
-
-
-def _layout_problems(file: str, header: dict, data_len: int) -> list[str]:
-    """Each tensor's data_offsets must match its dtype and shape, and together tile the data exactly
-    (no overlap, no gap, nothing past the end): what safetensors itself requires before loading."""
-    spans = []
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        if not isinstance(info, dict):
-            return [f"{file}: {name!r} has a malformed header entry"]
-        offsets, shape, dtype = info.get("data_offsets"), info.get("shape"), FROM_SAFETENSORS.get(info.get("dtype"))
-        if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int and o >= 0 for o in offsets)
-                and isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape) and dtype):
-            return [f"{file}: {name!r} has malformed data_offsets/shape/dtype in its header"]
-        if offsets[1] - offsets[0] != tensor_nbytes(dtype, tuple(shape)):
-            return [f"{file}: {name!r} spans {offsets[1] - offsets[0]} bytes, its shape and dtype need "
-                    f"{tensor_nbytes(dtype, tuple(shape))}"]
-        spans.append((offsets[0], offsets[1], name))
-    end = 0
-    for start, stop, name in sorted(spans):
-        if start != end:
-            what = "overlaps the previous tensor" if start < end else "leaves a gap before it"
-            return [f"{file}: {name!r} {what} (data_offsets start {start}, expected {end})"]
-        end = stop
-    if end != data_len:
-        return [f"{file}: the tensors cover {end} bytes of data, the file holds {data_len} (truncated or padded)"]
-    return []
 
 
 def _hash_mismatch(path: Path, entry: dict) -> tuple[str, bool] | None:
@@ -231,7 +150,7 @@ def check_output(out: Path, config: NeoXConfig, *, hashes: bool | None = None,
             report.not_proven.append(f"{', '.join(added)}: not in the manifest (added after the merge), not checked")
         unlisted = [f for f in index_files if f not in weights]
         if unlisted:
-            problems.append(f"{INDEX}: names {_few(unlisted)}, which the manifest does not list (added file?)")
+            problems.append(f"{INDEX}: names {few(unlisted)}, which the manifest does not list (added file?)")
     report.hashes_checked = manifest is not None and bool(hash_weights)
 
     expected = expected_tensors(config)
@@ -271,13 +190,13 @@ def check_output(out: Path, config: NeoXConfig, *, hashes: bool | None = None,
                 problems.append(f"{file}: {name!r} has dtype {info.get('dtype')!r}")
     phantom = sorted(f"{name!r:.80} (in {file})" for name, file in weight_map.items() if file in read and name not in seen)
     if phantom:
-        problems.append(f"{INDEX}: places tensors in files that do not hold them: {_few(phantom)}")
+        problems.append(f"{INDEX}: places tensors in files that do not hold them: {few(phantom)}")
     missing = sorted(set(expected) - set(seen))
     if missing:
-        problems.append(f"tensors missing from the safetensors files: {_few(missing, 8)}")
+        problems.append(f"tensors missing from the safetensors files: {few(missing, n=8)}")
     if problems:
         raise VerificationError(f"{out}: the merged model does not match its manifest/config: "
-                                + _few(problems, 12, "; "))
+                                + few(problems, n=12, sep="; "))
 
     headers = f"{len(index_files)} safetensors headers agree with config.json and {INDEX}"
     if manifest is None:
@@ -299,9 +218,3 @@ def check_output(out: Path, config: NeoXConfig, *, hashes: bool | None = None,
 def _plain(name: str) -> bool:
     """A plain file name inside the folder (never a path out of it)."""
     return bool(name) and name not in (".", "..") and Path(name).name == name
-
-
-def _few(items: list[str], n: int = 5, sep: str = ", ") -> str:
-    """At most ``n`` items and a count of the rest: error lines stay short whatever the input."""
-    shown = sep.join(str(i) for i in items[:n])
-    return shown + (f"{sep}and {len(items) - n} more" if len(items) > n else "")

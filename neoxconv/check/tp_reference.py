@@ -21,10 +21,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from neoxconv.source.checkpoint import Checkpoint, LayerKind, SourceLayer, open_checkpoint
+from neoxconv.source.checkpoint import Checkpoint, LayerKind, SourceLayer
 from neoxconv.config import GELU_TANH, LLAMA, NeoXConfig
 from neoxconv.layers import RotaryTables, apply_partial_rotary, causal_attention
-from neoxconv.merge import key_table
+from neoxconv.merge import Rule, Split, key_table
+from neoxconv.plan.plan import PlanOptions, plan_source
 from neoxconv.source.ptfile import TensorRef
 
 
@@ -61,18 +62,12 @@ def tensor_parallel_logits(src: Path, ids: list[int], *, row_bias: str = "auto",
     ``row_bias``: 'sum' (each rank adds its part before the all-reduce: NeoX with gpt_j_residual),
     'replicated' (full bias added once after the all-reduce), or 'auto' (follow the config).
     """
-    from neoxconv.output.hf_merge import checkpoint_qkv_layout, plan_checkpoint
-    from neoxconv.merge import Rule
-
-    ckpt = open_checkpoint(src, config_path=config_path)
-    if row_bias == "auto":
-        row_bias = "sum" if ckpt.config.parallel_residual else "replicated"
     # the checks merge makes (keys, dtypes, every shard's shape against the config), so that a source that
     # does not fit its config is named here instead of failing inside a matmul
-    layout = checkpoint_qkv_layout(ckpt, qkv_layout)
-    _, plans = plan_checkpoint(ckpt, row_bias=Rule.SUM if row_bias == "sum" else Rule.REPLICATED, out_dtype=None,
-                               qkv=layout)
-    generations = {p.layer.index: p.key_generation for p in plans}
+    plan = plan_source(src, PlanOptions(row_bias=row_bias, qkv_layout=qkv_layout, config_path=config_path))
+    ckpt, layout = plan.checkpoint, plan.qkv
+    row_bias = "sum" if plan.row_bias is Rule.SUM else "replicated"
+    generations = {p.layer.index: p.key_generation for p in plan.layers}
 
     def rank_tensors(layer: SourceLayer) -> list[dict[str, TensorRef]]:
         """Each rank's tensors under the key table's own names, whichever key generation the files spell."""
@@ -162,8 +157,6 @@ def _llama_tensor_parallel_logits(ckpt: Checkpoint, ids: list[int], *, layout,
     ``silu(w1) * w3`` into w2). Row-parallel outputs are summed (all-reduce) and their bias added once after
     (sequential residual: parallel_output is False).
     """
-    from neoxconv.merge import Split
-
     config, T = ckpt.config, ckpt.tp_degree
     split = layout.split if layout is not None else Split.QKV_PER_HEAD
     hd, eps = config.head_dim, config.layernorm_eps

@@ -25,7 +25,8 @@ import numpy as np
 from neoxconv.source.checksums import crc32
 from neoxconv.dtypes import NonFiniteCounter
 from neoxconv.errors import CheckpointError
-from neoxconv.merge import Rule, TensorPlan
+from neoxconv.merge import Rule
+from neoxconv.plan.plan import TensorPlan
 from neoxconv.source.ptfile import TensorRef
 from neoxconv.source.storage import pread_exactly
 from neoxconv.output.writer import SafetensorsWriter

@@ -28,8 +28,8 @@ from typing import Any
 
 from neoxconv.source.checkpoint import Checkpoint
 from neoxconv.errors import CheckpointError
-from neoxconv.check.integrity import MAX_HEADER_BYTES
-from neoxconv.merge import LayerPlan
+from neoxconv.plan.plan import LayerPlan
+from neoxconv.source.safetensors_header import MAX_HEADER_BYTES
 
 
 def source_identity(ckpt: Checkpoint) -> dict[str, Any]:

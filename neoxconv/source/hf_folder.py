@@ -1,0 +1,117 @@
+"""A Hugging Face model folder as `split` reads it: config.json and safetensors (one file or an index of
+shards), every header checked as safetensors checks it, never a pickle. What the folder must hold is planned
+by `neoxconv.plan.plan.plan_hf_folder` through the key table; this module only reads."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from neoxconv.config import NeoXConfig
+from neoxconv.dtypes import FROM_SAFETENSORS
+from neoxconv.errors import CheckpointError, ConfigError
+from neoxconv.source.safetensors_header import checked_safetensors_header
+
+if TYPE_CHECKING:  # torch stays off the merge path, which plans through neoxconv.plan
+    import torch
+
+
+@dataclass
+class HFTensor:
+    file: Path
+    dtype: str
+    shape: tuple[int, ...]
+
+
+class HFModel:
+    """A Hugging Face GPT-NeoX folder: config.json and safetensors (one file or an index of shards)."""
+
+    def __init__(self, folder: Path, *, tokenizer_path: Path | None = None) -> None:
+        self.folder = Path(folder)
+        if not self.folder.is_dir():
+            raise CheckpointError(f"{self.folder}: expected a Hugging Face model folder")
+        cfg = self.folder / "config.json"
+        if not cfg.is_file():
+            raise ConfigError(f"{self.folder}: no config.json (a Hugging Face GPT-NeoX folder has one)")
+        raw = _read_json(cfg, ConfigError)
+        if raw.get("model_type") not in (None, "gpt_neox", "llama"):
+            raise ConfigError(f"{cfg}: model_type {raw.get('model_type')!r}: split writes GPT-NeoX and Llama models")
+        if raw.get("model_type") in (None, "gpt_neox") and raw.get("attention_bias") is False:
+            raise ConfigError(f"{cfg}: attention_bias is false; GPT-NeoX checkpoints have attention biases")
+        self.config = NeoXConfig.from_hf_json(cfg)
+        self.tensors = self._scan()
+        self.tokenizer = self._find_tokenizer(tokenizer_path)
+
+    def _scan(self) -> dict[str, HFTensor]:
+        index = self.folder / "model.safetensors.index.json"
+        if index.is_file():
+            weight_map = _read_json(index, CheckpointError).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise CheckpointError(f"{index}: no 'weight_map' object")
+            files = sorted({self.folder / str(f) for f in weight_map.values()})
+        else:
+            files = sorted(self.folder.glob("*.safetensors"))
+        if not files:
+            pickles = sorted(p.name for p in self.folder.glob("*.bin"))
+            hint = (f" (found {', '.join(pickles)}: neoxconv never unpickles; save the model with "
+                    "safe_serialization=True)") if pickles else ""
+            raise CheckpointError(f"{self.folder}: no *.safetensors weights{hint}")
+        tensors: dict[str, HFTensor] = {}
+        for f in files:
+            if not f.is_file() or f.parent.resolve() != self.folder.resolve():
+                raise CheckpointError(f"{f}: listed in the index but not a file in {self.folder}")
+            try:
+                header = checked_safetensors_header(f)
+            except (OSError, ValueError) as e:
+                raise CheckpointError(f"{f}: not a readable safetensors file: {e}") from None
+            for name, info in header.items():
+                if name == "__metadata__":
+                    continue
+                if name in tensors:  # which copy a loader takes depends on the loader: refuse
+                    raise CheckpointError(f"{f}: holds {name!r}, which {tensors[name].file.name} holds too")
+                dtype = FROM_SAFETENSORS.get(str(info.get("dtype")))
+                if dtype is None:
+                    raise CheckpointError(f"{f}: {name!r} has dtype {info.get('dtype')!r}, which neoxconv does not read")
+                tensors[name] = HFTensor(f, dtype, tuple(int(s) for s in info.get("shape", [])))
+        return tensors
+
+    def _find_tokenizer(self, explicit: Path | None) -> Path | None:
+        if explicit is not None:
+            if not Path(explicit).is_file():
+                raise CheckpointError(f"{explicit}: no such tokenizer file")
+            return Path(explicit)
+        p = self.folder / "tokenizer.json"
+        return p if p.is_file() else None
+
+    def read_layer(self, names: dict[str, str], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """{NeoX key: tensor} for one layer's HF names, cast to ``dtype``.
+
+        Each file is opened for this call only: a safetensors handle keeps its whole file mapped, and mapped
+        pages that were read count as resident memory until the mapping goes (with the layer's tensors).
+        """
+        from safetensors import SafetensorError, safe_open
+
+        by_file: dict[Path, list[tuple[str, str]]] = {}
+        for key, name in names.items():
+            by_file.setdefault(self.tensors[name].file, []).append((key, name))
+        out: dict[str, torch.Tensor] = {}
+        for file, items in by_file.items():
+            try:
+                with safe_open(str(file), framework="pt") as f:
+                    for key, name in items:
+                        out[key] = f.get_tensor(name).to(dtype)  # maps the file until the layer is dropped
+            except (OSError, SafetensorError) as e:
+                raise CheckpointError(f"{file}: cannot read the tensors of {', '.join(n for _, n in items)}: {e}") from None
+        return out
+
+
+def _read_json(path: Path, error: type) -> dict[str, Any]:
+    try:
+        d = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise error(f"{path}: not readable JSON: {e}") from None
+    if not isinstance(d, dict):
+        raise error(f"{path}: expected a JSON object")
+    return d
