@@ -167,3 +167,30 @@ def test_ranks_of_different_key_generations_in_one_layer_are_refused(source, old
     for cmd in (("merge", "-q", tmp_path / "mixed", tmp_path / "out"), ("inspect", tmp_path / "mixed"),
                 ("reshard", "-q", tmp_path / "mixed", tmp_path / "re", "--tp", 1)):
         one_line_error(cli(*cmd), 4, "layer 02", "generations mixed", "layer_02-model_00", "layer_02-model_01")
+
+
+# ----- issue 18: a sequential key that aliases a real one (torch.load keeps them apart) -------------------
+@pytest.mark.parametrize("alias", ["sequential.2.attention.dense.weight\n",  # the issue's bytes
+                                   "sequential.02.attention.dense.weight",  # a leading zero
+                                   "sequential.\u0662.attention.dense.weight",  # Arabic-Indic two
+                                   "sequential.\uff12.attention.dense.weight",  # fullwidth two
+                                   "sequential.2.attention.dense.weight ",  # trailing space
+                                   "sequential.+2.attention.dense.weight",  # int() accepts a sign
+                                   "sequential.2_0.attention.dense.weight"])  # and underscores
+@pytest.mark.parametrize("rank", [0, 1])
+def test_a_sequential_key_that_aliases_a_real_one_is_refused(alias, rank, tmp_path):
+    from conftest import one_line_error
+
+    write_llama_checkpoint(tmp_path / "src", LlamaSpec(tp=2, heads=8, kv_heads=4, qkv="blocked", layout="sequential"))
+    path = tmp_path / "src" / "global_step10" / f"mp_rank_{rank:02d}_model_states.pt"
+    state = torch.load(path, weights_only=True)
+    real = state["module"]["sequential.2.attention.dense.weight"]
+    state["module"][alias] = -real  # before: it replaced the real tensor; merge exit 0, a negated projection
+    torch.save(state, path)
+    assert set(torch.load(path, weights_only=True)["module"]) >= {alias, "sequential.2.attention.dense.weight"}
+    for cmd in (("merge", "-q", "--qkv-layout", "blocked", tmp_path / "src", tmp_path / "out"),
+                ("inspect", "--qkv-layout", "blocked", tmp_path / "src"),
+                ("reshard", "-q", "--qkv-layout", "blocked", tmp_path / "src", tmp_path / "re", "--tp", 1)):
+        line = one_line_error(cli(*cmd), 4, path.name, repr(alias))
+        assert "\n" not in line and alias not in line.replace(repr(alias), "")  # escaped, never raw
+    assert not any((tmp_path / "out").glob("*.safetensors")) if (tmp_path / "out").exists() else True

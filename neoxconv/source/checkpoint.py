@@ -27,7 +27,10 @@ log = logging.getLogger(__name__)
 
 _PIPE_FILE = re.compile(r"^layer_(\d+)-model_(\d+)-model_states\.pt$")
 _SEQ_FILE = re.compile(r"^mp_rank_(\d+)_model_states\.pt$")
-_SEQ_KEY = re.compile(r"^sequential\.(\d+)\.(.+)$")
+# A sequential key exactly as gpt-neox writes it (fullmatch, ASCII digits, no leading zeros, a plain module path):
+# one key, one (layer, name). A looser parse maps several keys torch.load keeps apart onto one tensor
+# ("sequential.02.x", "sequential.\u0662.x", "sequential.2.x\n" all read as layer 2's "x").
+_SEQ_KEY = re.compile(r"sequential\.(0|[1-9][0-9]{0,5})\.([A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z0-9_]+)*)", re.ASCII)
 
 
 class LayerKind(enum.Enum):
@@ -103,9 +106,14 @@ class Checkpoint:
             return archive.tensors()
         out = {}
         for key, ref in archive.tensors(("module",)).items():
-            m = _SEQ_KEY.match(key)
-            if m and int(m.group(1)) == layer.index:
-                out[m.group(2)] = ref
+            m = _SEQ_KEY.fullmatch(key)
+            if m is None:
+                raise CheckpointError(
+                    f"{path}: module key {key[:120]!r} is not 'sequential.<layer>.<name>' as gpt-neox writes it "
+                    "(ASCII digits without leading zeros, a plain module path); torch.load keeps it as a key of its "
+                    "own, so it cannot be read as any layer's tensor")
+            if int(m.group(1)) == layer.index:
+                out[m.group(2)] = ref  # canonical: no two keys give the same (layer, name)
         return out
 
     def release(self, layer: SourceLayer) -> None:
