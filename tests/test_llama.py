@@ -84,8 +84,10 @@ def test_gqa_tp2_fp32_equals_transformers_logits_and_greedy_ids(build, tmp_path)
     assert merged.config.num_key_value_heads == 2 and merged.config.rms_norm_eps == 1e-8
     assert _rel(_hf_logits(merged), _hf_logits(hf)) <= 1e-5
     # greedy ids: neoxconv's own layers (KV cache holding 2 kv heads) == transformers' generate
+    # the layout stated to verify (the generator wrote blocked rows): the merge only assumed it, and
+    # verify --against does not pass on an assumption
     report = verify_model(out, VerifyOptions(ids=tuple(PROMPT), max_new_tokens=10, device="cpu", against=root,
-                                             reference="hf"))
+                                             reference="hf", qkv_layout="blocked"))
     assert report.ok, [c for c in report.checks if not c.passed]
     want = hf.generate(torch.tensor([PROMPT]), max_new_tokens=10, do_sample=False, eos_token_id=None,
                        pad_token_id=0)[0, len(PROMPT):].tolist()
@@ -148,7 +150,7 @@ def test_interleaved_linear1_checkpoint_needs_the_option_and_verify_tells(build,
 
 def test_sequential_layout_tied_embeddings_and_biases(build, tmp_path):
     spec = LlamaSpec(tp=2, heads=4, kv_heads=2, tied=True, bias=True, layout="sequential")
-    root, hf, out = _merged(build, tmp_path, spec)
+    root, hf, out = _merged(build, tmp_path, spec, qkv_layout="blocked")  # stated, as above
     config = json.loads((out / "config.json").read_text())
     assert config["tie_word_embeddings"] is True and config["attention_bias"] and config["mlp_bias"]
     assert _rel(_hf_logits(_load(out)), _hf_logits(hf)) <= 1e-5
@@ -495,7 +497,8 @@ def test_split_of_a_llama_folder_is_gpt_neox_s_layout_and_merges_back_bit_for_bi
             assert set(got) == set(w), (idx, r)
             for key in w:
                 assert torch.equal(got[key], w[key]), (idx, r, key)
-    merge_checkpoint(tmp_path / "neox", tmp_path / "back", MergeOptions(quiet=True))
+    stated = {"qkv_layout": "blocked"} if spec.kv_heads != spec.heads else {}  # split writes blocked GQA rows
+    merge_checkpoint(tmp_path / "neox", tmp_path / "back", MergeOptions(quiet=True, **stated))
     a, b = _safetensors(out), _safetensors(tmp_path / "back")
     assert set(a) == set(b) and all(torch.equal(a[n], b[n]) and a[n].dtype == b[n].dtype for n in a)
     report = verify_model(tmp_path / "back", VerifyOptions(ids=tuple(PROMPT), max_new_tokens=2, device="cpu",

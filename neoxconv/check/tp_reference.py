@@ -14,7 +14,9 @@ cross-check of a 20B merge needs about one layer of memory on top of what ``veri
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,9 +25,11 @@ import torch.nn.functional as F
 
 from neoxconv.source.checkpoint import Checkpoint, LayerKind, SourceLayer
 from neoxconv.config import GELU_TANH, LLAMA, NeoXConfig
+from neoxconv.errors import ConfigError
+from neoxconv.check.integrity import MANIFEST
 from neoxconv.layers import RotaryTables, apply_partial_rotary, causal_attention
 from neoxconv.merge import Rule, Split, key_table
-from neoxconv.plan.plan import PlanOptions, plan_source
+from neoxconv.plan.plan import PlanOptions, SourcePlan, plan_source
 from neoxconv.source.ptfile import TensorRef
 
 
@@ -51,7 +55,6 @@ def _ln(x: torch.Tensor, shard: dict[str, TensorRef], prefix: str, eps: float) -
     return F.layer_norm(x, x.shape[-1:], _tensor(shard[prefix + ".weight"]), _tensor(shard[prefix + ".bias"]), eps)
 
 
-@torch.inference_mode()
 def tensor_parallel_logits(src: Path, ids: list[int], *, row_bias: str = "auto",
                            config_path: Path | None = None, qkv_layout: str = "auto") -> tuple[torch.Tensor, NeoXConfig]:
     """Logits (T, V) fp32 of the tensor-parallel model at ``src`` on ``ids``, one layer in memory at a time.
@@ -65,6 +68,12 @@ def tensor_parallel_logits(src: Path, ids: list[int], *, row_bias: str = "auto",
     # the checks merge makes (keys, dtypes, every shard's shape against the config), so that a source that
     # does not fit its config is named here instead of failing inside a matmul
     plan = plan_source(src, PlanOptions(row_bias=row_bias, qkv_layout=qkv_layout, config_path=config_path))
+    return _simulate(plan, ids), plan.config
+
+
+@torch.inference_mode()
+def _simulate(plan: SourcePlan, ids: list[int]) -> torch.Tensor:
+    """`tensor_parallel_logits` of a planned source."""
     ckpt, layout = plan.checkpoint, plan.qkv
     row_bias = "sum" if plan.row_bias is Rule.SUM else "replicated"
     generations = {p.layer.index: p.key_generation for p in plan.layers}
@@ -76,7 +85,7 @@ def tensor_parallel_logits(src: Path, ids: list[int], *, row_bias: str = "auto",
                 for r in range(ckpt.tp_degree)]
 
     if ckpt.config.architecture == LLAMA:
-        return _llama_tensor_parallel_logits(ckpt, ids, layout=layout, rank_tensors=rank_tensors), ckpt.config
+        return _llama_tensor_parallel_logits(ckpt, ids, layout=layout, rank_tensors=rank_tensors)
     config = ckpt.config
     hd, eps = config.head_dim, config.layernorm_eps
     approximate = "tanh" if config.activation == GELU_TANH else "none"
@@ -137,7 +146,92 @@ def tensor_parallel_logits(src: Path, ids: list[int], *, row_bias: str = "auto",
         emb_layer = ckpt.layers[0]
         logits_parts = [_linear_by_rows(x[r], shard["word_embeddings.weight"])
                         for r, shard in enumerate(rank_tensors(emb_layer))]
-    return torch.cat(logits_parts, dim=-1), config
+    return torch.cat(logits_parts, dim=-1)
+
+
+# ----- which QKV layout the comparison rests on ---------------------------------------------------------
+_LAYOUT_CHOICE = {Split.QKV_BLOCKS.value: "blocked", Split.QKV_INTERLEAVED.value: "interleaved"}
+EVIDENCE_NATS = 0.5  # a layout "fits" the source when the prompt costs this much less per token under it
+
+
+@dataclass(frozen=True)
+class AgainstReference:
+    """The simulated forward that `verify --against` compares with, and what its QKV layout rests on."""
+
+    logits: torch.Tensor  # (T, V) fp32, under ``layout``
+    layout: str | None  # 'blocked' | 'interleaved' for Llama-style GQA, else None
+    trusted: bool  # False: the layout is an assumption the source does not confirm (never a plain pass)
+    note: str = ""  # what the layout rests on, for the check's detail
+
+
+def recorded_qkv_layout(out: Path) -> dict | None:
+    """The QKV layout the merge of ``out`` recorded in its manifest ({split, assumed, reason}), or None."""
+    try:
+        recorded = json.loads((Path(out) / MANIFEST).read_text()).get("qkv_layout")
+    except (OSError, ValueError, AttributeError, RecursionError):
+        return None
+    return recorded if isinstance(recorded, dict) and isinstance(recorded.get("split"), str) else None
+
+
+def prompt_nats(logits: torch.Tensor, ids: list[int]) -> float | None:
+    """Mean next-token cross-entropy (nats per token) of the prompt under ``logits`` (None: under 2 tokens)."""
+    if len(ids) < 2:
+        return None
+    return float(F.cross_entropy(logits[:-1].float(), torch.tensor(ids[1:])))
+
+
+def against_reference(src: Path, ids: list[int], *, out: Path, row_bias: str = "auto",
+                      config_path: Path | None = None, qkv_layout: str = "auto") -> AgainstReference:
+    """The tensor-parallel forward to compare the merged ``out`` with, under the QKV layout the merge used.
+
+    ``qkv_layout`` other than 'auto' is the user's statement and is used as given. Otherwise the layout the
+    merge recorded in ``out``'s manifest is used (never a fresh guess that may differ from it). When that
+    layout was itself an assumption (GQA with ``mlp.linear1`` keys: gpt-neox laid the rows out either way in
+    2024), both layouts are simulated and the prompt's cross-entropy under each says which one the source
+    fits; if it does not tell them apart, the comparison is not trusted: a pass would rest on the guess.
+    """
+    in_manifest = recorded_qkv_layout(out)
+    recorded = in_manifest if qkv_layout == "auto" else None
+    choice = _LAYOUT_CHOICE.get(recorded["split"], "auto") if recorded else qkv_layout
+    try:
+        plan = plan_source(src, PlanOptions(row_bias=row_bias, qkv_layout=choice, config_path=config_path))
+    except ConfigError as e:
+        if not recorded:
+            raise
+        # the merge recorded a layout this source cannot have: compare as merge decides it, and fail
+        plan = plan_source(src, PlanOptions(row_bias=row_bias, config_path=config_path))
+        layout = _LAYOUT_CHOICE.get(plan.qkv.split.value, plan.qkv.split.value) if plan.qkv else None
+        return AgainstReference(_simulate(plan, ids), layout, False,
+                                f"the merge recorded QKV layout {recorded['split']}, which this source cannot have "
+                                f"({e}); compared with the source's own ({layout})")
+    logits = _simulate(plan, ids)
+    layout = _LAYOUT_CHOICE.get(plan.qkv.split.value) if plan.qkv is not None else None
+    assumed = bool(recorded.get("assumed")) if recorded else (plan.qkv is not None and plan.qkv.assumed)
+    if layout is None or not assumed:
+        if qkv_layout != "auto":
+            merged = _LAYOUT_CHOICE.get(in_manifest["split"]) if in_manifest else None
+            source = "as --qkv-layout states" + (f" (the merge recorded {merged})" if merged and merged != layout
+                                                 else "")
+        else:
+            source = "as the merge recorded it" if recorded else ""
+        return AgainstReference(logits, layout, True, f"QKV layout {layout} {source}".rstrip() if layout else "")
+    other = "interleaved" if layout == "blocked" else "blocked"
+    other_logits = _simulate(plan_source(src, PlanOptions(row_bias=row_bias, qkv_layout=other,
+                                                          config_path=config_path)), ids)
+    nats = {layout: prompt_nats(logits, ids), other: prompt_nats(other_logits, ids)}
+    shown = ", ".join(f"{k} {v:.3f}" for k, v in nats.items() if v is not None)
+    if nats[layout] is not None and nats[other] is not None and abs(nats[layout] - nats[other]) >= EVIDENCE_NATS:
+        fits = min(nats, key=nats.__getitem__)
+        if fits == layout:
+            return AgainstReference(logits, layout, True, f"QKV layout {layout} was assumed by the merge; the "
+                                    f"source fits it (prompt nats/token: {shown})")
+        return AgainstReference(logits, layout, False, f"the merge ASSUMED QKV layout {layout}, but the source fits "
+                                f"{other} (prompt nats/token: {shown}): re-merge with --qkv-layout {other}")
+    return AgainstReference(logits, layout, False, (
+        f"the merge ASSUMED QKV layout {layout} and this prompt cannot tell {layout} from {other} "
+        f"({'prompt nats/token: ' + shown if shown else 'a prompt of one token'}): not a pass; re-merge with "
+        "--qkv-layout blocked|interleaved as the gpt-neox version that trained it says (interleaved 2024-02.."
+        "2024-11), or verify with --qkv-layout to state it"))
 
 
 # ----- Llama-style models (gpt-neox norm: rmsnorm, activation: swiglu, num_kv_heads) ------------------------
