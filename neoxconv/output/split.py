@@ -35,12 +35,12 @@ import torch
 
 from neoxconv.config import GPT_NEOX, NeoXConfig
 from neoxconv.dtypes import canonical_dtype, tensor_nbytes
-from neoxconv.errors import ConfigError
+from neoxconv.errors import CheckpointError, ConfigError
 from neoxconv.interrupt import deferred_sigint
 from neoxconv.merge import Rule, Split, expected_shape, join_split, key_table, resolve_row_bias, shape_of, split_tensor
 from neoxconv.output.folder import check_out_path
 from neoxconv.plan.fingerprint import config_digest, file_fingerprint
-from neoxconv.plan.plan import part_key, plan_hf_folder
+from neoxconv.plan.plan import FolderPlan, part_key, plan_hf_folder
 from neoxconv.source.checkpoint import SourceLayer, model_layers
 from neoxconv.source.hf_folder import HFModel
 from neoxconv.source.tokenizer import checked_token_count
@@ -135,6 +135,29 @@ def tokenizer_size(path: Path | None, rows: int | None) -> int | None:
     return None if path is None else checked_token_count(path, rows)
 
 
+def check_dropped_tensors(hf: HFModel, planned: FolderPlan) -> None:
+    """What split drops must be what the config derives: saved rotary buffers must hold the config's
+    frequencies, and a readout present beside tie_word_embeddings must equal the embedding (never dropped
+    silently: transformers 5 keeps a different one untied, transformers 4 ties it, so the folder is ambiguous)."""
+    config, where = planned.config, hf.folder / "config.json"
+    for name in planned.rotary_buffers:
+        got = hf.read_tensor(name)
+        want = rotary_inv_freq(config, got.dtype)
+        close = got.shape == want.shape and bool(torch.allclose(
+            got.float(), want.float(), rtol=2 * torch.finfo(got.dtype).eps if got.is_floating_point() else 0, atol=0))
+        if not close:
+            raise ConfigError(
+                f"{where}: {name!r} holds rotary frequencies {list(got.shape)} that the config does not give "
+                f"(head_dim {config.head_dim}, rotary dims {config.rotary_dims}, base {config.rotary_emb_base:g}: "
+                f"{want.shape[0]} values 1/base^(2i/d)); check rope_theta / rotary_pct in config.json")
+    for name in planned.tied_readouts:
+        if not hf.same_values(planned.embedding, name):
+            raise CheckpointError(
+                f"{where}: tie_word_embeddings is true, but {name!r} differs from {planned.embedding!r} (transformers 5 "
+                f"then uses {name!r} untied, transformers 4 ties it to {planned.embedding!r}); set tie_word_embeddings "
+                f"to false in config.json to keep {name!r} as the readout, or remove it from the folder to tie them")
+
+
 # ----- the job ---------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class SplitOptions:
@@ -162,6 +185,7 @@ def split_model(hf_dir: Path, out: Path, options: SplitOptions) -> WriteReport:
     hf = HFModel(hf_dir, tokenizer_path=options.tokenizer_path)
     planned = plan_hf_folder(hf)
     config, names, src_dtype = planned.config, planned.names, planned.dtype
+    check_dropped_tensors(hf, planned)
     if options.dtype == "auto":
         if src_dtype == "mixed":
             raise ConfigError(f"{hf_dir}: the weights have mixed dtypes; choose one with --dtype fp16|bf16|fp32")

@@ -312,7 +312,12 @@ def plan_checkpoint(ckpt: Checkpoint, *, row_bias: Rule, out_dtype: str | None,
 
 
 # ----- a Hugging Face folder (for split) ----------------------------------------------------------------
-_HF_DERIVED_SUFFIXES = (".attention.rotary_emb.inv_freq", ".attention.bias", ".attention.masked_bias")
+# Buffers that some transformers versions saved and that follow from the config: not weights, not written.
+# rotary inv_freq: GPT-NeoX (gpt_neox.layers.{i}.attention.rotary_emb) and Llama before transformers 4.31
+# (model.layers.{i}.self_attn.rotary_emb), checked against the config by `split`; causal-mask buffers.
+_HF_ROTARY_SUFFIX = ".rotary_emb.inv_freq"
+_HF_DERIVED_SUFFIXES = (_HF_ROTARY_SUFFIX, ".attention.bias", ".attention.masked_bias")
+_HF_READOUTS = ("embed_out.weight", "lm_head.weight")  # the readout's names (transformers 4 and 5 GPT-NeoX, Llama)
 
 
 @dataclass
@@ -322,6 +327,10 @@ class FolderPlan:
     config: NeoXConfig  # vocab_size from the embedding's rows
     names: dict[SourceLayer, dict[str, str]]  # SPLIT_ROWS parts are read as ``key#part`` (`part_key`)
     dtype: str  # the weights' dtype, or "mixed"
+    embedding: str = ""  # the embedding's Hugging Face name
+    rotary_buffers: tuple[str, ...] = ()  # saved inv_freq buffers: dropped once they match the config
+    tied_readouts: tuple[str, ...] = ()  # readouts present although tie_word_embeddings is true: dropped only
+    # when they equal the embedding (transformers 5 keeps a different one untied, transformers 4 ties it)
 
 
 def part_key(key: str, part: int) -> str:
@@ -332,7 +341,8 @@ def part_key(key: str, part: int) -> str:
 def plan_hf_folder(hf: HFModel) -> FolderPlan:
     """Check every expected tensor of ``hf`` (names, shapes, dtypes) against the key table, all at once."""
     config = hf.config
-    emb = hf.tensors.get(key_table(config, LayerKind.EMBEDDING)["word_embeddings.weight"].hf_name or "")
+    emb_name = key_table(config, LayerKind.EMBEDDING)["word_embeddings.weight"].hf_name or ""
+    emb = hf.tensors.get(emb_name)
     if emb is not None and len(emb.shape) == 2 and emb.shape[0] != config.vocab_size:
         log.info("embedding has %d rows, config.json says vocab_size %s; using the rows", emb.shape[0],
                  config.vocab_size)
@@ -358,8 +368,8 @@ def plan_hf_folder(hf: HFModel) -> FolderPlan:
                     problems.append(f"{name!r} has shape {list(t.shape)}, config.json implies {list(want)}")
                 if t.dtype not in FLOAT_DTYPES:
                     problems.append(f"{name!r} has dtype {t.dtype}, not a floating-point type")
-    ignorable = {"embed_out.weight", "lm_head.weight"} if config.tie_word_embeddings else set()
-    unknown = sorted(n for n in hf.tensors if n not in expected and n not in ignorable
+    tied_readouts = tuple(n for n in _HF_READOUTS if n in hf.tensors) if config.tie_word_embeddings else ()
+    unknown = sorted(n for n in hf.tensors if n not in expected and n not in tied_readouts
                      and not n.endswith(_HF_DERIVED_SUFFIXES))
     if unknown:
         shown = ", ".join(map(repr, unknown[:8])) + (f" and {len(unknown) - 8} more" if len(unknown) > 8 else "")
@@ -367,4 +377,6 @@ def plan_hf_folder(hf: HFModel) -> FolderPlan:
     if problems:
         raise CheckpointError(f"{hf.folder}: " + "; ".join(problems))
     dtypes = {hf.tensors[n].dtype for n in expected}
-    return FolderPlan(config, names, dtypes.pop() if len(dtypes) == 1 else "mixed")
+    rotary = tuple(sorted(n for n in hf.tensors if n.endswith(_HF_ROTARY_SUFFIX)))
+    return FolderPlan(config, names, dtypes.pop() if len(dtypes) == 1 else "mixed", embedding=emb_name,
+                      rotary_buffers=rotary, tied_readouts=tied_readouts)

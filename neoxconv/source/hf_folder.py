@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from neoxconv.config import NeoXConfig
-from neoxconv.dtypes import FROM_SAFETENSORS
+from neoxconv.dtypes import FROM_SAFETENSORS, tensor_nbytes
 from neoxconv.errors import CheckpointError, ConfigError
 from neoxconv.source.safetensors_header import checked_safetensors_header
 
@@ -106,6 +106,34 @@ class HFModel:
                 raise CheckpointError(f"{file}: cannot read the tensors of {', '.join(n for _, n in items)}: {e}") from None
         return out
 
+
+    def read_tensor(self, name: str) -> torch.Tensor:
+        """One (small) tensor as stored, in its own dtype."""
+        return self.read_layer({name: name}, self._torch_dtype(name))[name]
+
+    def same_values(self, a: str, b: str, *, block_bytes: int = 64 << 20) -> bool:
+        """True when tensors ``a`` and ``b`` hold the same dtype, shape and bits (read a block of rows at a time)."""
+        import torch
+        from safetensors import safe_open
+
+        ta, tb = self.tensors[a], self.tensors[b]
+        if (ta.dtype, ta.shape) != (tb.dtype, tb.shape):
+            return False
+        if not ta.shape:
+            return bool(self.read_tensor(a).view(-1).equal(self.read_tensor(b).view(-1)))
+        step = max(1, block_bytes // max(1, tensor_nbytes(ta.dtype, ta.shape[1:])))
+        with safe_open(str(ta.file), framework="pt") as fa, safe_open(str(tb.file), framework="pt") as fb:
+            sa, sb = fa.get_slice(a), fb.get_slice(b)
+            for i in range(0, ta.shape[0], step):  # compared as raw bits: -0.0 != 0.0, NaN == same NaN
+                x, y = sa[i:i + step], sb[i:i + step]
+                if not x.contiguous().view(torch.uint8).equal(y.contiguous().view(torch.uint8)):
+                    return False
+        return True
+
+    def _torch_dtype(self, name: str) -> torch.dtype:
+        import torch
+
+        return getattr(torch, self.tensors[name].dtype)
 
 def _read_json(path: Path, error: type) -> dict[str, Any]:
     try:
