@@ -51,7 +51,9 @@ def main() -> None:
                      intermediate=args.intermediate, vocab=args.vocab, max_positions=2048, dtype=torch.float16)
     t = time.perf_counter()
     write_llama_checkpoint(work / "src", spec)
-    merge_checkpoint(work / "src", work / "out", MergeOptions(quiet=True, force=True))
+    # the generator writes [Q|K|V] blocks: stated, since verify --against never passes on an assumed layout
+    merge_checkpoint(work / "src", work / "out", MergeOptions(quiet=True, force=True,
+                     qkv_layout="blocked" if args.kv_heads != args.heads else "auto"))
     print(f"# built and merged {args.layers} layers at hidden {args.hidden} in {time.perf_counter() - t:.1f} s")
 
     config = load_out_config(work / "out")

@@ -160,7 +160,7 @@ def inspect(src: Path, config_path: Path | None, out: Path | None, dtype: str, r
     missing (after printing what was found).
     """
     from neoxconv.errors import CheckpointError
-    from neoxconv.plan.describe import format_inspect, inspect_checkpoint
+    from neoxconv.output.describe import format_inspect, inspect_checkpoint
 
     info = inspect_checkpoint(src, config_path=config_path, out=out, dtype=dtype, row_bias=row_bias,
                               qkv_layout=qkv_layout)

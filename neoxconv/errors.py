@@ -51,3 +51,9 @@ class OutputError(NeoXConvError):
 
 class VerificationError(NeoXConvError):
     exit_code = 7
+
+
+def few(items: list, *, n: int = 5, sep: str = ", ") -> str:
+    """At most ``n`` items and a count of the rest: an error line stays short however many things are wrong."""
+    shown = sep.join(str(i) for i in items[:n])
+    return shown + (f"{sep}and {len(items) - n} more" if len(items) > n else "")

@@ -18,24 +18,24 @@ How T tensor-parallel shards become one tensor (see DESIGN.md section 2):
 Row-parallel biases are ``ROW_BIAS`` in the table and resolve to SUM or REPLICATED by option/config; the QKV
 split of Llama-style models is ``Split.QKV`` in the table and resolves by config and ``--qkv-layout``.
 
-One table per architecture and key generation (`rule_table`): GPT-NeoX (``RULES``, 20B-style) and
-Llama-style (``LLAMA_RULES``: RMSNorm ``scale``, gated MLP as ``mlp.linear1/linear2`` since gpt-neox 2024-09
-or ``mlp.w1/w2/w3`` before, optional biases).
+One key table per architecture: GPT-NeoX (``RULES``, 20B-style) and Llama-style (``LLAMA_RULES``: RMSNorm
+``scale``, gated MLP as ``mlp.linear1/linear2`` since gpt-neox 2024-09 or ``mlp.w1/w2/w3`` before, optional
+biases). Each row carries its key generations (aliases, or the generations that have it), whether it is
+optional and the config flag it needs; `key_table` gives a layer kind's rows in a source's own spelling, and
+every command that reads or writes NeoX keys goes through it.
 """
 
 from __future__ import annotations
 
 import enum
-import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from neoxconv.source.checkpoint import LayerKind, SourceLayer
-from neoxconv.config import LLAMA, NeoXConfig
-from neoxconv.dtypes import FLOAT_DTYPES, from_f32, tensor_nbytes, to_f32
+from neoxconv.config import GPT_NEOX, LLAMA, NeoXConfig
+from neoxconv.dtypes import FLOAT_DTYPES, from_f32, to_f32
 from neoxconv.errors import CheckpointError, ConfigError, MergeError
-from neoxconv.source.ptfile import TensorRef
 
 
 class Rule(str, enum.Enum):
@@ -61,15 +61,49 @@ class Split(str, enum.Enum):
 
 @dataclass(frozen=True)
 class RuleSpec:
+    """One row of an architecture's key table (as mergekit's ``WeightInfo``): how the tensor merges, what it
+    is called in Hugging Face, its merged shape, and under which key it appears in which key generation."""
+
     rule: Rule
     hf_name: str | None  # "{i}" is the transformer block number; None for dropped and split keys
     shape: str  # merged shape in config terms: V vocab, H hidden, F ffn, KV kv heads x head_dim
     split: Split | None = None  # SPLIT_ROWS: how each rank's rows divide
     parts: tuple[tuple[str, str], ...] = ()  # SPLIT_ROWS: (hf_name, shape) of each part, in the split's order
+    aliases: tuple[tuple[str, str], ...] = ()  # (key generation, key): where a generation spells it otherwise
+    generations: tuple[str, ...] = ()  # the key generations that have this tensor (empty: every one)
+    optional: bool = False  # may be absent (buffers only some writers save)
     when: str | None = None  # a NeoXConfig flag that must be true for the key to exist (e.g. "mlp_bias")
+    key: str = ""  # the row's own key in the table (filled in by `key_table`)
+
+    def spelled(self, key: str, generation: str) -> str | None:
+        """This row's key (``key`` in the table) as ``generation`` spells it; None: that generation has none."""
+        if self.generations and generation not in self.generations:
+            return None
+        return dict(self.aliases).get(generation, key)
 
 
+@dataclass(frozen=True)
+class KeyTable:
+    """One architecture: its rows per layer kind, keyed by the table's own key, and its key generations."""
+
+    architecture: str
+    generations: tuple[str, ...]  # every key generation; the first is the one `split` writes
+    layers: dict[LayerKind, dict[str, RuleSpec]]
+
+
+# GPT-NeoX key generations: gpt-neox renamed the GELU MLP's projections in 2024-09 (same math, same Hugging
+# Face names): mlp.dense_h_to_4h/dense_4h_to_h (the 20B release) became mlp.linear1/linear2.
+NEOX_20B_KEYS, NEOX_LINEAR_KEYS = "dense_h_to_4h/dense_4h_to_h", "linear1/linear2"
 _BLOCK = "gpt_neox.layers.{i}."
+_LINEAR12 = {"dense_h_to_4h": "linear1", "dense_4h_to_h": "linear2"}
+
+
+def _renamed(key: str) -> tuple[tuple[str, str], ...]:
+    """The ``linear1/linear2`` spelling of a 20B MLP key."""
+    module, _, param = key.removeprefix("mlp.").partition(".")
+    return ((NEOX_LINEAR_KEYS, f"mlp.{_LINEAR12[module]}.{param}"),)
+
+
 RULES: dict[LayerKind, dict[str, RuleSpec]] = {
     LayerKind.EMBEDDING: {
         "word_embeddings.weight": RuleSpec(Rule.CONCAT_ROWS, "gpt_neox.embed_in.weight", "V,H"),
@@ -83,14 +117,18 @@ RULES: dict[LayerKind, dict[str, RuleSpec]] = {
         "attention.dense.bias": RuleSpec(Rule.ROW_BIAS, _BLOCK + "attention.dense.bias", "H"),
         "post_attention_layernorm.weight": RuleSpec(Rule.REPLICATED, _BLOCK + "post_attention_layernorm.weight", "H"),
         "post_attention_layernorm.bias": RuleSpec(Rule.REPLICATED, _BLOCK + "post_attention_layernorm.bias", "H"),
-        "mlp.dense_h_to_4h.weight": RuleSpec(Rule.CONCAT_ROWS, _BLOCK + "mlp.dense_h_to_4h.weight", "F,H"),
-        "mlp.dense_h_to_4h.bias": RuleSpec(Rule.CONCAT_ROWS, _BLOCK + "mlp.dense_h_to_4h.bias", "F"),
-        "mlp.dense_4h_to_h.weight": RuleSpec(Rule.CONCAT_COLS, _BLOCK + "mlp.dense_4h_to_h.weight", "H,F"),
-        "mlp.dense_4h_to_h.bias": RuleSpec(Rule.ROW_BIAS, _BLOCK + "mlp.dense_4h_to_h.bias", "H"),
-        # derived buffers, deliberately not written
-        "attention.rotary_emb.inv_freq": RuleSpec(Rule.DROP, None, "R"),
-        "attention.bias": RuleSpec(Rule.DROP, None, "mask"),  # causal mask [1, 1, P, P]
-        "attention.masked_bias": RuleSpec(Rule.DROP, None, "scalar"),
+        "mlp.dense_h_to_4h.weight": RuleSpec(Rule.CONCAT_ROWS, _BLOCK + "mlp.dense_h_to_4h.weight", "F,H",
+                                             aliases=_renamed("mlp.dense_h_to_4h.weight")),
+        "mlp.dense_h_to_4h.bias": RuleSpec(Rule.CONCAT_ROWS, _BLOCK + "mlp.dense_h_to_4h.bias", "F",
+                                           aliases=_renamed("mlp.dense_h_to_4h.bias")),
+        "mlp.dense_4h_to_h.weight": RuleSpec(Rule.CONCAT_COLS, _BLOCK + "mlp.dense_4h_to_h.weight", "H,F",
+                                             aliases=_renamed("mlp.dense_4h_to_h.weight")),
+        "mlp.dense_4h_to_h.bias": RuleSpec(Rule.ROW_BIAS, _BLOCK + "mlp.dense_4h_to_h.bias", "H",
+                                           aliases=_renamed("mlp.dense_4h_to_h.bias")),
+        # derived buffers, deliberately not written; saved by some writers only
+        "attention.rotary_emb.inv_freq": RuleSpec(Rule.DROP, None, "R", optional=True),
+        "attention.bias": RuleSpec(Rule.DROP, None, "mask", optional=True),  # causal mask [1, 1, P, P]
+        "attention.masked_bias": RuleSpec(Rule.DROP, None, "scalar", optional=True),
     },
     LayerKind.FINAL_NORM: {
         "norm.weight": RuleSpec(Rule.REPLICATED, "gpt_neox.final_layer_norm.weight", "H"),
@@ -100,32 +138,12 @@ RULES: dict[LayerKind, dict[str, RuleSpec]] = {
         "final_linear.weight": RuleSpec(Rule.CONCAT_ROWS, "embed_out.weight", "V,H"),
     },
 }
-OPTIONAL_KEYS = {"attention.rotary_emb.inv_freq", "attention.bias", "attention.masked_bias"}
 
-# Key generations: one rule table, several spellings. gpt-neox renamed the GELU MLP's projections in
-# 2024-09 (same math, same Hugging Face names). Each generation maps the rule table's key to the key its
-# files hold (keys not listed are spelled the same); the generation is detected from each file's keys.
-KEY_GENERATIONS: dict[str, dict[str, str]] = {
-    "dense_h_to_4h/dense_4h_to_h": {},  # gpt-neox before 2024-09, the 20B release
-    "linear1/linear2": {  # gpt-neox since 2024-09: linear1 column-parallel, linear2 row-parallel
-        "mlp.dense_h_to_4h.weight": "mlp.linear1.weight",
-        "mlp.dense_h_to_4h.bias": "mlp.linear1.bias",
-        "mlp.dense_4h_to_h.weight": "mlp.linear2.weight",
-        "mlp.dense_4h_to_h.bias": "mlp.linear2.bias",
-    },
-}
-_RENAMED = {k for aliases in KEY_GENERATIONS.values() for k in aliases}
-
-
-def detect_key_generations(keys: set[str]) -> list[str]:
-    """The key generations whose distinctive keys appear in ``keys`` (none for layers without renamed keys)."""
-    found = []
-    for name, aliases in KEY_GENERATIONS.items():
-        distinctive = set(aliases.values()) if aliases else _RENAMED
-        if keys & distinctive:
-            found.append(name)
-    return found
-
+# Llama-style key generations of the gated MLP. gpt-neox since 2024-09 (ParallelMLP, gated): linear1 =
+# [up | gate] per rank, linear2 row-parallel. 2023-05 .. 2024-09 (mlp_type: llama, LLaMAParallelMLP, no
+# biases): silu(w1(x)) * w3(x) -> w2, so w1 is the gate, w3 the up projection. Different math, so different
+# rows, each in its own generation.
+LLAMA_GATED_KEYS, LLAMA_W123_KEYS = "linear1/linear2", "w1/w2/w3"
 _L = "model.layers.{i}."
 
 
@@ -138,61 +156,86 @@ def _qkv(kind: str) -> RuleSpec:
 
 def _gated(kind: str) -> RuleSpec:
     dim = ",H" if kind == "weight" else ""
-    return RuleSpec(Rule.SPLIT_ROWS, None, "*", split=Split.GATED_HALVES, when=None if kind == "weight" else "mlp_bias",
+    return RuleSpec(Rule.SPLIT_ROWS, None, "*", split=Split.GATED_HALVES, generations=(LLAMA_GATED_KEYS,),
+                    when=None if kind == "weight" else "mlp_bias",
                     parts=((_L + f"mlp.up_proj.{kind}", "F" + dim), (_L + f"mlp.gate_proj.{kind}", "F" + dim)))
 
 
-_LLAMA_ATTENTION = {
-    "input_layernorm.scale": RuleSpec(Rule.REPLICATED, _L + "input_layernorm.weight", "H"),
-    "attention.query_key_value.weight": _qkv("weight"),
-    "attention.query_key_value.bias": _qkv("bias"),
-    "attention.dense.weight": RuleSpec(Rule.CONCAT_COLS, _L + "self_attn.o_proj.weight", "H,H"),
-    "attention.dense.bias": RuleSpec(Rule.ROW_BIAS, _L + "self_attn.o_proj.bias", "H", when="attention_bias"),
-    "post_attention_layernorm.scale": RuleSpec(Rule.REPLICATED, _L + "post_attention_layernorm.weight", "H"),
-    "attention.rotary_emb.inv_freq": RuleSpec(Rule.DROP, None, "R"),  # saved only with rotary_save_freqs_buffer
-}
-# Key generations of the gated MLP. gpt-neox since 2024-09 (ParallelMLP, gated): linear1 = [up | gate] per
-# rank, linear2 row-parallel. 2023-05 .. 2024-09 (mlp_type: llama, LLaMAParallelMLP, no biases):
-# silu(w1(x)) * w3(x) -> w2, so w1 is the gate, w3 the up projection.
-LLAMA_MLP_GENERATIONS: dict[str, dict[str, RuleSpec]] = {
-    "linear1/linear2": {
-        "mlp.linear1.weight": _gated("weight"),
-        "mlp.linear1.bias": _gated("bias"),
-        "mlp.linear2.weight": RuleSpec(Rule.CONCAT_COLS, _L + "mlp.down_proj.weight", "H,F"),
-        "mlp.linear2.bias": RuleSpec(Rule.ROW_BIAS, _L + "mlp.down_proj.bias", "H", when="mlp_bias"),
-    },
-    "w1/w2/w3": {
-        "mlp.w1.weight": RuleSpec(Rule.CONCAT_ROWS, _L + "mlp.gate_proj.weight", "F,H"),
-        "mlp.w3.weight": RuleSpec(Rule.CONCAT_ROWS, _L + "mlp.up_proj.weight", "F,H"),
-        "mlp.w2.weight": RuleSpec(Rule.CONCAT_COLS, _L + "mlp.down_proj.weight", "H,F"),
-    },
-}
 LLAMA_RULES: dict[LayerKind, dict[str, RuleSpec]] = {
     LayerKind.EMBEDDING: {"word_embeddings.weight": RuleSpec(Rule.CONCAT_ROWS, "model.embed_tokens.weight", "V,H")},
-    LayerKind.BLOCK: {**_LLAMA_ATTENTION, **LLAMA_MLP_GENERATIONS["linear1/linear2"]},
+    LayerKind.BLOCK: {
+        "input_layernorm.scale": RuleSpec(Rule.REPLICATED, _L + "input_layernorm.weight", "H"),
+        "attention.query_key_value.weight": _qkv("weight"),
+        "attention.query_key_value.bias": _qkv("bias"),
+        "attention.dense.weight": RuleSpec(Rule.CONCAT_COLS, _L + "self_attn.o_proj.weight", "H,H"),
+        "attention.dense.bias": RuleSpec(Rule.ROW_BIAS, _L + "self_attn.o_proj.bias", "H", when="attention_bias"),
+        "post_attention_layernorm.scale": RuleSpec(Rule.REPLICATED, _L + "post_attention_layernorm.weight", "H"),
+        # saved only with rotary_save_freqs_buffer
+        "attention.rotary_emb.inv_freq": RuleSpec(Rule.DROP, None, "R", optional=True),
+        "mlp.linear1.weight": _gated("weight"),
+        "mlp.linear1.bias": _gated("bias"),
+        "mlp.linear2.weight": RuleSpec(Rule.CONCAT_COLS, _L + "mlp.down_proj.weight", "H,F",
+                                       generations=(LLAMA_GATED_KEYS,)),
+        "mlp.linear2.bias": RuleSpec(Rule.ROW_BIAS, _L + "mlp.down_proj.bias", "H", generations=(LLAMA_GATED_KEYS,),
+                                     when="mlp_bias"),
+        "mlp.w1.weight": RuleSpec(Rule.CONCAT_ROWS, _L + "mlp.gate_proj.weight", "F,H", generations=(LLAMA_W123_KEYS,)),
+        "mlp.w3.weight": RuleSpec(Rule.CONCAT_ROWS, _L + "mlp.up_proj.weight", "F,H", generations=(LLAMA_W123_KEYS,)),
+        "mlp.w2.weight": RuleSpec(Rule.CONCAT_COLS, _L + "mlp.down_proj.weight", "H,F", generations=(LLAMA_W123_KEYS,)),
+    },
     LayerKind.FINAL_NORM: {"norm.scale": RuleSpec(Rule.REPLICATED, "model.norm.weight", "H")},
     LayerKind.READOUT: {"final_linear.weight": RuleSpec(Rule.CONCAT_ROWS, "lm_head.weight", "V,H")},
 }
 
 
-def block_generation(config: NeoXConfig, keys: set[str] | None) -> str:
-    """The key generation a block's keys are written in (the current one when ``keys`` is None)."""
-    if config.architecture != LLAMA:
-        found = detect_key_generations(keys or set())
-        return found[0] if found else "dense_h_to_4h/dense_4h_to_h"
-    if keys is not None and any(k.startswith("mlp.w1.") or k.startswith("mlp.w3.") for k in keys):
-        return "w1/w2/w3"
-    return "linear1/linear2"
+def architecture_table(config: NeoXConfig) -> KeyTable:
+    """The key table of this config's architecture (GPT-NeoX or Llama-style)."""
+    if config.architecture == LLAMA:
+        return KeyTable(LLAMA, (LLAMA_GATED_KEYS, LLAMA_W123_KEYS), LLAMA_RULES)
+    return KeyTable(GPT_NEOX, (NEOX_20B_KEYS, NEOX_LINEAR_KEYS), RULES)
 
 
-def rule_table(config: NeoXConfig, kind: LayerKind, generation: str | None = None) -> dict[str, RuleSpec]:
-    """The rules of one layer kind for this config's architecture and key generation, biases per the config."""
-    if config.architecture != LLAMA:
-        return RULES[kind]
-    table = LLAMA_RULES[kind]
-    if kind is LayerKind.BLOCK:
-        table = {**_LLAMA_ATTENTION, **LLAMA_MLP_GENERATIONS[generation or "linear1/linear2"]}
-    return {k: s for k, s in table.items() if s.when is None or getattr(config, s.when)}
+def key_table(config: NeoXConfig, kind: LayerKind, generation: str | None = None) -> dict[str, RuleSpec]:
+    """THE table: the rows of one layer kind as ``generation`` spells their keys (None: the architecture's first
+    generation, the one `split` writes), leaving out rows that generation or this config does not have.
+
+    Keyed by the source's own key; each row's ``key`` is the table's key for it (the same across generations).
+    """
+    arch = architecture_table(config)
+    generation = generation or arch.generations[0]
+    if generation not in arch.generations:
+        raise ValueError(f"{arch.architecture} has no key generation {generation!r} (it has {arch.generations})")
+    out: dict[str, RuleSpec] = {}
+    for key, spec in arch.layers[kind].items():
+        spelled = spec.spelled(key, generation)
+        if spelled is not None and (spec.when is None or getattr(config, spec.when)):
+            out[spelled] = replace(spec, key=key)
+    return out
+
+
+def detect_generations(config: NeoXConfig, kind: LayerKind, keys: set[str]) -> list[str]:
+    """The key generations whose own spellings (keys no other generation has) appear in ``keys``: none for
+    layers without such keys, one for a consistent layer, several for a layer of mixed generations."""
+    arch = architecture_table(config)
+    spellings = {g: {spec.spelled(k, g) for k, spec in arch.layers[kind].items()} - {None}
+                 for g in arch.generations}
+    found = []
+    for g, own in spellings.items():
+        others = set().union(*(s for h, s in spellings.items() if h != g))
+        if keys & (own - others):
+            found.append(g)
+    return found
+
+
+def layer_generation(config: NeoXConfig, layer: SourceLayer, shards: list[dict], files: list[str]) -> str | None:
+    """The key generation every rank of ``layer`` spells (None: the keys belong to no generation alone).
+
+    Ranks or keys of different generations in one layer are a CheckpointError naming each file's.
+    """
+    found = [detect_generations(config, layer.kind, set(shard)) for shard in shards]
+    if any(len(g) > 1 for g in found) or len({tuple(g) for g in found}) > 1:
+        per_rank = ", ".join(f"{files[r]}: {' + '.join(g) or 'none'}" for r, g in enumerate(found))
+        raise CheckpointError(f"{layer.label}: MLP key names of different gpt-neox generations mixed ({per_rank})")
+    return found[0][0] if found and found[0] else None
 
 
 def output_names(spec: RuleSpec) -> list[tuple[str, str]]:
@@ -205,7 +248,7 @@ def output_names(spec: RuleSpec) -> list[tuple[str, str]]:
 def output_shapes(config: NeoXConfig, layer: SourceLayer) -> dict[str, tuple[int, ...] | None]:
     """Hugging Face name -> merged shape of every tensor written for ``layer``."""
     out: dict[str, tuple[int, ...] | None] = {}
-    for spec in rule_table(config, layer.kind).values():
+    for spec in key_table(config, layer.kind).values():
         for name, shape in output_names(spec):
             out[name.format(i=layer.block)] = shape_of(shape, config)
     return out
@@ -222,7 +265,7 @@ class QkvLayout:
     reason: str
 
 
-def resolve_qkv_split(choice: str, config: NeoXConfig, tp_degree: int, generation: str) -> QkvLayout:
+def resolve_qkv_split(choice: str, config: NeoXConfig, tp_degree: int, generation: str | None) -> QkvLayout:
     """How each rank's ``attention.query_key_value`` rows are laid out (Llama-style models).
 
     gpt-neox uses GQA only when num_kv_heads is set and differs from the head count; otherwise every rank's
@@ -244,7 +287,7 @@ def resolve_qkv_split(choice: str, config: NeoXConfig, tp_degree: int, generatio
             raise ConfigError(f"--qkv-layout interleaved is impossible for {config.num_heads} heads, {config.kv_heads} "
                               f"kv heads, head_dim {config.head_dim} at TP {tp_degree} (gpt-neox could not run it)")
         return QkvLayout(Split.QKV_INTERLEAVED, False, "--qkv-layout interleaved")
-    if generation == "w1/w2/w3":
+    if generation == LLAMA_W123_KEYS:
         return QkvLayout(Split.QKV_INTERLEAVED, False,
                          "GQA with mlp.w1/w2/w3 keys: gpt-neox 2024-02..2024-09, rows interleaved per query head")
     if not _interleave_fits(config, tp_degree):
@@ -393,14 +436,23 @@ def merge_tensor(rule: Rule, shards: list[np.ndarray], *, dtype: str, out_dtype:
 
 
 def split_tensor(rule: Rule, full: np.ndarray, parts: int) -> list[np.ndarray]:
-    """The inverse of `merge_tensor` for the concat and replicated rules (used to build fixtures)."""
+    """The inverse of `merge_tensor`: each of ``parts`` ranks' shard of ``full`` (views: copy what you keep).
+
+    CONCAT_ROWS / CONCAT_COLS: rank r gets its block of rows / columns. REPLICATED (and DROP): every rank the
+    whole tensor. SUM: rank 0 the whole tensor and the others zeros: b + 0 + ... + 0 == b exactly in any dtype
+    and summation order, for every T (dividing by T is exact only for powers of two, and not for fp16
+    subnormals); training then updates every rank's part by the same gradient, as gpt-neox does.
+    SPLIT_ROWS has its own inverse, `join_split`.
+    """
     if rule is Rule.CONCAT_ROWS:
         return list(np.split(full, parts, axis=0))
     if rule is Rule.CONCAT_COLS:
         return list(np.split(full, parts, axis=1))
     if rule in (Rule.REPLICATED, Rule.DROP):
-        return [full.copy() for _ in range(parts)]
-    raise ValueError(f"{rule} has no unique inverse (a sum can be split many ways)")
+        return [full] * parts
+    if rule is Rule.SUM:
+        return [full] + [np.zeros_like(full)] * (parts - 1)
+    raise ValueError(f"{rule} has no inverse here (resolve ROW_BIAS first; SPLIT_ROWS: join_split)")
 
 
 def same_bits(a: np.ndarray, b: np.ndarray) -> bool:
@@ -428,187 +480,19 @@ def max_divergence(shards: list[np.ndarray], dtype: str) -> float:
     return worst
 
 
-# ----- per-layer planning and validation --------------------------------------------------------------
-@dataclass
-class TensorPlan:
-    """How one output tensor is made: its rule, its shards, its output name, dtype and shape."""
-
-    key: str
-    hf_name: str
-    rule: Rule
-    shards: list[TensorRef]
-    src_dtype: str
-    out_dtype: str
-    shape: tuple[int, ...]
-    row_bias: bool = False  # a row-parallel bias (its rule came from --row-bias / the config)
-    segments: tuple[tuple[int, int], ...] = ()  # SPLIT_ROWS: (start, count) rows taken from every rank, in order
-    split: Split | None = None  # SPLIT_ROWS: the resolved split and which part of it this tensor is
-    part: int = 0
-
-    @property
-    def nbytes(self) -> int:
-        return tensor_nbytes(self.out_dtype, self.shape)
-
-    @property
-    def rule_label(self) -> str:
-        """The rule as the manifest records it."""
-        if self.split is None:
-            return self.rule.value
-        return f"{self.rule.value}:{self.split.value}[{self.part}]"
-
-
-@dataclass
-class LayerPlan:
-    layer: SourceLayer
-    files: list[str]
-    tensors: list[TensorPlan] = field(default_factory=list)
-    dropped: list[TensorPlan] = field(default_factory=list)
-    key_generation: str | None = None  # which KEY_GENERATIONS spelling the files use (None: no renamed keys)
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.nbytes for t in self.tensors)
-
-
-def _merged_shape(rule: Rule, shapes: list[tuple[int, ...]]) -> tuple[int, ...] | None:
-    first = shapes[0]
-    if rule is Rule.CONCAT_ROWS:
-        if any(len(s) != len(first) or s[1:] != first[1:] for s in shapes) or not first:
-            return None
-        return (sum(s[0] for s in shapes), *first[1:])
-    if rule is Rule.CONCAT_COLS:
-        if any(len(s) != 2 for s in shapes) or any(s[0] != first[0] for s in shapes):
-            return None
-        return (first[0], sum(s[1] for s in shapes))
-    return first if all(s == first for s in shapes) else None
-
-
-def plan_layer(
-    layer: SourceLayer,
-    shards: list[dict[str, TensorRef]],
-    *,
-    files: list[str],
-    config: NeoXConfig,
-    row_bias: Rule,
-    out_dtype: str | None,
-    qkv_split: Split | None = None,
-) -> LayerPlan:
-    """Check a layer's shards against the rule table and config (metadata only); every problem at once.
-
-    ``out_dtype=None`` keeps each tensor's source dtype. ``qkv_split`` resolves `Split.QKV` (Llama-style).
-    """
-    generation = block_generation(config, set(shards[0])) if layer.kind is LayerKind.BLOCK else None
-    table = rule_table(config, layer.kind, generation)
-    problems: list[str] = []
-    bad_keys = False  # unknown/missing keys are a checkpoint problem; the rest are merge problems
-    plan = LayerPlan(layer=layer, files=files)
-    tp = len(shards)
-    if config.architecture == LLAMA:  # one table per key generation (LLAMA_MLP_GENERATIONS), no aliases
-        plan.key_generation, aliases = generation, {}
-    else:
-        generations = [detect_key_generations(set(shard)) for shard in shards]
-        if any(len(g) > 1 for g in generations) or len({tuple(g) for g in generations}) > 1:
-            per_rank = ", ".join(f"{files[r]}: {' + '.join(g) or 'none'}" for r, g in enumerate(generations))
-            raise CheckpointError(f"{layer.label}: MLP key names of different gpt-neox generations mixed ({per_rank})")
-        plan.key_generation = generations[0][0] if generations and generations[0] else None
-        aliases = KEY_GENERATIONS.get(plan.key_generation or "", {})
-    inverse = {v: k for k, v in aliases.items()}
-    shards = [{inverse.get(k, k): ref for k, ref in shard.items()} for shard in shards]  # rule-table keys
-    for rank, shard in enumerate(shards):
-        unknown = sorted(set(shard) - set(table))
-        if unknown:
-            bad_keys = True
-            more = f" (+{len(unknown) - 8} more)" if len(unknown) > 8 else ""
-            problems.append(f"{files[rank]}: unknown key(s) {', '.join(map(repr, unknown[:8]))}{more} "
-                            f"in a {layer.kind.value} layer")
-        missing = sorted(aliases.get(k, k) for k in set(table) - OPTIONAL_KEYS - set(shard))
-        if missing:
-            bad_keys = True
-            problems.append(f"{files[rank]}: missing key(s) {', '.join(map(repr, missing))}")
-    for table_key, spec in table.items():
-        key = aliases.get(table_key, table_key)  # as the files spell it, for messages and the manifest
-        present = [rank for rank, shard in enumerate(shards) if table_key in shard]
-        if not present or len(present) != tp:
-            if present and table_key in OPTIONAL_KEYS:
-                problems.append(f"{key!r}: present on ranks {present} only, of {tp}")
-            continue
-        refs = [shards[r][table_key] for r in range(tp)]
-        rule = row_bias if spec.rule is Rule.ROW_BIAS else spec.rule
-        dtypes = {r.dtype for r in refs}
-        if len(dtypes) > 1:
-            per_rank = ", ".join(f"rank {i}: {r.dtype}" for i, r in enumerate(refs))
-            problems.append(f"{key!r}: dtype differs between ranks ({per_rank})")
-            continue
-        src_dtype = refs[0].dtype
-        if spec.rule is not Rule.DROP and src_dtype not in FLOAT_DTYPES:
-            problems.append(f"{key!r} in {files[0]}: dtype {src_dtype} is not a floating-point type")
-            continue
-        shapes = [r.shape for r in refs]
-        if any(s != shapes[0] for s in shapes):  # NeoX splits evenly: every rank's shard has one shape
-            per_rank = ", ".join(f"rank {i}: {list(s)}" for i, s in enumerate(shapes))
-            problems.append(f"{key!r}: shape differs between ranks ({per_rank})")
-            continue
-        if rule is Rule.SPLIT_ROWS:
-            split = qkv_split if spec.split is Split.QKV else spec.split
-            if split is None or split is Split.QKV:
-                raise ValueError("plan_layer needs qkv_split for a Llama-style QKV split")
-            try:
-                parts = _split_plans(key, spec, split, refs, layer, config, src_dtype, out_dtype or src_dtype)
-            except ValueError as e:
-                per_rank = ", ".join(f"rank {i}: {list(s)}" for i, s in enumerate(shapes))
-                problems.append(f"{key!r}: does not fit split {split.value} ({per_rank}): {e}")
-                continue
-            plan.tensors.extend(parts)
-            continue
-        merged = _merged_shape(rule, shapes)
-        if merged is None:
-            per_rank = ", ".join(f"rank {i}: {list(s)}" for i, s in enumerate(shapes))
-            problems.append(f"{key!r}: shapes do not fit rule {rule.value} ({per_rank})")
-            continue
-        if spec.shape == "mask" and not (len(merged) == 4 and merged[:2] == (1, 1) and merged[2] == merged[3]):
-            problems.append(f"{key!r}: shape {list(merged)}, expected a causal mask [1, 1, P, P]")
-            continue
-        if spec.shape == "scalar" and math.prod(merged) != 1:
-            problems.append(f"{key!r}: shape {list(merged)}, expected a single value")
-            continue
-        want = expected_shape(spec, config)
-        if spec.shape == "R" and merged != (config.rotary_dims // 2,):
-            problems.append(f"{key!r}: shape {list(merged)}, expected [{config.rotary_dims // 2}] (rotary dims / 2)")
-            continue
-        if want is not None and merged != want:
-            problems.append(
-                f"{key!r}: merged shape {list(merged)} (rule {rule.value} over {tp} ranks), config expects {list(want)}"
-            )
-            continue
-        tp_plan = TensorPlan(
-            key=key, hf_name=hf_name(spec, layer) or key, rule=rule, shards=refs,
-            src_dtype=src_dtype, out_dtype=out_dtype or src_dtype, shape=merged, row_bias=spec.rule is Rule.ROW_BIAS,
-        )
-        (plan.dropped if rule is Rule.DROP else plan.tensors).append(tp_plan)
-    if problems:
-        error = CheckpointError if bad_keys else MergeError
-        raise error(f"{layer.label}, {files[0]}{' ...' if tp > 1 else ''}: " + "; ".join(problems))
-    return plan
-
-
-def _split_plans(key: str, spec: RuleSpec, split: Split, refs: list[TensorRef], layer: SourceLayer,
-                 config: NeoXConfig, src_dtype: str, out_dtype: str) -> list[TensorPlan]:
-    """One plan per part of a SPLIT_ROWS key; raises ValueError when the shards do not fit the split."""
-    tp, shape = len(refs), refs[0].shape
-    if not shape:
-        raise ValueError("a scalar cannot be split by rows")
-    plans = []
-    for part, (name, part_shape) in enumerate(spec.parts):
-        segments = split_segments(split, part, shape[0], heads=config.num_heads // tp,
-                                  kv_heads=config.kv_heads // tp, head_dim=config.head_dim)
-        merged = (tp * sum(c for _, c in segments), *shape[1:])
-        want = shape_of(part_shape, config)
-        if want is not None and merged != want:
-            hint = (" (gpt-neox sizes it from intermediate_size or expansion_factor and mlp_multiple_of, which "
-                    "was 256 before 2024-09-10: check those settings)") if part_shape.startswith("F") else ""
-            raise ValueError(f"part {part} ({name.format(i=layer.block)}) would be {list(merged)}, "
-                             f"config expects {list(want)}{hint}")
-        plans.append(TensorPlan(
-            key=key, hf_name=name.format(i=layer.block), rule=Rule.SPLIT_ROWS, shards=refs, src_dtype=src_dtype,
-            out_dtype=out_dtype, shape=merged, segments=tuple(segments), split=split, part=part))
-    return plans
+def check_replicas(shards: list[np.ndarray], *, dtype: str, tolerance: float, key: str, ranks: list[str],
+                   where: str, row_bias: bool = False, derived: bool = False) -> float:
+    """How far a replicated tensor's rank copies diverge (`max_divergence`); a MergeError naming the key and
+    the rank files beyond ``tolerance``. ``derived`` buffers must be bit-identical; ``row_bias``: a row-parallel
+    bias merged as replicated (the error suggests --row-bias sum)."""
+    if derived:
+        if not all(same_bits(shards[0], s) for s in shards[1:]):
+            raise MergeError(f"{where}: derived buffer differs across ranks for {key!r} [{', '.join(ranks)}]")
+        return 0.0
+    divergence = max_divergence(shards, dtype)
+    if not divergence <= tolerance:
+        hint = (" (raise --replica-tolerance to accept it, or use --row-bias sum if this is a row-parallel bias)"
+                if row_bias else " (raise --replica-tolerance to accept it)")
+        raise MergeError(f"{where}: replicated tensor diverges across ranks for {key!r}: max |rank_k - rank_0| = "
+                         f"{divergence:.3g} > tolerance {tolerance:g} [{', '.join(ranks)}]{hint}")
+    return divergence

@@ -227,13 +227,15 @@ def sanity_check(gen: GenerationResult) -> Check:
 
 
 def against_check(model, gen: GenerationResult, options: VerifyOptions, dtype: torch.dtype,
-                  rounding: tuple[torch.dtype, torch.dtype] | None = None) -> Check:
+                  rounding: tuple[torch.dtype, torch.dtype] | None = None, *, out: Path) -> Check:
     """``dtype``: the compute dtype; ``rounding``: (stored, source) dtypes when the merge rounded the weights.
-    The simulation uses the source's own weights in fp32, so rounding widens the tolerance to its dtype's."""
-    from neoxconv.check.tp_reference import tensor_parallel_logits
+    The simulation uses the source's own weights in fp32, so rounding widens the tolerance to its dtype's.
+    Its QKV layout is the one the merge of ``out`` recorded; a pass never rests on an assumed one."""
+    from neoxconv.check.tp_reference import against_reference
 
-    tp_logits, _ = tensor_parallel_logits(options.against, gen.prompt_ids, row_bias=options.row_bias,
-                                          config_path=options.against_config, qkv_layout=options.qkv_layout)
+    reference = against_reference(options.against, gen.prompt_ids, out=out, row_bias=options.row_bias,
+                                  config_path=options.against_config, qkv_layout=options.qkv_layout)
+    tp_logits, layout_note = reference.logits, (f"; {reference.note}" if reference.note else "")
     ours = gen.prompt_logits
     if tp_logits.shape != ours.shape:
         return Check("against", False, None, None, f"logit shapes differ: TP {list(tp_logits.shape)} vs {list(ours.shape)}")
@@ -242,8 +244,9 @@ def against_check(model, gen: GenerationResult, options: VerifyOptions, dtype: t
     agree = float((ours.argmax(-1) == tp_logits.argmax(-1)).float().mean())
     stored = (f"; weights stored in {_dtype_name(rounding[0])}, rounded from {_dtype_name(rounding[1])}"
               if rounding else "")
-    return Check("against", diff <= tol, diff, tol,
-                 f"vs simulated tensor-parallel forward of {options.against} (top-1 agreement {agree:.0%}{stored})")
+    return Check("against", diff <= tol and reference.trusted, diff, tol,
+                 f"vs simulated tensor-parallel forward of {options.against} (top-1 agreement {agree:.0%}{stored})"
+                 + layout_note)
 
 
 def reference_hf_check(out: Path, model, gen: GenerationResult, dtype: torch.dtype, device: torch.device,
@@ -367,7 +370,7 @@ def verify_model(out: Path, options: VerifyOptions) -> VerifyReport:
     report.checks.append(kv)
     report.checks.append(sanity_check(gen))
     if options.against is not None:
-        report.checks.append(against_check(loaded.model, gen, options, dtype, merge_rounding(out, options)))
+        report.checks.append(against_check(loaded.model, gen, options, dtype, merge_rounding(out, options), out=out))
     if options.reference == "hf":
         report.checks.append(reference_hf_check(out, loaded.model, gen, dtype, device, loaded.placement))
     if options.int8:

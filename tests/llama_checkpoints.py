@@ -46,6 +46,8 @@ class LlamaSpec:
     tied: bool = False  # weight tying: no final_linear, the readout is the vocab-parallel embedding
     layout: str = "pipeline"  # or "sequential" (mp_rank_XX_model_states.pt, pipe-parallel-size 0)
     seed: int = 0
+    readout_scale: float = 1.0  # > 1: sharp next-token predictions, as a trained model makes (its own greedy
+    # continuations are then cheap under the right QKV layout and expensive under a wrong one)
 
 
 def hf_llama(spec: LlamaSpec):
@@ -67,6 +69,7 @@ def hf_llama(spec: LlamaSpec):
                 p.copy_(1 + 0.1 * torch.randn_like(p))
             elif name.endswith(".bias"):
                 p.copy_(0.02 * torch.randn_like(p))
+        model.lm_head.weight.mul_(spec.readout_scale)
     return model.to(spec.dtype)
 
 

@@ -77,6 +77,6 @@ def test_merge_path_does_not_import_torch():
     import subprocess
     import sys
 
-    code = ("import sys, neoxconv.cli, neoxconv.output.hf_merge, neoxconv.plan.describe; "
+    code = ("import sys, neoxconv.cli, neoxconv.output.hf_merge, neoxconv.output.describe; "
             "sys.exit(1 if 'torch' in sys.modules else 0)")
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0

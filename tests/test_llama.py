@@ -6,6 +6,7 @@ The checkpoints come from random transformers LlamaForCausalLMs split into gpt-n
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -17,11 +18,13 @@ from llama_checkpoints import LlamaSpec, write_llama_checkpoint
 from neoxconv import config as config_mod
 from neoxconv.output import hf_merge as convert
 from neoxconv import merge as merge_mod
+from neoxconv.plan import plan as plan_mod
 from neoxconv.cli import main
 from neoxconv.config import NeoXConfig, gated_intermediate_size, llama_mlp_intermediate_size
 from neoxconv.output.hf_merge import MergeOptions, merge_checkpoint
 from neoxconv.errors import ConfigError, MergeError
 from neoxconv.merge import QkvLayout, Rule, Split, merge_split, split_segments
+from neoxconv.source.checkpoint import LayerKind
 from neoxconv.verify import VerifyOptions, verify_model
 
 transformers = pytest.importorskip("transformers")
@@ -81,8 +84,10 @@ def test_gqa_tp2_fp32_equals_transformers_logits_and_greedy_ids(build, tmp_path)
     assert merged.config.num_key_value_heads == 2 and merged.config.rms_norm_eps == 1e-8
     assert _rel(_hf_logits(merged), _hf_logits(hf)) <= 1e-5
     # greedy ids: neoxconv's own layers (KV cache holding 2 kv heads) == transformers' generate
+    # the layout stated to verify (the generator wrote blocked rows): the merge only assumed it, and
+    # verify --against does not pass on an assumption
     report = verify_model(out, VerifyOptions(ids=tuple(PROMPT), max_new_tokens=10, device="cpu", against=root,
-                                             reference="hf"))
+                                             reference="hf", qkv_layout="blocked"))
     assert report.ok, [c for c in report.checks if not c.passed]
     want = hf.generate(torch.tensor([PROMPT]), max_new_tokens=10, do_sample=False, eos_token_id=None,
                        pad_token_id=0)[0, len(PROMPT):].tolist()
@@ -145,7 +150,7 @@ def test_interleaved_linear1_checkpoint_needs_the_option_and_verify_tells(build,
 
 def test_sequential_layout_tied_embeddings_and_biases(build, tmp_path):
     spec = LlamaSpec(tp=2, heads=4, kv_heads=2, tied=True, bias=True, layout="sequential")
-    root, hf, out = _merged(build, tmp_path, spec)
+    root, hf, out = _merged(build, tmp_path, spec, qkv_layout="blocked")  # stated, as above
     config = json.loads((out / "config.json").read_text())
     assert config["tie_word_embeddings"] is True and config["attention_bias"] and config["mlp_bias"]
     assert _rel(_hf_logits(_load(out)), _hf_logits(hf)) <= 1e-5
@@ -201,13 +206,13 @@ def _cat_then_split(key_prefix: str, spec: LlamaSpec):
 
 
 def _swap_gate_up(monkeypatch):
-    spec = merge_mod.LLAMA_MLP_GENERATIONS["linear1/linear2"]["mlp.linear1.weight"]
-    swapped = merge_mod.RuleSpec(spec.rule, None, spec.shape, split=spec.split, parts=spec.parts[::-1])
-    monkeypatch.setitem(merge_mod.LLAMA_MLP_GENERATIONS["linear1/linear2"], "mlp.linear1.weight", swapped)
+    spec = merge_mod.LLAMA_RULES[LayerKind.BLOCK]["mlp.linear1.weight"]
+    swapped = dataclasses.replace(spec, parts=spec.parts[::-1])
+    monkeypatch.setitem(merge_mod.LLAMA_RULES[LayerKind.BLOCK], "mlp.linear1.weight", swapped)
 
 
 def _gqa_split_on_mha(monkeypatch):
-    monkeypatch.setattr(convert, "resolve_qkv_split",
+    monkeypatch.setattr(plan_mod, "resolve_qkv_split",
                         lambda *a: QkvLayout(Split.QKV_BLOCKS, False, "the GQA split applied to MHA"))
 
 
@@ -492,7 +497,8 @@ def test_split_of_a_llama_folder_is_gpt_neox_s_layout_and_merges_back_bit_for_bi
             assert set(got) == set(w), (idx, r)
             for key in w:
                 assert torch.equal(got[key], w[key]), (idx, r, key)
-    merge_checkpoint(tmp_path / "neox", tmp_path / "back", MergeOptions(quiet=True))
+    stated = {"qkv_layout": "blocked"} if spec.kv_heads != spec.heads else {}  # split writes blocked GQA rows
+    merge_checkpoint(tmp_path / "neox", tmp_path / "back", MergeOptions(quiet=True, **stated))
     a, b = _safetensors(out), _safetensors(tmp_path / "back")
     assert set(a) == set(b) and all(torch.equal(a[n], b[n]) and a[n].dtype == b[n].dtype for n in a)
     report = verify_model(tmp_path / "back", VerifyOptions(ids=tuple(PROMPT), max_new_tokens=2, device="cpu",

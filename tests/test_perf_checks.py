@@ -257,14 +257,15 @@ def test_unknown_hash_is_refused():
 def test_streams_direct_only_where_it_is_byte_identical(make_checkpoint):
     from neoxconv.source.checkpoint import open_checkpoint
     from neoxconv.merge import Rule
+    from neoxconv.plan.plan import plan_checkpoint
 
     root, _, _ = make_checkpoint(2, "pipeline", "float16")
     ckpt = open_checkpoint(root)
-    _, plans = convert.plan_checkpoint(ckpt, row_bias=Rule.SUM, out_dtype=None)
+    _, plans = plan_checkpoint(ckpt, row_bias=Rule.SUM, out_dtype=None)
     direct = {t.key for p in plans for t in p.tensors if streaming.streams_direct(t)}
     assert "attention.dense.weight" in direct and "word_embeddings.weight" in direct
     assert not direct & {"attention.dense.bias", "input_layernorm.weight", "norm.weight"}
-    _, plans32 = convert.plan_checkpoint(ckpt, row_bias=Rule.SUM, out_dtype="float32")
+    _, plans32 = plan_checkpoint(ckpt, row_bias=Rule.SUM, out_dtype="float32")
     assert not any(streaming.streams_direct(t) for p in plans32 for t in p.tensors)
 
 

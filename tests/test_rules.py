@@ -8,7 +8,8 @@ from neoxconv.source.checkpoint import LayerKind, SourceLayer
 from neoxconv.config import NeoXConfig
 from neoxconv.dtypes import from_f32, to_f32
 from neoxconv.errors import CheckpointError, MergeError
-from neoxconv.merge import RULES, Rule, merge_tensor, plan_layer, resolve_row_bias, split_tensor
+from neoxconv.merge import RULES, Rule, merge_tensor, resolve_row_bias, split_tensor
+from neoxconv.plan.plan import plan_layer
 from neoxconv.source.ptfile import read_pt
 
 NEOX_20B_BLOCK_KEYS = {

@@ -427,11 +427,11 @@ def test_split_refuses_a_source_file_rewritten_after_its_header_was_checked(merg
     """safetensors record no checksum: what split uses must be the file its header check saw."""
     import os
 
-    from neoxconv.output.split import HFModel
+    from neoxconv.plan.plan import plan_hf_folder
+    from neoxconv.source.hf_folder import HFModel
 
     model = HFModel(merged_out)
-    _, names, _ = model.plan()
-    layer, layer_names = next(iter(names.items()))
+    layer, layer_names = next(iter(plan_hf_folder(model).names.items()))
     file = model.tensors[next(iter(layer_names.values()))].file
     assert model.read_layer(layer_names, torch.float32)  # unchanged: read
     data = file.read_bytes()

@@ -102,10 +102,10 @@ def test_log_warnings_are_escaped_like_the_error_line(tmp_path):
     """A library warning quoting a name from a file goes through the CLI's log formatter, one line per record."""
     code = textwrap.dedent("""
         import logging
-        import neoxconv.plan.describe as describe
+        import neoxconv.output.describe as describe
 
         def hostile(*args, **kwargs):
-            logging.getLogger("neoxconv.plan.describe").warning(
+            logging.getLogger("neoxconv.output.describe").warning(
                 "found x\\x1b]0;pwned\\x07\\nneoxconv: all checks passed\\x9b2J")
             raise SystemExit(0)
 

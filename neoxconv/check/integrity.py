@@ -8,7 +8,7 @@ from pathlib import Path
 
 from neoxconv.config import NeoXConfig
 from neoxconv.dtypes import FROM_SAFETENSORS
-from neoxconv.errors import CheckpointError, VerificationError
+from neoxconv.errors import CheckpointError, VerificationError, few
 from neoxconv.merge import output_shapes
 from neoxconv.output.hashing import hash_file, recorded_hash
 from neoxconv.source.checkpoint import model_layers
@@ -138,7 +138,7 @@ def check_output(out: Path, config: NeoXConfig, *, hashes: bool | None = None,
             report.not_proven.append(f"{', '.join(added)}: not in the manifest (added after the merge), not checked")
         unlisted = [f for f in index_files if f not in weights]
         if unlisted:
-            problems.append(f"{INDEX}: names {_few(unlisted)}, which the manifest does not list (added file?)")
+            problems.append(f"{INDEX}: names {few(unlisted)}, which the manifest does not list (added file?)")
     report.hashes_checked = manifest is not None and bool(hash_weights)
 
     expected = expected_tensors(config)
@@ -178,13 +178,13 @@ def check_output(out: Path, config: NeoXConfig, *, hashes: bool | None = None,
                 problems.append(f"{file}: {name!r} has dtype {info.get('dtype')!r}")
     phantom = sorted(f"{name!r:.80} (in {file})" for name, file in weight_map.items() if file in read and name not in seen)
     if phantom:
-        problems.append(f"{INDEX}: places tensors in files that do not hold them: {_few(phantom)}")
+        problems.append(f"{INDEX}: places tensors in files that do not hold them: {few(phantom)}")
     missing = sorted(set(expected) - set(seen))
     if missing:
-        problems.append(f"tensors missing from the safetensors files: {_few(missing, 8)}")
+        problems.append(f"tensors missing from the safetensors files: {few(missing, n=8)}")
     if problems:
         raise VerificationError(f"{out}: the merged model does not match its manifest/config: "
-                                + _few(problems, 12, "; "))
+                                + few(problems, n=12, sep="; "))
 
     headers = f"{len(index_files)} safetensors headers agree with config.json and {INDEX}"
     if manifest is None:
@@ -206,9 +206,3 @@ def check_output(out: Path, config: NeoXConfig, *, hashes: bool | None = None,
 def _plain(name: str) -> bool:
     """A plain file name inside the folder (never a path out of it)."""
     return bool(name) and name not in (".", "..") and Path(name).name == name
-
-
-def _few(items: list[str], n: int = 5, sep: str = ", ") -> str:
-    """At most ``n`` items and a count of the rest: error lines stay short whatever the input."""
-    shown = sep.join(str(i) for i in items[:n])
-    return shown + (f"{sep}and {len(items) - n} more" if len(items) > n else "")

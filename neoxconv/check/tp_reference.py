@@ -7,24 +7,32 @@ part added before the sum (parallel residual) or the full bias once after it, an
 readout's slices are gathered. Layer norms are each rank's own copy. No merge rule is used, so a merged
 model that disagrees with this forward was merged wrongly.
 
-Memory: one layer's rank shards in fp32 at a time (read through `neoxconv.source.storage`, CRC-checked), the
+Memory: one layer's rank shards in fp32 at a time (read through the CRC-checked source reader), the
 embedding's rows for the prompt only, and the vocab-sized readout ``READ_BLOCK_BYTES`` at a time; so the
 cross-check of a 20B merge needs about one layer of memory on top of what ``verify --max-memory`` keeps.
 """
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from neoxconv.source.checkpoint import Checkpoint, LayerKind, SourceLayer
 from neoxconv.config import GELU_TANH, LLAMA, NeoXConfig
+from neoxconv.errors import ConfigError
+from neoxconv.check.integrity import MANIFEST
 from neoxconv.layers import RotaryTables, apply_partial_rotary, causal_attention
-from neoxconv.source.checkpoint import Checkpoint, LayerKind, open_checkpoint
+from neoxconv.merge import Rule, Split, key_table
+from neoxconv.plan.plan import PlanOptions, SourcePlan, plan_source
 from neoxconv.source.ptfile import TensorRef
 from neoxconv.source.storage import Reads, SourceReader
+
 
 READ_BLOCK_BYTES = 64 << 20  # fp32 bytes of weight rows in memory at a time for the vocab-sized tensors
 
@@ -73,7 +81,6 @@ def _ln(x: torch.Tensor, shard: _Shard, prefix: str, eps: float) -> torch.Tensor
     return F.layer_norm(x, x.shape[-1:], shard[prefix + ".weight"], shard[prefix + ".bias"], eps)
 
 
-@torch.inference_mode()
 def tensor_parallel_logits(src: Path, ids: list[int], *, row_bias: str = "auto",
                            config_path: Path | None = None, qkv_layout: str = "auto") -> tuple[torch.Tensor, NeoXConfig]:
     """Logits (T, V) fp32 of the tensor-parallel model at ``src`` on ``ids``, one layer in memory at a time.
@@ -84,25 +91,40 @@ def tensor_parallel_logits(src: Path, ids: list[int], *, row_bias: str = "auto",
     ``row_bias``: 'sum' (each rank adds its part before the all-reduce: NeoX with gpt_j_residual),
     'replicated' (full bias added once after the all-reduce), or 'auto' (follow the config).
     """
-    from neoxconv.merge import Rule
-    from neoxconv.output.hf_merge import checkpoint_qkv_layout, plan_checkpoint
-
-    ckpt = open_checkpoint(src, config_path=config_path)
-    if row_bias == "auto":
-        row_bias = "sum" if ckpt.config.parallel_residual else "replicated"
     # the checks merge makes (keys, dtypes, every shard's shape against the config), so that a source that
     # does not fit its config is named here instead of failing inside a matmul
-    layout = checkpoint_qkv_layout(ckpt, qkv_layout)
-    _, plans = plan_checkpoint(ckpt, row_bias=Rule.SUM if row_bias == "sum" else Rule.REPLICATED, out_dtype=None,
-                               qkv=layout)
+    plan = plan_source(src, PlanOptions(row_bias=row_bias, qkv_layout=qkv_layout, config_path=config_path))
+    return _simulate(plan, ids), plan.config
+
+
+@torch.inference_mode()
+def _simulate(plan: SourcePlan, ids: list[int]) -> torch.Tensor:
+    """`tensor_parallel_logits` of a planned source."""
+    ckpt, layout = plan.checkpoint, plan.qkv
+    row_bias = "sum" if plan.row_bias is Rule.SUM else "replicated"
+    generations = {p.layer.index: p.key_generation for p in plan.layers}
+
+    def rank_tensors(layer: SourceLayer) -> list[dict[str, TensorRef]]:
+        """Each rank's tensors under the key table's own names, whichever key generation the files spell."""
+        table = key_table(ckpt.config, layer.kind, generations[layer.index])
+        return [{table[k].key: ref for k, ref in ckpt.tensors(layer, r).items() if k in table}
+                for r in range(ckpt.tp_degree)]
+
     # what each layer reads, in order (and the embedding again as a tied readout): a storage several layers share
     # (a ZeRO flat buffer) is CRC-checked once, with the last of them
-    plan = [[r for t in [*p.tensors, *p.dropped] for r in t.shards] for p in plans]
+    reads_plan = [[r for t in [*p.tensors, *p.dropped] for r in t.shards] for p in plan.layers]
     if ckpt.config.tie_word_embeddings:
-        plan.append(plan[0])
-    if ckpt.config.architecture == LLAMA:
-        return _llama_tensor_parallel_logits(ckpt, ids, layout=layout, plan=plan), ckpt.config
-    config, T = ckpt.config, ckpt.tp_degree
+        reads_plan.append(reads_plan[0])
+    with SourceReader(plan=reads_plan) as reader:
+        if ckpt.config.architecture == LLAMA:
+            return _llama_tensor_parallel_logits(ckpt, ids, layout=layout, rank_tensors=rank_tensors, reader=reader)
+        return _neox_tensor_parallel_logits(ckpt, ids, row_bias=row_bias, rank_tensors=rank_tensors, reader=reader)
+
+
+def _neox_tensor_parallel_logits(ckpt: Checkpoint, ids: list[int], *, row_bias: str, reader: SourceReader,
+                                 rank_tensors: Callable[[SourceLayer], list[dict[str, TensorRef]]]) -> torch.Tensor:
+    """What GPT-NeoX computes on each rank (parallel or sequential residual), collectives simulated."""
+    config = ckpt.config
     hd, eps = config.head_dim, config.layernorm_eps
     approximate = "tanh" if config.activation == GELU_TANH else "none"
     tokens = torch.tensor(ids)
@@ -130,44 +152,125 @@ def tensor_parallel_logits(src: Path, ids: list[int], *, row_bias: str = "auto",
         up = F.linear(h, shard["mlp.dense_h_to_4h.weight"], shard["mlp.dense_h_to_4h.bias"])
         return F.linear(F.gelu(up, approximate=approximate), shard["mlp.dense_4h_to_h.weight"])
 
-    with SourceReader(plan=plan) as reader:
-        x = None
-        logits_parts: list[torch.Tensor] = []
-        for layer in ckpt.layers:
-            with reader.scope() as reads:
-                shards = [_Shard(reads, ckpt.tensors(layer, r)) for r in range(T)]
-                if layer.kind is LayerKind.EMBEDDING:
-                    x = torch.zeros(n, config.hidden_size)
-                    start = 0
-                    for shard in shards:  # VocabParallelEmbedding: each rank looks up its own rows, then all-reduce
-                        rows = shard.refs["word_embeddings.weight"].shape[0]
-                        local = tokens - start
-                        inside = (local >= 0) & (local < rows)
-                        # only the prompt's rows
-                        x += shard.rows("word_embeddings.weight", local.clamp(0, rows - 1).numpy()) * inside[:, None]
-                        start += rows
-                elif layer.kind is LayerKind.BLOCK:
-                    # attention: each rank on its own heads; partial outputs (+ bias parts) summed by the all-reduce
-                    attn = row_parallel([rank_attention(_ln(x, s, "input_layernorm", eps), s) for s in shards],
-                                        [s["attention.dense.bias"] for s in shards])
-                    mlp_input = x if config.parallel_residual else x + attn
-                    # MLP: each rank on its own columns of the 4h projection, then the all-reduce
-                    mlp = row_parallel([rank_mlp(_ln(mlp_input, s, "post_attention_layernorm", eps), s)
-                                        for s in shards],
-                                       [s["mlp.dense_4h_to_h.bias"] for s in shards])
-                    x = x + attn + mlp if config.parallel_residual else mlp_input + mlp
-                elif layer.kind is LayerKind.FINAL_NORM:
-                    x = [_ln(x, shard, "norm", eps) for shard in shards]  # each rank normalises its own copy
-                elif layer.kind is LayerKind.READOUT:
-                    logits_parts = [_linear_by_rows(x[r], shard, "final_linear.weight")
-                                    for r, shard in enumerate(shards)]
-                ckpt.release(layer)
-        if config.tie_word_embeddings:  # readout is the embedding, vocab-parallel
-            emb_layer = ckpt.layers[0]
-            with reader.scope() as reads:
-                logits_parts = [_linear_by_rows(x[r], _Shard(reads, ckpt.tensors(emb_layer, r)), "word_embeddings.weight")
-                                for r in range(T)]
-        return torch.cat(logits_parts, dim=-1), config
+    x = None
+    logits_parts: list[torch.Tensor] = []
+    for layer in ckpt.layers:
+        with reader.scope() as reads:
+            shards = [_Shard(reads, refs) for refs in rank_tensors(layer)]
+            if layer.kind is LayerKind.EMBEDDING:
+                x = torch.zeros(n, config.hidden_size)
+                start = 0
+                for shard in shards:  # VocabParallelEmbedding: each rank looks up its own rows, then all-reduce
+                    rows = shard.refs["word_embeddings.weight"].shape[0]
+                    local = tokens - start
+                    inside = (local >= 0) & (local < rows)
+                    # only the prompt's rows
+                    x += shard.rows("word_embeddings.weight", local.clamp(0, rows - 1).numpy()) * inside[:, None]
+                    start += rows
+            elif layer.kind is LayerKind.BLOCK:
+                # attention: each rank on its own heads; partial outputs (+ bias parts) summed by the all-reduce
+                attn = row_parallel([rank_attention(_ln(x, s, "input_layernorm", eps), s) for s in shards],
+                                    [s["attention.dense.bias"] for s in shards])
+                mlp_input = x if config.parallel_residual else x + attn
+                # MLP: each rank on its own columns of the 4h projection, then the all-reduce
+                mlp = row_parallel([rank_mlp(_ln(mlp_input, s, "post_attention_layernorm", eps), s) for s in shards],
+                                   [s["mlp.dense_4h_to_h.bias"] for s in shards])
+                x = x + attn + mlp if config.parallel_residual else mlp_input + mlp
+            elif layer.kind is LayerKind.FINAL_NORM:
+                x = [_ln(x, shard, "norm", eps) for shard in shards]  # each rank normalises its own copy
+            elif layer.kind is LayerKind.READOUT:
+                logits_parts = [_linear_by_rows(x[r], shard, "final_linear.weight") for r, shard in enumerate(shards)]
+            ckpt.release(layer)
+    if config.tie_word_embeddings:  # readout is the embedding, vocab-parallel
+        with reader.scope() as reads:
+            logits_parts = [_linear_by_rows(x[r], _Shard(reads, refs), "word_embeddings.weight")
+                            for r, refs in enumerate(rank_tensors(ckpt.layers[0]))]
+    return torch.cat(logits_parts, dim=-1)
+
+
+# ----- which QKV layout the comparison rests on ---------------------------------------------------------
+_LAYOUT_CHOICE = {Split.QKV_BLOCKS.value: "blocked", Split.QKV_INTERLEAVED.value: "interleaved"}
+EVIDENCE_NATS = 0.5  # a layout "fits" the source when the prompt costs this much less per token under it
+
+
+@dataclass(frozen=True)
+class AgainstReference:
+    """The simulated forward that `verify --against` compares with, and what its QKV layout rests on."""
+
+    logits: torch.Tensor  # (T, V) fp32, under ``layout``
+    layout: str | None  # 'blocked' | 'interleaved' for Llama-style GQA, else None
+    trusted: bool  # False: the layout is an assumption the source does not confirm (never a plain pass)
+    note: str = ""  # what the layout rests on, for the check's detail
+
+
+def recorded_qkv_layout(out: Path) -> dict | None:
+    """The QKV layout the merge of ``out`` recorded in its manifest ({split, assumed, reason}), or None."""
+    try:
+        recorded = json.loads((Path(out) / MANIFEST).read_text()).get("qkv_layout")
+    except (OSError, ValueError, AttributeError, RecursionError):
+        return None
+    return recorded if isinstance(recorded, dict) and isinstance(recorded.get("split"), str) else None
+
+
+def prompt_nats(logits: torch.Tensor, ids: list[int]) -> float | None:
+    """Mean next-token cross-entropy (nats per token) of the prompt under ``logits`` (None: under 2 tokens)."""
+    if len(ids) < 2:
+        return None
+    return float(F.cross_entropy(logits[:-1].float(), torch.tensor(ids[1:])))
+
+
+def against_reference(src: Path, ids: list[int], *, out: Path, row_bias: str = "auto",
+                      config_path: Path | None = None, qkv_layout: str = "auto") -> AgainstReference:
+    """The tensor-parallel forward to compare the merged ``out`` with, under the QKV layout the merge used.
+
+    ``qkv_layout`` other than 'auto' is the user's statement and is used as given. Otherwise the layout the
+    merge recorded in ``out``'s manifest is used (never a fresh guess that may differ from it). When that
+    layout was itself an assumption (GQA with ``mlp.linear1`` keys: gpt-neox laid the rows out either way in
+    2024), both layouts are simulated and the prompt's cross-entropy under each says which one the source
+    fits; if it does not tell them apart, the comparison is not trusted: a pass would rest on the guess.
+    """
+    in_manifest = recorded_qkv_layout(out)
+    recorded = in_manifest if qkv_layout == "auto" else None
+    choice = _LAYOUT_CHOICE.get(recorded["split"], "auto") if recorded else qkv_layout
+    try:
+        plan = plan_source(src, PlanOptions(row_bias=row_bias, qkv_layout=choice, config_path=config_path))
+    except ConfigError as e:
+        if not recorded:
+            raise
+        # the merge recorded a layout this source cannot have: compare as merge decides it, and fail
+        plan = plan_source(src, PlanOptions(row_bias=row_bias, config_path=config_path))
+        layout = _LAYOUT_CHOICE.get(plan.qkv.split.value, plan.qkv.split.value) if plan.qkv else None
+        return AgainstReference(_simulate(plan, ids), layout, False,
+                                f"the merge recorded QKV layout {recorded['split']}, which this source cannot have "
+                                f"({e}); compared with the source's own ({layout})")
+    logits = _simulate(plan, ids)
+    layout = _LAYOUT_CHOICE.get(plan.qkv.split.value) if plan.qkv is not None else None
+    assumed = bool(recorded.get("assumed")) if recorded else (plan.qkv is not None and plan.qkv.assumed)
+    if layout is None or not assumed:
+        if qkv_layout != "auto":
+            merged = _LAYOUT_CHOICE.get(in_manifest["split"]) if in_manifest else None
+            source = "as --qkv-layout states" + (f" (the merge recorded {merged})" if merged and merged != layout
+                                                 else "")
+        else:
+            source = "as the merge recorded it" if recorded else ""
+        return AgainstReference(logits, layout, True, f"QKV layout {layout} {source}".rstrip() if layout else "")
+    other = "interleaved" if layout == "blocked" else "blocked"
+    other_logits = _simulate(plan_source(src, PlanOptions(row_bias=row_bias, qkv_layout=other,
+                                                          config_path=config_path)), ids)
+    nats = {layout: prompt_nats(logits, ids), other: prompt_nats(other_logits, ids)}
+    shown = ", ".join(f"{k} {v:.3f}" for k, v in nats.items() if v is not None)
+    if nats[layout] is not None and nats[other] is not None and abs(nats[layout] - nats[other]) >= EVIDENCE_NATS:
+        fits = min(nats, key=nats.__getitem__)
+        if fits == layout:
+            return AgainstReference(logits, layout, True, f"QKV layout {layout} was assumed by the merge; the "
+                                    f"source fits it (prompt nats/token: {shown})")
+        return AgainstReference(logits, layout, False, f"the merge ASSUMED QKV layout {layout}, but the source fits "
+                                f"{other} (prompt nats/token: {shown}): re-merge with --qkv-layout {other}")
+    return AgainstReference(logits, layout, False, (
+        f"the merge ASSUMED QKV layout {layout} and this prompt cannot tell {layout} from {other} "
+        f"({'prompt nats/token: ' + shown if shown else 'a prompt of one token'}): not a pass; re-merge with "
+        "--qkv-layout blocked|interleaved as the gpt-neox version that trained it says (interleaved 2024-02.."
+        "2024-11), or verify with --qkv-layout to state it"))
 
 
 # ----- Llama-style models (gpt-neox norm: rmsnorm, activation: swiglu, num_kv_heads) ------------------------
@@ -177,7 +280,8 @@ def _rms(x: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def _llama_tensor_parallel_logits(ckpt: Checkpoint, ids: list[int], *, layout,
-                                  plan: list[list[TensorRef]]) -> torch.Tensor:
+                                  rank_tensors: Callable[[SourceLayer], list[dict[str, TensorRef]]],
+                                  reader: SourceReader) -> torch.Tensor:
     """What gpt-neox's ParallelSelfAttention / ParallelMLP compute on each rank, collectives simulated.
 
     Per rank (megatron/model/transformer.py): the local QKV output is viewed [np, 3, hn] without GQA, split
@@ -187,8 +291,6 @@ def _llama_tensor_parallel_logits(ckpt: Checkpoint, ids: list[int], *, layout,
     ``silu(w1) * w3`` into w2). Row-parallel outputs are summed (all-reduce) and their bias added once after
     (sequential residual: parallel_output is False).
     """
-    from neoxconv.merge import Split
-
     config, T = ckpt.config, ckpt.tp_degree
     split = layout.split if layout is not None else Split.QKV_PER_HEAD
     hd, eps = config.head_dim, config.layernorm_eps
@@ -229,33 +331,32 @@ def _llama_tensor_parallel_logits(ckpt: Checkpoint, ids: list[int], *, layout,
         act = F.silu(linear(h, shard, "mlp.w1.weight")) * linear(h, shard, "mlp.w3.weight")  # LLaMAParallelMLP
         return F.linear(act, shard["mlp.w2.weight"])
 
-    with SourceReader(plan=plan) as reader:
-        x = torch.zeros(n, config.hidden_size)
-        finals: list[torch.Tensor] = []
-        logits_parts: list[torch.Tensor] = []
-        for layer in ckpt.layers:
-            with reader.scope() as reads:
-                shards = [_Shard(reads, ckpt.tensors(layer, r)) for r in range(T)]
-                if layer.kind is LayerKind.EMBEDDING:
-                    start = 0
-                    for shard in shards:  # VocabParallelEmbedding, then the all-reduce
-                        w = shard["word_embeddings.weight"]
-                        local = tokens - start
-                        inside = (local >= 0) & (local < w.shape[0])
-                        x += F.embedding(local.clamp(0, w.shape[0] - 1), w) * inside[:, None]
-                        start += w.shape[0]
-                elif layer.kind is LayerKind.BLOCK:
-                    attn = sum(rank_attention(_rms(x, s["input_layernorm.scale"], eps), s) for s in shards)
-                    x = x + attn + row_bias(shards, "attention.dense.bias")
-                    mlp = sum(rank_mlp(_rms(x, s["post_attention_layernorm.scale"], eps), s) for s in shards)
-                    x = x + mlp + row_bias(shards, "mlp.linear2.bias")
-                elif layer.kind is LayerKind.FINAL_NORM:
-                    finals = [_rms(x, s["norm.scale"], eps) for s in shards]  # each rank's own copy
-                elif layer.kind is LayerKind.READOUT:
-                    logits_parts = [F.linear(finals[r], s["final_linear.weight"]) for r, s in enumerate(shards)]
-                ckpt.release(layer)
-        if config.tie_word_embeddings:
-            with reader.scope() as reads:
-                logits_parts = [F.linear(finals[r], _Shard(reads, ckpt.tensors(ckpt.layers[0], r))["word_embeddings.weight"])
-                                for r in range(T)]
-        return torch.cat(logits_parts, dim=-1)
+    x = torch.zeros(n, config.hidden_size)
+    finals: list[torch.Tensor] = []
+    logits_parts: list[torch.Tensor] = []
+    for layer in ckpt.layers:
+        with reader.scope() as reads:
+            shards = [_Shard(reads, refs) for refs in rank_tensors(layer)]
+            if layer.kind is LayerKind.EMBEDDING:
+                start = 0
+                for shard in shards:  # VocabParallelEmbedding, then the all-reduce
+                    w = shard["word_embeddings.weight"]
+                    local = tokens - start
+                    inside = (local >= 0) & (local < w.shape[0])
+                    x += F.embedding(local.clamp(0, w.shape[0] - 1), w) * inside[:, None]
+                    start += w.shape[0]
+            elif layer.kind is LayerKind.BLOCK:
+                attn = sum(rank_attention(_rms(x, s["input_layernorm.scale"], eps), s) for s in shards)
+                x = x + attn + row_bias(shards, "attention.dense.bias")
+                mlp = sum(rank_mlp(_rms(x, s["post_attention_layernorm.scale"], eps), s) for s in shards)
+                x = x + mlp + row_bias(shards, "mlp.linear2.bias")
+            elif layer.kind is LayerKind.FINAL_NORM:
+                finals = [_rms(x, s["norm.scale"], eps) for s in shards]  # each rank's own copy
+            elif layer.kind is LayerKind.READOUT:
+                logits_parts = [F.linear(finals[r], s["final_linear.weight"]) for r, s in enumerate(shards)]
+            ckpt.release(layer)
+    if config.tie_word_embeddings:
+        with reader.scope() as reads:
+            logits_parts = [F.linear(finals[r], _Shard(reads, refs)["word_embeddings.weight"])
+                            for r, refs in enumerate(rank_tensors(ckpt.layers[0]))]
+    return torch.cat(logits_parts, dim=-1)

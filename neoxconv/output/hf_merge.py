@@ -15,7 +15,6 @@ matches its recorded hash (BLAKE3 by default, sha256 with ``hash="sha256"``; see
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import shutil
@@ -27,16 +26,14 @@ from typing import Any
 import numpy as np
 
 from neoxconv import __version__
-from neoxconv.source.checkpoint import Checkpoint, open_checkpoint
-from neoxconv.config import LLAMA, NeoXConfig
-from neoxconv.dtypes import canonical_dtype, count_nonfinite
-from neoxconv.errors import CheckpointError, ConfigError, MergeError, OutputError, UsageError
+from neoxconv.dtypes import count_nonfinite
+from neoxconv.errors import MergeError, OutputError, UsageError
 from neoxconv.plan.fingerprint import layer_fingerprint, source_identity
 from neoxconv.output.hashing import DEFAULT_HASH, check_algorithm, file_matches, with_hash
 from neoxconv.check.integrity import INDEX, MANIFEST
 from neoxconv.interrupt import InterruptGuard, deferred_sigint
-from neoxconv.merge import (LayerPlan, QkvLayout, Rule, TensorPlan, block_generation, max_divergence,
-                            merge_tensor, plan_layer, resolve_qkv_split, resolve_row_bias)
+from neoxconv.merge import QkvLayout, Rule, check_replicas, merge_tensor
+from neoxconv.plan.plan import LayerPlan, PlanOptions, TensorPlan, plan_source
 from neoxconv.output.folder import (JOURNAL, OutputLock, check_out_path, foreign_entries, load_state, make_out_dir,
                              remove_file, remove_previous_output, remove_stale_temps)
 from neoxconv.output.prefetch import prefetch
@@ -232,15 +229,8 @@ def _merge_small(t: TensorPlan, tolerance: float, where: str, reader: Reads) -> 
     arrays = [reader.read(r, key=t.key) for r in t.shards]
     divergence = None
     if t.rule is Rule.REPLICATED:
-        divergence = max_divergence(arrays, t.src_dtype)
-        if not divergence <= tolerance:
-            ranks = ", ".join(r.path.name for r in t.shards)
-            hint = (" (raise --replica-tolerance to accept it, or use --row-bias sum if this is a row-parallel bias)"
-                    if t.row_bias else " (raise --replica-tolerance to accept it)")
-            raise MergeError(
-                f"{where}: replicated tensor diverges across ranks for {t.key!r}: max |rank_k - rank_0| = "
-                f"{divergence:.3g} > tolerance {tolerance:g} [{ranks}]{hint}"
-            )
+        divergence = check_replicas(arrays, dtype=t.src_dtype, tolerance=tolerance, key=t.key,
+                                    ranks=[r.path.name for r in t.shards], where=where, row_bias=t.row_bias)
     return merge_tensor(t.rule, arrays, dtype=t.src_dtype, out_dtype=t.out_dtype), divergence
 
 
@@ -305,54 +295,6 @@ def _write_layer(path: Path, plan: LayerPlan, options: MergeOptions, warnings: l
     }
 
 
-def checkpoint_qkv_layout(ckpt: Checkpoint, choice: str = "auto") -> QkvLayout | None:
-    """How a Llama-style checkpoint's fused QKV rows are laid out (None for GPT-NeoX, which keeps them fused).
-
-    Decided by the config (GQA or not), the first block's key generation and ``--qkv-layout``.
-    """
-    if ckpt.config.architecture != LLAMA:
-        if choice != "auto":
-            raise ConfigError(f"{ckpt.config_source}: --qkv-layout applies to Llama-style (rmsnorm) models only; "
-                              "GPT-NeoX models keep query_key_value fused")
-        return None
-    blocks = [layer for layer in ckpt.layers if layer.block is not None]
-    keys = set(ckpt.tensors(blocks[0], 0)) if blocks else None
-    layout = resolve_qkv_split(choice, ckpt.config, ckpt.tp_degree, block_generation(ckpt.config, keys))
-    if layout.assumed:
-        log.warning("assumed QKV layout %s: %s", layout.split.value, layout.reason)
-    return layout
-
-
-def plan_checkpoint(ckpt: Checkpoint, *, row_bias: Rule, out_dtype: str | None,
-                    qkv: QkvLayout | None = None) -> tuple[NeoXConfig, list[LayerPlan]]:
-    """Every layer's plan, checked against the rule table and the config (tensor descriptions only).
-
-    Returns the config with vocab_size taken from the embedding's rows when the config did not say it.
-    ``qkv``: the resolved QKV layout of a Llama-style checkpoint (`checkpoint_qkv_layout`).
-    """
-    emb = ckpt.tensors(ckpt.layers[0], 0).get("word_embeddings.weight")
-    if emb is None or not emb.shape:
-        raise CheckpointError(f"{ckpt.layer_files(ckpt.layers[0])[0]}: no 'word_embeddings.weight' in the embedding layer")
-    config = ckpt.config
-    if config.vocab_size is None:
-        config = config.with_(vocab_size=emb.shape[0] * ckpt.tp_degree)
-    plans = []
-    for layer in ckpt.layers:
-        files = [p.name for p in ckpt.layer_files(layer)]
-        shards = [ckpt.tensors(layer, r) for r in range(ckpt.tp_degree)]
-        plans.append(plan_layer(layer, shards, files=files, config=config, row_bias=row_bias, out_dtype=out_dtype,
-                                qkv_split=None if qkv is None else qkv.split))
-        ckpt.release(layer)  # the plan keeps the tensor references it needs
-        first = next(p for p in plans if p.layer.block is not None) if layer.block is not None else None
-        if config.architecture == LLAMA and first is not None and plans[-1].key_generation != first.key_generation:
-            # the QKV layout was decided from the first block's generation: it cannot hold for this one
-            raise CheckpointError(
-                f"{files[0]}: {layer.label} has MLP keys {plans[-1].key_generation} but {first.files[0]} "
-                f"({first.layer.label}) has {first.key_generation}: blocks of different gpt-neox versions "
-                "(files mixed from different checkpoints?)")
-    return config, plans
-
-
 def merge_checkpoint(src: Path, out: Path, options: MergeOptions | None = None) -> MergeReport:
     """Merge the tensor-parallel checkpoint at ``src`` into a Hugging Face folder ``out``.
 
@@ -371,13 +313,12 @@ def _merge(src: Path, out: Path, options: MergeOptions, guard: InterruptGuard,
     check_out_path(out)
     started = time.perf_counter()
     check_algorithm(options.hash)
-    ckpt = open_checkpoint(src, config_path=options.config_path, tokenizer_path=options.tokenizer_path)
-    out_dtype = None if options.dtype == "auto" else canonical_dtype(options.dtype)
-    row_bias = resolve_row_bias(options.row_bias, ckpt.config)
-
     # ---- preflight: every archive's description, every layer's plan; no tensor data read ----
-    qkv = checkpoint_qkv_layout(ckpt, options.qkv_layout)
-    config, plans = plan_checkpoint(ckpt, row_bias=row_bias, out_dtype=out_dtype, qkv=qkv)
+    source_plan = plan_source(src, PlanOptions(
+        dtype=options.dtype, row_bias=options.row_bias, qkv_layout=options.qkv_layout,
+        config_path=options.config_path, tokenizer_path=options.tokenizer_path))
+    ckpt, config, plans = source_plan.checkpoint, source_plan.config, source_plan.layers
+    row_bias, qkv = source_plan.row_bias, source_plan.qkv
     if ckpt.tokenizer is not None:
         checked_token_count(ckpt.tokenizer, config.vocab_size)
         eos = eos_token_id(ckpt.tokenizer)

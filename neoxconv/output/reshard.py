@@ -18,17 +18,18 @@ from typing import Any
 import numpy as np
 import torch
 
-from neoxconv.source.checkpoint import SourceLayer, open_checkpoint
-from neoxconv.dtypes import TORCH_FLOAT_DTYPES, as_torch_dtype, canonical_dtype
-from neoxconv.errors import ConfigError, MergeError, OutputError
+from neoxconv.source.checkpoint import SourceLayer
+from neoxconv.dtypes import TORCH_FLOAT_DTYPES, as_torch_dtype
+from neoxconv.errors import ConfigError, OutputError
 from neoxconv.plan.fingerprint import config_digest, layer_fingerprint, source_identity
 from neoxconv.interrupt import deferred_sigint
 from neoxconv.output.folder import check_out_path
-from neoxconv.merge import LayerPlan, Rule, TensorPlan, max_divergence, merge_tensor, resolve_row_bias, rule_table
+from neoxconv.merge import Rule, check_replicas, merge_tensor, resolve_row_bias
+from neoxconv.plan.plan import LayerPlan, PlanOptions, TensorPlan, part_key, plan_source
 from neoxconv.output.neox import NeoXTarget, Shard, WriteReport, check_target, write_neox_checkpoint
 from neoxconv.output.streaming import iter_merged_chunks
 from neoxconv.source.storage import Reads, SourceReader
-from neoxconv.output.split import part_key, planned_bytes, shard_layer, tokenizer_size
+from neoxconv.output.split import planned_bytes, shard_layer, tokenizer_size
 
 _STEP = re.compile(r"^global_step(\d+)$")
 
@@ -65,25 +66,19 @@ def merged_tensor(t: TensorPlan, *, tolerance: float, where: str, reader: Reads)
         return full
     arrays = [reader.read(r, key=t.key) for r in t.shards]
     if t.rule in (Rule.REPLICATED, Rule.DROP):
-        limit = 0.0 if t.rule is Rule.DROP else tolerance
-        divergence = max_divergence(arrays, t.src_dtype)
-        if not divergence <= limit:
-            raise MergeError(
-                f"{where}: {t.key!r} differs across ranks: max |rank_k - rank_0| = {divergence:.3g} > tolerance "
-                f"{limit:g}" + ("" if t.rule is Rule.DROP else " (raise --replica-tolerance to accept it)"))
+        check_replicas(arrays, dtype=t.src_dtype, tolerance=tolerance, key=t.key, ranks=[r.path.name for r in t.shards],
+                       where=where, row_bias=t.row_bias, derived=t.rule is Rule.DROP)
     return merge_tensor(t.rule, arrays, dtype=t.src_dtype, out_dtype=t.out_dtype)
 
 
 def reshard_checkpoint(src: Path, out: Path, options: ReshardOptions) -> WriteReport:
     """Reshard the NeoX checkpoint ``src`` to TP ``options.tp`` in ``out`` (checked fully before writing)."""
-    from neoxconv.output.hf_merge import checkpoint_qkv_layout, plan_checkpoint
-
     check_out_path(Path(out))
-    ckpt = open_checkpoint(src, config_path=options.config_path, tokenizer_path=options.tokenizer_path)
-    out_dtype = None if options.dtype == "auto" else canonical_dtype(options.dtype)
-    src_row_bias = resolve_row_bias(options.row_bias, ckpt.config)
-    qkv = checkpoint_qkv_layout(ckpt, options.qkv_layout)  # Llama-style: how the source's QKV rows lie
-    config, plans = plan_checkpoint(ckpt, row_bias=src_row_bias, out_dtype=out_dtype, qkv=qkv)
+    source_plan = plan_source(src, PlanOptions(
+        dtype=options.dtype, row_bias=options.row_bias, qkv_layout=options.qkv_layout,  # as `merge` reads it
+        config_path=options.config_path, tokenizer_path=options.tokenizer_path))
+    ckpt, config, plans = source_plan.checkpoint, source_plan.config, source_plan.layers
+    src_row_bias, qkv = source_plan.row_bias, source_plan.qkv  # qkv: how a Llama-style source's QKV rows lie
     dtypes = {t.out_dtype for p in plans for t in p.tensors}
     if len(dtypes) != 1:
         raise ConfigError(f"{ckpt.step_dir}: the weights have mixed dtypes ({', '.join(sorted(dtypes))}); "
@@ -131,7 +126,7 @@ def reshard_checkpoint(src: Path, out: Path, options: ReshardOptions) -> WriteRe
                               t.out_dtype)
                     for t in plan.tensors}
         yield from shard_layer(layer, full, config=config, tp=options.tp, ranks=ranks, row_bias=row_bias,
-                               dtype=torch_dtype, table=rule_table(config, layer.kind, plan.key_generation),
+                               dtype=torch_dtype, generation=plan.key_generation,
                                qkv_split=None if qkv is None else qkv.split)  # the source's layout and key names
 
     config_sha = config_digest(config)

@@ -1,8 +1,8 @@
 """`split_model`: a Hugging Face GPT-NeoX (or Llama) folder becomes a gpt-neox checkpoint at tensor-parallel degree T.
 
-The split runs the merge rule table (`neoxconv.merge.RULES`, NeoX key -> rule and Hugging Face name) backwards;
-the inverse of each rule is declared once, in `SPLITTERS`, and buffers gpt-neox derives from the config are
-declared in `DERIVED`. A new architecture is a new rule table; these two tables stay as they are.
+The split runs the merge key table (`neoxconv.merge.key_table`, NeoX key -> rule and Hugging Face name) backwards;
+the inverse of each rule is declared once, next to the rule (`neoxconv.merge.split_tensor`, `join_split`), and
+buffers gpt-neox derives from the config are declared in `DERIVED`. A new architecture is a new key table.
 
     CONCAT_ROWS  -> rank r gets rows [r*n, (r+1)*n) (column- and vocab-parallel; the fused QKV is laid out
                     [heads, 3, head_dim], so a block of rows is a block of whole heads)
@@ -24,47 +24,41 @@ Only safetensors are read (never a pickle). One source layer is in memory at a t
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
-from neoxconv.source.checkpoint import LayerKind, SourceLayer, model_layers
 from neoxconv.config import GPT_NEOX, NeoXConfig
-from neoxconv.dtypes import FLOAT_DTYPES, FROM_SAFETENSORS, TORCH_FLOAT_DTYPES, as_torch_dtype, canonical_dtype, tensor_nbytes
+from neoxconv.dtypes import TORCH_FLOAT_DTYPES, as_torch_dtype, canonical_dtype, tensor_nbytes
 from neoxconv.errors import CheckpointError, ConfigError
-from neoxconv.plan.fingerprint import config_digest, file_fingerprint
-from neoxconv.source.safetensors import FileState, check_unchanged, checked_safetensors_header, file_state
 from neoxconv.interrupt import deferred_sigint
-from neoxconv.merge import (RULES, Rule, RuleSpec, Split, expected_shape, join_split, output_names, resolve_row_bias,
-                            rule_table, shape_of)
+from neoxconv.merge import Rule, Split, expected_shape, join_split, key_table, resolve_row_bias, shape_of, split_tensor
 from neoxconv.output.folder import check_out_path
+from neoxconv.plan.fingerprint import config_digest, file_fingerprint
+from neoxconv.plan.plan import FolderPlan, part_key, plan_hf_folder
+from neoxconv.source.checkpoint import SourceLayer, model_layers
+from neoxconv.source.hf_folder import HFModel
 from neoxconv.source.tokenizer import checked_token_count
 from neoxconv.output.neox import NeoXTarget, Shard, WriteReport, check_target, write_neox_checkpoint
 
 log = logging.getLogger(__name__)
 
 
-# ----- the inverse rules -------------------------------------------------------------------------------------
-def _block(full: torch.Tensor, dim: int, tp: int, rank: int) -> torch.Tensor:
-    n = full.shape[dim] // tp
-    return full.narrow(dim, rank * n, n).clone(memory_format=torch.contiguous_format)
+# ----- the inverse rules (declared once, in neoxconv.merge: `split_tensor`, `join_split`) ----------------------
+def _numpy(t: torch.Tensor) -> np.ndarray:
+    """The tensor's values as numpy (bfloat16 as its int16 bits: numpy has no bfloat16); no copy."""
+    return t.view(torch.int16).numpy() if t.dtype == torch.bfloat16 else t.numpy()
 
 
-def _sum_part(full: torch.Tensor, tp: int, rank: int) -> torch.Tensor:
-    return full.clone() if rank == 0 else torch.zeros_like(full)
-
-
-SPLITTERS: dict[Rule, Callable[[torch.Tensor, int, int], torch.Tensor]] = {
-    Rule.CONCAT_ROWS: lambda full, tp, rank: _block(full, 0, tp, rank),
-    Rule.CONCAT_COLS: lambda full, tp, rank: _block(full, 1, tp, rank),
-    Rule.REPLICATED: lambda full, tp, rank: full.clone(),
-    Rule.SUM: _sum_part,
-}
+def _torch(a: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+    """A rank's shard as a tensor that owns a fresh, contiguous storage (what torch.save writes whole)."""
+    t = torch.from_numpy(np.array(a, order="C"))
+    return t.view(torch.bfloat16) if dtype == torch.bfloat16 else t
 
 
 def rotary_inv_freq(config: NeoXConfig, dtype: torch.dtype) -> torch.Tensor:
@@ -80,42 +74,35 @@ DERIVED: dict[str, Callable[[NeoXConfig, torch.dtype], torch.Tensor]] = {
 
 def shard_layer(layer: SourceLayer, full: dict[str, torch.Tensor], *, config: NeoXConfig, tp: int,
                 ranks: list[int], row_bias: Rule, dtype: torch.dtype,
-                table: dict[str, RuleSpec] | None = None, qkv_split: Split | None = None) -> Iterator[Shard]:
-    """Rank shards of one source layer from its full tensors (NeoX keys), in the rule table's key order.
+                generation: str | None = None, qkv_split: Split | None = None) -> Iterator[Shard]:
+    """Rank shards of one source layer from its full tensors, in the key table's order.
 
-    ``table`` is the layer's rule table (default: GPT-NeoX's, ``RULES[layer.kind]``); another architecture
-    passes its own and reuses `SPLITTERS` / `DERIVED` unchanged. ``qkv_split``: the Llama-style QKV layout to
-    write (default: today's gpt-neox layout, `current_split`).
+    ``full`` and the shards are keyed as ``generation`` spells the keys (`merge.key_table`; None: the
+    architecture's first generation). ``qkv_split``: the Llama-style QKV layout to write (default: today's
+    gpt-neox layout, `current_split`).
     """
-    table = RULES[layer.kind] if table is None else table
-    joined: dict[str, list[torch.Tensor]] = {}
-    for key, spec in table.items():  # SPLIT_ROWS: every rank's rows from the parts, in gpt-neox's current layout
-        if spec.rule is Rule.SPLIT_ROWS:
+    table = key_table(config, layer.kind, generation)
+    per_rank: dict[str, list[np.ndarray]] = {}  # each key's rank shards (views of ``full`` where they can be)
+    for key, spec in table.items():
+        if spec.rule is Rule.DROP:
+            continue
+        if spec.rule is Rule.SPLIT_ROWS:  # every rank's rows from the parts, in gpt-neox's current layout
             split = (qkv_split or current_split(config)) if spec.split is Split.QKV else spec.split
-            parts = [full[part_key(key, i)] for i in range(len(spec.parts))]
-            joined[key] = [torch.from_numpy(a) for a in join_split(
-                split, [p.view(torch.int16).numpy() if p.dtype == torch.bfloat16 else p.numpy() for p in parts],
-                tp, heads=config.num_heads, kv_heads=config.kv_heads, head_dim=config.head_dim)]
-            if parts[0].dtype == torch.bfloat16:
-                joined[key] = [t.view(torch.bfloat16) for t in joined[key]]
+            parts = [_numpy(full[part_key(key, i)]) for i in range(len(spec.parts))]
+            per_rank[key] = join_split(split, parts, tp, heads=config.num_heads, kv_heads=config.kv_heads,
+                                       head_dim=config.head_dim)
+        else:
+            per_rank[key] = split_tensor(row_bias if spec.rule is Rule.ROW_BIAS else spec.rule, _numpy(full[key]), tp)
     for rank in ranks:
         shard: Shard = {}
         for key, spec in table.items():
             if spec.rule is Rule.DROP:
-                if key in DERIVED and config.architecture == GPT_NEOX:  # Llama-style: not saved by gpt-neox
-                    shard[key] = DERIVED[key](config, dtype)
+                if spec.key in DERIVED and config.architecture == GPT_NEOX:  # Llama-style: not saved by gpt-neox
+                    shard[key] = DERIVED[spec.key](config, dtype)
                 continue
-            if spec.rule is Rule.SPLIT_ROWS:
-                shard[key] = joined[key][rank]
-                continue
-            rule = row_bias if spec.rule is Rule.ROW_BIAS else spec.rule
-            shard[key] = SPLITTERS[rule](full[key], tp, rank)
+            src = full[part_key(key, 0) if spec.rule is Rule.SPLIT_ROWS else key]
+            shard[key] = _torch(per_rank[key][rank], src.dtype)
         yield shard
-
-
-def part_key(key: str, part: int) -> str:
-    """The name a SPLIT_ROWS key's part goes by in a layer's full tensors (``key#part``)."""
-    return f"{key}#{part}"
 
 
 def current_split(config: NeoXConfig) -> Split:
@@ -127,10 +114,10 @@ def planned_bytes(config: NeoXConfig, tp: int, dtype: str, row_bias: Rule) -> in
     """Bytes of weights the split writes (replicated tensors count once per rank)."""
     total = 0
     for layer in model_layers(config, with_readout=not config.tie_word_embeddings):
-        for key, spec in rule_table(config, layer.kind).items():
+        for spec in key_table(config, layer.kind).values():
             rule = row_bias if spec.rule is Rule.ROW_BIAS else spec.rule
             if rule is Rule.DROP:
-                derived = key in DERIVED and config.architecture == GPT_NEOX
+                derived = spec.key in DERIVED and config.architecture == GPT_NEOX
                 total += tp * tensor_nbytes(dtype, (config.rotary_dims // 2,)) if derived else 0
                 continue
             if rule is Rule.SPLIT_ROWS:
@@ -141,159 +128,34 @@ def planned_bytes(config: NeoXConfig, tp: int, dtype: str, row_bias: Rule) -> in
     return total
 
 
-# ----- the Hugging Face side ---------------------------------------------------------------------------------
-_HF_DERIVED_SUFFIXES = (".attention.rotary_emb.inv_freq", ".attention.bias", ".attention.masked_bias")
-
-
-@dataclass
-class HFTensor:
-    file: Path
-    dtype: str
-    shape: tuple[int, ...]
-
-
-class HFModel:
-    """A Hugging Face GPT-NeoX folder: config.json and safetensors (one file or an index of shards)."""
-
-    def __init__(self, folder: Path, *, tokenizer_path: Path | None = None) -> None:
-        self.folder = Path(folder)
-        if not self.folder.is_dir():
-            raise CheckpointError(f"{self.folder}: expected a Hugging Face model folder")
-        cfg = self.folder / "config.json"
-        if not cfg.is_file():
-            raise ConfigError(f"{self.folder}: no config.json (a Hugging Face GPT-NeoX folder has one)")
-        raw = _read_json(cfg, ConfigError)
-        if raw.get("model_type") not in (None, "gpt_neox", "llama"):
-            raise ConfigError(f"{cfg}: model_type {raw.get('model_type')!r}: split writes GPT-NeoX and Llama models")
-        if raw.get("model_type") in (None, "gpt_neox") and raw.get("attention_bias") is False:
-            raise ConfigError(f"{cfg}: attention_bias is false; GPT-NeoX checkpoints have attention biases")
-        self.config = NeoXConfig.from_hf_json(cfg)
-        self.tensors = self._scan()
-        self.tokenizer = self._find_tokenizer(tokenizer_path)
-
-    def _scan(self) -> dict[str, HFTensor]:
-        index = self.folder / "model.safetensors.index.json"
-        if index.is_file():
-            weight_map = _read_json(index, CheckpointError).get("weight_map")
-            if not isinstance(weight_map, dict):
-                raise CheckpointError(f"{index}: no 'weight_map' object")
-            files = sorted({self.folder / str(f) for f in weight_map.values()})
-        else:
-            files = sorted(self.folder.glob("*.safetensors"))
-        if not files:
-            pickles = sorted(p.name for p in self.folder.glob("*.bin"))
-            hint = (f" (found {', '.join(pickles)}: neoxconv never unpickles; save the model with "
-                    "safe_serialization=True)") if pickles else ""
-            raise CheckpointError(f"{self.folder}: no *.safetensors weights{hint}")
-        tensors: dict[str, HFTensor] = {}
-        self.states: dict[Path, FileState] = {}  # as each file was when its header was checked
-        for f in files:
-            if not f.is_file() or f.parent.resolve() != self.folder.resolve():
-                raise CheckpointError(f"{f}: listed in the index but not a file in {self.folder}")
-            self.states[f] = file_state(f)
-            try:
-                header = checked_safetensors_header(f)
-            except (OSError, ValueError) as e:
-                raise CheckpointError(f"{f}: not a readable safetensors file: {e}") from None
-            for name, info in header.items():
-                if name == "__metadata__":
-                    continue
-                if name in tensors:  # which copy a loader takes depends on the loader: refuse
-                    raise CheckpointError(f"{f}: holds {name!r}, which {tensors[name].file.name} holds too")
-                dtype = FROM_SAFETENSORS.get(str(info.get("dtype")))
-                if dtype is None:
-                    raise CheckpointError(f"{f}: {name!r} has dtype {info.get('dtype')!r}, which neoxconv does not read")
-                tensors[name] = HFTensor(f, dtype, tuple(int(s) for s in info.get("shape", [])))
-        return tensors
-
-    def _find_tokenizer(self, explicit: Path | None) -> Path | None:
-        if explicit is not None:
-            if not Path(explicit).is_file():
-                raise CheckpointError(f"{explicit}: no such tokenizer file")
-            return Path(explicit)
-        p = self.folder / "tokenizer.json"
-        return p if p.is_file() else None
-
-    def plan(self) -> tuple[NeoXConfig, dict[SourceLayer, dict[str, str]], str]:
-        """Check every expected tensor (names, shapes, dtypes) at once; (config, {layer: {neox key: HF name}}, dtype)."""
-        config = self.config
-        emb = self.tensors.get(rule_table(config, LayerKind.EMBEDDING)["word_embeddings.weight"].hf_name or "")
-        if emb is not None and len(emb.shape) == 2 and emb.shape[0] != config.vocab_size:
-            log.info("embedding has %d rows, config.json says vocab_size %s; using the rows", emb.shape[0],
-                     config.vocab_size)
-            config = config.with_(vocab_size=emb.shape[0])
-        layers = model_layers(config, with_readout=not config.tie_word_embeddings)
-        names: dict[SourceLayer, dict[str, str]] = {}
-        problems: list[str] = []
-        expected: set[str] = set()
-        for layer in layers:
-            names[layer] = {}
-            for key, spec in rule_table(config, layer.kind).items():
-                outputs = output_names(spec)  # SPLIT_ROWS: one HF tensor per part, read as key#part
-                for part, (template, shape) in enumerate(outputs):
-                    name = template.format(i=layer.block)
-                    expected.add(name)
-                    names[layer][part_key(key, part) if spec.rule is Rule.SPLIT_ROWS else key] = name
-                    t = self.tensors.get(name)
-                    if t is None:
-                        problems.append(f"missing {name!r}")
-                        continue
-                    want = shape_of(shape, config)
-                    if want is not None and t.shape != want:
-                        problems.append(f"{name!r} has shape {list(t.shape)}, config.json implies {list(want)}")
-                    if t.dtype not in FLOAT_DTYPES:
-                        problems.append(f"{name!r} has dtype {t.dtype}, not a floating-point type")
-        ignorable = {"embed_out.weight", "lm_head.weight"} if config.tie_word_embeddings else set()
-        unknown = sorted(n for n in self.tensors if n not in expected and n not in ignorable
-                         and not n.endswith(_HF_DERIVED_SUFFIXES))
-        if unknown:
-            shown = ", ".join(map(repr, unknown[:8])) + (f" and {len(unknown) - 8} more" if len(unknown) > 8 else "")
-            problems.append(f"unknown tensor(s) {shown} (is this a GPT-NeoX model?)")
-        if problems:
-            raise CheckpointError(f"{self.folder}: " + "; ".join(problems))
-        dtypes = {self.tensors[n].dtype for n in expected}
-        dtype = dtypes.pop() if len(dtypes) == 1 else "mixed"
-        return config, names, dtype
-
-    def read_layer(self, names: dict[str, str], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-        """{NeoX key: tensor} for one layer's HF names, cast to ``dtype``.
-
-        The tensors are copies, read while each file was as it was when its header was checked (else a
-        CheckpointError: the file changed since). Each file is opened for this call only: a safetensors handle
-        keeps its whole file mapped until it is closed.
-        """
-        from safetensors import SafetensorError, safe_open
-
-        by_file: dict[Path, list[tuple[str, str]]] = {}
-        for key, name in names.items():
-            by_file.setdefault(self.tensors[name].file, []).append((key, name))
-        out: dict[str, torch.Tensor] = {}
-        for file, items in by_file.items():
-            try:
-                with safe_open(str(file), framework="pt") as f:
-                    for key, name in items:
-                        out[key] = f.get_tensor(name).to(dtype, copy=True)  # our copy: the file may change later
-            except (OSError, SafetensorError) as e:
-                raise CheckpointError(f"{file}: cannot read the tensors of {', '.join(n for _, n in items)}: {e}") from None
-            check_unchanged(file, self.states[file])  # what we hold is what the checked header describes
-        return out
-
-
-def _read_json(path: Path, error: type) -> dict[str, Any]:
-    try:
-        d = json.loads(Path(path).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        raise error(f"{path}: not readable JSON: {e}") from None
-    if not isinstance(d, dict):
-        raise error(f"{path}: expected a JSON object")
-    return d
-
-
 def tokenizer_size(path: Path | None, rows: int | None) -> int | None:
     """Entries of a tokenizer.json (largest id + 1 over the vocabulary and added tokens); None if unknown or no
     tokenizer. Checked as merge checks it (`checked_token_count`): a broken one is a CheckpointError naming it,
     never copied into OUT."""
     return None if path is None else checked_token_count(path, rows)
+
+
+def check_dropped_tensors(hf: HFModel, planned: FolderPlan) -> None:
+    """What split drops must be what the config derives: saved rotary buffers must hold the config's
+    frequencies, and a readout present beside tie_word_embeddings must equal the embedding (never dropped
+    silently: transformers 5 keeps a different one untied, transformers 4 ties it, so the folder is ambiguous)."""
+    config, where = planned.config, hf.folder / "config.json"
+    for name in planned.rotary_buffers:
+        got = hf.read_tensor(name)
+        want = rotary_inv_freq(config, got.dtype)
+        close = got.shape == want.shape and bool(torch.allclose(
+            got.float(), want.float(), rtol=2 * torch.finfo(got.dtype).eps if got.is_floating_point() else 0, atol=0))
+        if not close:
+            raise ConfigError(
+                f"{where}: {name!r} holds rotary frequencies {list(got.shape)} that the config does not give "
+                f"(head_dim {config.head_dim}, rotary dims {config.rotary_dims}, base {config.rotary_emb_base:g}: "
+                f"{want.shape[0]} values 1/base^(2i/d)); check rope_theta / rotary_pct in config.json")
+    for name in planned.tied_readouts:
+        if not hf.same_values(planned.embedding, name):
+            raise CheckpointError(
+                f"{where}: tie_word_embeddings is true, but {name!r} differs from {planned.embedding!r} (transformers 5 "
+                f"then uses {name!r} untied, transformers 4 ties it to {planned.embedding!r}); set tie_word_embeddings "
+                f"to false in config.json to keep {name!r} as the readout, or remove it from the folder to tie them")
 
 
 # ----- the job ---------------------------------------------------------------------------------------------------
@@ -321,7 +183,9 @@ def split_model(hf_dir: Path, out: Path, options: SplitOptions) -> WriteReport:
     """
     check_out_path(Path(out))
     hf = HFModel(hf_dir, tokenizer_path=options.tokenizer_path)
-    config, names, src_dtype = hf.plan()
+    planned = plan_hf_folder(hf)
+    config, names, src_dtype = planned.config, planned.names, planned.dtype
+    check_dropped_tensors(hf, planned)
     if options.dtype == "auto":
         if src_dtype == "mixed":
             raise ConfigError(f"{hf_dir}: the weights have mixed dtypes; choose one with --dtype fp16|bf16|fp32")
@@ -339,7 +203,7 @@ def split_model(hf_dir: Path, out: Path, options: SplitOptions) -> WriteReport:
     def rank_shards(layer: SourceLayer, ranks: list[int]) -> Iterator[Shard]:
         full = hf.read_layer(names[layer], torch_dtype)  # one layer in memory
         yield from shard_layer(layer, full, config=config, tp=options.tp, ranks=ranks, row_bias=row_bias,
-                               dtype=torch_dtype, table=rule_table(config, layer.kind))
+                               dtype=torch_dtype)
 
     config_sha = config_digest(config)
     file_fps: dict[Path, dict[str, Any]] = {}

@@ -25,7 +25,8 @@ from collections.abc import Callable, Iterator
 import numpy as np
 
 from neoxconv.dtypes import NUMPY_DTYPES, NonFiniteCounter, from_f32, to_f32
-from neoxconv.merge import Rule, TensorPlan, merge_tensor
+from neoxconv.merge import Rule, merge_tensor
+from neoxconv.plan.plan import TensorPlan
 from neoxconv.output.writer import SafetensorsWriter
 from neoxconv.source.ptfile import TensorRef
 from neoxconv.source.storage import CHUNK_BYTES, Reads

@@ -28,8 +28,8 @@ from typing import Any
 
 from neoxconv.source.checkpoint import Checkpoint
 from neoxconv.errors import CheckpointError
+from neoxconv.plan.plan import LayerPlan
 from neoxconv.source.safetensors import header_bytes
-from neoxconv.merge import LayerPlan
 
 
 def source_identity(ckpt: Checkpoint) -> dict[str, Any]:

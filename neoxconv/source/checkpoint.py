@@ -20,14 +20,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from neoxconv.config import NeoXConfig
-from neoxconv.errors import CheckpointError, ConfigError
+from neoxconv.errors import CheckpointError, ConfigError, few
 from neoxconv.source.ptfile import PtArchive, TensorRef, read_pt
 
 log = logging.getLogger(__name__)
 
 _PIPE_FILE = re.compile(r"^layer_(\d+)-model_(\d+)-model_states\.pt$")
 _SEQ_FILE = re.compile(r"^mp_rank_(\d+)_model_states\.pt$")
-_SEQ_KEY = re.compile(r"^sequential\.(\d+)\.(.+)$")
+# A sequential key exactly as gpt-neox writes it (fullmatch, ASCII digits, no leading zeros, a plain module path):
+# one key, one (layer, name). A looser parse maps several keys torch.load keeps apart onto one tensor
+# ("sequential.02.x", "sequential.\u0662.x", "sequential.2.x\n" all read as layer 2's "x").
+_SEQ_KEY = re.compile(r"sequential\.(0|[1-9][0-9]{0,5})\.([A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z0-9_]+)*)", re.ASCII)
 
 
 class LayerKind(enum.Enum):
@@ -103,9 +106,14 @@ class Checkpoint:
             return archive.tensors()
         out = {}
         for key, ref in archive.tensors(("module",)).items():
-            m = _SEQ_KEY.match(key)
-            if m and int(m.group(1)) == layer.index:
-                out[m.group(2)] = ref
+            m = _SEQ_KEY.fullmatch(key)
+            if m is None:
+                raise CheckpointError(
+                    f"{path}: module key {key[:120]!r} is not 'sequential.<layer>.<name>' as gpt-neox writes it "
+                    "(ASCII digits without leading zeros, a plain module path); torch.load keeps it as a key of its "
+                    "own, so it cannot be read as any layer's tensor")
+            if int(m.group(1)) == layer.index:
+                out[m.group(2)] = ref  # canonical: no two keys give the same (layer, name)
         return out
 
     def release(self, layer: SourceLayer) -> None:
@@ -151,7 +159,7 @@ def find_step_dir(src: Path) -> tuple[Path, Path]:
             "no 'latest' file and no global_step* folder"
         )
     raise CheckpointError(
-        f"{src}: several step folders ({_few([p.name for p in steps])}) and no 'latest' file; "
+        f"{src}: several step folders ({few([p.name for p in steps])}) and no 'latest' file; "
         "pass the step folder itself as SRC"
     )
 
@@ -210,12 +218,6 @@ def _scan_ranks(step_dir: Path) -> tuple[str, dict[int, set[int]]]:
     raise CheckpointError(f"{step_dir}: no layer_*-model_*-model_states.pt or mp_rank_*_model_states.pt files")
 
 
-def _few(items: list, sep: str = ", ", n: int = 5) -> str:
-    """At most ``n`` items and a count of the rest: an error line stays short whatever the config says."""
-    shown = sep.join(str(i) for i in items[:n])
-    return shown + (f"{sep}and {len(items) - n} more" if len(items) > n else "")
-
-
 def open_checkpoint(
     src: Path, *, config_path: Path | None = None, tokenizer_path: Path | None = None, strict: bool = True
 ) -> Checkpoint:
@@ -250,18 +252,18 @@ def open_checkpoint(
         stray = sorted(set(ranks) - known)
         if stray:
             problems.append(
-                f"layer files {_few(stray)} do not fit num_layers={config.num_layers} from {config_source} "
-                f"(expected layers {_few(sorted(known))})"
+                f"layer files {few(stray)} do not fit num_layers={config.num_layers} from {config_source} "
+                f"(expected layers {few(sorted(known))})"
             )
         if problems or (strict and missing_problems):
-            raise CheckpointError(f"{step_dir}: " + _few(missing_problems + problems, "; "))
+            raise CheckpointError(f"{step_dir}: " + few(missing_problems + problems, sep="; "))
     else:
         have = ranks[-1]
         tp = max(have) + 1
         missing = sorted(set(range(tp)) - have)
         missing_files = [sequential_file_name(r) for r in missing]
         if missing and strict:
-            raise CheckpointError(f"{step_dir}: missing {_few(missing_files)}")
+            raise CheckpointError(f"{step_dir}: missing {few(missing_files)}")
         expected_layers = model_layers(config, with_readout=not config.tie_word_embeddings)
 
     problems = config.tp_model_parallel_check(tp)

@@ -226,7 +226,7 @@ def _check_resources(out: Path, spec: SyntheticSpec) -> None:
     (OutputError, exit 6) and the largest layer, generated in fp32 and split (the whole model for the
     sequential layout, whose rank files are written at the end), in the available memory (UsageError, exit 2)."""
     from neoxconv.errors import OutputError, UsageError
-    from neoxconv.plan.describe import free_bytes
+    from neoxconv.output.describe import free_bytes
     from neoxconv.runtime.placement import meminfo
     from neoxconv.progress import format_bytes
 

@@ -9,12 +9,10 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from neoxconv.source.checkpoint import open_checkpoint
-from neoxconv.output.hf_merge import checkpoint_qkv_layout, output_names, plan_checkpoint
-from neoxconv.dtypes import canonical_dtype
 from neoxconv.errors import OutputError
-from neoxconv.merge import resolve_row_bias
 from neoxconv.output.folder import check_out_path
+from neoxconv.output.hf_merge import output_names
+from neoxconv.plan.plan import PlanOptions, plan_source
 from neoxconv.progress import format_bytes
 
 
@@ -56,8 +54,9 @@ def inspect_checkpoint(src: Path, *, config_path: Path | None = None, out: Path 
     every rank file; with files missing it is left out (``files_missing`` says which). With ``out``, the free
     disk space there is reported too.
     """
-    ckpt = open_checkpoint(src, config_path=config_path, strict=False)
-    config = ckpt.config
+    plan = plan_source(src, PlanOptions(dtype=dtype, row_bias=row_bias, qkv_layout=qkv_layout, config_path=config_path,
+                                        strict=False))
+    ckpt, config = plan.checkpoint, plan.checkpoint.config
     found = [p.name for p in ckpt.source_files() if p.is_file()]
     result: dict[str, Any] = {
         "step_dir": str(ckpt.step_dir),
@@ -95,31 +94,27 @@ def inspect_checkpoint(src: Path, *, config_path: Path | None = None, out: Path 
         result["out_free_bytes"] = free
         result["out_free_bytes_at"] = str(where)
         result["out_problem"] = out_problem(out)  # a merge into OUT would fail (exit 6): out_fits is false
-    if ckpt.missing_files:
+    if not plan.complete:
         return result
-    qkv = checkpoint_qkv_layout(ckpt, qkv_layout)
+    qkv, config, plans = plan.qkv, plan.config, plan.layers
     if qkv is not None:
         result["qkv_layout"] = {"split": qkv.split.value, "assumed": qkv.assumed, "reason": qkv.reason}
     else:
         result["qkv_layout"] = {"split": "fused [heads, 3, head_dim] (kept as query_key_value)", "assumed": False}
-    rule = resolve_row_bias(row_bias, config)
-    out_dtype = None if dtype == "auto" else canonical_dtype(dtype)
-    config, plans = plan_checkpoint(ckpt, row_bias=rule, out_dtype=out_dtype, qkv=qkv)
-    tensors = [t for plan in plans for t in plan.tensors]
+    tensors = plan.tensors
     dtypes = {t.src_dtype for t in tensors}
     out_dtypes = {t.out_dtype for t in tensors}
     result["vocab_size"] = config.vocab_size
     result["parameters"] = sum(math.prod(t.shape) for t in tensors)
     result["dtype"] = dtypes.pop() if len(dtypes) == 1 else sorted(dtypes)
-    generations = sorted({p.key_generation for p in plans if p.key_generation})
-    result["key_generation"] = generations[0] if len(generations) == 1 else (generations or None)
-    result["row_bias"] = rule.value
+    result["key_generation"] = plan.key_generation
+    result["row_bias"] = plan.row_bias.value
     result["output_dtype"] = out_dtypes.pop() if len(out_dtypes) == 1 else sorted(out_dtypes)
-    result["output_bytes"] = sum(p.nbytes for p in plans)
+    result["output_bytes"] = plan.nbytes
     result["tensors"] = [
         {"name": t.hf_name, "shape": list(t.shape), "dtype": t.out_dtype, "rule": t.rule_label,
          "source": t.key, "file": file}
-        for file, plan in zip(output_names(len(plans)), plans) for t in plan.tensors
+        for file, layer in zip(output_names(len(plans)), plans) for t in layer.tensors
     ]
     if out is not None:
         result["out_fits"] = result["out_problem"] is None and result["out_free_bytes"] >= result["output_bytes"]

@@ -1,0 +1,149 @@
+"""A Hugging Face model folder as `split` reads it: config.json and safetensors (one file or an index of
+shards), every header checked as safetensors checks it, never a pickle. What the folder must hold is planned
+by `neoxconv.plan.plan.plan_hf_folder` through the key table; this module only reads."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from neoxconv.config import NeoXConfig
+from neoxconv.dtypes import FROM_SAFETENSORS, tensor_nbytes
+from neoxconv.errors import CheckpointError, ConfigError
+from neoxconv.source.safetensors import FileState, check_unchanged, checked_safetensors_header, file_state
+
+if TYPE_CHECKING:  # torch stays off the merge path, which plans through neoxconv.plan
+    import torch
+
+
+@dataclass
+class HFTensor:
+    file: Path
+    dtype: str
+    shape: tuple[int, ...]
+
+
+class HFModel:
+    """A Hugging Face GPT-NeoX folder: config.json and safetensors (one file or an index of shards)."""
+
+    def __init__(self, folder: Path, *, tokenizer_path: Path | None = None) -> None:
+        self.folder = Path(folder)
+        if not self.folder.is_dir():
+            raise CheckpointError(f"{self.folder}: expected a Hugging Face model folder")
+        cfg = self.folder / "config.json"
+        if not cfg.is_file():
+            raise ConfigError(f"{self.folder}: no config.json (a Hugging Face GPT-NeoX folder has one)")
+        raw = _read_json(cfg, ConfigError)
+        if raw.get("model_type") not in (None, "gpt_neox", "llama"):
+            raise ConfigError(f"{cfg}: model_type {raw.get('model_type')!r}: split writes GPT-NeoX and Llama models")
+        if raw.get("model_type") in (None, "gpt_neox") and raw.get("attention_bias") is False:
+            raise ConfigError(f"{cfg}: attention_bias is false; GPT-NeoX checkpoints have attention biases")
+        self.config = NeoXConfig.from_hf_json(cfg)
+        self.tensors = self._scan()
+        self.tokenizer = self._find_tokenizer(tokenizer_path)
+
+    def _scan(self) -> dict[str, HFTensor]:
+        index = self.folder / "model.safetensors.index.json"
+        if index.is_file():
+            weight_map = _read_json(index, CheckpointError).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise CheckpointError(f"{index}: no 'weight_map' object")
+            files = sorted({self.folder / str(f) for f in weight_map.values()})
+        else:
+            files = sorted(self.folder.glob("*.safetensors"))
+        if not files:
+            pickles = sorted(p.name for p in self.folder.glob("*.bin"))
+            hint = (f" (found {', '.join(pickles)}: neoxconv never unpickles; save the model with "
+                    "safe_serialization=True)") if pickles else ""
+            raise CheckpointError(f"{self.folder}: no *.safetensors weights{hint}")
+        tensors: dict[str, HFTensor] = {}
+        self.states: dict[Path, FileState] = {}  # as each file was when its header was checked
+        for f in files:
+            if not f.is_file() or f.parent.resolve() != self.folder.resolve():
+                raise CheckpointError(f"{f}: listed in the index but not a file in {self.folder}")
+            self.states[f] = file_state(f)
+            try:
+                header = checked_safetensors_header(f)
+            except (OSError, ValueError) as e:
+                raise CheckpointError(f"{f}: not a readable safetensors file: {e}") from None
+            for name, info in header.items():
+                if name == "__metadata__":
+                    continue
+                if name in tensors:  # which copy a loader takes depends on the loader: refuse
+                    raise CheckpointError(f"{f}: holds {name!r}, which {tensors[name].file.name} holds too")
+                dtype = FROM_SAFETENSORS.get(str(info.get("dtype")))
+                if dtype is None:
+                    raise CheckpointError(f"{f}: {name!r} has dtype {info.get('dtype')!r}, which neoxconv does not read")
+                tensors[name] = HFTensor(f, dtype, tuple(int(s) for s in info.get("shape", [])))
+        return tensors
+
+    def _find_tokenizer(self, explicit: Path | None) -> Path | None:
+        if explicit is not None:
+            if not Path(explicit).is_file():
+                raise CheckpointError(f"{explicit}: no such tokenizer file")
+            return Path(explicit)
+        p = self.folder / "tokenizer.json"
+        return p if p.is_file() else None
+
+    def read_layer(self, names: dict[str, str], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """{NeoX key: tensor} for one layer's HF names, cast to ``dtype``.
+
+        The tensors are copies, read while each file was as it was when its header was checked (else a
+        CheckpointError: the file changed since). Each file is opened for this call only: a safetensors handle
+        keeps its whole file mapped until it is closed.
+        """
+        from safetensors import SafetensorError, safe_open
+
+        by_file: dict[Path, list[tuple[str, str]]] = {}
+        for key, name in names.items():
+            by_file.setdefault(self.tensors[name].file, []).append((key, name))
+        out: dict[str, torch.Tensor] = {}
+        for file, items in by_file.items():
+            try:
+                with safe_open(str(file), framework="pt") as f:
+                    for key, name in items:
+                        out[key] = f.get_tensor(name).to(dtype, copy=True)  # our copy: the file may change later
+            except (OSError, SafetensorError) as e:
+                raise CheckpointError(f"{file}: cannot read the tensors of {', '.join(n for _, n in items)}: {e}") from None
+            check_unchanged(file, self.states[file])  # what we hold is what the checked header describes
+        return out
+
+
+    def read_tensor(self, name: str) -> torch.Tensor:
+        """One (small) tensor as stored, in its own dtype."""
+        return self.read_layer({name: name}, self._torch_dtype(name))[name]
+
+    def same_values(self, a: str, b: str, *, block_bytes: int = 64 << 20) -> bool:
+        """True when tensors ``a`` and ``b`` hold the same dtype, shape and bits (read a block of rows at a time)."""
+        import torch
+        from safetensors import safe_open
+
+        ta, tb = self.tensors[a], self.tensors[b]
+        if (ta.dtype, ta.shape) != (tb.dtype, tb.shape):
+            return False
+        if not ta.shape:
+            return bool(self.read_tensor(a).view(-1).equal(self.read_tensor(b).view(-1)))
+        step = max(1, block_bytes // max(1, tensor_nbytes(ta.dtype, ta.shape[1:])))
+        with safe_open(str(ta.file), framework="pt") as fa, safe_open(str(tb.file), framework="pt") as fb:
+            sa, sb = fa.get_slice(a), fb.get_slice(b)
+            for i in range(0, ta.shape[0], step):  # compared as raw bits: -0.0 != 0.0, NaN == same NaN
+                x, y = sa[i:i + step], sb[i:i + step]
+                if not x.contiguous().view(torch.uint8).equal(y.contiguous().view(torch.uint8)):
+                    return False
+        return True
+
+    def _torch_dtype(self, name: str) -> torch.dtype:
+        import torch
+
+        return getattr(torch, self.tensors[name].dtype)
+
+def _read_json(path: Path, error: type) -> dict[str, Any]:
+    try:
+        d = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise error(f"{path}: not readable JSON: {e}") from None
+    if not isinstance(d, dict):
+        raise error(f"{path}: expected a JSON object")
+    return d
