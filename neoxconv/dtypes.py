@@ -16,6 +16,9 @@ SAFETENSORS_NAMES = {
 }
 FROM_SAFETENSORS = {v: k for k, v in SAFETENSORS_NAMES.items()}
 FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
+# the largest safetensors header neoxconv reads (a bound, not a format limit; real headers are kB to a few MB).
+# Here, below every stage, until safetensors reading has its own home in source/.
+MAX_HEADER_BYTES = 100 << 20
 
 # user-facing spellings -> canonical names
 DTYPE_ALIASES = {

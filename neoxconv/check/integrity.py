@@ -10,15 +10,11 @@ from pathlib import Path
 
 from neoxconv.source.checkpoint import model_layers
 from neoxconv.config import NeoXConfig
-from neoxconv.dtypes import FROM_SAFETENSORS, tensor_nbytes
+from neoxconv.dtypes import FROM_SAFETENSORS, MAX_HEADER_BYTES, tensor_nbytes
 from neoxconv.errors import CheckpointError, VerificationError
+from neoxconv.output.folder import INDEX, JOURNAL, MANIFEST
 from neoxconv.output.hashing import hash_file, recorded_hash
 from neoxconv.merge import output_shapes
-
-MANIFEST = "neoxconv.json"
-JOURNAL = ".neoxconv-journal.json"  # a merge in progress or interrupted
-INDEX = "model.safetensors.index.json"
-MAX_HEADER_BYTES = 100 << 20  # the largest safetensors header we read (a bound, not a format limit)
 
 
 @dataclass

@@ -24,6 +24,7 @@ from neoxconv.errors import ConfigError, MergeError, OutputError
 from neoxconv.plan.fingerprint import config_digest, layer_fingerprint, source_identity
 from neoxconv.interrupt import deferred_sigint
 from neoxconv.output.folder import check_out_path
+from neoxconv.output.hashing import DEFAULT_HASH
 from neoxconv.merge import (
     LayerPlan, Rule, TensorPlan, iter_merged_chunks, max_divergence, merge_tensor, read_checked, resolve_row_bias,
     rule_table,
@@ -46,9 +47,11 @@ class ReshardOptions:
     replica_tolerance: float = 1e-2
     config_path: Path | None = None
     tokenizer_path: Path | None = None
+    allow_nonfinite: bool = False  # write inf/nan (with a warning) instead of failing
     resume: bool = True
     force: bool = False
     quiet: bool = False
+    hash: str = DEFAULT_HASH  # the digest the manifest records for every file
 
 
 def _to_torch(a: np.ndarray, dtype: str) -> torch.Tensor:
@@ -151,4 +154,5 @@ def reshard_checkpoint(src: Path, out: Path, options: ReshardOptions) -> WriteRe
         return write_neox_checkpoint(
             Path(out), target, rank_shards, source=source_identity(ckpt), recorded=recorded, fingerprint=fingerprint,
             planned_bytes=planned_bytes(config, options.tp, dtype, row_bias), tokenizer=ckpt.tokenizer,
-            guard=guard, resume=options.resume, force=options.force, quiet=options.quiet, desc="reshard")
+            guard=guard, resume=options.resume, force=options.force, quiet=options.quiet,
+            allow_nonfinite=options.allow_nonfinite, hash_algo=options.hash, desc="reshard")

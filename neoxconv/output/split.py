@@ -43,6 +43,7 @@ from neoxconv.interrupt import deferred_sigint
 from neoxconv.merge import (RULES, Rule, RuleSpec, Split, expected_shape, join_split, output_names, resolve_row_bias,
                             rule_table, shape_of)
 from neoxconv.output.folder import check_out_path
+from neoxconv.output.hashing import DEFAULT_HASH
 from neoxconv.source.tokenizer import checked_token_count
 from neoxconv.output.neox import TORCH_DTYPES, NeoXTarget, Shard, WriteReport, check_target, write_neox_checkpoint
 
@@ -300,9 +301,11 @@ class SplitOptions:
     dtype: str = "auto"  # auto (the weights' own) | fp16 | bf16 | fp32
     step: int = 0
     tokenizer_path: Path | None = None
+    allow_nonfinite: bool = False  # write inf/nan (with a warning) instead of failing
     resume: bool = True
     force: bool = False
     quiet: bool = False
+    hash: str = DEFAULT_HASH  # the digest the manifest records for every file
 
 
 def _source_identity(hf: HFModel) -> dict[str, Any]:
@@ -353,5 +356,6 @@ def split_model(hf_dir: Path, out: Path, options: SplitOptions) -> WriteReport:
         return write_neox_checkpoint(
             Path(out), target, rank_shards, source=_source_identity(hf), recorded=recorded, fingerprint=fingerprint,
             planned_bytes=planned_bytes(config, options.tp, dtype, row_bias), tokenizer=hf.tokenizer,
-            guard=guard, resume=options.resume, force=options.force, quiet=options.quiet)
+            guard=guard, resume=options.resume, force=options.force, quiet=options.quiet,
+            allow_nonfinite=options.allow_nonfinite, hash_algo=options.hash)
 
