@@ -539,6 +539,10 @@ class OutputFolder:
         self.state.info = dict(info)
         atomic_write_json(self.path(MANIFEST), self.state.to_json())
         remove_file(self.out / JOURNAL)
+        for legacy in LEGACY_MANIFESTS.get(self.spec.kind, ()):  # the new manifest replaces it
+            p = self.out / legacy
+            if p.is_file() and not p.is_symlink():
+                remove_file(p)
         return self.state
 
 
