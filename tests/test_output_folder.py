@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import COMMITTED_FIXTURE, cli, one_line_error
 from test_split import _make_hf
 

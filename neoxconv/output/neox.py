@@ -342,7 +342,7 @@ def write_neox_checkpoint(
     T = target.tp_degree
     spec = FolderSpec(kind=NEOX, command=desc, is_ours=is_neox_output_name, noun="NeoX output",
                       folders=(target.step_name, "configs"), stale_folders=_step_folders)
-    rel = lambda name: f"{target.step_name}/{name}"  # noqa: E731
+    rel = lambda name: f"{target.step_name}/{name}"
     groups: list[_Group] = []
     if target.layout == "pipeline":
         for layer in target.layers:
@@ -359,7 +359,7 @@ def write_neox_checkpoint(
     if tokenizer is not None:
         small[TOKENIZER_NAME] = tokenizer.read_bytes()
     small["latest"] = target.step_name.encode()
-    allowed = lambda e: allow_nonfinite or not e.nonfinite  # noqa: E731
+    allowed = lambda e: allow_nonfinite or not e.nonfinite
 
     with OutputFolder(out, spec, source=source, options=recorded, hash_algo=hash_algo, resume=resume,
                       force=force) as folder:
