@@ -288,8 +288,9 @@ _layout_choice = click.Choice(["pipeline", "sequential"])
 
 
 def _neox_output_options(fn):
-    """--no-resume, --force, --json and --quiet of the commands that write a gpt-neox checkpoint."""
+    """--allow-nonfinite, --no-resume, --force, --json and --quiet of the commands that write a gpt-neox checkpoint."""
     for option in reversed([
+        click.option("--allow-nonfinite", is_flag=True, help="Warn instead of failing on inf/nan weights."),
         click.option("--no-resume", is_flag=True, help="Redo every file even if OUT holds completed ones."),
         click.option("--force", is_flag=True, help="Write into a non-empty OUT (only neoxconv's files are replaced)."),
         click.option("--json", "as_json", is_flag=True, help="Print one JSON object (implies no progress bar)."),
@@ -322,7 +323,7 @@ def _print_neox_report(report, as_json: bool, quiet: bool) -> None:
 @_neox_output_options
 @_run
 def split(hf_dir: Path, out: Path, tp: int, layout: str, dtype: str, step: int, tokenizer_path: Path | None,
-          no_resume: bool, force: bool, as_json: bool, quiet: bool) -> None:
+          allow_nonfinite: bool, no_resume: bool, force: bool, as_json: bool, quiet: bool) -> None:
     """Split the Hugging Face GPT-NeoX or Llama model HF_DIR into a gpt-neox checkpoint OUT at TP degree --tp.
 
     OUT gets latest, global_step*/ (rank files and DeepSpeed bookkeeping), configs/neox.yml and the
@@ -332,7 +333,7 @@ def split(hf_dir: Path, out: Path, tp: int, layout: str, dtype: str, step: int, 
     from neoxconv.output.split import SplitOptions, split_model
 
     options = SplitOptions(tp=tp, layout=layout, dtype=dtype, step=step, tokenizer_path=tokenizer_path,
-                           resume=not no_resume, force=force, quiet=quiet or as_json)
+                           allow_nonfinite=allow_nonfinite, resume=not no_resume, force=force, quiet=quiet or as_json)
     _print_neox_report(split_model(hf_dir, out, options), as_json, quiet)
 
 
@@ -356,14 +357,15 @@ def split(hf_dir: Path, out: Path, tp: int, layout: str, dtype: str, step: int, 
 @_neox_output_options
 @_run
 def reshard(src: Path, out: Path, tp: int, layout: str | None, dtype: str, step: int | None, row_bias: str,
-            qkv_layout: str, replica_tolerance: float, config_path: Path | None, tokenizer_path: Path | None, no_resume: bool,
-            force: bool, as_json: bool, quiet: bool) -> None:
+            qkv_layout: str, replica_tolerance: float, config_path: Path | None, tokenizer_path: Path | None,
+            allow_nonfinite: bool, no_resume: bool, force: bool, as_json: bool, quiet: bool) -> None:
     """Reshard the gpt-neox checkpoint SRC (any TP degree) to TP degree --tp in OUT, one layer at a time."""
     from neoxconv.output.reshard import ReshardOptions, reshard_checkpoint
 
     options = ReshardOptions(tp=tp, layout=layout, dtype=dtype, step=step, row_bias=row_bias, qkv_layout=qkv_layout,
                              replica_tolerance=replica_tolerance, config_path=config_path,
-                             tokenizer_path=tokenizer_path, resume=not no_resume, force=force,
+                             tokenizer_path=tokenizer_path, allow_nonfinite=allow_nonfinite, resume=not no_resume,
+                             force=force,
                              quiet=quiet or as_json)
     _print_neox_report(reshard_checkpoint(src, out, options), as_json, quiet)
 

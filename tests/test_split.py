@@ -248,7 +248,7 @@ def test_cli_json_resume_and_foreign_folder(hf_dir, tmp_path):
     r3 = CliRunner().invoke(main, ["split", str(src), str(other), "--tp", "2"])
     assert r3.exit_code == 6 and "not empty" in r3.output and (other / "notes.txt").read_text() == "mine"
     r4 = CliRunner().invoke(main, ["split", str(src), str(out), "--tp", "4"])
-    assert r4.exit_code == 6 and "--force" in r4.output
+    assert r4.exit_code == 6 and "other options" in r4.output and "--no-resume" in r4.output
 
 
 def test_missing_and_unknown_tensors_in_one_line(hf_dir, tmp_path):
@@ -285,7 +285,7 @@ def test_tokenizer_is_copied_and_sets_the_vocab_divisor(hf_dir, tmp_path, tp, di
     report = split_model(src, tmp_path / "n", SplitOptions(tp=tp, quiet=True))
     assert report.make_vocab_size_divisible_by == divisor
     assert (tmp_path / "n" / "tokenizer.json").read_bytes() == (src / "tokenizer.json").read_bytes()
-    raw = json.loads((tmp_path / "n" / "neoxconv-neox.json").read_text())
+    raw = json.loads((tmp_path / "n" / "neoxconv.json").read_text())
     assert "tokenizer.json" in raw["files"] and raw["make_vocab_size_divisible_by"] == divisor
     assert padded_vocab_size(301, divisible_by=divisor, tp_degree=tp) == 512
 
@@ -299,7 +299,7 @@ def test_archives_are_named_as_torch_save_names_them_and_nothing_is_left_over(hf
         names = zipfile.ZipFile(pt).namelist()
         assert all(n.startswith(pt.stem + "/") for n in names), (pt.name, names[:2])
     assert sorted(p.name for p in tmp_path.joinpath("n").iterdir()) == [
-        "configs", "global_step0", "latest", "neoxconv-neox.json"]
+        "configs", "global_step0", "latest", "neoxconv.json"]
     assert not [p for p in step.iterdir() if not p.name.endswith("model_states.pt")]
 
 

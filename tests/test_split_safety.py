@@ -5,7 +5,6 @@ OUT), resume after the source changed, Ctrl-C in a no-op re-run, bad surrounding
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import shutil
@@ -18,11 +17,12 @@ import pytest
 import torch
 
 from neoxconv.output import writer
+from neoxconv.output.hashing import hash_file, recorded_hash
 
 from conftest import cli, one_line_error, subprocess_env
 from test_split import _make_hf
 
-MANIFEST = "neoxconv-neox.json"
+MANIFEST = "neoxconv.json"
 
 
 def _tree(folder: Path) -> dict[str, bytes]:
@@ -32,9 +32,10 @@ def _tree(folder: Path) -> dict[str, bytes]:
 def _assert_manifest_proves(out: Path) -> None:
     """The manifest is there and every file it lists hashes as recorded (what tamper evidence relies on)."""
     state = json.loads((out / MANIFEST).read_text())
-    assert state["files"]
-    for name, entry in state["files"].items():
-        assert hashlib.sha256((out / name).read_bytes()).hexdigest() == entry["sha256"], name
+    assert state["files"] and state["layers"]
+    for name, entry in {**state["layers"], **state["files"]}.items():
+        algo, digest = recorded_hash(entry)
+        assert hash_file(out / name, algo) == digest, name
 
 
 @pytest.fixture(scope="module")
@@ -95,9 +96,9 @@ def test_the_lock_is_held_while_files_are_written(command, tmp_path, monkeypatch
     seen = []
     real = neox_writer.save_pt
 
-    def save_pt(path, obj):
+    def save_pt(path, obj, **kwargs):
         seen.append((out / ".neoxconv.lock").read_text().split())
-        return real(path, obj)
+        return real(path, obj, **kwargs)
 
     monkeypatch.setattr(neox_writer, "save_pt", save_pt)
     assert cli(name, src, out, "--tp", "2", "-q").exit_code == 0
@@ -123,7 +124,7 @@ def test_force_deletes_only_listed_files_named_like_our_outputs_and_never_throug
                                          "global_step9/layer_00-model_00-model_states.pt"]}}
     (out / MANIFEST).write_text(json.dumps(planted))
     before = {**_tree(out), **_tree(outside)}
-    one_line_error(cli(name, src, out, "--tp", "2"), 6, "another source", "--force")
+    one_line_error(cli(name, src, out, "--tp", "2"), 6, "different source", "--force")
     assert {**_tree(out), **_tree(outside)} == before  # refused before anything was deleted
     assert cli(name, src, out, "--tp", "2", "--force", "-q").exit_code == 0
     assert (out / "precious.txt").read_text() == "precious"
@@ -138,7 +139,7 @@ def test_force_over_our_own_output_of_other_options_removes_its_files(hf, tmp_pa
     out = tmp_path / "out"
     assert cli("split", hf, out, "--tp", "4", "--step", "7", "-q").exit_code == 0
     (out / "notes.txt").write_text("mine")
-    one_line_error(cli("split", hf, out, "--tp", "2"), 6, "other options", "--force")
+    one_line_error(cli("split", hf, out, "--tp", "2"), 6, "other options", "--no-resume")
     assert cli("split", hf, out, "--tp", "2", "--force", "-q").exit_code == 0
     assert not (out / "global_step7").exists()  # the old step folder emptied, then removed
     assert sorted(p.name for p in out.iterdir()) == ["configs", "global_step0", "latest", MANIFEST, "notes.txt"]

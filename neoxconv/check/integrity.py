@@ -9,14 +9,11 @@ from pathlib import Path
 from neoxconv.config import NeoXConfig
 from neoxconv.dtypes import FROM_SAFETENSORS
 from neoxconv.errors import CheckpointError, VerificationError, few
+from neoxconv.output.folder import INDEX, JOURNAL, MANIFEST
 from neoxconv.merge import output_shapes
 from neoxconv.output.hashing import hash_file, recorded_hash
 from neoxconv.source.checkpoint import model_layers
 from neoxconv.source.safetensors import layout_problems, read_header
-
-MANIFEST = "neoxconv.json"
-JOURNAL = ".neoxconv-journal.json"  # a merge in progress or interrupted
-INDEX = "model.safetensors.index.json"
 
 
 @dataclass

@@ -1,39 +1,64 @@
-"""The output folder: is it a folder, who owns it, one merge at a time, and what neoxconv may delete in it.
+"""The output-folder protocol of every writer (`merge`, `split`, `reshard`): one module, one manifest.
 
-Rules (each has a test in ``tests/test_safety.py``):
+A run holds OUT through an `OutputFolder`:
 
-* OUT must be a folder or not exist yet; a file, a dangling symlink or an unwritable place is an
-  `OutputError` (exit 6) naming OUT, never an internal error.
-* One merge at a time: `OutputLock` holds ``fcntl.flock`` on ``OUT/.neoxconv.lock`` (which records the
-  holder's pid) for the whole merge; a second merge into the same OUT is refused with that pid.
-* Ownership is decided before anything is deleted. Only names neoxconv itself writes are ever removed
-  (`is_output_name`, and their hidden temporaries), and with ``--force`` only those the previous manifest
-  lists: a user's ``notes.txt`` or ``.notes.neoxconv-tmp`` is never touched, whatever a manifest claims.
-  `split` / `reshard` pass their own name test (``is_ours``, over paths relative to OUT such as
-  ``global_step0/layer_02-model_00-model_states.pt``); a path is never followed through a symlink or
-  outside OUT.
+* **where**: OUT is a folder or does not exist yet (a file, a dangling symlink or an unwritable place is an
+  `OutputError`, exit 6, naming OUT). Every folder neoxconv writes into under OUT is a real folder (never a
+  symlink); every file is created through a hidden temporary opened with ``O_CREAT|O_EXCL|O_NOFOLLOW`` (a
+  leftover of that name, link or file, is removed, never followed) and renamed into place
+  (`neoxconv.output.writer`). Nothing is written or deleted through a link or outside OUT.
+* **lock**: `OutputLock` holds ``fcntl.flock`` on ``OUT/.neoxconv.lock`` (recording the holder's pid and
+  command) for the whole run; a second run into the same OUT is refused with that pid.
+* **ownership before deletion**: a folder without this kind's journal or manifest is someone else's: refused
+  unless ``--force``, and then nothing in it is deleted. Only names the writer's ``is_ours`` accepts (and their
+  hidden temporaries) are ever removed, and with ``--force`` over another output only those its manifest lists:
+  a user's ``notes.txt`` or ``.notes.neoxconv-tmp`` is never touched, whatever a manifest claims.
+* **journal and manifest**: one typed `Manifest` (``neoxconv.json``; the journal ``.neoxconv-journal.json``
+  while a run is under way) with a `FileEntry` per output file: size, hash, the fingerprint of exactly what
+  the file was made from, and what it was allowed under (non-finite values, replica divergence). The
+  manifest is written last, and removed as soon as a run is about to change a file, so it only ever stands
+  beside a complete output. Manifests of the previous version (``neoxconv.json`` of a merge, format 1;
+  ``neoxconv-neox.json`` of split/reshard, format 2) are still read: such a folder resumes and verifies.
+* **resume**: a file is kept only when its fingerprint (source bytes, config, everything that decided its
+  bytes) is unchanged, it is present with its recorded size and hash, and the options of this run allow it
+  (`OutputFolder.reusable`); otherwise it is redone.
+* **hash policy**: every file is hashed while it is written (BLAKE3 by default, ``sha256`` on request), never
+  re-read after writing; a resume re-hashes a file it keeps.
+* **disk check**: before the first byte, the bytes still to write must fit.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import fcntl
 import json
 import logging
 import os
 import re
-from collections.abc import Callable
+import shutil
+import stat
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from neoxconv import __version__
 from neoxconv.errors import OutputError
-from neoxconv.check.integrity import INDEX, JOURNAL, MANIFEST
-from neoxconv.output.writer import TMP_SUFFIX
+from neoxconv.output.hashing import HASH_ALGORITHMS, hash_bytes, hash_file, recorded_hash
+from neoxconv.output.writer import TMP_SUFFIX, atomic_write, atomic_write_json
 
 log = logging.getLogger(__name__)
 
+MANIFEST = "neoxconv.json"  # what a finished output holds (every writer)
+JOURNAL = ".neoxconv-journal.json"  # a run in progress or interrupted
+INDEX = "model.safetensors.index.json"  # merge's Hugging Face weight index
 LOCK = ".neoxconv.lock"
+LEGACY_MANIFESTS = {"neox": ("neoxconv-neox.json",)}  # names written by earlier versions, still read
+FORMAT = 3  # 3: one manifest for every writer (kind, layers, files; per-file fingerprint and allowances)
+HF, NEOX = "hf", "neox"  # the kinds of output: a Hugging Face folder (merge), a gpt-neox checkpoint
+
 _WEIGHT_FILE = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
 _FIXED_NAMES = frozenset({"config.json", "tokenizer.json", "tokenizer_config.json", INDEX, MANIFEST, JOURNAL})
 
@@ -51,6 +76,7 @@ def is_temp_name(name: str, is_ours: Callable[[str], bool] = is_output_name, fol
     return name.startswith(".") and name.endswith(TMP_SUFFIX) and is_ours(folder + name[1 : -len(TMP_SUFFIX)])
 
 
+# ----- paths ------------------------------------------------------------------------------------------------
 def check_out_path(out: Path) -> None:
     """OUT is a folder or does not exist yet (checked before any work, creates nothing)."""
     out = Path(out)
@@ -69,21 +95,41 @@ def make_out_dir(out: Path) -> None:
         raise OutputError(f"{out}: cannot create the output folder: {e.strerror or e}") from None
 
 
-def load_state(out: Path, names: tuple[str, ...] = (JOURNAL, MANIFEST), kind: str | None = None) -> dict[str, Any] | None:
-    """The first of ``names`` in OUT that is a readable neoxconv journal or manifest (of ``kind``, if given).
+def safe_path(out: Path, rel: str) -> Path | None:
+    """``OUT/rel`` when ``rel`` is a plain relative path whose every folder is a real folder inside OUT (no
+    symlink, no ``..``, nothing absolute); None otherwise. What neoxconv may delete or write through."""
+    parts = rel.split("/")
+    if not rel or rel.startswith("/") or any(p in ("", ".", "..") or "\\" in p for p in parts):
+        return None
+    path = Path(out)
+    for part in parts[:-1]:
+        path = path / part
+        if path.is_symlink() or not path.is_dir():
+            return None
+    return path / parts[-1]
 
-    A symlink, unreadable bytes or JSON that is not neoxconv's count as no state: OUT is then someone else's.
-    """
-    for name in names:
-        p = Path(out) / name
-        if p.is_file() and not p.is_symlink():
-            try:
-                state = json.loads(p.read_text())
-            except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
-                continue
-            if isinstance(state, dict) and state.get("tool") == "neoxconv" and (kind is None or state.get("kind") == kind):
-                return state
-    return None
+
+def check_folder(path: Path) -> None:
+    """``path`` is a real folder or absent: never a symlink (to a folder or not) or a file."""
+    if path.is_symlink() or (path.exists() and not path.is_dir()):
+        what = "a symlink" if path.is_symlink() else "not a folder"
+        raise OutputError(f"{path}: is {what}; neoxconv writes its own folder there: remove it or choose another OUT")
+
+
+def make_folder(out: Path, rel: str) -> Path:
+    """Create ``OUT/rel`` (each part a real folder, created if missing, never followed through a link)."""
+    path = Path(out)
+    for part in rel.split("/"):
+        path = path / part
+        try:
+            os.mkdir(path)  # does not follow a link in the last part: a planted one is EEXIST, then refused
+        except FileExistsError:
+            pass
+        except OSError as e:
+            raise OutputError(f"{path}: cannot create the folder: {e.strerror or e}") from None
+        if not stat.S_ISDIR(os.lstat(path).st_mode):
+            check_folder(path)
+    return path
 
 
 def _entries(out: Path) -> list[Path]:
@@ -104,32 +150,18 @@ def remove_stale_temps(out: Path, is_ours: Callable[[str], bool] = is_output_nam
     ``folder``: a subfolder of OUT (``global_step0/``), checked with `safe_path` first.
     """
     d = safe_path(out, folder.rstrip("/")) if folder else Path(out)
-    if d is None or not d.is_dir():
+    if d is None or d.is_symlink() or not d.is_dir():
         return
     for p in _entries(d):
         if is_temp_name(p.name, is_ours, folder) and p.is_file() and not p.is_symlink():
             remove_file(p)
 
 
-def safe_path(out: Path, rel: str) -> Path | None:
-    """``OUT/rel`` when ``rel`` is a plain relative path whose every folder is a real folder inside OUT (no
-    symlink, no ``..``, nothing absolute); None otherwise. What neoxconv may delete or write through."""
-    parts = rel.split("/")
-    if not rel or rel.startswith("/") or any(p in ("", ".", "..") or "\\" in p for p in parts):
-        return None
-    path = Path(out)
-    for part in parts[:-1]:
-        path = path / part
-        if path.is_symlink() or not path.is_dir():
-            return None
-    return path / parts[-1]
-
-
-def remove_previous_output(out: Path, listed: list[str], is_ours: Callable[[str], bool] = is_output_name) -> list[str]:
+def remove_previous_output(out: Path, listed: Iterable[str], is_ours: Callable[[str], bool] = is_output_name) -> list[str]:
     """--force over another neoxconv output: remove what its manifest lists AND neoxconv writes. Returns them."""
     removed = []
-    for name in dict.fromkeys(listed):
-        path = safe_path(out, str(name)) if is_ours(str(name)) else None
+    for name in dict.fromkeys(map(str, listed)):
+        path = safe_path(out, name) if is_ours(name) else None
         if path is not None and path.is_file() and not path.is_symlink():
             remove_file(path)
             removed.append(name)
@@ -145,6 +177,373 @@ def remove_file(path: Path) -> None:
         pass
     except OSError as e:
         raise OutputError(f"{path}: cannot remove: {e.strerror or e}") from None
+
+
+# ----- the typed manifest -------------------------------------------------------------------------------------
+@dataclass
+class FileEntry:
+    """One output file: its size and hash, what it was made from, and what it was allowed under."""
+
+    size: int
+    algo: str  # blake3 | sha256
+    digest: str
+    fingerprint: Any = None  # JSON: the proof of the inputs that decided its bytes (None: small files)
+    nonfinite: int = 0  # inf/nan values written (only with --allow-nonfinite)
+    warnings: list[str] = field(default_factory=list)
+    meta: dict[str, Any] = field(default_factory=dict)  # the writer's own description (merge: tensors, rules)
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {self.algo: self.digest, "size": self.size, **self.meta}
+        if self.fingerprint is not None:
+            out["source_fingerprint"] = self.fingerprint
+        if self.nonfinite:
+            out["nonfinite"] = self.nonfinite
+        if self.warnings:
+            out["warnings"] = list(self.warnings)
+        return out
+
+    @classmethod
+    def from_json(cls, raw: Any) -> FileEntry | None:
+        """An entry as any version wrote it; None when it is not one (no size or no hash)."""
+        if not isinstance(raw, dict) or type(raw.get("size")) is not int:
+            return None
+        recorded = recorded_hash(raw)
+        if recorded is None:
+            return None
+        nonfinite = raw.get("nonfinite", 0)
+        warnings = raw.get("warnings", [])
+        skip = {*HASH_ALGORITHMS, "size", "source_fingerprint", "nonfinite", "warnings"}
+        return cls(size=raw["size"], algo=recorded[0], digest=recorded[1], fingerprint=raw.get("source_fingerprint"),
+                   nonfinite=nonfinite if type(nonfinite) is int else 1,
+                   warnings=[str(w) for w in warnings] if isinstance(warnings, list) else [],
+                   meta={k: v for k, v in raw.items() if k not in skip})
+
+    def matches(self, path: Path) -> bool:
+        """The file at ``path`` is a regular file with this size and hash (re-hashed: it is an older file)."""
+        try:
+            st = os.lstat(path)
+        except OSError:
+            return False
+        return stat.S_ISREG(st.st_mode) and st.st_size == self.size and hash_file(path, self.algo) == self.digest
+
+
+@dataclass
+class Manifest:
+    """``neoxconv.json`` (and the journal): which source, which options, every file written."""
+
+    kind: str  # HF | NEOX
+    source: dict[str, Any]
+    options: dict[str, Any]
+    hash: str
+    layers: dict[str, FileEntry] = field(default_factory=dict)  # the big files, each made from source layers
+    files: dict[str, FileEntry] = field(default_factory=dict)  # the small files written last
+    info: dict[str, Any] = field(default_factory=dict)  # config, tokenizer, warnings, ...: for people and verify
+    version: str = __version__
+    format: int = FORMAT
+    listed: list[str] = field(default_factory=list)  # every name a read manifest lists, well-formed entry or not
+
+    def to_json(self) -> dict[str, Any]:
+        return {"tool": "neoxconv", "kind": self.kind, "version": self.version, "format": self.format,
+                "source": self.source, "options": self.options, "hash": self.hash,
+                "layers": {n: e.to_json() for n, e in self.layers.items()},
+                "files": {n: e.to_json() for n, e in self.files.items()}, **self.info}
+
+    @classmethod
+    def from_json(cls, raw: Any, kind: str) -> Manifest | None:
+        """A manifest or journal of ``kind`` as any version wrote it; None when it is not one."""
+        if not isinstance(raw, dict) or raw.get("tool") != "neoxconv" or raw.get("kind", HF) != kind:
+            return None
+        fmt = raw.get("format")
+        fmt = fmt if type(fmt) is int else 0
+        source = raw.get("source") if isinstance(raw.get("source"), dict) else {}
+        options = raw.get("options") if isinstance(raw.get("options"), dict) else {}
+        layers, files = _entries_of(raw.get("layers")), _entries_of(raw.get("files"))
+        if kind == NEOX and fmt < FORMAT:  # format 2 kept every file in "files": the rank files are layers
+            layers = {n: e for n, e in files.items() if n.startswith("global_step")}
+            files = {n: e for n, e in files.items() if n not in layers}
+        known = {"tool", "kind", "version", "format", "source", "options", "hash", "layers", "files"}
+        listed = [str(n) for section in ("layers", "files") if isinstance(raw.get(section), dict) for n in raw[section]]
+        return cls(kind=kind, source=source, options=options, hash=str(raw.get("hash", "sha256")), layers=layers,
+                   files=files, info={k: v for k, v in raw.items() if k not in known}, version=str(raw.get("version")),
+                   format=fmt, listed=listed)
+
+    @property
+    def entries(self) -> dict[str, FileEntry]:
+        return {**self.layers, **self.files}
+
+    def same_source(self, source: dict[str, Any]) -> bool:
+        """Same source (folder, layout, TP degree, file names); what changed inside is found per file.
+
+        Older formats: a merge manifest that listed files as {name, size} is compared by name; a split/reshard
+        manifest before format 2 by its folder (their files carry no fingerprint: all are redone).
+        """
+        recorded = self.source
+        if self.kind == NEOX and self.format < 2:
+            if "step_dir" in recorded:  # reshard
+                return recorded.get("step_dir") == source.get("step_dir")
+            files = recorded.get("files") if isinstance(recorded.get("files"), list) else []
+            folders = {str(Path(str(f.get("path"))).parent) for f in files if isinstance(f, dict)}
+            return bool(folders) and folders <= {source.get("hf_dir")}
+        files = recorded.get("files")
+        if isinstance(files, list):
+            recorded = {**recorded, "files": [f.get("name") if isinstance(f, dict) else f for f in files]}
+        return all(recorded.get(k) == v for k, v in source.items())
+
+    def describe_differences(self, source: dict[str, Any], options: dict[str, Any]) -> list[str]:
+        """What differs between this recorded run and another, as 'what: before, now' phrases."""
+        before_src, diffs = self.source, []
+        for key in source:
+            if key != "files" and before_src.get(key) != source.get(key):
+                diffs.append(f"source {key.replace('_', ' ')}: {before_src.get(key)} before, {source.get(key)} now")
+        if not diffs and before_src.get("files") != source.get("files"):  # names (changed contents: per file)
+            listed = before_src.get("files") if isinstance(before_src.get("files"), list) else []
+            before_files = {str(f.get("name") if isinstance(f, dict) else f) for f in listed}
+            changed = sorted(before_files ^ {str(f) for f in source.get("files", [])})
+            diffs.append(f"source files changed since that run ({', '.join(changed[:3])}"
+                         + (f" and {len(changed) - 3} more" if len(changed) > 3 else "") + ")")
+        for key in sorted(self.options.keys() | options.keys()):
+            before = self.options.get(key)
+            if before != options.get(key):
+                if key == "dtype" and before == "auto":  # say what auto wrote
+                    written = {m.get("dtype") for e in self.layers.values()
+                               for m in (e.meta.get("tensors") or {}).values() if isinstance(m, dict)}
+                    before = f"auto ({written.pop()})" if len(written) == 1 else before
+                diffs.append(f"{key.replace('_', '-')}: {before} before, {options.get(key)} now")
+        return diffs or ["its manifest does not match this run"]
+
+
+def _entries_of(raw: Any) -> dict[str, FileEntry]:
+    if not isinstance(raw, dict):
+        return {}
+    entries = {str(name): FileEntry.from_json(e) for name, e in raw.items()}
+    return {name: e for name, e in entries.items() if e is not None}
+
+
+def load_state(out: Path, kind: str) -> Manifest | None:
+    """The journal or manifest of ``kind`` in OUT (the journal first; then this version's manifest name, then
+    the names earlier versions wrote). A symlink, unreadable bytes or JSON that is not neoxconv's count as no
+    state: OUT is then someone else's."""
+    for name in (JOURNAL, MANIFEST, *LEGACY_MANIFESTS.get(kind, ())):
+        p = Path(out) / name
+        if p.is_file() and not p.is_symlink():
+            try:
+                raw = json.loads(p.read_text())
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+                continue
+            state = Manifest.from_json(raw, kind)
+            if state is not None:
+                return state
+    return None
+
+
+# ----- one run ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class FolderSpec:
+    """What a writer writes: its kind of output, its command, which relative paths are its own."""
+
+    kind: str  # HF | NEOX
+    command: str  # merge | split | reshard: in the lock file and the messages
+    is_ours: Callable[[str], bool]  # paths relative to OUT that this writer writes
+    noun: str = "output"  # what the refusal of a foreign folder calls this writer's output
+    folders: tuple[str, ...] = ()  # subfolders it writes into (real folders, created when needed)
+    stale_folders: Callable[[Path], list[str]] = lambda out: []  # folders of earlier runs that may hold temporaries
+
+
+class OutputFolder:
+    """One run's hold on OUT: lock, previous state, reuse decisions, journal, manifest (see the module doc).
+
+    ::
+
+        with OutputFolder(out, spec, source=..., options=..., hash_algo=..., resume=..., force=...) as folder:
+            entry = folder.reusable(name, fingerprint, allowed) # per file, before writing anything
+            folder.keep({name: entry})                          # when it may be kept
+            folder.begin(names, {name: bytes}, need_bytes)      # disk check, manifest out, journal in
+            path = folder.path(name); ...write...; folder.record({name: entry})
+            folder.finish(info)                                 # small files, manifest, no journal
+    """
+
+    def __init__(self, out: Path, spec: FolderSpec, *, source: dict[str, Any], options: dict[str, Any],
+                 hash_algo: str, resume: bool = True, force: bool = False) -> None:
+        self.out = Path(out)
+        self.spec = spec
+        self.resume, self.force = resume, force
+        self.state = Manifest(kind=spec.kind, source=source, options=options, hash=hash_algo)
+        self.previous: dict[str, FileEntry] = {}
+        self.ours = False  # OUT held this kind's journal or manifest: our own temporaries may be removed
+        self._small: dict[str, bytes] = {}
+        self._layer_names: list[str] = []
+        self._lock: OutputLock | None = None
+
+    @property
+    def hash(self) -> str:
+        return self.state.hash
+
+    def __enter__(self) -> OutputFolder:
+        make_out_dir(self.out)
+        self._lock = OutputLock(self.out, self.spec.command)
+        self._lock.__enter__()
+        try:
+            previous = load_state(self.out, self.spec.kind)
+            self.ours = previous is not None
+            self.previous = self._prepare(previous)
+        except BaseException:
+            self._lock.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        lock, self._lock = self._lock, None
+        if lock is not None:
+            lock.__exit__(exc_type, exc, tb)
+
+    def _ours(self, rel: str) -> bool:
+        return rel in (MANIFEST, JOURNAL, *LEGACY_MANIFESTS.get(self.spec.kind, ())) or self.spec.is_ours(rel)
+
+    def _check_folders(self) -> None:
+        for rel in self.spec.folders:
+            check_folder(self.out / rel)
+
+    def _prepare(self, state: Manifest | None) -> dict[str, FileEntry]:
+        """Decide whether OUT is ours before deleting anything; return the entries that may be reused.
+
+        Deletes only our own temporaries (once OUT is known to be ours) and, with --force (or --no-resume on
+        the same source) over another neoxconv output, only the files its manifest lists that are ours.
+        """
+        out, ours = self.out, self._ours
+        if state is None:
+            foreign = foreign_entries(out, ours)
+            if foreign and not self.force:
+                shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+                raise OutputError(
+                    f"{out}: the folder is not empty ({shown}) and is not a neoxconv {self.spec.noun}; choose an "
+                    "empty folder or pass --force (neoxconv only overwrites the files it writes)")
+            self._check_folders()
+            return {}  # nothing deleted: a foreign folder's files, even ones named like ours, are not ours
+        self._check_folders()
+        source, options = self.state.source, self.state.options
+        same_source = state.same_source(source)
+        same = same_source and state.options == options
+        if not same and state.listed:
+            if not (self.force or (same_source and not self.resume)):
+                what, fix = (("made with other options", "use --no-resume or another OUT") if same_source else
+                             ("of a different source", "use another OUT, or --force to replace it"))
+                command = state.options.get("command", "merge")
+                raise OutputError(f"{out}: holds a neoxconv {command} {what}: "
+                                  f"{'; '.join(state.describe_differences(source, options))}; {fix}")
+        if not same:
+            remove_previous_output(out, [*state.listed, MANIFEST, JOURNAL, *LEGACY_MANIFESTS.get(self.spec.kind, ())],
+                                   ours)
+        self._remove_stale()
+        if not same:
+            self._remove_empty_folders()
+        if not same or not self.resume or (self.spec.kind == NEOX and state.format < 2):
+            return {}  # an older format's files carry no fingerprint: all redone
+        return state.entries
+
+    def _remove_stale(self) -> None:
+        remove_stale_temps(self.out, self._ours)
+        for rel in dict.fromkeys([*self.spec.folders, *self.spec.stale_folders(self.out)]):
+            remove_stale_temps(self.out, self._ours, f"{rel}/")
+
+    def _remove_empty_folders(self) -> None:
+        for rel in dict.fromkeys([*self.spec.stale_folders(self.out), *self.spec.folders]):
+            p = safe_path(self.out, rel)
+            if p is not None and p.is_dir() and not p.is_symlink():
+                try:
+                    p.rmdir()  # only when empty
+                except OSError:
+                    pass
+
+    # ----- reuse ----------------------------------------------------------------------------------------------
+    def reusable(self, name: str, fingerprint: Any, allowed: Callable[[FileEntry], bool] = lambda e: True
+                 ) -> FileEntry | None:
+        """The previous run's entry for ``name`` when the file may be kept: made from the same inputs
+        (``fingerprint``), allowed under this run's options, present with its recorded size and hash. Returned
+        with this run's hash (re-hashed when it recorded another). `keep` it to record it."""
+        entry = self.previous.get(name)
+        path = safe_path(self.out, name)
+        if entry is None or path is None or entry.fingerprint != fingerprint or not allowed(entry) \
+                or not entry.matches(path):
+            return None
+        if entry.algo != self.hash:  # the hash this run records (the file was just proven intact)
+            entry = dataclasses.replace(entry, algo=self.hash, digest=hash_file(path, self.hash))
+        return entry
+
+    def keep(self, entries: dict[str, FileEntry]) -> None:
+        """Files of the previous run this run keeps as they are."""
+        self.state.layers.update(entries)
+
+    def resumable_bytes(self, name: str, fingerprint: Any) -> int:
+        """Bytes `reusable` would re-hash for ``name`` (0 when nothing of it can be kept): for a progress bar."""
+        entry = self.previous.get(name)
+        return entry.size if entry is not None and entry.fingerprint == fingerprint else 0
+
+    # ----- writing --------------------------------------------------------------------------------------------
+    def path(self, rel: str) -> Path:
+        """Where ``rel`` is written: its folders made real folders inside OUT (never through a link)."""
+        if "/" in rel:
+            make_folder(self.out, rel.rsplit("/", 1)[0])
+        path = safe_path(self.out, rel)
+        if path is None:
+            raise OutputError(f"{self.out / rel}: not a path neoxconv writes inside OUT")
+        if path.is_dir() and not path.is_symlink():
+            raise OutputError(f"{path}: is a folder where neoxconv writes a file; remove it or choose another OUT")
+        return path
+
+    def begin(self, layers: list[str], small: dict[str, bytes], need_bytes: int) -> None:
+        """Before the first byte. ``layers``: the big files this run ends with, in order (those not reused are
+        about to be written); ``small``: name -> bytes of the small files it writes last (one already holding
+        them as recorded is kept). Checks the disk, takes the old manifest out if anything will change, writes
+        the journal."""
+        self._layer_names = list(layers)
+        self._small = dict(small)
+        changing = any(n not in self.state.layers for n in self._layer_names)
+        for name, data in self._small.items():
+            entry = self.previous.get(name)
+            path = safe_path(self.out, name)
+            if entry is not None and path is not None and entry.fingerprint is None \
+                    and entry.digest == hash_bytes(data, entry.algo) and entry.matches(path):
+                self.state.files[name] = FileEntry(size=len(data), algo=self.hash, digest=hash_bytes(data, self.hash))
+            else:
+                changing = True
+        if changing:
+            free = shutil.disk_usage(self.out).free
+            if need_bytes > free:
+                raise OutputError(f"{self.out}: needs {need_bytes / 1e9:.2f} GB for the output but only "
+                                  f"{free / 1e9:.2f} GB is free")
+            remove_file(self.out / MANIFEST)  # the manifest only exists beside a complete output
+            for legacy in LEGACY_MANIFESTS.get(self.spec.kind, ()):
+                p = self.out / legacy
+                if p.is_file() and not p.is_symlink():
+                    remove_file(p)
+        # a no-op re-run changes no file and keeps the old manifest until the new one replaces it (a Ctrl-C
+        # never leaves none)
+        self.save_journal()
+
+    def record(self, entries: dict[str, FileEntry]) -> None:
+        """Files finished (written, fsynced, renamed): into the journal, so a crash from here on keeps them."""
+        self.state.layers.update(entries)
+        self.save_journal()
+
+    def save_journal(self) -> None:
+        atomic_write_json(self.path(JOURNAL), self.state.to_json())
+
+    def finish(self, info: dict[str, Any]) -> Manifest:
+        """The small files (unless kept), then the manifest (last), then no journal."""
+        self.state.layers = {n: self.state.layers[n] for n in self._layer_names}
+        for name, data in self._small.items():
+            if name not in self.state.files:
+                digest = atomic_write(self.path(name), data, hash_algo=self.hash)
+                self.state.files[name] = FileEntry(size=len(data), algo=self.hash, digest=digest)
+        self.state.files = {n: self.state.files[n] for n in self._small}
+        self.state.info = dict(info)
+        atomic_write_json(self.path(MANIFEST), self.state.to_json())
+        remove_file(self.out / JOURNAL)
+        for legacy in LEGACY_MANIFESTS.get(self.spec.kind, ()):  # the new manifest replaces it
+            p = self.out / legacy
+            if p.is_file() and not p.is_symlink():
+                remove_file(p)
+        return self.state
 
 
 class OutputLock:

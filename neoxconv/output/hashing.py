@@ -1,8 +1,9 @@
 """The strong hash recorded for every output file: BLAKE3 by default, sha256 on request.
 
-The manifest records the algorithm twice: once for the whole run (``"hash": "blake3"``) and as the key of
-each file's digest (``{"blake3": "…", "size": N}``), so a manifest written before BLAKE3 (``"sha256"``
-entries) still verifies. BLAKE3 costs ~4x less CPU per byte than sha256 on one core and spreads over all
+Every writer (merge, split, reshard) hashes each file while writing it (`neoxconv.output.writer`) and never
+re-reads it for that. The manifest records the algorithm twice: once for the whole run (``"hash": "blake3"``)
+and as the key of each file's digest (``{"blake3": "…", "size": N}``), so a manifest written before BLAKE3
+(``"sha256"`` entries, as split/reshard wrote them) still verifies. BLAKE3 costs ~4x less CPU per byte than sha256 on one core and spreads over all
 cores for large buffers (bench/checks_bench.py); sha256 stays available (``merge --hash sha256``) for
 comparing against Hugging Face Hub LFS ids.
 """
@@ -67,15 +68,8 @@ def recorded_hash(entry: dict) -> tuple[str, str] | None:
     return None
 
 
-def file_matches(path: Path, entry: dict) -> bool:
-    """True when the file's digest equals the one ``entry`` records (False when it records none)."""
-    recorded = recorded_hash(entry)
-    return recorded is not None and hash_file(path, recorded[0]) == recorded[1]
-
-
-def with_hash(entry: dict, path: Path, algo: str) -> dict:
-    """``entry`` recording ``algo``'s digest of ``path`` (recomputed only when it recorded another)."""
-    if isinstance(entry.get(algo), str):
-        return entry
-    rest = {k: v for k, v in entry.items() if k not in HASH_ALGORITHMS}
-    return {algo: hash_file(path, algo), **rest}
+def hash_bytes(data, algo: str = DEFAULT_HASH) -> str:
+    """Hex digest of a buffer."""
+    h = StreamHasher(algo)
+    h.update(data)
+    return h.hexdigest()

@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,27 +24,27 @@ from typing import Any
 
 import numpy as np
 
-from neoxconv import __version__
+from neoxconv.source.checkpoint import Checkpoint
+from neoxconv.config import NeoXConfig
 from neoxconv.dtypes import count_nonfinite
-from neoxconv.errors import MergeError, OutputError, UsageError
-from neoxconv.plan.fingerprint import layer_fingerprint, source_identity
-from neoxconv.output.hashing import DEFAULT_HASH, check_algorithm, file_matches, with_hash
-from neoxconv.check.integrity import INDEX, MANIFEST
+from neoxconv.errors import MergeError, UsageError
+from neoxconv.plan.fingerprint import config_digest, layer_fingerprint, source_identity
+from neoxconv.output.hashing import DEFAULT_HASH, check_algorithm
 from neoxconv.interrupt import InterruptGuard, deferred_sigint
 from neoxconv.merge import QkvLayout, Rule, check_replicas, merge_tensor
 from neoxconv.plan.plan import LayerPlan, PlanOptions, TensorPlan, plan_source
-from neoxconv.output.folder import (JOURNAL, OutputLock, check_out_path, foreign_entries, load_state, make_out_dir,
-                             remove_file, remove_previous_output, remove_stale_temps)
+from neoxconv.output.finite import report_nonfinite
+from neoxconv.output.folder import HF, INDEX, FileEntry, FolderSpec, OutputFolder, check_out_path, is_output_name
 from neoxconv.output.prefetch import prefetch
 from neoxconv.progress import format_bytes, progress_bar
 from neoxconv.source.storage import Reads, SourceReader
 from neoxconv.output.streaming import iter_merged_chunks, stream_tensor, streams_direct
 from neoxconv.source.tokenizer import checked_token_count, eos_token_id, tokenizer_config
-from neoxconv.output.writer import SafetensorsWriter, atomic_write, atomic_write_json
+from neoxconv.output.writer import SafetensorsWriter, json_bytes
 
 log = logging.getLogger(__name__)
 
-MANIFEST_FORMAT = 1
+FOLDER = FolderSpec(kind=HF, command="merge", is_ours=is_output_name)
 
 
 @dataclass(frozen=True)
@@ -114,107 +113,15 @@ def output_names(n: int) -> list[str]:
     return [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
 
 
-def _prepare_out(out: Path, state: dict | None, source: dict, recorded: dict, options: MergeOptions) -> dict:
-    """Decide whether OUT is ours before deleting anything; return the layer entries that may be reused.
-
-    Called with OUT locked. Deletes only neoxconv's own temporaries (once OUT is known to be ours) and,
-    with --force over another neoxconv output, only the files that output's manifest lists and that are
-    named like neoxconv's outputs.
-    """
-    if state is None:
-        foreign = foreign_entries(out)
-        if foreign and not options.force:
-            shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
-            raise OutputError(
-                f"{out}: the folder is not empty ({shown}) and is not a neoxconv output; choose an empty folder "
-                "or pass --force (neoxconv only overwrites the files it writes)"
-            )
-        return {}  # nothing deleted: a foreign folder's files, even ones named like ours, are not ours
-    same_source = _same_source(state.get("source"), source)
-    same = same_source and state.get("options") == recorded
-    if not same and state.get("layers"):
-        # the same source with other options and --no-resume: the user asked to redo it all
-        if not (options.force or (same_source and not options.resume)):
-            what, fix = (("made with other options", "use --no-resume or another OUT") if same_source else
-                         ("of a different source", "use another OUT, or --force to replace it"))
-            raise OutputError(f"{out}: holds a neoxconv merge {what}: "
-                              f"{'; '.join(describe_differences(state, source, recorded))}; {fix}")
-        _remove_previous_output(out, state)
-        return {}
-    remove_stale_temps(out)  # ours: temporaries of an interrupted run
-    if not same or not options.resume:  # an earlier run that stopped before its first layer, or --no-resume
-        return {}
-    layers = state.get("layers")
-    return dict(layers) if isinstance(layers, dict) else {}
-
-
-def _same_source(recorded: Any, source: dict) -> bool:
-    """Same checkpoint (folder, layout, TP degree, file names); what changed inside is found per layer.
-
-    Manifests written before per-layer fingerprints listed files as {name, size}: compared by name, their
-    layers (which carry no fingerprint) are all redone.
-    """
-    if not isinstance(recorded, dict):
+def _allowed(entry: FileEntry, options: MergeOptions) -> bool:
+    """A finished layer may be kept under this run's options: its inf/nan only with --allow-nonfinite, its
+    replicas' divergence within --replica-tolerance (as a fresh merge would check them)."""
+    if entry.nonfinite and not options.allow_nonfinite:
         return False
-    files = recorded.get("files")
-    if isinstance(files, list):
-        recorded = {**recorded, "files": [f.get("name") if isinstance(f, dict) else f for f in files]}
-    return all(recorded.get(k) == v for k, v in source.items())
-
-
-def describe_differences(state: dict, source: dict, recorded: dict) -> list[str]:
-    """What differs between the run recorded in ``state`` and this one, as 'what: before, now' phrases."""
-    before_src = state.get("source") if isinstance(state.get("source"), dict) else {}
-    before_opts = state.get("options") if isinstance(state.get("options"), dict) else {}
-    diffs = []
-    for key in ("step_dir", "layout", "tp_degree"):
-        if before_src.get(key) != source.get(key):
-            diffs.append(f"source {key.replace('_', ' ')}: {before_src.get(key)} before, {source.get(key)} now")
-    if not diffs and before_src.get("files") != source.get("files"):  # file names (changed contents: per layer)
-        listed = before_src.get("files") if isinstance(before_src.get("files"), list) else []
-        before_files = {str(f.get("name") if isinstance(f, dict) else f) for f in listed}
-        changed = sorted(before_files ^ set(source["files"]))
-        diffs.append(f"source files changed since that merge ({', '.join(changed[:3])}"
-                     + (f" and {len(changed) - 3} more" if len(changed) > 3 else "") + ")")
-    for key in sorted(before_opts.keys() | recorded.keys()):
-        before = before_opts.get(key)
-        if before != recorded.get(key):
-            if key == "dtype" and before == "auto":  # say what auto wrote
-                layers = state.get("layers") if isinstance(state.get("layers"), dict) else {}
-                written = {m.get("dtype") for e in layers.values() if isinstance(e, dict)
-                           for m in (e.get("tensors") or {}).values() if isinstance(m, dict)}
-                before = f"auto ({written.pop()})" if len(written) == 1 else before
-            diffs.append(f"{key.replace('_', '-')}: {before} before, {recorded.get(key)} now")
-    return diffs or ["its manifest does not match this run"]
-
-
-def _reusable_entry(out: Path, name: str, plan: LayerPlan, entry: dict | None, fingerprint: dict) -> dict | None:
-    """The journal entry of a finished file worth re-hashing: same source layer made from the same inputs
-    (`layer_fingerprint`), present, the recorded size."""
-    path = out / name
-    if isinstance(entry, dict) and entry.get("source_layer") == plan.layer.index \
-            and entry.get("source_fingerprint") == fingerprint and path.is_file() \
-            and path.stat().st_size == entry.get("size"):
-        return entry
-    return None
-
-
-def _remove_previous_output(out: Path, state: dict) -> None:
-    """--force over another neoxconv output: remove the files its manifest lists that neoxconv writes."""
-    listed = []
-    for section in ("layers", "files"):
-        entries = state.get(section)
-        if isinstance(entries, dict):
-            listed += [str(name) for name in entries]
-    remove_previous_output(out, [*listed, MANIFEST, JOURNAL])
-
-
-def _check_disk(out: Path, need: int) -> None:
-    free = shutil.disk_usage(out).free
-    if need > free:
-        raise OutputError(
-            f"{out}: needs {need / 1e9:.2f} GB for the merged model but only {free / 1e9:.2f} GB is free"
-        )
+    tensors = entry.meta.get("tensors")
+    divergences = [m.get("max_replica_divergence", 0.0) for m in tensors.values() if isinstance(m, dict)] \
+        if isinstance(tensors, dict) else []
+    return all(isinstance(d, (int, float)) and d <= options.replica_tolerance for d in divergences)
 
 
 def _check_dropped(t: TensorPlan, where: str, reader: Reads) -> None:
@@ -234,29 +141,27 @@ def _merge_small(t: TensorPlan, tolerance: float, where: str, reader: Reads) -> 
     return merge_tensor(t.rule, arrays, dtype=t.src_dtype, out_dtype=t.out_dtype), divergence
 
 
-def _nonfinite(values: np.ndarray, t: TensorPlan, where: str, allow: bool, warnings: list[str]) -> None:
-    _report_nonfinite(count_nonfinite(values, t.out_dtype), t, where, allow, warnings)
+def _report_nonfinite(n: int, t: TensorPlan, where: str, allow: bool, warnings: list[str]) -> int:
+    report_nonfinite(n, f"{where}: {t.key!r} ({t.hf_name})", t.out_dtype, allow=allow, warnings=warnings)
+    return n
 
 
-def _report_nonfinite(n: int, t: TensorPlan, where: str, allow: bool, warnings: list[str]) -> None:
-    if n:
-        msg = f"{where}: {t.key!r} ({t.hf_name}) has {n} non-finite value(s) (inf/nan) after merging to {t.out_dtype}"
-        if not allow:
-            raise MergeError(msg + "; pass --allow-nonfinite to write it anyway")
-        warnings.append(msg)
-        log.warning(msg)
+def _nonfinite(values: np.ndarray, t: TensorPlan, where: str, allow: bool, warnings: list[str]) -> int:
+    return _report_nonfinite(count_nonfinite(values, t.out_dtype), t, where, allow, warnings)
 
 
-def _write_layer(path: Path, plan: LayerPlan, options: MergeOptions, warnings: list[str], bar,
-                 guard: InterruptGuard, reader: Reads) -> dict[str, Any]:
+def _write_layer(path: Path, plan: LayerPlan, options: MergeOptions, bar, guard: InterruptGuard,
+                 reader: Reads) -> FileEntry:
     where = f"{plan.layer.label} [{', '.join(plan.files)}]"
+    warnings: list[str] = []
+    nonfinite = 0
     small: dict[str, tuple[np.ndarray, float | None]] = {}
     for t in plan.dropped:
         _check_dropped(t, where, reader)
     for t in plan.tensors:
         if t.rule in (Rule.SUM, Rule.REPLICATED):
             small[t.key] = _merge_small(t, options.replica_tolerance, where, reader)
-            _nonfinite(small[t.key][0], t, where, options.allow_nonfinite, warnings)
+            nonfinite += _nonfinite(small[t.key][0], t, where, options.allow_nonfinite, warnings)
     entries = [(t.hf_name, t.out_dtype, t.shape) for t in plan.tensors]
 
     def on_block(nbytes: int) -> None:
@@ -271,11 +176,11 @@ def _write_layer(path: Path, plan: LayerPlan, options: MergeOptions, warnings: l
                 bar.update(t.nbytes)
             elif streams_direct(t):  # read straight into the output buffer, checked there
                 n = stream_tensor(w, t, reader=reader, on_block=on_block)
-                _report_nonfinite(n, t, where, options.allow_nonfinite, warnings)
+                nonfinite += _report_nonfinite(n, t, where, options.allow_nonfinite, warnings)
             else:  # casts, views: a worker thread reads, CRC-checks, casts and interleaves the next chunk
                 for chunk in prefetch(iter_merged_chunks(t, reader=reader)):
                     on_block(0)
-                    _nonfinite(chunk, t, where, options.allow_nonfinite, warnings)
+                    nonfinite += _nonfinite(chunk, t, where, options.allow_nonfinite, warnings)
                     w.write_chunk(t.hf_name, chunk)
                     bar.update(chunk.nbytes)
     tensors_meta: dict[str, Any] = {}
@@ -284,15 +189,23 @@ def _write_layer(path: Path, plan: LayerPlan, options: MergeOptions, warnings: l
         if t.key in small and small[t.key][1] is not None:
             meta["max_replica_divergence"] = small[t.key][1]
         tensors_meta[t.hf_name] = meta
-    return {
-        "source_layer": plan.layer.index,
-        "kind": plan.layer.kind.value,
-        "source_files": plan.files,
-        w.hash_algo: w.hexdigest(),
-        "size": w.size,
-        "tensors": tensors_meta,
-        "dropped": {t.key: t.rule.value for t in plan.dropped},
-    }
+    meta = {"source_layer": plan.layer.index, "kind": plan.layer.kind.value, "source_files": plan.files,
+            "tensors": tensors_meta, "dropped": {t.key: t.rule.value for t in plan.dropped}}
+    return FileEntry(size=w.size, algo=w.hash_algo, digest=w.hexdigest(), nonfinite=nonfinite, warnings=warnings,
+                     meta=meta)
+
+
+def _small_files(ckpt: Checkpoint, config: NeoXConfig, config_dtype: str, names: list[str],
+                 plans: list[LayerPlan]) -> dict[str, bytes]:
+    """The bytes of config.json, the tokenizer files and the index (written after the weights)."""
+    small = {"config.json": json_bytes(config.to_hf_dict(torch_dtype=config_dtype))}
+    if ckpt.tokenizer is not None:
+        small["tokenizer.json"] = ckpt.tokenizer.read_bytes()
+        small["tokenizer_config.json"] = json_bytes(tokenizer_config(ckpt.tokenizer, config.max_position_embeddings))
+    weight_map = {t.hf_name: name for name, plan in zip(names, plans) for t in plan.tensors}
+    small[INDEX] = json_bytes({"metadata": {"total_size": sum(p.nbytes for p in plans)},
+                               "weight_map": dict(sorted(weight_map.items()))})
+    return small
 
 
 def merge_checkpoint(src: Path, out: Path, options: MergeOptions | None = None) -> MergeReport:
@@ -313,12 +226,16 @@ def _merge(src: Path, out: Path, options: MergeOptions, guard: InterruptGuard,
     check_out_path(out)
     started = time.perf_counter()
     check_algorithm(options.hash)
+
     # ---- preflight: every archive's description, every layer's plan; no tensor data read ----
     source_plan = plan_source(src, PlanOptions(
         dtype=options.dtype, row_bias=options.row_bias, qkv_layout=options.qkv_layout,
         config_path=options.config_path, tokenizer_path=options.tokenizer_path))
     ckpt, config, plans = source_plan.checkpoint, source_plan.config, source_plan.layers
     row_bias, qkv = source_plan.row_bias, source_plan.qkv
+    # what decided each layer's bytes besides its source inputs: the model config (e.g. a head count fixed in
+    # the YAML changes how blocks are merged, not their source files)
+    model = config_digest(config)
     if ckpt.tokenizer is not None:
         checked_token_count(ckpt.tokenizer, config.vocab_size)
         eos = eos_token_id(ckpt.tokenizer)
@@ -329,46 +246,34 @@ def _merge(src: Path, out: Path, options: MergeOptions, guard: InterruptGuard,
 
     source = source_identity(ckpt)
     recorded = options.recorded(row_bias, qkv)
-    make_out_dir(out)
-    held.enter_context(OutputLock(out))  # released when the merge ends, however it ends
-    reusable = _prepare_out(out, load_state(out), source, recorded, options)
     names = output_names(len(plans))
-    state: dict[str, Any] = {
-        "tool": "neoxconv", "version": __version__, "format": MANIFEST_FORMAT,
-        "source": source, "options": recorded, "hash": options.hash, "layers": {},
-    }
+    fingerprints = {name: {**layer_fingerprint(plan, ckpt.step_dir), "config": model} for name, plan in zip(names, plans)}
+    small = _small_files(ckpt, config, config_dtype, names, plans)
+    folder = held.enter_context(OutputFolder(out, FOLDER, source=source, options=recorded, hash_algo=options.hash,
+                                             resume=options.resume, force=options.force))
 
-    # which layers are already done (same source inputs, file present, its hash as recorded); a bar while
-    # re-hashing them
+    # which layers are already done (same inputs, allowed under these options, file present, its hash as
+    # recorded); a bar while re-hashing them
+    recheck = {name: folder.resumable_bytes(name, fingerprints[name]) for name in names}
     todo: list[tuple[str, LayerPlan]] = []
-    fingerprints = {name: layer_fingerprint(plan, ckpt.step_dir) for name, plan in zip(names, plans)}
-    candidates = [(name, plan, _reusable_entry(out, name, plan, reusable.get(name), fingerprints[name]))
-                  for name, plan in zip(names, plans)]
-    recheck = sum(e["size"] for _, _, e in candidates if e)
-    with progress_bar(total=recheck, desc="resume: re-check", unit="B",
-                      quiet=options.quiet or not recheck) as bar:
-        for name, plan, entry in candidates:
-            if entry:
-                bar.set_postfix_str(name, refresh=False)
-                intact = file_matches(out / name, entry)
-                bar.update(entry["size"])
-                if intact:
-                    state["layers"][name] = with_hash(entry, out / name, options.hash)
-                    continue
-            todo.append((name, plan))
-    _check_disk(out, sum(p.nbytes for _, p in todo) + (1 << 20))
-    if todo:  # a layer is about to change: the manifest only exists beside a complete output
-        remove_file(out / MANIFEST)
-    # a no-op re-run keeps the old manifest until the new one replaces it (a Ctrl-C never leaves none)
-    atomic_write_json(out / JOURNAL, state)
+    with progress_bar(total=sum(recheck.values()), desc="resume: re-check", unit="B",
+                      quiet=options.quiet or not any(recheck.values())) as bar:
+        for name, plan in zip(names, plans):
+            bar.set_postfix_str(name, refresh=False)
+            entry = folder.reusable(name, fingerprints[name], lambda e: _allowed(e, options))
+            if entry is not None:
+                folder.keep({name: entry})
+            else:
+                todo.append((name, plan))
+            bar.update(recheck[name])
+    folder.begin(names, small, sum(p.nbytes for _, p in todo) + (1 << 20))
 
     # ---- the merge ----
-    warnings: list[str] = []
     total = sum(p.nbytes for _, p in todo)
     guard.check()
     # A storage shared by several layers (a ZeRO flat buffer) is CRC-checked when the last layer that reads it
     # is done (the reader's plan); a layer enters the journal only once every storage it read from has passed.
-    unconfirmed: list[tuple[str, dict[str, Any], list]] = []
+    unconfirmed: list[tuple[str, FileEntry | None, list]] = []
     layer_refs = [[r for t in [*plan.tensors, *plan.dropped] for r in t.shards] for _, plan in todo]
     with progress_bar(total=total, desc="merge", unit="B", quiet=options.quiet or not todo) as bar, \
             SourceReader(plan=layer_refs) as reader:
@@ -376,58 +281,42 @@ def _merge(src: Path, out: Path, options: MergeOptions, guard: InterruptGuard,
             for (name, plan), refs in zip(todo, layer_refs):
                 guard.check()
                 bar.set_postfix_str(f"{plan.layer.label} -> {name}", refresh=False)
-                unconfirmed.append((name, {}, refs))  # its file is not trusted until its storages pass
+                unconfirmed.append((name, None, refs))  # its file is not trusted until its storages pass
                 with reader.scope() as reads:  # checks what the layer read as it closes (or with a later layer)
-                    entry = _write_layer(out / name, plan, options, warnings, bar, guard, reads)
-                entry["source_fingerprint"] = fingerprints[name]
+                    entry = _write_layer(folder.path(name), plan, options, bar, guard, reads)
+                entry.fingerprint = fingerprints[name]
                 unconfirmed[-1] = (name, entry, refs)
-                confirmed = [(n, e) for n, e, rs in unconfirmed if reader.verified(rs)]
+                confirmed = {n: e for n, e, rs in unconfirmed if e is not None and reader.verified(rs)}
                 if confirmed:
-                    state["layers"].update(confirmed)
-                    unconfirmed = [u for u in unconfirmed if u[0] not in state["layers"]]
-                    atomic_write_json(out / JOURNAL, state)  # progress survives a crash from here on
+                    folder.record(confirmed)  # progress survives a crash from here on
+                    unconfirmed = [u for u in unconfirmed if u[0] not in confirmed]
         except BaseException:
             for name, _, _ in unconfirmed:  # written from data whose CRC was not (or could not be) confirmed
                 (out / name).unlink(missing_ok=True)
             raise
         guard.check()
-    state["layers"] = {n: state["layers"][n] for n in names}
 
-    # ---- config, tokenizer, index, manifest (last) ----
-    files: dict[str, str] = {}
-    algo = options.hash
-    files["config.json"] = atomic_write_json(out / "config.json", config.to_hf_dict(torch_dtype=config_dtype),
-                                             hash_algo=algo)
-    if ckpt.tokenizer is not None:
-        files["tokenizer.json"] = atomic_write(out / "tokenizer.json", ckpt.tokenizer.read_bytes(), hash_algo=algo)
-        files["tokenizer_config.json"] = atomic_write_json(
-            out / "tokenizer_config.json", tokenizer_config(ckpt.tokenizer, config.max_position_embeddings),
-            hash_algo=algo)
-    weight_map = {t: name for name in names for t in state["layers"][name]["tensors"]}
-    total_size = sum(p.nbytes for p in plans)
-    files[INDEX] = atomic_write_json(
-        out / INDEX, {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))},
-        hash_algo=algo)
-    divergences = [m.get("max_replica_divergence", 0.0) for e in state["layers"].values() for m in e["tensors"].values()]
-    state["files"] = {k: {algo: v, "size": (out / k).stat().st_size} for k, v in files.items()}
-    state["config"] = asdict(config)
-    state["tokenizer"] = ckpt.tokenizer.name if ckpt.tokenizer else None
-    state["max_replica_divergence"] = max(divergences, default=0.0)
+    # ---- config, tokenizer, index, then the manifest (last) ----
+    layers = folder.state.layers
+    warnings = [w for name in names for w in layers[name].warnings]
+    divergences = [m.get("max_replica_divergence", 0.0) for name in names
+                   for m in layers[name].meta.get("tensors", {}).values()]
+    info: dict[str, Any] = {"config": asdict(config), "tokenizer": ckpt.tokenizer.name if ckpt.tokenizer else None,
+                            "max_replica_divergence": max(divergences, default=0.0)}
     if qkv is not None:
-        state["qkv_layout"] = {"split": qkv.split.value, "assumed": qkv.assumed, "reason": qkv.reason}
+        info["qkv_layout"] = {"split": qkv.split.value, "assumed": qkv.assumed, "reason": qkv.reason}
         if qkv.assumed:
             warnings.append(f"assumed QKV layout {qkv.split.value}: {qkv.reason}")
-    state["warnings"] = warnings
-    atomic_write_json(out / MANIFEST, state)
-    (out / JOURNAL).unlink(missing_ok=True)
+    info["warnings"] = warnings
+    folder.finish(info)
     if ckpt.tokenizer is None:
         log.warning("no tokenizer found next to the checkpoint; pass --tokenizer FILE to include one")
     out_dtypes = sorted({t.out_dtype for p in plans for t in p.tensors})
     report = MergeReport(
         out_dir=out, tp_degree=ckpt.tp_degree, layout=ckpt.layout, files_written=len(todo),
-        files_reused=len(plans) - len(todo), total_bytes=total_size, warnings=warnings,
-        max_replica_divergence=state["max_replica_divergence"],
-        bytes_written=sum(state["layers"][name]["size"] for name, _ in todo),
+        files_reused=len(plans) - len(todo), total_bytes=sum(p.nbytes for p in plans), warnings=warnings,
+        max_replica_divergence=info["max_replica_divergence"],
+        bytes_written=sum(layers[name].size for name, _ in todo),
         seconds=time.perf_counter() - started, dtype=out_dtypes[0] if len(out_dtypes) == 1 else out_dtypes,
         num_layers=config.num_layers, row_bias=row_bias.value,
     )

@@ -16,10 +16,12 @@ What gpt-neox and DeepSpeed read when they load (checked against their source):
 * ``layer_{idx:02d}-model_{r:02d}-model_states.pt``: one plain dict of tensors per pipeline layer and
   rank, each tensor its own storage (a view would drag its whole base storage into the file).
 
-Files are written to a temporary name, fsynced and renamed; a journal records every finished file with its
-sha256 and the fingerprint of the source it was made from, so an interrupted run resumes and a changed source
-is redone; the manifest ``neoxconv-neox.json`` is written last, and a no-op re-run never removes it. OUT is
-locked for the whole run and only names `is_neox_output_name` accepts are ever deleted (`neoxconv.output.folder`).
+OUT follows the one output-folder protocol (`neoxconv.output.folder`): locked for the whole run, every file
+written to a hidden temporary (O_EXCL|O_NOFOLLOW), hashed while written (BLAKE3 by default), fsynced and
+renamed; the journal records every finished file with its hash and the fingerprint of the source it was made
+from, so an interrupted run resumes and a changed source is redone; the manifest ``neoxconv.json`` is written
+last (``neoxconv-neox.json`` of the previous version is still read), and a no-op re-run never removes it.
+Only names `is_neox_output_name` accepts are ever deleted.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import hashlib
 import json
 import os
 import re
-import shutil
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -38,19 +40,18 @@ from typing import Any
 
 import torch
 
-from neoxconv import __version__
 from neoxconv.source.checkpoint import SourceLayer, model_layers, pipeline_file_name, sequential_file_name
 from neoxconv.config import GELU_TANH, LLAMA, NeoXConfig, padded_vocab_size
-from neoxconv.errors import ConfigError, OutputError
+from neoxconv.errors import ConfigError
 from neoxconv.interrupt import InterruptGuard
-from neoxconv.output.folder import (OutputLock, foreign_entries, load_state, make_out_dir, remove_file,
-                              remove_previous_output, remove_stale_temps)
+from neoxconv.output.finite import count_tensor_nonfinite, report_nonfinite
+from neoxconv.output.folder import NEOX, FileEntry, FolderSpec, OutputFolder, remove_file
+from neoxconv.output.hashing import DEFAULT_HASH, hash_file
+from neoxconv.output.writer import TMP_SUFFIX, fsync_dir, output_error
 from neoxconv.progress import progress_bar
-from neoxconv.output.writer import TMP_SUFFIX, atomic_write, atomic_write_json, fsync_dir, output_error, sha256_file
 
-JOURNAL = ".neoxconv-journal.json"
-MANIFEST = "neoxconv-neox.json"
 CONFIG_NAME = "neox.yml"
+TOKENIZER_NAME = "tokenizer.json"  # whatever the source's tokenizer file is called
 LAYOUTS = ("pipeline", "sequential")
 _PRECISION = {"float16": "fp16", "bfloat16": "bfloat16", "float32": "fp32"}
 
@@ -114,7 +115,7 @@ def check_target(target: NeoXTarget, *, where: str) -> None:
     problems = target.config.tp_model_parallel_check(target.tp_degree)
     if problems:
         raise ConfigError(f"{where}: cannot split {target.tp_degree} ways: " + "; ".join(problems)
-                          + f" (choose a --tp that divides them)")
+                          + " (choose a --tp that divides them)")
 
 
 # ----- the NeoX YAML -------------------------------------------------------------------------------------
@@ -203,35 +204,44 @@ def neox_yaml(target: NeoXTarget, divisible_by: int) -> str:
 
 
 # ----- files ---------------------------------------------------------------------------------------------
-STAGING = ".staging" + TMP_SUFFIX  # a hidden folder beside the files; removed when a run ends
+PRIVATE_PREFIX = ".neoxconv-pt-"  # save_pt's private folders: .neoxconv-pt-XXXXXXXX.neoxconv-tmp
+LEGACY_STAGING = ".staging" + TMP_SUFFIX  # where the previous version's save_pt wrote; its leftovers are cleaned
 
 
-def save_pt(path: Path, obj: Any) -> tuple[str, int]:
-    """``torch.save`` atomically; returns (sha256, size).
+def save_pt(path: Path, obj: Any, *, hash_algo: str = DEFAULT_HASH) -> tuple[str, int]:
+    """``torch.save`` atomically; returns (hex digest, size).
 
-    The file is written under its final name inside a hidden staging folder, fsynced, then renamed into
-    place: torch names the records inside the archive after the file (``layer_02-model_00-model_states/``),
-    so the archive is exactly what ``torch.save(obj, path)`` writes.
+    torch names the records inside the archive after the file it is given (``layer_02-model_00-model_states/``;
+    a file object would give ``archive/``), so it is given a path with the final name, inside a private
+    folder that `tempfile.mkdtemp` creates afresh beside ``path`` (mode 0700, a new random name: no link or
+    file planted in OUT is ever opened or followed). The file is fsynced, hashed, and renamed into place.
+
+    The hash is the one place a writer reads back what it wrote: torch's writer holds the GIL while it writes
+    a storage, so its bytes cannot be hashed on their way out without changing the archive's record names.
+    A streaming archive writer that hands its bytes to `open_atomic` (hashed while written) replaces this.
     """
-    staging = path.parent / STAGING
-    tmp = staging / path.name
     try:
-        staging.mkdir(exist_ok=True)
+        private = Path(tempfile.mkdtemp(prefix=PRIVATE_PREFIX, suffix=TMP_SUFFIX, dir=path.parent))
+    except OSError as e:
+        raise output_error(path, e) from None
+    tmp = private / path.name
+    try:
         torch.save(obj, tmp)
-        fd = os.open(tmp, os.O_RDONLY)
+        fd = os.open(tmp, os.O_RDONLY | os.O_NOFOLLOW)
         try:
             os.fsync(fd)
+            size = os.fstat(fd).st_size
         finally:
             os.close(fd)
+        digest = hash_file(tmp, hash_algo)
         os.replace(tmp, path)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         raise output_error(path, e) from None
-    except BaseException:
+    finally:
         tmp.unlink(missing_ok=True)
-        raise
+        private.rmdir()
     fsync_dir(path.parent)
-    return sha256_file(path), path.stat().st_size
+    return digest, size
 
 
 def bookkeeping(target: NeoXTarget, module: Shard | None) -> dict[str, Any]:
@@ -247,24 +257,15 @@ def shard_bytes(shard: Shard) -> int:
 
 
 # ----- the output folder: what is ours ---------------------------------------------------------------------
-FORMAT = 2  # the manifest format: 2 records each file's source fingerprint
 _STEP_FILE = re.compile(r"^global_step\d+/(layer_\d{2,}-model_\d{2,}-model_states|mp_rank_\d{2,}_model_states)\.pt$")
-_FIXED = frozenset({MANIFEST, JOURNAL, "latest", f"configs/{CONFIG_NAME}"})
+_FIXED = frozenset({"latest", f"configs/{CONFIG_NAME}"})
 
 
 def is_neox_output_name(rel: str) -> bool:
     """A path (relative to OUT) that `split` / `reshard` write: the rank files in ``global_step*/``,
-    ``configs/neox.yml``, ``latest``, a ``*tokenizer.json`` copy, the manifest and the journal."""
+    ``configs/neox.yml``, ``latest``, the tokenizer (``*tokenizer.json``: earlier versions kept the source's
+    name), the manifest and the journal (`OutputFolder` adds those)."""
     return rel in _FIXED or bool(_STEP_FILE.match(rel)) or ("/" not in rel and rel.endswith("tokenizer.json"))
-
-
-def _check_folders(out: Path, step_name: str) -> None:
-    """The folders neoxconv writes into are real folders inside OUT (or absent): never written through a link."""
-    for name in (step_name, "configs"):
-        p = out / name
-        if p.is_symlink() or (p.exists() and not p.is_dir()):
-            what = "a symlink" if p.is_symlink() else "not a folder"
-            raise OutputError(f"{p}: is {what}; neoxconv writes its own folder there: remove it or choose another OUT")
 
 
 def _step_folders(out: Path) -> list[str]:
@@ -272,102 +273,26 @@ def _step_folders(out: Path) -> list[str]:
                   and p.is_dir() and not p.is_symlink())
 
 
-def _remove_staging(folder: Path, *, ours: bool) -> None:
-    """The hidden staging folder of `save_pt`: our files in it are removed only in an OUT that is ours; the
-    folder itself only when empty."""
-    staging = folder / STAGING
-    if staging.is_symlink() or not staging.is_dir():
-        return
-    if ours:
-        for p in staging.iterdir():
-            if is_neox_output_name(f"{folder.name}/{p.name}") and p.is_file() and not p.is_symlink():
-                remove_file(p)
-    try:
-        staging.rmdir()
-    except OSError:
-        pass
-
-
-def _remove_stale(out: Path) -> None:
-    """Temporaries of an interrupted run of ours (only called once OUT is known to be ours)."""
-    remove_stale_temps(out, is_neox_output_name)
-    remove_stale_temps(out, is_neox_output_name, "configs/")
+def _remove_private_folders(out: Path) -> None:
+    """`save_pt`'s private folders left by a killed run (and the previous version's ``.staging.neoxconv-tmp``),
+    in an OUT that is ours: our files in them are removed, a folder only when then empty; a link under such a
+    name is never followed."""
     for step in _step_folders(out):
-        remove_stale_temps(out, is_neox_output_name, f"{step}/")
-        _remove_staging(out / step, ours=True)
-
-
-def _remove_empty_folders(out: Path) -> None:
-    for name in [*_step_folders(out), "configs"]:
-        p = out / name
-        if p.is_dir() and not p.is_symlink():
+        for folder in sorted((out / step).iterdir()):
+            private = folder.name.startswith(PRIVATE_PREFIX) and folder.name.endswith(TMP_SUFFIX)
+            if not (private or folder.name == LEGACY_STAGING) or folder.is_symlink() or not folder.is_dir():
+                continue
+            for p in folder.iterdir():
+                if is_neox_output_name(f"{step}/{p.name}") and p.is_file() and not p.is_symlink():
+                    remove_file(p)
             try:
-                p.rmdir()  # only when empty
+                folder.rmdir()
             except OSError:
                 pass
 
 
-def _prepare_out(out: Path, state: dict[str, Any] | None, source: dict, recorded: dict, *, step_name: str,
-                 resume: bool, force: bool) -> dict[str, Any]:
-    """Decide whether OUT is ours before deleting anything; return the finished files that may be kept.
-
-    Called with OUT locked. A folder without our manifest or journal is someone else's: refused unless
-    --force, and then nothing in it is deleted. In ours, only names `is_neox_output_name` accepts are removed:
-    stale temporaries, and (--force over another source or options, or an output of an older format) the
-    files its manifest lists.
-    """
-    if state is None:
-        foreign = foreign_entries(out, is_neox_output_name)
-        if foreign and not force:
-            shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
-            raise OutputError(f"{out}: the folder is not empty ({shown}) and is not a neoxconv NeoX output; choose "
-                              "an empty folder or pass --force (neoxconv only overwrites the files it writes)")
-        _check_folders(out, step_name)
-        return {}
-    _check_folders(out, step_name)
-    files = state.get("files") if isinstance(state.get("files"), dict) else {}
-    same_source = (state.get("source") == source if state.get("format") == FORMAT
-                   else _same_legacy_source(state.get("source"), source))
-    same = same_source and state.get("options") == recorded
-    if not same and files and not force:
-        raise OutputError(f"{out}: holds a neoxconv output of another source or other options "
-                          f"({state.get('options')}); choose another folder or pass --force to overwrite it")
-    if not same:
-        remove_previous_output(out, [*map(str, files), MANIFEST, JOURNAL], is_neox_output_name)
-    _remove_stale(out)
-    if not same:
-        _remove_empty_folders(out)
-    return dict(files) if same and resume else {}  # an older format's entries carry no fingerprint: all redone
-
-
-def _same_legacy_source(recorded: Any, source: dict) -> bool:
-    """An output of the format before per-file fingerprints: the same source folder (its files are redone)."""
-    if not isinstance(recorded, dict):
-        return False
-    if "step_dir" in recorded:  # reshard
-        return recorded.get("step_dir") == source.get("step_dir")
-    files = recorded.get("files") if isinstance(recorded.get("files"), list) else []
-    folders = {str(Path(str(f.get("path"))).parent) for f in files if isinstance(f, dict)}
-    return bool(folders) and folders <= {source.get("hf_dir")}
-
-
-def _is_done(out: Path, name: str, entry: Any, fingerprint: str) -> bool:
-    """A finished file worth keeping: made from the same inputs, present, its recorded size and sha256."""
-    p = out / name
-    return (isinstance(entry, dict) and entry.get("source_fingerprint") == fingerprint and p.is_file()
-            and not p.is_symlink() and p.stat().st_size == entry.get("size") and sha256_file(p) == entry.get("sha256"))
-
-
 def _digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-
-
-def _is_same(out: Path, name: str, entry: Any, data: bytes) -> bool:
-    """A small file (config, tokenizer, ``latest``) already holds ``data`` as recorded: not rewritten."""
-    sha = hashlib.sha256(data).hexdigest()
-    p = out / name
-    return (isinstance(entry, dict) and entry.get("sha256") == sha and p.is_file() and not p.is_symlink()
-            and sha256_file(p) == sha)
 
 
 @dataclass
@@ -395,37 +320,28 @@ def write_neox_checkpoint(
     resume: bool = True,
     force: bool = False,
     quiet: bool = False,
+    allow_nonfinite: bool = False,
+    hash_algo: str = DEFAULT_HASH,
     desc: str = "split",
 ) -> WriteReport:
     """Write the checkpoint. ``rank_shards(layer, ranks)`` yields that layer's shard for each of ``ranks``.
 
     ``source`` says which source this is (a different one is refused without --force); ``fingerprint(layers)``
     is the proof of what those source layers hold (JSON-able), recorded with each file: a resumed run keeps a
-    file only when its fingerprint is unchanged and its bytes hash as recorded.
+    file only when its fingerprint is unchanged, its bytes hash as recorded, and (inf/nan in it) this run allows
+    non-finite values. Every tensor is checked for inf/nan before it is written (`report_nonfinite`).
 
     Pipeline: one layer in memory (its full tensors, inside ``rank_shards``) plus one rank's shard.
     Sequential: each rank's file holds that rank's whole model, so ranks are written one after another and
     ``rank_shards`` is asked for every layer once per rank (memory: 1/T of the model plus one layer).
-    OUT is locked (`OutputLock`) for the whole run.
+    OUT is held through `OutputFolder` (locked) for the whole run.
     """
-    out = Path(out)
-    make_out_dir(out)
-    with OutputLock(out, command=desc):
-        return _write(out, target, rank_shards, source=source, recorded=recorded, fingerprint=fingerprint,
-                      planned_bytes=planned_bytes, tokenizer=tokenizer, guard=guard, resume=resume, force=force,
-                      quiet=quiet, desc=desc)
-
-
-def _write(out: Path, target: NeoXTarget, rank_shards: Callable[[SourceLayer, list[int]], Iterator[Shard]], *,
-           source: dict[str, Any], recorded: dict[str, Any], fingerprint: Callable[[list[SourceLayer]], Any],
-           planned_bytes: int, tokenizer: Path | None, guard: InterruptGuard, resume: bool, force: bool,
-           quiet: bool, desc: str) -> WriteReport:
     t0 = time.monotonic()
-    previous = load_state(out, (JOURNAL, MANIFEST), kind="neox")
-    reusable = _prepare_out(out, previous, source, recorded, step_name=target.step_name, resume=resume, force=force)
-    step_dir = out / target.step_name
+    out = Path(out)
     T = target.tp_degree
-    rel = lambda name: f"{target.step_name}/{name}"  # noqa: E731
+    spec = FolderSpec(kind=NEOX, command=desc, is_ours=is_neox_output_name, noun="NeoX output",
+                      folders=(target.step_name, "configs"), stale_folders=_step_folders)
+    rel = lambda name: f"{target.step_name}/{name}"
     groups: list[_Group] = []
     if target.layout == "pipeline":
         for layer in target.layers:
@@ -436,87 +352,86 @@ def _write(out: Path, target: NeoXTarget, rank_shards: Callable[[SourceLayer, li
     else:
         whole = _digest(fingerprint(target.layers))
         groups += [_Group([rel(sequential_file_name(r))], target.layers, whole, rank=r) for r in range(T)]
-
-    # which files are kept (same inputs, sha256 as recorded), what else changes: decided before writing
-    state: dict[str, Any] = {"tool": "neoxconv", "kind": "neox", "format": FORMAT, "version": __version__,
-                             "source": source, "options": recorded, "files": {}}
-    todo: list[_Group] = []
-    reused = 0
-    for g in groups:
-        guard.check()
-        if all(_is_done(out, n, reusable.get(n), g.fingerprint) for n in g.names):
-            state["files"].update({n: reusable[n] for n in g.names})
-            reused += len(g.names) if not g.bookkeeping else 0
-        else:
-            todo.append(g)
     rows = target.config.vocab_size or 0
     divisor = vocab_divisor(rows, T, target.tokenizer_size)
     small = {f"configs/{CONFIG_NAME}": neox_yaml(target, divisor).encode()}
     if tokenizer is not None:
-        small[tokenizer.name] = tokenizer.read_bytes()
+        small[TOKENIZER_NAME] = tokenizer.read_bytes()
     small["latest"] = target.step_name.encode()
-    small_todo = {n for n, data in small.items() if not _is_same(out, n, reusable.get(n), data)}
-    state["files"].update({n: reusable[n] for n in small if n not in small_todo})  # the journal keeps them too
-    if todo or small_todo:  # a file is about to change: the manifest only exists beside a complete output
-        remove_file(out / MANIFEST)
-    # a no-op re-run changes no file and keeps the old manifest until the new one replaces it (a Ctrl-C never
-    # leaves none)
-    if todo:
-        free = shutil.disk_usage(out).free
-        if planned_bytes > free:
-            raise OutputError(f"{out}: needs about {planned_bytes / 1e9:.2f} GB but only {free / 1e9:.2f} GB is free")
-    atomic_write_json(out / JOURNAL, state)
-    step_dir.mkdir(exist_ok=True)
-    written = bytes_written = 0
+    allowed = lambda e: allow_nonfinite or not e.nonfinite
 
-    def record(name: str, sha: str, size: int, g: _Group) -> None:
-        state["files"][name] = {"sha256": sha, "size": size, "source_fingerprint": g.fingerprint}
-
-    with progress_bar(total=planned_bytes, desc=desc, unit="B", quiet=quiet or not todo) as bar:
-        for g in todo:
+    with OutputFolder(out, spec, source=source, options=recorded, hash_algo=hash_algo, resume=resume,
+                      force=force) as folder:
+        if folder.ours:
+            _remove_private_folders(out)
+        # which files are kept (same inputs, allowed, hash as recorded), what else changes: decided before writing
+        todo: list[_Group] = []
+        reused = 0
+        for g in groups:
             guard.check()
-            if g.bookkeeping:
-                for name in g.names:
-                    record(name, *save_pt(out / name, bookkeeping(target, None)), g)
-            elif g.rank is None:
-                layer = g.layers[0]
-                bar.set_postfix_str(layer.label, refresh=False)
-                for name, shard in zip(g.names, rank_shards(layer, list(range(T)))):
-                    sha, size = save_pt(out / name, shard)
-                    record(name, sha, size, g)
+            kept = {n: folder.reusable(n, g.fingerprint, allowed) for n in g.names}
+            if all(e is not None for e in kept.values()):
+                folder.keep(kept)
+                reused += len(g.names) if not g.bookkeeping else 0
+            else:
+                todo.append(g)
+        folder.begin([n for g in groups for n in g.names], small, planned_bytes if todo else 0)
+        written = bytes_written = 0
+
+        def save(name: str, obj: Any, g: _Group, warnings: list[str], nonfinite: int) -> int:
+            digest, size = save_pt(folder.path(name), obj, hash_algo=folder.hash)
+            folder.record({name: FileEntry(size=size, algo=folder.hash, digest=digest, fingerprint=g.fingerprint,
+                                           nonfinite=nonfinite, warnings=warnings)})
+            return size
+
+        def checked(shard: Shard, where: str, warnings: list[str]) -> int:
+            n = 0
+            for key, t in shard.items():
+                k = count_tensor_nonfinite(t, target.dtype)
+                report_nonfinite(k, f"{where}: {key!r}", target.dtype, allow=allow_nonfinite, warnings=warnings,
+                                 doing="splitting" if desc == "split" else "resharding")
+                n += k
+            return n
+
+        with progress_bar(total=planned_bytes, desc=desc, unit="B", quiet=quiet or not todo) as bar:
+            for g in todo:
+                guard.check()
+                if g.bookkeeping:
+                    for name in g.names:
+                        save(name, bookkeeping(target, None), g, [], 0)
+                elif g.rank is None:
+                    layer = g.layers[0]
+                    bar.set_postfix_str(layer.label, refresh=False)
+                    for r, (name, shard) in enumerate(zip(g.names, rank_shards(layer, list(range(T))))):
+                        warnings: list[str] = []
+                        n = checked(shard, f"{layer.label} (rank {r})", warnings)
+                        size = save(name, shard, g, warnings, n)
+                        written += 1
+                        bytes_written += size
+                        bar.update(shard_bytes(shard))
+                        del shard  # before the next rank's part is made
+                else:
+                    module: Shard = {}
+                    warnings = []
+                    n = 0
+                    for layer in g.layers:
+                        bar.set_postfix_str(f"rank {g.rank}, {layer.label}", refresh=False)
+                        for shard in rank_shards(layer, [g.rank]):
+                            n += checked(shard, f"{layer.label} (rank {g.rank})", warnings)
+                            module.update({f"sequential.{layer.index}.{k}": v for k, v in shard.items()})
+                            bar.update(shard_bytes(shard))
+                        guard.check()
+                    size = save(g.names[0], bookkeeping(target, module), g, warnings, n)
+                    del module
                     written += 1
                     bytes_written += size
-                    bar.update(shard_bytes(shard))
-                    del shard  # before the next rank's part is made
-            else:
-                module: Shard = {}
-                for layer in g.layers:
-                    bar.set_postfix_str(f"rank {g.rank}, {layer.label}", refresh=False)
-                    for shard in rank_shards(layer, [g.rank]):
-                        module.update({f"sequential.{layer.index}.{k}": v for k, v in shard.items()})
-                        bar.update(shard_bytes(shard))
-                    guard.check()
-                sha, size = save_pt(out / g.names[0], bookkeeping(target, module))
-                del module
-                record(g.names[0], sha, size, g)
-                written += 1
-                bytes_written += size
-            atomic_write_json(out / JOURNAL, state)
-            guard.check()
-    state["files"] = {n: state["files"][n] for g in groups for n in g.names}  # in order; small files below
-
-    (out / "configs").mkdir(exist_ok=True)
-    for name, data in small.items():
-        sha = atomic_write(out / name, data) if name in small_todo else hashlib.sha256(data).hexdigest()
-        state["files"][name] = {"sha256": sha, "size": len(data)}
-    state["config"] = dataclasses.asdict(target.config)
-    state["make_vocab_size_divisible_by"] = divisor
-    atomic_write_json(out / MANIFEST, state)
-    remove_file(out / JOURNAL)
-    _remove_staging(step_dir, ours=False)
-    total = sum(e["size"] for e in state["files"].values())
+                guard.check()
+        state = folder.finish({"config": dataclasses.asdict(target.config),
+                               "make_vocab_size_divisible_by": divisor})
+    entries = state.entries.values()
     row_bias = "rank0" if target.config.parallel_residual else "replicated"
     return WriteReport(out_dir=out, tp_degree=T, layout=target.layout, step=target.step, files_written=written,
-                       files_reused=reused, total_bytes=total, make_vocab_size_divisible_by=divisor,
-                       dtype=target.dtype, row_bias=row_bias, bytes_written=bytes_written,
-                       seconds=time.monotonic() - t0)
+                       files_reused=reused, total_bytes=sum(e.size for e in entries),
+                       make_vocab_size_divisible_by=divisor, dtype=target.dtype, row_bias=row_bias,
+                       bytes_written=bytes_written, seconds=time.monotonic() - t0,
+                       warnings=[w for e in entries for w in e.warnings])

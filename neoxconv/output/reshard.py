@@ -24,6 +24,7 @@ from neoxconv.errors import ConfigError, OutputError
 from neoxconv.plan.fingerprint import config_digest, layer_fingerprint, source_identity
 from neoxconv.interrupt import deferred_sigint
 from neoxconv.output.folder import check_out_path
+from neoxconv.output.hashing import DEFAULT_HASH
 from neoxconv.merge import Rule, check_replicas, merge_tensor, resolve_row_bias
 from neoxconv.plan.plan import LayerPlan, PlanOptions, TensorPlan, part_key, plan_source
 from neoxconv.output.neox import NeoXTarget, Shard, WriteReport, check_target, write_neox_checkpoint
@@ -45,9 +46,11 @@ class ReshardOptions:
     replica_tolerance: float = 1e-2
     config_path: Path | None = None
     tokenizer_path: Path | None = None
+    allow_nonfinite: bool = False  # write inf/nan (with a warning) instead of failing
     resume: bool = True
     force: bool = False
     quiet: bool = False
+    hash: str = DEFAULT_HASH  # the digest the manifest records for every file
 
 
 def _to_torch(a: np.ndarray, dtype: str) -> torch.Tensor:
@@ -147,4 +150,5 @@ def reshard_checkpoint(src: Path, out: Path, options: ReshardOptions) -> WriteRe
         return write_neox_checkpoint(
             Path(out), target, rank_shards, source=source_identity(ckpt), recorded=recorded, fingerprint=fingerprint,
             planned_bytes=planned_bytes(config, options.tp, dtype, row_bias), tokenizer=ckpt.tokenizer,
-            guard=guard, resume=options.resume, force=options.force, quiet=options.quiet, desc="reshard")
+            guard=guard, resume=options.resume, force=options.force, quiet=options.quiet,
+            allow_nonfinite=options.allow_nonfinite, hash_algo=options.hash, desc="reshard")

@@ -39,6 +39,7 @@ from neoxconv.errors import CheckpointError, ConfigError
 from neoxconv.interrupt import deferred_sigint
 from neoxconv.merge import Rule, Split, expected_shape, join_split, key_table, resolve_row_bias, shape_of, split_tensor
 from neoxconv.output.folder import check_out_path
+from neoxconv.output.hashing import DEFAULT_HASH
 from neoxconv.plan.fingerprint import config_digest, file_fingerprint
 from neoxconv.plan.plan import FolderPlan, part_key, plan_hf_folder
 from neoxconv.source.checkpoint import SourceLayer, model_layers
@@ -166,9 +167,11 @@ class SplitOptions:
     dtype: str = "auto"  # auto (the weights' own) | fp16 | bf16 | fp32
     step: int = 0
     tokenizer_path: Path | None = None
+    allow_nonfinite: bool = False  # write inf/nan (with a warning) instead of failing
     resume: bool = True
     force: bool = False
     quiet: bool = False
+    hash: str = DEFAULT_HASH  # the digest the manifest records for every file
 
 
 def _source_identity(hf: HFModel) -> dict[str, Any]:
@@ -221,5 +224,6 @@ def split_model(hf_dir: Path, out: Path, options: SplitOptions) -> WriteReport:
         return write_neox_checkpoint(
             Path(out), target, rank_shards, source=_source_identity(hf), recorded=recorded, fingerprint=fingerprint,
             planned_bytes=planned_bytes(config, options.tp, dtype, row_bias), tokenizer=hf.tokenizer,
-            guard=guard, resume=options.resume, force=options.force, quiet=options.quiet)
+            guard=guard, resume=options.resume, force=options.force, quiet=options.quiet,
+            allow_nonfinite=options.allow_nonfinite, hash_algo=options.hash)
 

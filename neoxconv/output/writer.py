@@ -24,7 +24,7 @@ import numpy as np
 
 from neoxconv.dtypes import SAFETENSORS_NAMES, tensor_nbytes
 from neoxconv.errors import OutputError
-from neoxconv.output.hashing import DEFAULT_HASH, StreamHasher, hash_file
+from neoxconv.output.hashing import DEFAULT_HASH, StreamHasher
 
 TMP_SUFFIX = ".neoxconv-tmp"
 _WRITEBACK_BYTES = 32 << 20
@@ -116,18 +116,9 @@ class _AtomicFile:
         return self._hash.hexdigest()
 
     def __enter__(self) -> _AtomicFile:
-        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0)
         fd = None
         try:
-            if self._want_direct:
-                try:
-                    fd = os.open(self.tmp, flags | os.O_DIRECT, 0o644)
-                    self._direct = True
-                except OSError as e:
-                    if e.errno != errno.EINVAL:
-                        raise
-            if fd is None:
-                fd = os.open(self.tmp, flags, 0o644)
+            fd = self._create()
             self._f = open(fd, "wb", buffering=0)
             if self._staged:  # page-aligned, as O_DIRECT requires; reused, so touched (faulted in) once
                 self._stages = [mmap.mmap(-1, _STAGE_BYTES), mmap.mmap(-1, _STAGE_BYTES)]
@@ -138,6 +129,28 @@ class _AtomicFile:
             self._abandon()
             raise output_error(self.path, e) from None
         return self
+
+    def _create(self) -> int:
+        """Create the temporary: O_EXCL|O_NOFOLLOW, so a file or symlink planted (or left) under its name is
+        never written through; such a leftover is removed (the link itself, never its target) and the
+        temporary created afresh. A folder there is refused (EISDIR/EPERM), never entered."""
+        try:
+            return self._open_new()
+        except FileExistsError:
+            os.unlink(self.tmp)
+            return self._open_new()
+
+    def _open_new(self) -> int:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+        if self._want_direct:
+            try:
+                fd = os.open(self.tmp, flags | os.O_DIRECT, 0o644)
+                self._direct = True
+                return fd
+            except OSError as e:
+                if e.errno != errno.EINVAL:
+                    raise
+        return os.open(self.tmp, flags, 0o644)
 
     # ----- filling -----
     def write(self, data) -> None:
@@ -309,10 +322,20 @@ def atomic_write(path: Path, data: bytes, *, hash_algo: str = "sha256") -> str:
     return f.hexdigest()
 
 
+def json_bytes(obj) -> bytes:
+    """The bytes neoxconv writes for a JSON file. Strict JSON: NaN/Infinity are refused (ValueError), never
+    written as invalid JSON."""
+    return (json.dumps(obj, indent=2, sort_keys=False, allow_nan=False) + "\n").encode()
+
+
 def atomic_write_json(path: Path, obj, *, hash_algo: str = "sha256") -> str:
-    """Strict JSON: NaN/Infinity are refused (ValueError), never written as invalid JSON."""
-    return atomic_write(path, (json.dumps(obj, indent=2, sort_keys=False, allow_nan=False) + "\n").encode(),
-                        hash_algo=hash_algo)
+    return atomic_write(path, json_bytes(obj), hash_algo=hash_algo)
+
+
+def open_atomic(path: Path, *, hash_algo: str = DEFAULT_HASH) -> _AtomicFile:
+    """A file written to a hidden temporary and renamed to ``path`` when the ``with`` block ends without an
+    error; ``write`` hashes as it writes (``hexdigest()``, ``size`` once closed)."""
+    return _AtomicFile(path, hash_algo=hash_algo)
 
 
 def safetensors_header(entries: list[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str]) -> bytes:
@@ -425,6 +448,3 @@ class SafetensorsWriter:
     def size(self) -> int:
         return self._file.size
 
-
-def sha256_file(path: Path) -> str:
-    return hash_file(path, "sha256")

@@ -5,17 +5,19 @@ Each merged layer records the fingerprint of exactly what it read:
 
 * every tensor it used: file, dtype, shape, stride, storage offset, and the CRC-32 and size that the
   archive's zip directory records for the storage (read with the description, so they cost nothing);
-* every source file it read: size and modification time (nanoseconds).
+* every source file it read: size, modification time and status-change time (ctime), in nanoseconds.
 
-A resumed merge redoes every layer whose fingerprint differs and keeps the rest. The CRCs catch changed
-data even where the mtime was preserved (``cp -p``, ``rsync -t``); the mtime catches the (unlikely) file
-with different bytes but the same CRCs. Each tensor's bytes are checked against that CRC when read.
+A resumed merge or reshard redoes every layer whose fingerprint differs and keeps the rest. The CRCs catch
+changed data even where the mtime was preserved (``cp -p``, ``rsync -t``); the ctime catches a file with
+different bytes but the same CRCs (a deliberate CRC-32 collision) even with its mtime restored: the kernel
+sets it whenever a file is created, replaced or its metadata changed, and no tool can set it back. A
+``chmod`` or a copy also counts as a change (a redo, never a stale output). Each tensor's bytes are checked
+against its CRC when read. The writers add the digest of the model config (`config_digest`): a config fixed
+after a first run changes how layers are written, not their source files.
 
 `split` reads safetensors, which record no checksum: `file_fingerprint` records size, mtime, ctime and the
-sha256 of the header (names, dtypes, shapes, offsets). The ctime is set by the kernel whenever a file is
-created, replaced or its metadata changed, and no tool can set it back, so a same-size file put in place
-with its old mtime restored (``cp -p``, ``rsync -t``) is still seen; a ``chmod`` also counts as a change
-(a redo, never a stale output). Hashing the data itself would cost a full read of the source.
+sha256 of the header (names, dtypes, shapes, offsets). Hashing the data itself would cost a full read of the
+source.
 """
 
 from __future__ import annotations
@@ -26,10 +28,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-from neoxconv.source.checkpoint import Checkpoint
 from neoxconv.errors import CheckpointError
 from neoxconv.plan.plan import LayerPlan
 from neoxconv.source.safetensors import header_bytes
+from neoxconv.source.checkpoint import Checkpoint
 
 
 def source_identity(ckpt: Checkpoint) -> dict[str, Any]:
@@ -56,7 +58,7 @@ def layer_fingerprint(plan: LayerPlan, step_dir: Path) -> dict[str, Any]:
             st = (Path(step_dir) / name).stat()
         except OSError as e:
             raise CheckpointError(f"{Path(step_dir) / name}: cannot read: {e.strerror or e}") from None
-        files[name] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+        files[name] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns}
     return {"files": files, "tensors_sha256": digest}
 
 

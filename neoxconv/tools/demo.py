@@ -8,7 +8,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from neoxconv.errors import VerificationError
+from neoxconv.errors import OutputError, VerificationError
 
 DEMO_PROMPT = "The capital of France is"
 DEMO_IDS = (510, 5347, 273, 6181, 310)  # the same prompt, tokenized by the 20B tokenizer
@@ -41,6 +41,10 @@ def run_demo(*, workdir: Path | None = None, tp_degree: int = 2, tokenizer: Path
             echo(f"demo: removed {tmp}; run 'neoxconv demo --workdir DIR' to keep the checkpoint and the merged model")
     else:
         work = Path(workdir)
+        if work.is_symlink() or (work.exists() and (not work.is_dir() or any(work.iterdir()))):
+            what = "a symlink" if work.is_symlink() else "a file" if not work.is_dir() else "not empty"
+            raise OutputError(f"{work}: exists and is {what}; demo writes only into a new or empty folder "
+                              "(it would replace checkpoint/ and merged/ there)")
         echo(f"demo: working in {work} (kept afterwards)")
         _demo(work, tp_degree, tokenizer, echo)
         echo(f"demo: files kept in {work}: {work / 'checkpoint'} (the synthetic TP={tp_degree} checkpoint), "
