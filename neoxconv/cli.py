@@ -210,7 +210,8 @@ def _parse_max_memory(ctx, param, value: str | None):
               help="Tokens to generate (stops at EOS).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
               help="auto = cuda when available.")
-@click.option("--dtype", type=_dtype_choice, default="auto", show_default=True, help="auto = fp16 on cuda, fp32 on cpu.")
+@click.option("--dtype", type=_dtype_choice, default="auto", show_default=True,
+              help="auto = fp16 on cuda, fp32 on cpu.")
 @click.option("--tokenizer", "tokenizer_path", type=click.Path(path_type=Path, dir_okay=False),
               help="tokenizer.json (default: OUT/tokenizer.json).")
 @click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy.")
@@ -313,7 +314,8 @@ def _print_neox_report(report, as_json: bool, quiet: bool) -> None:
 @main.command()
 @click.argument("hf_dir", type=click.Path(path_type=Path))
 @click.argument("out", type=click.Path(path_type=Path))
-@click.option("--tp", type=click.IntRange(min=1), required=True, help="Tensor-parallel degree (gpt-neox model-parallel-size).")
+@click.option("--tp", type=click.IntRange(min=1), required=True,
+              help="Tensor-parallel degree (gpt-neox model-parallel-size).")
 @click.option("--layout", type=_layout_choice, default="pipeline", show_default=True,
               help="pipeline: layer_XX-model_YY files (pipe-parallel-size >= 1); sequential: mp_rank_XX files only.")
 @click.option("--dtype", type=_dtype_choice, default="auto", show_default=True, help="auto keeps the weights' own.")
@@ -420,7 +422,8 @@ def synth(out: Path, tp_degree: int, layers: int, hidden: int, heads: int | None
     from neoxconv.tools.synthetic import SyntheticSpec, synthesize
 
     try:
-        config = NeoXConfig(num_layers=layers, hidden_size=hidden, num_heads=heads if heads is not None else max(1, hidden // 64),
+        config = NeoXConfig(num_layers=layers, hidden_size=hidden,
+                            num_heads=heads if heads is not None else max(1, hidden // 64),
                             vocab_size=vocab, intermediate_size=ffn, max_position_embeddings=max_positions,
                             rotary_pct=rotary_pct, parallel_residual=not sequential_residual, activation=GELU_TANH)
     except ConfigError as e:

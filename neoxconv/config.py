@@ -350,7 +350,8 @@ class NeoXConfig:
                 intermediate = llama_mlp_intermediate_size(hidden, _whole(d, "intermediate_size"))
             elif gated:
                 intermediate = gated_intermediate_size(
-                    hidden, intermediate_size=_whole(d, "intermediate_size"), expansion_factor=d.get("expansion_factor"),
+                    hidden, intermediate_size=_whole(d, "intermediate_size"),
+                    expansion_factor=d.get("expansion_factor"),
                     multiple_of=_whole(d, "mlp_multiple_of") or 1)
             else:
                 intermediate = _whole(d, "intermediate_size") or None

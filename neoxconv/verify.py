@@ -30,7 +30,6 @@ from typing import Any
 import torch
 
 from neoxconv.check.integrity import check_output
-from neoxconv.source.safetensors import read_safetensors_header
 from neoxconv.config import load_out_config
 from neoxconv.dtypes import FROM_SAFETENSORS, TORCH_FLOAT_DTYPES, as_torch_dtype
 from neoxconv.errors import CheckpointError, UsageError
@@ -40,6 +39,7 @@ from neoxconv.output.folder import INDEX
 from neoxconv.progress import format_bytes, terminal_json, terminal_text
 from neoxconv.runtime.loading import LoadedModel, load_model, resolve_device, resolve_dtype
 from neoxconv.runtime.placement import PeakAnonMemory, PlacementPlan, runtime_reserve
+from neoxconv.source.safetensors import read_safetensors_header
 
 log = logging.getLogger(__name__)
 
@@ -238,7 +238,8 @@ def against_check(model, gen: GenerationResult, options: VerifyOptions, dtype: t
     tp_logits, layout_note = reference.logits, (f"; {reference.note}" if reference.note else "")
     ours = gen.prompt_logits
     if tp_logits.shape != ours.shape:
-        return Check("against", False, None, None, f"logit shapes differ: TP {list(tp_logits.shape)} vs {list(ours.shape)}")
+        return Check("against", False, None, None,
+                     f"logit shapes differ: TP {list(tp_logits.shape)} vs {list(ours.shape)}")
     diff = _max_abs(ours, tp_logits)
     tol = MODEL_TOL[coarser(dtype, rounding[0] if rounding else None)] * _scale(tp_logits)
     agree = float((ours.argmax(-1) == tp_logits.argmax(-1)).float().mean())
@@ -293,10 +294,12 @@ def int8_checks(loaded: LoadedModel, gen: GenerationResult, options: VerifyOptio
         after = before - sum(lin.weight.numel() * (size - 1) - lin.out_features * 4 for lin in lins)
         quantize_int8_placed(loaded.model, loaded.placement, threshold=options.int8_threshold)
     seq = gen.prompt_ids + gen.generated_ids[:-1]
-    logits = full_forward_logits(loaded.model, seq, devices=loaded.devices)  # teacher-forced on the full-precision tokens
+    logits = full_forward_logits(loaded.model, seq,
+                                 devices=loaded.devices)  # teacher-forced on the full-precision tokens
     P = len(gen.prompt_ids)
     steps = logits[P - 1:]
-    agreement = float((steps.argmax(-1) == torch.tensor(gen.generated_ids)).float().mean()) if gen.generated_ids else 1.0
+    agreement = (float((steps.argmax(-1) == torch.tensor(gen.generated_ids)).float().mean()) if gen.generated_ids
+                 else 1.0)
     prompt_diff = _max_abs(logits[:P], gen.prompt_logits)
     int8_gen = generate(loaded.model, gen.prompt_ids, max_new_tokens=len(gen.generated_ids) or 1,
                         sampling=Sampling(), dtype=loaded.dtype, devices=loaded.devices)
@@ -384,7 +387,8 @@ def verify_model(out: Path, options: VerifyOptions) -> VerifyReport:
 
 def format_report(report: VerifyReport) -> str:
     lines = [
-        f"prompt ids ({len(report.prompt_ids)}): {report.prompt_ids[:16]}{' ...' if len(report.prompt_ids) > 16 else ''}",
+        f"prompt ids ({len(report.prompt_ids)}): "
+        f"{report.prompt_ids[:16]}{' ...' if len(report.prompt_ids) > 16 else ''}",
         f"generated ({len(report.generated_ids)} tokens): {report.text!r}" if report.text
         else f"generated ids: {report.generated_ids}",
         f"device {report.device}, dtype {report.dtype}; load {report.load_seconds:.2f} s, prefill "

@@ -9,8 +9,8 @@ from pathlib import Path
 from neoxconv.config import NeoXConfig
 from neoxconv.dtypes import FROM_SAFETENSORS
 from neoxconv.errors import CheckpointError, VerificationError, few
-from neoxconv.output.folder import INDEX, JOURNAL, MANIFEST
 from neoxconv.merge import output_shapes
+from neoxconv.output.folder import INDEX, JOURNAL, MANIFEST
 from neoxconv.output.hashing import hash_file, recorded_hash
 from neoxconv.source.checkpoint import model_layers
 from neoxconv.source.safetensors import layout_problems, read_header
@@ -173,7 +173,8 @@ def check_output(out: Path, config: NeoXConfig, *, hashes: bool | None = None,
             if info.get("dtype") not in FROM_SAFETENSORS or FROM_SAFETENSORS[info["dtype"]] not in (
                     "float16", "bfloat16", "float32"):
                 problems.append(f"{file}: {name!r} has dtype {info.get('dtype')!r}")
-    phantom = sorted(f"{name!r:.80} (in {file})" for name, file in weight_map.items() if file in read and name not in seen)
+    phantom = sorted(f"{name!r:.80} (in {file})"
+                     for name, file in weight_map.items() if file in read and name not in seen)
     if phantom:
         problems.append(f"{INDEX}: places tensors in files that do not hold them: {few(phantom)}")
     missing = sorted(set(expected) - set(seen))

@@ -157,7 +157,8 @@ def remove_stale_temps(out: Path, is_ours: Callable[[str], bool] = is_output_nam
             remove_file(p)
 
 
-def remove_previous_output(out: Path, listed: Iterable[str], is_ours: Callable[[str], bool] = is_output_name) -> list[str]:
+def remove_previous_output(out: Path, listed: Iterable[str],
+                           is_ours: Callable[[str], bool] = is_output_name) -> list[str]:
     """--force over another neoxconv output: remove what its manifest lists AND neoxconv writes. Returns them."""
     removed = []
     for name in dict.fromkeys(map(str, listed)):

@@ -24,23 +24,23 @@ from typing import Any
 
 import numpy as np
 
-from neoxconv.source.checkpoint import Checkpoint
 from neoxconv.config import NeoXConfig
 from neoxconv.dtypes import count_nonfinite
 from neoxconv.errors import MergeError, UsageError
-from neoxconv.plan.fingerprint import config_digest, layer_fingerprint, source_identity
-from neoxconv.output.hashing import DEFAULT_HASH, check_algorithm
 from neoxconv.interrupt import InterruptGuard, deferred_sigint
 from neoxconv.merge import QkvLayout, Rule, check_replicas, merge_tensor
-from neoxconv.plan.plan import LayerPlan, PlanOptions, TensorPlan, plan_source
 from neoxconv.output.finite import report_nonfinite
 from neoxconv.output.folder import HF, INDEX, FileEntry, FolderSpec, OutputFolder, check_out_path, is_output_name
+from neoxconv.output.hashing import DEFAULT_HASH, check_algorithm
 from neoxconv.output.prefetch import prefetch
-from neoxconv.progress import format_bytes, progress_bar
-from neoxconv.source.storage import Reads, SourceReader
 from neoxconv.output.streaming import iter_merged_chunks, stream_tensor, streams_direct
-from neoxconv.source.tokenizer import checked_token_count, eos_token_id, tokenizer_config
 from neoxconv.output.writer import SafetensorsWriter, json_bytes
+from neoxconv.plan.fingerprint import config_digest, layer_fingerprint, source_identity
+from neoxconv.plan.plan import LayerPlan, PlanOptions, TensorPlan, plan_source
+from neoxconv.progress import format_bytes, progress_bar
+from neoxconv.source.checkpoint import Checkpoint
+from neoxconv.source.storage import Reads, SourceReader
+from neoxconv.source.tokenizer import checked_token_count, eos_token_id, tokenizer_config
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +99,8 @@ class MergeReport:
 
     def summary(self) -> str:
         """One line for people: what was written, how fast, in which dtype."""
-        rate = f", {format_bytes(self.bytes_written / self.seconds)}/s" if self.bytes_written and self.seconds > 0 else ""
+        rate = (f", {format_bytes(self.bytes_written / self.seconds)}/s" if self.bytes_written and self.seconds > 0
+                else "")
         dtype = self.dtype if isinstance(self.dtype, str) else "/".join(self.dtype)
         seconds = f"{self.seconds:.{2 if self.seconds < 10 else 1}f} s"
         return (f"merged TP={self.tp_degree} ({self.layout}) -> {self.out_dir}: {self.files_written} file(s) "
@@ -247,7 +248,8 @@ def _merge(src: Path, out: Path, options: MergeOptions, guard: InterruptGuard,
     source = source_identity(ckpt)
     recorded = options.recorded(row_bias, qkv)
     names = output_names(len(plans))
-    fingerprints = {name: {**layer_fingerprint(plan, ckpt.step_dir), "config": model} for name, plan in zip(names, plans)}
+    fingerprints = {name: {**layer_fingerprint(plan, ckpt.step_dir), "config": model} for name,
+                    plan in zip(names, plans)}
     small = _small_files(ckpt, config, config_dtype, names, plans)
     folder = held.enter_context(OutputFolder(out, FOLDER, source=source, options=recorded, hash_algo=options.hash,
                                              resume=options.resume, force=options.force))

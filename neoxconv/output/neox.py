@@ -40,7 +40,6 @@ from typing import Any
 
 import torch
 
-from neoxconv.source.checkpoint import SourceLayer, model_layers, pipeline_file_name, sequential_file_name
 from neoxconv.config import GELU_TANH, LLAMA, NeoXConfig, padded_vocab_size
 from neoxconv.errors import ConfigError
 from neoxconv.interrupt import InterruptGuard
@@ -49,6 +48,7 @@ from neoxconv.output.folder import NEOX, FileEntry, FolderSpec, OutputFolder, re
 from neoxconv.output.hashing import DEFAULT_HASH, hash_file
 from neoxconv.output.writer import TMP_SUFFIX, fsync_dir, output_error
 from neoxconv.progress import progress_bar
+from neoxconv.source.checkpoint import SourceLayer, model_layers, pipeline_file_name, sequential_file_name
 
 CONFIG_NAME = "neox.yml"
 TOKENIZER_NAME = "tokenizer.json"  # whatever the source's tokenizer file is called
@@ -178,7 +178,8 @@ def neox_yaml(target: NeoXTarget, divisible_by: int) -> str:
     lines += [
         '  "pos-emb": "rotary",',
         f'  "rotary_pct": {_yaml_float(c.rotary_pct)},',
-        f'  "rotary_emb_base": {int(c.rotary_emb_base) if float(c.rotary_emb_base).is_integer() else _yaml_float(c.rotary_emb_base)},',
+        f'  "rotary_emb_base": '
+        f'{int(c.rotary_emb_base) if float(c.rotary_emb_base).is_integer() else _yaml_float(c.rotary_emb_base)},',
         '  "rotary_save_freqs_buffer": false,  # as gpt-neox saves Llama-style models: no inv_freq' if llama else
         '  "rotary_save_freqs_buffer": true,  # the block files carry attention.rotary_emb.inv_freq',
         f'  "no-weight-tying": {b(not c.tie_word_embeddings)},',
@@ -341,7 +342,10 @@ def write_neox_checkpoint(
     T = target.tp_degree
     spec = FolderSpec(kind=NEOX, command=desc, is_ours=is_neox_output_name, noun="NeoX output",
                       folders=(target.step_name, "configs"), stale_folders=_step_folders)
-    rel = lambda name: f"{target.step_name}/{name}"
+
+    def rel(name: str) -> str:
+        return f"{target.step_name}/{name}"
+
     groups: list[_Group] = []
     if target.layout == "pipeline":
         for layer in target.layers:
@@ -358,7 +362,9 @@ def write_neox_checkpoint(
     if tokenizer is not None:
         small[TOKENIZER_NAME] = tokenizer.read_bytes()
     small["latest"] = target.step_name.encode()
-    allowed = lambda e: allow_nonfinite or not e.nonfinite
+
+    def allowed(e) -> bool:
+        return allow_nonfinite or not e.nonfinite
 
     with OutputFolder(out, spec, source=source, options=recorded, hash_algo=hash_algo, resume=resume,
                       force=force) as folder:

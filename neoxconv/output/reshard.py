@@ -18,19 +18,19 @@ from typing import Any
 import numpy as np
 import torch
 
-from neoxconv.source.checkpoint import SourceLayer
 from neoxconv.dtypes import TORCH_FLOAT_DTYPES, as_torch_dtype
 from neoxconv.errors import ConfigError, OutputError
-from neoxconv.plan.fingerprint import config_digest, layer_fingerprint, source_identity
 from neoxconv.interrupt import deferred_sigint
+from neoxconv.merge import Rule, check_replicas, merge_tensor, resolve_row_bias
 from neoxconv.output.folder import check_out_path
 from neoxconv.output.hashing import DEFAULT_HASH
-from neoxconv.merge import Rule, check_replicas, merge_tensor, resolve_row_bias
-from neoxconv.plan.plan import LayerPlan, PlanOptions, TensorPlan, part_key, plan_source
 from neoxconv.output.neox import NeoXTarget, Shard, WriteReport, check_target, write_neox_checkpoint
-from neoxconv.output.streaming import iter_merged_chunks
-from neoxconv.source.storage import Reads, SourceReader
 from neoxconv.output.split import planned_bytes, shard_layer, tokenizer_size
+from neoxconv.output.streaming import iter_merged_chunks
+from neoxconv.plan.fingerprint import config_digest, layer_fingerprint, source_identity
+from neoxconv.plan.plan import LayerPlan, PlanOptions, TensorPlan, part_key, plan_source
+from neoxconv.source.checkpoint import SourceLayer
+from neoxconv.source.storage import Reads, SourceReader
 
 _STEP = re.compile(r"^global_step(\d+)$")
 

@@ -40,12 +40,12 @@ from neoxconv.interrupt import deferred_sigint
 from neoxconv.merge import Rule, Split, expected_shape, join_split, key_table, resolve_row_bias, shape_of, split_tensor
 from neoxconv.output.folder import check_out_path
 from neoxconv.output.hashing import DEFAULT_HASH
+from neoxconv.output.neox import NeoXTarget, Shard, WriteReport, check_target, write_neox_checkpoint
 from neoxconv.plan.fingerprint import config_digest, file_fingerprint
 from neoxconv.plan.plan import FolderPlan, part_key, plan_hf_folder
 from neoxconv.source.checkpoint import SourceLayer, model_layers
 from neoxconv.source.hf_folder import HFModel
 from neoxconv.source.tokenizer import checked_token_count
-from neoxconv.output.neox import NeoXTarget, Shard, WriteReport, check_target, write_neox_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +154,8 @@ def check_dropped_tensors(hf: HFModel, planned: FolderPlan) -> None:
     for name in planned.tied_readouts:
         if not hf.same_values(planned.embedding, name):
             raise CheckpointError(
-                f"{where}: tie_word_embeddings is true, but {name!r} differs from {planned.embedding!r} (transformers 5 "
+                f"{where}: tie_word_embeddings is true, but {name!r} differs from {planned.embedding!r} "
+                f"(transformers 5 "
                 f"then uses {name!r} untied, transformers 4 ties it to {planned.embedding!r}); set tie_word_embeddings "
                 f"to false in config.json to keep {name!r} as the readout, or remove it from the folder to tie them")
 

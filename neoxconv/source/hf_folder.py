@@ -75,7 +75,8 @@ class HFModel:
                     raise CheckpointError(f"{f}: holds {name!r}, which {tensors[name].file.name} holds too")
                 dtype = FROM_SAFETENSORS.get(str(info.get("dtype")))
                 if dtype is None:
-                    raise CheckpointError(f"{f}: {name!r} has dtype {info.get('dtype')!r}, which neoxconv does not read")
+                    raise CheckpointError(f"{f}: {name!r} has dtype {info.get('dtype')!r}, "
+                                          "which neoxconv does not read")
                 tensors[name] = HFTensor(f, dtype, tuple(int(s) for s in info.get("shape", [])))
         return tensors
 
@@ -106,7 +107,8 @@ class HFModel:
                     for key, name in items:
                         out[key] = f.get_tensor(name).to(dtype, copy=True)  # our copy: the file may change later
             except (OSError, SafetensorError) as e:
-                raise CheckpointError(f"{file}: cannot read the tensors of {', '.join(n for _, n in items)}: {e}") from None
+                names = ", ".join(n for _, n in items)
+                raise CheckpointError(f"{file}: cannot read the tensors of {names}: {e}") from None
             check_unchanged(file, self.states[file])  # what we hold is what the checked header describes
         return out
 

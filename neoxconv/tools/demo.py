@@ -55,8 +55,8 @@ def run_demo(*, workdir: Path | None = None, tp_degree: int = 2, tokenizer: Path
 def _demo(work: Path, tp_degree: int, tokenizer: Path | None, echo: Callable[[str], None]) -> None:
     from safetensors import safe_open
 
-    from neoxconv.output.hf_merge import MergeOptions, merge_checkpoint
     from neoxconv.output.describe import inspect_checkpoint
+    from neoxconv.output.hf_merge import MergeOptions, merge_checkpoint
     from neoxconv.tools.synthetic import SyntheticSpec, tiny_config, write_checkpoint
 
     tok = find_demo_tokenizer(tokenizer)

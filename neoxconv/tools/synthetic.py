@@ -15,11 +15,10 @@ from pathlib import Path
 
 import torch
 
-from neoxconv.source.checkpoint import LayerKind, SourceLayer, model_layers, pipeline_file_name, sequential_file_name
 from neoxconv.config import GELU_TANH, NeoXConfig
 from neoxconv.dtypes import as_torch_dtype
 from neoxconv.merge import RULES, Rule, hf_name
-
+from neoxconv.source.checkpoint import LayerKind, SourceLayer, model_layers, pipeline_file_name, sequential_file_name
 
 
 @dataclass(frozen=True)
@@ -227,8 +226,8 @@ def _check_resources(out: Path, spec: SyntheticSpec) -> None:
     sequential layout, whose rank files are written at the end), in the available memory (UsageError, exit 2)."""
     from neoxconv.errors import OutputError, UsageError
     from neoxconv.output.describe import free_bytes
-    from neoxconv.runtime.placement import meminfo
     from neoxconv.progress import format_bytes
+    from neoxconv.runtime.placement import meminfo
 
     config = spec.config
     itemsize = 4 if spec.dtype == "float32" else 2
