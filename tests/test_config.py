@@ -1,9 +1,16 @@
+from __future__ import annotations
+
 import json
+import shutil
+import time
+from pathlib import Path
 
 import pytest
 
 from neoxconv.config import GELU_EXACT, GELU_TANH, GPT_NEOX_20B, NeoXConfig, padded_vocab_size
 from neoxconv.errors import ConfigError
+
+from conftest import COMMITTED_FIXTURE, VERIFY, cli, merge_fails, one_line_error, split_tp2
 
 # Same shape of file as the released configs/20B.yml: braces, comments, hyphen and underscore keys,
 # bare True, trailing commas, oddly indented closing braces.
@@ -105,3 +112,141 @@ def test_hf_config_round_trip_and_transformers_reads_it(tmp_path):
     theta = rope.get("rope_theta", getattr(hc, "rotary_emb_base", None))
     pct = rope.get("partial_rotary_factor", getattr(hc, "rotary_pct", None))
     assert (theta, pct) == (10000.0, 0.25)
+
+
+@pytest.mark.parametrize("line", ['"num-layers": 1.5,', '"intermediate_size": 256.7,', '"num-attention-heads": true,',
+                                  '"seq-length": 100.5, "max-position-embeddings": null,'])
+def test_a_non_whole_number_in_the_neox_yaml_is_a_config_error(tmp_path, line):
+    # Before: int() truncated them silently (1.5 layers merged as 1, and the rest of the files ignored).
+    src = tmp_path / "src"
+    shutil.copytree(COMMITTED_FIXTURE, src)
+    yml = next((src / "configs").glob("*.yml"))
+    text = yml.read_text()
+    end = text.rindex("}")
+    yml.write_text(text[:end] + "  " + line + "\n" + text[end:])  # after the key it overrides (last wins)
+    for cmd in (("inspect", src), ("merge", "-q", src, tmp_path / "out")):
+        one_line_error(cli(*cmd), 3, yml.name, "whole number", line.split('"')[1].replace("_", "-"))
+
+
+def test_missing_config_asks_for_one(src_copy, tmp_path):
+    shutil.rmtree(src_copy / "configs")
+    merge_fails(src_copy, tmp_path / "out", ConfigError, "--config")
+
+
+@pytest.mark.parametrize("model_type", ["gpt_neox", "llama"])
+@pytest.mark.parametrize("key, value", [("num_hidden_layers", 1.5), ("hidden_size", 256.7),
+                                        ("num_attention_heads", True), ("vocab_size", 100.5)])
+def test_a_non_whole_number_in_a_hugging_face_config_is_a_config_error(tmp_path, merged_fixture, model_type, key,
+                                                                       value):
+    # Before: from_hf_dict truncated them with int() (1.5 layers -> 1, true heads -> 1); the NeoX YAML refused.
+    cfg = json.loads((merged_fixture / "config.json").read_text())
+    if model_type == "llama":
+        cfg = {**cfg, "model_type": "llama", "hidden_act": "silu"}
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({**cfg, key: value}))
+    r = cli("merge", "-q", "--config", path, COMMITTED_FIXTURE, tmp_path / "out")
+    one_line_error(r, 3, path.name, key, "whole number", repr(value))
+    assert not (tmp_path / "out" / "neoxconv.json").exists()
+
+
+# ----- resource bounds -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("num_layers, code", [(9000, None), (1_000_000, 3), (100_000_000, 3)])
+def test_a_config_with_absurd_num_layers_is_fast_and_its_errors_short(src_copy, num_layers, code):
+    yml = src_copy / "configs" / "model.yml"
+    yml.write_text(yml.read_text().replace('"num-layers": 2,', f'"num-layers": {num_layers},'))
+    t0 = time.perf_counter()
+    inspect = cli("inspect", src_copy, "--json")
+    merge = cli("merge", src_copy, src_copy.parent / "out")
+    assert time.perf_counter() - t0 < 10
+    if code is None:  # plausible but wrong: inspect lists a few missing files and a count; merge names a few
+        info = json.loads(inspect.stdout)
+        assert info["files_missing_count"] == 2 * (num_layers + 3) - 10  # expected files minus the 10 there
+        assert len(info["files_missing"]) <= 20
+        one_line_error(inspect, 4, f"{info['files_missing_count']} rank file(s) missing", "more")
+        line = one_line_error(merge, 4, "missing layer_04-model_00-model_states.pt", "more")
+    else:
+        one_line_error(inspect, 3, "num_layers", "implausible")
+        line = one_line_error(merge, 3, "num_layers", "implausible")
+    assert len(line) < 1000
+
+
+@pytest.mark.parametrize("change, words", [
+    ({"num_attention_heads": 0}, ["num_heads must be positive"]),
+    ({"layer_norm_eps": float("nan")}, ["layernorm_eps must be positive (and finite)", "nan"]),
+    ({"layer_norm_eps": -1e-5}, ["layernorm_eps"]),
+    ({"rotary_emb_base": float("inf")}, ["rotary_emb_base", "inf"]),
+    ({"rotary_pct": float("nan")}, ["rotary_pct"]),
+    ({"hidden_size": -32}, ["hidden_size must be positive"]),
+    ({"max_position_embeddings": float("inf")}, ["bad value"]),
+    ({"rope_scaling": "linear", "rotary_pct": None}, ["bad value"]),
+])
+def test_bad_config_values_are_config_errors(tmp_path, merged_fixture, change, words):
+    config = json.loads((merged_fixture / "config.json").read_text())
+    config.update(change)
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config))  # Python writes NaN / Infinity, as a careless tool would
+    one_line_error(cli("merge", COMMITTED_FIXTURE, tmp_path / "out", "--config", path), 3, path, *words)
+    out = tmp_path / "copy"  # the same config.json inside a merged folder: verify says exit 3 too
+    shutil.copytree(merged_fixture, out)
+    shutil.copy(path, out / "config.json")
+    one_line_error(cli("verify", out, *VERIFY), 3, "config.json", *words)
+
+
+def test_nan_in_a_neox_yaml_is_a_config_error(src_copy):
+    yml = src_copy / "configs" / "model.yml"
+    yml.write_text(yml.read_text().replace('"layernorm-epsilon": 1e-05,', '"layernorm-epsilon": .nan,'))
+    one_line_error(cli("merge", src_copy, src_copy.parent / "out"), 3, "model.yml", "layernorm_eps")
+
+
+@pytest.mark.parametrize("change, words", [
+    ({"layer_norm_eps": float("nan")}, ["layernorm_eps must be positive (and finite)", "nan"]),
+    ({"layer_norm_eps": -1e-5}, ["layernorm_eps"]),
+    ({"rope_parameters": {"rope_type": "default", "rope_theta": float("inf"), "partial_rotary_factor": 0.25}},
+     ["rotary_emb_base", "inf"]),
+    ({"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": float("nan")}},
+     ["rotary_pct"]),
+    ({"hidden_size": -64}, ["hidden_size must be positive"]),
+    ({"max_position_embeddings": float("inf")}, ["bad value"]),
+    ({"num_attention_heads": 0}, ["num_heads must be positive"]),
+])
+def test_bad_hf_config_values_are_config_errors(hf_sharded, tmp_path, change, words):
+    src = Path(shutil.copytree(hf_sharded, tmp_path / "hf"))
+    config = json.loads((src / "config.json").read_text())
+    config.update(change)
+    (src / "config.json").write_text(json.dumps(config))  # Python writes NaN / Infinity, as a careless tool would
+    one_line_error(cli("split", src, tmp_path / "out", "--tp", "2"), 3, src / "config.json", *words)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"rope_scaling": {"type": "linear", "factor": 4.0}}, "uses RoPE scaling (rope_scaling: 'linear')"),
+    ({"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}, "uses RoPE scaling (rope_scaling: 'dynamic')"),
+    ({"rope_parameters": {"rope_type": "default", "rope_theta": 500000.0}}, "rotary base as rotary_emb_base"),
+    ({"rope_theta": 1000.0}, "rotary base as rotary_emb_base"),
+    ({"rope_parameters": {"rope_type": "default", "partial_rotary_factor": 1.0}}, "rotary share as rotary_pct"),
+])
+def test_rope_settings_neoxconv_would_ignore_are_refused(merged_fp32, tmp_path, change, message):
+    """GPT-NeoX config.json with RoPE scaling (transformers' GPTNeoX implements it; neoxconv's layers and gpt-neox
+    checkpoints do not), or two spellings of one RoPE setting that disagree (transformers 4 reads the legacy
+    key, 5 rope_parameters): verify and split refuse it (exit 3) instead of silently using one reading."""
+    _, out = merged_fp32
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    cfg = json.loads((copy / "config.json").read_text())
+    (copy / "config.json").write_text(json.dumps({**cfg, **change}))
+    for result in (cli("verify", copy, "--ids", "1,2", "--device", "cpu", "--no-check-hashes"),
+                   split_tp2(copy, tmp_path / "neox")):
+        assert result.exit_code == 3, result.output
+        assert message in result.output
+
+
+def test_llama_rope_theta_spellings_that_disagree_are_refused():
+    from neoxconv.config import RMSNORM, SWIGLU, NeoXConfig
+    from neoxconv.errors import ConfigError
+
+    llama = NeoXConfig(num_layers=1, hidden_size=64, num_heads=4, num_kv_heads=2, vocab_size=128, norm=RMSNORM,
+                       activation=SWIGLU, rotary_pct=1.0, parallel_residual=False, rotary_emb_base=1e6,
+                       layernorm_eps=1e-8, intermediate_size=96).to_hf_dict()
+    assert llama["model_type"] == "llama" and NeoXConfig.from_hf_dict(llama).rotary_emb_base == 1e6
+    with pytest.raises(ConfigError, match="rope_parameters.rope_theta = 1e\\+06, rope_theta = 500000"):
+        NeoXConfig.from_hf_dict({**llama, "rope_theta": 5e5})

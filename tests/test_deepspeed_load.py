@@ -27,7 +27,7 @@ from deepspeed.runtime.state_dict_factory import SDLoaderFactory  # noqa: E402
 
 from neoxconv.output.split import SplitOptions, split_model  # noqa: E402
 
-from test_split import _hf_tensors, _make_hf  # noqa: E402
+from conftest import hf_tensors, make_hf_folder  # noqa: E402
 
 H, HEADS, F, V, L = 64, 8, 256, 512, 2
 
@@ -87,7 +87,7 @@ def _stages(tp: int) -> list:
 
 @pytest.fixture(scope="module")
 def hf(tmp_path_factory):
-    return _make_hf(tmp_path_factory.mktemp("hf"), dtype=torch.float16, intermediate_size=F)
+    return make_hf_folder(tmp_path_factory.mktemp("hf"), dtype=torch.float16, intermediate_size=F)
 
 
 @pytest.mark.parametrize("tp", [2, 4])
@@ -95,7 +95,7 @@ def test_pipeline_module_load_state_dir_reads_every_rank(hf, tmp_path, tp):
     split_model(hf, tmp_path / "neox", SplitOptions(tp=tp, step=3, quiet=True))
     step = tmp_path / "neox" / (tmp_path / "neox" / "latest").read_text()
     engine = TorchCheckpointEngine()
-    sd = _hf_tensors(hf)
+    sd = hf_tensors(hf)
     for rank in range(tp):
         module = PipelineModule.__new__(PipelineModule)  # no process group: set what load_state_dir uses
         nn.Module.__init__(module)
@@ -124,7 +124,7 @@ def test_engine_load_module_state_dict_reads_the_sequential_layout(hf, tmp_path,
     step = tmp_path / "neox" / "global_step0"
     mp_files = sorted(str(p) for p in step.glob("mp_rank_*_model_states.pt"))
     engine = TorchCheckpointEngine()
-    sd = _hf_tensors(hf)
+    sd = hf_tensors(hf)
     for rank in range(tp):
         _, checkpoint, _ = SDLoaderFactory.get_sd_loader(mp_files, checkpoint_engine=engine).load(tp, rank)
         stages = _stages(tp)

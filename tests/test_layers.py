@@ -3,11 +3,12 @@
 import pytest
 import torch
 
-from hf_reference import hf_model
+from neoxconv.layers import NeoXForCausalLM, RotaryTables, apply_partial_rotary
 from neoxconv.model.generation import Sampling, full_forward_logits, generate
 from neoxconv.model.kv_cache import KVCache
-from neoxconv.layers import NeoXForCausalLM, RotaryTables, apply_partial_rotary
 from neoxconv.tools.synthetic import random_state_dict, tiny_config
+
+from hf_reference import hf_model
 
 transformers = pytest.importorskip("transformers")
 from transformers.models.gpt_neox import modeling_gpt_neox as hf_neox  # noqa: E402

@@ -8,24 +8,27 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 
 import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
 
-from llama_checkpoints import LlamaSpec, write_llama_checkpoint
 from neoxconv import config as config_mod
-from neoxconv.output import hf_merge as convert
 from neoxconv import merge as merge_mod
-from neoxconv.plan import plan as plan_mod
 from neoxconv.cli import main
 from neoxconv.config import NeoXConfig, gated_intermediate_size, llama_mlp_intermediate_size
-from neoxconv.output.hf_merge import MergeOptions, merge_checkpoint
 from neoxconv.errors import ConfigError, MergeError
 from neoxconv.merge import QkvLayout, Rule, Split, merge_split, split_segments
+from neoxconv.output import hf_merge as convert
+from neoxconv.output.hf_merge import MergeOptions, merge_checkpoint
+from neoxconv.plan import plan as plan_mod
 from neoxconv.source.checkpoint import LayerKind
 from neoxconv.verify import VerifyOptions, verify_model
+
+from conftest import cli, one_line_error
+from llama_checkpoints import LlamaSpec, write_llama_checkpoint
 
 transformers = pytest.importorskip("transformers")
 
@@ -381,9 +384,9 @@ def test_llama_config_json_round_trip_and_both_rope_keys():
 
 # ----- the Llama layers themselves -----------------------------------------------------------------------
 def test_grouped_attention_equals_repeated_kv_heads_and_the_cache_holds_only_kv_heads():
+    from neoxconv.layers import LlamaForCausalLM, causal_attention
     from neoxconv.model.generation import full_forward_logits, generate
     from neoxconv.model.kv_cache import KVCache
-    from neoxconv.layers import LlamaForCausalLM, causal_attention
 
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, h, 5, 4, generator=g) for h in (6, 2, 2))
@@ -421,7 +424,8 @@ def test_rms_norm_is_gpt_neox_s():
 def test_an_intermediate_size_that_disagrees_with_the_shards_names_the_settings(build, tmp_path):
     root, _ = build(GQA_TP2)
     bad = tmp_path / "bad.yml"
-    bad.write_text((root / "configs" / "model.yml").read_text().replace('"mlp_multiple_of": 32', '"mlp_multiple_of": 256'))
+    bad.write_text((root / "configs" / "model.yml").read_text().replace('"mlp_multiple_of": 32',
+                                                                        '"mlp_multiple_of": 256'))
     with pytest.raises(MergeError, match="mlp.linear1.weight.*config expects \\[256, 64\\].*mlp_multiple_of"):
         merge_checkpoint(root, tmp_path / "out", MergeOptions(quiet=True, config_path=bad))
 
@@ -430,9 +434,9 @@ def test_an_intermediate_size_that_disagrees_with_the_shards_names_the_settings(
                          ids=["gqa-blocks", "mha", "gqa-interleaved"])
 def test_join_split_builds_the_ranks_gpt_neox_s_model_code_expects(spec):
     """The inverse of the merge splits (for split/reshard) equals the generator written from gpt-neox's code."""
-    from llama_checkpoints import hf_llama, neox_shards
-
     from neoxconv.merge import join_split
+
+    from llama_checkpoints import hf_llama, neox_shards
 
     model = hf_llama(spec)
     sd = {k: v.float().numpy() for k, v in model.state_dict().items()}
@@ -479,9 +483,9 @@ def test_split_of_a_llama_folder_is_gpt_neox_s_layout_and_merges_back_bit_for_bi
     (today's layout), and merge(split) == the HF folder bit for bit."""
     import dataclasses
 
-    from llama_checkpoints import neox_shards
-
     from neoxconv.output.split import SplitOptions, split_model
+
+    from llama_checkpoints import neox_shards
 
     root, hf, out = _merged(build, tmp_path, spec)
     split_model(out, tmp_path / "neox", SplitOptions(tp=tp, layout=layout, quiet=True))
@@ -521,7 +525,6 @@ def test_reshard_of_a_llama_checkpoint_merges_like_the_source(spec, tp, build, t
     assert set(a) == set(b) and all(torch.equal(a[n], b[n]) for n in a)
 
 
-
 def test_int8_with_a_cap_on_a_llama_model(build, tmp_path):
     pytest.importorskip("bitsandbytes")
     _, _, out = _merged(build, tmp_path, GQA_TP2)
@@ -541,3 +544,21 @@ def test_reshard_cli_of_a_2024_interleaved_linear1_checkpoint_with_the_option(bu
     assert result.exit_code == 0, result.output
     merge_checkpoint(tmp_path / "re", tmp_path / "back", MergeOptions(quiet=True, qkv_layout="interleaved"))
     assert _rel(_hf_logits(_load(tmp_path / "back")), _hf_logits(hf)) <= 1e-5
+
+
+def test_llama_blocks_of_different_key_generations_are_refused(tmp_path):
+    # The QKV layout of a GQA Llama-style checkpoint is decided from the first block's MLP key generation
+    # (w1/w2/w3 -> interleaved rows). Before: a later block spelled linear1/linear2 (blocked rows, copied from
+    # a newer run) was merged with the first block's layout: exit 0 and a silently wrong model.
+    from llama_checkpoints import LlamaSpec, write_llama_checkpoint
+
+    old = LlamaSpec(tp=2, heads=8, kv_heads=2, layers=2, qkv="interleaved", mlp_keys="w1w2w3")
+    new = LlamaSpec(tp=2, heads=8, kv_heads=2, layers=2, qkv="blocked", mlp_keys="linear1")
+    write_llama_checkpoint(tmp_path / "old", old)
+    write_llama_checkpoint(tmp_path / "new", new)
+    for r in range(2):
+        name = f"layer_03-model_{r:02d}-model_states.pt"
+        shutil.copyfile(tmp_path / "new" / "global_step10" / name, tmp_path / "old" / "global_step10" / name)
+    for cmd in (("merge", "-q", tmp_path / "old", tmp_path / "out"), ("inspect", tmp_path / "old")):
+        one_line_error(cli(*cmd), 4, "layer_03", "w1/w2/w3", "linear1/linear2")
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").glob("*.safetensors"))

@@ -3,24 +3,46 @@ resume never keeps a stale or forbidden output, and split/reshard are as strict 
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
+import math
 import os
 import shutil
-import zipfile
-import zlib
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from conftest import COMMITTED_FIXTURE, cli, one_line_error
-from test_split import _make_hf
+from click.testing import CliRunner
 
-STEP = "global_step150000"  # the step folder of make_checkpoint's synthetic checkpoints
+from neoxconv.check.integrity import check_output
+from neoxconv.cli import main
+from neoxconv.config import load_out_config
+from neoxconv.errors import OutputError, VerificationError
+from neoxconv.output import writer
+from neoxconv.output.hashing import hash_file
+from neoxconv.output.hf_merge import MergeOptions, merge_checkpoint
 
+from conftest import (
+    COMMITTED_FIXTURE,
+    NEOX_MANIFEST,
+    REPO,
+    STEP,
+    VERIFY,
+    assert_manifest_proves,
+    cli,
+    folder_bytes,
+    model_files,
+    one_line_error,
+    poison_pt,
+    subprocess_env,
+    tree_bytes,
+)
 
-def _tree(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+transformers = pytest.importorskip("transformers")
 
 
 @pytest.fixture()
@@ -29,11 +51,6 @@ def victim(tmp_path):
     p = tmp_path / "precious.txt"
     p.write_text("precious")
     return p
-
-
-@pytest.fixture(scope="module")
-def hf(tmp_path_factory):
-    return _make_hf(tmp_path_factory.mktemp("hf"), seed=4)
 
 
 # ----- never write outside OUT ----------------------------------------------------------------------------
@@ -48,7 +65,7 @@ def test_merge_never_writes_through_a_symlink_planted_as_its_temporary(tmp_path,
     assert not any(p.is_symlink() for p in out.iterdir())
     fresh = tmp_path / "fresh"
     assert cli("merge", COMMITTED_FIXTURE, fresh, "-q").exit_code == 0
-    assert _tree(out) == _tree(fresh)
+    assert tree_bytes(out) == tree_bytes(fresh)
 
 
 def test_merge_force_never_writes_through_a_weight_files_temporary(tmp_path, victim):
@@ -74,16 +91,16 @@ def test_a_dangling_symlink_planted_as_a_temporary_creates_nothing_outside(tmp_p
 
 @pytest.mark.parametrize("temp", [".latest.neoxconv-tmp", "configs/.neox.yml.neoxconv-tmp",
                                   ".tokenizer.json.neoxconv-tmp", ".neoxconv.json.neoxconv-tmp"])
-def test_split_never_writes_through_a_symlink_planted_as_its_temporary(hf, tmp_path, victim, temp):
+def test_split_never_writes_through_a_symlink_planted_as_its_temporary(hf_single, tmp_path, victim, temp):
     out = tmp_path / "out"
     (out / temp).parent.mkdir(parents=True)
     (out / temp).symlink_to(victim)
-    assert cli("split", hf, out, "--tp", "2", "--force", "-q").exit_code == 0
+    assert cli("split", hf_single, out, "--tp", "2", "--force", "-q").exit_code == 0
     assert victim.read_text() == "precious"
     assert not (out / "latest").is_symlink() and (out / "latest").read_text() == "global_step0"
 
 
-def test_split_force_never_writes_through_a_symlinked_staging_folder(hf, tmp_path):
+def test_split_force_never_writes_through_a_symlinked_staging_folder(hf_single, tmp_path):
     """The previous version wrote every .pt into global_step0/.staging.neoxconv-tmp/ and renamed it: a link
     there sent the user's file into OUT. Now a file is written only in a fresh private folder."""
     user = tmp_path / "user"
@@ -92,7 +109,7 @@ def test_split_force_never_writes_through_a_symlinked_staging_folder(hf, tmp_pat
     out = tmp_path / "out"
     (out / "global_step0").mkdir(parents=True)
     (out / "global_step0" / ".staging.neoxconv-tmp").symlink_to(user)
-    assert cli("split", hf, out, "--tp", "2", "--force", "-q").exit_code == 0
+    assert cli("split", hf_single, out, "--tp", "2", "--force", "-q").exit_code == 0
     assert (user / "layer_02-model_00-model_states.pt").read_text() == "the user's file"
     assert (out / "global_step0" / ".staging.neoxconv-tmp").is_symlink()  # not ours: left alone
     assert torch.load(out / "global_step0" / "layer_02-model_00-model_states.pt", weights_only=True)
@@ -100,18 +117,18 @@ def test_split_force_never_writes_through_a_symlinked_staging_folder(hf, tmp_pat
     private = out / "global_step0" / ".neoxconv-pt-abc.neoxconv-tmp"
     private.mkdir()
     (private / "layer_02-model_00-model_states.pt").write_text("half")
-    assert cli("split", hf, out, "--tp", "2", "-q").exit_code == 0
+    assert cli("split", hf_single, out, "--tp", "2", "-q").exit_code == 0
     assert not private.exists()
 
 
 @pytest.mark.parametrize("where", ["global_step0", "configs"])
-def test_a_symlinked_folder_under_out_is_refused_not_followed(hf, tmp_path, where):
+def test_a_symlinked_folder_under_out_is_refused_not_followed(hf_single, tmp_path, where):
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     out = tmp_path / "out"
     out.mkdir()
     (out / where).symlink_to(elsewhere)
-    one_line_error(cli("split", hf, out, "--tp", "2", "--force"), 6, where, "symlink")
+    one_line_error(cli("split", hf_single, out, "--tp", "2", "--force"), 6, where, "symlink")
     assert list(elsewhere.iterdir()) == []
 
 
@@ -128,220 +145,491 @@ def test_demo_refuses_a_non_empty_workdir(tmp_path):
     (work / "checkpoint").mkdir(parents=True)
     (work / "merged").mkdir()
     (work / "checkpoint" / "notes.txt").write_text("mine")
-    before = _tree(work)
+    before = tree_bytes(work)
     one_line_error(cli("demo", "--workdir", work), 6, str(work), "not empty")
-    assert _tree(work) == before
+    assert tree_bytes(work) == before
     (tmp_path / "file").write_text("x")
     assert cli("demo", "--workdir", tmp_path / "file").exit_code != 0
     assert (tmp_path / "file").read_text() == "x"
 
 
-# ----- resume never keeps a stale or forbidden output -----------------------------------------------------
-def _poison(path: Path, key: str, value: float) -> None:
-    d = torch.load(path, weights_only=True)
-    d[key].view(-1)[3] = value
-    torch.save(d, path)
-
-
-def test_merge_resume_without_allow_nonfinite_redoes_the_nan_layer_and_fails(make_checkpoint, tmp_path):
-    src = Path(shutil.copytree(make_checkpoint(2)[0], tmp_path / "src"))
-    _poison(src / STEP / "layer_03-model_00-model_states.pt", "attention.query_key_value.weight", float("nan"))
-    out = tmp_path / "out"
-    first = cli("merge", src, out, "--allow-nonfinite", "--json")
-    assert first.exit_code == 0 and any("non-finite" in w for w in json.loads(first.stdout)["warnings"])
-    again = cli("merge", src, out, "--allow-nonfinite", "--json")  # allowed again: kept, warning kept
-    assert json.loads(again.stdout)["files_written"] == 0
-    assert any("non-finite" in w for w in json.loads((out / "neoxconv.json").read_text())["warnings"])
-    one_line_error(cli("merge", src, out), 5, "non-finite", "--allow-nonfinite")  # as a fresh merge
-    one_line_error(cli("merge", src, tmp_path / "fresh"), 5, "non-finite", "--allow-nonfinite")
-
-
-def test_merge_resume_with_a_lower_replica_tolerance_redoes_the_layer_and_fails(make_checkpoint, tmp_path):
-    src = Path(shutil.copytree(make_checkpoint(2)[0], tmp_path / "src"))
-    path = src / STEP / "layer_05-model_01-model_states.pt"
-    d = torch.load(path, weights_only=True)
-    d["norm.weight"].add_(0.5)
-    torch.save(d, path)
-    out = tmp_path / "out"
-    assert cli("merge", src, out, "--replica-tolerance", "1", "-q").exit_code == 0
-    result = cli("merge", src, out, "--replica-tolerance", "0.6", "--json")  # still within: kept
-    assert result.exit_code == 0 and json.loads(result.stdout)["files_written"] == 0
-    one_line_error(cli("merge", src, out), 5, "norm.weight", "--replica-tolerance")
-
-
-def test_merge_resume_after_the_config_changed_redoes_every_layer(tmp_path):
-    out = tmp_path / "out"
-    assert cli("merge", COMMITTED_FIXTURE, out, "-q").exit_code == 0
-    yml = next((COMMITTED_FIXTURE / "configs").glob("*.yml"))
-    fixed = tmp_path / "fixed.yml"  # a setting fixed after the first merge (for a Llama-style model a head
-    text = yml.read_text()  # count changes how QKV rows are merged): every layer is redone
-    assert '"layernorm-epsilon": 1e-05' in text
-    fixed.write_text(text.replace('"layernorm-epsilon": 1e-05', '"layernorm-epsilon": 1e-06'))
-    result = cli("merge", COMMITTED_FIXTURE, out, "--config", fixed, "--json")
-    assert result.exit_code == 0, result.output
-    assert json.loads(result.stdout)["files_written"] == 5
-    assert json.loads((out / "config.json").read_text())["layer_norm_eps"] == 1e-06
-    again = cli("merge", COMMITTED_FIXTURE, out, "--config", fixed, "--json")
-    assert json.loads(again.stdout)["files_written"] == 0
-
-
-def _force_crc32(data: bytearray, offset: int, target: int) -> None:
-    """Change data[offset:offset+4] so that zlib.crc32(data) == target (GF(2) arithmetic, as forcecrc32)."""
-    poly = 0x104C11DB7
-
-    def rev(x: int) -> int:
-        return int(f"{x:032b}"[::-1], 2)
-
-    def mul(x: int, y: int) -> int:
-        z = 0
-        while y:
-            z ^= x * (y & 1)
-            y >>= 1
-            x <<= 1
-            if x >> 32 & 1:
-                x ^= poly
-        return z
-
-    def power(x: int, y: int) -> int:
-        z = 1
-        while y:
-            if y & 1:
-                z = mul(z, x)
-            x = mul(x, x)
-            y >>= 1
-        return z
-
-    def divmod2(x: int, y: int) -> tuple[int, int]:
-        q, deg = 0, y.bit_length() - 1
-        for i in range(x.bit_length() - 1 - deg, -1, -1):
-            if x >> (i + deg) & 1:
-                x ^= y << i
-                q |= 1 << i
-        return q, x
-
-    def inverse(y: int) -> int:
-        x, a, b = poly, 0, 1
-        while y:
-            q, r = divmod2(x, y)
-            x, y, a, b = y, r, b, a ^ mul(q, b)
-        return a
-
-    delta = rev(zlib.crc32(bytes(data))) ^ rev(target)
-    delta = rev(mul(inverse(power(2, (len(data) - offset) * 8)), delta))
-    for i in range(4):
-        data[offset + i] ^= delta >> (8 * i) & 0xFF
-
-
-def _collide(path: Path) -> None:
-    """Change a storage's bytes in place keeping its CRC-32, size and mtime: only the ctime tells."""
-    st = path.stat()
-    with zipfile.ZipFile(path) as zf:
-        info = max((i for i in zf.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)  # a weight
-    with open(path, "r+b") as f:
-        f.seek(info.header_offset + 26)
-        name_len, extra_len = int.from_bytes(f.read(2), "little"), int.from_bytes(f.read(2), "little")
-        start = info.header_offset + 30 + name_len + extra_len
-        f.seek(start)
-        data = bytearray(f.read(info.file_size))
-        original = bytes(data)
-        for i in range(9, 24, 2):
-            data[i] ^= 0x80  # negates 8 fp16 values
-        for offset in range(32, 256, 4):  # 4 bytes forced to restore the CRC: two fp16 values that stay finite
-            forged = bytearray(data)
-            _force_crc32(forged, offset, info.CRC)
-            if np.isfinite(np.frombuffer(bytes(forged[offset:offset + 4]), np.float16)).all():
-                break
-        data = forged
-        assert zlib.crc32(bytes(data)) == info.CRC and bytes(data) != original
-        f.seek(start)
-        f.write(data)
-    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
-    assert path.stat().st_size == st.st_size and path.stat().st_mtime_ns == st.st_mtime_ns
-
-
-@pytest.mark.parametrize("command", ["merge", "reshard"])
-def test_resume_after_a_crc32_collision_with_the_mtime_restored_redoes_the_layer(make_checkpoint, tmp_path, command):
-    src = Path(shutil.copytree(make_checkpoint(2)[0], tmp_path / "src"))
-    args = ["--tp", "1"] if command == "reshard" else []
-    out = tmp_path / "out"
-    assert cli(command, src, out, *args, "-q").exit_code == 0
-    _collide(src / STEP / "layer_03-model_01-model_states.pt")
-    result = cli(command, src, out, *args, "--json")
-    assert result.exit_code == 0, result.output
-    assert json.loads(result.stdout)["files_written"] >= 1
-    fresh = tmp_path / "fresh"
-    assert cli(command, src, fresh, *args, "-q").exit_code == 0
-    assert {k: v for k, v in _tree(out).items() if k != "neoxconv.json"} == \
-        {k: v for k, v in _tree(fresh).items() if k != "neoxconv.json"}
-
-
-def test_split_resume_redoes_a_file_of_a_config_changed_in_place(hf, tmp_path):
-    src = Path(shutil.copytree(hf, tmp_path / "hf"))
-    out = tmp_path / "out"
-    assert cli("split", src, out, "--tp", "2", "-q").exit_code == 0
-    cfg = json.loads((src / "config.json").read_text())
-    cfg["layer_norm_eps"] = 1e-3  # what the model computes, not any weight
-    (src / "config.json").write_text(json.dumps(cfg))
-    result = cli("split", src, out, "--tp", "2", "--json")
-    assert result.exit_code == 0 and json.loads(result.stdout)["files_written"] == 10
-    assert "1.0e-03" in (out / "configs" / "neox.yml").read_text() or "0.001" in (out / "configs" / "neox.yml").read_text()
-
-
-# ----- split / reshard as strict as merge on values ---------------------------------------------------------
-def test_split_fp16_overflow_fails_unless_allowed_and_a_resume_does_not_keep_it(tmp_path):
-    src = _make_hf(tmp_path / "hf", dtype=torch.float32, seed=6)
-    from safetensors.torch import load_file, save_file
-
-    f = next(src.glob("*.safetensors"))
-    tensors = load_file(str(f))
-    tensors["gpt_neox.layers.1.mlp.dense_4h_to_h.weight"][0, 0] = 1e6  # no fp16 holds it
-    save_file(tensors, str(f), metadata={"format": "pt"})
-    out = tmp_path / "out"
-    one_line_error(cli("split", src, out, "--tp", "2", "--dtype", "fp16"), 5, "non-finite", "float16",
-                   "mlp.dense_4h_to_h.weight", "--allow-nonfinite")
-    result = cli("split", src, out, "--tp", "2", "--dtype", "fp16", "--allow-nonfinite", "--json")
-    assert result.exit_code == 0, result.output
-    assert any("non-finite" in w for w in json.loads(result.stdout)["warnings"])
-    one_line_error(cli("split", src, out, "--tp", "2", "--dtype", "fp16"), 5, "non-finite", "--allow-nonfinite")
-    assert cli("split", src, tmp_path / "fp32", "--tp", "2", "-q").exit_code == 0  # fp32 holds it
-
-
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
 def test_reshard_of_a_source_with_nan_or_inf_fails_unless_allowed(make_checkpoint, tmp_path, value):
     src = Path(shutil.copytree(make_checkpoint(2)[0], tmp_path / "src"))
-    _poison(src / STEP / "layer_02-model_01-model_states.pt", "mlp.dense_h_to_4h.weight", value)
+    poison_pt(src / STEP / "layer_02-model_01-model_states.pt", "mlp.dense_h_to_4h.weight", value)
     one_line_error(cli("merge", src, tmp_path / "merged"), 5, "non-finite")
     one_line_error(cli("reshard", src, tmp_path / "out", "--tp", "1"), 5, "non-finite", "--allow-nonfinite")
     result = cli("reshard", src, tmp_path / "out", "--tp", "1", "--allow-nonfinite", "--json")
     assert result.exit_code == 0 and json.loads(result.stdout)["warnings"]
 
 
-@pytest.mark.parametrize("name", ["latest", "neoxconv-neox.json", "neoxconv.json", "neox.yml"])
-def test_split_and_reshard_write_the_tokenizer_under_its_own_name_whatever_it_is_called(hf, make_checkpoint,
-                                                                                         tmp_path, name):
-    tok = tmp_path / "tok" / name
-    tok.parent.mkdir()
-    tok.write_text(json.dumps({"model": {"vocab": {"<|endoftext|>": 0, "a": 1}, "unk_token": "<|endoftext|>"}}))
-    for command, src in (("split", hf), ("reshard", make_checkpoint(2)[0])):
-        out = tmp_path / command
-        assert cli(command, src, out, "--tp", "2", "--tokenizer", tok, "-q").exit_code == 0
-        assert (out / "tokenizer.json").read_bytes() == tok.read_bytes()
-        assert (out / "latest").read_text().startswith("global_step")
-        assert cli(command, src, out, "--tp", "2", "--tokenizer", tok, "-q").exit_code == 0  # a no-op re-run
+def _merge_subprocess(src: Path, out: Path, timeout: float = 60) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-m", "neoxconv", "merge", "-q", str(src), str(out)], env=env,
+                          capture_output=True, text=True, timeout=timeout)
 
 
-# ----- folders of the previous version still resume -----------------------------------------------------------
-def test_a_split_output_with_the_previous_manifest_name_resumes(hf, tmp_path):
+@pytest.mark.parametrize("target", ["dangling", "existing"])
+def test_a_symlink_planted_as_the_lock_is_refused_and_nothing_outside_out_is_touched(tmp_path, target):
+    # Before: the lock followed the symlink (O_CREAT created the dangling target outside OUT) and then spun
+    # for ever, because the file it locked was never the one at OUT/.neoxconv.lock.
     out = tmp_path / "out"
-    assert cli("split", hf, out, "--tp", "2", "-q").exit_code == 0
-    state = json.loads((out / "neoxconv.json").read_text())  # rewritten as the previous version wrote it
-    files = {**state.pop("layers"), **state["files"]}
-    state.update(format=2, files={n: {"sha256": __import__("hashlib").sha256((out / n).read_bytes()).hexdigest(),
-                                      "size": e["size"], **({"source_fingerprint": e["source_fingerprint"]}
-                                                            if "source_fingerprint" in e else {})}
-                                  for n, e in files.items()})
-    (out / "neoxconv.json").unlink()
-    (out / "neoxconv-neox.json").write_text(json.dumps(state))
-    result = cli("split", hf, out, "--tp", "2", "--json")
-    assert result.exit_code == 0 and json.loads(result.stdout)["files_reused"] == 10
-    assert not (out / "neoxconv-neox.json").exists() and (out / "neoxconv.json").is_file()
+    out.mkdir()
+    victim = tmp_path / "victim.txt"
+    if target == "existing":
+        victim.write_text("precious\n")
+    (out / ".neoxconv.lock").symlink_to(victim)
+    r = _merge_subprocess(COMMITTED_FIXTURE, out)  # a hang here is the bug: the timeout fails the test
+    assert r.returncode == 6, (r.returncode, r.stderr)
+    assert ".neoxconv.lock" in r.stderr and "symbolic link" in r.stderr and "internal error" not in r.stderr
+    if target == "existing":
+        assert victim.read_text() == "precious\n"
+    else:
+        assert not victim.exists()
+    assert sorted(p.name for p in out.iterdir()) == [".neoxconv.lock"]
+
+
+def test_a_directory_planted_as_the_lock_is_named(tmp_path):
+    out = tmp_path / "out"
+    (out / ".neoxconv.lock").mkdir(parents=True)
+    one_line_error(cli("merge", "-q", COMMITTED_FIXTURE, out), 6, ".neoxconv.lock", "is a directory")
+
+
+def test_a_stale_lock_file_of_a_dead_pid_is_taken_over(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".neoxconv.lock").write_text("999999999\n")  # a SIGKILLed merge leaves it behind, unlocked
+    r = cli("merge", "-q", COMMITTED_FIXTURE, out)
+    assert r.exit_code == 0, r.output
+    assert not (out / ".neoxconv.lock").exists() and (out / "neoxconv.json").is_file()
+
+
+def test_a_foreign_non_empty_output_folder_is_refused_unless_forced(make_checkpoint, tmp_path):
+    root, _, _ = make_checkpoint(2, "pipeline", "float16")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(OutputError, match="not empty"):
+        merge_checkpoint(root, out, MergeOptions(quiet=True))
+    merge_checkpoint(root, out, MergeOptions(quiet=True, force=True))
+    assert (out / "notes.txt").read_text() == "mine"  # never deletes what it did not write
+    # a neoxconv output of a different source is refused too
+    other_root, _, _ = make_checkpoint(1, "pipeline", "float16", config_overrides={"num_layers": 1})
+    with pytest.raises(OutputError, match="different source"):
+        merge_checkpoint(other_root, out, MergeOptions(quiet=True))
+    # forced: the previous output's files go (they were ours), the user's file stays
+    merge_checkpoint(other_root, out, MergeOptions(quiet=True, force=True))
+    assert sorted(p.name for p in out.glob("model-*")) == [f"model-{i:05d}-of-00004.safetensors" for i in (1, 2, 3, 4)]
+    assert (out / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("algo", ["blake3", "sha256"])
+def test_manifest_records_the_algorithm_and_every_files_digest(merged_both, algo):
+    out = merged_both / algo
+    manifest = json.loads((out / "neoxconv.json").read_text())
+    assert manifest["hash"] == algo
+    entries = {**manifest["layers"], **manifest["files"]}
+    assert len(entries) == 7  # 5 layer files, config.json, the index (no tokenizer beside this fixture)
+    other = {"blake3": "sha256", "sha256": "blake3"}[algo]
+    for name, entry in entries.items():
+        assert entry[algo] == hash_file(out / name, algo) and other not in entry
+    sha = {name: entry["sha256"] for name, entry in entries.items()} if algo == "sha256" else {}
+    for name, digest in sha.items():  # what Hub LFS ids are: the plain sha256 of the file
+        assert digest == hashlib.sha256((out / name).read_bytes()).hexdigest()
+    assert model_files(out) == model_files(merged_both / other)  # same bytes either way
+
+
+@pytest.mark.parametrize("algo", ["blake3", "sha256"])
+def test_tampered_output_is_detected_under_either_hash(merged_both, tmp_path, algo):
+    out = tmp_path / "copy"
+    shutil.copytree(merged_both / algo, out)
+    victim = sorted(out.glob("model-*.safetensors"))[1]
+    config = load_out_config(out)
+    assert check_output(out, config, hashes=True).hashes_checked
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0x04  # same size: only the hash can tell
+    victim.write_bytes(bytes(data))
+    with pytest.raises(VerificationError, match=f"{victim.name}: {algo} differs from the manifest"):
+        check_output(out, config, hashes=True)
+
+
+def test_old_sha256_manifest_still_verifies(merged_both, tmp_path):
+    """A manifest from before BLAKE3: sha256 entries and no "hash" field."""
+    out = tmp_path / "old"
+    shutil.copytree(merged_both / "sha256", out)
+    manifest = json.loads((out / "neoxconv.json").read_text())
+    del manifest["hash"]
+    (out / "neoxconv.json").write_text(json.dumps(manifest))
+    report = check_output(out, load_out_config(out), hashes=True)
+    assert report.hashes_checked and report.files_checked >= 6  # 5 layer files and config.json at least
+    victim = sorted(out.glob("model-*.safetensors"))[0]
+    data = bytearray(victim.read_bytes())
+    data[-1] ^= 0x01
+    victim.write_bytes(bytes(data))
+    with pytest.raises(VerificationError, match="sha256 differs"):
+        check_output(out, load_out_config(out), hashes=True)
+
+
+def test_unknown_hash_is_refused():
+    result = CliRunner().invoke(main, ["merge", str(COMMITTED_FIXTURE), "x", "--hash", "md5"])
+    assert result.exit_code == 2 and "md5" in result.output
+    with pytest.raises(ValueError, match="unknown hash 'md5'"):
+        merge_checkpoint(COMMITTED_FIXTURE, "x", MergeOptions(hash="md5"))
+
+
+@pytest.mark.parametrize("before", ["empty", "merged"])
+def test_a_directory_in_place_of_the_manifest_is_an_output_error(tmp_path, merged_fixture, before):
+    # Before: merge --force unlinked it with Path.unlink -> "internal error: IsADirectoryError".
+    out = tmp_path / "out"
+    if before == "merged":
+        shutil.copytree(merged_fixture, out)
+        (out / "neoxconv.json").unlink()
+    (out / "neoxconv.json").mkdir(parents=True)
+    (out / "neoxconv.json" / "keep.txt").write_text("mine\n")
+    one_line_error(cli("merge", "-q", "--force", COMMITTED_FIXTURE, out), 6, out / "neoxconv.json", "directory")
+    assert (out / "neoxconv.json" / "keep.txt").read_text() == "mine\n"
+
+
+def test_an_undecodable_manifest_in_out_makes_it_someone_elses_folder(tmp_path):
+    # Before: merge read OUT/neoxconv.json as UTF-8 unguarded -> "internal error: UnicodeDecodeError" (split's
+    # reader already treated it as no state); both now share outdir.load_state.
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "neoxconv.json").write_bytes(b"\xff\xfe{")
+    r = cli("merge", "-q", COMMITTED_FIXTURE, out)
+    one_line_error(r, 6, "neoxconv.json", "not a neoxconv output", "--force")
+    assert (out / "neoxconv.json").read_bytes() == b"\xff\xfe{"
+
+
+def test_not_enough_disk_is_refused_up_front(tmp_path, monkeypatch):
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**6, 10**6 - 1000, 1000))
+    with pytest.raises(OutputError, match="GB is free"):
+        merge_checkpoint(COMMITTED_FIXTURE, tmp_path / "out", MergeOptions(quiet=True))
+    assert not list((tmp_path / "out").glob("model-*"))
+
+
+# ----- one merge at a time -------------------------------------------------------------------------------
+_HOLD_MERGE_LOCK = textwrap.dedent("""
+    import sys
+    from neoxconv.output.folder import OutputLock
+    with OutputLock(sys.argv[1]):
+        print("locked", flush=True)
+        sys.stdin.read()
+""")
+
+
+# The first merge, through the real CLI, stops once its first weight file is open (header written, a temporary in
+# OUT) until its stdin gets a line: the second merge always meets a merge in progress, on any machine's speed.
+_PAUSED_MERGE = textwrap.dedent("""
+    import sys
+    from neoxconv.output import writer
+    from neoxconv.cli import main
+    real_enter, paused = writer.SafetensorsWriter.__enter__, []
+    def enter(self):
+        entered = real_enter(self)
+        if not paused:
+            paused.append(self.path)
+            print("paused", flush=True)
+            sys.stdin.readline()
+        return entered
+    writer.SafetensorsWriter.__enter__ = enter
+    main(sys.argv[1:], prog_name="neoxconv")
+""")
+
+
+def test_a_second_merge_into_a_locked_output_is_refused_with_the_holders_pid(src_copy, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD_MERGE_LOCK, str(out)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True, env=subprocess_env())
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        second = subprocess.run([sys.executable, "-m", "neoxconv", "merge", str(src_copy), str(out), "--quiet"],
+                                capture_output=True, text=True, env=subprocess_env())
+        assert second.returncode == 6, second.stderr
+        assert f"another neoxconv merge (pid {holder.pid}) is writing into this folder" in second.stderr
+        assert "Traceback" not in second.stderr
+        assert sorted(p.name for p in out.iterdir()) == [".neoxconv.lock"]  # the refused merge wrote nothing
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=30)
+    assert not out.joinpath(".neoxconv.lock").exists()  # released and removed
+    again = subprocess.run([sys.executable, "-m", "neoxconv", "merge", str(src_copy), str(out), "--quiet"],
+                           capture_output=True, text=True, env=subprocess_env())
+    assert again.returncode == 0, again.stderr
+    assert not out.joinpath(".neoxconv.lock").exists()
+
+
+def test_two_real_merges_into_one_output(src_copy, tmp_path):
+    clean = tmp_path / "clean"
+    merge_checkpoint(src_copy, clean, MergeOptions(quiet=True))
+    out = tmp_path / "out"
+    args = ["merge", str(src_copy), str(out), "--quiet"]
+    first = subprocess.Popen([sys.executable, "-c", _PAUSED_MERGE, *args], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=subprocess_env())
+    try:
+        assert first.stdout.readline().strip() == "paused", "the first merge never reached its first weight file"
+        assert any(p.name.endswith(".safetensors.neoxconv-tmp") for p in out.iterdir())  # mid-merge
+        second = subprocess.run([sys.executable, "-m", "neoxconv", *args], capture_output=True, text=True,
+                                env=subprocess_env(), timeout=60)
+        assert second.returncode == 6 and f"(pid {first.pid})" in second.stderr, second.stderr
+    finally:
+        first_out, first_err = first.communicate("go\n", timeout=60)
+    assert first.returncode == 0, first_err
+    assert folder_bytes(out) == folder_bytes(clean)  # the first merge's output is whole, untouched by the refused one
+
+
+# ----- output folder safety ------------------------------------------------------------------------------
+def test_a_foreign_output_folder_loses_nothing_to_merge(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    mine = {"notes.txt": b"mine", ".draft.neoxconv-tmp": b"my draft", ".neoxconv-tmp": b"also mine"}
+    for name, data in mine.items():
+        (out / name).write_bytes(data)
+    one_line_error(cli("merge", COMMITTED_FIXTURE, out), 6, "not empty", "--force")
+    assert folder_bytes(out) == mine  # refused before anything was deleted
+    assert cli("merge", COMMITTED_FIXTURE, out, "--force").exit_code == 0
+    assert {k: folder_bytes(out)[k] for k in mine} == mine
+
+
+def test_force_deletes_only_listed_files_named_like_neoxconvs_outputs(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "precious.txt").write_text("precious")
+    (tmp_path / "outside.txt").write_text("outside")
+    (out / "model-00001-of-00009.safetensors.bak").write_text("backup")
+    planted = {"tool": "neoxconv", "source": {"step_dir": "/elsewhere"}, "options": {},
+               "layers": {"precious.txt": {}, "../outside.txt": {}, "model-00001-of-00009.safetensors.bak": {}},
+               "files": {"precious.txt": {}, "/etc/hostname": {}}}
+    (out / "neoxconv.json").write_text(json.dumps(planted))
+    one_line_error(cli("merge", COMMITTED_FIXTURE, out), 6, "different source", "--force")
+    assert cli("merge", COMMITTED_FIXTURE, out, "--force").exit_code == 0
+    assert (out / "precious.txt").read_text() == "precious"
+    assert (tmp_path / "outside.txt").read_text() == "outside"
+    assert (out / "model-00001-of-00009.safetensors.bak").read_text() == "backup"
+    assert cli("verify", out, *VERIFY).exit_code == 0
+
+
+# ----- errors that used to escape as internal errors -----------------------------------------------------
+def test_merge_out_is_a_file(tmp_path):
+    (tmp_path / "out").write_text("a file")
+    one_line_error(cli("merge", COMMITTED_FIXTURE, tmp_path / "out"), 6, "OUT is a file, not a folder")
+
+
+def test_merge_out_is_a_dangling_symlink(tmp_path):
+    (tmp_path / "out").symlink_to(tmp_path / "nowhere")
+    one_line_error(cli("merge", COMMITTED_FIXTURE, tmp_path / "out"), 6, "dangling symlink", "nowhere")
+
+
+def test_merge_out_on_a_read_only_filesystem(tmp_path, monkeypatch):
+    """Really read-only where the machine lets an unprivileged user namespace mount one; simulated else."""
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    script = (f"mount -t tmpfs -o ro tmpfs {ro} && exec {sys.executable} -m neoxconv merge "
+              f"{COMMITTED_FIXTURE} {ro}/out")
+    probe = ["unshare", "-rm", "sh", "-c", f"mount -t tmpfs -o ro tmpfs {ro}"]
+    real = shutil.which("unshare") and subprocess.run(probe, capture_output=True).returncode == 0
+    if real:
+        result = subprocess.run(["unshare", "-rm", "sh", "-c", script], capture_output=True, text=True,
+                                env=subprocess_env())
+        assert result.returncode == 6, result.stderr
+        assert f"{ro}/out" in result.stderr and "Read-only file system" in result.stderr
+        assert "internal error" not in result.stderr
+    # simulated: the folder exists, but nothing can be created in it
+    import errno
+
+    (ro / "out").mkdir()
+    real_open = os.open
+
+    def read_only(path, flags, *args, **kwargs):
+        if str(path).startswith(str(ro)) and flags & os.O_CREAT:
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", read_only)
+    one_line_error(cli("merge", COMMITTED_FIXTURE, ro / "out"), 6, ro / "out", "Read-only file system")
+
+
+def test_written_json_is_strict(merged_fixture):
+    def refuse(name):
+        raise ValueError(f"{name} in a written JSON file")
+
+    for name in ("config.json", "model.safetensors.index.json", "neoxconv.json", "tokenizer_config.json"):
+        if (merged_fixture / name).exists():
+            json.loads((merged_fixture / name).read_text(), parse_constant=refuse)
+    with pytest.raises(ValueError):
+        writer.atomic_write_json(merged_fixture.parent / "x.json", {"rotary_emb_base": math.nan})
+    assert not (merged_fixture.parent / "x.json").exists()
+
+
+# ----- one run at a time ---------------------------------------------------------------------------------
+_HOLD_NEOX_LOCK = textwrap.dedent("""
+    import sys
+    from neoxconv.output.folder import OutputLock
+    with OutputLock(sys.argv[1], sys.argv[2]):
+        print("locked", flush=True)
+        sys.stdin.read()
+""")
+
+
+def test_a_second_run_into_a_locked_output_is_refused_with_the_holders_pid(writer_command, tmp_path):
+    name, src = writer_command
+    out = tmp_path / "out"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD_NEOX_LOCK, str(out), name], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True, env=subprocess_env())
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        second = subprocess.run([sys.executable, "-m", "neoxconv", name, str(src), str(out), "--tp", "2", "-q"],
+                                capture_output=True, text=True, env=subprocess_env())
+        assert second.returncode == 6, second.stderr
+        assert f"another neoxconv {name} (pid {holder.pid}) is writing into this folder" in second.stderr
+        assert "Traceback" not in second.stderr
+        assert sorted(p.name for p in out.iterdir()) == [".neoxconv.lock"]  # the refused run wrote nothing
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=30)
+    assert cli(name, src, out, "--tp", "2", "-q").exit_code == 0
+    assert not (out / ".neoxconv.lock").exists()  # released and removed
+
+
+def test_the_lock_is_held_while_files_are_written(writer_command, tmp_path, monkeypatch):
+    from neoxconv.output import neox as neox_writer
+
+    name, src = writer_command
+    out = tmp_path / "out"
+    seen = []
+    real = neox_writer.save_pt
+
+    def save_pt(path, obj, **kwargs):
+        seen.append((out / ".neoxconv.lock").read_text().split())
+        return real(path, obj, **kwargs)
+
+    monkeypatch.setattr(neox_writer, "save_pt", save_pt)
+    assert cli(name, src, out, "--tp", "2", "-q").exit_code == 0
+    assert seen and all(s == [str(os.getpid()), name] for s in seen)
+    assert not (out / ".neoxconv.lock").exists()
+
+
+# ----- what --force may delete ---------------------------------------------------------------------------
+def test_force_deletes_only_listed_files_named_like_our_outputs_and_never_through_a_link(writer_command, tmp_path):
+    name, src = writer_command
+    out, outside = tmp_path / "out", tmp_path / "outside"
+    out.mkdir()
+    outside.mkdir()
+    (out / "precious.txt").write_text("precious")
+    (out / "configs").mkdir()
+    (out / "configs" / "mine.yml").write_text("mine")
+    (tmp_path / "outside.txt").write_text("outside")
+    (outside / "layer_00-model_00-model_states.pt").write_text("outside, named like ours")
+    (out / "global_step9").symlink_to(outside)  # a link named like our step folder, to another folder
+    planted = {"tool": "neoxconv", "kind": "neox", "format": 2, "source": {"hf_dir": "/elsewhere"}, "options": {},
+               "files": {n: {} for n in ["precious.txt", "../outside.txt", str(tmp_path / "outside.txt"),
+                                         "configs/mine.yml", "configs/../precious.txt",
+                                         "global_step9/layer_00-model_00-model_states.pt"]}}
+    (out / NEOX_MANIFEST).write_text(json.dumps(planted))
+    before = {**tree_bytes(out), **tree_bytes(outside)}
+    one_line_error(cli(name, src, out, "--tp", "2"), 6, "different source", "--force")
+    assert {**tree_bytes(out), **tree_bytes(outside)} == before  # refused before anything was deleted
+    assert cli(name, src, out, "--tp", "2", "--force", "-q").exit_code == 0
+    assert (out / "precious.txt").read_text() == "precious"
+    assert (out / "configs" / "mine.yml").read_text() == "mine"
+    assert (tmp_path / "outside.txt").read_text() == "outside"
+    assert tree_bytes(outside) == {"layer_00-model_00-model_states.pt": b"outside, named like ours"}
+    assert (out / "global_step9").is_symlink()
+    assert_manifest_proves(out)
+
+
+def test_force_over_our_own_output_of_other_options_removes_its_files(hf_sharded, tmp_path):
+    out = tmp_path / "out"
+    assert cli("split", hf_sharded, out, "--tp", "4", "--step", "7", "-q").exit_code == 0
+    (out / "notes.txt").write_text("mine")
+    one_line_error(cli("split", hf_sharded, out, "--tp", "2"), 6, "other options", "--no-resume")
+    assert cli("split", hf_sharded, out, "--tp", "2", "--force", "-q").exit_code == 0
+    assert not (out / "global_step7").exists()  # the old step folder emptied, then removed
+    assert sorted(p.name for p in out.iterdir()) == ["configs", "global_step0", "latest", NEOX_MANIFEST, "notes.txt"]
+
+
+def test_a_link_where_we_write_a_folder_is_refused(hf_sharded, tmp_path):
+    out, elsewhere = tmp_path / "out", tmp_path / "elsewhere"
+    out.mkdir()
+    elsewhere.mkdir()
+    (out / "configs").symlink_to(elsewhere)
+    one_line_error(cli("split", hf_sharded, out, "--tp", "2", "--force"), 6, "configs", "symlink")
+    assert list(elsewhere.iterdir()) == []
+
+
+# ----- temporaries: only ours, only in an OUT that is ours ----------------------------------------------
+def test_a_foreign_output_folder_loses_nothing_to_split_or_reshard(writer_command, tmp_path):
+    name, src = writer_command
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    (out / ".draft.neoxconv-tmp").mkdir()  # the old writer rmtree'd this
+    (out / ".draft.neoxconv-tmp" / "work.txt").write_text("my work")
+    (out / ".neoxconv-tmp").write_text("also mine")
+    step = "global_step0" if name == "split" else "global_step150000"
+    (out / step / ".staging.neoxconv-tmp").mkdir(parents=True)
+    (out / step / ".staging.neoxconv-tmp" / "notes.txt").write_text("in a folder named like our staging")
+    (out / step / ".mine.neoxconv-tmp").write_text("mine too")
+    mine = tree_bytes(out)
+    one_line_error(cli(name, src, out, "--tp", "2"), 6, "not empty", "--force")
+    assert tree_bytes(out) == mine  # refused before anything was deleted
+    assert cli(name, src, out, "--tp", "2", "--force", "-q").exit_code == 0
+    assert {k: v for k, v in tree_bytes(out).items() if k in mine} == mine  # forced: nothing of the user's deleted
+
+
+def test_our_own_stale_temporaries_are_removed_and_only_those(hf_sharded, tmp_path):
+    out = tmp_path / "out"
+    assert cli("split", hf_sharded, out, "--tp", "2", "-q").exit_code == 0
+    stale = [".latest.neoxconv-tmp", "configs/.neox.yml.neoxconv-tmp",
+             "global_step0/.layer_02-model_00-model_states.pt.neoxconv-tmp",
+             "global_step0/.staging.neoxconv-tmp/layer_02-model_01-model_states.pt"]
+    users = [".notes.neoxconv-tmp", "configs/.mine.yml.neoxconv-tmp", "global_step0/.staging.neoxconv-tmp/notes.txt"]
+    for rel in stale + users:
+        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+        (out / rel).write_text("x")
+    assert cli("split", hf_sharded, out, "--tp", "2", "-q").exit_code == 0
+    assert not any((out / rel).exists() for rel in stale)
+    assert all((out / rel).read_text() == "x" for rel in users)
+
+
+# ----- bad surroundings and bad config values ------------------------------------------------------------
+def test_split_reshard_out_is_a_file(writer_command, tmp_path):
+    name, src = writer_command
+    (tmp_path / "out").write_text("a file")
+    one_line_error(cli(name, src, tmp_path / "out", "--tp", "2"), 6, "OUT is a file, not a folder")
+
+
+def test_split_reshard_out_is_a_dangling_symlink(writer_command, tmp_path):
+    name, src = writer_command
+    (tmp_path / "out").symlink_to(tmp_path / "nowhere")
+    one_line_error(cli(name, src, tmp_path / "out", "--tp", "2"), 6, "dangling symlink", "nowhere")
+
+
+def test_split_reshard_out_on_a_read_only_filesystem(writer_command, tmp_path, monkeypatch):
+    """Really read-only where the machine lets an unprivileged user namespace mount one; simulated else."""
+    name, src = writer_command
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    probe = ["unshare", "-rm", "sh", "-c", f"mount -t tmpfs -o ro tmpfs {ro}"]
+    if shutil.which("unshare") and subprocess.run(probe, capture_output=True).returncode == 0:
+        script = f"mount -t tmpfs -o ro tmpfs {ro} && exec {sys.executable} -m neoxconv {name} {src} {ro}/out --tp 2"
+        result = subprocess.run(["unshare", "-rm", "sh", "-c", script], capture_output=True, text=True,
+                                env=subprocess_env())
+        assert result.returncode == 6, result.stderr
+        assert f"{ro}/out" in result.stderr and "Read-only file system" in result.stderr
+        assert "internal error" not in result.stderr
+    (ro / "out").mkdir()  # simulated: the folder exists, but nothing can be created in it
+    real_open = os.open
+
+    def read_only(path, flags, *args, **kwargs):
+        if str(path).startswith(str(ro)) and flags & os.O_CREAT:
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", read_only)
+    one_line_error(cli(name, src, ro / "out", "--tp", "2"), 6, ro / "out", "Read-only file system")

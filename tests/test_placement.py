@@ -6,10 +6,10 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from neoxconv.runtime import placement
 from neoxconv.cli import main
-from neoxconv.output.hf_merge import MergeOptions, merge_checkpoint
 from neoxconv.model.generation import generate
+from neoxconv.output.hf_merge import MergeOptions, merge_checkpoint
+from neoxconv.runtime import placement
 from neoxconv.runtime.loading import load_model
 from neoxconv.runtime.placement import PlacementError, parse_max_memory, parse_size, plan_placement
 from neoxconv.verify import VerifyOptions, verify_model
@@ -20,16 +20,8 @@ ONE_LAYER_CAP = LAYER + (LAYER // 2)  # one block resident, the other streamed; 
 
 
 @pytest.fixture(scope="module")
-def merged(tmp_path_factory, make_checkpoint):
-    root, _, _ = make_checkpoint(2, "pipeline", "float32")
-    out = tmp_path_factory.mktemp("placed") / "out"
-    merge_checkpoint(root, out, MergeOptions(quiet=True))
-    return root, out
-
-
-@pytest.fixture(scope="module")
-def resident(merged):
-    _, out = merged
+def resident(merged_fp32):
+    _, out = merged_fp32
     return verify_model(out, VerifyOptions(ids=PROMPT, max_new_tokens=8, device="cpu"))
 
 
@@ -47,15 +39,15 @@ def test_size_parser():
     ("lots", "is not a size"), ("gpu=1GB", "is not a device"), ("0=1GB,0=2GB", "given twice"),
     ("0=1GB", "names device 0"),  # no GPU for --device cpu: a usage error too
 ])
-def test_bad_max_memory_is_a_usage_error(merged, value, message):
-    _, out = merged
+def test_bad_max_memory_is_a_usage_error(merged_fp32, value, message):
+    _, out = merged_fp32
     result = CliRunner().invoke(main, ["verify", str(out), "--ids", "1,2", "--device", "cpu", "--max-memory", value])
     assert result.exit_code == 2, result.output
     assert message in result.output
 
 
-def test_capped_generation_equals_resident_and_streams(merged, resident):
-    _, out = merged
+def test_capped_generation_equals_resident_and_streams(merged_fp32, resident):
+    _, out = merged_fp32
     capped = verify_model(out, VerifyOptions(ids=PROMPT, max_new_tokens=8, device="cpu", max_memory=ONE_LAYER_CAP))
     assert capped.ok, [c for c in capped.checks if not c.passed]
     assert capped.generated_ids == resident.generated_ids
@@ -68,8 +60,8 @@ def test_capped_generation_equals_resident_and_streams(merged, resident):
     assert capped.peak_memory_kind in ("rss_anon", "ru_maxrss") and capped.peak_memory_bytes > 0
 
 
-def test_capped_logits_equal_resident_logits(merged):
-    _, out = merged
+def test_capped_logits_equal_resident_logits(merged_fp32):
+    _, out = merged_fp32
     full = load_model(out, device="cpu", dtype="fp32")
     ref = generate(full.model, list(PROMPT), max_new_tokens=6)
     for cap in (ONE_LAYER_CAP, 1):  # 1 byte: every stage on disk, the final norm too
@@ -82,8 +74,8 @@ def test_capped_logits_equal_resident_logits(merged):
     assert set(placed.placement.device_map.values()) == {"disk", "cpu"}  # only the rotary tables stay
 
 
-def test_all_checks_and_against_with_a_cap(merged, resident):
-    root, out = merged
+def test_all_checks_and_against_with_a_cap(merged_fp32, resident):
+    root, out = merged_fp32
     base = verify_model(out, VerifyOptions(ids=PROMPT, max_new_tokens=8, device="cpu", against=root))
     capped = verify_model(out, VerifyOptions(ids=PROMPT, max_new_tokens=8, device="cpu", against=root,
                                              max_memory=ONE_LAYER_CAP))
@@ -95,17 +87,17 @@ def test_all_checks_and_against_with_a_cap(merged, resident):
             assert a.value == pytest.approx(b.value, abs=1e-5), a.name
 
 
-def test_reference_hf_with_a_cap(merged):
+def test_reference_hf_with_a_cap(merged_fp32):
     pytest.importorskip("transformers")
-    _, out = merged
+    _, out = merged_fp32
     report = verify_model(out, VerifyOptions(ids=PROMPT, max_new_tokens=4, device="cpu", reference="hf",
                                              max_memory=ONE_LAYER_CAP))
     assert report.ok, [c for c in report.checks if not c.passed]
 
 
-def test_int8_with_a_cap_equals_int8_resident(merged):
+def test_int8_with_a_cap_equals_int8_resident(merged_fp32):
     pytest.importorskip("bitsandbytes")
-    _, out = merged
+    _, out = merged_fp32
     full = verify_model(out, VerifyOptions(ids=PROMPT, max_new_tokens=8, device="cpu", int8=True))
     capped = verify_model(out, VerifyOptions(ids=PROMPT, max_new_tokens=8, device="cpu", int8=True,
                                              max_memory=ONE_LAYER_CAP))
@@ -116,8 +108,8 @@ def test_int8_with_a_cap_equals_int8_resident(merged):
 
 
 @pytest.mark.parametrize("device_map", ["auto", "balanced", "sequential"])
-def test_device_maps_on_cpu(merged, resident, device_map):
-    _, out = merged
+def test_device_maps_on_cpu(merged_fp32, resident, device_map):
+    _, out = merged_fp32
     uncapped = verify_model(out, VerifyOptions(ids=PROMPT, max_new_tokens=8, device="cpu", device_map=device_map))
     assert set(uncapped.device_map.values()) == {"cpu"} and uncapped.offloaded_bytes == 0
     capped = verify_model(out, VerifyOptions(ids=PROMPT, max_new_tokens=8, device="cpu", device_map=device_map,
@@ -127,8 +119,8 @@ def test_device_maps_on_cpu(merged, resident, device_map):
     assert uncapped.ok and capped.ok
 
 
-def test_cli_json_reports_offload_and_the_map(merged, resident):
-    _, out = merged
+def test_cli_json_reports_offload_and_the_map(merged_fp32, resident):
+    _, out = merged_fp32
     result = CliRunner().invoke(main, ["verify", str(out), "--ids", ",".join(map(str, PROMPT)), "--max-new-tokens", 8,
                                        "--device", "cpu", "--device-map", "sequential", "--max-memory",
                                        f"cpu={ONE_LAYER_CAP}", "--json"])
@@ -139,8 +131,8 @@ def test_cli_json_reports_offload_and_the_map(merged, resident):
     assert report["dtype"] == "float32"  # the dtype default does not change with a map
 
 
-def test_verify_picks_a_cap_when_the_model_does_not_fit(merged, resident, monkeypatch):
-    _, out = merged
+def test_verify_picks_a_cap_when_the_model_does_not_fit(merged_fp32, resident, monkeypatch):
+    _, out = merged_fp32
     monkeypatch.setattr(placement, "available_memory", lambda device: ONE_LAYER_CAP + (1 << 20))
     monkeypatch.setattr(placement, "runtime_reserve", lambda *a, **k: 1 << 20)
     import neoxconv.verify as verify_mod
@@ -152,13 +144,13 @@ def test_verify_picks_a_cap_when_the_model_does_not_fit(merged, resident, monkey
     assert any("choose with --max-memory" in n for n in report.notes)
 
 
-def test_stock_accelerate_maps_everything_to_disk_below_the_largest_module(merged):
+def test_stock_accelerate_maps_everything_to_disk_below_the_largest_module(merged_fp32):
     """Why the device map is neoxconv's own: accelerate reserves the largest module on every device."""
     accelerate = pytest.importorskip("accelerate")
     from neoxconv.config import load_out_config
     from neoxconv.layers import NeoXForCausalLM
 
-    _, out = merged
+    _, out = merged_fp32
     with torch.device("meta"):
         model = NeoXForCausalLM(load_out_config(out))
     stock = accelerate.infer_auto_device_map(model, max_memory={"cpu": ONE_LAYER_CAP},
@@ -168,25 +160,25 @@ def test_stock_accelerate_maps_everything_to_disk_below_the_largest_module(merge
     assert ours.device_map["gpt_neox.layers.0"] == "cpu"
 
 
-def test_unknown_gpu_in_a_device_map_on_cpu_is_a_placement_error(merged):
-    _, out = merged
+def test_unknown_gpu_in_a_device_map_on_cpu_is_a_placement_error(merged_fp32):
+    _, out = merged_fp32
     with pytest.raises(PlacementError, match="names device 1"):
         verify_model(out, VerifyOptions(ids=PROMPT, device="cpu", device_map="auto", max_memory={1: 10**9}))
 
 
-def test_against_reads_the_readout_in_blocks_with_the_same_logits(merged, monkeypatch):
+def test_against_reads_the_readout_in_blocks_with_the_same_logits(merged_fp32, monkeypatch):
     from neoxconv.check import tp_reference
 
-    root, _ = merged
+    root, _ = merged_fp32
     whole, _ = tp_reference.tensor_parallel_logits(root, list(PROMPT))
     monkeypatch.setattr(tp_reference, "READ_BLOCK_BYTES", 1000 * 64 * 4)  # 1000 rows of the readout at a time
     blocks, _ = tp_reference.tensor_parallel_logits(root, list(PROMPT))
     torch.testing.assert_close(blocks, whole, rtol=0, atol=1e-5)
 
 
-def test_offloaded_embedding_and_readout_stream_rows(merged, monkeypatch):
+def test_offloaded_embedding_and_readout_stream_rows(merged_fp32, monkeypatch):
     """Embedding: only the looked-up rows are read; readout: a block of rows at a time; same logits."""
-    _, out = merged
+    _, out = merged_fp32
     ref = generate(load_model(out, device="cpu", dtype="fp32").model, list(PROMPT), max_new_tokens=4)
     monkeypatch.setattr(placement, "ROW_BLOCK_BYTES", 1000 * 64 * 4)  # 1000 rows of 50432: 51 blocks
     placed = load_model(out, device="cpu", dtype="fp32", max_memory=ONE_LAYER_CAP)
@@ -197,7 +189,8 @@ def test_offloaded_embedding_and_readout_stream_rows(merged, monkeypatch):
     torch.testing.assert_close(got.prompt_logits, ref.prompt_logits, rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("overrides", [{"tie_word_embeddings": True}, {"parallel_residual": False, "activation": "gelu"}])
+@pytest.mark.parametrize("overrides",
+                         [{"tie_word_embeddings": True}, {"parallel_residual": False, "activation": "gelu"}])
 def test_other_architectures_with_everything_on_disk(make_checkpoint, tmp_path, overrides):
     root, _, _ = make_checkpoint(2, "pipeline", "float32", config_overrides=overrides)
     merge_checkpoint(root, tmp_path / "out", MergeOptions(quiet=True))
@@ -259,12 +252,12 @@ def test_a_gpu_cap_sends_the_rest_to_cpu_ram_in_a_map(monkeypatch):
 
 
 # ----- one loader for resident and placed models ---------------------------------------------------------
-def test_the_loader_says_where_the_model_runs_and_hangs_nothing_on_it(merged):
+def test_the_loader_says_where_the_model_runs_and_hangs_nothing_on_it(merged_fp32):
     """Resident and placed models come from the same loader; the devices are a typed object handed to
     generate, not an attribute read back off the model."""
     from neoxconv.model.generation import ExecutionDevices
 
-    _, out = merged
+    _, out = merged_fp32
     full = load_model(out, device="cpu", dtype="fp32")
     n = len(full.model.blocks)
     assert full.placement is None and full.devices == ExecutionDevices(torch.device("cpu"), (torch.device("cpu"),) * n)
@@ -284,12 +277,12 @@ def test_the_loader_says_where_the_model_runs_and_hangs_nothing_on_it(merged):
     ("moved", "no tensor gpt_neox.layers.1.attention.dense.weight, which model.safetensors.index.json places"),
     ("no file", "model-99999-of-99999.safetensors: cannot read it as safetensors"),
 ])
-def test_a_resident_and_a_placed_load_refuse_the_same_bad_index(merged, tmp_path, max_memory, damage, message):
+def test_a_resident_and_a_placed_load_refuse_the_same_bad_index(merged_fp32, tmp_path, max_memory, damage, message):
     import shutil
 
     from neoxconv.errors import VerificationError
 
-    _, out = merged
+    _, out = merged_fp32
     copy = tmp_path / "out"
     shutil.copytree(out, copy)
     index = json.loads((copy / "model.safetensors.index.json").read_text())

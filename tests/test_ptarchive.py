@@ -131,10 +131,12 @@ def _shards():
             ("scalar", torch.tensor(3.5)), ("vec", torch.randn(7, generator=g).bfloat16()),
             ("mat", torch.randn(3, 5, generator=g).bfloat16()), ("empty", torch.zeros(0, dtype=torch.bfloat16)),
             ("empty2d", torch.zeros(4, 0)), ("cube", torch.randn(2, 3, 4, generator=g)),
-            ("ids", torch.arange(-3, 9, dtype=torch.int64)), ("specials", torch.tensor([float("inf"), -0.0, 1e-8]).half()),
+            ("ids", torch.arange(-3, 9, dtype=torch.int64)),
+            ("specials", torch.tensor([float("inf"), -0.0, 1e-8]).half()),
         ]),
         "large_fp32": OrderedDict([("big", big), ("after", torch.ones(3))]),
-        "plain_dict": {f"w{i}": torch.full((i % 4 + 1,), float(i)).half() for i in range(20)},  # DeeperSpeed {k: v.cpu()}
+        "plain_dict": {f"w{i}": torch.full((i % 4 + 1,),
+                                           float(i)).half() for i in range(20)},  # DeeperSpeed {k: v.cpu()}
         "many_tensors": OrderedDict((f"t{i}", torch.full((i % 3,), i, dtype=torch.float16)) for i in range(1003)),
         "mp_rank_sequential": {
             "module": OrderedDict((f"sequential.{i}.weight", torch.randn(4, 4, generator=g).half()) for i in (0, 2, 3)),
@@ -182,7 +184,8 @@ def test_archive_structure_matches_torch_save(tmp_path, name):
     assert [r[0] for r in ours] == [r[0] for r in theirs]  # names and order
     assert ours == theirs  # offsets, sizes, flags, CRCs
     stem = "layer_02-model_00-model_states/"
-    assert [r[0] for r in ours][:4] == [stem + n for n in ("data.pkl", ".format_version", ".storage_alignment", "byteorder")]
+    assert [r[0] for r in ours][:4] == [stem + n for n in ("data.pkl", ".format_version", ".storage_alignment",
+                                                           "byteorder")]
     assert all(r[2] % ALIGNMENT == 0 for r in ours)  # every record's data 64-byte aligned
     assert all(r[4] == zipfile.ZIP_STORED for r in ours)
 
@@ -272,7 +275,8 @@ def test_deepspeed_pipeline_loader_reads_layer_files(tmp_path, ds):
         nn.Module.__init__(module)
         module.forward_funcs = [lambda x: x, nn.Linear(8, 3).half()]
         module._local_start, module.tied_comms = 0, {}
-        module._grid = SimpleNamespace(get_slice_parallel_rank=lambda r=rank: r, get_slice_parallel_world_size=lambda: tp)
+        module._grid = SimpleNamespace(get_slice_parallel_rank=lambda r=rank: r,
+                                       get_slice_parallel_world_size=lambda: tp)
         module.load_state_dir(str(tmp_path), checkpoint_engine=ds.engine, strict=True)
         assert torch.equal(module.forward_funcs[1].weight, full.weight.detach()[rank * 3 : (rank + 1) * 3].half())
 

@@ -18,9 +18,10 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from hf_reference import hf_logits, hf_model
-from neoxconv.output.hf_merge import MergeOptions, merge_checkpoint
 from neoxconv.output.describe import inspect_checkpoint
+from neoxconv.output.hf_merge import MergeOptions, merge_checkpoint
+
+from hf_reference import hf_logits, hf_model
 from real_writers import WriterSpec, write_real_checkpoint
 
 transformers = pytest.importorskip("transformers")
@@ -166,9 +167,9 @@ def test_cuda_tags_and_metadata_are_really_in_the_files(written):
 
 def test_views_are_read_once_per_storage(written, tmp_path):
     """A merge reads each source byte at most about once, however many tensors view one storage."""
-    from neoxconv.source.checkpoint import open_checkpoint
-    from neoxconv.plan.plan import plan_checkpoint
     from neoxconv.merge import Rule
+    from neoxconv.plan.plan import plan_checkpoint
+    from neoxconv.source.checkpoint import open_checkpoint
     from neoxconv.source.storage import SourceReader
 
     root, _, _ = written("pipe-views-pre-2021")
@@ -231,10 +232,10 @@ def test_a_storage_bigger_than_the_chunk_budget_is_streamed(written):
     """Reading every tensor of a flat ZeRO buffer with a 4 KiB budget: peak memory stays near the budget."""
     import tracemalloc
 
-    from neoxconv.source.checkpoint import open_checkpoint
-    from neoxconv.plan.plan import plan_checkpoint
     from neoxconv.merge import Rule
     from neoxconv.output.streaming import iter_merged_chunks
+    from neoxconv.plan.plan import plan_checkpoint
+    from neoxconv.source.checkpoint import open_checkpoint
     from neoxconv.source.storage import SourceReader
 
     root, _, _ = written("seq-zero-cuda-tp2")

@@ -15,6 +15,8 @@ from neoxconv.config import read_neox_yaml
 from neoxconv.output.hf_merge import MergeOptions, merge_checkpoint
 from neoxconv.output.reshard import ReshardOptions, reshard_checkpoint
 
+from conftest import cli, one_line_error
+
 
 def _merged(src: Path, out: Path, **kw) -> dict[str, torch.Tensor]:
     merge_checkpoint(src, out, MergeOptions(quiet=True, **kw))
@@ -80,3 +82,46 @@ def test_reshard_refuses_diverging_replicas_beyond_tolerance(make_checkpoint, tm
     result = CliRunner().invoke(main, ["reshard", str(root), str(tmp_path / "o"), "--tp", "4"])
     assert result.exit_code == 5 and "--replica-tolerance" in result.output
     assert not (tmp_path / "o").exists()  # found in the preflight, before anything was written
+
+
+def _view_heavy(tmp_path, layers=12):
+    from real_writers import WriterSpec, write_real_checkpoint
+
+    root = tmp_path / "src"
+    write_real_checkpoint(root, WriterSpec(tp=2, layout="sequential", num_layers=layers, clone="none"))
+    return root, sorted(next(root.glob("global_step*")).glob("mp_rank_*.pt"))
+
+
+def test_reshard_of_a_view_heavy_checkpoint_reads_each_shared_storage_once(tmp_path, monkeypatch):
+    # Before: every tensor was read with a fresh SourceReader, whose CRC check re-read the whole ZeRO flat
+    # buffer (the gaps) per tensor: 182x the source for 12 layers, quadratic in the layer count.
+    from neoxconv.source import storage
+
+    root, files = _view_heavy(tmp_path)
+    read = [0]
+    pread = storage.SourceReader._pread
+
+    def counting(self, st, start, view):
+        read[0] += len(view)
+        return pread(self, st, start, view)
+
+    monkeypatch.setattr(storage.SourceReader, "_pread", counting)
+    r = cli("reshard", "-q", root, tmp_path / "out", "--tp", 1)
+    assert r.exit_code == 0, r.output
+    source = sum(p.stat().st_size for p in files)
+    assert read[0] <= 2.2 * source, f"read {read[0]} bytes for {source} ({read[0] / source:.1f}x)"
+    # and the result is the merge of the source, bit for bit
+    assert cli("merge", "-q", root, tmp_path / "m1").exit_code == 0
+    assert cli("merge", "-q", tmp_path / "out", tmp_path / "m2").exit_code == 0
+    for f in sorted((tmp_path / "m1").glob("*.safetensors")):
+        assert f.read_bytes() == (tmp_path / "m2" / f.name).read_bytes(), f.name
+
+
+def test_reshard_of_a_corrupt_flat_buffer_fails_before_writing(tmp_path):
+    root, files = _view_heavy(tmp_path, layers=2)
+    data = bytearray(files[1].read_bytes())
+    data[len(data) // 2] ^= 0x10  # inside rank 1's flat buffer
+    files[1].write_bytes(bytes(data))
+    one_line_error(cli("reshard", "-q", root, tmp_path / "out", "--tp", 1), 4, files[1].name, "CRC-32")
+    out = tmp_path / "out"
+    assert not out.exists() or not any(out.rglob("*.pt"))

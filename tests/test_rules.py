@@ -1,16 +1,25 @@
 """Each merge rule on small tensors, and the table against the real 20B key set."""
 
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
-from neoxconv.source.checkpoint import LayerKind, SourceLayer
 from neoxconv.config import NeoXConfig
 from neoxconv.dtypes import from_f32, to_f32
 from neoxconv.errors import CheckpointError, MergeError
 from neoxconv.merge import RULES, Rule, merge_tensor, resolve_row_bias, split_tensor
+from neoxconv.output.hf_merge import MergeOptions, merge_checkpoint
 from neoxconv.plan.plan import plan_layer
+from neoxconv.source.checkpoint import LayerKind, SourceLayer
 from neoxconv.source.ptfile import read_pt
+
+from conftest import COMMITTED_FIXTURE, STEP, merge_fails, rewrite_pt, run_cli
 
 NEOX_20B_BLOCK_KEYS = {
     "input_layernorm.weight", "input_layernorm.bias",
@@ -147,7 +156,8 @@ def test_unknown_and_missing_keys_are_reported_together_with_the_file(tmp_path):
     with pytest.raises(CheckpointError) as e:
         _plan(*_block_shards(tmp_path, 2, mutate))
     msg = str(e.value)
-    assert "layer_02-model_01-model_states.pt" in msg and "attention.surprise" in msg and "mlp.dense_4h_to_h.bias" in msg
+    assert "layer_02-model_01-model_states.pt" in msg and "attention.surprise" in msg
+    assert "mlp.dense_4h_to_h.bias" in msg
 
 
 def test_every_shape_and_dtype_problem_of_a_layer_is_in_one_message(tmp_path):
@@ -160,3 +170,97 @@ def test_every_shape_and_dtype_problem_of_a_layer_is_in_one_message(tmp_path):
     msg = str(e.value)
     assert "attention.dense.weight" in msg and "[8, 3]" in msg
     assert "input_layernorm.weight" in msg and "rank 1: float32" in msg
+
+
+def test_shape_mismatch_between_ranks_names_key_and_ranks(src_copy, tmp_path):
+    rewrite_pt(src_copy / STEP / "layer_03-model_01-model_states.pt",
+             lambda d: d.__setitem__("mlp.dense_h_to_4h.weight", d["mlp.dense_h_to_4h.weight"][:-1]))
+    merge_fails(src_copy, tmp_path / "out", MergeError, "layer 03", "mlp.dense_h_to_4h.weight", "rank 1: [63, 32]")
+
+
+def test_shape_against_config(src_copy, tmp_path):
+    for r in range(2):
+        rewrite_pt(src_copy / STEP / f"layer_02-model_{r:02d}-model_states.pt",
+                 lambda d: d.__setitem__("input_layernorm.weight", torch.ones(31, dtype=torch.float16)))
+    merge_fails(src_copy, tmp_path / "out", MergeError, "input_layernorm.weight", "config expects [32]")
+
+
+def test_unknown_key_names_file_and_key(src_copy, tmp_path):
+    rewrite_pt(src_copy / STEP / "layer_02-model_00-model_states.pt",
+               lambda d: d.__setitem__("attention.new_thing", torch.ones(1)))
+    merge_fails(src_copy, tmp_path / "out", CheckpointError, "layer_02-model_00-model_states.pt", "attention.new_thing")
+
+
+def test_known_derived_buffers_are_dropped(src_copy, tmp_path):
+    for r in range(2):
+        rewrite_pt(src_copy / STEP / f"layer_02-model_{r:02d}-model_states.pt",
+                 lambda d: d.update({"attention.bias": torch.ones(1, 1, 4, 4, dtype=torch.bool),
+                                     "attention.masked_bias": torch.tensor(-1e4)}))
+    merge_checkpoint(src_copy, tmp_path / "out", MergeOptions(quiet=True))
+
+
+def test_replica_divergence_fails_beyond_tolerance(src_copy, tmp_path):
+    rewrite_pt(src_copy / STEP / "layer_05-model_01-model_states.pt", lambda d: d["norm.weight"].add_(0.5))
+    msg = merge_fails(src_copy, tmp_path / "out", MergeError, "norm.weight", "0.5", "--replica-tolerance")
+    assert "layer 05" in msg
+    report = merge_checkpoint(src_copy, tmp_path / "out", MergeOptions(quiet=True, replica_tolerance=1.0))
+    assert report.max_replica_divergence == pytest.approx(0.5, abs=1e-3)
+
+
+def _add_to_layer(step: Path, index: int, tensors: dict, tp: int = 2) -> None:
+    for r in range(tp):
+        p = step / f"layer_{index:02d}-model_{r:02d}-model_states.pt"
+        sd = torch.load(p, map_location="cpu", weights_only=True)
+        sd.update(tensors)
+        torch.save(sd, p)
+
+
+def test_expanded_dropped_buffer_is_compared_without_expanding(tmp_path, make_checkpoint):
+    """attention.bias saved as an expand()ed 16384x16384 view once cost 5.2 GB to compare across ranks."""
+    root, _, _ = make_checkpoint(2, "pipeline", "float16")
+    src = tmp_path / "src"
+    shutil.copytree(root, src)
+    step = next(src.glob("global_step*"))
+    mask = torch.ones(1, 1, 1, 1, dtype=torch.float16).expand(1, 1, 16384, 16384)  # 512 MiB if materialised
+    _add_to_layer(step, 2, {"attention.bias": mask})
+    assert (step / "layer_02-model_00-model_states.pt").stat().st_size < 1 << 20
+    rc, err, rss = run_cli("merge", str(src), str(tmp_path / "out"), "--quiet")
+    assert rc == 0, err
+    assert rss < 150, f"peak RSS {rss} MB"
+    manifest = json.loads((tmp_path / "out" / "neoxconv.json").read_text())
+    assert any("attention.bias" in e["dropped"] for e in manifest["layers"].values())
+
+
+def test_dropped_buffer_shapes_are_checked(tmp_path, make_checkpoint):
+    root, _, _ = make_checkpoint(2, "pipeline", "float16")
+    src = tmp_path / "src"
+    shutil.copytree(root, src)
+    _add_to_layer(next(src.glob("global_step*")), 2,
+                  {"attention.masked_bias": torch.tensor(-1e4).half().expand(16384, 16384)})
+    rc, err, _ = run_cli("merge", str(src), str(tmp_path / "out"), "--quiet")
+    assert rc == 5 and "masked_bias" in err and "single value" in err, err
+
+
+def test_dropped_buffers_that_differ_across_ranks_are_refused(tmp_path, make_checkpoint):
+    root, _, _ = make_checkpoint(2, "pipeline", "float16")
+    src = tmp_path / "src"
+    shutil.copytree(root, src)
+    step = next(src.glob("global_step*"))
+    for r, v in enumerate([-1e4, -1e9]):
+        p = step / f"layer_02-model_{r:02d}-model_states.pt"
+        sd = torch.load(p, map_location="cpu", weights_only=True)
+        sd["attention.masked_bias"] = torch.tensor(v)
+        torch.save(sd, p)
+    with pytest.raises(Exception, match="derived buffer differs.*masked_bias"):
+        merge_checkpoint(src, tmp_path / "out", MergeOptions(quiet=True))
+
+
+def test_bad_last_layer_fails_before_anything_is_written(tmp_path):
+    shutil.copytree(COMMITTED_FIXTURE, tmp_path / "src")
+    path = tmp_path / "src" / STEP / "layer_06-model_01-model_states.pt"
+    d = torch.load(path, weights_only=True)
+    d["final_linear.weight"] = d["final_linear.weight"][:, :-1].contiguous()
+    torch.save(d, path)
+    with pytest.raises(MergeError, match="final_linear.weight"):
+        merge_checkpoint(tmp_path / "src", tmp_path / "out", MergeOptions(quiet=True))
+    assert not (tmp_path / "out").exists()

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import io
 import json
+import random
+import shutil
 import struct
+import sys
 import zipfile
 import zlib
 from pathlib import Path
@@ -14,9 +17,13 @@ import numpy as np
 import pytest
 import torch
 
-from neoxconv.errors import CheckpointError
+from neoxconv.errors import CheckpointError, NeoXConvError
+from neoxconv.output.hf_merge import MergeOptions, merge_checkpoint
+from neoxconv.source import checksums
 from neoxconv.source.ptfile import read_pt
 from neoxconv.source.storage import SourceReader, read_tensors
+
+from conftest import COMMITTED_FIXTURE, STEP, cli, folder_bytes, merge_fails, one_line_error
 
 
 def _flat_buffer_file(path: Path, n_views: int = 8, width: int = 64) -> dict[str, torch.Tensor]:
@@ -321,9 +328,9 @@ def test_verify_against_a_corrupt_source_is_a_crc_error(make_checkpoint, tmp_pat
     (or a pass), not the named CRC error that merge gives."""
     import shutil
 
-    from conftest import cli, one_line_error
-
     from neoxconv.output.hf_merge import MergeOptions, merge_checkpoint
+
+    from conftest import cli, one_line_error
 
     root, _, _ = make_checkpoint(2, "pipeline", "float32")
     src = tmp_path / "src"
@@ -364,9 +371,9 @@ def test_a_100_mib_safetensors_header_is_refused_before_it_is_read(merged_out, t
     import time
     import tracemalloc
 
-    from conftest import cli, one_line_error
-
     from neoxconv.source.safetensors import MAX_HEADER_BYTES, read_header
+
+    from conftest import cli, one_line_error
 
     victim = sorted(merged_out.glob("model-*.safetensors"))[1]
     _inflate_header(victim, 100 << 20)
@@ -439,3 +446,158 @@ def test_split_refuses_a_source_file_rewritten_after_its_header_was_checked(merg
     os.utime(file, ns=(model.states[file].mtime_ns, model.states[file].mtime_ns))  # even with the mtime put back
     with pytest.raises(CheckpointError, match=f"{file.name}: changed while neoxconv read it"):
         model.read_layer(layer_names, torch.float32)
+
+
+def _redirect_member(path: Path, key: str, to_key: str) -> None:
+    """Point the zip directory entry of ``key``'s storage at ``to_key``'s storage bytes (its own CRC kept)."""
+    import struct
+    import zipfile
+
+    from neoxconv.source.ptfile import read_pt
+
+    refs = read_pt(path).tensors()
+    with zipfile.ZipFile(path) as z:
+        infos = [i for i in z.infolist() if "/data/" in i.filename]
+    with open(path, "rb") as f:
+        def member(ref):
+            for i in infos:
+                f.seek(i.header_offset + 26)
+                n, m = struct.unpack("<HH", f.read(4))
+                if i.header_offset + 30 + n + m == ref.data_offset:
+                    return i
+            raise AssertionError(ref)
+        a, b = member(refs[to_key]), member(refs[key])
+    assert a.file_size == b.file_size and a.CRC != b.CRC
+    raw = bytearray(path.read_bytes())
+    pos = 0
+    while True:  # the central directory entry of b
+        pos = raw.index(b"PK\x01\x02", pos)
+        n, m, k = struct.unpack("<HHH", raw[pos + 28:pos + 34])
+        if raw[pos + 46:pos + 46 + n].decode() == b.filename:
+            raw[pos + 42:pos + 46] = struct.pack("<I", a.header_offset)
+            break
+        pos += 46 + n + m + k
+    path.write_bytes(bytes(raw))
+
+
+@pytest.mark.parametrize("content", [b"\x00\xff\xfe", b"global_step150000\nfoo", b"x" * 5000, b"global_step9"])
+def test_a_bad_latest_file_is_a_one_line_checkpoint_error(tmp_path, content):
+    # Before: a binary `latest` was "internal error: UnicodeDecodeError"; a two-line one printed a
+    # two-line error (the path with its newline).
+    src = tmp_path / "src"
+    shutil.copytree(COMMITTED_FIXTURE, src)
+    (src / "latest").write_bytes(content)
+    for cmd in (("inspect", src), ("merge", "-q", src, tmp_path / "out")):
+        line = one_line_error(cli(*cmd), 4, "latest", "pass the step folder itself as SRC")
+        assert "\n" not in line
+
+
+def test_a_storage_entry_redirected_to_another_storages_bytes_fails_its_own_crc(tmp_path, monkeypatch):
+    # Two zip directory entries pointing at one member's bytes: the storages were keyed by file offset only,
+    # so the second shared the first's CRC check and its own recorded CRC-32 was never compared: exit 0 and
+    # a tensor silently holding another tensor's values.
+    from neoxconv.source import ptfile
+
+    src = tmp_path / "src"
+    shutil.copytree(COMMITTED_FIXTURE, src)
+    victim = src / "global_step150000" / "layer_02-model_01-model_states.pt"
+    _redirect_member(victim, "attention.dense.bias", "input_layernorm.bias")  # a summed row bias: no replica check
+    # the archive's members now overlap: refused when it is opened
+    one_line_error(cli("merge", "-q", src, tmp_path / "out"), 4, victim.name, "overlaps")
+    # and, were it opened, each entry is still checked against its own CRC-32
+    monkeypatch.setattr(ptfile, "_check_zip_layout", lambda *a: None)
+    one_line_error(cli("merge", "-q", src, tmp_path / "out2"), 4, victim.name, "CRC-32")
+
+
+def test_missing_rank_file(src_copy, tmp_path):
+    (src_copy / STEP / "layer_03-model_01-model_states.pt").unlink()
+    merge_fails(src_copy, tmp_path / "out", CheckpointError, "layer_03-model_01-model_states.pt", "missing")
+    assert not (tmp_path / "out").exists()  # preflight: nothing was created
+
+
+def test_rank_count_differs_between_layers(src_copy, tmp_path):
+    shutil.copy(src_copy / STEP / "layer_02-model_01-model_states.pt",
+                src_copy / STEP / "layer_02-model_02-model_states.pt")
+    merge_fails(src_copy, tmp_path / "out", CheckpointError, "layer 00", "missing layer_00-model_02-model_states.pt")
+
+
+# ----- CRC-32 ------------------------------------------------------------------------------------------
+def test_crc32_matches_zlib_and_falls_back(monkeypatch):
+    rng = np.random.default_rng(0)
+    data = rng.integers(0, 256, 100_003, dtype=np.uint8).tobytes()
+    assert checksums.crc32(data) == zlib.crc32(data)
+    assert checksums.crc32(data[50:], checksums.crc32(data[:50])) == zlib.crc32(data)
+    assert checksums.crc32(memoryview(np.frombuffer(data[:-1], np.uint16))) == zlib.crc32(data[:-1])
+    monkeypatch.setitem(sys.modules, "isal", None)  # neither accelerated package importable
+    monkeypatch.setitem(sys.modules, "isal.isal_zlib", None)
+    monkeypatch.setitem(sys.modules, "zlib_ng", None)
+    fn, name = checksums._pick()
+    assert name == "zlib" and fn(data) == zlib.crc32(data)
+
+
+@pytest.mark.parametrize("key,file", [
+    ("attention.query_key_value.weight", "layer_02-model_01-model_states.pt"),  # dim-0 concat
+    ("attention.dense.weight", "layer_03-model_00-model_states.pt"),  # dim-1 concat (interleaved)
+    ("word_embeddings.weight", "layer_00-model_01-model_states.pt"),  # vocab-parallel
+    ("input_layernorm.bias", "layer_02-model_00-model_states.pt"),  # replicated, merged in memory
+])
+@pytest.mark.parametrize("dtype", ["auto", "fp32"])  # the fast path and the general (casting) path
+def test_flipped_source_byte_fails_the_crc(tmp_path, key, file, dtype):
+    shutil.copytree(COMMITTED_FIXTURE, tmp_path / "src")
+    victim = tmp_path / "src" / STEP / file
+    ref = read_pt(victim).tensors()[key]
+    data = bytearray(victim.read_bytes())
+    data[ref.byte_offset + ref.nbytes - 1] ^= 0x01  # the last byte: the check must see the whole shard
+    victim.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=f"{file}: .*'{key}'.* fails its CRC-32 check"):
+        merge_checkpoint(tmp_path / "src", tmp_path / "out", MergeOptions(quiet=True, dtype=dtype))
+    assert not list((tmp_path / "out").glob("model-*")) or not (tmp_path / "out" / "neoxconv.json").exists()
+
+
+def _layer_bytes(files):
+    return {k: v for k, v in files.items() if k.startswith("model-")}
+
+
+def test_fuzz_truncations_and_byte_flips(tmp_path, clean_merge):
+    """Random damage to layer files: every run is a bit-identical merge or a NeoXConvError, never a crash."""
+    _, clean = clean_merge
+    rng = random.Random(1234)
+    originals = sorted((COMMITTED_FIXTURE / STEP).glob("layer_*.pt"))
+    outcomes = {"merged": 0, "error": 0}
+    for trial in range(60):
+        src = tmp_path / f"src{trial}"
+        shutil.copytree(COMMITTED_FIXTURE, src)
+        victim = src / STEP / rng.choice(originals).name
+        data = bytearray(victim.read_bytes())
+        if trial % 3 == 0:
+            data = data[: rng.randrange(len(data))]
+        else:
+            for _ in range(rng.randint(1, 8)):
+                data[rng.randrange(len(data))] ^= 1 << rng.randrange(8)
+        victim.write_bytes(bytes(data))
+        out = tmp_path / f"out{trial}"
+        try:
+            merge_checkpoint(src, out, MergeOptions(quiet=True))
+        except NeoXConvError as e:
+            assert victim.name in str(e) or "layer" in str(e), str(e)
+            outcomes["error"] += 1
+        else:
+            # accepted: then it must be exactly the clean merge (the damage hit bytes nothing reads)
+            assert _layer_bytes(folder_bytes(out)) == _layer_bytes(clean), (
+                f"trial {trial}: silent corruption of {victim.name}")
+            outcomes["merged"] += 1
+        shutil.rmtree(src)
+    assert outcomes["error"] > 30, outcomes
+
+
+def test_flipped_tensor_byte_is_caught_by_crc(tmp_path):
+    shutil.copytree(COMMITTED_FIXTURE, tmp_path / "src")
+    victim = tmp_path / "src" / STEP / "layer_02-model_01-model_states.pt"
+    from neoxconv.source.ptfile import read_pt
+
+    ref = read_pt(victim).tensors()["mlp.dense_4h_to_h.weight"]
+    data = bytearray(victim.read_bytes())
+    data[ref.byte_offset + 5] ^= 0x10
+    victim.write_bytes(bytes(data))
+    with pytest.raises(NeoXConvError, match="layer_02-model_01.*mlp.dense_4h_to_h.weight.*CRC"):
+        merge_checkpoint(tmp_path / "src", tmp_path / "out", MergeOptions(quiet=True))

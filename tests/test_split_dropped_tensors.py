@@ -115,7 +115,8 @@ def _tied(tmp_path: Path, arch: str) -> tuple[Path, str, str]:
     cfg = transformers.GPTNeoXConfig(vocab_size=256, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
                                      num_attention_heads=4, max_position_embeddings=128, tie_word_embeddings=True)
     torch.manual_seed(0)
-    return _folder(tmp_path, "tied", transformers.GPTNeoXForCausalLM(cfg)), "gpt_neox.embed_in.weight", "embed_out.weight"
+    return _folder(tmp_path, "tied",
+                   transformers.GPTNeoXForCausalLM(cfg)), "gpt_neox.embed_in.weight", "embed_out.weight"
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt_neox"])

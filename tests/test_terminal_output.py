@@ -5,7 +5,6 @@ only when the tokenizers library loads it."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -15,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import COMMITTED_FIXTURE, cli, one_line_error, subprocess_env
-from neoxconv.output.hf_merge import MergeOptions, merge_checkpoint
 from neoxconv.verify import Check, VerifyReport, format_report, report_json
+
+from conftest import COMMITTED_FIXTURE, cli, one_line_error, subprocess_env
 
 INDEX = "model.safetensors.index.json"
 # what must never reach a terminal raw: C0 (ESC, BEL, CR, LF), DEL, C1 (CSI 0x9b, OSC 0x9d, NEL 0x85, in UTF-8),
@@ -42,15 +41,8 @@ def assert_terminal_safe(raw: bytes) -> None:
     assert not RAW_CONTROL.search(raw.replace(b"\n", b"")), raw[:600]
 
 
-@pytest.fixture(scope="module")
-def merged(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("term") / "out"
-    merge_checkpoint(COMMITTED_FIXTURE, out, MergeOptions(quiet=True))
-    return out
-
-
-def _with_index(merged: Path, dest: Path, edit) -> Path:
-    shutil.copytree(merged, dest)
+def _with_index(merged_fixture: Path, dest: Path, edit) -> Path:
+    shutil.copytree(merged_fixture, dest)
     index = json.loads((dest / INDEX).read_text())
     edit(index["weight_map"])
     (dest / INDEX).write_text(json.dumps(index))  # JSON escapes: the lone surrogate survives as \udcff
@@ -60,7 +52,7 @@ def _with_index(merged: Path, dest: Path, edit) -> Path:
 # ----- the one-line error ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("where", ["file name", "tensor name"])
 @pytest.mark.parametrize("kind", list(HOSTILE))
-def test_names_from_an_index_reach_the_error_line_escaped(merged, tmp_path, kind, where):
+def test_names_from_an_index_reach_the_error_line_escaped(merged_fixture, tmp_path, kind, where):
     evil = HOSTILE[kind]
 
     def edit(weight_map):
@@ -70,7 +62,7 @@ def test_names_from_an_index_reach_the_error_line_escaped(merged, tmp_path, kind
         else:
             weight_map[f"gpt_neox.layers.0.{evil}.weight"] = weight_map[name]
 
-    out = _with_index(merged, tmp_path / "out", edit)
+    out = _with_index(merged_fixture, tmp_path / "out", edit)
     result = cli("verify", out, "--ids", "1,2", "--device", "cpu")
     line = one_line_error(result, 7, "model.safetensors.index.json")
     assert_terminal_safe(result.stderr_bytes + result.stdout_bytes)
@@ -78,9 +70,9 @@ def test_names_from_an_index_reach_the_error_line_escaped(merged, tmp_path, kind
     assert "\\x" in line or "\\u" in line or "\\n" in line or "\\r" in line  # named, escaped, not dropped
 
 
-def test_a_forged_line_and_a_window_title_from_a_real_process_with_stderr_piped(merged, tmp_path):
+def test_a_forged_line_and_a_window_title_from_a_real_process_with_stderr_piped(merged_fixture, tmp_path):
     """The attack as reported: an OSC sequence set the terminal title and a newline forged 'all checks passed'."""
-    out = _with_index(merged, tmp_path / "out", lambda wm: wm.__setitem__(
+    out = _with_index(merged_fixture, tmp_path / "out", lambda wm: wm.__setitem__(
         next(iter(wm)), "x\x1b]0;pwned\x07.safetensors\nneoxconv: all checks passed"))
     r = subprocess.run([sys.executable, "-m", "neoxconv", "verify", str(out), "--ids", "1,2", "--device", "cpu"],
                        capture_output=True, env=subprocess_env(), check=False)
@@ -91,8 +83,8 @@ def test_a_forged_line_and_a_window_title_from_a_real_process_with_stderr_piped(
 
 
 @pytest.mark.parametrize("kind", ["osc title", "forged line", "c1 csi", "lone surrogate"])
-def test_split_names_from_an_hf_index_escaped(merged, tmp_path, kind):
-    out = _with_index(merged, tmp_path / "hf", lambda wm: wm.__setitem__(next(iter(wm)), f"m{HOSTILE[kind]}"))
+def test_split_names_from_an_hf_index_escaped(merged_fixture, tmp_path, kind):
+    out = _with_index(merged_fixture, tmp_path / "hf", lambda wm: wm.__setitem__(next(iter(wm)), f"m{HOSTILE[kind]}"))
     result = cli("split", "-q", "--tp", 2, out, tmp_path / "neox")
     one_line_error(result, 4, "listed in the index")
     assert_terminal_safe(result.stderr_bytes + result.stdout_bytes)
@@ -148,7 +140,7 @@ def test_verify_json_report_is_one_valid_line_with_the_same_values():
     assert json.loads(text) == report.to_json()  # the same strings, escapes decoded
 
 
-def test_verify_output_of_a_tokenizer_whose_tokens_hold_escape_sequences(merged, tmp_path):
+def test_verify_output_of_a_tokenizer_whose_tokens_hold_escape_sequences(merged_fixture, tmp_path):
     """Generated text comes from the tokenizer's tokens: printed escaped, and exact in --json."""
     from tokenizers import Tokenizer
     from tokenizers.models import WordLevel
@@ -157,7 +149,7 @@ def test_verify_output_of_a_tokenizer_whose_tokens_hold_escape_sequences(merged,
     vocab = {f"t{i}{evil}": i for i in range(512)}
     tok = Tokenizer(WordLevel(vocab, unk_token="t0" + evil))
     tok.save(str(tmp_path / "evil.json"))
-    args = ["verify", "-q", merged, "--ids", "1,2", "--max-new-tokens", 3, "--device", "cpu", "--tokenizer",
+    args = ["verify", "-q", merged_fixture, "--ids", "1,2", "--max-new-tokens", 3, "--device", "cpu", "--tokenizer",
             tmp_path / "evil.json"]
     human = cli(*args)
     assert human.exit_code == 0, human.output
@@ -171,95 +163,13 @@ def test_verify_output_of_a_tokenizer_whose_tokens_hold_escape_sequences(merged,
     assert report["text"] == tok.decode(report["generated_ids"]) and evil in report["text"]
 
 
-def test_verify_against_a_source_in_a_hostile_folder_name(merged, tmp_path):
+def test_verify_against_a_source_in_a_hostile_folder_name(merged_fixture, tmp_path):
     """A folder name from an archive ends up in a check's detail line."""
     src = tmp_path / "src\x1b]0;pwned\x07\nall checks passed"
     shutil.copytree(COMMITTED_FIXTURE, src)
-    result = cli("verify", "-q", merged, "--ids", "1,2", "--max-new-tokens", 2, "--device", "cpu", "--against", src)
+    result = cli("verify", "-q", merged_fixture, "--ids", "1,2", "--max-new-tokens", 2, "--device", "cpu", "--against",
+                 src)
     assert result.exit_code == 0, result.output
     assert_terminal_safe(result.stdout_bytes + result.stderr_bytes)
     assert [ln for ln in result.stdout.splitlines() if "all checks passed" in ln][-1] == "all checks passed"
     assert "src\\x1b]0;pwned\\x07\\nall checks passed" in result.stdout
-
-
-# ----- a tokenizer.json the tokenizers library refuses ----------------------------------------------------
-def _eos(i: int) -> dict:
-    return {"id": i, "content": "<|endoftext|>", "special": True, "single_word": False, "lstrip": False,
-            "rstrip": False, "normalized": False}
-
-
-REFUSED = {  # each passes neoxconv's own JSON checks (model entry, ids, <|endoftext|> id)
-    "added token lacks fields": {"model": {"type": "BPE", "vocab": {"a": 0}, "merges": []},
-                                 "added_tokens": [{"id": 1, "content": "<|endoftext|>", "special": True}]},
-    "unknown model type": {"model": {"type": "Bogus", "vocab": {"<|endoftext|>": 0}}},
-    "merge of unknown tokens": {"model": {"type": "BPE", "vocab": {"a": 0}, "merges": ["x y"]},
-                                "added_tokens": [_eos(1)]},
-    "unknown normalizer": {"normalizer": {"type": "Shout"}, "added_tokens": [_eos(1)],
-                           "model": {"type": "BPE", "vocab": {"a": 0}, "merges": []}},
-    "unknown decoder": {"decoder": {"type": "Nope"},
-                        "model": {"type": "WordLevel", "vocab": {"<|endoftext|>": 0}, "unk_token": "<|endoftext|>"}},
-    "bad split regex": {"pre_tokenizer": {"type": "Split", "pattern": {"Regex": "("}, "behavior": "Isolated",
-                                          "invert": False},
-                        "model": {"type": "WordLevel", "vocab": {"<|endoftext|>": 0}, "unk_token": "<|endoftext|>"}},
-}
-
-
-@pytest.fixture(scope="module")
-def hf_folder(merged) -> Path:
-    return merged  # a merge's OUT is a Hugging Face folder split reads
-
-
-@pytest.mark.parametrize("command", ["merge", "split", "reshard"])
-@pytest.mark.parametrize("kind", list(REFUSED))
-def test_a_tokenizer_the_library_refuses_is_not_copied(hf_folder, tmp_path, command, kind):
-    bad = tmp_path / "bad_tokenizer.json"
-    bad.write_text(json.dumps(REFUSED[kind]))
-    out = tmp_path / "out"
-    args = {"merge": ["merge", "-q", COMMITTED_FIXTURE, out],
-            "split": ["split", "-q", "--tp", 2, hf_folder, out],
-            "reshard": ["reshard", "-q", "--tp", 1, COMMITTED_FIXTURE, out]}[command]
-    one_line_error(cli(*args, "--tokenizer", bad), 4, bad, "tokenizers library cannot load")
-    assert not out.exists() or not [p for p in out.iterdir() if p.name.endswith("tokenizer.json")]
-
-
-@pytest.mark.parametrize("command", ["merge", "split", "reshard"])
-def test_a_tokenizer_the_library_loads_is_copied_byte_for_byte(hf_folder, tmp_path, command):
-    from tokenizers import Tokenizer
-    from tokenizers.models import WordLevel
-
-    good = tmp_path / "good_tokenizer.json"
-    Tokenizer(WordLevel({"<|endoftext|>": 0, "a": 1}, unk_token="<|endoftext|>")).save(str(good))
-    out = tmp_path / "out"
-    args = {"merge": ["merge", "-q", COMMITTED_FIXTURE, out],
-            "split": ["split", "-q", "--tp", 2, hf_folder, out],
-            "reshard": ["reshard", "-q", "--tp", 1, COMMITTED_FIXTURE, out]}[command]
-    r = cli(*args, "--tokenizer", good)
-    assert r.exit_code == 0, r.output
-    copied = out / "tokenizer.json"  # every writer names it so, whatever the source file is called
-    assert copied.read_bytes() == good.read_bytes()
-
-
-def test_without_the_library_the_json_checks_still_hold(tmp_path, monkeypatch):
-    """tokenizers is a dependency; where it is missing the library check is skipped, the others are not."""
-    from neoxconv.errors import CheckpointError
-    from neoxconv.source.tokenizer import checked_token_count
-
-    monkeypatch.setitem(sys.modules, "tokenizers", None)  # `import tokenizers` now raises ImportError
-    bad = tmp_path / "t.json"
-    bad.write_text(json.dumps(REFUSED["unknown model type"]))
-    assert checked_token_count(bad, 512) == 1
-    bad.write_text(json.dumps({"model": {"vocab": {"<|endoftext|>": 7}}}))
-    with pytest.raises(CheckpointError, match="has 8 tokens"):
-        checked_token_count(bad, 4)
-
-
-def test_the_size_bound_comes_before_any_parse(tmp_path):
-    from neoxconv.errors import CheckpointError
-    from neoxconv.source.tokenizer import checked_token_count
-
-    huge = tmp_path / "tokenizer.json"
-    with open(huge, "wb") as f:  # sparse: no disk used
-        f.truncate((256 << 20) + 1)
-    with pytest.raises(CheckpointError, match="implausibly large"):
-        checked_token_count(huge, None)
-    assert os.path.getsize(huge) > 256 << 20

@@ -1,40 +1,48 @@
 """verify: the JSON contract, the checks, and --against catching corrupted merges."""
 
+from __future__ import annotations
+
 import json
+import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 
-from neoxconv.output import hf_merge as convert
+from neoxconv import verify
+from neoxconv.check.integrity import check_output
 from neoxconv.cli import main
-from neoxconv.output.hf_merge import MergeOptions, merge_checkpoint
+from neoxconv.config import load_out_config
 from neoxconv.errors import VerificationError
 from neoxconv.merge import Rule
+from neoxconv.output import hf_merge as convert
+from neoxconv.output.hf_merge import MergeOptions, merge_checkpoint
 from neoxconv.verify import VerifyOptions, verify_model
+
+from conftest import (
+    COMMITTED_FIXTURE,
+    VERIFY,
+    cli,
+    no_internal_error,
+    one_line_error,
+    rewrite_safetensors_header,
+    safetensors_header,
+    subprocess_env,
+    verify_json,
+)
 
 PROMPT_IDS = (12092, 1533, 13, 50, 7000)
 
 
-@pytest.fixture(scope="module")
-def merged(tmp_path_factory, make_checkpoint):
-    root, reference, spec = make_checkpoint(2, "pipeline", "float32")
-    out = tmp_path_factory.mktemp("merged") / "out"
-    merge_checkpoint(root, out, MergeOptions(quiet=True))
-    return root, out
-
-
-def _verify_json(*args):
-    result = CliRunner().invoke(main, ["verify", *map(str, args), "--json"])
-    return result, (json.loads(result.stdout) if result.stdout.strip().startswith("{") else None)
-
-
-def test_json_contract_and_greedy_ids_equal_transformers(merged):
+def test_json_contract_and_greedy_ids_equal_transformers(merged_fp32):
     transformers = pytest.importorskip("transformers")
     import torch
 
-    root, out = merged
-    result, report = _verify_json(out, "--ids", ",".join(map(str, PROMPT_IDS)), "--max-new-tokens", 12,
+    root, out = merged_fp32
+    result, report = verify_json(out, "--ids", ",".join(map(str, PROMPT_IDS)), "--max-new-tokens", 12,
                                   "--reference", "hf", "--against", root)
     assert result.exit_code == 0, result.output
     for key in ("prompt_ids", "generated_ids", "text", "kv_cache_max_abs_diff", "tokens_per_second", "device",
@@ -49,22 +57,6 @@ def test_json_contract_and_greedy_ids_equal_transformers(merged):
     want = hf.generate(torch.tensor([PROMPT_IDS]), max_new_tokens=12, do_sample=False,
                        eos_token_id=hf.config.eos_token_id, pad_token_id=0)[0, len(PROMPT_IDS):].tolist()
     assert report["generated_ids"] == want
-
-
-def test_text_prompt_with_the_real_tokenizer(make_checkpoint, tmp_path, real_tokenizer):
-    if real_tokenizer is None:
-        pytest.skip("no real 20B tokenizer (set NEOXCONV_TOKENIZER, or put it in ../shared/data)")
-    root, _, _ = make_checkpoint(2, "pipeline", "float16", tokenizer=real_tokenizer)
-    merge_checkpoint(root, tmp_path / "out", MergeOptions(quiet=True))
-    result, report = _verify_json(tmp_path / "out", "--prompt", "Hello world", "--max-new-tokens", 4)
-    assert result.exit_code == 0, result.output
-    assert report["prompt_ids"] == [12092, 1533] and isinstance(report["text"], str)
-
-
-def test_prompt_without_tokenizer_is_a_clear_error(merged):
-    _, out = merged
-    result = CliRunner().invoke(main, ["verify", str(out), "--prompt", "Hello"])
-    assert result.exit_code == 2 and "--ids" in result.output
 
 
 def _corrupt_merge(monkeypatch, root, out, corruption):
@@ -99,24 +91,25 @@ def _corrupt_merge(monkeypatch, root, out, corruption):
 def test_against_flags_a_corrupted_merge(make_checkpoint, tmp_path, monkeypatch, corruption):
     root, _, _ = make_checkpoint(2, "pipeline", "float32")
     _corrupt_merge(monkeypatch, root, tmp_path / "bad", corruption)
-    result, report = _verify_json(tmp_path / "bad", "--ids", "1,2,3,4,5", "--max-new-tokens", 4, "--against", root)
+    result, report = verify_json(tmp_path / "bad", "--ids", "1,2,3,4,5", "--max-new-tokens", 4, "--against", root)
     assert result.exit_code == 7, result.output
     assert report["checks"]["against"]["passed"] is False
     assert report["checks"]["kv_cache"]["passed"] is True  # self-consistency alone would not catch it
 
 
-def test_int8_on_cpu_agrees_with_full_precision(merged):
+def test_int8_on_cpu_agrees_with_full_precision(merged_fp32):
     pytest.importorskip("bitsandbytes")
-    _, out = merged
+    _, out = merged_fp32
     report = verify_model(out, VerifyOptions(ids=PROMPT_IDS, max_new_tokens=8, int8=True))
     assert report.ok, [c for c in report.checks if not c.passed]
-    assert report.int8["top1_agreement"] >= 0.5 and report.int8["weight_bytes_after"] < report.int8["weight_bytes_before"]
+    assert report.int8["top1_agreement"] >= 0.5
+    assert report.int8["weight_bytes_after"] < report.int8["weight_bytes_before"]
 
 
-def test_tampered_file_is_named_before_any_model_is_built(merged, tmp_path):
+def test_tampered_file_is_named_before_any_model_is_built(merged_fp32, tmp_path):
     import shutil
 
-    _, out = merged
+    _, out = merged_fp32
     copy = tmp_path / "copy"
     shutil.copytree(out, copy)
     victim = sorted(copy.glob("model-*.safetensors"))[2]
@@ -132,10 +125,10 @@ def test_tampered_file_is_named_before_any_model_is_built(merged, tmp_path):
         verify_model(copy, VerifyOptions(ids=(1, 2)))
 
 
-def test_header_that_disagrees_with_config_is_reported(merged, tmp_path):
+def test_header_that_disagrees_with_config_is_reported(merged_fp32, tmp_path):
     import shutil
 
-    _, out = merged
+    _, out = merged_fp32
     copy = tmp_path / "copy"
     shutil.copytree(out, copy)
     cfg = json.loads((copy / "config.json").read_text())
@@ -156,3 +149,298 @@ def test_against_passes_on_right_merges_of_other_architectures(make_checkpoint, 
     merge_checkpoint(root, tmp_path / "out", MergeOptions(quiet=True))
     report = verify_model(tmp_path / "out", VerifyOptions(ids=PROMPT_IDS, max_new_tokens=4, against=root))
     assert report.ok, [c for c in report.checks if not c.passed]
+
+
+@pytest.mark.parametrize("ids", ["1,,2", "1,2,", ",1", " , "])
+def test_an_empty_item_in_verify_ids_is_a_usage_error(merged_fixture, ids):
+    # Before: "1,,2" was read as [1, 2] (the lost id dropped silently).
+    r = cli("verify", merged_fixture, "--ids", ids)
+    assert r.exit_code == 2, r.output
+    assert "--ids" in r.output and "empty item" in r.output and "Traceback" not in r.output
+
+
+# ----- tamper evidence -----------------------------------------------------------------------------------
+def test_verify_hashes_the_index_an_index_redirected_to_an_added_file_fails(merged_fixture_copy):
+    index = json.loads((merged_fixture_copy / "model.safetensors.index.json").read_text())
+    name = "gpt_neox.layers.0.attention.dense.weight"
+    victim = index["weight_map"][name]
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(merged_fixture_copy / victim)
+    tensors[name] = tensors[name] * 0  # changed weights in an added file
+    save_file(tensors, merged_fixture_copy / "model-00099-of-00099.safetensors", metadata={"format": "pt"})
+    for t in tensors:
+        index["weight_map"][t] = "model-00099-of-00099.safetensors"
+    redirected = json.dumps(index, indent=2) + "\n"  # same size as before: only a hash can tell
+    assert len(redirected) == (merged_fixture_copy / "model.safetensors.index.json").stat().st_size
+    (merged_fixture_copy / "model.safetensors.index.json").write_text(redirected)
+    one_line_error(cli("verify", merged_fixture_copy, *VERIFY), 7, "model.safetensors.index.json: blake3 differs",
+                    "model-00099-of-00099.safetensors, which the manifest does not list")
+
+
+def test_a_folder_without_manifest_fails_integrity_unless_no_manifest(merged_fixture_copy):
+    (merged_fixture_copy / "neoxconv.json").unlink()
+    one_line_error(cli("verify", merged_fixture_copy, *VERIFY), 7, "no neoxconv.json", "--no-manifest")
+    (merged_fixture_copy / ".neoxconv-journal.json").write_text("{}")  # an interrupted merge says so
+    one_line_error(cli("verify", merged_fixture_copy, *VERIFY), 7, "the merge was interrupted; re-run it")
+    (merged_fixture_copy / ".neoxconv-journal.json").unlink()
+    result = cli("verify", merged_fixture_copy, *VERIFY, "--no-manifest")
+    assert result.exit_code == 0, result.output
+    assert "NOT proven: file contents" in result.output  # the report says what was not proven
+
+
+def test_small_files_are_hashed_even_above_the_weight_hashing_threshold(merged_fixture_copy):
+    report = check_output(merged_fixture_copy, load_out_config(merged_fixture_copy),
+                          hashes=False)  # as above the 2 GB threshold
+    assert "small files' hashes" in report.summary() and "NOT proven: the" in report.summary()
+    text = (merged_fixture_copy / "config.json").read_text()  # rotary base 10000 -> 10, the file keeps its size
+    (merged_fixture_copy / "config.json").write_text(text.replace('"rotary_emb_base": 10000.0',
+                                                                  '"rotary_emb_base": 10.0000'))
+    one_line_error(cli("verify", merged_fixture_copy, *VERIFY, "--no-check-hashes"), 7, "config.json: blake3 differs")
+
+
+def test_huge_max_position_embeddings_does_not_allocate_huge_rope_tables(src_copy, tmp_path):
+    config = {"model_type": "gpt_neox", "num_hidden_layers": 2, "hidden_size": 32, "num_attention_heads": 4,
+              "vocab_size": 512, "intermediate_size": 128, "rotary_pct": 0.5, "max_position_embeddings": 200_000_000,
+              "use_parallel_residual": True, "hidden_act": "gelu_fast", "layer_norm_eps": 1e-5}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "out"
+    assert cli("merge", src_copy, out, "--config", tmp_path / "config.json").exit_code == 0
+    result = subprocess.run([sys.executable, "-m", "neoxconv", "verify", str(out), *VERIFY, "--json"],
+                            capture_output=True, text=True, env=subprocess_env())
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["peak_memory_bytes"] < 3 << 30  # the old tables alone: 2e8 x 4 x 4 B x 2 = 6.4 GB
+    from neoxconv.runtime.loading import load_model
+
+    model = load_model(out, device="cpu", dtype="fp32").model
+    assert model.rotary.cos.shape[0] == 0  # nothing until a position is used
+    model(torch.tensor([[1, 2, 3]]))
+    assert model.rotary.cos.shape[0] == 4096
+
+
+def test_overlapping_safetensors_offsets_are_a_verification_error(merged_fixture_copy):
+    from neoxconv.source.safetensors import read_safetensors_header
+
+    victim = sorted(merged_fixture_copy.glob("model-*.safetensors"))[1]
+    raw = victim.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = read_safetensors_header(victim)
+    names = sorted((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"][0])
+    a, b = header[names[0]], header[names[1]]
+    size_b = b["data_offsets"][1] - b["data_offsets"][0]
+    b["data_offsets"] = [a["data_offsets"][0], a["data_offsets"][0] + size_b]  # b now overlaps a
+    new = json.dumps(header, separators=(",", ":")).encode()
+    new += b" " * (n - len(new))
+    assert len(new) == n
+    victim.write_bytes(raw[:8] + new + raw[8 + n:])
+    (merged_fixture_copy / "neoxconv.json").unlink()  # headers only: the layout check itself must catch it
+    one_line_error(cli("verify", merged_fixture_copy, *VERIFY, "--no-manifest"), 7, victim.name, "overlaps")
+
+
+IDS = "12,345,67,8"
+
+
+# ----- exit codes ---------------------------------------------------------------------------------------
+def test_verify_a_path_that_does_not_exist_is_a_usage_error(tmp_path):
+    result = cli("verify", tmp_path / "nowhere", "--ids", IDS)
+    assert result.exit_code == 2 and "does not exist" in result.output
+
+
+def test_verify_a_folder_that_is_not_a_merge_output_is_an_input_error(tmp_path, merged_fixture):
+    (tmp_path / "empty").mkdir()
+    result = cli("verify", tmp_path / "empty", "--ids", IDS)
+    assert result.exit_code == 4 and "no config.json" in result.stderr and "neoxconv merge" in result.stderr
+    half = tmp_path / "half"  # config.json but no index: not a finished merge
+    half.mkdir()
+    shutil.copy(merged_fixture / "config.json", half)
+    result = cli("verify", half, "--ids", IDS)
+    assert result.exit_code == 4 and "model.safetensors.index.json" in result.stderr
+
+
+@pytest.mark.parametrize("args, says", [
+    ((), "--prompt TEXT) or token ids (--ids"),
+    (("--ids", "1,99999"), "outside the vocabulary"),
+    (("--ids", "1,2", "--prompt", "hi"), "not both"),
+    (("--ids", "abc"), "comma-separated token ids"),
+    (("--prompt", "hi"), "no tokenizer.json"),
+    (("--ids", "1,2", "--tokenizer", "/nonexistent/tokenizer.json"), "no such tokenizer file"),
+    (("--ids", "1,2", "--against", "/nonexistent/checkpoint"), "does not exist"),
+])
+def test_verify_usage_errors_exit_2(merged_fixture, args, says):
+    result = cli("verify", merged_fixture, *args)
+    assert result.exit_code == 2, result.output
+    assert says in result.output
+    assert "Traceback" not in result.output and "internal error" not in result.output
+
+
+# ----- checks that follow the stored dtype --------------------------------------------------------------
+@pytest.mark.parametrize("dtype, stored", [("bf16", "bfloat16"), ("fp16", "float16")])
+def test_reduced_precision_merge_passes_against_on_cpu(make_checkpoint, tmp_path, dtype, stored):
+    root, _, _ = make_checkpoint(2, "pipeline", "float32")
+    out = tmp_path / "out"
+    assert cli("merge", root, out, "--dtype", dtype, "-q").exit_code == 0
+    result = cli("verify", out, "--against", root, "--ids", IDS, "--max-new-tokens", 2, "--device", "cpu", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    against = report["checks"]["against"]
+    assert report["dtype"] == "float32" and against["passed"]
+    assert f"weights stored in {stored}, rounded from float32" in against["detail"]
+    scale = against["tolerance"] / verify.MODEL_TOL[getattr(__import__("torch"), stored)]
+    assert scale >= 1.0  # the tolerance is the stored dtype's, times max(1, max|logit|)
+    if dtype == "bf16":  # what failed before: bf16 rounding is far above the fp32 tolerance
+        assert against["value"] > verify.MODEL_TOL[__import__("torch").float32] * scale
+
+
+def test_unrounded_weights_keep_the_tight_tolerance(merged_fixture):
+    """An fp16 source merged to fp16 holds the source's own values: no widening."""
+    result = cli("verify", merged_fixture, "--against", COMMITTED_FIXTURE, "--ids", IDS, "--max-new-tokens", 2,
+                 "--json")
+    against = json.loads(result.stdout)["checks"]["against"]
+    assert result.exit_code == 0 and "rounded" not in against["detail"]
+    assert against["tolerance"] < verify.MODEL_TOL[__import__("torch").float16]  # fp32's x scale (~3.5), not fp16's
+
+
+def test_bf16_tolerance_still_catches_a_wrong_merge(make_checkpoint, tmp_path, monkeypatch):
+    root, _, _ = make_checkpoint(2, "pipeline", "float32")
+    real_chunks = convert.iter_merged_chunks
+
+    def swapped(plan, **kw):  # ranks in the wrong order for one row-parallel weight
+        if plan.key == "mlp.dense_4h_to_h.weight":
+            plan.shards.reverse()
+        yield from real_chunks(plan, **kw)
+
+    monkeypatch.setattr(convert, "iter_merged_chunks", swapped)
+    assert cli("merge", root, tmp_path / "bad", "--dtype", "bf16", "-q").exit_code == 0
+    monkeypatch.undo()
+    result = cli("verify", tmp_path / "bad", "--against", root, "--ids", IDS, "--max-new-tokens", 2, "--json")
+    assert result.exit_code == 7
+    assert not json.loads(result.stdout)["checks"]["against"]["passed"]
+
+
+def _dup_first_entry(h: dict) -> bytes:
+    """The same tensor named twice, the second copy pointing at other bytes (readers keep different ones)."""
+    name = next(k for k in h if k != "__metadata__")
+    other = dict(h[name], data_offsets=[0, h[name]["data_offsets"][1] - h[name]["data_offsets"][0]])
+    return (json.dumps(h)[:-1] + ", " + json.dumps({name: other})[1:]).encode()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--max-new-tokens", "-3"], "--max-new-tokens"),
+    (["--temperature", "nan"], "finite temperature"),
+    (["--temperature", "inf"], "finite temperature"),
+    (["--int8-threshold", "-1"], "--int8-threshold"),
+    (["--int8-threshold", "nan"], "--int8-threshold"),
+])
+def test_bad_generation_options_are_usage_errors(merged_fp32, args, message):
+    _, out = merged_fp32
+    result = cli("verify", out, "--ids", "1,2", "--device", "cpu", *args)
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    no_internal_error(result)
+
+
+def test_prompt_longer_than_the_model_is_a_usage_error_before_loading(merged_fp32):
+    _, out = merged_fp32
+    n = json.loads((out / "config.json").read_text())["max_position_embeddings"]
+    result = cli("verify", out, "--ids", ",".join(["1"] * n), "--device", "cpu", "--max-new-tokens", "0")
+    assert result.exit_code == 2, result.output
+    assert f"the prompt has {n} tokens" in result.output and "max_position_embeddings" in result.output
+    assert "load:" not in result.output  # refused before any weight is read
+
+
+def test_max_new_tokens_zero_and_huge_run_resident(merged_fp32):
+    """A huge --max-new-tokens stops at max_position_embeddings, and the memory verify plans for is that of the
+    tokens it can generate: a tiny model stays resident (it was streamed from disk, the KV cache and logits of
+    a million tokens taken as not fitting)."""
+    _, out = merged_fp32
+    cap = json.loads((out / "config.json").read_text())["max_position_embeddings"]
+    for n in ("0", "1000000"):
+        result = cli("verify", out, "--ids", "1,2", "--device", "cpu", "--max-new-tokens", n, "--json", "-q")
+        assert result.exit_code == 0, result.output
+        report = json.loads(result.stdout)
+        assert len(report["generated_ids"]) <= (0 if n == "0" else cap - 2)
+        assert report["offloaded_bytes"] == 0 and report["device_map"] is None, report["notes"]
+
+
+def test_cuda_on_a_machine_without_cuda_is_a_usage_error(merged_fp32):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    _, out = merged_fp32
+    result = cli("verify", out, "--ids", "1,2", "--device", "cuda")
+    assert result.exit_code == 2 and "no CUDA device" in result.output, result.output
+
+
+@pytest.mark.parametrize("tamper, message", [
+    (lambda h: json.dumps({**h, "__metadata__": {"format": 5}}).encode(), "__metadata__ is not a table of strings"),
+    (lambda h: json.dumps({**h, "__metadata__": [1]}).encode(), "__metadata__ is not a table of strings"),
+    (lambda h: json.dumps({**h, "__metadata__": {"x": float("nan")}}).encode(), "NaN, which is not JSON"),
+    (_dup_first_entry, "twice"),
+    (lambda h: b" " + json.dumps(h).encode(), "does not start with"),
+])
+def test_header_safetensors_would_refuse_fails_integrity_not_the_loader(merged_fp32, tmp_path, tamper, message):
+    """--no-manifest checks only the headers: a header that safetensors refuses (or reads differently) must
+    fail the integrity check by name, not crash the loader afterwards."""
+    _, out = merged_fp32
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    (copy / "neoxconv.json").unlink()
+    victim = sorted(copy.glob("model-*.safetensors"))[0]
+    rewrite_safetensors_header(victim, tamper(safetensors_header(victim)))
+    result = cli("verify", copy, "--ids", "1,2", "--device", "cpu", "--no-manifest", "--max-new-tokens", "1")
+    assert result.exit_code == 7, result.output
+    assert victim.name in result.output and message in result.output
+    no_internal_error(result)
+
+
+def test_against_a_source_that_does_not_fit_its_config_names_the_tensor(merged_fp32, tmp_path):
+    """--against-config describing another model (here: half the hidden size) than the shards hold: the
+    shards are checked against it as merge checks them, not fed to a matmul that fails with a shape error."""
+    root, out = merged_fp32
+    (yml,) = (root / "configs").glob("*.yml")
+    text = yml.read_text()
+    hidden = json.loads((out / "config.json").read_text())["hidden_size"]
+    assert f'"hidden-size": {hidden},' in text
+    other = tmp_path / "other.yml"
+    other.write_text(text.replace(f'"hidden-size": {hidden},', f'"hidden-size": {hidden // 2},'))
+    result = cli("verify", out, "--ids", "1,2", "--device", "cpu", "--max-new-tokens", "1",
+                  "--against", root, "--against-config", other)
+    assert result.exit_code == 5, result.output
+    assert "word_embeddings.weight" in result.output and "config expects" in result.output
+    no_internal_error(result)
+
+
+def test_against_with_qkv_layout_on_a_gpt_neox_model_is_refused_as_in_merge(merged_fp32):
+    root, out = merged_fp32
+    result = cli("verify", out, "--ids", "1,2", "--device", "cpu", "--max-new-tokens", "1",
+                  "--against", root, "--qkv-layout", "blocked")
+    assert result.exit_code == 3 and "--qkv-layout applies to Llama-style" in result.output, result.output
+
+
+def test_manifest_that_does_not_list_config_json_fails_integrity(merged_fp32, tmp_path):
+    """Every merge records config.json's hash: a manifest without it leaves the config unchecked."""
+    _, out = merged_fp32
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    manifest = json.loads((copy / "neoxconv.json").read_text())
+    del manifest["files"]["config.json"]
+    (copy / "neoxconv.json").write_text(json.dumps(manifest))
+    result = cli("verify", copy, "--ids", "1,2", "--device", "cpu", "--max-new-tokens", "1")
+    assert result.exit_code == 7 and "neoxconv.json: does not list config.json" in result.output, result.output
+
+
+def test_index_naming_a_tensor_no_file_holds_fails_integrity(merged_fp32, tmp_path):
+    """--no-manifest still checks that the index and the headers agree, in both directions."""
+    _, out = merged_fp32
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    (copy / "neoxconv.json").unlink()
+    index = json.loads((copy / "model.safetensors.index.json").read_text())
+    first = sorted(set(index["weight_map"].values()))[0]
+    index["weight_map"]["gpt_neox.layers.0.attention.extra.weight"] = first
+    (copy / "model.safetensors.index.json").write_text(json.dumps(index))
+    result = cli("verify", copy, "--ids", "1,2", "--device", "cpu", "--no-manifest", "--max-new-tokens", "1")
+    assert result.exit_code == 7, result.output
+    assert "places tensors in files that do not hold them" in result.output and "attention.extra" in result.output

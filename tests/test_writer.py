@@ -1,6 +1,7 @@
 """The crash-safe safetensors writer: exact header bytes, O_DIRECT and buffered paths byte-identical."""
 
 import errno
+import hashlib
 import json
 import os
 import struct
@@ -12,6 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from neoxconv.output import writer
+from neoxconv.output.hashing import hash_file
 from neoxconv.output.writer import SafetensorsWriter, safetensors_header
 
 
@@ -115,3 +117,11 @@ def test_fast_merge_equals_the_plain_torch_path(tmp_path):
     for name, t in load_file(str(tmp_path / "plain.safetensors")).items():
         assert torch.equal(fast[name], t), name
     assert os.path.getsize(tmp_path / "plain.safetensors") > 0
+
+
+def test_atomic_write_returns_the_digest_it_is_asked_for(tmp_path):
+    """sha256 unless told otherwise: callers that record it under "sha256" (split's manifest) stay right."""
+    data = b"neoxconv" * 1000
+    assert writer.atomic_write(tmp_path / "a", data) == hashlib.sha256(data).hexdigest()
+    assert writer.atomic_write(tmp_path / "b", data, hash_algo="blake3") == hash_file(tmp_path / "b", "blake3")
+    assert hash_file(tmp_path / "b", "blake3") != hash_file(tmp_path / "b", "sha256")
