@@ -149,22 +149,28 @@ def merge(src: Path, out: Path, dtype: str, row_bias: str, qkv_layout: str, repl
               help="Plan for this merge --row-bias.")
 @click.option("--qkv-layout", type=_qkv_layout_choice, default="auto", show_default=True,
               help="Plan for this merge --qkv-layout (Llama-style models with grouped-query attention).")
+@click.option("--summary", is_flag=True,
+              help="The plan as one line per layer kind (layers, tensors, bytes, rules) instead of every tensor; "
+                   "with --json, 'tensors' is left out ('plan_summary' is always there).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @_run
 def inspect(src: Path, config_path: Path | None, out: Path | None, dtype: str, row_bias: str, qkv_layout: str,
-            as_json: bool) -> None:
+            summary: bool, as_json: bool) -> None:
     """Describe the checkpoint SRC and the merge plan, without reading tensor data.
 
     Shows the model's shape, dtype and parameter count, the files found and missing, and the plan: every
-    merged tensor (name, shape, dtype, rule) and the bytes the merge will write. Exits 4 when rank files are
-    missing (after printing what was found).
+    merged tensor (name, shape, dtype, rule) and the bytes the merge will write (--summary: one line per layer
+    kind). Exits 4 when rank files are missing (after printing what was found).
     """
     from neoxconv.errors import CheckpointError
     from neoxconv.output.describe import format_inspect, inspect_checkpoint
 
     info = inspect_checkpoint(src, config_path=config_path, out=out, dtype=dtype, row_bias=row_bias,
                               qkv_layout=qkv_layout)
-    click.echo(json.dumps(info, indent=2) if as_json else format_inspect(info))
+    if as_json:
+        click.echo(json.dumps({k: v for k, v in info.items() if not (summary and k == "tensors")}, indent=2))
+    else:
+        click.echo(format_inspect(info, summary=summary))
     missing, count = info["files_missing"], info["files_missing_count"]  # the first few, and how many
     if missing:
         raise CheckpointError(f"{info['step_dir']}: {count} rank file(s) missing: {', '.join(missing[:8])}"
