@@ -248,9 +248,10 @@ def check_against_config(out: Path, config: NeoXConfig, options: VerifyOptions) 
 
     ckpt = open_checkpoint(options.against, config_path=options.against_config)
     src = ckpt.config
-    emb = ckpt.tensors(ckpt.layers[0], 0).get("word_embeddings.weight")  # the padded vocabulary: its rows
-    if emb is not None and emb.shape:
-        src = src.with_(vocab_size=emb.shape[0] * ckpt.tp_degree)
+    emb = ckpt.tensors(ckpt.layers[0], 0).get("word_embeddings.weight")  # (V / T, H): the padded vocabulary
+    if emb is None or len(emb.shape) != 2 or emb.shape[1] != src.hidden_size:
+        return  # the shards do not fit their own config: the planner names the tensor (MergeError) when it runs
+    src = src.with_(vocab_size=emb.shape[0] * ckpt.tp_degree)
     differ = [f"{label} {getattr(src, name)} vs {getattr(config, name)}" for name, label in _MODEL_SHAPE
               if getattr(src, name) is not None and getattr(config, name) is not None
               and getattr(src, name) != getattr(config, name)]

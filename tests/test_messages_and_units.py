@@ -190,3 +190,41 @@ def test_inspect_summary_is_one_line_per_layer_kind_with_counts_and_bytes():
     assert summary["block"]["rules"] == {"replicated": 8, "concat_dim0": 8, "concat_dim1": 4, "sum": 4}
     short = json.loads(cli("inspect", COMMITTED_FIXTURE, "--json", "--summary").output)
     assert "tensors" not in short and short["plan_summary"] == full["plan_summary"]
+
+
+# ----- mistakes that looked like corruption ------------------------------------------------------------------
+def test_verify_against_another_models_checkpoint_names_the_config_difference(merged_fixture, make_checkpoint):
+    other, _, _ = make_checkpoint(2, "pipeline", "float16", config_overrides={"num_layers": 3})  # hidden 64
+    line = one_line_error(cli("verify", merged_fixture, "--ids", "12,345", "--against", other), 3,
+                          "does not match OUT's", "layers 3 vs 2", "hidden 64 vs 32", str(other))
+    assert "agreement" not in line and "another model" in line
+
+
+def test_merge_or_inspect_of_a_hugging_face_folder_suggests_verify_and_split(merged_fixture, tmp_path):
+    for command in (("merge", merged_fixture, tmp_path / "out"), ("inspect", merged_fixture)):
+        line = one_line_error(cli(*command), 4, "Hugging Face model folder", f"neoxconv verify {merged_fixture}",
+                              f"neoxconv split {merged_fixture} OUT --tp N")
+        assert "no checkpoint here" not in line
+    assert not (tmp_path / "out").exists()
+    (tmp_path / "empty").mkdir()
+    one_line_error(cli("merge", tmp_path / "empty", tmp_path / "out"), 4, "no checkpoint here")
+
+
+def test_split_refuses_to_resume_over_other_options_naming_what_differs(merged_fixture, tmp_path):
+    out = tmp_path / "split"
+    assert cli("split", merged_fixture, out, "--tp", 2, "-q").exit_code == 0
+    line = one_line_error(cli("split", merged_fixture, out, "--tp", 1, "--layout", "sequential"), 6)
+    assert line.endswith(f"{out}: holds a neoxconv split made with other options: layout: pipeline before, "
+                         "sequential now; tp: 2 before, 1 now; use --no-resume or another OUT"), line
+    assert "{" not in line
+
+
+def test_demo_workdir_of_an_earlier_demo_says_what_to_do(tmp_path):
+    work = tmp_path / "work"
+    (work / "checkpoint" / "global_step150000").mkdir(parents=True)
+    (work / "merged").mkdir()
+    line = one_line_error(cli("demo", "--workdir", work, "--tp", 4), 6, "earlier demo",
+                          f"rm -r {work / 'checkpoint'} {work / 'merged'}", "another --workdir")
+    assert "--tp" in line
+    (work / "mine.txt").write_text("x")
+    one_line_error(cli("demo", "--workdir", work), 6, "not empty", "choose another --workdir")
