@@ -176,7 +176,7 @@ def test_inspect_escapes_names_read_from_the_source(src_copy):
 
 
 def test_inspect_summary_is_one_line_per_layer_kind_with_counts_and_bytes():
-    full = json.loads(cli("inspect", COMMITTED_FIXTURE, "--json").output)
+    full = json.loads(cli("inspect", COMMITTED_FIXTURE, "--json").stdout)
     r = cli("inspect", COMMITTED_FIXTURE, "--summary")
     assert r.exit_code == 0, r.output
     plan = r.output.split("\nplan: ", 1)[1].splitlines()
@@ -228,3 +228,36 @@ def test_demo_workdir_of_an_earlier_demo_says_what_to_do(tmp_path):
     assert "--tp" in line
     (work / "mine.txt").write_text("x")
     one_line_error(cli("demo", "--workdir", work), 6, "not empty", "choose another --workdir")
+
+
+# ----- synth and the --json field names -----------------------------------------------------------------------
+def test_synth_default_heads_follow_the_released_models_head_widths():
+    from neoxconv.tools.synthetic import default_heads
+
+    # GPT-NeoX-20B: 6144 = 64 heads of 96; Pythia 70M/160M/410M: 64-wide heads; Pythia 1.4B/2.8B/6.9B/12B: 128
+    assert default_heads(6144) == 64
+    assert [default_heads(h) for h in (512, 768, 1024)] == [8, 12, 16]
+    assert [default_heads(h) for h in (2048, 2560, 4096, 5120)] == [16, 20, 32, 40]
+    assert default_heads(2112) == 33 and default_heads(32) == 1  # 128 does not divide 2112: 64-wide heads
+
+
+def test_synth_json_describes_what_was_written(tmp_path):
+    r = cli("synth", tmp_path / "ck", "--tp", 2, "--layers", 1, "--hidden", 128, "--vocab", 256, "--json")
+    assert r.exit_code == 0, r.output
+    info = json.loads(r.output)
+    files = [p for p in (tmp_path / "ck").rglob("*") if p.is_file()]
+    assert info["out"] == str(tmp_path / "ck") and info["files"] == len(files)
+    assert info["bytes"] == sum(p.stat().st_size for p in files)
+    assert {k: info[k] for k in ("tp_degree", "num_layers", "hidden_size", "num_heads", "vocab_size", "layout")} == \
+        {"tp_degree": 2, "num_layers": 1, "hidden_size": 128, "num_heads": 2, "vocab_size": 256, "layout": "pipeline"}
+    inspected = json.loads(cli("inspect", tmp_path / "ck", "--json").stdout)
+    assert inspected["parameters"] == info["parameters"] and inspected["step_dir"] == info["step_dir"]
+
+
+def test_json_outputs_name_the_output_folder_out(merged_fixture, tmp_path):
+    """merge, split, reshard, synth and verify all say ``out``; verify keeps ``out_dir`` (its old name) too."""
+    merged = json.loads(cli("merge", COMMITTED_FIXTURE, tmp_path / "m", "--json").stdout)
+    verified = json.loads(cli("verify", merged_fixture, "--ids", "12,345", "--max-new-tokens", "1", "--json").stdout)
+    split = json.loads(cli("split", merged_fixture, tmp_path / "s", "--tp", 1, "--json").stdout)
+    assert merged["out"] == str(tmp_path / "m") and split["out"] == str(tmp_path / "s")
+    assert verified["out"] == verified["out_dir"] == str(merged_fixture)
