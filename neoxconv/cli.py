@@ -149,22 +149,28 @@ def merge(src: Path, out: Path, dtype: str, row_bias: str, qkv_layout: str, repl
               help="Plan for this merge --row-bias.")
 @click.option("--qkv-layout", type=_qkv_layout_choice, default="auto", show_default=True,
               help="Plan for this merge --qkv-layout (Llama-style models with grouped-query attention).")
+@click.option("--summary", is_flag=True,
+              help="The plan as one line per layer kind (layers, tensors, bytes, rules) instead of every tensor; "
+                   "with --json, 'tensors' is left out ('plan_summary' is always there).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @_run
 def inspect(src: Path, config_path: Path | None, out: Path | None, dtype: str, row_bias: str, qkv_layout: str,
-            as_json: bool) -> None:
+            summary: bool, as_json: bool) -> None:
     """Describe the checkpoint SRC and the merge plan, without reading tensor data.
 
     Shows the model's shape, dtype and parameter count, the files found and missing, and the plan: every
-    merged tensor (name, shape, dtype, rule) and the bytes the merge will write. Exits 4 when rank files are
-    missing (after printing what was found).
+    merged tensor (name, shape, dtype, rule) and the bytes the merge will write (--summary: one line per layer
+    kind). Exits 4 when rank files are missing (after printing what was found).
     """
     from neoxconv.errors import CheckpointError
     from neoxconv.output.describe import format_inspect, inspect_checkpoint
 
     info = inspect_checkpoint(src, config_path=config_path, out=out, dtype=dtype, row_bias=row_bias,
                               qkv_layout=qkv_layout)
-    click.echo(json.dumps(info, indent=2) if as_json else format_inspect(info))
+    if as_json:
+        click.echo(json.dumps({k: v for k, v in info.items() if not (summary and k == "tensors")}, indent=2))
+    else:
+        click.echo(format_inspect(info, summary=summary))
     missing, count = info["files_missing"], info["files_missing_count"]  # the first few, and how many
     if missing:
         raise CheckpointError(f"{info['step_dir']}: {count} rank file(s) missing: {', '.join(missing[:8])}"
@@ -390,7 +396,9 @@ def demo(workdir: Path | None, tp_degree: int, tokenizer_path: Path | None) -> N
               help="Tensor-parallel degree (rank files per layer).")
 @click.option("--layers", type=int, default=4, show_default=True, help="Transformer blocks (num-layers).")
 @click.option("--hidden", type=int, default=1024, show_default=True, help="Hidden size.")
-@click.option("--heads", type=int, help="Attention heads (default: hidden / 64, at least 1).")
+@click.option("--heads", type=int,
+              help="Attention heads (default: head width as the released models: 64 below hidden 2048, 128 from "
+                   "2048, 96 at 6144 = 64 heads as GPT-NeoX-20B).")
 @click.option("--ffn", type=int, help="MLP width (default: 4 x hidden).")
 @click.option("--vocab", type=int, default=50432, show_default=True,
               help="Padded vocabulary rows (50432 fits the 20B tokenizer).")
@@ -404,10 +412,12 @@ def demo(workdir: Path | None, tp_degree: int, tokenizer_path: Path | None) -> N
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random weights.")
 @click.option("--tokenizer", "tokenizer_path", type=click.Path(path_type=Path, exists=True, dir_okay=False),
               help="A tokenizer.json to place next to the checkpoint (as 20B_tokenizer.json).")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print one JSON object (out, step_dir, parameters, bytes, files and the model's shape).")
 @_run
 def synth(out: Path, tp_degree: int, layers: int, hidden: int, heads: int | None, ffn: int | None, vocab: int,
           max_positions: int, rotary_pct: float, dtype: str, layout: str, sequential_residual: bool, seed: int,
-          tokenizer_path: Path | None) -> None:
+          tokenizer_path: Path | None, as_json: bool) -> None:
     """Write a random GPT-NeoX checkpoint of a chosen size to OUT, in the real file layout.
 
     For trying neoxconv and for bug reports: e.g. 'neoxconv synth ./ckpt --tp 2 --layers 4 --hidden 1024',
@@ -417,10 +427,11 @@ def synth(out: Path, tp_degree: int, layers: int, hidden: int, heads: int | None
     from neoxconv.config import GELU_TANH, NeoXConfig
     from neoxconv.errors import ConfigError, UsageError
     from neoxconv.progress import format_bytes
-    from neoxconv.tools.synthetic import SyntheticSpec, synthesize
+    from neoxconv.tools.synthetic import SyntheticSpec, default_heads, synthesize
 
     try:
-        config = NeoXConfig(num_layers=layers, hidden_size=hidden, num_heads=heads if heads is not None else max(1, hidden // 64),
+        config = NeoXConfig(num_layers=layers, hidden_size=hidden,
+                            num_heads=heads if heads is not None else default_heads(hidden),
                             vocab_size=vocab, intermediate_size=ffn, max_position_embeddings=max_positions,
                             rotary_pct=rotary_pct, parallel_residual=not sequential_residual, activation=GELU_TANH)
     except ConfigError as e:
@@ -435,10 +446,13 @@ def synth(out: Path, tp_degree: int, layers: int, hidden: int, heads: int | None
     spec = SyntheticSpec(config, tp_degree=tp_degree, layout=layout, dtype={"fp16": "float16", "bf16": "bfloat16",
                          "fp32": "float32"}[dtype], seed=seed, tokenizer=tokenizer_path)
     info = synthesize(out, spec)
+    if as_json:
+        click.echo(json.dumps(info.to_json()))
+        return
     click.echo(f"wrote a synthetic TP={tp_degree} {dtype} checkpoint ({layout} layout, "
                f"{layers} layer{'s' if layers != 1 else ''}, hidden {hidden}, "
-               f"{config.num_heads} heads, vocab {vocab}): {info['parameters']:,} parameters, "
-               f"{format_bytes(info['bytes'])} in {info['files']} files under {out}")
+               f"{config.num_heads} heads, vocab {vocab}): {info.parameters:,} parameters, "
+               f"{format_bytes(info.bytes)} in {info.files} files under {out}")
 
 
 if __name__ == "__main__":  # pragma: no cover

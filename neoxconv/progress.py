@@ -1,15 +1,16 @@
 """Progress bars that the library owns and a ``quiet`` switch turns off, and the formatting of what neoxconv
 prints: byte counts, and text from input files made safe for a terminal (`terminal_text`, `terminal_json`).
 
-Byte counts use decimal units (kB, MB, GB = 1e9 bytes) everywhere: the bars, the summaries and the error
-messages (`format_bytes`), so a figure in one can be compared with another; memory (verify's placement)
-is given in binary units by the same function.
+Byte counts use decimal units (kB, MB, GB = 1e9 bytes) everywhere neoxconv prints one: the bars, the
+summaries, verify's memory figures and notes, and the error messages (`format_bytes`), so a figure in one
+can be compared with another. Sizes *given* to neoxconv (``--max-memory 512MiB``) may use either.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import math
 import re
 from collections.abc import Iterator
 from typing import Any
@@ -19,16 +20,20 @@ from tqdm import tqdm
 _BYTES_BAR = "{l_bar}{bar}| {n_fmt}B/{total_fmt}B [{elapsed}<{remaining}, {rate_fmt}{postfix}]"
 
 
-def format_bytes(n: float, *, binary: bool = False) -> str:
-    """``116.5 kB``, ``41.12 GB``: decimal units, as the progress bars show them; with ``binary``, powers of
-    1024 (``64.00 MiB``, ``1.25 GiB``), as memory caps (``--max-memory``) are usually given."""
-    base, units = (1024, ("KiB", "MiB", "GiB", "TiB")) if binary else (1000, ("kB", "MB", "GB", "TB"))
+def format_bytes(n: float) -> str:
+    """``116.5 kB``, ``41.12 GB``, ``1.07 GB`` for 1 GiB: decimal units, as the progress bars show them."""
     value, unit = float(n), "B"
-    for larger in units:
-        if abs(value) < base:
+    for larger in ("kB", "MB", "GB", "TB"):
+        if abs(value) < 1000:
             break
-        value, unit = value / base, larger
+        value, unit = value / 1000, larger
     return f"{value:.0f} B" if unit == "B" else f"{value:.{1 if abs(value) >= 100 else 2}f} {unit}"
+
+
+def format_rate(value: float, unit: str) -> str:
+    """``117.3 tokens/s``, or ``- tokens/s`` when there is no rate (nan: e.g. one generated token, so no decode
+    step was timed; inf: nothing measurable)."""
+    return f"{value:.1f} {unit}" if math.isfinite(value) else f"- {unit}"
 
 
 # C0 controls (newline, carriage return, ESC, BEL, ...), DEL, C1 controls (CSI 0x9b, OSC 0x9d: terminals that
@@ -55,6 +60,15 @@ def terminal_json(obj: Any) -> str:
     """``json.dumps(obj, ensure_ascii=False)`` with DEL, the C1 controls, the line separators and lone
     surrogates written as ``\\uXXXX`` escapes too: the same JSON value, on one line, safe for a terminal."""
     return _UNSAFE_IN_JSON.sub(lambda m: f"\\u{ord(m.group()):04x}", json.dumps(obj, ensure_ascii=False))
+
+
+@contextlib.contextmanager
+def recheck_bar(total: int, *, quiet: bool = False) -> Iterator[tqdm]:
+    """The bar of a resumed run while it re-hashes the files it keeps (``resume: re-check``, ``total`` bytes),
+    before the bar of what it writes, whose total is then only what is left to write. Hidden when there is
+    nothing to re-check."""
+    with progress_bar(total=total, desc="resume: re-check", unit="B", quiet=quiet or not total) as bar:
+        yield bar
 
 
 @contextlib.contextmanager

@@ -18,11 +18,13 @@ from the safetensors headers) its tolerance is the coarser of the compute dtype 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import resource
 import tempfile
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,13 +33,13 @@ import torch
 
 from neoxconv.check.integrity import check_output
 from neoxconv.source.safetensors import read_safetensors_header
-from neoxconv.config import load_out_config
+from neoxconv.config import NeoXConfig, load_out_config
 from neoxconv.dtypes import FROM_SAFETENSORS, TORCH_FLOAT_DTYPES, as_torch_dtype
-from neoxconv.errors import CheckpointError, UsageError
+from neoxconv.errors import CheckpointError, ConfigError, UsageError
 from neoxconv.layers import weight_bytes
 from neoxconv.model.generation import GenerationResult, Sampling, full_forward_logits, generate
 from neoxconv.output.folder import INDEX
-from neoxconv.progress import format_bytes, terminal_json, terminal_text
+from neoxconv.progress import format_bytes, format_rate, terminal_json, terminal_text
 from neoxconv.runtime.loading import LoadedModel, load_model, resolve_device, resolve_dtype
 from neoxconv.runtime.placement import PeakAnonMemory, PlacementPlan, runtime_reserve
 
@@ -104,13 +106,20 @@ class VerifyReport:
     device_map: dict[str, str] | None = None
     int8: dict[str, Any] | None = None
     notes: list[str] = field(default_factory=list)
+    # those of ``notes`` already given on stderr while the run went on (placement's: a streamed run of a big
+    # model is long): not repeated at the end of the human report (`format_report`); not in --json
+    notes_said: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
         return all(c.passed for c in self.checks)
 
     def to_json(self) -> dict[str, Any]:
+        """The ``verify --json`` object. ``out`` names OUT as ``merge --json`` does; ``out_dir`` is the same
+        value under its old name, kept for one release."""
         d = asdict(self)
+        d["out"] = d["out_dir"]
+        del d["notes_said"]
         d["ok"] = self.ok
         d["checks"] = {c.name: {k: v for k, v in asdict(c).items() if k != "name"} for c in self.checks}
         return _finite_json(d)
@@ -226,6 +235,33 @@ def sanity_check(gen: GenerationResult) -> Check:
     return Check("sanity", passed, spread, 1e-6, detail)
 
 
+# what makes two configs different models (shapes); other differences are for the against check to judge
+_MODEL_SHAPE = (("architecture", "architecture"), ("num_layers", "layers"), ("hidden_size", "hidden"),
+                ("num_heads", "heads"), ("kv_heads", "kv heads"), ("ffn_size", "ffn"), ("vocab_size", "vocab"))
+
+
+def check_against_config(out: Path, config: NeoXConfig, options: VerifyOptions) -> None:
+    """Before anything is loaded: ``--against SRC`` must be the model OUT holds. A checkpoint of another model
+    would fail the check with figures that look like a broken merge (top-1 agreement 0%); it is a ConfigError
+    (exit 3) naming what differs, e.g. ``hidden 1024 vs 256``."""
+    from neoxconv.source.checkpoint import open_checkpoint
+
+    ckpt = open_checkpoint(options.against, config_path=options.against_config)
+    src = ckpt.config
+    emb = ckpt.tensors(ckpt.layers[0], 0).get("word_embeddings.weight")  # (V / T, H): the padded vocabulary
+    if emb is None or len(emb.shape) != 2 or emb.shape[1] != src.hidden_size:
+        return  # the shards do not fit their own config: the planner names the tensor (MergeError) when it runs
+    src = src.with_(vocab_size=emb.shape[0] * ckpt.tp_degree)
+    differ = [f"{label} {getattr(src, name)} vs {getattr(config, name)}" for name, label in _MODEL_SHAPE
+              if getattr(src, name) is not None and getattr(config, name) is not None
+              and getattr(src, name) != getattr(config, name)]
+    if differ:
+        raise ConfigError(f"--against {options.against}: this checkpoint's config ({ckpt.config_source}) does not "
+                          f"match OUT's ({Path(out) / 'config.json'}): {', '.join(differ)} (checkpoint vs OUT); "
+                          "it is another model: pass the checkpoint OUT was merged from, or --against-config FILE "
+                          "when its config is elsewhere")
+
+
 def against_check(model, gen: GenerationResult, options: VerifyOptions, dtype: torch.dtype,
                   rounding: tuple[torch.dtype, torch.dtype] | None = None, *, out: Path) -> Check:
     """``dtype``: the compute dtype; ``rounding``: (stored, source) dtypes when the merge rounded the weights.
@@ -250,14 +286,42 @@ def against_check(model, gen: GenerationResult, options: VerifyOptions, dtype: t
 
 
 def reference_hf_check(out: Path, model, gen: GenerationResult, dtype: torch.dtype, device: torch.device,
-                       plan: PlacementPlan | None = None) -> Check:
-    """``plan``: the placement of ``model``, given to transformers' model too (None: resident on ``device``)."""
+                       plan: PlacementPlan | None = None, *, quiet: bool = False) -> Check:
+    """``plan``: the placement of ``model``, given to transformers' model too (None: resident on ``device``);
+    ``quiet``: without transformers' loading bar."""
     try:
         import transformers
     except ImportError:  # require_optional() refuses this up front; kept for library callers
         return Check("reference_hf", False, None, None, "transformers is not installed (pip install 'neoxconv[hf]')")
     cls_name = "LlamaForCausalLM" if model.config.architecture == "llama" else "GPTNeoXForCausalLM"
     hf_class = getattr(transformers, cls_name)
+    with _transformers_bars(shown=not quiet):
+        theirs = _hf_logits(hf_class, out, gen, dtype, device, plan)
+    diff = _max_abs(gen.prompt_logits, theirs)
+    tol = MODEL_TOL[dtype] * _scale(theirs)
+    return Check("reference_hf", diff <= tol, diff, tol, f"vs transformers {cls_name} on the prompt")
+
+
+@contextlib.contextmanager
+def _transformers_bars(*, shown: bool) -> Iterator[None]:
+    """transformers' own progress bars ("Loading weights") on or off for a block; restored after."""
+    from transformers.utils import logging as hf_logging
+
+    before = hf_logging.is_progress_bar_enabled()
+    if shown:
+        yield
+        return
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if before:
+            hf_logging.enable_progress_bar()
+
+
+def _hf_logits(hf_class, out: Path, gen: GenerationResult, dtype: torch.dtype, device: torch.device,
+               plan: PlacementPlan | None) -> torch.Tensor:
+    """transformers' prompt logits (fp32, on the CPU), placed as ``plan`` places neoxconv's model."""
     if plan is None:
         hf = hf_class.from_pretrained(str(out), dtype=dtype).to(device).eval()
         with torch.inference_mode():
@@ -272,9 +336,7 @@ def reference_hf_check(out: Path, model, gen: GenerationResult, dtype: torch.dty
             with torch.inference_mode():
                 theirs = hf(torch.tensor([gen.prompt_ids], device=plan.main_device)).logits[0].float().cpu()
     del hf
-    diff = _max_abs(gen.prompt_logits, theirs)
-    tol = MODEL_TOL[dtype] * _scale(theirs)
-    return Check("reference_hf", diff <= tol, diff, tol, f"vs transformers {cls_name} on the prompt")
+    return theirs
 
 
 def int8_checks(loaded: LoadedModel, gen: GenerationResult, options: VerifyOptions) -> tuple[list[Check], dict]:
@@ -307,7 +369,7 @@ def int8_checks(loaded: LoadedModel, gen: GenerationResult, options: VerifyOptio
         Check("int8_top1_agreement", agreement >= INT8_MIN_AGREEMENT, agreement, INT8_MIN_AGREEMENT,
               f"int8 vs full precision over {len(gen.generated_ids)} generated steps (minimum shown)"),
         Check("int8_memory", after < before, after / before, 1.0,
-              f"weights {before / 2**20:.1f} MiB -> {after / 2**20:.1f} MiB"),
+              f"weights {format_bytes(before)} -> {format_bytes(after)}"),
     ]
     return checks, info
 
@@ -322,6 +384,8 @@ def verify_model(out: Path, options: VerifyOptions) -> VerifyReport:
     require_optional(options)
     config = load_out_config(out)
     integrity = check_output(out, config, hashes=options.check_hashes, require_manifest=options.require_manifest)
+    if options.against is not None:
+        check_against_config(out, config, options)
     tokenizer = _tokenizer(out, options.tokenizer)
     if options.ids is not None:
         prompt_ids = list(options.ids)
@@ -365,6 +429,7 @@ def verify_model(out: Path, options: VerifyOptions) -> VerifyReport:
     if loaded.placement is not None:
         report.offloaded_bytes, report.device_map = loaded.placement.offloaded_bytes, loaded.placement.to_json()
         report.notes.extend(loaded.placement.notes)
+        report.notes_said.extend(loaded.placement.notes)  # logged when planned
     report.checks.append(Check("integrity", True, None, None, integrity.summary()))
     kv, report.kv_cache_max_abs_diff = kv_cache_check(loaded, gen)
     report.checks.append(kv)
@@ -372,7 +437,8 @@ def verify_model(out: Path, options: VerifyOptions) -> VerifyReport:
     if options.against is not None:
         report.checks.append(against_check(loaded.model, gen, options, dtype, merge_rounding(out, options), out=out))
     if options.reference == "hf":
-        report.checks.append(reference_hf_check(out, loaded.model, gen, dtype, device, loaded.placement))
+        report.checks.append(reference_hf_check(out, loaded.model, gen, dtype, device, loaded.placement,
+                                                quiet=options.quiet))
     if options.int8:
         checks, report.int8 = int8_checks(loaded, gen, options)
         report.checks.extend(checks)
@@ -388,9 +454,9 @@ def format_report(report: VerifyReport) -> str:
         f"generated ({len(report.generated_ids)} tokens): {report.text!r}" if report.text
         else f"generated ids: {report.generated_ids}",
         f"device {report.device}, dtype {report.dtype}; load {report.load_seconds:.2f} s, prefill "
-        f"{report.prefill_seconds * 1e3:.1f} ms, decode {report.tokens_per_second:.1f} tokens/s, "
-        f"weights {report.weight_bytes / 2**20:.1f} MiB, peak memory {report.peak_memory_bytes / 2**20:.0f} MiB"
-        + (f", {format_bytes(report.offloaded_bytes, binary=True)} streamed from disk/CPU per forward"
+        f"{report.prefill_seconds * 1e3:.1f} ms, decode {format_rate(report.tokens_per_second, 'tokens/s')}, "
+        f"weights {format_bytes(report.weight_bytes)}, peak memory {format_bytes(report.peak_memory_bytes)}"
+        + (f", {format_bytes(report.offloaded_bytes)} streamed from disk/CPU per forward"
            if report.offloaded_bytes else ""),
         "",
         "checks:",
@@ -403,13 +469,15 @@ def format_report(report: VerifyReport) -> str:
     if report.int8:
         i = report.int8
         lines.append(f"int8: weights x{i['memory_ratio']:.2f}, top-1 agreement {i['top1_agreement']:.0%}, "
-                     f"prompt max |dlogit| {i['prompt_max_abs_logit_diff']:.3g}, {i['tokens_per_second']:.1f} tokens/s")
+                     f"prompt max |dlogit| {i['prompt_max_abs_logit_diff']:.3g}, "
+                     f"{format_rate(i['tokens_per_second'], 'tokens/s')}")
     if report.device_map:
         where: dict[str, int] = {}
         for dev in report.device_map.values():
             where[dev] = where.get(dev, 0) + 1
-        lines.append("device map: " + ", ".join(f"{n} stage(s) on {dev}" for dev, n in where.items()))
-    lines += [f"note: {n}" for n in report.notes]
+        lines.append("device map: " + ", ".join(f"{n} stage(s) on {dev}" for dev, n in where.items())
+                     + (" (notes on the placement above)" if report.notes_said else ""))
+    lines += [f"note: {n}" for n in report.notes if n not in report.notes_said]
     lines.append("all checks passed" if report.ok else "SOME CHECKS FAILED")
     # each line escaped on its own: text from input files (names in notes and details, decoded tokens) can
     # neither add a line (a forged "all checks passed") nor send a terminal escape sequence

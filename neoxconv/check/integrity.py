@@ -12,6 +12,7 @@ from neoxconv.errors import CheckpointError, VerificationError, few
 from neoxconv.output.folder import INDEX, JOURNAL, MANIFEST
 from neoxconv.merge import output_shapes
 from neoxconv.output.hashing import hash_file, recorded_hash
+from neoxconv.progress import format_bytes
 from neoxconv.source.checkpoint import model_layers
 from neoxconv.source.safetensors import layout_problems, read_header
 
@@ -55,8 +56,12 @@ def _hash_mismatch(path: Path, entry: dict) -> tuple[str, bool] | None:
     return recorded[0], hash_file(path, recorded[0]) != recorded[1]
 
 
+# weights below this are hashed by default (decimal, as every size neoxconv prints: 2 GB = 2e9 bytes)
+HASH_LIMIT_BYTES = 2 * 10**9
+
+
 def check_output(out: Path, config: NeoXConfig, *, hashes: bool | None = None,
-                 hash_limit_bytes: int = 2 << 30, require_manifest: bool = True) -> IntegrityReport:
+                 hash_limit_bytes: int = HASH_LIMIT_BYTES, require_manifest: bool = True) -> IntegrityReport:
     """Raise `VerificationError` naming every missing, resized, modified or malformed file.
 
     With the manifest (``neoxconv.json``): every file it lists is present with its recorded size; the small
@@ -194,7 +199,7 @@ def check_output(out: Path, config: NeoXConfig, *, hashes: bool | None = None,
         report.proven.append(f"all {report.files_hashed} files' hashes match the manifest")
     else:
         report.proven.append(f"{n_small} small files' hashes (config, index, tokenizer) match the manifest")
-        report.not_proven.append(f"the {len(weights)} weight files' contents (over {hash_limit_bytes / 2**30:g} GiB: "
+        report.not_proven.append(f"the {len(weights)} weight files' contents (over {format_bytes(hash_limit_bytes)}: "
                                  "not hashed; pass --check-hashes)")
     report.proven.append(headers)
     return report

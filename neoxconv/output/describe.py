@@ -13,7 +13,7 @@ from neoxconv.errors import OutputError
 from neoxconv.output.folder import check_out_path
 from neoxconv.output.hf_merge import output_names
 from neoxconv.plan.plan import PlanOptions, plan_source
-from neoxconv.progress import format_bytes
+from neoxconv.progress import format_bytes, terminal_text
 
 
 _LISTED = 20
@@ -86,6 +86,7 @@ def inspect_checkpoint(src: Path, *, config_path: Path | None = None, out: Path 
         "row_bias": None,
         "output_dtype": None,
         "output_bytes": None,
+        "plan_summary": [],
         "tensors": [],
     }
     if out is not None:
@@ -116,13 +117,33 @@ def inspect_checkpoint(src: Path, *, config_path: Path | None = None, out: Path 
          "source": t.key, "file": file}
         for file, layer in zip(output_names(len(plans)), plans) for t in layer.tensors
     ]
+    result["plan_summary"] = plan_summary(plans)
     if out is not None:
         result["out_fits"] = result["out_problem"] is None and result["out_free_bytes"] >= result["output_bytes"]
     return result
 
 
-def format_inspect(info: dict[str, Any]) -> str:
-    """The human-readable form of `inspect_checkpoint`'s result."""
+def plan_summary(plans) -> list[dict[str, Any]]:
+    """The plan by layer kind, in file order: ``{kind, layers, files, tensors, bytes, rules: {rule: count}}`` per
+    kind (embedding, block, final_norm, readout): what `inspect --summary` prints, one line each."""
+    kinds: dict[str, dict[str, Any]] = {}
+    for layer in plans:
+        row = kinds.setdefault(layer.layer.kind.value, {"kind": layer.layer.kind.value, "layers": 0, "files": 0,
+                                                        "tensors": 0, "bytes": 0, "rules": {}})
+        row["layers"] += 1
+        row["files"] += 1  # one output file per source layer
+        row["tensors"] += len(layer.tensors)
+        row["bytes"] += layer.nbytes
+        for t in layer.tensors:
+            row["rules"][t.rule_label] = row["rules"].get(t.rule_label, 0) + 1
+    return list(kinds.values())
+
+
+def format_inspect(info: dict[str, Any], *, summary: bool = False) -> str:
+    """The human-readable form of `inspect_checkpoint`'s result: the model, then the plan, tensor by tensor or,
+    with ``summary``, one line per layer kind. Every line is escaped (`terminal_text`): names read from the
+    source (the step folder ``latest`` names, the config's path, keys) can neither start a line nor send a
+    terminal escape sequence."""
     unknown = "unknown (rank files missing)"
 
     def show(value: Any) -> str:
@@ -152,7 +173,9 @@ def format_inspect(info: dict[str, Any]) -> str:
     ]
     if info["qkv_layout"] is not None:
         qkv = info["qkv_layout"]
-        rows.append(("QKV layout", qkv["split"] + (f" (ASSUMED: {qkv['reason']})" if qkv["assumed"] else "")))
+        # the reason is the warning logged when the plan was made: said once, referred to here
+        rows.append(("QKV layout", qkv["split"] + (" (ASSUMED: the warning above says why; --qkv-layout "
+                                                   "blocked|interleaved states it)" if qkv["assumed"] else "")))
     if info["output_bytes"] is not None:
         rows += [("row-parallel bias", info["row_bias"]), ("output dtype", info["output_dtype"]),
                  ("output bytes", f"{info['output_bytes']:,} ({format_bytes(info['output_bytes'])})")]
@@ -164,10 +187,19 @@ def format_inspect(info: dict[str, Any]) -> str:
         if info.get("out_problem"):
             rows.append(("OUT", "UNUSABLE, a merge would fail: " + info["out_problem"]))
     lines = [f"{k:>18}: {show(v)}" for k, v in rows]
-    if info["tensors"]:
+    if summary and info["plan_summary"]:
+        kinds = info["plan_summary"]
+        tensors, files = sum(k["tensors"] for k in kinds), sum(k["files"] for k in kinds)
+        lines += ["", f"plan: {tensors} tensors in {files} files, {format_bytes(sum(k['bytes'] for k in kinds))} "
+                      "(by layer kind; without --summary: every tensor)"]
+        for k in kinds:
+            rules = ", ".join(f"{rule} x{n}" for rule, n in k["rules"].items())
+            lines.append(f"  {k['kind']:<10}  {k['layers']:>4} layer(s)  {k['tensors']:>5} tensors  "
+                         f"{format_bytes(k['bytes']):>9}  {rules}")
+    elif info["tensors"]:
         lines += ["", f"plan: {len(info['tensors'])} tensors (rule, dtype, shape, name <- source key, file)"]
         w = max(len(t["rule"]) for t in info["tensors"])
         for t in info["tensors"]:
             shape = "x".join(map(str, t["shape"]))
             lines.append(f"  {t['rule']:<{w}}  {t['dtype']:<8}  {shape:<14}  {t['name']} <- {t['source']}  {t['file']}")
-    return "\n".join(lines)
+    return "\n".join(terminal_text(line) for line in lines)

@@ -36,7 +36,7 @@ from neoxconv.plan.plan import LayerPlan, PlanOptions, TensorPlan, plan_source
 from neoxconv.output.finite import report_nonfinite
 from neoxconv.output.folder import HF, INDEX, FileEntry, FolderSpec, OutputFolder, check_out_path, is_output_name
 from neoxconv.output.prefetch import prefetch
-from neoxconv.progress import format_bytes, progress_bar
+from neoxconv.progress import format_bytes, progress_bar, recheck_bar
 from neoxconv.source.storage import Reads, SourceReader
 from neoxconv.output.streaming import iter_merged_chunks, stream_tensor, streams_direct
 from neoxconv.source.tokenizer import checked_token_count, eos_token_id, tokenizer_config
@@ -82,7 +82,8 @@ class MergeReport:
     warnings: list[str] = field(default_factory=list)
     max_replica_divergence: float = 0.0
     bytes_written: int = 0  # bytes of the safetensors files written by this run (reused files not counted)
-    seconds: float = 0.0
+    seconds: float = 0.0  # the whole run: preflight, re-checking reused files, writing
+    write_seconds: float = 0.0  # writing the files of this run (the rate is bytes_written over this)
     dtype: str | list[str] = ""  # the dtype(s) written
     num_layers: int = 0
     row_bias: str = ""  # the rule applied to row-parallel biases: sum | replicated
@@ -94,18 +95,26 @@ class MergeReport:
             "num_layers": self.num_layers, "dtype": self.dtype, "row_bias": self.row_bias,
             "files_written": self.files_written, "files_reused": self.files_reused,
             "bytes_written": self.bytes_written, "total_size": self.total_bytes, "seconds": round(self.seconds, 3),
+            "write_seconds": round(self.write_seconds, 3),
             "max_replica_divergence": self.max_replica_divergence, "warnings": list(self.warnings),
         }
 
     def summary(self) -> str:
-        """One line for people: what was written, how fast, in which dtype."""
-        rate = f", {format_bytes(self.bytes_written / self.seconds)}/s" if self.bytes_written and self.seconds > 0 else ""
+        """One line for people: what was written, how fast, in which dtype. The rate is what this run wrote over
+        the time it took; a resumed run's re-check of the files it keeps is not part of it (it says "in all")."""
+        spent = self.write_seconds if self.files_reused else self.seconds
+        rate = f", {format_bytes(self.bytes_written / spent)}/s" if self.bytes_written and spent > 0 else ""
         dtype = self.dtype if isinstance(self.dtype, str) else "/".join(self.dtype)
-        seconds = f"{self.seconds:.{2 if self.seconds < 10 else 1}f} s"
+        seconds = _seconds(spent)
+        reused = f"{self.files_reused} reused" + (f" ({_seconds(self.seconds)} in all)" if self.files_reused else "")
         return (f"merged TP={self.tp_degree} ({self.layout}) -> {self.out_dir}: {self.files_written} file(s) "
-                f"written ({format_bytes(self.bytes_written)} {dtype} in {seconds}{rate}), {self.files_reused} reused; "
+                f"written ({format_bytes(self.bytes_written)} {dtype} in {seconds}{rate}), {reused}; "
                 f"model {format_bytes(self.total_bytes)}; row-parallel biases: {self.row_bias}; "
                 f"max replica divergence {self.max_replica_divergence:.3g}")
+
+
+def _seconds(s: float) -> str:
+    return f"{s:.{2 if s < 10 else 1}f} s"
 
 
 def output_names(n: int) -> list[str]:
@@ -256,8 +265,7 @@ def _merge(src: Path, out: Path, options: MergeOptions, guard: InterruptGuard,
     # recorded); a bar while re-hashing them
     recheck = {name: folder.resumable_bytes(name, fingerprints[name]) for name in names}
     todo: list[tuple[str, LayerPlan]] = []
-    with progress_bar(total=sum(recheck.values()), desc="resume: re-check", unit="B",
-                      quiet=options.quiet or not any(recheck.values())) as bar:
+    with recheck_bar(sum(recheck.values()), quiet=options.quiet) as bar:
         for name, plan in zip(names, plans):
             bar.set_postfix_str(name, refresh=False)
             entry = folder.reusable(name, fingerprints[name], lambda e: _allowed(e, options))
@@ -271,6 +279,7 @@ def _merge(src: Path, out: Path, options: MergeOptions, guard: InterruptGuard,
     # ---- the merge ----
     total = sum(p.nbytes for _, p in todo)
     guard.check()
+    writing = time.perf_counter()
     # A storage shared by several layers (a ZeRO flat buffer) is CRC-checked when the last layer that reads it
     # is done (the reader's plan); a layer enters the journal only once every storage it read from has passed.
     unconfirmed: list[tuple[str, FileEntry | None, list]] = []
@@ -295,6 +304,7 @@ def _merge(src: Path, out: Path, options: MergeOptions, guard: InterruptGuard,
                 (out / name).unlink(missing_ok=True)
             raise
         guard.check()
+    write_seconds = time.perf_counter() - writing
 
     # ---- config, tokenizer, index, then the manifest (last) ----
     layers = folder.state.layers
@@ -317,7 +327,8 @@ def _merge(src: Path, out: Path, options: MergeOptions, guard: InterruptGuard,
         files_reused=len(plans) - len(todo), total_bytes=sum(p.nbytes for p in plans), warnings=warnings,
         max_replica_divergence=info["max_replica_divergence"],
         bytes_written=sum(layers[name].size for name, _ in todo),
-        seconds=time.perf_counter() - started, dtype=out_dtypes[0] if len(out_dtypes) == 1 else out_dtypes,
+        seconds=time.perf_counter() - started, write_seconds=write_seconds,
+        dtype=out_dtypes[0] if len(out_dtypes) == 1 else out_dtypes,
         num_layers=config.num_layers, row_bias=row_bias.value,
     )
     return report

@@ -33,6 +33,7 @@ import os
 import re
 import tempfile
 import time
+import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,7 +49,7 @@ from neoxconv.output.finite import count_tensor_nonfinite, report_nonfinite
 from neoxconv.output.folder import NEOX, FileEntry, FolderSpec, OutputFolder, remove_file
 from neoxconv.output.hashing import DEFAULT_HASH, hash_file
 from neoxconv.output.writer import TMP_SUFFIX, fsync_dir, output_error
-from neoxconv.progress import progress_bar
+from neoxconv.progress import progress_bar, recheck_bar
 
 CONFIG_NAME = "neox.yml"
 TOKENIZER_NAME = "tokenizer.json"  # whatever the source's tokenizer file is called
@@ -256,6 +257,13 @@ def shard_bytes(shard: Shard) -> int:
     return sum(t.numel() * t.element_size() for t in shard.values())
 
 
+def _tensor_bytes(path: Path) -> int:
+    """The tensor bytes of a rank file this run keeps (its zip's data records; the file was just proven ours by
+    its hash): what writing it would have added to the progress bar (`shard_bytes` of its shards)."""
+    with zipfile.ZipFile(path) as z:
+        return sum(i.file_size for i in z.infolist() if "/data/" in i.filename)
+
+
 # ----- the output folder: what is ours ---------------------------------------------------------------------
 _STEP_FILE = re.compile(r"^global_step\d+/(layer_\d{2,}-model_\d{2,}-model_states|mp_rank_\d{2,}_model_states)\.pt$")
 _FIXED = frozenset({"latest", f"configs/{CONFIG_NAME}"})
@@ -366,15 +374,19 @@ def write_neox_checkpoint(
             _remove_private_folders(out)
         # which files are kept (same inputs, allowed, hash as recorded), what else changes: decided before writing
         todo: list[_Group] = []
-        reused = 0
-        for g in groups:
-            guard.check()
-            kept = {n: folder.reusable(n, g.fingerprint, allowed) for n in g.names}
-            if all(e is not None for e in kept.values()):
-                folder.keep(kept)
-                reused += len(g.names) if not g.bookkeeping else 0
-            else:
-                todo.append(g)
+        reused = kept_bytes = 0
+        with recheck_bar(sum(folder.resumable_bytes(n, g.fingerprint) for g in groups for n in g.names),
+                         quiet=quiet) as bar:
+            for g in groups:
+                guard.check()
+                kept = {n: folder.reusable(n, g.fingerprint, allowed) for n in g.names}
+                bar.update(sum(folder.resumable_bytes(n, g.fingerprint) for n in g.names))
+                if all(e is not None for e in kept.values()):
+                    folder.keep(kept)
+                    reused += len(g.names) if not g.bookkeeping else 0
+                    kept_bytes += sum(_tensor_bytes(out / n) for n in g.names)
+                else:
+                    todo.append(g)
         folder.begin([n for g in groups for n in g.names], small, planned_bytes if todo else 0)
         written = bytes_written = 0
 
@@ -393,7 +405,9 @@ def write_neox_checkpoint(
                 n += k
             return n
 
-        with progress_bar(total=planned_bytes, desc=desc, unit="B", quiet=quiet or not todo) as bar:
+        # the bar counts tensor bytes as they are written: of a resumed run, only what is left (it ends at 100%)
+        with progress_bar(total=max(planned_bytes - kept_bytes, 0), desc=desc, unit="B",
+                          quiet=quiet or not todo) as bar:
             for g in todo:
                 guard.check()
                 if g.bookkeeping:

@@ -101,11 +101,6 @@ def parse_max_memory(text: str) -> dict[Device, int] | int:
     return caps
 
 
-def _memory(n: float) -> str:
-    """Memory in binary units (``512.00 MiB``), as --max-memory caps are usually given."""
-    return format_bytes(n, binary=True)
-
-
 # ----- memory available and used ---------------------------------------------------------------------------
 def meminfo(key: str) -> int | None:
     """A /proc/meminfo entry in bytes (``MemAvailable``), or None where there is none."""
@@ -307,8 +302,8 @@ def plan_placement(model: torch.nn.Module, *, dtype: torch.dtype, main_device: t
             if total <= avail:
                 return None
             cap = max(avail - largest_module_bytes(model, dtype), 0)  # room for one streamed module in use
-            notes.append(f"the model needs {_memory(total)} of weights in {str(dtype)[6:]}, {main_device} has "
-                         f"{_memory(avail + reserve)} available: keeping at most {_memory(cap)} resident and "
+            notes.append(f"the model needs {format_bytes(total)} of weights in {str(dtype)[6:]}, {main_device} has "
+                         f"{format_bytes(avail + reserve)} available: keeping at most {format_bytes(cap)} resident and "
                          "streaming the rest from disk layer by layer (choose with --max-memory)")
             caps: dict[Device, int] = {main: cap}
             if on_gpu:
@@ -354,9 +349,10 @@ def plan_placement(model: torch.nn.Module, *, dtype: torch.dtype, main_device: t
             placed[unit] = "disk"
             if size > largest_cap:
                 how = {model.UNITS["embed"]: "only the rows it looks up are read, for each use",
-                       model.UNITS["readout"]: f"it is read {_memory(ROW_BLOCK_BYTES)} of rows at a time, for each use"}
-                notes.append(f"{unit} ({_memory(size)}) is larger than the memory cap "
-                             f"({_memory(largest_cap)}): "
+                       model.UNITS["readout"]: f"it is read {format_bytes(ROW_BLOCK_BYTES)} of rows at a time, "
+                                               "for each use"}
+                notes.append(f"{unit} ({format_bytes(size)}) is larger than the memory cap "
+                             f"({format_bytes(largest_cap)}): "
                              + how.get(unit, "it is brought in for each use and dropped after"))
     placed["rotary"] = main  # cos/sin tables, not weights
     for note in notes:  # said now, not only in the report: a streamed run of a big model is long
@@ -364,13 +360,13 @@ def plan_placement(model: torch.nn.Module, *, dtype: torch.dtype, main_device: t
     plan = PlacementPlan(device_map=placed, main_device=main_device, caps={d: caps[d] for d in order},
                          unit_bytes=sizes, notes=notes, units=dict(model.UNITS))
     if plan.offloaded_units:
-        log.info("streaming %s of weights from disk/CPU: %s", _memory(plan.offloaded_bytes),
+        log.info("streaming %s of weights from disk/CPU: %s", format_bytes(plan.offloaded_bytes),
                  ", ".join(plan.offloaded_units))
     return plan
 
 
 # ----- loading and dispatching -----------------------------------------------------------------------------
-ROW_BLOCK_BYTES = 64 << 20  # compute-dtype bytes of a streamed readout's rows in memory at a time
+ROW_BLOCK_BYTES = 64 * 10**6  # compute-dtype bytes of a streamed readout's rows in memory at a time
 
 
 class _FileTensor:

@@ -154,6 +154,12 @@ def find_step_dir(src: Path) -> tuple[Path, Path]:
     if len(steps) == 1:
         return src, steps[0]
     if not steps:
+        if (src / "config.json").is_file() and any(src.glob("*.safetensors")):  # a mistake, not a broken checkpoint
+            raise CheckpointError(
+                f"{src}: a Hugging Face model folder (config.json, *.safetensors), not a gpt-neox checkpoint: "
+                f"'neoxconv verify {src} --ids 1,2,3' checks it, 'neoxconv split {src} OUT --tp N' makes a gpt-neox "
+                "checkpoint of it"
+            )
         raise CheckpointError(
             f"{src}: no checkpoint here: no layer_*-model_*-model_states.pt or mp_rank_*_model_states.pt files, "
             "no 'latest' file and no global_step* folder"

@@ -42,14 +42,27 @@ def run_demo(*, workdir: Path | None = None, tp_degree: int = 2, tokenizer: Path
     else:
         work = Path(workdir)
         if work.is_symlink() or (work.exists() and (not work.is_dir() or any(work.iterdir()))):
-            what = "a symlink" if work.is_symlink() else "a file" if not work.is_dir() else "not empty"
-            raise OutputError(f"{work}: exists and is {what}; demo writes only into a new or empty folder "
-                              "(it would replace checkpoint/ and merged/ there)")
+            raise OutputError(_workdir_refusal(work))
         echo(f"demo: working in {work} (kept afterwards)")
         _demo(work, tp_degree, tokenizer, echo)
         echo(f"demo: files kept in {work}: {work / 'checkpoint'} (the synthetic TP={tp_degree} checkpoint), "
              f"{work / 'merged'} (the merged Hugging Face folder); try "
              f"'neoxconv inspect {work / 'checkpoint'}' or 'neoxconv verify {work / 'merged'} --ids 510,5347'")
+
+
+def _workdir_refusal(work: Path) -> str:
+    """Why ``--workdir`` is refused, and what to do: demo writes only into a new or empty folder, so that a run
+    with other options (another --tp) never meets an earlier run's rank files."""
+    if work.is_symlink() or not work.is_dir():
+        return (f"{work}: exists and is {'a symlink' if work.is_symlink() else 'a file'}; demo writes only into a "
+                "new or empty folder: choose another --workdir")
+    if {p.name for p in work.iterdir()} <= {"checkpoint", "merged"}:
+        return (f"{work}: is not empty: it holds an earlier demo's files (checkpoint/, merged/); demo writes only "
+                "into a new or empty "
+                f"folder, so that another run (e.g. another --tp) never mixes with them: remove them "
+                f"(rm -r {work / 'checkpoint'} {work / 'merged'}) or choose another --workdir")
+    return (f"{work}: exists and is not empty; demo writes only into a new or empty folder: choose another "
+            "--workdir (nothing in this one was touched)")
 
 
 def _demo(work: Path, tp_degree: int, tokenizer: Path | None, echo: Callable[[str], None]) -> None:

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import argparse
 import shutil
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -34,6 +35,44 @@ class SyntheticSpec:
     full_row_bias_on_every_rank: bool = False  # what older HF->NeoX converters wrote
     with_inv_freq: bool = True
     tokenizer: Path | None = None
+
+
+# head widths of the released models, for ``synth --hidden H`` without --heads: Pythia 70M-410M use 64 (hidden
+# 512-1024), Pythia 1.4B-12B 128 (hidden 2048-5120), GPT-NeoX-20B 96 (hidden 6144, 64 heads)
+_RELEASED_HEAD_DIM = {6144: 96}
+
+
+def default_heads(hidden: int) -> int:
+    """The head count ``synth`` picks for a width: the released models' head width (`_RELEASED_HEAD_DIM`: 96 at
+    6144, as GPT-NeoX-20B), else 64 below hidden 2048 and 128 from 2048 on (Pythia); 64 when that does not
+    divide ``hidden``; one head for a width under 64."""
+    head_dim = _RELEASED_HEAD_DIM.get(hidden, 64 if hidden < 2048 else 128)
+    for width in (head_dim, 64):
+        if hidden % width == 0:
+            return hidden // width
+    return max(1, hidden // 64)
+
+
+@dataclass(frozen=True)
+class SynthResult:
+    """What ``synth`` wrote (``synth --json``)."""
+
+    out: str
+    step_dir: str
+    parameters: int
+    bytes: int
+    files: int
+    tp_degree: int
+    layout: str
+    dtype: str
+    num_layers: int
+    hidden_size: int
+    num_heads: int
+    intermediate_size: int
+    vocab_size: int
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 def tiny_config(**overrides) -> NeoXConfig:
@@ -247,7 +286,7 @@ def _check_resources(out: Path, spec: SyntheticSpec) -> None:
                          + (" or --layout pipeline" if spec.layout == "sequential" else ""))
 
 
-def synthesize(out: Path, spec: SyntheticSpec) -> dict[str, int | str]:
+def synthesize(out: Path, spec: SyntheticSpec) -> SynthResult:
     """``neoxconv synth``: write a random checkpoint of ``spec``'s size to a new or empty folder ``out``.
 
     Raises UsageError (exit 2) for a size the tensor-parallel split cannot hold, OutputError (6) when ``out``
@@ -264,5 +303,8 @@ def synthesize(out: Path, spec: SyntheticSpec) -> dict[str, int | str]:
     _check_resources(out, spec)
     write_checkpoint(out, spec, keep_reference=False)
     files = [p for p in out.rglob("*") if p.is_file()]
-    return {"out": str(out), "parameters": parameter_count(config), "bytes": sum(p.stat().st_size for p in files),
-            "files": len(files), "step_dir": str(out / f"global_step{spec.step}")}
+    return SynthResult(out=str(out), step_dir=str(out / f"global_step{spec.step}"), parameters=parameter_count(config),
+                       bytes=sum(p.stat().st_size for p in files), files=len(files), tp_degree=spec.tp_degree,
+                       layout=spec.layout, dtype=spec.dtype, num_layers=config.num_layers,
+                       hidden_size=config.hidden_size, num_heads=config.num_heads,
+                       intermediate_size=config.ffn_size, vocab_size=config.vocab_size or 0)
