@@ -15,15 +15,16 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from tiny_tokenizer import write_tokenizer
 
-from llama_checkpoints import LlamaSpec, hf_llama, neox_shards, neox_yaml
-from neox_checkpoints import build_neox_checkpoint
 from neoxconv.cli import main
 from neoxconv.config import NeoXConfig
 from neoxconv.output import hf_merge as convert
 from neoxconv.output.hf_merge import MergeOptions, merge_checkpoint
 from neoxconv.tools.synthetic import SyntheticSpec, tiny_config
-from tiny_tokenizer import write_tokenizer
+
+from llama_checkpoints import LlamaSpec, hf_llama, neox_shards, neox_yaml
+from neox_checkpoints import build_neox_checkpoint
 
 transformers = pytest.importorskip("transformers")
 
