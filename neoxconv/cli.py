@@ -99,6 +99,9 @@ _qkv_layout_choice = click.Choice(["auto", "blocked", "interleaved"])
               help="NeoX YAML (or Hugging Face config.json) of the model; default: configs/*.yml next to SRC.")
 @click.option("--tokenizer", "tokenizer_path", type=click.Path(path_type=Path, dir_okay=False),
               help="tokenizer.json to copy into OUT; default: *tokenizer*.json next to SRC.")
+@click.option("--pad-token-id", type=click.IntRange(min=0),
+              help="The padding token's id, written to config.json and tokenizer_config.json (and so "
+                   "generation_config.json). Required for reward models (train_impl: rm).")
 @click.option("--allow-nonfinite", is_flag=True, help="Warn instead of failing on inf/nan weights.")
 @click.option("--no-resume", is_flag=True,
               help="Redo every layer even if OUT holds completed ones (also over a merge made with other options).")
@@ -113,9 +116,8 @@ _qkv_layout_choice = click.Choice(["auto", "blocked", "interleaved"])
                    "progress stays on stderr.")
 @_run
 def merge(src: Path, out: Path, dtype: str, row_bias: str, qkv_layout: str, replica_tolerance: float,
-          config_path: Path | None, tokenizer_path: Path | None, allow_nonfinite: bool, no_resume: bool, force: bool,
-          hash_algo: str,
-          quiet: bool, as_json: bool) -> None:
+          config_path: Path | None, tokenizer_path: Path | None, pad_token_id: int | None, allow_nonfinite: bool,
+          no_resume: bool, force: bool, hash_algo: str, quiet: bool, as_json: bool) -> None:
     """Merge the tensor-parallel checkpoint SRC into a Hugging Face folder OUT.
 
     SRC is a checkpoint root (with 'latest' or one global_step* folder) or a global_step* folder, in the
@@ -129,7 +131,7 @@ def merge(src: Path, out: Path, dtype: str, row_bias: str, qkv_layout: str, repl
 
     options = MergeOptions(dtype=dtype, row_bias=row_bias, qkv_layout=qkv_layout, replica_tolerance=replica_tolerance,
                            allow_nonfinite=allow_nonfinite, config_path=config_path, tokenizer_path=tokenizer_path,
-                           resume=not no_resume, force=force, quiet=quiet, hash=hash_algo)
+                           resume=not no_resume, force=force, quiet=quiet, hash=hash_algo, pad_token_id=pad_token_id)
     report = merge_checkpoint(src, out, options)
     if as_json:
         click.echo(json.dumps(report.to_json()))
@@ -211,6 +213,15 @@ def _parse_max_memory(ctx, param, value: str | None):
 @main.command()
 @click.argument("out", type=click.Path(path_type=Path, exists=True, file_okay=False))
 @click.option("--prompt", help="Text to continue (needs OUT/tokenizer.json or --tokenizer).")
+@click.option("--text", "text_path", type=click.Path(path_type=Path, exists=True, dir_okay=False),
+              help="Also measure the model's perplexity on this text file (with --against / --reference hf: the "
+                   "same on the simulated tensor-parallel forward / transformers, which must agree). Without "
+                   "--prompt/--ids its first tokens are the prompt.")
+@click.option("--window", type=click.IntRange(min=2),
+              help="Perplexity window in tokens (default and most: max_position_embeddings).")
+@click.option("--stride", type=click.IntRange(min=1),
+              help="Tokens between window starts (default window - 1: every token but the first scored once, "
+                   "with the context of its window).")
 @click.option("--ids", "ids_text", help="The prompt as comma-separated token ids instead of text.")
 @click.option("--max-new-tokens", type=click.IntRange(min=0), default=32, show_default=True,
               help="Tokens to generate (stops at EOS).")
@@ -253,7 +264,8 @@ def _parse_max_memory(ctx, param, value: str | None):
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @_run
-def verify(out: Path, prompt: str | None, ids_text: str | None, max_new_tokens: int, device: str, dtype: str,
+def verify(out: Path, prompt: str | None, text_path: Path | None, window: int | None, stride: int | None,
+           ids_text: str | None, max_new_tokens: int, device: str, dtype: str,
            tokenizer_path: Path | None, temperature: float, top_k: int, top_p: float, seed: int,
            against: Path | None, against_config: Path | None, row_bias: str, qkv_layout: str, reference: str | None,
            int8: bool, int8_threshold: float, check_hashes: bool | None, no_manifest: bool, attention: str,
@@ -266,8 +278,11 @@ def verify(out: Path, prompt: str | None, ids_text: str | None, max_new_tokens: 
       kv_cache      cached step-by-step logits vs one uncached forward over the same tokens
       sanity        logits finite and not constant
       against       with --against SRC: vs a simulated tensor-parallel forward over the unmerged shards
-      reference_hf  with --reference hf: vs transformers' GPTNeoXForCausalLM / LlamaForCausalLM
+      reference_hf  with --reference hf: vs transformers' GPTNeoXForCausalLM / LlamaForCausalLM / Mistral...
       int8_*        with --int8: LLM.int8 top-1 agreement and weight memory
+      perplexity_*  with --text FILE and --against / --reference hf: the perplexities agree
+    Reward models (*ForSequenceClassification) are scored instead of generating: the score of the last
+    non-pad token, checked the same ways.
     """
     from neoxconv.model.generation import Sampling
     from neoxconv.verify import VerifyOptions, format_report, report_json, verify_model
@@ -277,7 +292,8 @@ def verify(out: Path, prompt: str | None, ids_text: str | None, max_new_tokens: 
     except ValueError as e:
         raise click.BadParameter(str(e)) from None
     options = VerifyOptions(
-        prompt=prompt, ids=_parse_ids(ids_text), max_new_tokens=max_new_tokens, device=device, dtype=dtype,
+        prompt=prompt, ids=_parse_ids(ids_text), text=text_path, window=window, stride=stride,
+        max_new_tokens=max_new_tokens, device=device, dtype=dtype,
         tokenizer=tokenizer_path, sampling=sampling, against=against, against_config=against_config,
         row_bias=row_bias, qkv_layout=qkv_layout, reference=reference, int8=int8, int8_threshold=int8_threshold,
         check_hashes=check_hashes, require_manifest=not no_manifest, attention=attention, quiet=quiet or as_json,

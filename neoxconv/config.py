@@ -66,6 +66,11 @@ class NeoXConfig:
     num_kv_heads: int | None = None  # grouped-query attention when set and != num_heads
     attention_bias: bool = True  # NeoX use_bias_in_attn_linear
     mlp_bias: bool = True  # NeoX use_bias_in_mlp
+    # gpt-neox sliding_window_width (Llama-style only -> MistralForCausalLM): a query at position p attends to
+    # keys p - W .. p (get_attn_mask: triu(tril(1), -W); flash-attn window_size (W, -1)), i.e. W + 1 keys
+    sliding_window: int | None = None
+    reward_model: bool = False  # NeoX train_impl: rm -> *ForSequenceClassification (rm_linear -> score, 1 label)
+    pad_token_id: int | None = None  # merge --pad-token-id; required for reward models (their score's position)
 
     def __post_init__(self) -> None:
         problems = []
@@ -92,6 +97,15 @@ class NeoXConfig:
             if value is not None and (not isinstance(value, int) or value <= 0):
                 problems.append(f"{name} must be positive (an integer), got {value!r}")
         problems += self._architecture_problems()
+        for name in ("sliding_window", "pad_token_id"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0
+                                      or (name == "sliding_window" and value == 0)):
+                problems.append(f"{name} must be a {'positive' if name == 'sliding_window' else 'non-negative'} "
+                                f"integer, got {value!r}")
+        if (isinstance(self.pad_token_id, int) and isinstance(self.vocab_size, int)
+                and not isinstance(self.pad_token_id, bool) and self.pad_token_id >= self.vocab_size):
+            problems.append(f"pad_token_id {self.pad_token_id} is outside the vocabulary (size {self.vocab_size})")
         if problems:
             raise ConfigError("invalid model config: " + "; ".join(problems))
         if self.intermediate_size is None:  # normalise, so equal models compare equal
@@ -120,6 +134,15 @@ class NeoXConfig:
                 problems.append("grouped-query attention (num_kv_heads) is converted with norm 'rmsnorm' only")
             if not (self.attention_bias and self.mlp_bias):
                 problems.append("GPT-NeoX (layernorm) models are converted with biases only")
+            if self.sliding_window is not None:
+                problems.append("sliding-window-width is converted for Llama-style (rmsnorm, -> MistralForCausalLM) "
+                                "models only: transformers' GPT-NeoX has no sliding window")
+        if self.sliding_window is not None and (self.attention_bias or self.mlp_bias):
+            problems.append("sliding-window-width with biases (use_bias_in_attn_linear / use_bias_in_mlp): "
+                            "transformers' MistralForCausalLM has no biases")
+        if self.reward_model and self.tie_word_embeddings:
+            problems.append("train_impl rm with tied embeddings: a reward model's readout is rm_linear "
+                            "(set no-weight-tying: true, as gpt-neox trains reward models)")
         return problems
 
     # ----- derived values -------------------------------------------------------------------------
@@ -127,6 +150,17 @@ class NeoXConfig:
     def architecture(self) -> str:
         """GPT_NEOX or LLAMA: which rule table, config.json and reference layers apply."""
         return LLAMA if self.norm == RMSNORM else GPT_NEOX
+
+    @property
+    def causal_lm(self) -> bool:
+        """A language model (readout final_linear -> vocabulary logits), not a reward model (rm_linear -> score)."""
+        return not self.reward_model
+
+    @property
+    def hf_architecture(self) -> str:
+        """The transformers class config.json names: {GPTNeoX, Llama, Mistral}For{CausalLM, SequenceClassification}."""
+        family = "GPTNeoX" if self.architecture == GPT_NEOX else ("Mistral" if self.sliding_window else "Llama")
+        return family + ("ForSequenceClassification" if self.reward_model else "ForCausalLM")
 
     @property
     def kv_heads(self) -> int:
@@ -176,8 +210,15 @@ class NeoXConfig:
         """A config.json that transformers 4.x and 5.x both read (legacy rotary keys, explicit act)."""
         if self.vocab_size is None:
             raise ConfigError("vocab_size is unknown; it must be set from the embedding before writing config.json")
-        if self.architecture == LLAMA:
-            return self._llama_hf_dict(torch_dtype)
+        d = self._llama_hf_dict(torch_dtype) if self.architecture == LLAMA else self._neox_hf_dict(torch_dtype)
+        d["architectures"] = [self.hf_architecture]
+        if self.reward_model:  # what save_pretrained writes for num_labels=1 (transformers 4.x and 5.x read it)
+            d["id2label"], d["label2id"] = {"0": "LABEL_0"}, {"LABEL_0": 0}
+        if self.pad_token_id is not None:
+            d["pad_token_id"] = self.pad_token_id
+        return d
+
+    def _neox_hf_dict(self, torch_dtype: str) -> dict[str, Any]:
         return {
             "architectures": ["GPTNeoXForCausalLM"],
             "model_type": "gpt_neox",
@@ -205,8 +246,10 @@ class NeoXConfig:
 
     def _llama_hf_dict(self, torch_dtype: str) -> dict[str, Any]:
         """LlamaForCausalLM's config.json. rope_theta at the top level is what transformers 4.x reads;
-        5.x reads rope_parameters (and converts a top-level rope_theta too): both are written."""
-        return {
+        5.x reads rope_parameters (and converts a top-level rope_theta too): both are written. With a sliding
+        window it is MistralForCausalLM's: transformers' ``sliding_window`` counts the keys a query sees, the
+        query's own included (kv > q - sliding_window), gpt-neox's width the keys before it, so it is W + 1."""
+        d = {
             "architectures": ["LlamaForCausalLM"],
             "model_type": "llama",
             "hidden_size": self.hidden_size,
@@ -233,10 +276,16 @@ class NeoXConfig:
             "use_cache": True,
             "torch_dtype": torch_dtype,
         }
+        if self.sliding_window is not None:  # Mistral: no bias settings, no pretraining_tp
+            for key in ("attention_bias", "mlp_bias", "pretraining_tp"):
+                del d[key]
+            d.update(model_type="mistral", sliding_window=self.sliding_window + 1)
+        return d
 
     @classmethod
     def _from_llama_hf_dict(cls, d: dict[str, Any]) -> NeoXConfig:
         rope = _unscaled_rope(d)
+        window = _hf_whole(d, "sliding_window", 0) if d.get("model_type") == "mistral" else 0
         if d.get("hidden_act", "silu") != "silu":
             raise ConfigError(f"config.json has hidden_act {d['hidden_act']!r}; Llama-style models use 'silu'")
         heads = _hf_whole(d, "num_attention_heads")
@@ -264,11 +313,13 @@ class NeoXConfig:
             mlp_bias=bool(d.get("mlp_bias", False)),
             bos_token_id=_hf_whole(d, "bos_token_id", 0),
             eos_token_id=_hf_whole(d, "eos_token_id", 0),
+            sliding_window=window - 1 if window else None,
+            **_hf_head(d),
         )
 
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any]) -> NeoXConfig:
-        if d.get("model_type") == "llama":
+        if d.get("model_type") in ("llama", "mistral"):
             try:
                 return cls._from_llama_hf_dict(d)
             except KeyError as e:
@@ -276,7 +327,8 @@ class NeoXConfig:
             except (TypeError, ValueError) as e:
                 raise ConfigError(f"config.json has a bad value: {e}") from None
         if d.get("model_type") not in (None, "gpt_neox"):
-            raise ConfigError(f"config.json has model_type {d.get('model_type')!r}, expected 'gpt_neox' or 'llama'")
+            raise ConfigError(f"config.json has model_type {d.get('model_type')!r}, expected 'gpt_neox', 'llama' "
+                              "or 'mistral'")
         rope = _unscaled_rope(d)
         try:
             return cls(
@@ -297,6 +349,7 @@ class NeoXConfig:
                 activation=str(d.get("hidden_act", GELU_EXACT)),
                 bos_token_id=_hf_whole(d, "bos_token_id", 0),
                 eos_token_id=_hf_whole(d, "eos_token_id", 0),
+                **_hf_head(d),
             )
         except KeyError as e:
             raise ConfigError(f"config.json lacks the key {e.args[0]!r}") from None
@@ -340,6 +393,9 @@ class NeoXConfig:
             problems.append("gpt_j_tied (shared layer norms) is not supported")
         if _as_bool(d.get("use_qk_layernorm", False)):
             problems.append("use_qk_layernorm is not supported")
+        train_impl = str(d.get("train_impl", "normal"))
+        if train_impl not in ("normal", "rm", "dpo", "kto", "reinforce"):
+            problems.append(f"train_impl {train_impl!r} (gpt-neox has normal, dpo, kto, reinforce and rm)")
         if problems:
             raise ConfigError("unsupported NeoX config: " + "; ".join(problems))
         fused = _as_bool(d.get("bias_gelu_fusion", False))
@@ -374,6 +430,8 @@ class NeoXConfig:
                 norm=norm,
                 attention_bias=_as_bool(d.get("use_bias_in_attn_linear", True)),
                 mlp_bias=False if old_llama_mlp else _as_bool(d.get("use_bias_in_mlp", True)),
+                sliding_window=_whole(d, "sliding_window_width"),
+                reward_model=train_impl == "rm",  # dpo/kto/reinforce train a language model: final_linear
             )
         except (TypeError, ValueError, OverflowError) as e:  # int(.inf) is an OverflowError
             raise ConfigError(f"NeoX config has a bad value: {e}") from None
@@ -458,6 +516,22 @@ def _hf_whole(d: dict[str, Any], key: str, default: int | None = None) -> int:
             raise KeyError(key)
         raise ConfigError(f"config.json has a bad value: {key} must be a whole number, got {d[key]!r}")
     return value
+
+
+def _hf_head(d: dict[str, Any]) -> dict[str, Any]:
+    """The head settings of config.json: a reward model (``*ForSequenceClassification`` with one label) and
+    ``pad_token_id``. Another head (several labels, token classification, ...) is not a gpt-neox model."""
+    archs = d.get("architectures") or []
+    if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+        raise ConfigError(f"config.json has a bad value: architectures {archs!r:.60}")
+    classifier = any(a.endswith("ForSequenceClassification") for a in archs)
+    if classifier:
+        labels = d.get("num_labels", len(d["id2label"]) if isinstance(d.get("id2label"), dict) else 2)
+        if labels != 1:
+            raise ConfigError(f"config.json is a sequence classifier with {labels} labels; gpt-neox reward models "
+                              "(train_impl rm) have one")
+    pad = d.get("pad_token_id")
+    return {"reward_model": classifier, "pad_token_id": None if pad is None else _hf_whole(d, "pad_token_id")}
 
 
 def _as_bool(v: Any) -> bool:

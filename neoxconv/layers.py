@@ -15,6 +15,11 @@ Llama-style models trained with gpt-neox (`LlamaForCausalLM` below, Hugging Face
 gpt-neox's numerics too: RMSNorm in fp32 with the scale applied before the cast back (norms.py), gated
 SiLU ``down(silu(gate(x)) * up(x))``, RoPE over the whole head, grouped-query attention whose KV cache holds
 only the kv heads (query heads j*g .. j*g+g-1 share kv head j, as repeat_interleave / HF repeat_kv).
+With gpt-neox's ``sliding_window_width`` W (Mistral-style) a query at position p sees keys p-W .. p, cached
+decoding included (the cache keeps every position; the mask hides the old ones).
+
+Reward models (gpt-neox ``train_impl: rm``) are the same bodies with a one-output ``score`` readout instead of
+the vocabulary's (``*ForSequenceClassification``): ``forward`` gives a score per position, (B, T, 1).
 """
 
 from __future__ import annotations
@@ -86,34 +91,46 @@ def apply_partial_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) 
 
 
 # ----- attention -----------------------------------------------------------------------------------------
+def hidden_keys(T: int, S: int, *, q_start: int, window: int | None, device: torch.device) -> torch.Tensor | None:
+    """(T, S) True where query i (position q_start+i) must not see key j: the future (j > q_start+i) and,
+    with a sliding window W, keys older than W positions (j < q_start+i-W; gpt-neox get_attn_mask). None: none."""
+    if T == 1 and (window is None or q_start <= window):
+        return None
+    ones = torch.ones(T, S, dtype=torch.bool, device=device)
+    hidden = ones.triu(diagonal=q_start + 1)
+    if window is not None:
+        hidden |= ones.tril(diagonal=q_start - window - 1)
+    return hidden
+
+
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, q_start: int,
-                     use_sdpa: bool = False, row_period: int | None = None) -> torch.Tensor:
+                     use_sdpa: bool = False, row_period: int | None = None, window: int | None = None) -> torch.Tensor:
     """Softmax attention of T queries at positions q_start.. over S keys at positions 0..S-1.
 
     q: (B, nh, T, hd); k, v: (B, nh, S, hd) -> (B, nh, T, hd). Scores and softmax in fp32.
     With grouped-query attention k, v are (B, kvh, S, hd), kvh dividing nh: query heads j*g .. j*g+g-1
-    (g = nh / kvh) attend with kv head j, without copying k and v.
+    (g = nh / kvh) attend with kv head j, without copying k and v. ``window``: a sliding window of W keys
+    before the query (`hidden_keys`).
     """
     B, nh, T, hd = q.shape
     kvh, S = k.shape[1], k.shape[-2]
     if kvh != nh:
         g = nh // kvh
         if use_sdpa:
-            mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=q_start) if T > 1 else None
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+            hidden = hidden_keys(T, S, q_start=q_start, window=window, device=q.device)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=None if hidden is None else ~hidden,
+                                                  enable_gqa=True)
         qg = q.reshape(B, kvh, g * T, hd)  # rows: (group member, position)
-        out = causal_attention(qg, k, v, q_start=q_start, row_period=T)  # (B, kvh, g*T, hd)
+        out = causal_attention(qg, k, v, q_start=q_start, row_period=T, window=window)  # (B, kvh, g*T, hd)
         return out.view(B, nh, T, hd)
     if use_sdpa:
-        mask = None
-        if T > 1:  # query i (position q_start+i) sees keys 0..q_start+i
-            mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=q_start)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        hidden = hidden_keys(T, S, q_start=q_start, window=window, device=q.device)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=None if hidden is None else ~hidden)
     scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) / math.sqrt(hd)  # (B, nh, T, S)
     period = row_period or T  # query row r is at position q_start + r % period (grouped rows repeat)
-    if period > 1:
-        future = torch.ones(period, S, dtype=torch.bool, device=q.device).triu(diagonal=q_start + 1)
-        scores = scores.masked_fill(future.repeat(T // period, 1), torch.finfo(scores.dtype).min)
+    hidden = hidden_keys(period, S, q_start=q_start, window=window, device=q.device)
+    if hidden is not None:
+        scores = scores.masked_fill(hidden.repeat(T // period, 1), torch.finfo(scores.dtype).min)
     probs = torch.softmax(scores, dim=-1).to(v.dtype)
     return torch.matmul(probs, v)
 
@@ -200,7 +217,7 @@ class NeoXForCausalLM(nn.Module):
             raise ValueError("NeoXForCausalLM needs config.vocab_size")
         self.config = config
         self.gpt_neox = NeoXBody(config)
-        self.embed_out = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self._add_readout(config)
         self.tie_weights()
         self.rotary = RotaryTables(config.rotary_dims, config.rotary_emb_base, config.max_position_embeddings)
 
@@ -208,6 +225,13 @@ class NeoXForCausalLM(nn.Module):
     # module names of the stages (placement's units) and of the rotary tables in transformers' model
     UNITS = {"embed": "gpt_neox.embed_in", "blocks": "gpt_neox.layers", "final_norm": "gpt_neox.final_layer_norm",
              "readout": "embed_out", "hf_rotary": "gpt_neox.rotary_emb"}
+
+    def _add_readout(self, config: NeoXConfig) -> None:
+        self.embed_out = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+
+    @property
+    def readout(self) -> nn.Module:
+        return self.embed_out
 
     @property
     def blocks(self) -> nn.ModuleList:
@@ -240,7 +264,7 @@ class NeoXForCausalLM(nn.Module):
             x = layer(x, cos, sin, start, None if cache is None else cache.layers[i])
         if cache is not None:
             cache.length = start + T
-        return self.embed_out(self.gpt_neox.final_layer_norm(x))  # (B, T, V)
+        return self.readout(self.gpt_neox.final_layer_norm(x))  # (B, T, V); reward model (B, T, 1)
 
 
 # ----- Llama-style models trained with gpt-neox --------------------------------------------------------------
@@ -272,6 +296,7 @@ class GroupedQueryAttention(nn.Module):
         self.k_proj = nn.Linear(H, self.kv_heads * hd, bias=bias)
         self.v_proj = nn.Linear(H, self.kv_heads * hd, bias=bias)
         self.o_proj = nn.Linear(self.num_heads * hd, H, bias=bias)
+        self.window = config.sliding_window
         self.use_sdpa = False
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: int,
@@ -283,7 +308,7 @@ class GroupedQueryAttention(nn.Module):
         q, k = apply_partial_rotary(q, cos, sin), apply_partial_rotary(k, cos, sin)
         if cache is not None:
             k, v = cache.write(start, k, v)  # (B, kvh, start+T, hd)
-        out = causal_attention(q, k, v, q_start=start, use_sdpa=self.use_sdpa)  # (B, nh, T, hd)
+        out = causal_attention(q, k, v, q_start=start, use_sdpa=self.use_sdpa, window=self.window)  # (B, nh, T, hd)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -341,9 +366,16 @@ class LlamaForCausalLM(nn.Module):
             raise ValueError("LlamaForCausalLM needs config.vocab_size")
         self.config = config
         self.model = LlamaBody(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self._add_readout(config)
         self.tie_weights()
         self.rotary = RotaryTables(config.rotary_dims, config.rotary_emb_base, config.max_position_embeddings)
+
+    def _add_readout(self, config: NeoXConfig) -> None:
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+
+    @property
+    def readout(self) -> nn.Module:
+        return self.lm_head
 
     @property
     def blocks(self) -> nn.ModuleList:
@@ -375,12 +407,51 @@ class LlamaForCausalLM(nn.Module):
             x = layer(x, cos, sin, start, None if cache is None else cache.layers[i])
         if cache is not None:
             cache.length = start + T
-        return self.lm_head(self.model.norm(x))  # (B, T, V)
+        return self.readout(self.model.norm(x))  # (B, T, V); reward model (B, T, 1)
+
+
+# ----- reward models (gpt-neox train_impl: rm) ------------------------------------------------------------------
+class _ScoreHead:
+    """A reward model's readout: score (1, H), no bias (gpt-neox's rm_linear; transformers' ``score``)."""
+
+    def _add_readout(self, config: NeoXConfig) -> None:
+        self.score = nn.Linear(config.hidden_size, 1, bias=False)
+
+    @property
+    def readout(self) -> nn.Module:
+        return self.score
+
+    def tie_weights(self) -> None:  # a reward model's readout is never the embedding
+        return None
+
+
+class NeoXForSequenceClassification(_ScoreHead, NeoXForCausalLM):
+    """A GPT-NeoX reward model: ``forward`` -> scores (B, T, 1); the sequence's score is that of its last
+    non-pad token (transformers' GPTNeoXForSequenceClassification pools the same way)."""
+
+    UNITS = {**NeoXForCausalLM.UNITS, "readout": "score"}
+
+
+class LlamaForSequenceClassification(_ScoreHead, LlamaForCausalLM):
+    """A Llama-style (or Mistral-style) reward model: ``forward`` -> scores (B, T, 1)."""
+
+    UNITS = {**LlamaForCausalLM.UNITS, "readout": "score"}
 
 
 def build_model(config: NeoXConfig) -> nn.Module:
-    """The reference model of the config's architecture (parameter names = what ``merge`` writes)."""
+    """The reference model of the config's architecture and head (parameter names = what ``merge`` writes)."""
+    if config.reward_model:
+        return LlamaForSequenceClassification(config) if config.architecture == LLAMA \
+            else NeoXForSequenceClassification(config)
     return LlamaForCausalLM(config) if config.architecture == LLAMA else NeoXForCausalLM(config)
+
+
+def last_non_pad(ids: list[int], pad_token_id: int | None) -> int:
+    """Index of the token whose score is the sequence's: the last one that is not ``pad_token_id`` (0 when
+    every token is; the last token without a pad id), as transformers' sequence classifiers pick it."""
+    if pad_token_id is None:
+        return len(ids) - 1
+    return max((i for i, t in enumerate(ids) if t != pad_token_id), default=0)
 
 
 def weight_bytes(model: nn.Module) -> int:

@@ -66,7 +66,7 @@ class RuleSpec:
 
     rule: Rule
     hf_name: str | None  # "{i}" is the transformer block number; None for dropped and split keys
-    shape: str  # merged shape in config terms: V vocab, H hidden, F ffn, KV kv heads x head_dim
+    shape: str  # merged shape in config terms: V vocab, H hidden, F ffn, KV kv heads x head_dim, 1 one row
     split: Split | None = None  # SPLIT_ROWS: how each rank's rows divide
     parts: tuple[tuple[str, str], ...] = ()  # SPLIT_ROWS: (hf_name, shape) of each part, in the split's order
     aliases: tuple[tuple[str, str], ...] = ()  # (key generation, key): where a generation spells it otherwise
@@ -135,7 +135,10 @@ RULES: dict[LayerKind, dict[str, RuleSpec]] = {
         "norm.bias": RuleSpec(Rule.REPLICATED, "gpt_neox.final_layer_norm.bias", "H"),
     },
     LayerKind.READOUT: {
-        "final_linear.weight": RuleSpec(Rule.CONCAT_ROWS, "embed_out.weight", "V,H"),
+        "final_linear.weight": RuleSpec(Rule.CONCAT_ROWS, "embed_out.weight", "V,H", when="causal_lm"),
+        # reward models (train_impl: rm): ParallelLinear's rm_linear is a RowParallelLinear(hidden -> 1,
+        # input_is_parallel=False, parallel_output=False): each rank holds a block of input columns
+        "rm_linear.weight": RuleSpec(Rule.CONCAT_COLS, "score.weight", "1,H", when="reward_model"),
     },
 }
 
@@ -183,7 +186,10 @@ LLAMA_RULES: dict[LayerKind, dict[str, RuleSpec]] = {
         "mlp.w2.weight": RuleSpec(Rule.CONCAT_COLS, _L + "mlp.down_proj.weight", "H,F", generations=(LLAMA_W123_KEYS,)),
     },
     LayerKind.FINAL_NORM: {"norm.scale": RuleSpec(Rule.REPLICATED, "model.norm.weight", "H")},
-    LayerKind.READOUT: {"final_linear.weight": RuleSpec(Rule.CONCAT_ROWS, "lm_head.weight", "V,H")},
+    LayerKind.READOUT: {
+        "final_linear.weight": RuleSpec(Rule.CONCAT_ROWS, "lm_head.weight", "V,H", when="causal_lm"),
+        "rm_linear.weight": RuleSpec(Rule.CONCAT_COLS, "score.weight", "1,H", when="reward_model"),
+    },
 }
 
 
@@ -399,7 +405,7 @@ def shape_of(shape: str, config: NeoXConfig) -> tuple[int, ...] | None:
     if shape in ("*", "R", "mask", "scalar"):
         return None
     sizes = {"V": config.vocab_size, "H": config.hidden_size, "3H": 3 * config.hidden_size, "F": config.ffn_size,
-             "KV": config.kv_heads * config.head_dim}
+             "KV": config.kv_heads * config.head_dim, "1": 1}
     dims = tuple(sizes[d] for d in shape.split(","))
     return None if any(d is None for d in dims) else dims  # type: ignore[return-value]
 

@@ -10,6 +10,11 @@ Checks (each with its figure and tolerance; any failure makes the CLI exit 7):
 * sanity        logits finite and not constant over the vocabulary
 * int8_*        with ``--int8``: top-1 agreement with the full-precision model over the generated steps,
                 max logit difference on the prompt, weight memory before and after
+* perplexity_against, perplexity_hf
+                with ``--text FILE``: |log perplexity of neoxconv's model - that of the simulated
+                tensor-parallel forward / of transformers| on the text (windows: `neoxconv.check.perplexity`)
+Reward models (``*ForSequenceClassification``, gpt-neox ``train_impl: rm``) are scored instead of generating:
+``score`` is the score of the prompt's last non-pad token; kv_cache, against and reference_hf compare scores.
 Logit tolerances scale with max(1, max |logit|) and depend on the compute dtype. ``against`` compares with
 the source's own weights, so when the merge rounded them (stored in a coarser dtype than the source's, read
 from the safetensors headers) its tolerance is the coarser of the compute dtype and the stored one: a
@@ -24,6 +29,7 @@ import logging
 import math
 import resource
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -36,8 +42,10 @@ from neoxconv.source.safetensors import read_safetensors_header
 from neoxconv.config import NeoXConfig, load_out_config
 from neoxconv.dtypes import FROM_SAFETENSORS, TORCH_FLOAT_DTYPES, as_torch_dtype
 from neoxconv.errors import CheckpointError, ConfigError, UsageError
-from neoxconv.layers import weight_bytes
+from neoxconv.check.perplexity import Perplexity, Windows, close_enough, model_perplexity, text_perplexity
+from neoxconv.layers import last_non_pad, weight_bytes
 from neoxconv.model.generation import GenerationResult, Sampling, full_forward_logits, generate
+from neoxconv.model.kv_cache import KVCache
 from neoxconv.output.folder import INDEX
 from neoxconv.progress import format_bytes, format_rate, terminal_json, terminal_text
 from neoxconv.runtime.loading import LoadedModel, load_model, resolve_device, resolve_dtype
@@ -75,6 +83,28 @@ class VerifyOptions:
     quiet: bool = True
     max_memory: dict | int | None = None  # bytes: one cap, or {cuda index | "cpu": bytes} (placement.parse_max_memory)
     device_map: str | None = None  # auto | balanced | sequential
+    text: Path | None = None  # --text FILE: perplexity on it
+    window: int | None = None  # perplexity window (None: max_position_embeddings)
+    stride: int | None = None  # between window starts (None: window - 1)
+
+
+# the prompt taken from --text when neither --prompt nor --ids is given
+TEXT_PROMPT_TOKENS = 32
+
+
+@dataclass
+class PerplexityReport:
+    """``verify --text``: the perplexity of each model on the text, over the same scored tokens."""
+
+    text: str
+    tokens: int  # tokens of the text
+    scored: int  # tokens scored (all but the first)
+    window: int
+    stride: int
+    ours: float  # perplexity of neoxconv's model
+    nll: float  # its mean negative log-likelihood, nats per token
+    against: float | None = None  # perplexity of the simulated tensor-parallel forward (--against)
+    reference_hf: float | None = None  # of transformers (--reference hf)
 
 
 @dataclass
@@ -109,6 +139,9 @@ class VerifyReport:
     # those of ``notes`` already given on stderr while the run went on (placement's: a streamed run of a big
     # model is long): not repeated at the end of the human report (`format_report`); not in --json
     notes_said: list[str] = field(default_factory=list)
+    perplexity: PerplexityReport | None = None
+    score: float | None = None  # reward models: the score of the last non-pad token of the prompt
+    score_position: int | None = None  # its index in prompt_ids
 
     @property
     def ok(self) -> bool:
@@ -285,21 +318,35 @@ def against_check(model, gen: GenerationResult, options: VerifyOptions, dtype: t
                  + layout_note)
 
 
-def reference_hf_check(out: Path, model, gen: GenerationResult, dtype: torch.dtype, device: torch.device,
-                       plan: PlacementPlan | None = None, *, quiet: bool = False) -> Check:
-    """``plan``: the placement of ``model``, given to transformers' model too (None: resident on ``device``);
+@contextlib.contextmanager
+def transformers_model(out: Path, config: NeoXConfig, dtype: torch.dtype, device: torch.device,
+                       plan: PlacementPlan | None = None, *,
+                       quiet: bool = False) -> Iterator[tuple[torch.nn.Module, torch.device]]:
+    """transformers' class that config.json names, loaded from OUT: (model, the device its inputs go to).
+    ``plan``: the placement of neoxconv's model, given to transformers' too (None: resident on ``device``);
     ``quiet``: without transformers' loading bar."""
-    try:
-        import transformers
-    except ImportError:  # require_optional() refuses this up front; kept for library callers
-        return Check("reference_hf", False, None, None, "transformers is not installed (pip install 'neoxconv[hf]')")
-    cls_name = "LlamaForCausalLM" if model.config.architecture == "llama" else "GPTNeoXForCausalLM"
-    hf_class = getattr(transformers, cls_name)
-    with _transformers_bars(shown=not quiet):
-        theirs = _hf_logits(hf_class, out, gen, dtype, device, plan)
-    diff = _max_abs(gen.prompt_logits, theirs)
-    tol = MODEL_TOL[dtype] * _scale(theirs)
-    return Check("reference_hf", diff <= tol, diff, tol, f"vs transformers {cls_name} on the prompt")
+    import transformers
+
+    hf_class = getattr(transformers, config.hf_architecture)
+    if plan is None:
+        with _transformers_bars(shown=not quiet):
+            hf = hf_class.from_pretrained(str(out), dtype=dtype).to(device).eval()
+        try:
+            yield hf, device
+        finally:
+            del hf
+        return
+    from neoxconv.runtime.placement import hf_device_map  # the same placement (accelerate under from_pretrained)
+
+    with tempfile.TemporaryDirectory(prefix="neoxconv-offload-") as offload:
+        device_map = hf_device_map(plan, hf_class=hf_class, out=out)
+        with _transformers_bars(shown=not quiet):
+            hf = hf_class.from_pretrained(str(out), dtype=dtype, device_map=device_map,
+                                          offload_folder=offload).eval()
+        try:
+            yield hf, plan.main_device
+        finally:
+            del hf
 
 
 @contextlib.contextmanager
@@ -319,24 +366,56 @@ def _transformers_bars(*, shown: bool) -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
-def _hf_logits(hf_class, out: Path, gen: GenerationResult, dtype: torch.dtype, device: torch.device,
-               plan: PlacementPlan | None) -> torch.Tensor:
-    """transformers' prompt logits (fp32, on the CPU), placed as ``plan`` places neoxconv's model."""
-    if plan is None:
-        hf = hf_class.from_pretrained(str(out), dtype=dtype).to(device).eval()
-        with torch.inference_mode():
-            theirs = hf(torch.tensor([gen.prompt_ids], device=device)).logits[0].float().cpu()
-    else:  # the same placement for transformers' model (accelerate under from_pretrained)
-        from neoxconv.runtime.placement import hf_device_map
+def reference_hf_check(hf: torch.nn.Module, inputs: torch.device, gen: GenerationResult, dtype: torch.dtype,
+                       config: NeoXConfig) -> Check:
+    """neoxconv's prompt logits vs transformers' (``hf``, from `transformers_model`); for a reward model, the
+    score of the last non-pad token vs transformers' pooled score."""
+    with torch.inference_mode():
+        theirs = hf(torch.tensor([gen.prompt_ids], device=inputs)).logits[0].float().cpu()
+    name = config.hf_architecture
+    if config.reward_model:  # transformers pools: (num_labels,) at the last non-pad token
+        pos = last_non_pad(gen.prompt_ids, config.pad_token_id)
+        ours = gen.prompt_logits[pos]
+        detail = f"vs transformers {name}'s score (position {pos}, the last non-pad token)"
+    else:
+        ours, detail = gen.prompt_logits, f"vs transformers {name} on the prompt"
+    if ours.shape != theirs.shape:
+        return Check("reference_hf", False, None, None, f"shapes differ: ours {list(ours.shape)}, "
+                     f"transformers {list(theirs.shape)}")
+    diff = _max_abs(ours, theirs)
+    tol = MODEL_TOL[dtype] * _scale(theirs)
+    return Check("reference_hf", diff <= tol, diff, tol, detail)
 
-        with tempfile.TemporaryDirectory(prefix="neoxconv-offload-") as offload:
-            device_map = hf_device_map(plan, hf_class=hf_class, out=out)
-            hf = hf_class.from_pretrained(str(out), dtype=dtype, device_map=device_map,
-                                          offload_folder=offload).eval()
-            with torch.inference_mode():
-                theirs = hf(torch.tensor([gen.prompt_ids], device=plan.main_device)).logits[0].float().cpu()
-    del hf
-    return theirs
+
+@torch.inference_mode()
+def cached_scores(loaded: LoadedModel, ids: list[int]) -> torch.Tensor:
+    """A reward model's scores (T, 1) through its KV cache: the first half of ``ids`` at once, then one token at
+    a time (what an uncached forward must equal)."""
+    model, devices = loaded.model, loaded.devices
+    cache = KVCache(model.config, batch=1, max_len=len(ids), device=devices.inputs, dtype=loaded.dtype,
+                    layer_devices=list(devices.layers))
+    half = max(1, len(ids) // 2)
+    parts = [model(torch.tensor([ids[:half]], device=devices.inputs), 0, cache)[0]]
+    parts += [model(torch.tensor([[t]], device=devices.inputs), i, cache)[0] for i, t in enumerate(ids[half:], half)]
+    return torch.cat(parts).float().cpu()
+
+
+def score_prompt(loaded: LoadedModel, prompt_ids: list[int]) -> tuple[GenerationResult, Check, Check]:
+    """A reward model on the prompt: its scores (uncached, as ``prompt_logits`` of a result without generated
+    tokens), the kv_cache check (cached vs uncached scores) and the sanity check (finite)."""
+    t0 = time.perf_counter()
+    full = full_forward_logits(loaded.model, prompt_ids, devices=loaded.devices)  # (T, 1)
+    seconds = time.perf_counter() - t0
+    cached = cached_scores(loaded, prompt_ids)
+    diff = _max_abs(cached, full)
+    tol = KV_TOL[loaded.dtype] * _scale(full)
+    kv = Check("kv_cache", diff <= tol, diff, tol, f"{len(prompt_ids)} positions, cached vs uncached scores")
+    finite = bool(torch.isfinite(full).all())
+    sanity = Check("sanity", finite, float(full.abs().max()) if finite else None, None,
+                   "scores finite" if finite else "non-finite scores")
+    gen = GenerationResult(prompt_ids=list(prompt_ids), generated_ids=[], prompt_logits=full,
+                           step_logits=torch.empty(0), prefill_seconds=seconds, decode_seconds=0.0)
+    return gen, kv, sanity
 
 
 def int8_checks(loaded: LoadedModel, gen: GenerationResult, options: VerifyOptions) -> tuple[list[Check], dict]:
@@ -374,20 +453,29 @@ def int8_checks(loaded: LoadedModel, gen: GenerationResult, options: VerifyOptio
     return checks, info
 
 
-def verify_model(out: Path, options: VerifyOptions) -> VerifyReport:
-    """Integrity first, then load, generate, and run every requested check."""
-    out = Path(out)
+def _prompt_and_text(out: Path, options: VerifyOptions, config: NeoXConfig, tokenizer) -> tuple[list[int], list[int]]:
+    """(prompt ids, the --text's ids or []), checked against the vocabulary and the positions."""
     if options.prompt is not None and options.ids is not None:
         raise UsageError("give the prompt as text (--prompt) or as token ids (--ids), not both")
+    text_ids: list[int] = []
+    if options.text is not None:
+        if config.reward_model:
+            raise UsageError(f"--text measures a language model's perplexity; {out} is a reward model "
+                             f"({config.hf_architecture}), which scores sequences")
+        if tokenizer is None:
+            raise UsageError(f"{out}: no tokenizer.json to encode --text; pass --tokenizer FILE")
+        try:
+            text = Path(options.text).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise UsageError(f"{options.text}: cannot read the text (--text): {e}") from None
+        text_ids = tokenizer.encode(text).ids
+        if len(text_ids) < 2:
+            raise UsageError(f"{options.text}: {len(text_ids)} token(s); a perplexity needs at least 2")
     if options.prompt is None and options.ids is None:
-        raise UsageError("give a prompt (--prompt TEXT) or token ids (--ids 1,2,3)")
-    require_optional(options)
-    config = load_out_config(out)
-    integrity = check_output(out, config, hashes=options.check_hashes, require_manifest=options.require_manifest)
-    if options.against is not None:
-        check_against_config(out, config, options)
-    tokenizer = _tokenizer(out, options.tokenizer)
-    if options.ids is not None:
+        if not text_ids:
+            raise UsageError("give a prompt (--prompt TEXT) or token ids (--ids 1,2,3)")
+        prompt_ids = text_ids[:min(TEXT_PROMPT_TOKENS, config.max_position_embeddings - 1)]
+    elif options.ids is not None:
         prompt_ids = list(options.ids)
     else:
         if tokenizer is None:
@@ -395,17 +483,42 @@ def verify_model(out: Path, options: VerifyOptions) -> VerifyReport:
         prompt_ids = tokenizer.encode(options.prompt).ids
     if not prompt_ids:
         raise UsageError("the prompt encodes to no tokens (--prompt / --ids)")
-    bad = [i for i in prompt_ids if not 0 <= i < (config.vocab_size or 0)]
-    if bad:
-        source = "--ids: token ids" if options.ids is not None else \
-            f"--prompt: the tokenizer ({options.tokenizer or out / 'tokenizer.json'}) gives ids"
-        hint = "" if options.ids is not None else "; the tokenizer does not match the model: pass --tokenizer FILE"
-        raise UsageError(f"{source} {bad[:5]} outside the vocabulary of {out} "
+    for source, ids in (("prompt", prompt_ids), ("text", text_ids)):
+        bad = [i for i in ids if not 0 <= i < (config.vocab_size or 0)]
+        if not bad:
+            continue
+        if source == "prompt" and options.ids is not None:
+            where, hint = "--ids: token ids", ""
+        else:
+            flag = "--text" if source == "text" or options.prompt is None else "--prompt"
+            where = f"{flag}: the tokenizer ({options.tokenizer or out / 'tokenizer.json'}) gives ids"
+            hint = "; the tokenizer does not match the model: pass --tokenizer FILE"
+        raise UsageError(f"{where} {bad[:5]} outside the vocabulary of {out} "
                          f"(size {config.vocab_size}: ids 0..{(config.vocab_size or 1) - 1}){hint}")
     if len(prompt_ids) >= config.max_position_embeddings:
         raise UsageError(f"the prompt has {len(prompt_ids)} tokens; {out} takes at most "
                          f"{config.max_position_embeddings - 1} before generating (max_position_embeddings "
                          f"{config.max_position_embeddings}); give a shorter --prompt / --ids")
+    return prompt_ids, text_ids
+
+
+def verify_model(out: Path, options: VerifyOptions) -> VerifyReport:
+    """Integrity first, then load, generate (a reward model: score), and run every requested check."""
+    out = Path(out)
+    if options.prompt is not None and options.ids is not None:
+        raise UsageError("give the prompt as text (--prompt) or as token ids (--ids), not both")
+    if options.prompt is None and options.ids is None and options.text is None:
+        raise UsageError("give a prompt (--prompt TEXT) or token ids (--ids 1,2,3)")
+    require_optional(options)
+    config = load_out_config(out)
+    windows = Windows.for_model(config, window=options.window, stride=options.stride) if options.text else None
+    if config.reward_model and options.int8:
+        raise UsageError(f"--int8 compares generated tokens; {out} is a reward model ({config.hf_architecture})")
+    integrity = check_output(out, config, hashes=options.check_hashes, require_manifest=options.require_manifest)
+    if options.against is not None:
+        check_against_config(out, config, options)
+    tokenizer = _tokenizer(out, options.tokenizer)
+    prompt_ids, text_ids = _prompt_and_text(out, options, config, tokenizer)
 
     device = resolve_device(options.device)
     dtype = resolve_dtype(options.dtype, device)
@@ -414,13 +527,18 @@ def verify_model(out: Path, options: VerifyOptions) -> VerifyReport:
             torch.cuda.reset_peak_memory_stats(i)
     sampler = PeakAnonMemory().start()  # stops at stop(), or when dropped on an error
     tokens = min(len(prompt_ids) + options.max_new_tokens, config.max_position_embeddings)  # as generate caps it
+    if windows is not None:
+        tokens = max(tokens, min(windows.window, len(text_ids)))
     reserve = runtime_reserve(config, tokens=tokens, dtype=dtype)
     loaded = load_model(out, device=device, dtype=dtype, quiet=options.quiet, max_memory=options.max_memory,
                         device_map=options.device_map, fit=True, reserve=reserve)
     loaded.model.set_attention(options.attention)
-    gen = generate(loaded.model, prompt_ids, max_new_tokens=options.max_new_tokens, eos_id=config.eos_token_id,
-                   sampling=options.sampling, dtype=dtype, devices=loaded.devices)
-    text = tokenizer.decode(gen.generated_ids) if tokenizer is not None else ""
+    if config.reward_model:
+        gen, kv, sanity = score_prompt(loaded, prompt_ids)
+    else:
+        gen = generate(loaded.model, prompt_ids, max_new_tokens=options.max_new_tokens, eos_id=config.eos_token_id,
+                       sampling=options.sampling, dtype=dtype, devices=loaded.devices)
+    text = tokenizer.decode(gen.generated_ids) if tokenizer is not None and gen.generated_ids else ""
     report = VerifyReport(
         out_dir=str(out), device=str(device), dtype=str(dtype).replace("torch.", ""), prompt_ids=prompt_ids,
         generated_ids=gen.generated_ids, text=text, tokens_per_second=gen.decode_tokens_per_second,
@@ -431,21 +549,75 @@ def verify_model(out: Path, options: VerifyOptions) -> VerifyReport:
         report.notes.extend(loaded.placement.notes)
         report.notes_said.extend(loaded.placement.notes)  # logged when planned
     report.checks.append(Check("integrity", True, None, None, integrity.summary()))
-    kv, report.kv_cache_max_abs_diff = kv_cache_check(loaded, gen)
-    report.checks.append(kv)
-    report.checks.append(sanity_check(gen))
+    if config.reward_model:
+        report.score_position = last_non_pad(prompt_ids, config.pad_token_id)
+        report.score = float(gen.prompt_logits[report.score_position, 0])
+        report.checks += [kv, sanity]
+        report.kv_cache_max_abs_diff = kv.value if kv.value is not None else float("nan")
+    else:
+        kv, report.kv_cache_max_abs_diff = kv_cache_check(loaded, gen)
+        report.checks.append(kv)
+        report.checks.append(sanity_check(gen))
+    ours_ppl = model_perplexity(loaded.model, text_ids, windows, devices=loaded.devices, dtype=dtype) \
+        if windows is not None else None
+    ppl_tol = MODEL_TOL[dtype]  # nats per token: |log ppl - log ppl'|
     if options.against is not None:
-        report.checks.append(against_check(loaded.model, gen, options, dtype, merge_rounding(out, options), out=out))
+        rounding = merge_rounding(out, options)
+        report.checks.append(against_check(loaded.model, gen, options, dtype, rounding, out=out))
+        if ours_ppl is not None:
+            tp_ppl = text_perplexity(text_ids, windows, lambda ids: _against_logits(options, ids, out))
+            tol = MODEL_TOL[coarser(dtype, rounding[0] if rounding else None)]
+            report.checks.append(_perplexity_check("perplexity_against", ours_ppl, tp_ppl, tol,
+                                                   f"the simulated tensor-parallel forward of {options.against}"))
+            report.perplexity = _ppl_report(options, text_ids, windows, ours_ppl, report.perplexity)
+            report.perplexity.against = tp_ppl.perplexity
     if options.reference == "hf":
-        report.checks.append(reference_hf_check(out, loaded.model, gen, dtype, device, loaded.placement,
-                                                quiet=options.quiet))
+        with transformers_model(out, config, dtype, device, loaded.placement, quiet=options.quiet) as (hf, inputs):
+            report.checks.append(reference_hf_check(hf, inputs, gen, dtype, config))
+            if ours_ppl is not None:
+                hf_ppl = text_perplexity(text_ids, windows, lambda ids: _hf_logits(hf, inputs, ids))
+                report.checks.append(_perplexity_check("perplexity_hf", ours_ppl, hf_ppl, ppl_tol,
+                                                       f"transformers {config.hf_architecture}"))
+                report.perplexity = _ppl_report(options, text_ids, windows, ours_ppl, report.perplexity)
+                report.perplexity.reference_hf = hf_ppl.perplexity
+    if ours_ppl is not None:
+        report.perplexity = _ppl_report(options, text_ids, windows, ours_ppl, report.perplexity)
     if options.int8:
         checks, report.int8 = int8_checks(loaded, gen, options)
         report.checks.extend(checks)
     report.peak_memory_bytes, report.peak_memory_kind = _peak_memory(device, sampler.stop())
-    if tokenizer is None:
+    if tokenizer is None and not config.reward_model:
         report.notes.append("no tokenizer: generated ids are not decoded")
+    if options.prompt is None and options.ids is None:
+        report.notes.append(f"no --prompt/--ids: the prompt is the text's first {len(prompt_ids)} tokens")
     return report
+
+
+def _against_logits(options: VerifyOptions, ids: list[int], out: Path) -> torch.Tensor:
+    from neoxconv.check.tp_reference import against_reference
+
+    return against_reference(options.against, ids, out=out, row_bias=options.row_bias,
+                             config_path=options.against_config, qkv_layout=options.qkv_layout).logits
+
+
+@torch.inference_mode()
+def _hf_logits(hf: torch.nn.Module, inputs: torch.device, ids: list[int]) -> torch.Tensor:
+    return hf(torch.tensor([ids], device=inputs)).logits[0].float()
+
+
+def _ppl_report(options: VerifyOptions, text_ids: list[int], windows: Windows, ours: Perplexity,
+                existing: PerplexityReport | None) -> PerplexityReport:
+    if existing is not None:
+        return existing
+    return PerplexityReport(text=str(options.text), tokens=len(text_ids), scored=ours.tokens, window=windows.window,
+                            stride=windows.stride, ours=ours.perplexity, nll=ours.mean_nll)
+
+
+def _perplexity_check(name: str, ours: Perplexity, theirs: Perplexity, tolerance: float, what: str) -> Check:
+    agree, diff = close_enough(ours, theirs, tolerance)
+    return Check(name, agree, diff, tolerance,
+                 f"perplexity {ours.perplexity:.4g} vs {theirs.perplexity:.4g} of {what} over {ours.tokens} tokens "
+                 "(|difference of log perplexities|, nats/token)")
 
 
 def format_report(report: VerifyReport) -> str:
@@ -466,6 +638,14 @@ def format_report(report: VerifyReport) -> str:
         fig = "" if c.value is None else f"{c.value:.3g}"
         tol = "" if c.tolerance is None else f" (tolerance {c.tolerance:.3g})"
         lines.append(f"  {mark} {c.name:<20} {fig}{tol}  {c.detail}")
+    if report.score is not None:
+        lines.insert(1, f"score (reward model, token {report.score_position}): {report.score:.6g}")
+    if report.perplexity is not None:
+        pp = report.perplexity
+        others = "".join(f", {k} {v:.6g}" for k, v in (("against", pp.against), ("reference_hf", pp.reference_hf))
+                         if v is not None)
+        lines.append(f"perplexity of {pp.text}: {pp.ours:.6g} ({pp.scored} tokens scored of {pp.tokens}, window "
+                     f"{pp.window}, stride {pp.stride}){others}")
     if report.int8:
         i = report.int8
         lines.append(f"int8: weights x{i['memory_ratio']:.2f}, top-1 agreement {i['top1_agreement']:.0%}, "

@@ -5,7 +5,10 @@ simulated: vocab-parallel embedding lookups are summed (all-reduce), each rank r
 heads and the MLP on its own columns, row-parallel outputs are summed (all-reduce) with each rank's bias
 part added before the sum (parallel residual) or the full bias once after it, and the vocab-parallel
 readout's slices are gathered. Layer norms are each rank's own copy. No merge rule is used, so a merged
-model that disagrees with this forward was merged wrongly.
+model that disagrees with this forward was merged wrongly. A reward model's readout (``rm_linear``, a
+RowParallelLinear(hidden -> 1) with ``input_is_parallel=False``) gives each rank its block of the hidden
+features and sums the partial scores; a sliding window (``sliding_window_width``) masks keys as gpt-neox's
+``get_attn_mask`` does.
 
 Memory: one layer's rank shards in fp32 at a time (read through the CRC-checked source reader), the
 embedding's rows for the prompt only, and the vocab-sized readout ``READ_BLOCK_BYTES`` at a time; so the
@@ -75,6 +78,18 @@ def _linear_by_rows(x: torch.Tensor, shard: _Shard, key: str) -> torch.Tensor:
     rows, width = shard.refs[key].shape
     block = max(1, READ_BLOCK_BYTES // (4 * width))
     return torch.cat([F.linear(x, shard.rows(key, slice(i, i + block))) for i in range(0, rows, block)], dim=-1)
+
+
+def _rm_scores(finals: list[torch.Tensor], shards: list[_Shard]) -> torch.Tensor:
+    """gpt-neox's rm_linear: RowParallelLinear(hidden -> 1, input_is_parallel=False, parallel_output=False).
+    Rank r scatters its own copy of the final norm's output to its block of hidden features, multiplies it by
+    its [1, H/T] weight, and the all-reduce sums the partial scores: (n, 1)."""
+    parts = []
+    for r, shard in enumerate(shards):
+        w = shard["rm_linear.weight"]  # (1, H/T)
+        width = w.shape[1]
+        parts.append(F.linear(finals[r][:, r * width:(r + 1) * width], w))
+    return sum(parts)
 
 
 def _ln(x: torch.Tensor, shard: _Shard, prefix: str, eps: float) -> torch.Tensor:
@@ -179,7 +194,11 @@ def _neox_tensor_parallel_logits(ckpt: Checkpoint, ids: list[int], *, row_bias: 
             elif layer.kind is LayerKind.FINAL_NORM:
                 x = [_ln(x, shard, "norm", eps) for shard in shards]  # each rank normalises its own copy
             elif layer.kind is LayerKind.READOUT:
-                logits_parts = [_linear_by_rows(x[r], shard, "final_linear.weight") for r, shard in enumerate(shards)]
+                if config.reward_model:
+                    logits_parts = [_rm_scores(x, shards)]
+                else:
+                    logits_parts = [_linear_by_rows(x[r], shard, "final_linear.weight")
+                                    for r, shard in enumerate(shards)]
             ckpt.release(layer)
     if config.tie_word_embeddings:  # readout is the embedding, vocab-parallel
         with reader.scope() as reads:
@@ -213,8 +232,9 @@ def recorded_qkv_layout(out: Path) -> dict | None:
 
 
 def prompt_nats(logits: torch.Tensor, ids: list[int]) -> float | None:
-    """Mean next-token cross-entropy (nats per token) of the prompt under ``logits`` (None: under 2 tokens)."""
-    if len(ids) < 2:
+    """Mean next-token cross-entropy (nats per token) of the prompt under ``logits`` (None: under 2 tokens, or a
+    reward model's scores, which predict no token)."""
+    if len(ids) < 2 or logits.shape[-1] == 1:
         return None
     return float(F.cross_entropy(logits[:-1].float(), torch.tensor(ids[1:])))
 
@@ -321,7 +341,7 @@ def _llama_tensor_parallel_logits(ckpt: Checkpoint, ids: list[int], *, layout,
         v = torch.repeat_interleave(v, np_ // kvp, dim=1)
         q, k, v = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))  # (1, np, n, hd)
         q, k = apply_partial_rotary(q, cos, sin), apply_partial_rotary(k, cos, sin)
-        ctx = causal_attention(q, k, v, q_start=0)[0].transpose(0, 1).reshape(n, np_ * hd)
+        ctx = causal_attention(q, k, v, q_start=0, window=config.sliding_window)[0].transpose(0, 1).reshape(n, np_ * hd)
         return F.linear(ctx, shard["attention.dense.weight"])
 
     def rank_mlp(h, shard):
@@ -353,7 +373,8 @@ def _llama_tensor_parallel_logits(ckpt: Checkpoint, ids: list[int], *, layout,
             elif layer.kind is LayerKind.FINAL_NORM:
                 finals = [_rms(x, s["norm.scale"], eps) for s in shards]  # each rank's own copy
             elif layer.kind is LayerKind.READOUT:
-                logits_parts = [F.linear(finals[r], s["final_linear.weight"]) for r, s in enumerate(shards)]
+                logits_parts = [_rm_scores(finals, shards)] if config.reward_model else \
+                    [F.linear(finals[r], s["final_linear.weight"]) for r, s in enumerate(shards)]
             ckpt.release(layer)
     if config.tie_word_embeddings:
         with reader.scope() as reads:

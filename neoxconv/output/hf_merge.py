@@ -27,7 +27,7 @@ import numpy as np
 from neoxconv.source.checkpoint import Checkpoint
 from neoxconv.config import NeoXConfig
 from neoxconv.dtypes import count_nonfinite
-from neoxconv.errors import MergeError, UsageError
+from neoxconv.errors import CheckpointError, MergeError, UsageError
 from neoxconv.plan.fingerprint import config_digest, layer_fingerprint, source_identity
 from neoxconv.output.hashing import DEFAULT_HASH, check_algorithm
 from neoxconv.interrupt import InterruptGuard, deferred_sigint
@@ -39,7 +39,7 @@ from neoxconv.output.prefetch import prefetch
 from neoxconv.progress import format_bytes, progress_bar, recheck_bar
 from neoxconv.source.storage import Reads, SourceReader
 from neoxconv.output.streaming import iter_merged_chunks, stream_tensor, streams_direct
-from neoxconv.source.tokenizer import checked_token_count, eos_token_id, tokenizer_config
+from neoxconv.source.tokenizer import checked_token_count, eos_token_id, token_content, tokenizer_config
 from neoxconv.output.writer import SafetensorsWriter, json_bytes
 
 log = logging.getLogger(__name__)
@@ -62,6 +62,7 @@ class MergeOptions:
     force: bool = False
     quiet: bool = False
     hash: str = DEFAULT_HASH  # blake3 | sha256: the digest the manifest records for every file
+    pad_token_id: int | None = None  # written to config.json and tokenizer_config.json; required for reward models
 
     def recorded(self, row_bias_rule: Rule, qkv: QkvLayout | None = None) -> dict[str, Any]:
         """The options that determine the output bytes (a resume must match them)."""
@@ -115,6 +116,20 @@ class MergeReport:
 
 def _seconds(s: float) -> str:
     return f"{s:.{2 if s < 10 else 1}f} s"
+
+
+def with_pad_token(config: NeoXConfig, pad_token_id: int | None, *, source: object) -> NeoXConfig:
+    """``config`` with ``--pad-token-id``; a reward model without one is refused (its score is that of the last
+    token that is not padding: transformers needs the id to find it in a batch, as gpt-neox's converter asks)."""
+    if pad_token_id is None:
+        if config.reward_model:
+            raise UsageError(f"{source}: train_impl rm (a reward model) needs --pad-token-id N: its score is read at "
+                             "the last token that is not padding (e.g. --pad-token-id 1 for the GPT-NeoX-20B "
+                             "tokenizer's <|padding|>)")
+        return config
+    if not 0 <= pad_token_id < (config.vocab_size or 0):
+        raise UsageError(f"--pad-token-id {pad_token_id} is outside the vocabulary (size {config.vocab_size})")
+    return config.with_(pad_token_id=pad_token_id)
 
 
 def output_names(n: int) -> list[str]:
@@ -210,7 +225,14 @@ def _small_files(ckpt: Checkpoint, config: NeoXConfig, config_dtype: str, names:
     small = {"config.json": json_bytes(config.to_hf_dict(torch_dtype=config_dtype))}
     if ckpt.tokenizer is not None:
         small["tokenizer.json"] = ckpt.tokenizer.read_bytes()
-        small["tokenizer_config.json"] = json_bytes(tokenizer_config(ckpt.tokenizer, config.max_position_embeddings))
+        tok_config = tokenizer_config(ckpt.tokenizer, config.max_position_embeddings)
+        if config.pad_token_id is not None:  # AutoTokenizer takes the pad token as text
+            pad = token_content(ckpt.tokenizer, config.pad_token_id)
+            if pad is None:
+                raise CheckpointError(f"{ckpt.tokenizer}: has no token with id {config.pad_token_id} "
+                                      "(--pad-token-id); pass the id of the tokenizer's padding token")
+            tok_config["pad_token"] = pad
+        small["tokenizer_config.json"] = json_bytes(tok_config)
     weight_map = {t.hf_name: name for name, plan in zip(names, plans) for t in plan.tensors}
     small[INDEX] = json_bytes({"metadata": {"total_size": sum(p.nbytes for p in plans)},
                                "weight_map": dict(sorted(weight_map.items()))})
@@ -250,6 +272,7 @@ def _merge(src: Path, out: Path, options: MergeOptions, guard: InterruptGuard,
         eos = eos_token_id(ckpt.tokenizer)
         if eos is not None:
             config = config.with_(bos_token_id=eos, eos_token_id=eos)
+    config = with_pad_token(config, options.pad_token_id, source=ckpt.config_source)
     dtypes = {t.out_dtype for p in plans for t in p.tensors}
     config_dtype = dtypes.pop() if len(dtypes) == 1 else "float32"
 

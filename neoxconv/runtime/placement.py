@@ -485,7 +485,8 @@ def hf_device_map(plan: PlacementPlan, *, hf_class: type, out: Path) -> dict[str
         hf = hf_class(AutoConfig.from_pretrained(str(out)))
     children = {n for n, _ in hf.named_children()}
     ours = plan.units  # our module names: GPT-NeoX's or Llama's (equal to transformers' but the readout)
-    readout = "embed_out" if "embed_out" in children else "lm_head"  # GPT-NeoX in transformers 4.x / 5.x
+    readout = ours["readout"] if ours["readout"] in children else (  # a reward model's score: the same name
+        "embed_out" if "embed_out" in children else "lm_head")  # GPT-NeoX in transformers 4.x / 5.x
     rename = {ours["readout"]: readout, "rotary": ours["hf_rotary"]}
     return {rename.get(u, u): d for u, d in plan.device_map.items()}
 

@@ -81,6 +81,16 @@ def _library_check(path: Path, text: str) -> None:
                               f"{str(e)[:200]}") from None
 
 
+def token_content(path: Path, token_id: int) -> str | None:
+    """The text of token ``token_id`` (an added token's content, or the vocabulary's entry), None if it has none."""
+    data = _load(path)
+    found = next((t.get("content") for t in data.get("added_tokens") or [] if t.get("id") == token_id), None)
+    vocab = data["model"].get("vocab")
+    if found is None and isinstance(vocab, dict):
+        found = next((text for text, i in vocab.items() if i == token_id), None)
+    return found if isinstance(found, str) else None
+
+
 def checked_token_count(path: Path, rows: int | None) -> int | None:
     """`token_count`, after every check merge, split and reshard make of a tokenizer.json before copying it:
     readable and well formed, loadable by the tokenizers library, no more tokens than the embedding's ``rows``

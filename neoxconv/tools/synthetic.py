@@ -19,7 +19,7 @@ import torch
 from neoxconv.source.checkpoint import LayerKind, SourceLayer, model_layers, pipeline_file_name, sequential_file_name
 from neoxconv.config import GELU_TANH, NeoXConfig
 from neoxconv.dtypes import as_torch_dtype
-from neoxconv.merge import RULES, Rule, hf_name
+from neoxconv.merge import Rule, hf_name, key_table
 
 
 
@@ -130,7 +130,7 @@ def split_layer(
     T, dtype = spec.tp_degree, as_torch_dtype(spec.dtype)
     row_bias = Rule.SUM if spec.config.parallel_residual and not spec.full_row_bias_on_every_rank else Rule.REPLICATED
     shards: list[dict[str, torch.Tensor]] = [{} for _ in range(T)]
-    for key, rs in RULES[layer.kind].items():
+    for key, rs in key_table(spec.config, layer.kind).items():  # the rows this config has
         rule = row_bias if rs.rule is Rule.ROW_BIAS else rs.rule
         if rs.hf_name is None:
             if key == "attention.rotary_emb.inv_freq" and spec.with_inv_freq:
