@@ -280,14 +280,15 @@ class Manifest:
         recorded = self.source
         if self.kind == NEOX and self.format < 2:
             if "step_dir" in recorded:  # reshard
-                return recorded.get("step_dir") == source.get("step_dir")
+                return _same_place(recorded.get("step_dir"), source.get("step_dir"))
             files = recorded.get("files") if isinstance(recorded.get("files"), list) else []
             folders = {str(Path(str(f.get("path"))).parent) for f in files if isinstance(f, dict)}
-            return bool(folders) and folders <= {source.get("hf_dir")}
+            return len(folders) == 1 and _same_place(folders.pop(), source.get("hf_dir"))
         files = recorded.get("files")
         if isinstance(files, list):
             recorded = {**recorded, "files": [f.get("name") if isinstance(f, dict) else f for f in files]}
-        return all(recorded.get(k) == v for k, v in source.items())
+        return all(_same_place(recorded.get(k), v) if k in PLACE_KEYS else recorded.get(k) == v
+                   for k, v in source.items())
 
     def describe_differences(self, source: dict[str, Any], options: dict[str, Any]) -> list[str]:
         """What differs between this recorded run and another, as 'what: before, now' phrases."""
@@ -310,6 +311,20 @@ class Manifest:
                     before = f"auto ({written.pop()})" if len(written) == 1 else before
                 diffs.append(f"{key.replace('_', '-')}: {before} before, {options.get(key)} now")
         return diffs or ["its manifest does not match this run"]
+
+
+PLACE_KEYS = ("step_dir", "hf_dir")  # where the source is: public (a name, or a path inside OUT), never absolute
+
+
+def _same_place(recorded: Any, now: Any) -> bool:
+    """The recorded source folder is this run's. Earlier manifests recorded it absolute (a private path,
+    no longer written): such a record is compared by the folder's name, as the current ones are; the
+    per-file fingerprints prove the rest (a different checkpoint is redone, never kept)."""
+    if not isinstance(recorded, str) or not isinstance(now, str):
+        return recorded == now
+    if recorded.startswith("/"):
+        return Path(recorded).name == Path(now).name
+    return recorded == now
 
 
 def _entries_of(raw: Any) -> dict[str, FileEntry]:

@@ -244,7 +244,7 @@ def _merge(src: Path, out: Path, options: MergeOptions, guard: InterruptGuard,
     dtypes = {t.out_dtype for p in plans for t in p.tensors}
     config_dtype = dtypes.pop() if len(dtypes) == 1 else "float32"
 
-    source = source_identity(ckpt)
+    source = source_identity(ckpt, out)
     recorded = options.recorded(row_bias, qkv)
     names = output_names(len(plans))
     fingerprints = {name: {**layer_fingerprint(plan, ckpt.step_dir), "config": model} for name, plan in zip(names, plans)}

@@ -148,7 +148,7 @@ def reshard_checkpoint(src: Path, out: Path, options: ReshardOptions) -> WriteRe
         recorded["qkv_layout"] = qkv.split.value
     with reader, deferred_sigint() as guard:
         return write_neox_checkpoint(
-            Path(out), target, rank_shards, source=source_identity(ckpt), recorded=recorded, fingerprint=fingerprint,
+            Path(out), target, rank_shards, source=source_identity(ckpt, out), recorded=recorded, fingerprint=fingerprint,
             planned_bytes=planned_bytes(config, options.tp, dtype, row_bias), tokenizer=ckpt.tokenizer,
             guard=guard, resume=options.resume, force=options.force, quiet=options.quiet,
             allow_nonfinite=options.allow_nonfinite, hash_algo=options.hash, desc="reshard")
