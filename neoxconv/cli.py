@@ -50,7 +50,15 @@ def _run(fn):
     return wrapper
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class _Group(click.Group):
+    """Keeps the arguments as given (``ctx.meta["neoxconv.argv"]``): the model card records the command line."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        ctx.meta["neoxconv.argv"] = tuple(args)
+        return super().parse_args(ctx, args)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="neoxconv")
 @click.option("--debug", is_flag=True, help="Show full tracebacks and debug logging.")
 def main(debug: bool) -> None:
@@ -107,6 +115,8 @@ _qkv_layout_choice = click.Choice(["auto", "blocked", "interleaved"])
 @click.option("--hash", "hash_algo", type=click.Choice(["blake3", "sha256"]), default="blake3", show_default=True,
               help="Digest recorded for every output file in the manifest; sha256 matches Hugging Face Hub LFS ids, "
                    "BLAKE3 costs ~4x less CPU.")
+@click.option("--license", "license_id", default="other", show_default=True,
+              help="The model card's license: a Hugging Face license id (apache-2.0, mit, llama2, ...).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary.")
 @click.option("--json", "as_json", is_flag=True,
               help="Print one JSON object on stdout (out, files_written, bytes_written, seconds, dtype, ...); "
@@ -114,14 +124,15 @@ _qkv_layout_choice = click.Choice(["auto", "blocked", "interleaved"])
 @_run
 def merge(src: Path, out: Path, dtype: str, row_bias: str, qkv_layout: str, replica_tolerance: float,
           config_path: Path | None, tokenizer_path: Path | None, allow_nonfinite: bool, no_resume: bool, force: bool,
-          hash_algo: str,
+          hash_algo: str, license_id: str,
           quiet: bool, as_json: bool) -> None:
     """Merge the tensor-parallel checkpoint SRC into a Hugging Face folder OUT.
 
     SRC is a checkpoint root (with 'latest' or one global_step* folder) or a global_step* folder, in the
     pipeline layout (layer_XX-model_YY-model_states.pt) or the sequential one (mp_rank_XX_model_states.pt),
     any TP degree. OUT gets one safetensors file per source layer, model.safetensors.index.json,
-    config.json, the tokenizer and a manifest (neoxconv.json). An interrupted merge resumes when re-run.
+    config.json, generation_config.json, the tokenizer, a model card (README.md, yours to edit: a re-run keeps
+    your edits) and a manifest (neoxconv.json). An interrupted merge resumes when re-run.
     """
     if "numpy" not in sys.modules:  # a fresh process: the merge does no linear algebra, and numpy's OpenBLAS
         os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # threads would spin at import (0.07 core-s)
@@ -129,7 +140,8 @@ def merge(src: Path, out: Path, dtype: str, row_bias: str, qkv_layout: str, repl
 
     options = MergeOptions(dtype=dtype, row_bias=row_bias, qkv_layout=qkv_layout, replica_tolerance=replica_tolerance,
                            allow_nonfinite=allow_nonfinite, config_path=config_path, tokenizer_path=tokenizer_path,
-                           resume=not no_resume, force=force, quiet=quiet, hash=hash_algo)
+                           resume=not no_resume, force=force, quiet=quiet, hash=hash_algo, license=license_id,
+                           command=click.get_current_context().find_root().meta.get("neoxconv.argv", ()))
     report = merge_checkpoint(src, out, options)
     if as_json:
         click.echo(json.dumps(report.to_json()))
