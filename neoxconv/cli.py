@@ -50,15 +50,7 @@ def _run(fn):
     return wrapper
 
 
-class _Group(click.Group):
-    """Keeps the arguments as given (``ctx.meta["neoxconv.argv"]``): the model card records the command line."""
-
-    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        ctx.meta["neoxconv.argv"] = tuple(args)
-        return super().parse_args(ctx, args)
-
-
-@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="neoxconv")
 @click.option("--debug", is_flag=True, help="Show full tracebacks and debug logging.")
 def main(debug: bool) -> None:
@@ -140,8 +132,7 @@ def merge(src: Path, out: Path, dtype: str, row_bias: str, qkv_layout: str, repl
 
     options = MergeOptions(dtype=dtype, row_bias=row_bias, qkv_layout=qkv_layout, replica_tolerance=replica_tolerance,
                            allow_nonfinite=allow_nonfinite, config_path=config_path, tokenizer_path=tokenizer_path,
-                           resume=not no_resume, force=force, quiet=quiet, hash=hash_algo, license=license_id,
-                           command=click.get_current_context().find_root().meta.get("neoxconv.argv", ()))
+                           resume=not no_resume, force=force, quiet=quiet, hash=hash_algo, license=license_id)
     report = merge_checkpoint(src, out, options)
     if as_json:
         click.echo(json.dumps(report.to_json()))

@@ -97,7 +97,7 @@ def test_model_card_front_matter_and_provenance(tmp_path):
     assert {"gpt-neox", "neoxconv"} <= set(card.data.tags)
     for fact in ("global_step150000", "pipeline layout", "| tensor-parallel degree | 2 |",
                  "dense_h_to_4h/dense_4h_to_h", "float32", "neoxconv 0.1.0", "replica-tolerance", "CRC-32",
-                 "`neoxconv merge --json src out --license apache-2.0 --dtype fp32`"):
+                 "`neoxconv merge src OUT --dtype fp32 --license apache-2.0`"):
         assert fact in card.text, fact
     assert _leaks(out, _private_strings(src, out, tmp_path)) == []
     # the default license is the Hub's "other", for the user to set

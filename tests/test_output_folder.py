@@ -20,14 +20,7 @@ STEP = "global_step150000"  # the step folder of make_checkpoint's synthetic che
 
 
 def _tree(folder: Path) -> dict[str, bytes]:
-    """Every file's bytes, but the model card's (it records the command line, OUT's name included) and its hash."""
-    tree = {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
-            if p.is_file() and p.name != "README.md"}
-    if "neoxconv.json" in tree and b'"user_files"' in tree["neoxconv.json"]:
-        manifest = json.loads(tree["neoxconv.json"])
-        manifest.pop("user_files")
-        tree["neoxconv.json"] = json.dumps(manifest).encode()
-    return tree
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 @pytest.fixture()

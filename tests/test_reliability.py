@@ -23,14 +23,7 @@ STEP = "global_step150000"
 
 
 def _bytes(folder):
-    """Every file's bytes, but the model card's (it records the command line: the library's merge has none) and
-    its hash in the manifest."""
-    out = {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file() and p.name != "README.md"}
-    if b'"user_files"' in out.get("neoxconv.json", b""):
-        manifest = json.loads(out["neoxconv.json"])
-        manifest.pop("user_files")
-        out["neoxconv.json"] = json.dumps(manifest).encode()
-    return out
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
 
 
 @pytest.fixture(scope="module")

@@ -65,7 +65,6 @@ class MergeOptions:
     quiet: bool = False
     hash: str = DEFAULT_HASH  # blake3 | sha256: the digest the manifest records for every file
     license: str = DEFAULT_LICENSE  # the model card's license (a Hub id); the card only, no weight depends on it
-    command: tuple[str, ...] = ()  # the command line as given, for the model card (recorded without absolute paths)
 
     def recorded(self, row_bias_rule: Rule, qkv: QkvLayout | None = None) -> dict[str, Any]:
         """The options that determine the output bytes (a resume must match them)."""
@@ -216,7 +215,7 @@ def _small_files(ckpt: Checkpoint, config: NeoXConfig, config_dtype: str, names:
     return small
 
 
-def _card_facts(out: Path, source_plan: SourcePlan, dtype: str, options: MergeOptions, layers: dict[str, FileEntry],
+def _card_facts(src: Path, source_plan: SourcePlan, dtype: str, options: MergeOptions, layers: dict[str, FileEntry],
                 names: list[str]) -> CardFacts:
     """What the model card says: the source, how it was read, and the checks this merge made."""
     ckpt, config = source_plan.checkpoint, source_plan.config
@@ -245,14 +244,34 @@ def _card_facts(out: Path, source_plan: SourcePlan, dtype: str, options: MergeOp
         checks.append(f"the tokenizer fits the embedding's {config.vocab_size} rows and its library loads it")
     checks.append(f"every file's {options.hash} recorded in neoxconv.json")
     return CardFacts(
-        name=Path(out).resolve().name, architecture=hf["architectures"][0], layout=ckpt.layout,
+        architecture=hf["architectures"][0], layout=ckpt.layout,
         step=ckpt.step_dir.name, tp_degree=ckpt.tp_degree,
         key_generation=(generation if isinstance(generation, str) else " + ".join(generation or [])) or "-",
         qkv_layout=qkv_text, row_bias=source_plan.row_bias.value, dtype=dtype,
         shape=(f"{config.num_layers} layers, hidden {config.hidden_size}, {config.num_heads} heads, "
                f"{config.vocab_size} vocabulary rows"),
         tokenizer=ckpt.tokenizer.describe() if ckpt.tokenizer is not None else "none (no tokenizer found)",
-        checks=checks, command=public_command(options.command) if options.command else "", license=options.license)
+        checks=checks, command=public_command(_command(src, options)), license=options.license)
+
+
+def _command(src: Path, options: MergeOptions) -> list[str]:
+    """The merge command that makes this output: SRC as given (absolute paths are reduced to their name by
+    `public_command`), OUT as ``OUT``, and the options that decide the output bytes when not their defaults (not
+    --quiet, --json, --force, --no-resume). The same merge gives the same card, from the CLI or the library."""
+    default = MergeOptions()
+    argv = ["merge", str(src), "OUT"]
+    for flag, value, default_value in (("--dtype", options.dtype, default.dtype),
+                                       ("--row-bias", options.row_bias, default.row_bias),
+                                       ("--qkv-layout", options.qkv_layout, default.qkv_layout),
+                                       ("--replica-tolerance", f"{options.replica_tolerance:g}",
+                                        f"{default.replica_tolerance:g}"),
+                                       ("--config", options.config_path, None),
+                                       ("--tokenizer", options.tokenizer_path, None),
+                                       ("--hash", options.hash, default.hash),
+                                       ("--license", options.license, default.license)):
+        if value != default_value:
+            argv += [flag, str(value)]
+    return argv + (["--allow-nonfinite"] if options.allow_nonfinite else [])
 
 
 def merge_checkpoint(src: Path, out: Path, options: MergeOptions | None = None) -> MergeReport:
@@ -361,7 +380,7 @@ def _merge(src: Path, out: Path, options: MergeOptions, guard: InterruptGuard,
         if qkv.assumed:
             warnings.append(f"assumed QKV layout {qkv.split.value}: {qkv.reason}")
     info["warnings"] = warnings
-    card = model_card(_card_facts(out, source_plan, config_dtype, options, folder.state.layers, names))
+    card = model_card(_card_facts(src, source_plan, config_dtype, options, folder.state.layers, names))
     for name in folder.hand_over({CARD: card.encode()}):
         log.warning("%s: kept as it is (edited since neoxconv wrote it, or not written by neoxconv); the card this "
                     "merge would write differs from it: delete the file and re-run to get the new one", out / name)

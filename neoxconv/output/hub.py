@@ -8,7 +8,7 @@
 * ``generation_config.json``: the bos/eos/pad ids of config.json, so transformers does not guess them.
 
 Nothing written here names an absolute local path: the command line is recorded with every absolute path (or
-one climbing out with ``..``) reduced to its last name (`public_command`).
+one climbing out with ``..``) reduced to its last name (`public_command`), and OUT as ``OUT``.
 """
 
 from __future__ import annotations
@@ -57,16 +57,15 @@ def _public_arg(arg: str) -> str:
 
 
 def public_command(argv: Sequence[str]) -> str:
-    """The command line as given, without absolute local paths (each reduced to its last name)."""
+    """A command line without absolute local paths (each reduced to its last name)."""
     return shlex.join(["neoxconv", *(_public_arg(str(a)) for a in argv)])
 
 
 @dataclass(frozen=True)
 class CardFacts:
-    """What the card says about a merged model, all known to the merge (no path, no time: a re-run of the same
-    merge writes the same card)."""
+    """What the card says about a merged model, all known to the merge (no path, no time, not OUT's name: the
+    same merge writes the same card, wherever OUT is)."""
 
-    name: str  # OUT's folder name: the card's title
     architecture: str  # GPTNeoXForCausalLM | LlamaForCausalLM
     layout: str  # pipeline | sequential
     step: str  # the step folder's name, e.g. global_step150000
@@ -100,7 +99,7 @@ def model_card(facts: CardFacts) -> str:
     return f"""---
 {front}---
 
-# {facts.name}
+# {facts.architecture} from `{facts.step}`
 
 A {facts.architecture} model converted from a tensor-parallel GPT-NeoX (DeepSpeed) checkpoint by
 neoxconv {facts.version}.
@@ -127,7 +126,7 @@ count your edits as changes to the model.
 ```python
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-model = AutoModelForCausalLM.from_pretrained("{facts.name}")
-tokenizer = AutoTokenizer.from_pretrained("{facts.name}")
+model = AutoModelForCausalLM.from_pretrained("THIS_FOLDER_OR_HUB_ID")
+tokenizer = AutoTokenizer.from_pretrained("THIS_FOLDER_OR_HUB_ID")
 ```
 """

@@ -81,7 +81,10 @@ def reshard_checkpoint(src: Path, out: Path, options: ReshardOptions) -> WriteRe
         dtype=options.dtype, row_bias=options.row_bias, qkv_layout=options.qkv_layout,  # as `merge` reads it
         config_path=options.config_path, tokenizer_path=options.tokenizer_path))
     ckpt, config, plans = source_plan.checkpoint, source_plan.config, source_plan.layers
-    tokenizer_json = ckpt.tokenizer.json if ckpt.tokenizer else None  # a gpt-neox checkpoint carries a tokenizer.json
+    # a gpt-neox checkpoint carries a tokenizer.json; another kind is carried by merge only (one given with
+    # --tokenizer is checked as a tokenizer.json, and refused)
+    tok = ckpt.tokenizer
+    tokenizer_json = None if tok is None else tok.json or (tok.path if tok.given else None)
     src_row_bias, qkv = source_plan.row_bias, source_plan.qkv  # qkv: how a Llama-style source's QKV rows lie
     dtypes = {t.out_dtype for p in plans for t in p.tensors}
     if len(dtypes) != 1:

@@ -22,7 +22,7 @@ from pathlib import Path
 from neoxconv.config import NeoXConfig, TokenizerSettings, tokenizer_settings
 from neoxconv.errors import CheckpointError, ConfigError, few
 from neoxconv.source.ptfile import PtArchive, TensorRef, read_pt
-from neoxconv.source.tokenizer import TokenizerSource, tokenizer_source
+from neoxconv.source.tokenizer import GIVEN, TokenizerSource, tokenizer_source
 
 log = logging.getLogger(__name__)
 
@@ -229,7 +229,7 @@ def find_tokenizer(root: Path, step_dir: Path, explicit: Path | None, *,
     if explicit is not None:
         if not Path(explicit).exists():
             raise CheckpointError(f"{explicit}: no such tokenizer file")
-        return tokenizer_source(Path(explicit), "--tokenizer", merges=merges)
+        return tokenizer_source(Path(explicit), GIVEN, merges=merges)
     if settings.vocab_file:
         found, looked = _named_file(settings.vocab_file, root, step_dir, config_dirs)
         if found is not None:

@@ -130,6 +130,7 @@ def tokenizer_config(path: Path, max_length: int) -> dict[str, Any]:
 # tokenizer_type -> kind: HFTokenizer reads a tokenizer.json; SPMTokenizer a SentencePiece model; GPT2BPETokenizer
 # (vocab-file + merge-file) and HFGPT2Tokenizer (a folder with vocab.json and merges.txt) a GPT-2 byte-level BPE.
 HF_JSON, SPM, GPT2_BPE = "tokenizer.json", "sentencepiece", "gpt2-bpe"
+GIVEN = "--tokenizer"  # TokenizerSource.found_by of a tokenizer named on the command line
 
 
 @dataclass(frozen=True)
@@ -148,6 +149,11 @@ class TokenizerSource:
     @property
     def name(self) -> str:
         return self.path.name
+
+    @property
+    def given(self) -> bool:
+        """Named on the command line (``--tokenizer``), not found."""
+        return self.found_by == GIVEN
 
     @property
     def json(self) -> Path | None:
@@ -190,7 +196,7 @@ def tokenizer_source(path: Path, found_by: str, *, merges: Path | None = None) -
                               "with --tokenizer FILE")
     if not path.is_file():
         raise CheckpointError(f"{path}: no such tokenizer file")
-    if not _head(path).lstrip().startswith(b"{"):
+    if not _head(path).lstrip().startswith((b"{", b"[")):  # not JSON text: read as a SentencePiece model
         return TokenizerSource(SPM, (("tokenizer.model", path),), found_by)
     try:
         text = path.read_text(encoding="utf-8") if path.stat().st_size <= _MAX_BYTES else ""
