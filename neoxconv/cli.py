@@ -110,6 +110,8 @@ _qkv_layout_choice = click.Choice(["auto", "blocked", "interleaved"])
 @click.option("--hash", "hash_algo", type=click.Choice(["blake3", "sha256"]), default="blake3", show_default=True,
               help="Digest recorded for every output file in the manifest; sha256 matches Hugging Face Hub LFS ids, "
                    "BLAKE3 costs ~4x less CPU.")
+@click.option("--license", "license_id", default="other", show_default=True,
+              help="The model card's license: a Hugging Face license id (apache-2.0, mit, llama2, ...).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary.")
 @click.option("--json", "as_json", is_flag=True,
               help="Print one JSON object on stdout (out, files_written, bytes_written, seconds, dtype, ...); "
@@ -117,13 +119,14 @@ _qkv_layout_choice = click.Choice(["auto", "blocked", "interleaved"])
 @_run
 def merge(src: Path, out: Path, dtype: str, row_bias: str, qkv_layout: str, replica_tolerance: float,
           config_path: Path | None, tokenizer_path: Path | None, pad_token_id: int | None, allow_nonfinite: bool,
-          no_resume: bool, force: bool, hash_algo: str, quiet: bool, as_json: bool) -> None:
+          no_resume: bool, force: bool, hash_algo: str, license_id: str, quiet: bool, as_json: bool) -> None:
     """Merge the tensor-parallel checkpoint SRC into a Hugging Face folder OUT.
 
     SRC is a checkpoint root (with 'latest' or one global_step* folder) or a global_step* folder, in the
     pipeline layout (layer_XX-model_YY-model_states.pt) or the sequential one (mp_rank_XX_model_states.pt),
     any TP degree. OUT gets one safetensors file per source layer, model.safetensors.index.json,
-    config.json, the tokenizer and a manifest (neoxconv.json). An interrupted merge resumes when re-run.
+    config.json, generation_config.json, the tokenizer, a model card (README.md, yours to edit: a re-run keeps
+    your edits) and a manifest (neoxconv.json). An interrupted merge resumes when re-run.
     """
     if "numpy" not in sys.modules:  # a fresh process: the merge does no linear algebra, and numpy's OpenBLAS
         os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # threads would spin at import (0.07 core-s)
@@ -131,7 +134,8 @@ def merge(src: Path, out: Path, dtype: str, row_bias: str, qkv_layout: str, repl
 
     options = MergeOptions(dtype=dtype, row_bias=row_bias, qkv_layout=qkv_layout, replica_tolerance=replica_tolerance,
                            allow_nonfinite=allow_nonfinite, config_path=config_path, tokenizer_path=tokenizer_path,
-                           resume=not no_resume, force=force, quiet=quiet, hash=hash_algo, pad_token_id=pad_token_id)
+                           resume=not no_resume, force=force, quiet=quiet, hash=hash_algo, pad_token_id=pad_token_id,
+                           license=license_id)
     report = merge_checkpoint(src, out, options)
     if as_json:
         click.echo(json.dumps(report.to_json()))

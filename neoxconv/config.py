@@ -557,6 +557,29 @@ def read_neox_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
+@dataclass(frozen=True)
+class TokenizerSettings:
+    """What a NeoX config says about the tokenizer it trained with (not part of `NeoXConfig`: no weight depends on
+    it). Paths as written in the YAML: relative ones are relative to the folder gpt-neox ran in."""
+
+    tokenizer_type: str | None = None  # HFTokenizer | SPMTokenizer | GPT2BPETokenizer | HFGPT2Tokenizer | ...
+    vocab_file: str | None = None
+    merge_file: str | None = None
+
+
+def tokenizer_settings(*paths: Path) -> TokenizerSettings:
+    """``tokenizer_type``, ``vocab-file`` and ``merge-file`` of NeoX YAML files (later files override earlier)."""
+    merged: dict[str, Any] = {}
+    for path in paths:
+        merged.update({str(k).replace("-", "_"): v for k, v in read_neox_yaml(path).items()})
+
+    def text(key: str) -> str | None:
+        value = merged.get(key)
+        return value.strip() or None if isinstance(value, str) else None
+
+    return TokenizerSettings(text("tokenizer_type"), text("vocab_file"), text("merge_file"))
+
+
 def padded_vocab_size(tokenizer_size: int, *, divisible_by: int, tp_degree: int) -> int:
     """The embedding rows NeoX allocates: round up to a multiple of divisible_by x tp_degree."""
     multiple = divisible_by * tp_degree

@@ -229,7 +229,7 @@ def test_manifest_records_the_algorithm_and_every_files_digest(merged_both, algo
     manifest = json.loads((out / "neoxconv.json").read_text())
     assert manifest["hash"] == algo
     entries = {**manifest["layers"], **manifest["files"]}
-    assert len(entries) == 7  # 5 layer files, config.json, the index (no tokenizer beside this fixture)
+    assert len(entries) == 8  # 5 layer files, config.json, generation_config.json, the index (no tokenizer here)
     other = {"blake3": "sha256", "sha256": "blake3"}[algo]
     for name, entry in entries.items():
         assert entry[algo] == hash_file(out / name, algo) and other not in entry

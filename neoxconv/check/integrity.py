@@ -65,7 +65,8 @@ def check_output(out: Path, config: NeoXConfig, *, hashes: bool | None = None,
     """Raise `VerificationError` naming every missing, resized, modified or malformed file.
 
     With the manifest (``neoxconv.json``): every file it lists is present with its recorded size; the small
-    files (config.json, the index, tokenizer files) are always hashed; the weight files are hashed when
+    files (config.json, generation_config.json, the index, tokenizer files) are always hashed (the model card,
+    README.md, is the user's to edit: not checked); the weight files are hashed when
     ``hashes`` is True, or when it is None and the weights total less than ``hash_limit_bytes``.
     Without it, the folder fails unless ``require_manifest=False`` (``verify --no-manifest``), and then only
     the headers are checked. Either way every safetensors header must agree with config.json and the index.
@@ -135,9 +136,13 @@ def check_output(out: Path, config: NeoXConfig, *, hashes: bool | None = None,
         for written in (INDEX, "config.json"):  # every merge writes both
             if written not in small:
                 problems.append(f"{MANIFEST}: does not list {written}")
-        added = sorted(p.name for p in out.glob("tokenizer*.json") if p.name not in small)
-        if added:  # e.g. copied in after a merge without a tokenizer: verify uses it, unchecked
+        added = sorted(p.name for p in out.iterdir() if p.name not in small and _read_by_loaders(p.name))
+        if added:  # e.g. copied in after a merge without a tokenizer: verify and transformers use it, unchecked
             report.not_proven.append(f"{', '.join(added)}: not in the manifest (added after the merge), not checked")
+        user_files = manifest.get("user_files") if isinstance(manifest.get("user_files"), dict) else {}
+        for name in sorted(n for n in user_files if _plain(str(n)) and (out / str(n)).is_file()):
+            # the model card: the user's to edit (license, intended use); neither weights, config nor tokenizer
+            report.notes.append(f"{name}: the model card, yours to edit; not checked")
         unlisted = [f for f in index_files if f not in weights]
         if unlisted:
             problems.append(f"{INDEX}: names {few(unlisted)}, which the manifest does not list (added file?)")
@@ -203,6 +208,15 @@ def check_output(out: Path, config: NeoXConfig, *, hashes: bool | None = None,
                                  "not hashed; pass --check-hashes)")
     report.proven.append(headers)
     return report
+
+
+_LOADER_FILES = ("generation_config.json", "tokenizer.model", "vocab.json", "merges.txt", "special_tokens_map.json",
+                 "added_tokens.json")
+
+
+def _read_by_loaders(name: str) -> bool:
+    """A file transformers or verify reads when it loads OUT (config and tokenizer files)."""
+    return name in _LOADER_FILES or (name.startswith("tokenizer") and name.endswith(".json"))
 
 
 def _plain(name: str) -> bool:

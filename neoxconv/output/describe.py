@@ -75,7 +75,7 @@ def inspect_checkpoint(src: Path, *, config_path: Path | None = None, out: Path 
         "parallel_residual": config.parallel_residual,
         "activation": config.activation,
         "config_source": ckpt.config_source,
-        "tokenizer": str(ckpt.tokenizer) if ckpt.tokenizer else None,
+        "tokenizer": str(ckpt.tokenizer.path) if ckpt.tokenizer else None,
         "files_found": found,
         "files_missing": list(ckpt.missing_files[:_LISTED]),  # the first few; the count says how many
         "files_missing_count": len(ckpt.missing_files),

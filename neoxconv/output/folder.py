@@ -60,11 +60,14 @@ FORMAT = 3  # 3: one manifest for every writer (kind, layers, files; per-file fi
 HF, NEOX = "hf", "neox"  # the kinds of output: a Hugging Face folder (merge), a gpt-neox checkpoint
 
 _WEIGHT_FILE = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
-_FIXED_NAMES = frozenset({"config.json", "tokenizer.json", "tokenizer_config.json", INDEX, MANIFEST, JOURNAL})
+# README.md (the model card) is not one of them: once written it is the user's, never deleted (`hand_over`)
+_FIXED_NAMES = frozenset({"config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                          "tokenizer.model", "vocab.json", "merges.txt", INDEX, MANIFEST, JOURNAL})
 
 
 def is_output_name(name: str) -> bool:
-    """A file name neoxconv's merge writes (weights, config, tokenizer files, index, manifest, journal)."""
+    """A file name neoxconv's merge writes and may replace or remove (weights, config, generation config, tokenizer
+    files, index, manifest, journal)."""
     return name in _FIXED_NAMES or bool(_WEIGHT_FILE.match(name))
 
 
@@ -238,15 +241,19 @@ class Manifest:
     layers: dict[str, FileEntry] = field(default_factory=dict)  # the big files, each made from source layers
     files: dict[str, FileEntry] = field(default_factory=dict)  # the small files written last
     info: dict[str, Any] = field(default_factory=dict)  # config, tokenizer, warnings, ...: for people and verify
+    # files written for the user to edit (the model card): the entry is what neoxconv wrote last; verify does not
+    # check them, a re-run keeps one that differs from it (`OutputFolder.hand_over`), --force never deletes them
+    user_files: dict[str, FileEntry] = field(default_factory=dict)
     version: str = __version__
     format: int = FORMAT
     listed: list[str] = field(default_factory=list)  # every name a read manifest lists, well-formed entry or not
 
     def to_json(self) -> dict[str, Any]:
+        user = {"user_files": {n: e.to_json() for n, e in self.user_files.items()}} if self.user_files else {}
         return {"tool": "neoxconv", "kind": self.kind, "version": self.version, "format": self.format,
                 "source": self.source, "options": self.options, "hash": self.hash,
                 "layers": {n: e.to_json() for n, e in self.layers.items()},
-                "files": {n: e.to_json() for n, e in self.files.items()}, **self.info}
+                "files": {n: e.to_json() for n, e in self.files.items()}, **user, **self.info}
 
     @classmethod
     def from_json(cls, raw: Any, kind: str) -> Manifest | None:
@@ -261,11 +268,11 @@ class Manifest:
         if kind == NEOX and fmt < FORMAT:  # format 2 kept every file in "files": the rank files are layers
             layers = {n: e for n, e in files.items() if n.startswith("global_step")}
             files = {n: e for n, e in files.items() if n not in layers}
-        known = {"tool", "kind", "version", "format", "source", "options", "hash", "layers", "files"}
+        known = {"tool", "kind", "version", "format", "source", "options", "hash", "layers", "files", "user_files"}
         listed = [str(n) for section in ("layers", "files") if isinstance(raw.get(section), dict) for n in raw[section]]
         return cls(kind=kind, source=source, options=options, hash=str(raw.get("hash", "sha256")), layers=layers,
                    files=files, info={k: v for k, v in raw.items() if k not in known}, version=str(raw.get("version")),
-                   format=fmt, listed=listed)
+                   format=fmt, listed=listed, user_files=_entries_of(raw.get("user_files")))
 
     @property
     def entries(self) -> dict[str, FileEntry]:
@@ -280,14 +287,15 @@ class Manifest:
         recorded = self.source
         if self.kind == NEOX and self.format < 2:
             if "step_dir" in recorded:  # reshard
-                return recorded.get("step_dir") == source.get("step_dir")
+                return _same_place(recorded.get("step_dir"), source.get("step_dir"))
             files = recorded.get("files") if isinstance(recorded.get("files"), list) else []
             folders = {str(Path(str(f.get("path"))).parent) for f in files if isinstance(f, dict)}
-            return bool(folders) and folders <= {source.get("hf_dir")}
+            return len(folders) == 1 and _same_place(folders.pop(), source.get("hf_dir"))
         files = recorded.get("files")
         if isinstance(files, list):
             recorded = {**recorded, "files": [f.get("name") if isinstance(f, dict) else f for f in files]}
-        return all(recorded.get(k) == v for k, v in source.items())
+        return all(_same_place(recorded.get(k), v) if k in PLACE_KEYS else recorded.get(k) == v
+                   for k, v in source.items())
 
     def describe_differences(self, source: dict[str, Any], options: dict[str, Any]) -> list[str]:
         """What differs between this recorded run and another, as 'what: before, now' phrases."""
@@ -310,6 +318,20 @@ class Manifest:
                     before = f"auto ({written.pop()})" if len(written) == 1 else before
                 diffs.append(f"{key.replace('_', '-')}: {before} before, {options.get(key)} now")
         return diffs or ["its manifest does not match this run"]
+
+
+PLACE_KEYS = ("step_dir", "hf_dir")  # where the source is: public (a name, or a path inside OUT), never absolute
+
+
+def _same_place(recorded: Any, now: Any) -> bool:
+    """The recorded source folder is this run's. Earlier manifests recorded it absolute (a private path,
+    no longer written): such a record is compared by the folder's name, as the current ones are; the
+    per-file fingerprints prove the rest (a different checkpoint is redone, never kept)."""
+    if not isinstance(recorded, str) or not isinstance(now, str):
+        return recorded == now
+    if recorded.startswith("/"):
+        return Path(recorded).name == Path(now).name
+    return recorded == now
 
 
 def _entries_of(raw: Any) -> dict[str, FileEntry]:
@@ -386,6 +408,8 @@ class OutputFolder:
             previous = load_state(self.out, self.spec.kind)
             self.ours = previous is not None
             self.previous = self._prepare(previous)
+            if previous is not None:  # what neoxconv wrote last for the user, whatever this run redoes
+                self.state.user_files = dict(previous.user_files)
         except BaseException:
             self._lock.__exit__(None, None, None)
             raise
@@ -527,6 +551,29 @@ class OutputFolder:
 
     def save_journal(self) -> None:
         atomic_write_json(self.path(JOURNAL), self.state.to_json())
+
+    def hand_over(self, files: dict[str, bytes]) -> list[str]:
+        """Write files that become the user's to edit (the model card).
+
+        A file is written when it is absent, or still holds what neoxconv wrote last (its recorded entry). One
+        that differs (the user edited it), is not a regular file, or was never written by neoxconv (a foreign
+        README.md under --force) is kept. The entry records what neoxconv wrote (into the journal at once).
+        Returns the names kept although what neoxconv would write for them changed since it last wrote them.
+        """
+        outdated = []
+        for name, data in files.items():
+            path = self.path(name)
+            new = FileEntry(size=len(data), algo=self.hash, digest=hash_bytes(data, self.hash))
+            recorded = self.state.user_files.get(name)
+            if new.matches(path):
+                self.state.user_files[name] = new
+            elif not os.path.lexists(path) or (recorded is not None and recorded.matches(path)):
+                atomic_write(path, data, hash_algo=self.hash)
+                self.state.user_files[name] = new
+            elif recorded is None or hash_bytes(data, recorded.algo) != recorded.digest:
+                outdated.append(name)  # kept, though what neoxconv writes for it has changed since
+        self.save_journal()
+        return outdated
 
     def finish(self, info: dict[str, Any]) -> Manifest:
         """The small files (unless kept), then the manifest (last), then no journal."""

@@ -15,6 +15,7 @@ matches its recorded hash (BLAKE3 by default, sha256 with ``hash="sha256"``; see
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import time
@@ -32,14 +33,16 @@ from neoxconv.plan.fingerprint import config_digest, layer_fingerprint, source_i
 from neoxconv.output.hashing import DEFAULT_HASH, check_algorithm
 from neoxconv.interrupt import InterruptGuard, deferred_sigint
 from neoxconv.merge import QkvLayout, Rule, check_replicas, merge_tensor
-from neoxconv.plan.plan import LayerPlan, PlanOptions, TensorPlan, plan_source
+from neoxconv.plan.plan import LayerPlan, PlanOptions, SourcePlan, TensorPlan, plan_source
 from neoxconv.output.finite import report_nonfinite
 from neoxconv.output.folder import HF, INDEX, FileEntry, FolderSpec, OutputFolder, check_out_path, is_output_name
+from neoxconv.output.hub import (CARD, DEFAULT_LICENSE, GENERATION_CONFIG, CardFacts, check_license, generation_config,
+                                 model_card, public_command)
 from neoxconv.output.prefetch import prefetch
 from neoxconv.progress import format_bytes, progress_bar, recheck_bar
 from neoxconv.source.storage import Reads, SourceReader
 from neoxconv.output.streaming import iter_merged_chunks, stream_tensor, streams_direct
-from neoxconv.source.tokenizer import checked_token_count, eos_token_id, token_content, tokenizer_config
+from neoxconv.source.tokenizer import HF_JSON, TokenizerInfo, check_tokenizer, output_files, token_content
 from neoxconv.output.writer import SafetensorsWriter, json_bytes
 
 log = logging.getLogger(__name__)
@@ -63,6 +66,7 @@ class MergeOptions:
     quiet: bool = False
     hash: str = DEFAULT_HASH  # blake3 | sha256: the digest the manifest records for every file
     pad_token_id: int | None = None  # written to config.json and tokenizer_config.json; required for reward models
+    license: str = DEFAULT_LICENSE  # the model card's license (a Hub id); the card only, no weight depends on it
 
     def recorded(self, row_bias_rule: Rule, qkv: QkvLayout | None = None) -> dict[str, Any]:
         """The options that determine the output bytes (a resume must match them)."""
@@ -88,6 +92,7 @@ class MergeReport:
     dtype: str | list[str] = ""  # the dtype(s) written
     num_layers: int = 0
     row_bias: str = ""  # the rule applied to row-parallel biases: sum | replicated
+    tokenizer: str | None = None  # which tokenizer files were carried, and how they were found (names only)
 
     def to_json(self) -> dict[str, Any]:
         """The ``merge --json`` object."""
@@ -98,6 +103,7 @@ class MergeReport:
             "bytes_written": self.bytes_written, "total_size": self.total_bytes, "seconds": round(self.seconds, 3),
             "write_seconds": round(self.write_seconds, 3),
             "max_replica_divergence": self.max_replica_divergence, "warnings": list(self.warnings),
+            "tokenizer": self.tokenizer,
         }
 
     def summary(self) -> str:
@@ -111,7 +117,8 @@ class MergeReport:
         return (f"merged TP={self.tp_degree} ({self.layout}) -> {self.out_dir}: {self.files_written} file(s) "
                 f"written ({format_bytes(self.bytes_written)} {dtype} in {seconds}{rate}), {reused}; "
                 f"model {format_bytes(self.total_bytes)}; row-parallel biases: {self.row_bias}; "
-                f"max replica divergence {self.max_replica_divergence:.3g}")
+                f"max replica divergence {self.max_replica_divergence:.3g}"
+                + (f"; tokenizer: {self.tokenizer}" if self.tokenizer else ""))
 
 
 def _seconds(s: float) -> str:
@@ -220,23 +227,85 @@ def _write_layer(path: Path, plan: LayerPlan, options: MergeOptions, bar, guard:
 
 
 def _small_files(ckpt: Checkpoint, config: NeoXConfig, config_dtype: str, names: list[str],
-                 plans: list[LayerPlan]) -> dict[str, bytes]:
-    """The bytes of config.json, the tokenizer files and the index (written after the weights)."""
-    small = {"config.json": json_bytes(config.to_hf_dict(torch_dtype=config_dtype))}
-    if ckpt.tokenizer is not None:
-        small["tokenizer.json"] = ckpt.tokenizer.read_bytes()
-        tok_config = tokenizer_config(ckpt.tokenizer, config.max_position_embeddings)
-        if config.pad_token_id is not None:  # AutoTokenizer takes the pad token as text
-            pad = token_content(ckpt.tokenizer, config.pad_token_id)
-            if pad is None:
-                raise CheckpointError(f"{ckpt.tokenizer}: has no token with id {config.pad_token_id} "
-                                      "(--pad-token-id); pass the id of the tokenizer's padding token")
+                 plans: list[LayerPlan], tokenizer: TokenizerInfo | None) -> dict[str, bytes]:
+    """The bytes of config.json, generation_config.json, the tokenizer files and the index (written after the
+    weights)."""
+    hf_config = config.to_hf_dict(torch_dtype=config_dtype)
+    small = {"config.json": json_bytes(hf_config), GENERATION_CONFIG: json_bytes(generation_config(hf_config))}
+    if ckpt.tokenizer is not None and tokenizer is not None:
+        small.update(output_files(ckpt.tokenizer, tokenizer, config.max_position_embeddings))
+    if config.pad_token_id is not None and "tokenizer_config.json" in small:  # AutoTokenizer takes it as text
+        pad = token_content(ckpt.tokenizer.path, config.pad_token_id) if ckpt.tokenizer.kind == HF_JSON else None
+        if pad is None and ckpt.tokenizer.kind == HF_JSON:
+            raise CheckpointError(f"{ckpt.tokenizer.path.name}: has no token with id {config.pad_token_id} "
+                                  "(--pad-token-id); pass the id of the tokenizer's padding token")
+        if pad is not None:
+            tok_config = json.loads(small["tokenizer_config.json"])
             tok_config["pad_token"] = pad
-        small["tokenizer_config.json"] = json_bytes(tok_config)
+            small["tokenizer_config.json"] = json_bytes(tok_config)
     weight_map = {t.hf_name: name for name, plan in zip(names, plans) for t in plan.tensors}
     small[INDEX] = json_bytes({"metadata": {"total_size": sum(p.nbytes for p in plans)},
                                "weight_map": dict(sorted(weight_map.items()))})
     return small
+
+
+def _card_facts(src: Path, source_plan: SourcePlan, dtype: str, options: MergeOptions, layers: dict[str, FileEntry],
+                names: list[str]) -> CardFacts:
+    """What the model card says: the source, how it was read, and the checks this merge made."""
+    ckpt, config = source_plan.checkpoint, source_plan.config
+    hf = config.to_hf_dict(torch_dtype=dtype)
+    generation = source_plan.key_generation
+    qkv = source_plan.qkv
+    if qkv is None:
+        qkv_text = "fused, per head ([heads, 3, head_dim]), kept as GPT-NeoX lays it out"
+    else:
+        qkv_text = f"{qkv.split.value}" + (f" (assumed: {qkv.reason})" if qkv.assumed else "")
+    entries = [layers[n] for n in names]
+    divergence = max((m.get("max_replica_divergence", 0.0) for e in entries
+                      for m in e.meta.get("tensors", {}).values() if isinstance(m, dict)), default=0.0)
+    nonfinite = sum(e.nonfinite for e in entries)
+    checks = ["every layer's tensor names, shapes and dtypes matched the key table and the config before any byte "
+              "was written",
+              "every source tensor's bytes matched the CRC-32 its archive records"]
+    if ckpt.tp_degree > 1:
+        checks.append(f"tensors every rank holds (norms) agreed across the {ckpt.tp_degree} ranks within "
+                      f"--replica-tolerance {options.replica_tolerance:g} (largest difference {divergence:.3g})")
+    if any(p.dropped for p in source_plan.layers):
+        checks.append("derived buffers (rotary inv_freq), not written, were identical on every rank")
+    checks.append("no inf/nan value in the written weights" if not nonfinite else
+                  f"{nonfinite} inf/nan value(s) written, allowed by --allow-nonfinite")
+    if ckpt.tokenizer is not None:
+        checks.append(f"the tokenizer fits the embedding's {config.vocab_size} rows and its library loads it")
+    checks.append(f"every file's {options.hash} recorded in neoxconv.json")
+    return CardFacts(
+        architecture=hf["architectures"][0], layout=ckpt.layout,
+        step=ckpt.step_dir.name, tp_degree=ckpt.tp_degree,
+        key_generation=(generation if isinstance(generation, str) else " + ".join(generation or [])) or "-",
+        qkv_layout=qkv_text, row_bias=source_plan.row_bias.value, dtype=dtype,
+        shape=(f"{config.num_layers} layers, hidden {config.hidden_size}, {config.num_heads} heads, "
+               f"{config.vocab_size} vocabulary rows"),
+        tokenizer=ckpt.tokenizer.describe() if ckpt.tokenizer is not None else "none (no tokenizer found)",
+        checks=checks, command=public_command(_command(src, options)), license=options.license)
+
+
+def _command(src: Path, options: MergeOptions) -> list[str]:
+    """The merge command that makes this output: SRC as given (absolute paths are reduced to their name by
+    `public_command`), OUT as ``OUT``, and the options that decide the output bytes when not their defaults (not
+    --quiet, --json, --force, --no-resume). The same merge gives the same card, from the CLI or the library."""
+    default = MergeOptions()
+    argv = ["merge", str(src), "OUT"]
+    for flag, value, default_value in (("--dtype", options.dtype, default.dtype),
+                                       ("--row-bias", options.row_bias, default.row_bias),
+                                       ("--qkv-layout", options.qkv_layout, default.qkv_layout),
+                                       ("--replica-tolerance", f"{options.replica_tolerance:g}",
+                                        f"{default.replica_tolerance:g}"),
+                                       ("--config", options.config_path, None),
+                                       ("--tokenizer", options.tokenizer_path, None),
+                                       ("--hash", options.hash, default.hash),
+                                       ("--license", options.license, default.license)):
+        if value != default_value:
+            argv += [flag, str(value)]
+    return argv + (["--allow-nonfinite"] if options.allow_nonfinite else [])
 
 
 def merge_checkpoint(src: Path, out: Path, options: MergeOptions | None = None) -> MergeReport:
@@ -257,6 +326,7 @@ def _merge(src: Path, out: Path, options: MergeOptions, guard: InterruptGuard,
     check_out_path(out)
     started = time.perf_counter()
     check_algorithm(options.hash)
+    check_license(options.license)
 
     # ---- preflight: every archive's description, every layer's plan; no tensor data read ----
     source_plan = plan_source(src, PlanOptions(
@@ -267,20 +337,21 @@ def _merge(src: Path, out: Path, options: MergeOptions, guard: InterruptGuard,
     # what decided each layer's bytes besides its source inputs: the model config (e.g. a head count fixed in
     # the YAML changes how blocks are merged, not their source files)
     model = config_digest(config)
+    tokenizer = None
     if ckpt.tokenizer is not None:
-        checked_token_count(ckpt.tokenizer, config.vocab_size)
-        eos = eos_token_id(ckpt.tokenizer)
-        if eos is not None:
-            config = config.with_(bos_token_id=eos, eos_token_id=eos)
+        tokenizer = check_tokenizer(ckpt.tokenizer, config.vocab_size)
+        if tokenizer.eos_id is not None:
+            bos = tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eos_id
+            config = config.with_(bos_token_id=bos, eos_token_id=tokenizer.eos_id)
     config = with_pad_token(config, options.pad_token_id, source=ckpt.config_source)
     dtypes = {t.out_dtype for p in plans for t in p.tensors}
     config_dtype = dtypes.pop() if len(dtypes) == 1 else "float32"
 
-    source = source_identity(ckpt)
+    source = source_identity(ckpt, out)
     recorded = options.recorded(row_bias, qkv)
     names = output_names(len(plans))
     fingerprints = {name: {**layer_fingerprint(plan, ckpt.step_dir), "config": model} for name, plan in zip(names, plans)}
-    small = _small_files(ckpt, config, config_dtype, names, plans)
+    small = _small_files(ckpt, config, config_dtype, names, plans, tokenizer)
     folder = held.enter_context(OutputFolder(out, FOLDER, source=source, options=recorded, hash_algo=options.hash,
                                              resume=options.resume, force=options.force))
 
@@ -336,11 +407,19 @@ def _merge(src: Path, out: Path, options: MergeOptions, guard: InterruptGuard,
                    for m in layers[name].meta.get("tensors", {}).values()]
     info: dict[str, Any] = {"config": asdict(config), "tokenizer": ckpt.tokenizer.name if ckpt.tokenizer else None,
                             "max_replica_divergence": max(divergences, default=0.0)}
+    if ckpt.tokenizer is not None:  # which files, and how they were found (names only, never a path)
+        info["tokenizer_source"] = {"kind": ckpt.tokenizer.kind, "found_by": ckpt.tokenizer.found_by,
+                                    "files": [p.name for _, p in ckpt.tokenizer.files],
+                                    "written": sorted(n for n in small if n.startswith(("tokenizer", "vocab", "merges")))}
     if qkv is not None:
         info["qkv_layout"] = {"split": qkv.split.value, "assumed": qkv.assumed, "reason": qkv.reason}
         if qkv.assumed:
             warnings.append(f"assumed QKV layout {qkv.split.value}: {qkv.reason}")
     info["warnings"] = warnings
+    card = model_card(_card_facts(src, source_plan, config_dtype, options, folder.state.layers, names))
+    for name in folder.hand_over({CARD: card.encode()}):
+        log.warning("%s: kept as it is (edited since neoxconv wrote it, or not written by neoxconv); the card this "
+                    "merge would write differs from it: delete the file and re-run to get the new one", out / name)
     folder.finish(info)
     if ckpt.tokenizer is None:
         log.warning("no tokenizer found next to the checkpoint; pass --tokenizer FILE to include one")
@@ -353,5 +432,6 @@ def _merge(src: Path, out: Path, options: MergeOptions, guard: InterruptGuard,
         seconds=time.perf_counter() - started, write_seconds=write_seconds,
         dtype=out_dtypes[0] if len(out_dtypes) == 1 else out_dtypes,
         num_layers=config.num_layers, row_bias=row_bias.value,
+        tokenizer=ckpt.tokenizer.describe() if ckpt.tokenizer is not None else None,
     )
     return report

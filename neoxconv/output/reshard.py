@@ -81,6 +81,10 @@ def reshard_checkpoint(src: Path, out: Path, options: ReshardOptions) -> WriteRe
         dtype=options.dtype, row_bias=options.row_bias, qkv_layout=options.qkv_layout,  # as `merge` reads it
         config_path=options.config_path, tokenizer_path=options.tokenizer_path))
     ckpt, config, plans = source_plan.checkpoint, source_plan.config, source_plan.layers
+    # a gpt-neox checkpoint carries a tokenizer.json; another kind is carried by merge only (one given with
+    # --tokenizer is checked as a tokenizer.json, and refused)
+    tok = ckpt.tokenizer
+    tokenizer_json = None if tok is None else tok.json or (tok.path if tok.given else None)
     src_row_bias, qkv = source_plan.row_bias, source_plan.qkv  # qkv: how a Llama-style source's QKV rows lie
     dtypes = {t.out_dtype for p in plans for t in p.tensors}
     if len(dtypes) != 1:
@@ -93,7 +97,7 @@ def reshard_checkpoint(src: Path, out: Path, options: ReshardOptions) -> WriteRe
     step = options.step if options.step is not None else (int(m.group(1)) if m else 0)
     layout = options.layout or ckpt.layout
     target = NeoXTarget(config=config, tp_degree=options.tp, layout=layout, dtype=dtype, step=step,
-                        tokenizer_size=tokenizer_size(ckpt.tokenizer, config.vocab_size))
+                        tokenizer_size=tokenizer_size(tokenizer_json, config.vocab_size))
     check_target(target, where=ckpt.config_source)
     row_bias = resolve_row_bias("auto", config)  # how the output's row-parallel biases are split
     by_index: dict[int, LayerPlan] = {p.layer.index: p for p in plans}
@@ -148,7 +152,7 @@ def reshard_checkpoint(src: Path, out: Path, options: ReshardOptions) -> WriteRe
         recorded["qkv_layout"] = qkv.split.value
     with reader, deferred_sigint() as guard:
         return write_neox_checkpoint(
-            Path(out), target, rank_shards, source=source_identity(ckpt), recorded=recorded, fingerprint=fingerprint,
-            planned_bytes=planned_bytes(config, options.tp, dtype, row_bias), tokenizer=ckpt.tokenizer,
+            Path(out), target, rank_shards, source=source_identity(ckpt, out), recorded=recorded, fingerprint=fingerprint,
+            planned_bytes=planned_bytes(config, options.tp, dtype, row_bias), tokenizer=tokenizer_json,
             guard=guard, resume=options.resume, force=options.force, quiet=options.quiet,
             allow_nonfinite=options.allow_nonfinite, hash_algo=options.hash, desc="reshard")

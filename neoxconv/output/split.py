@@ -40,7 +40,7 @@ from neoxconv.interrupt import deferred_sigint
 from neoxconv.merge import Rule, Split, expected_shape, join_split, key_table, resolve_row_bias, shape_of, split_tensor
 from neoxconv.output.folder import check_out_path
 from neoxconv.output.hashing import DEFAULT_HASH
-from neoxconv.plan.fingerprint import config_digest, file_fingerprint
+from neoxconv.plan.fingerprint import config_digest, file_fingerprint, public_place
 from neoxconv.plan.plan import FolderPlan, part_key, plan_hf_folder
 from neoxconv.source.checkpoint import SourceLayer, model_layers
 from neoxconv.source.hf_folder import HFModel
@@ -174,9 +174,10 @@ class SplitOptions:
     hash: str = DEFAULT_HASH  # the digest the manifest records for every file
 
 
-def _source_identity(hf: HFModel) -> dict[str, Any]:
-    """Which source this is (folder and weight files); what each file holds is proven per output file."""
-    return {"hf_dir": str(hf.folder.resolve()), "files": sorted({t.file.name for t in hf.tensors.values()})}
+def _source_identity(hf: HFModel, out: Path) -> dict[str, Any]:
+    """Which source this is (folder, by `public_place`, and weight files); what each file holds is proven per
+    output file."""
+    return {"hf_dir": public_place(hf.folder, out), "files": sorted({t.file.name for t in hf.tensors.values()})}
 
 
 def split_model(hf_dir: Path, out: Path, options: SplitOptions) -> WriteReport:
@@ -222,7 +223,8 @@ def split_model(hf_dir: Path, out: Path, options: SplitOptions) -> WriteReport:
     recorded = {"command": "split", "tp": options.tp, "layout": options.layout, "dtype": dtype, "step": options.step}
     with deferred_sigint() as guard:
         return write_neox_checkpoint(
-            Path(out), target, rank_shards, source=_source_identity(hf), recorded=recorded, fingerprint=fingerprint,
+            Path(out), target, rank_shards, source=_source_identity(hf, Path(out)), recorded=recorded,
+            fingerprint=fingerprint,
             planned_bytes=planned_bytes(config, options.tp, dtype, row_bias), tokenizer=hf.tokenizer,
             guard=guard, resume=options.resume, force=options.force, quiet=options.quiet,
             allow_nonfinite=options.allow_nonfinite, hash_algo=options.hash)

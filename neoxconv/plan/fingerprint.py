@@ -34,10 +34,23 @@ from neoxconv.source.safetensors import header_bytes
 from neoxconv.source.checkpoint import Checkpoint
 
 
-def source_identity(ckpt: Checkpoint) -> dict[str, Any]:
-    """Which checkpoint this is (step folder, layout, TP degree, file names): what a resume must share."""
+def public_place(path: Path, out: Path) -> str:
+    """How an output records where its source is without an absolute local path (OUT is uploaded, private
+    folder and user names must not travel with it): the path relative to OUT when the source is inside OUT,
+    else only the folder's name. Resume proves the rest with the per-file fingerprints."""
+    path, out = Path(path).resolve(), Path(out).resolve()
+    try:
+        return path.relative_to(out).as_posix() or "."
+    except ValueError:
+        return path.name
+
+
+def source_identity(ckpt: Checkpoint, out: Path) -> dict[str, Any]:
+    """Which checkpoint this is (step folder, layout, TP degree, file names): what a resume must share.
+
+    The step folder is recorded by `public_place` (its name, or its path inside OUT), never absolute."""
     return {
-        "step_dir": str(ckpt.step_dir.resolve()),
+        "step_dir": public_place(ckpt.step_dir, out),
         "layout": ckpt.layout,
         "tp_degree": ckpt.tp_degree,
         "files": [p.name for p in ckpt.source_files()],

@@ -19,9 +19,10 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from neoxconv.config import NeoXConfig
+from neoxconv.config import NeoXConfig, TokenizerSettings, tokenizer_settings
 from neoxconv.errors import CheckpointError, ConfigError, few
 from neoxconv.source.ptfile import PtArchive, TensorRef, read_pt
+from neoxconv.source.tokenizer import GIVEN, TokenizerSource, tokenizer_source
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +83,7 @@ class Checkpoint:
     config: NeoXConfig
     config_source: str
     layers: list[SourceLayer]
-    tokenizer: Path | None
+    tokenizer: TokenizerSource | None
     missing_files: list[str] = field(default_factory=list)
     _archives: dict[Path, PtArchive] = field(default_factory=dict, repr=False)
 
@@ -174,6 +175,17 @@ def _has_weights(d: Path) -> bool:
     return any(_PIPE_FILE.match(p.name) or _SEQ_FILE.match(p.name) for p in d.iterdir())
 
 
+def _yaml_files(root: Path, step_dir: Path, explicit: Path | None) -> list[Path]:
+    """The NeoX YAML files the config is read from (none when it is a config.json)."""
+    if explicit is not None:
+        return [] if Path(explicit).suffix == ".json" else [Path(explicit)]
+    for d in (step_dir / "configs", root / "configs", step_dir, root):
+        ymls = sorted(p for p in d.glob("*.y*ml") if p.is_file()) if d.is_dir() else []
+        if ymls:
+            return ymls
+    return []
+
+
 def find_config(root: Path, step_dir: Path, explicit: Path | None) -> tuple[NeoXConfig, str]:
     """The model config: ``--config`` (NeoX YAML or config.json), else configs/*.yml near the checkpoint."""
     if explicit is not None:
@@ -183,10 +195,9 @@ def find_config(root: Path, step_dir: Path, explicit: Path | None) -> tuple[NeoX
         if explicit.suffix == ".json":
             return NeoXConfig.from_hf_json(explicit), str(explicit)
         return NeoXConfig.from_neox_yaml(explicit), str(explicit)
-    for d in (step_dir / "configs", root / "configs", step_dir, root):
-        ymls = sorted(p for p in d.glob("*.y*ml") if p.is_file()) if d.is_dir() else []
-        if ymls:
-            return NeoXConfig.from_neox_yaml(*ymls), ", ".join(str(p) for p in ymls)
+    ymls = _yaml_files(root, step_dir, None)
+    if ymls:
+        return NeoXConfig.from_neox_yaml(*ymls), ", ".join(str(p) for p in ymls)
     for d in (step_dir, root):
         if (d / "config.json").is_file():
             return NeoXConfig.from_hf_json(d / "config.json"), str(d / "config.json")
@@ -196,15 +207,50 @@ def find_config(root: Path, step_dir: Path, explicit: Path | None) -> tuple[NeoX
     )
 
 
-def find_tokenizer(root: Path, step_dir: Path, explicit: Path | None) -> Path | None:
+def _named_file(named: str, root: Path, step_dir: Path, config_dirs: list[Path]) -> tuple[Path | None, list[str]]:
+    """A file the config names, resolved as gpt-neox resolved it when training: an absolute path as it is; a
+    relative one from the folder gpt-neox ran in (for the 20B release the checkpoint root's parent:
+    ``./20B_checkpoints/20B_tokenizer.json``); then the file's name next to the checkpoint or its configs.
+    Returns (the file or None, the places looked at, for the refusal)."""
+    path = Path(named)
+    candidates = [path] if path.is_absolute() else [root.parent / path]
+    candidates += [d / path.name for d in dict.fromkeys([root, step_dir, *config_dirs])]
+    for c in candidates:
+        if c.exists():
+            return c, []
+    return None, [str(c) for c in candidates]
+
+
+def find_tokenizer(root: Path, step_dir: Path, explicit: Path | None, *,
+                   settings: TokenizerSettings | None = None, config_dirs: list[Path] | None = None,
+                   strict: bool = True) -> TokenizerSource | None:
+    """The tokenizer to carry: ``--tokenizer``; else the config's ``vocab-file`` (and ``merge-file``); else a
+    ``*tokenizer*.json`` or ``tokenizer.model`` next to the checkpoint. A vocab-file the config names that cannot
+    be found is refused (``strict``) rather than silently giving a model without its tokenizer."""
+    settings = settings or TokenizerSettings()
+    config_dirs = config_dirs or []
+    merges = None
+    if settings.merge_file:
+        merges = _named_file(settings.merge_file, root, step_dir, config_dirs)[0]
     if explicit is not None:
-        if not Path(explicit).is_file():
+        if not Path(explicit).exists():
             raise CheckpointError(f"{explicit}: no such tokenizer file")
-        return Path(explicit)
+        return tokenizer_source(Path(explicit), GIVEN, merges=merges)
+    if settings.vocab_file:
+        found, looked = _named_file(settings.vocab_file, root, step_dir, config_dirs)
+        if found is not None:
+            return tokenizer_source(found, "vocab-file of the config", merges=merges)
+        if strict:
+            raise CheckpointError(
+                f"the config's vocab-file {settings.vocab_file!r} ({settings.tokenizer_type or 'tokenizer'}) is not "
+                f"there (looked for {few(looked, n=4)}); pass the tokenizer the model was trained with: "
+                "--tokenizer FILE")
+        return None
     for d in (root, step_dir):
         found = sorted(p for p in d.glob("*tokenizer*.json") if p.is_file() and "config" not in p.name)
+        found += [p for p in (d / "tokenizer.model",) if p.is_file()]
         if found:
-            return found[0]
+            return tokenizer_source(found[0], "next to the checkpoint")
     return None
 
 
@@ -275,10 +321,14 @@ def open_checkpoint(
     problems = config.tp_model_parallel_check(tp)
     if problems:
         raise ConfigError(f"{config_source}: " + "; ".join(problems))
+    ymls = _yaml_files(root, step_dir, config_path)
+    tokenizer = find_tokenizer(root, step_dir, tokenizer_path, settings=tokenizer_settings(*ymls) if ymls else None,
+                               config_dirs=list(dict.fromkeys(p.parent for p in ymls)), strict=strict)
     ckpt = Checkpoint(
         root=root, step_dir=step_dir, layout=layout, tp_degree=tp, config=config, config_source=config_source,
-        layers=expected_layers, tokenizer=find_tokenizer(root, step_dir, tokenizer_path),
-        missing_files=missing_files,
+        layers=expected_layers, tokenizer=tokenizer, missing_files=missing_files,
     )
     log.debug("checkpoint %s: layout %s, TP %d, %d layers", step_dir, layout, tp, len(expected_layers))
+    if tokenizer is not None:
+        log.info("tokenizer: %s", tokenizer.describe())
     return ckpt

@@ -164,6 +164,8 @@ def split_layer(
 def neox_yaml(config: NeoXConfig, spec: SyntheticSpec) -> str:
     """A NeoX-style YAML config (braces, comments, hyphenated keys), as the 20B release ships."""
     b = lambda v: "true" if v else "false"  # noqa: E731
+    # the release's own spelling (relative to the folder gpt-neox ran in); named only when the file is written
+    vocab_file = '\n  "vocab-file": "./20B_checkpoints/20B_tokenizer.json",' if spec.tokenizer is not None else ""
     return f"""# synthetic GPT-NeoX config written by neoxconv (same shape of file as configs/20B.yml)
 {{
   # parallelism settings
@@ -193,8 +195,7 @@ def neox_yaml(config: NeoXConfig, spec: SyntheticSpec) -> str:
     }},
   "zero_optimization": {{ "stage": 1, "allgather_partitions": True, "overlap_comm": True, }},
   "fp16": {{ "fp16": {b(spec.dtype == 'float16')}, "enabled": {b(spec.dtype == 'float16')}, "loss_scale": 0 }},
-  "tokenizer_type": "HFTokenizer",
-  "vocab-file": "./20B_checkpoints/20B_tokenizer.json",
+  "tokenizer_type": "HFTokenizer",{vocab_file}
 }}
 """
 
