@@ -43,17 +43,17 @@ from typing import Any
 
 import numpy as np
 
-from neoxconv.source.checkpoint import SourceLayer, model_layers, pipeline_file_name, sequential_file_name
 from neoxconv.config import GELU_TANH, LLAMA, NeoXConfig, padded_vocab_size
+from neoxconv.dtypes import NonFiniteCounter, tensor_nbytes
 from neoxconv.errors import ConfigError
 from neoxconv.interrupt import InterruptGuard
-from neoxconv.dtypes import NonFiniteCounter, tensor_nbytes
 from neoxconv.output.finite import report_nonfinite
 from neoxconv.output.folder import NEOX, FileEntry, FolderSpec, OutputFolder, remove_file
 from neoxconv.output.hashing import DEFAULT_HASH
 from neoxconv.output.ptarchive import PtArchiveWriter, TensorSpec, archive_name_for, plan_archive
 from neoxconv.output.writer import TMP_SUFFIX, open_atomic
 from neoxconv.progress import progress_bar
+from neoxconv.source.checkpoint import SourceLayer, model_layers, pipeline_file_name, sequential_file_name
 
 CONFIG_NAME = "neox.yml"
 TOKENIZER_NAME = "tokenizer.json"  # whatever the source's tokenizer file is called

@@ -17,19 +17,27 @@ from typing import Any
 
 import numpy as np
 
-from neoxconv.source.checkpoint import SourceLayer
 from neoxconv.dtypes import TORCH_FLOAT_DTYPES, from_f32, to_f32
 from neoxconv.errors import ConfigError, OutputError
-from neoxconv.plan.fingerprint import config_digest, layer_fingerprint, source_identity
 from neoxconv.interrupt import deferred_sigint
+from neoxconv.merge import Rule, RuleSpec, check_replicas, key_table, merge_tensor, resolve_row_bias
 from neoxconv.output.folder import check_out_path
 from neoxconv.output.hashing import DEFAULT_HASH
-from neoxconv.merge import Rule, RuleSpec, check_replicas, key_table, merge_tensor, resolve_row_bias
+from neoxconv.output.neox import (
+    Emit,
+    LayerStream,
+    NeoXTarget,
+    ShardTensor,
+    WriteReport,
+    check_target,
+    write_neox_checkpoint,
+)
+from neoxconv.output.split import planned_bytes, shard_tensors, stream_shards, tokenizer_size
+from neoxconv.plan.fingerprint import config_digest, layer_fingerprint, source_identity
 from neoxconv.plan.plan import LayerPlan, PlanOptions, TensorPlan, part_key, plan_source
-from neoxconv.output.neox import Emit, LayerStream, NeoXTarget, ShardTensor, WriteReport, check_target, write_neox_checkpoint
+from neoxconv.source.checkpoint import SourceLayer
 from neoxconv.source.ptfile import TensorRef
 from neoxconv.source.storage import Reads, SourceReader
-from neoxconv.output.split import planned_bytes, shard_tensors, stream_shards, tokenizer_size
 
 _STEP = re.compile(r"^global_step(\d+)$")
 
@@ -197,8 +205,8 @@ def reshard_checkpoint(src: Path, out: Path, options: ReshardOptions) -> WriteRe
         recorded["qkv_layout"] = qkv.split.value
     with reader, deferred_sigint() as guard:
         return write_neox_checkpoint(
-            Path(out), target, LayerStream(tensors, stream, confirmed, reader.check_served), source=source_identity(ckpt),
-            recorded=recorded, fingerprint=fingerprint,
+            Path(out), target, LayerStream(tensors, stream, confirmed, reader.check_served),
+            source=source_identity(ckpt), recorded=recorded, fingerprint=fingerprint,
             planned_bytes=planned_bytes(config, options.tp, dtype, row_bias), tokenizer=ckpt.tokenizer,
             guard=guard, resume=options.resume, force=options.force, quiet=options.quiet,
             allow_nonfinite=options.allow_nonfinite, hash_algo=options.hash, desc="reshard")

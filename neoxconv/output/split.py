@@ -38,19 +38,32 @@ from neoxconv.dtypes import NUMPY_DTYPES, TORCH_FLOAT_DTYPES, canonical_dtype, t
 from neoxconv.errors import CheckpointError, ConfigError
 from neoxconv.interrupt import deferred_sigint
 from neoxconv.merge import (
-    Rule, RuleSpec, Split, expected_shape, key_table, resolve_row_bias, shape_of, split_segments, split_tensor,
+    Rule,
+    RuleSpec,
+    Split,
+    expected_shape,
+    key_table,
+    resolve_row_bias,
+    shape_of,
+    split_segments,
+    split_tensor,
 )
 from neoxconv.output.folder import check_out_path
 from neoxconv.output.hashing import DEFAULT_HASH
+from neoxconv.output.neox import (
+    Emit,
+    LayerStream,
+    NeoXTarget,
+    ShardTensor,
+    WriteReport,
+    check_target,
+    write_neox_checkpoint,
+)
 from neoxconv.plan.fingerprint import config_digest, file_fingerprint
 from neoxconv.plan.plan import FolderPlan, part_key, plan_hf_folder
 from neoxconv.source.checkpoint import SourceLayer, model_layers
 from neoxconv.source.hf_folder import HFModel, HFRows
-from neoxconv.source.storage import CHUNK_BYTES
 from neoxconv.source.tokenizer import checked_token_count
-from neoxconv.output.neox import (
-    Emit, LayerStream, NeoXTarget, ShardTensor, WriteReport, check_target, write_neox_checkpoint,
-)
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +87,9 @@ def rotary_inv_freq(config: NeoXConfig, dtype: str) -> np.ndarray:
     t = rotary_inv_freq_torch(config, getattr(torch, dtype))
     return t.view(torch.int16).numpy().view(np.uint16) if dtype == "bfloat16" else t.numpy()
 
+
+# Rows are streamed ~1 MB at a time: each block is counted for inf/nan, CRC'd and hashed while in the CPU cache.
+BLOCK_BYTES = 1 << 20
 
 DERIVED: dict[str, Callable[[NeoXConfig, str], np.ndarray]] = {
     "attention.rotary_emb.inv_freq": rotary_inv_freq,
@@ -125,7 +141,7 @@ def _step(shape: tuple[int, ...], itemsize: int, block_bytes: int) -> int:
 
 def stream_shards(layer: SourceLayer, full: FullTensors, emit: Emit, *, config: NeoXConfig, tp: int, row_bias: Rule,
                   dtype: str, generation: str | None = None, qkv_split: Split | None = None,
-                  block_bytes: int = CHUNK_BYTES) -> None:
+                  block_bytes: int = BLOCK_BYTES) -> None:
     """Every rank's shard of ``layer``, streamed to ``emit(rank, index, block)`` in row blocks, each source
     row read once (the inverse of each merge rule, `neoxconv.merge.split_tensor` / `join_split`, block by block).
 
@@ -134,7 +150,7 @@ def stream_shards(layer: SourceLayer, full: FullTensors, emit: Emit, *, config: 
     Row-parallel biases under SUM: rank 0 the whole bias, the others zeros (`split_tensor`).
     """
     itemsize = NUMPY_DTYPES[dtype].itemsize
-    for index, (key, spec) in enumerate(_written(config, layer, generation)):
+    for index, (_, spec) in enumerate(_written(config, layer, generation)):
         rule = row_bias if spec.rule is Rule.ROW_BIAS else spec.rule
         k = spec.key
         if rule is Rule.DROP:  # a buffer gpt-neox derives from the config (Llama-style: not saved by gpt-neox)

@@ -17,7 +17,11 @@ from neoxconv.config import NeoXConfig
 from neoxconv.dtypes import FROM_SAFETENSORS, NUMPY_DTYPES, from_f32, tensor_nbytes, to_f32
 from neoxconv.errors import CheckpointError, ConfigError
 from neoxconv.source.safetensors import (
-    FileState, check_unchanged, checked_safetensors_header, file_state, read_header,
+    FileState,
+    check_unchanged,
+    checked_safetensors_header,
+    file_state,
+    read_header,
 )
 from neoxconv.source.storage import pread_exactly
 
