@@ -471,23 +471,26 @@ def write_neox_checkpoint(
                 for layer, tensors in zip(g.layers, per_layer):
                     guard.check()
                     bar.set_postfix_str(layer.label, refresh=False)
-                    counters = [[NonFiniteCounter(t.dtype) for t in tensors] for _ in g.ranks]
+                    counts = [[0] * len(tensors) for _ in g.ranks]  # inf/nan per rank and tensor
+                    counter = NonFiniteCounter(target.dtype)  # one scratch buffer for every block
 
-                    def emit(rank: int, index: int, block: np.ndarray, counters=counters) -> None:
+                    def emit(rank: int, index: int, block: np.ndarray, counts=counts) -> None:
                         i = slot.get(rank)
                         if i is None:  # a rank whose file is kept
                             return
-                        counters[i][index].update(block)
+                        counter.count = 0
+                        counter.update(block)
+                        counts[i][index] += counter.count
                         files.write(i, block)
                         bar.update(block.nbytes)
                         guard.check()
 
                     feed.stream(layer, emit)
                     for i, r in enumerate(g.ranks):  # rank by rank, in key order, before the files are renamed
-                        for t, c in zip(tensors, counters[i]):
-                            report_nonfinite(c.count, f"{layer.label} (rank {r}): {t.key!r}", target.dtype,
+                        for t, n in zip(tensors, counts[i]):
+                            report_nonfinite(n, f"{layer.label} (rank {r}): {t.key!r}", target.dtype,
                                              allow=allow_nonfinite, warnings=warnings[i], doing=doing)
-                            nonfinite[i] += c.count
+                            nonfinite[i] += n
             return {n: _entry(files.digests[i], files.sizes[i], g, nonfinite[i], warnings[i])
                     for i, n in enumerate(names)}
 
