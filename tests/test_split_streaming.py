@@ -160,11 +160,10 @@ def test_an_inf_or_nan_in_the_source_is_refused_unless_allowed(hf16, tmp_path, v
 def test_sigkill_mid_write_then_rerun_is_byte_identical(command, make_checkpoint, tmp_path):
     if command == "split":
         src = _make_hf(tmp_path / "hf", dtype=torch.float32, seed=6, hidden_size=256, num_attention_heads=8,
-                       num_hidden_layers=4, vocab_size=2048)
+                       vocab_size=2048)
         args = ["--tp", "2", "--layout", "sequential"]
     else:
-        src = make_checkpoint(2, "pipeline", "float32", config_overrides={"hidden_size": 256, "num_heads": 8,
-                                                                          "num_layers": 4})[0]
+        src = make_checkpoint(2, "pipeline", "float32", config_overrides={"hidden_size": 256, "num_heads": 8})[0]
         args = ["--tp", "4"]
     cmd = lambda out: [sys.executable, "-m", "neoxconv", command, str(src), str(out), *args, "-q"]  # noqa: E731
     subprocess.run(cmd(tmp_path / "clean"), check=True, capture_output=True, env=subprocess_env())
@@ -196,12 +195,28 @@ def _peak(fn) -> int:
         tracemalloc.stop()
 
 
+def _deeper(hf: Path, out: Path, layers: int) -> Path:
+    """``hf`` (2 layers) with its blocks repeated to ``layers`` blocks (config.json and weights)."""
+    import json
+
+    out.mkdir()
+    sd = load_file(str(hf / "model.safetensors"))
+    for name in [n for n in sd if n.startswith("gpt_neox.layers.")]:
+        block = int(name.split(".")[2])
+        for i in range(block + 2, layers, 2):
+            sd[name.replace(f"layers.{block}.", f"layers.{i}.")] = sd[name].clone()
+    save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((hf / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**config, "num_hidden_layers": layers}))
+    return out
+
+
 def test_peak_memory_is_flat_in_the_layer_count_and_below_one_layer(tmp_path):
     # hidden 512, fp32: one block layer is 12.6 MB (the old writer held it, then each rank's shard)
+    two = _make_hf(tmp_path / "hf2", dtype=torch.float32, seed=1, hidden_size=512, num_attention_heads=8,
+                   vocab_size=1024)
     peaks = {}
-    for layers in (2, 6):
-        hf = _make_hf(tmp_path / f"hf{layers}", dtype=torch.float32, seed=1, hidden_size=512, num_attention_heads=8,
-                      num_hidden_layers=layers, vocab_size=1024)
+    for layers, hf in ((2, two), (5, _deeper(two, tmp_path / "hf5", 5))):
         peaks["split", layers] = _peak(lambda: split_model(hf, tmp_path / f"s{layers}", SplitOptions(tp=2, quiet=True)))
         peaks["reshard", layers] = _peak(lambda: reshard_checkpoint(tmp_path / f"s{layers}", tmp_path / f"r{layers}",
                                                                     ReshardOptions(tp=4, quiet=True)))
