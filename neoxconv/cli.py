@@ -320,10 +320,13 @@ def _print_neox_report(report, as_json: bool, quiet: bool) -> None:
 @click.option("--step", type=int, default=0, show_default=True, help="Writes global_step{STEP} and 'latest'.")
 @click.option("--tokenizer", "tokenizer_path", type=click.Path(path_type=Path, dir_okay=False),
               help="tokenizer.json to copy (default: HF_DIR/tokenizer.json).")
+@click.option("--key-names", type=click.Choice(["current", "20b"]), default="current", show_default=True,
+              help="current: mlp.linear1/linear2 (gpt-neox since 2024-09); 20b: mlp.dense_h_to_4h/dense_4h_to_h "
+                   "(Llama-style: mlp.w1/w2/w3 of mlp_type llama), for gpt-neox before 2024-09.")
 @_neox_output_options
 @_run
 def split(hf_dir: Path, out: Path, tp: int, layout: str, dtype: str, step: int, tokenizer_path: Path | None,
-          allow_nonfinite: bool, no_resume: bool, force: bool, as_json: bool, quiet: bool) -> None:
+          key_names: str, allow_nonfinite: bool, no_resume: bool, force: bool, as_json: bool, quiet: bool) -> None:
     """Split the Hugging Face GPT-NeoX or Llama model HF_DIR into a gpt-neox checkpoint OUT at TP degree --tp.
 
     OUT gets latest, global_step*/ (rank files and DeepSpeed bookkeeping), configs/neox.yml and the
@@ -333,7 +336,7 @@ def split(hf_dir: Path, out: Path, tp: int, layout: str, dtype: str, step: int, 
     from neoxconv.output.split import SplitOptions, split_model
 
     options = SplitOptions(tp=tp, layout=layout, dtype=dtype, step=step, tokenizer_path=tokenizer_path,
-                           allow_nonfinite=allow_nonfinite, resume=not no_resume, force=force, quiet=quiet or as_json)
+                           key_names=key_names, allow_nonfinite=allow_nonfinite, resume=not no_resume, force=force, quiet=quiet or as_json)
     _print_neox_report(split_model(hf_dir, out, options), as_json, quiet)
 
 

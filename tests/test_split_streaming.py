@@ -76,7 +76,7 @@ def test_deepspeed_pipeline_loader_reads_a_reshard_output_strictly(tmp_path):
     from test_deepspeed_load import F, H, V, _stages
 
     hf = _make_hf(tmp_path / "hf", dtype=torch.float16, intermediate_size=F, seed=4)
-    split_model(hf, tmp_path / "neox2", SplitOptions(tp=2, quiet=True))
+    split_model(hf, tmp_path / "neox2", SplitOptions(tp=2, quiet=True, key_names="20b"))  # reshard keeps them
     reshard_checkpoint(tmp_path / "neox2", tmp_path / "neox4", ReshardOptions(tp=4, quiet=True))
     step = tmp_path / "neox4" / "global_step0"
     sd = _hf_tensors(hf)
@@ -147,12 +147,12 @@ def test_an_inf_or_nan_in_the_source_is_refused_unless_allowed(hf16, tmp_path, v
     save_file(sd, str(src / "model.safetensors"), metadata={"format": "pt"})
     out = tmp_path / "out"
     line = one_line_error(cli("split", src, out, "--tp", 2), 5, "non-finite", "--allow-nonfinite")
-    assert "layer 03 (block 1) (rank 1): 'mlp.dense_4h_to_h.weight'" in line
+    assert "layer 03 (block 1) (rank 1): 'mlp.linear2.weight'" in line
     assert not list(out.rglob("layer_03-*")) and not list(out.rglob("*.neoxconv-tmp"))
     result = cli("split", src, out, "--tp", 2, "--allow-nonfinite", "-q")
     assert result.exit_code == 0, result.output
     back = torch.load(out / "global_step0" / "layer_03-model_01-model_states.pt", weights_only=True)
-    assert not torch.isfinite(back["mlp.dense_4h_to_h.weight"][5, -1])
+    assert not torch.isfinite(back["mlp.linear2.weight"][5, -1])
 
 
 # ----- SIGKILL mid-write ----------------------------------------------------------------------------------

@@ -47,6 +47,7 @@ from neoxconv.config import GELU_TANH, LLAMA, NeoXConfig, padded_vocab_size
 from neoxconv.dtypes import NonFiniteCounter, tensor_nbytes
 from neoxconv.errors import ConfigError
 from neoxconv.interrupt import InterruptGuard
+from neoxconv.merge import LLAMA_W123_KEYS
 from neoxconv.output.finite import report_nonfinite
 from neoxconv.output.folder import NEOX, FileEntry, FolderSpec, OutputFolder, remove_file
 from neoxconv.output.hashing import DEFAULT_HASH
@@ -70,6 +71,7 @@ class NeoXTarget:
     dtype: str = "float16"
     step: int = 0
     tokenizer_size: int | None = None  # entries in the tokenizer, when known (for the vocab padding rule)
+    generation: str | None = None  # the MLP key generation written (`merge.key_table`; None: the table's first)
 
     @property
     def step_name(self) -> str:
@@ -159,7 +161,12 @@ def neox_yaml(target: NeoXTarget, divisible_by: int) -> str:
         f'  "num-attention-heads": {c.num_heads},',
     ]
     llama = c.architecture == LLAMA
-    if llama:  # gpt-neox sizes a gated MLP as int(intermediate_size * 2/3) // 2 (mlp_multiple_of 1: as is)
+    w123 = target.generation == LLAMA_W123_KEYS  # gpt-neox 2023-05 .. 2024-09: LLaMAParallelMLP, sized as is
+    if w123:
+        lines += ['  "mlp_type": "llama",', f'  "intermediate_size": {c.ffn_size},']
+        if c.gqa:
+            lines.append(f'  "num_kv_heads": {c.kv_heads},')
+    elif llama:  # gpt-neox sizes a gated MLP as int(intermediate_size * 2/3) // 2 (mlp_multiple_of 1: as is)
         lines += [f'  "intermediate_size": {3 * c.ffn_size},  # linear1: 2 x {c.ffn_size} rows, linear2: {c.ffn_size}',
                   '  "mlp_multiple_of": 1,']
         if c.gqa:
@@ -172,8 +179,9 @@ def neox_yaml(target: NeoXTarget, divisible_by: int) -> str:
     ]
     if llama:
         lines += ['  "norm": "rmsnorm",', f'  "rms_norm_epsilon": {_yaml_float(c.layernorm_eps)},',
-                  f'  "use_bias_in_attn_linear": {b(c.attention_bias)},', f'  "use_bias_in_mlp": {b(c.mlp_bias)},',
-                  '  "use_bias_in_norms": false,']
+                  f'  "use_bias_in_attn_linear": {b(c.attention_bias)},', '  "use_bias_in_norms": false,']
+        if not w123:  # (LLaMAParallelMLP has no biases, and its gpt-neox has no such setting)
+            lines.append(f'  "use_bias_in_mlp": {b(c.mlp_bias)},')
     else:
         lines += ['  "norm": "layernorm",', f'  "layernorm-epsilon": {_yaml_float(c.layernorm_eps)},']
     lines += [
@@ -186,7 +194,9 @@ def neox_yaml(target: NeoXTarget, divisible_by: int) -> str:
         f'  "gpt_j_residual": {b(c.parallel_residual)},',
         '  "output_layer_parallelism": "column",',
     ]
-    if llama:
+    if w123:
+        lines += ['  "activation": "silu",', '  "bias-gelu-fusion": false,']
+    elif llama:
         lines += ['  "activation": "swiglu",', '  "bias-gelu-fusion": false,']
     else:
         lines += ['  "activation": "gelu",',

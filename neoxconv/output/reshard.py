@@ -20,7 +20,7 @@ import numpy as np
 from neoxconv.dtypes import TORCH_FLOAT_DTYPES, from_f32, to_f32
 from neoxconv.errors import ConfigError, OutputError
 from neoxconv.interrupt import deferred_sigint
-from neoxconv.merge import Rule, RuleSpec, check_replicas, key_table, merge_tensor, resolve_row_bias
+from neoxconv.merge import Rule, check_replicas, merge_tensor, resolve_row_bias
 from neoxconv.output.folder import check_out_path
 from neoxconv.output.hashing import DEFAULT_HASH
 from neoxconv.output.neox import (
@@ -34,7 +34,7 @@ from neoxconv.output.neox import (
 )
 from neoxconv.output.split import planned_bytes, shard_tensors, stream_shards, tokenizer_size
 from neoxconv.plan.fingerprint import config_digest, layer_fingerprint, source_identity
-from neoxconv.plan.plan import LayerPlan, PlanOptions, TensorPlan, part_key, plan_source
+from neoxconv.plan.plan import LayerPlan, PlanOptions, TensorPlan, plan_source
 from neoxconv.source.checkpoint import SourceLayer
 from neoxconv.source.ptfile import TensorRef
 from neoxconv.source.storage import Reads, SourceReader
@@ -78,13 +78,13 @@ class _MergedLayer:
     (the merge rules, block by block: `iter_merged_chunks`' reads, by row range); the small ones merged
     beforehand."""
 
-    def __init__(self, plan: LayerPlan, table: dict[str, RuleSpec], small: dict[str, np.ndarray], reads: Reads) -> None:
+    def __init__(self, plan: LayerPlan, small: dict[str, np.ndarray], reads: Reads | None) -> None:
         self._reads = reads
         self._plans: dict[str, TensorPlan] = {}
         self._small = small
         self._pieces: dict[str, tuple[list[int], list[tuple[TensorRef, int, int]]]] = {}
         for t in plan.tensors:
-            key = full_key(t, table)
+            key = t.hf_name
             self._plans[key] = t
             if t.rule in (Rule.CONCAT_ROWS, Rule.SPLIT_ROWS):  # the merged rows: each rank's rows (segments), in order
                 pieces = [(ref, s, c) for ref in t.shards for s, c in (t.segments or [(0, ref.shape[0])])]
@@ -112,12 +112,6 @@ class _MergedLayer:
             start, count, i = start + take, count - take, i + 1
         block = out[0] if len(out) == 1 else np.concatenate(out, axis=0)
         return block if t.src_dtype == t.out_dtype else from_f32(to_f32(block, t.src_dtype), t.out_dtype)
-
-
-def full_key(t: TensorPlan, table: dict[str, RuleSpec]) -> str:
-    """The `FullTensors` key of a planned tensor: the key table's own key (``#part`` for a split's parts)."""
-    key = table[t.key].key
-    return key if t.split is None else part_key(key, t.part)
 
 
 def reshard_checkpoint(src: Path, out: Path, options: ReshardOptions) -> WriteReport:
@@ -150,7 +144,6 @@ def reshard_checkpoint(src: Path, out: Path, options: ReshardOptions) -> WriteRe
     check_target(target, where=ckpt.config_source)
     row_bias = resolve_row_bias("auto", config)  # how the output's row-parallel biases are split
     by_index: dict[int, LayerPlan] = {p.layer.index: p for p in plans}
-    tables = {p.layer.index: key_table(config, p.layer.kind, p.key_generation) for p in plans}
     if Path(out).resolve() in (ckpt.root.resolve(), ckpt.step_dir.resolve()):
         raise OutputError(f"{out}: OUT is the source checkpoint; choose another folder")
     # scope 0 reads every layer's small tensors, then one scope per layer its big ones (in the order written)
@@ -165,8 +158,7 @@ def reshard_checkpoint(src: Path, out: Path, options: ReshardOptions) -> WriteRe
                 for t in plan.dropped:
                     merged_tensor(t, tolerance=0.0, where=where, reader=reads)
                 small[plan.layer.index] = {
-                    full_key(t, tables[plan.layer.index]):
-                        merged_tensor(t, tolerance=options.replica_tolerance, where=where, reader=reads)
+                    t.hf_name: merged_tensor(t, tolerance=options.replica_tolerance, where=where, reader=reads)
                     for t in plan.tensors if _small(t)}
     except BaseException:
         reader.close()
@@ -175,13 +167,13 @@ def reshard_checkpoint(src: Path, out: Path, options: ReshardOptions) -> WriteRe
     qkv_split = None if qkv is None else qkv.split  # and its QKV layout
 
     def tensors(layer: SourceLayer) -> list[ShardTensor]:
-        full = _MergedLayer(by_index[layer.index], tables[layer.index], small[layer.index], reads=None)
+        full = _MergedLayer(by_index[layer.index], small[layer.index], reads=None)
         return shard_tensors(layer, full, config=config, tp=options.tp, row_bias=row_bias, dtype=dtype,
                              generation=generation[layer.index])
 
     def stream(layer: SourceLayer, emit: Emit) -> None:
         with reader.scope() as reads:  # the layer's reads are checked as it closes (or with a later layer)
-            full = _MergedLayer(by_index[layer.index], tables[layer.index], small[layer.index], reads)
+            full = _MergedLayer(by_index[layer.index], small[layer.index], reads)
             stream_shards(layer, full, emit, config=config, tp=options.tp, row_bias=row_bias, dtype=dtype,
                           generation=generation[layer.index], qkv_split=qkv_split)
 

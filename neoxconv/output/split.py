@@ -33,16 +33,21 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from neoxconv.config import GPT_NEOX, NeoXConfig
+from neoxconv.config import GPT_NEOX, LLAMA, NeoXConfig
 from neoxconv.dtypes import NUMPY_DTYPES, TORCH_FLOAT_DTYPES, canonical_dtype, tensor_nbytes
 from neoxconv.errors import CheckpointError, ConfigError
 from neoxconv.interrupt import deferred_sigint
 from neoxconv.merge import (
+    LLAMA_GATED_KEYS,
+    LLAMA_W123_KEYS,
+    NEOX_20B_KEYS,
+    NEOX_LINEAR_KEYS,
     Rule,
     RuleSpec,
     Split,
     expected_shape,
     key_table,
+    resolve_qkv_split,
     resolve_row_bias,
     shape_of,
     split_segments,
@@ -60,7 +65,7 @@ from neoxconv.output.neox import (
     write_neox_checkpoint,
 )
 from neoxconv.plan.fingerprint import config_digest, file_fingerprint
-from neoxconv.plan.plan import FolderPlan, part_key, plan_hf_folder
+from neoxconv.plan.plan import FolderPlan, plan_hf_folder
 from neoxconv.source.checkpoint import SourceLayer, model_layers
 from neoxconv.source.hf_folder import HFModel, HFRows
 from neoxconv.source.tokenizer import checked_token_count
@@ -99,12 +104,17 @@ DERIVED: dict[str, Callable[[NeoXConfig, str], np.ndarray]] = {
 class FullTensors(Protocol):
     """A layer's full (Hugging Face, or merged) tensors, read in row blocks in the output dtype (numpy bits).
 
-    Keyed by the key table's own key (``RuleSpec.key``; ``part_key(key, i)`` for the parts of a SPLIT_ROWS
-    key), whatever generation spells the files."""
+    Keyed by their Hugging Face names (`_hf`): the same in every key generation of the NeoX files."""
 
     def shape(self, key: str) -> tuple[int, ...]: ...
 
     def rows(self, key: str, start: int, count: int) -> np.ndarray: ...
+
+
+def _hf(spec: RuleSpec, layer: SourceLayer, part: int | None = None) -> str:
+    """The Hugging Face name of a row's tensor (``part`` of a SPLIT_ROWS row)."""
+    template = spec.hf_name if part is None else spec.parts[part][0]
+    return (template or "").format(i=layer.block)
 
 
 def _written(config: NeoXConfig, layer: SourceLayer, generation: str | None) -> list[tuple[str, RuleSpec]]:
@@ -122,10 +132,10 @@ def shard_tensors(layer: SourceLayer, full: FullTensors, *, config: NeoXConfig, 
         if rule is Rule.DROP:
             shape: tuple[int, ...] = (config.rotary_dims // 2,)
         elif rule is Rule.SPLIT_ROWS:
-            parts = [full.shape(part_key(spec.key, i)) for i in range(len(spec.parts))]
+            parts = [full.shape(_hf(spec, layer, i)) for i in range(len(spec.parts))]
             shape = (sum(p[0] for p in parts) // tp, *parts[0][1:])
         else:
-            shape = full.shape(spec.key)
+            shape = full.shape(_hf(spec, layer))
             if rule is Rule.CONCAT_ROWS:
                 shape = (shape[0] // tp, *shape[1:])
             elif rule is Rule.CONCAT_COLS:
@@ -152,14 +162,14 @@ def stream_shards(layer: SourceLayer, full: FullTensors, emit: Emit, *, config: 
     itemsize = NUMPY_DTYPES[dtype].itemsize
     for index, (_, spec) in enumerate(_written(config, layer, generation)):
         rule = row_bias if spec.rule is Rule.ROW_BIAS else spec.rule
-        k = spec.key
         if rule is Rule.DROP:  # a buffer gpt-neox derives from the config (Llama-style: not saved by gpt-neox)
-            value = DERIVED[k](config, dtype)
+            value = DERIVED[spec.key](config, dtype)
             for r in range(tp):
                 emit(r, index, value)
         elif rule is Rule.SPLIT_ROWS:  # rank r's rows: block r of every part, where the split places it
             split = (qkv_split or current_split(config)) if spec.split is Split.QKV else spec.split
-            part_rows = [full.shape(part_key(k, i))[0] // tp for i in range(len(spec.parts))]
+            names = [_hf(spec, layer, i) for i in range(len(spec.parts))]
+            part_rows = [full.shape(n)[0] // tp for n in names]
             pieces = []  # (start in the rank's rows, count, part, offset in the part's block)
             for part in range(len(spec.parts)):
                 done = 0
@@ -167,19 +177,21 @@ def stream_shards(layer: SourceLayer, full: FullTensors, emit: Emit, *, config: 
                                                    kv_heads=config.kv_heads // tp, head_dim=config.head_dim):
                     pieces.append((start, count, part, done))
                     done += count
-            step = _step(full.shape(part_key(k, 0)), itemsize, block_bytes)
+            step = _step(full.shape(names[0]), itemsize, block_bytes)
             for r in range(tp):
                 for _, count, part, offset in sorted(pieces):
                     first = r * part_rows[part] + offset
                     for i in range(0, count, step):
-                        emit(r, index, full.rows(part_key(k, part), first + i, min(step, count - i)))
+                        emit(r, index, full.rows(names[part], first + i, min(step, count - i)))
         elif rule is Rule.CONCAT_ROWS:  # rank r: its block of rows
+            k = _hf(spec, layer)
             shape = full.shape(k)
             n, step = shape[0] // tp, _step(shape, itemsize, block_bytes)
             for r in range(tp):
                 for i in range(0, n, step):
                     emit(r, index, full.rows(k, r * n + i, min(step, n - i)))
         elif rule is Rule.CONCAT_COLS:  # every row block, cut into the ranks' columns
+            k = _hf(spec, layer)
             rows, cols = full.shape(k)
             w, step = cols // tp, _step((rows, cols), itemsize, block_bytes)
             for i in range(0, rows, step):
@@ -187,6 +199,7 @@ def stream_shards(layer: SourceLayer, full: FullTensors, emit: Emit, *, config: 
                 for r in range(tp):
                     emit(r, index, block[:, r * w:(r + 1) * w])
         else:  # REPLICATED / SUM: small vectors, whole
+            k = _hf(spec, layer)
             value = full.rows(k, 0, full.shape(k)[0])
             for r, part in enumerate(split_tensor(rule, value, tp)):
                 emit(r, index, part)
@@ -247,6 +260,33 @@ def check_dropped_tensors(hf: HFModel, planned: FolderPlan) -> None:
                 f"to false in config.json to keep {name!r} as the readout, or remove it from the folder to tie them")
 
 
+# ----- which gpt-neox reads it ----------------------------------------------------------------------------------
+KEY_NAMES = ("current", "20b")
+# --key-names -> the key table's generation (`merge.key_table`) per architecture. gpt-neox renamed the MLP in
+# 2024-09 (0d4bdb96, with mlp_multiple_of defaulting to 1 since adbf5d6f): ParallelMLP.linear1/linear2, gated
+# for Llama-style models. Before: ParallelMLP.dense_h_to_4h/dense_4h_to_h (4 x hidden, with biases) and, with
+# mlp_type llama (2023-05 .. 2024-09), LLaMAParallelMLP.w1 (gate) / w3 (up) / w2 (down), without biases.
+_GENERATION = {("current", GPT_NEOX): NEOX_LINEAR_KEYS, ("20b", GPT_NEOX): NEOX_20B_KEYS,
+               ("current", LLAMA): LLAMA_GATED_KEYS, ("20b", LLAMA): LLAMA_W123_KEYS}
+
+
+def key_generation(config: NeoXConfig, key_names: str, *, tp: int, where: str) -> tuple[str, Split | None]:
+    """(the key generation ``--key-names`` writes, the QKV layout that gpt-neox version expects); a ConfigError
+    when that gpt-neox version cannot hold the model."""
+    if key_names not in KEY_NAMES:
+        raise ConfigError(f"--key-names must be one of {', '.join(KEY_NAMES)}, got {key_names!r}")
+    generation = _GENERATION[key_names, config.architecture]
+    if generation == NEOX_20B_KEYS and config.ffn_size != 4 * config.hidden_size:
+        raise ConfigError(f"{where}: intermediate_size {config.ffn_size} is not 4 x hidden_size; gpt-neox before "
+                          "2024-09 (mlp.dense_h_to_4h) cannot size its MLP so: use --key-names current")
+    if generation == LLAMA_W123_KEYS and config.mlp_bias:
+        raise ConfigError(f"{where}: the MLP has biases, which gpt-neox's LLaMAParallelMLP (mlp_type llama, "
+                          "mlp.w1/w2/w3) does not: use --key-names current")
+    if generation == LLAMA_W123_KEYS and config.gqa:  # gpt-neox 2024-02 .. 2024-09: rows interleaved per query head
+        return generation, resolve_qkv_split("interleaved", config, tp, generation).split
+    return generation, None
+
+
 # ----- the job ---------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class SplitOptions:
@@ -260,6 +300,7 @@ class SplitOptions:
     force: bool = False
     quiet: bool = False
     hash: str = DEFAULT_HASH  # the digest the manifest records for every file
+    key_names: str = "current"  # current: mlp.linear1/linear2 (gpt-neox since 2024-09); 20b: the names before
 
 
 def _source_identity(hf: HFModel) -> dict[str, Any]:
@@ -287,20 +328,23 @@ def split_model(hf_dir: Path, out: Path, options: SplitOptions) -> WriteReport:
         dtype = canonical_dtype(options.dtype)
     if dtype not in TORCH_FLOAT_DTYPES:
         raise ConfigError(f"{hf_dir}: weights are {dtype}; choose --dtype fp16, bf16 or fp32")
+    generation, qkv_split = key_generation(config, options.key_names, tp=options.tp,
+                                           where=str(Path(hf_dir) / "config.json"))
     target = NeoXTarget(config=config, tp_degree=options.tp, layout=options.layout, dtype=dtype, step=options.step,
-                        tokenizer_size=tokenizer_size(hf.tokenizer, config.vocab_size))
+                        tokenizer_size=tokenizer_size(hf.tokenizer, config.vocab_size), generation=generation)
     check_target(target, where=str(Path(hf_dir) / "config.json"))
     row_bias = resolve_row_bias("auto", config)
     rows = hf.open_rows()
 
-    def full(layer: SourceLayer) -> FullTensors:
-        return _HFLayer(rows, names[layer], dtype)
+    full = _HFLayer(rows, dtype)
 
     def tensors(layer: SourceLayer) -> list[ShardTensor]:
-        return shard_tensors(layer, full(layer), config=config, tp=options.tp, row_bias=row_bias, dtype=dtype)
+        return shard_tensors(layer, full, config=config, tp=options.tp, row_bias=row_bias, dtype=dtype,
+                             generation=generation)
 
     def stream(layer: SourceLayer, emit: Emit) -> None:
-        stream_shards(layer, full(layer), emit, config=config, tp=options.tp, row_bias=row_bias, dtype=dtype)
+        stream_shards(layer, full, emit, config=config, tp=options.tp, row_bias=row_bias, dtype=dtype,
+                      generation=generation, qkv_split=qkv_split)
         rows.check_unchanged()  # what was written is what the checked headers describe
 
     config_sha = config_digest(config)
@@ -314,7 +358,8 @@ def split_model(hf_dir: Path, out: Path, options: SplitOptions) -> WriteReport:
                 file_fps[f] = file_fingerprint(f, safetensors_header=True)
         return {"config": config_sha, "files": {f.name: file_fps[f] for f in files}}
 
-    recorded = {"command": "split", "tp": options.tp, "layout": options.layout, "dtype": dtype, "step": options.step}
+    recorded = {"command": "split", "tp": options.tp, "layout": options.layout, "dtype": dtype, "step": options.step,
+                "key_names": options.key_names, "key_generation": generation}
     with rows, deferred_sigint() as guard:
         return write_neox_checkpoint(
             Path(out), target, LayerStream(tensors, stream), source=_source_identity(hf), recorded=recorded,
@@ -324,13 +369,13 @@ def split_model(hf_dir: Path, out: Path, options: SplitOptions) -> WriteReport:
 
 
 class _HFLayer:
-    """One layer's Hugging Face tensors as `FullTensors`: row blocks read from the safetensors files and cast."""
+    """The Hugging Face tensors as `FullTensors`: row blocks read from the safetensors files and cast."""
 
-    def __init__(self, rows: HFRows, names: dict[str, str], dtype: str) -> None:
-        self._rows, self._names, self._dtype = rows, names, dtype
+    def __init__(self, rows: HFRows, dtype: str) -> None:
+        self._rows, self._dtype = rows, dtype
 
-    def shape(self, key: str) -> tuple[int, ...]:
-        return self._rows.model.tensors[self._names[key]].shape
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._rows.model.tensors[name].shape
 
-    def rows(self, key: str, start: int, count: int) -> np.ndarray:
-        return self._rows.rows(self._names[key], start, count, self._dtype)
+    def rows(self, name: str, start: int, count: int) -> np.ndarray:
+        return self._rows.rows(name, start, count, self._dtype)
