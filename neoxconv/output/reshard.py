@@ -139,8 +139,10 @@ def reshard_checkpoint(src: Path, out: Path, options: ReshardOptions) -> WriteRe
     m = _STEP.match(ckpt.step_dir.name)
     step = options.step if options.step is not None else (int(m.group(1)) if m else 0)
     layout = options.layout or ckpt.layout
+    generations = {p.key_generation for p in plans} - {None}  # the source's MLP key names, kept (one: planned)
     target = NeoXTarget(config=config, tp_degree=options.tp, layout=layout, dtype=dtype, step=step,
-                        tokenizer_size=tokenizer_size(ckpt.tokenizer, config.vocab_size))
+                        tokenizer_size=tokenizer_size(ckpt.tokenizer, config.vocab_size),
+                        generation=generations.pop() if len(generations) == 1 else None)
     check_target(target, where=ckpt.config_source)
     row_bias = resolve_row_bias("auto", config)  # how the output's row-parallel biases are split
     by_index: dict[int, LayerPlan] = {p.layer.index: p for p in plans}
