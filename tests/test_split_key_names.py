@@ -169,3 +169,38 @@ def test_deepspeed_loads_each_generation_into_its_gpt_neox_modules_strictly(neox
                               strict=True)
         up = getattr(module.forward_funcs[2].mlp, names[0]).weight
         assert torch.equal(up, sd["gpt_neox.layers.0.mlp.dense_h_to_4h.weight"].chunk(tp)[rank])
+
+
+# ----- --dry-run ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("command", ["split", "reshard"])
+@pytest.mark.parametrize("layout", ["pipeline", "sequential"])
+def test_dry_run_lists_exactly_the_files_and_bytes_a_run_writes_and_writes_nothing(neox_hf, tmp_path, command,
+                                                                                   layout):
+    src = neox_hf
+    if command == "reshard":
+        split_model(neox_hf, tmp_path / "src", SplitOptions(tp=2, quiet=True))
+        src = tmp_path / "src"
+    out = tmp_path / "out"
+    args = [command, src, out, "--tp", 4, "--layout", layout]
+    result = cli(*args, "--dry-run", "--json")
+    assert result.exit_code == 0, result.output
+    plan = json.loads(result.stdout)
+    assert not out.exists()  # nothing written, not even OUT
+    assert plan["dry_run"] and plan["out_fits"] and plan["out_problem"] is None and plan["out_free_bytes"] > 0
+    assert cli(*args, "-q").exit_code == 0
+    written = {str(p.relative_to(out)): p.stat().st_size for p in out.rglob("*") if p.is_file()}
+    assert {f["name"]: f["bytes"] for f in plan["files"]} == {k: v for k, v in written.items() if k != "neoxconv.json"}
+    assert plan["total_bytes"] == sum(f["bytes"] for f in plan["files"])
+    text = cli(*args[:2], tmp_path / "other", *args[3:], "--dry-run")
+    assert text.exit_code == 0 and "nothing written" in text.output and "fits" in text.output
+
+
+def test_dry_run_says_when_out_is_unusable_or_too_small(neox_hf, tmp_path, monkeypatch):
+    (tmp_path / "file").write_text("x")
+    plan = json.loads(cli("split", neox_hf, tmp_path / "file", "--tp", 2, "--dry-run", "--json").stdout)
+    assert "OUT is a file" in plan["out_problem"] and plan["out_fits"] is False
+    from neoxconv.output import describe
+
+    monkeypatch.setattr(describe, "free_bytes", lambda path: (Path(path), 1000))
+    result = cli("split", neox_hf, tmp_path / "out", "--tp", 2, "--dry-run")
+    assert result.exit_code == 0 and "NOT ENOUGH free space" in result.output and "1,000 bytes free" in result.output

@@ -326,6 +326,84 @@ def bookkeeping(target: NeoXTarget, module: dict[str, TensorSpec] | None) -> dic
     }
 
 
+# ----- a dry run: the files, their bytes and the free disk, nothing written ------------------------------------
+@dataclass
+class NeoXOutputPlan:
+    """What `split` / `reshard` would write into OUT (``--dry-run``): every file with its exact size (the
+    archives' layouts are decided by names, dtypes and shapes alone), the free disk there, and whether OUT is
+    usable (as ``inspect --out`` tells for merge)."""
+
+    out_dir: Path
+    tp_degree: int
+    layout: str
+    step: int
+    dtype: str
+    key_generation: str | None
+    files: list[tuple[str, int]]  # (path relative to OUT, bytes), in the order they would be written
+    out_free_bytes: int
+    out_free_bytes_at: str
+    out_problem: str | None
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(size for _, size in self.files)
+
+    @property
+    def fits(self) -> bool:
+        return self.out_problem is None and self.out_free_bytes >= self.total_bytes
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"dry_run": True, "out": str(self.out_dir), "tp_degree": self.tp_degree, "layout": self.layout,
+                "step": self.step, "dtype": self.dtype, "key_generation": self.key_generation,
+                "files": [{"name": n, "bytes": b} for n, b in self.files], "total_bytes": self.total_bytes,
+                "out_free_bytes": self.out_free_bytes, "out_free_bytes_at": self.out_free_bytes_at,
+                "out_problem": self.out_problem, "out_fits": self.fits}
+
+    def summary(self) -> str:
+        """For people: one line per file, then the totals."""
+        lines = [f"{size:>16,}  {name}" for name, size in self.files]
+        free = f"{self.out_free_bytes:,} bytes free at {self.out_free_bytes_at}"
+        verdict = (f"OUT UNUSABLE: {self.out_problem}" if self.out_problem else
+                   "fits" if self.fits else "NOT ENOUGH free space")
+        lines.append(f"dry run: TP={self.tp_degree} ({self.layout}, {self.step_name}, {self.dtype}) -> {self.out_dir}: "
+                     f"{len(self.files)} file(s), {self.total_bytes:,} bytes; {free}; {verdict}; nothing written")
+        return "\n".join(lines)
+
+    @property
+    def step_name(self) -> str:
+        return f"global_step{self.step}"
+
+
+def plan_neox_output(out: Path, target: NeoXTarget, tensors: Callable[[SourceLayer], list[ShardTensor]], *,
+                     tokenizer: Path | None) -> NeoXOutputPlan:
+    """The files `write_neox_checkpoint` would write for ``target`` (from ``tensors``, metadata only) with their
+    exact sizes, and the free disk at OUT; nothing is read or written."""
+    from neoxconv.output.describe import free_bytes, out_problem
+
+    T = target.tp_degree
+    rel = lambda name: f"{target.step_name}/{name}"  # noqa: E731
+    spec = lambda ts: {t.key: TensorSpec(t.dtype, t.shape) for t in ts}  # noqa: E731
+    objs: list[tuple[str, Any]] = []
+    if target.layout == "pipeline":
+        for layer in target.layers:
+            shard = spec(tensors(layer))
+            objs += [(rel(pipeline_file_name(layer.index, r)), shard) for r in range(T)]
+        objs += [(rel(sequential_file_name(r)), bookkeeping(target, None)) for r in range(T)]
+    else:
+        module = {f"sequential.{layer.index}.{k}": v for layer in target.layers for k, v in spec(tensors(layer)).items()}
+        objs += [(rel(sequential_file_name(r)), bookkeeping(target, module)) for r in range(T)]
+    files = [(name, plan_archive(obj, archive_name=archive_name_for(name)).size) for name, obj in objs]
+    divisor = vocab_divisor(target.config.vocab_size or 0, T, target.tokenizer_size)
+    files.append((f"configs/{CONFIG_NAME}", len(neox_yaml(target, divisor).encode())))
+    if tokenizer is not None:
+        files.append((TOKENIZER_NAME, tokenizer.stat().st_size))
+    files.append(("latest", len(target.step_name.encode())))
+    where, free = free_bytes(out)
+    return NeoXOutputPlan(out_dir=Path(out), tp_degree=T, layout=target.layout, step=target.step, dtype=target.dtype,
+                          key_generation=target.generation, files=files, out_free_bytes=free,
+                          out_free_bytes_at=str(where), out_problem=out_problem(out))
+
+
 # ----- the output folder: what is ours ---------------------------------------------------------------------
 _STEP_FILE = re.compile(r"^global_step\d+/(layer_\d{2,}-model_\d{2,}-model_states|mp_rank_\d{2,}_model_states)\.pt$")
 _FIXED = frozenset({"latest", f"configs/{CONFIG_NAME}"})

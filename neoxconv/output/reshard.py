@@ -26,10 +26,12 @@ from neoxconv.output.hashing import DEFAULT_HASH
 from neoxconv.output.neox import (
     Emit,
     LayerStream,
+    NeoXOutputPlan,
     NeoXTarget,
     ShardTensor,
     WriteReport,
     check_target,
+    plan_neox_output,
     write_neox_checkpoint,
 )
 from neoxconv.output.split import planned_bytes, shard_tensors, stream_shards, tokenizer_size
@@ -58,6 +60,7 @@ class ReshardOptions:
     force: bool = False
     quiet: bool = False
     hash: str = DEFAULT_HASH  # the digest the manifest records for every file
+    dry_run: bool = False  # plan only: the files, their bytes and the free disk (`NeoXOutputPlan`), nothing written
 
 
 def merged_tensor(t: TensorPlan, *, tolerance: float, where: str, reader: Reads) -> np.ndarray:
@@ -114,16 +117,18 @@ class _MergedLayer:
         return block if t.src_dtype == t.out_dtype else from_f32(to_f32(block, t.src_dtype), t.out_dtype)
 
 
-def reshard_checkpoint(src: Path, out: Path, options: ReshardOptions) -> WriteReport:
+def reshard_checkpoint(src: Path, out: Path, options: ReshardOptions) -> WriteReport | NeoXOutputPlan:
     """Reshard the NeoX checkpoint ``src`` to TP ``options.tp`` in ``out`` (checked fully before writing).
 
     Each source byte is read once: the small tensors (norms, biases, buffers) of every layer first, merged and
     checked across ranks before anything is written; then layer by layer the big ones in row blocks, each
     block split at once between the new ranks' files. A storage several layers share (a ZeRO flat buffer) is
     CRC-checked when the last of them has read it (`SourceReader`'s plan), and their files enter the journal
-    only then: a failed check removes them.
+    only then: a failed check removes them. ``options.dry_run``: the `NeoXOutputPlan` of what it would write,
+    after the checks that need no tensor data; nothing read beyond the archives' descriptions, nothing written.
     """
-    check_out_path(Path(out))
+    if not options.dry_run:  # (a dry run reports it)
+        check_out_path(Path(out))
     source_plan = plan_source(src, PlanOptions(
         dtype=options.dtype, row_bias=options.row_bias, qkv_layout=options.qkv_layout,  # as `merge` reads it
         config_path=options.config_path, tokenizer_path=options.tokenizer_path))
@@ -148,11 +153,21 @@ def reshard_checkpoint(src: Path, out: Path, options: ReshardOptions) -> WriteRe
     by_index: dict[int, LayerPlan] = {p.layer.index: p for p in plans}
     if Path(out).resolve() in (ckpt.root.resolve(), ckpt.step_dir.resolve()):
         raise OutputError(f"{out}: OUT is the source checkpoint; choose another folder")
+    generation = {i: p.key_generation for i, p in by_index.items()}  # the source's key names, kept
+    qkv_split = None if qkv is None else qkv.split  # and its QKV layout
+    small: dict[int, dict[str, np.ndarray]] = {}
+
+    def tensors(layer: SourceLayer) -> list[ShardTensor]:
+        full = _MergedLayer(by_index[layer.index], small.get(layer.index, {}), reads=None)
+        return shard_tensors(layer, full, config=config, tp=options.tp, row_bias=row_bias, dtype=dtype,
+                             generation=generation[layer.index])
+
+    if options.dry_run:
+        return plan_neox_output(Path(out), target, tensors, tokenizer=ckpt.tokenizer)
     # scope 0 reads every layer's small tensors, then one scope per layer its big ones (in the order written)
     small_refs = [r for p in plans for t in [*p.tensors, *p.dropped] if _small(t) for r in t.shards]
     big_refs = {p.layer.index: [r for t in p.tensors if not _small(t) for r in t.shards] for p in plans}
     reader = SourceReader(plan=[small_refs, *(big_refs[layer.index] for layer in target.layers)])
-    small: dict[int, dict[str, np.ndarray]] = {}
     try:
         with reader.scope() as reads:  # checked across ranks (replicas within the tolerance) before writing
             for plan in plans:
@@ -165,13 +180,6 @@ def reshard_checkpoint(src: Path, out: Path, options: ReshardOptions) -> WriteRe
     except BaseException:
         reader.close()
         raise
-    generation = {i: p.key_generation for i, p in by_index.items()}  # the source's key names, kept
-    qkv_split = None if qkv is None else qkv.split  # and its QKV layout
-
-    def tensors(layer: SourceLayer) -> list[ShardTensor]:
-        full = _MergedLayer(by_index[layer.index], small[layer.index], reads=None)
-        return shard_tensors(layer, full, config=config, tp=options.tp, row_bias=row_bias, dtype=dtype,
-                             generation=generation[layer.index])
 
     def stream(layer: SourceLayer, emit: Emit) -> None:
         with reader.scope() as reads:  # the layer's reads are checked as it closes (or with a later layer)

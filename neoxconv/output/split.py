@@ -58,10 +58,12 @@ from neoxconv.output.hashing import DEFAULT_HASH
 from neoxconv.output.neox import (
     Emit,
     LayerStream,
+    NeoXOutputPlan,
     NeoXTarget,
     ShardTensor,
     WriteReport,
     check_target,
+    plan_neox_output,
     write_neox_checkpoint,
 )
 from neoxconv.plan.fingerprint import config_digest, file_fingerprint
@@ -301,6 +303,7 @@ class SplitOptions:
     quiet: bool = False
     hash: str = DEFAULT_HASH  # the digest the manifest records for every file
     key_names: str = "current"  # current: mlp.linear1/linear2 (gpt-neox since 2024-09); 20b: the names before
+    dry_run: bool = False  # plan only: the files, their bytes and the free disk (`NeoXOutputPlan`), nothing written
 
 
 def _source_identity(hf: HFModel) -> dict[str, Any]:
@@ -308,14 +311,16 @@ def _source_identity(hf: HFModel) -> dict[str, Any]:
     return {"hf_dir": str(hf.folder.resolve()), "files": sorted({t.file.name for t in hf.tensors.values()})}
 
 
-def split_model(hf_dir: Path, out: Path, options: SplitOptions) -> WriteReport:
+def split_model(hf_dir: Path, out: Path, options: SplitOptions) -> WriteReport | NeoXOutputPlan:
     """Split the Hugging Face GPT-NeoX model at ``hf_dir`` into a NeoX checkpoint at TP ``options.tp`` in ``out``.
 
     Everything is checked (config, names, shapes, dtypes, divisibility) before the first byte is written; then
     every rank file of a layer is written side by side while the safetensors rows stream through (each read
-    once, in row blocks: memory flat in the layer count and width).
+    once, in row blocks: memory flat in the layer count and width). ``options.dry_run``: the `NeoXOutputPlan`
+    of what it would write, after the same checks; no tensor data read, nothing written.
     """
-    check_out_path(Path(out))
+    if not options.dry_run:  # (a dry run reports it)
+        check_out_path(Path(out))
     hf = HFModel(hf_dir, tokenizer_path=options.tokenizer_path)
     planned = plan_hf_folder(hf)
     config, names, src_dtype = planned.config, planned.names, planned.dtype
@@ -347,6 +352,9 @@ def split_model(hf_dir: Path, out: Path, options: SplitOptions) -> WriteReport:
                       generation=generation, qkv_split=qkv_split)
         rows.check_unchanged()  # what was written is what the checked headers describe
 
+    if options.dry_run:
+        rows.close()
+        return plan_neox_output(Path(out), target, tensors, tokenizer=hf.tokenizer)
     config_sha = config_digest(config)
     file_fps: dict[Path, dict[str, Any]] = {}
 
