@@ -1,7 +1,7 @@
 """Split and reshard next to merge, in one run: wall incl. sync / (cp -r + sync of the input), CPU per GB, peak RSS.
 
     python bench/split_bench.py --hidden 2048 --heads 16 --layers 2   # a modest size (the machine is shared)
-    python bench/split_bench.py                                        # 20B width (hidden 6144, 64 heads), 2 and 4 layers
+    python bench/split_bench.py                      # 20B width (hidden 6144, 64 heads), 2 and 4 layers
     python bench/split_bench.py --quick                                # toy sizes, seconds (what CI's smoke test runs)
 
 For each layer count: a NeoX TP 2 fp16 checkpoint (the 20B release's layout), then, alternating per run,
@@ -133,7 +133,8 @@ def main() -> None:
     ap.add_argument("--layers", type=int, action="append", help="transformer layers (repeatable); default 2 and 4")
     ap.add_argument("--vocab", type=int, help="default 50432 (1024 with --quick)")
     ap.add_argument("--runs", type=int, help="default 2 (1 with --quick)")
-    ap.add_argument("--view-hidden", type=int, help="width of the view-heavy checkpoint; default 1024 (64 with --quick)")
+    ap.add_argument("--view-hidden", type=int,
+                    help="width of the view-heavy checkpoint; default 1024 (64 with --quick)")
     ap.add_argument("--workdir", type=Path, help="keep fixtures here between runs (default: a temp folder)")
     args = ap.parse_args()
     quick = args.quick
@@ -148,8 +149,8 @@ def main() -> None:
     try:
         results = [r for n in layer_counts
                    for r in bench(workdir, hidden=hidden, heads=heads, layers=n, vocab=vocab, runs=runs)]
-        rchar, read_bytes, zero_gb = view_heavy_bytes_read(workdir, hidden=args.view_hidden or (64 if quick else 1024),
-                                                           vocab=vocab)
+        view_hidden = args.view_hidden or (64 if quick else 1024)
+        rchar, read_bytes, zero_gb = view_heavy_bytes_read(workdir, hidden=view_hidden, vocab=vocab)
     finally:
         if not args.workdir:
             shutil.rmtree(workdir, ignore_errors=True)

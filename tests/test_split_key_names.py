@@ -152,7 +152,6 @@ def test_deepspeed_loads_each_generation_into_its_gpt_neox_modules_strictly(neox
     pytest.importorskip("deepspeed")
     from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
     from deepspeed.runtime.pipe.module import PipelineModule
-
     from test_deepspeed_load import _Embedding, _Norm, _Readout
 
     tp = 2
@@ -164,7 +163,8 @@ def test_deepspeed_loads_each_generation_into_its_gpt_neox_modules_strictly(neox
         module.forward_funcs = [_Embedding(tp), lambda x: x, _Block(names, tp), _Block(names, tp), lambda x: x,
                                 _Norm(), _Readout(tp)]
         module._local_start, module.tied_comms = 0, {}
-        module._grid = SimpleNamespace(get_slice_parallel_rank=lambda r=rank: r, get_slice_parallel_world_size=lambda: tp)
+        module._grid = SimpleNamespace(get_slice_parallel_rank=lambda r=rank: r,
+                                       get_slice_parallel_world_size=lambda: tp)
         module.load_state_dir(str(tmp_path / "n" / "global_step0"), checkpoint_engine=TorchCheckpointEngine(),
                               strict=True)
         up = getattr(module.forward_funcs[2].mlp, names[0]).weight

@@ -57,7 +57,8 @@ def test_every_archive_is_byte_for_byte_what_torch_save_writes_for_what_it_loads
     step = tmp_path / "re" / "global_step0"
     for r in range(4):
         if layout == "pipeline":
-            got = torch.load(step / f"layer_00-model_{r:02d}-model_states.pt", weights_only=True)["word_embeddings.weight"]
+            got = torch.load(step / f"layer_00-model_{r:02d}-model_states.pt",
+                             weights_only=True)["word_embeddings.weight"]
         else:
             got = torch.load(step / f"mp_rank_{r:02d}_model_states.pt",
                              weights_only=True)["module"]["sequential.0.word_embeddings.weight"]
@@ -71,9 +72,8 @@ def test_deepspeed_pipeline_loader_reads_a_reshard_output_strictly(tmp_path):
 
     from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
     from deepspeed.runtime.pipe.module import PipelineModule
-    from torch import nn
-
     from test_deepspeed_load import F, H, V, _stages
+    from torch import nn
 
     hf = _make_hf(tmp_path / "hf", dtype=torch.float16, intermediate_size=F, seed=4)
     split_model(hf, tmp_path / "neox2", SplitOptions(tp=2, quiet=True, key_names="20b"))  # reshard keeps them
@@ -217,11 +217,11 @@ def test_peak_memory_is_flat_in_the_layer_count_and_below_one_layer(tmp_path):
                    vocab_size=1024)
     peaks = {}
     for layers, hf in ((2, two), (5, _deeper(two, tmp_path / "hf5", 5))):
-        peaks["split", layers] = _peak(lambda: split_model(hf, tmp_path / f"s{layers}", SplitOptions(tp=2, quiet=True)))
-        peaks["reshard", layers] = _peak(lambda: reshard_checkpoint(tmp_path / f"s{layers}", tmp_path / f"r{layers}",
-                                                                    ReshardOptions(tp=4, quiet=True)))
-        peaks["sequential", layers] = _peak(lambda: split_model(hf, tmp_path / f"q{layers}", SplitOptions(
-            tp=2, layout="sequential", quiet=True)))
+        s, r, q = (tmp_path / f"{x}{layers}" for x in "srq")
+        peaks["split", layers] = _peak(lambda hf=hf, s=s: split_model(hf, s, SplitOptions(tp=2, quiet=True)))
+        peaks["reshard", layers] = _peak(lambda s=s, r=r: reshard_checkpoint(s, r, ReshardOptions(tp=4, quiet=True)))
+        peaks["sequential", layers] = _peak(lambda hf=hf, q=q: split_model(
+            hf, q, SplitOptions(tp=2, layout="sequential", quiet=True)))
     for (what, layers), peak in peaks.items():
         assert peak < 6e6, (what, layers, peak)  # below half a layer (12.6 MB): a few 1 MB blocks
         assert peak < 1.3 * peaks[what, 2] + 1e6, (what, layers, peak, peaks[what, 2])  # flat in the layer count
