@@ -204,3 +204,50 @@ def test_dry_run_says_when_out_is_unusable_or_too_small(neox_hf, tmp_path, monke
     monkeypatch.setattr(describe, "free_bytes", lambda path: (Path(path), 1000))
     result = cli("split", neox_hf, tmp_path / "out", "--tp", 2, "--dry-run")
     assert result.exit_code == 0 and "NOT ENOUGH free space" in result.output and "1,000 bytes free" in result.output
+
+
+# ----- tied embeddings in the pipeline layout ---------------------------------------------------------------------
+def test_a_tied_model_s_pipeline_files_are_what_deepspeed_saves_and_loads(tmp_path):
+    """gpt-neox (gpt2_model.py, ea7aefd8) builds a tied model's readout as ``TiedLayerSpec("embed", EmbeddingPipe,
+    forward_fn=_logits_helper)``; DeepSpeed's (and DeeperSpeed's) PipelineModule._build then appends
+    ``partial(forward_fn, tied_module)`` for it, which has no state_dict: ``save_state_dict`` writes no file at
+    the readout's index and ``load_state_dir`` reads none (the tied module is saved once, at index 0). Run that
+    code: the files it writes for the tied model are the files split writes, and it loads split's strictly."""
+    pytest.importorskip("deepspeed")
+    from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    from test_deepspeed_load import _Embedding, _Norm
+
+    tp, names = 2, ("linear1", "linear2")
+    hf = _make_hf(tmp_path / "hf", dtype=torch.float16, intermediate_size=F, seed=31, tie_word_embeddings=True)
+    split_model(hf, tmp_path / "n", SplitOptions(tp=tp, quiet=True))
+    step = tmp_path / "n" / "global_step0"
+    specs = [TiedLayerSpec("embed", _Embedding, tp, tied_weight_attr="word_embeddings.weight"), lambda x: x,
+             LayerSpec(_Block, names, tp), LayerSpec(_Block, names, tp), lambda x: x, LayerSpec(_Norm),
+             TiedLayerSpec("embed", _Embedding, tp, forward_fn=lambda emb, x: x,
+                           tied_weight_attr="word_embeddings.weight")]
+    sd = _hf_tensors(hf)
+    for rank in range(tp):
+        module = PipelineModule.__new__(PipelineModule)  # no process group: what _build / save / load use
+        nn.Module.__init__(module)
+        module._layer_specs, module._local_start, module._local_stop, module.seed_layers = specs, 0, len(specs), False
+        module.forward_funcs, module.fwd_map, module.tied_modules, module.tied_weight_attrs = [], {}, nn.ModuleDict(), {}
+        module._build()
+        module.global_rank, module.checkpoint_parallel_write_pipeline, module.tied_comms = rank, False, {}
+        module._grid = SimpleNamespace(
+            data_parallel_id=0, data_parallel_size=1, get_slice_parallel_rank=lambda r=rank: r,
+            get_slice_parallel_world_size=lambda: tp,
+            _topo=SimpleNamespace(get_rank_repr=lambda rank: f"model_{rank:02d}"))
+        module.save_state_dict(str(tmp_path / "ds"), checkpoint_engine=TorchCheckpointEngine())
+        module.load_state_dir(str(step), checkpoint_engine=TorchCheckpointEngine(), strict=True)
+        emb = module.tied_modules["embed"].word_embeddings.weight
+        rows = emb.shape[0]
+        assert torch.equal(emb, sd["gpt_neox.embed_in.weight"][rank * rows:(rank + 1) * rows])
+    assert sorted(p.name for p in (tmp_path / "ds").iterdir()) == sorted(p.name for p in step.glob("layer_*"))
+    assert not list(step.glob("layer_06-*"))  # no readout file (index L + 4), as DeepSpeed writes none
+    merge_checkpoint(tmp_path / "n", tmp_path / "m", MergeOptions(quiet=True))  # merge reads it back, tied
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert config["tie_word_embeddings"] is True
+    a, b = _hf_tensors(hf), _hf_tensors(tmp_path / "m")
+    assert set(b) <= set(a) and all(_bits(a[k]) == _bits(b[k]) for k in b)
