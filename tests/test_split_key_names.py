@@ -216,7 +216,6 @@ def test_a_tied_model_s_pipeline_files_are_what_deepspeed_saves_and_loads(tmp_pa
     pytest.importorskip("deepspeed")
     from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
     from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
-
     from test_deepspeed_load import _Embedding, _Norm
 
     tp, names = 2, ("linear1", "linear2")
@@ -232,7 +231,8 @@ def test_a_tied_model_s_pipeline_files_are_what_deepspeed_saves_and_loads(tmp_pa
         module = PipelineModule.__new__(PipelineModule)  # no process group: what _build / save / load use
         nn.Module.__init__(module)
         module._layer_specs, module._local_start, module._local_stop, module.seed_layers = specs, 0, len(specs), False
-        module.forward_funcs, module.fwd_map, module.tied_modules, module.tied_weight_attrs = [], {}, nn.ModuleDict(), {}
+        module.forward_funcs, module.fwd_map = [], {}
+        module.tied_modules, module.tied_weight_attrs = nn.ModuleDict(), {}
         module._build()
         module.global_rank, module.checkpoint_parallel_write_pipeline, module.tied_comms = rank, False, {}
         module._grid = SimpleNamespace(
