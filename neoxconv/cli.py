@@ -327,6 +327,12 @@ def _neox_output_options(fn):
 
 
 def _print_neox_report(report, as_json: bool, quiet: bool) -> None:
+    from neoxconv.output.neox import NeoXOutputPlan
+
+    if isinstance(report, NeoXOutputPlan):  # --dry-run: what would be written (printed even with --quiet)
+        click.echo(json.dumps(report.as_dict()) if as_json else
+                   "\n".join(terminal_text(line) for line in report.summary().splitlines()))
+        return
     if as_json:
         click.echo(json.dumps(report.as_dict()))
     elif not quiet:
@@ -346,10 +352,15 @@ def _print_neox_report(report, as_json: bool, quiet: bool) -> None:
 @click.option("--step", type=int, default=0, show_default=True, help="Writes global_step{STEP} and 'latest'.")
 @click.option("--tokenizer", "tokenizer_path", type=click.Path(path_type=Path, dir_okay=False),
               help="tokenizer.json to copy (default: HF_DIR/tokenizer.json).")
+@click.option("--key-names", type=click.Choice(["current", "20b"]), default="current", show_default=True,
+              help="current: mlp.linear1/linear2 (gpt-neox since 2024-09); 20b: mlp.dense_h_to_4h/dense_4h_to_h "
+                   "(Llama-style: mlp.w1/w2/w3 of mlp_type llama), for gpt-neox before 2024-09.")
+@click.option("--dry-run", is_flag=True, help="Only list the files, their bytes and the free disk at OUT; write nothing.")
 @_neox_output_options
 @_run
 def split(hf_dir: Path, out: Path, tp: int, layout: str, dtype: str, step: int, tokenizer_path: Path | None,
-          allow_nonfinite: bool, no_resume: bool, force: bool, as_json: bool, quiet: bool) -> None:
+          key_names: str, dry_run: bool, allow_nonfinite: bool, no_resume: bool, force: bool, as_json: bool,
+          quiet: bool) -> None:
     """Split the Hugging Face GPT-NeoX or Llama model HF_DIR into a gpt-neox checkpoint OUT at TP degree --tp.
 
     OUT gets latest, global_step*/ (rank files and DeepSpeed bookkeeping), configs/neox.yml and the
@@ -359,7 +370,8 @@ def split(hf_dir: Path, out: Path, tp: int, layout: str, dtype: str, step: int, 
     from neoxconv.output.split import SplitOptions, split_model
 
     options = SplitOptions(tp=tp, layout=layout, dtype=dtype, step=step, tokenizer_path=tokenizer_path,
-                           allow_nonfinite=allow_nonfinite, resume=not no_resume, force=force, quiet=quiet or as_json)
+                           key_names=key_names, dry_run=dry_run, allow_nonfinite=allow_nonfinite, resume=not no_resume,
+                           force=force, quiet=quiet or as_json)
     _print_neox_report(split_model(hf_dir, out, options), as_json, quiet)
 
 
@@ -380,17 +392,19 @@ def split(hf_dir: Path, out: Path, tp: int, layout: str, dtype: str, step: int, 
               help="NeoX YAML of the source; default: configs/*.yml next to SRC.")
 @click.option("--tokenizer", "tokenizer_path", type=click.Path(path_type=Path, dir_okay=False),
               help="tokenizer.json to copy; default: *tokenizer*.json next to SRC.")
+@click.option("--dry-run", is_flag=True, help="Only list the files, their bytes and the free disk at OUT; write nothing.")
 @_neox_output_options
 @_run
 def reshard(src: Path, out: Path, tp: int, layout: str | None, dtype: str, step: int | None, row_bias: str,
             qkv_layout: str, replica_tolerance: float, config_path: Path | None, tokenizer_path: Path | None,
-            allow_nonfinite: bool, no_resume: bool, force: bool, as_json: bool, quiet: bool) -> None:
+            dry_run: bool, allow_nonfinite: bool, no_resume: bool, force: bool, as_json: bool, quiet: bool) -> None:
     """Reshard the gpt-neox checkpoint SRC (any TP degree) to TP degree --tp in OUT, one layer at a time."""
     from neoxconv.output.reshard import ReshardOptions, reshard_checkpoint
 
     options = ReshardOptions(tp=tp, layout=layout, dtype=dtype, step=step, row_bias=row_bias, qkv_layout=qkv_layout,
                              replica_tolerance=replica_tolerance, config_path=config_path,
-                             tokenizer_path=tokenizer_path, allow_nonfinite=allow_nonfinite, resume=not no_resume,
+                             tokenizer_path=tokenizer_path, dry_run=dry_run, allow_nonfinite=allow_nonfinite,
+                             resume=not no_resume,
                              force=force,
                              quiet=quiet or as_json)
     _print_neox_report(reshard_checkpoint(src, out, options), as_json, quiet)

@@ -20,6 +20,14 @@ def test_merge_bench_smoke(tmp_path):
     assert "bytes read" in out  # the ratio, or how far the reader got before it failed
 
 
+def test_split_bench_smoke(tmp_path):
+    out = _run("split_bench.py", "--quick", "--workdir", tmp_path)
+    for name in ("merge", "split --tp 2", "reshard --tp 4"):
+        assert f"peak RSS by layer count, {name}: 1: " in out
+    assert "ratio to cp" in out and "CPU core-s/GB" in out and "NO" not in out.split("same bytes")[1]
+    assert "bytes read / source bytes" in out
+
+
 def test_checks_bench_smoke():
     out = _run("checks_bench.py", "--mb", 1, "--repeat", 1)
     for name in ("hashlib.sha256", "blake3, 1 thread", "zlib.crc32", "np.isfinite", "NonFiniteCounter (exponent mask"):

@@ -92,7 +92,7 @@ def hf(tmp_path_factory):
 
 @pytest.mark.parametrize("tp", [2, 4])
 def test_pipeline_module_load_state_dir_reads_every_rank(hf, tmp_path, tp):
-    split_model(hf, tmp_path / "neox", SplitOptions(tp=tp, step=3, quiet=True))
+    split_model(hf, tmp_path / "neox", SplitOptions(tp=tp, step=3, quiet=True, key_names="20b"))
     step = tmp_path / "neox" / (tmp_path / "neox" / "latest").read_text()
     engine = TorchCheckpointEngine()
     sd = hf_tensors(hf)
@@ -120,7 +120,7 @@ def test_pipeline_module_load_state_dir_reads_every_rank(hf, tmp_path, tp):
 
 @pytest.mark.parametrize("tp", [1, 2])
 def test_engine_load_module_state_dict_reads_the_sequential_layout(hf, tmp_path, tp):
-    split_model(hf, tmp_path / "neox", SplitOptions(tp=tp, layout="sequential", quiet=True))
+    split_model(hf, tmp_path / "neox", SplitOptions(tp=tp, layout="sequential", quiet=True, key_names="20b"))
     step = tmp_path / "neox" / "global_step0"
     mp_files = sorted(str(p) for p in step.glob("mp_rank_*_model_states.pt"))
     engine = TorchCheckpointEngine()
@@ -141,7 +141,7 @@ def test_engine_load_module_state_dict_reads_the_sequential_layout(hf, tmp_path,
 
 def test_an_unexpected_key_would_fail_the_strict_load(hf, tmp_path):
     """The check above can fail: a stray key in one layer file makes DeepSpeed's strict load raise."""
-    split_model(hf, tmp_path / "neox", SplitOptions(tp=1, quiet=True))
+    split_model(hf, tmp_path / "neox", SplitOptions(tp=1, quiet=True, key_names="20b"))
     step = tmp_path / "neox" / "global_step0"
     f = step / "layer_02-model_00-model_states.pt"
     shard = torch.load(f, weights_only=True)

@@ -230,7 +230,7 @@ def test_split_fp16_overflow_fails_unless_allowed_and_a_resume_does_not_keep_it(
     save_file(tensors, str(f), metadata={"format": "pt"})
     out = tmp_path / "out"
     one_line_error(cli("split", src, out, "--tp", "2", "--dtype", "fp16"), 5, "non-finite", "float16",
-                   "mlp.dense_4h_to_h.weight", "--allow-nonfinite")
+                   "mlp.linear2.weight", "--allow-nonfinite")
     result = cli("split", src, out, "--tp", "2", "--dtype", "fp16", "--allow-nonfinite", "--json")
     assert result.exit_code == 0, result.output
     assert any("non-finite" in w for w in json.loads(result.stdout)["warnings"])

@@ -16,6 +16,9 @@ What gpt-neox and DeepSpeed read when they load (checked against their source):
 * ``layer_{idx:02d}-model_{r:02d}-model_states.pt``: one plain dict of tensors per pipeline layer and
   rank, each tensor its own storage (a view would drag its whole base storage into the file).
 
+Every file is what ``torch.save`` writes for the same object, byte for byte, written without torch by
+`neoxconv.output.ptarchive` while the tensors stream from the source in row blocks (`PtFiles`).
+
 OUT follows the one output-folder protocol (`neoxconv.output.folder`): locked for the whole run, every file
 written to a hidden temporary (O_EXCL|O_NOFOLLOW), hashed while written (BLAKE3 by default), fsynced and
 renamed; the journal records every finished file with its hash and the fingerprint of the source it was made
@@ -26,39 +29,38 @@ Only names `is_neox_output_name` accepts are ever deleted.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
-import os
 import re
-import tempfile
+import sys
 import time
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
+import numpy as np
 
-from neoxconv.source.checkpoint import SourceLayer, model_layers, pipeline_file_name, sequential_file_name
 from neoxconv.config import GELU_TANH, LLAMA, NeoXConfig, padded_vocab_size
+from neoxconv.dtypes import NonFiniteCounter, tensor_nbytes
 from neoxconv.errors import ConfigError
 from neoxconv.interrupt import InterruptGuard
-from neoxconv.output.finite import count_tensor_nonfinite, report_nonfinite
+from neoxconv.merge import LLAMA_W123_KEYS
+from neoxconv.output.finite import report_nonfinite
 from neoxconv.output.folder import NEOX, FileEntry, FolderSpec, OutputFolder, remove_file
-from neoxconv.output.hashing import DEFAULT_HASH, hash_file
-from neoxconv.output.writer import TMP_SUFFIX, fsync_dir, output_error
+from neoxconv.output.hashing import DEFAULT_HASH
+from neoxconv.output.ptarchive import PtArchiveWriter, TensorSpec, archive_name_for, plan_archive
+from neoxconv.output.writer import TMP_SUFFIX, open_atomic
 from neoxconv.progress import progress_bar, recheck_bar
+from neoxconv.source.checkpoint import SourceLayer, model_layers, pipeline_file_name, sequential_file_name
 
 CONFIG_NAME = "neox.yml"
 TOKENIZER_NAME = "tokenizer.json"  # whatever the source's tokenizer file is called
 LAYOUTS = ("pipeline", "sequential")
 _PRECISION = {"float16": "fp16", "bfloat16": "bfloat16", "float32": "fp32"}
-
-# One source layer's tensors for one rank: NeoX key -> tensor (each its own storage).
-Shard = dict[str, torch.Tensor]
-
 
 @dataclass(frozen=True)
 class NeoXTarget:
@@ -70,6 +72,7 @@ class NeoXTarget:
     dtype: str = "float16"
     step: int = 0
     tokenizer_size: int | None = None  # entries in the tokenizer, when known (for the vocab padding rule)
+    generation: str | None = None  # the MLP key generation written (`merge.key_table`; None: the table's first)
 
     @property
     def step_name(self) -> str:
@@ -159,7 +162,12 @@ def neox_yaml(target: NeoXTarget, divisible_by: int) -> str:
         f'  "num-attention-heads": {c.num_heads},',
     ]
     llama = c.architecture == LLAMA
-    if llama:  # gpt-neox sizes a gated MLP as int(intermediate_size * 2/3) // 2 (mlp_multiple_of 1: as is)
+    w123 = target.generation == LLAMA_W123_KEYS  # gpt-neox 2023-05 .. 2024-09: LLaMAParallelMLP, sized as is
+    if w123:
+        lines += ['  "mlp_type": "llama",', f'  "intermediate_size": {c.ffn_size},']
+        if c.gqa:
+            lines.append(f'  "num_kv_heads": {c.kv_heads},')
+    elif llama:  # gpt-neox sizes a gated MLP as int(intermediate_size * 2/3) // 2 (mlp_multiple_of 1: as is)
         lines += [f'  "intermediate_size": {3 * c.ffn_size},  # linear1: 2 x {c.ffn_size} rows, linear2: {c.ffn_size}',
                   '  "mlp_multiple_of": 1,']
         if c.gqa:
@@ -172,8 +180,9 @@ def neox_yaml(target: NeoXTarget, divisible_by: int) -> str:
     ]
     if llama:
         lines += ['  "norm": "rmsnorm",', f'  "rms_norm_epsilon": {_yaml_float(c.layernorm_eps)},',
-                  f'  "use_bias_in_attn_linear": {b(c.attention_bias)},', f'  "use_bias_in_mlp": {b(c.mlp_bias)},',
-                  '  "use_bias_in_norms": false,']
+                  f'  "use_bias_in_attn_linear": {b(c.attention_bias)},', '  "use_bias_in_norms": false,']
+        if not w123:  # (LLaMAParallelMLP has no biases, and its gpt-neox has no such setting)
+            lines.append(f'  "use_bias_in_mlp": {b(c.mlp_bias)},')
     else:
         lines += ['  "norm": "layernorm",', f'  "layernorm-epsilon": {_yaml_float(c.layernorm_eps)},']
     lines += [
@@ -186,7 +195,9 @@ def neox_yaml(target: NeoXTarget, divisible_by: int) -> str:
         f'  "gpt_j_residual": {b(c.parallel_residual)},',
         '  "output_layer_parallelism": "column",',
     ]
-    if llama:
+    if w123:
+        lines += ['  "activation": "silu",', '  "bias-gelu-fusion": false,']
+    elif llama:
         lines += ['  "activation": "swiglu",', '  "bias-gelu-fusion": false,']
     else:
         lines += ['  "activation": "gelu",',
@@ -205,47 +216,110 @@ def neox_yaml(target: NeoXTarget, divisible_by: int) -> str:
 
 
 # ----- files ---------------------------------------------------------------------------------------------
-PRIVATE_PREFIX = ".neoxconv-pt-"  # save_pt's private folders: .neoxconv-pt-XXXXXXXX.neoxconv-tmp
-LEGACY_STAGING = ".staging" + TMP_SUFFIX  # where the previous version's save_pt wrote; its leftovers are cleaned
+PRIVATE_PREFIX = ".neoxconv-pt-"  # the previous version's private folders (.neoxconv-pt-XXXXXXXX.neoxconv-tmp)
+LEGACY_STAGING = ".staging" + TMP_SUFFIX  # where an older version wrote; leftovers of both are cleaned
+
+
+@dataclass(frozen=True)
+class ShardTensor:
+    """One tensor of a rank file: its key as written, its dtype and each rank's shape (even splits: the same
+    on every rank)."""
+
+    key: str
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return tensor_nbytes(self.dtype, self.shape)
+
+
+# ``emit(rank, index, block)``: the next bytes (a C-contiguous numpy block) of tensor ``index`` of the layer
+# being streamed, for ``rank``; each rank's tensors arrive in order, each whole before the next begins.
+Emit = Callable[[int, int, np.ndarray], None]
+
+
+@dataclass(frozen=True)
+class LayerStream:
+    """How a writer gets the shards of its layers: ``tensors(layer)`` lists each rank's tensors in file order
+    (metadata only); ``stream(layer, emit)`` streams every rank's bytes, each source byte read once;
+    ``confirmed(layers)`` is True once every source byte streamed for ``layers`` has passed its check (a
+    storage shared by later layers is checked with the last of them: their files enter the journal then);
+    ``settle()`` checks whatever is left (a resumed run may skip the layer that was to check a storage)."""
+
+    tensors: Callable[[SourceLayer], list[ShardTensor]]
+    stream: Callable[[SourceLayer, Emit], None]
+    confirmed: Callable[[list[SourceLayer]], bool] = lambda layers: True
+    settle: Callable[[], None] = lambda: None
 
 
 def save_pt(path: Path, obj: Any, *, hash_algo: str = DEFAULT_HASH) -> tuple[str, int]:
-    """``torch.save`` atomically; returns (hex digest, size).
+    """Write a small archive without tensors (the bookkeeping files) as ``torch.save(obj, path)`` writes it,
+    atomically; returns (hex digest, size)."""
+    with PtFiles([path], [obj], hash_algo=hash_algo) as files:
+        pass
+    return files.digests[0], files.sizes[0]
 
-    torch names the records inside the archive after the file it is given (``layer_02-model_00-model_states/``;
-    a file object would give ``archive/``), so it is given a path with the final name, inside a private
-    folder that `tempfile.mkdtemp` creates afresh beside ``path`` (mode 0700, a new random name: no link or
-    file planted in OUT is ever opened or followed). The file is fsynced, hashed, and renamed into place.
 
-    The hash is the one place a writer reads back what it wrote: torch's writer holds the GIL while it writes
-    a storage, so its bytes cannot be hashed on their way out without changing the archive's record names.
-    A streaming archive writer that hands its bytes to `open_atomic` (hashed while written) replaces this.
+class PtFiles:
+    """Write several ``torch.save`` archives side by side, their storages streamed in blocks (`PtArchiveWriter`).
+
+    ``objs[i]`` is the object saved to ``paths[i]`` with every tensor a `TensorSpec`; ``write(i, block)``
+    appends the next bytes of file i's current storage. Each file is written through the merge's staged
+    O_DIRECT path (`open_atomic(..., staged=True)`): a hidden temporary (O_EXCL|O_NOFOLLOW), hashed while
+    written, CRC-32s computed while the bytes are in cache, fsynced and renamed when the ``with`` block ends
+    without an error; an error (or Ctrl-C) leaves no file. The archives are named as torch names them after
+    their final file name. Memory: the staging buffers, whatever the tensor sizes.
     """
-    try:
-        private = Path(tempfile.mkdtemp(prefix=PRIVATE_PREFIX, suffix=TMP_SUFFIX, dir=path.parent))
-    except OSError as e:
-        raise output_error(path, e) from None
-    tmp = private / path.name
-    try:
-        torch.save(obj, tmp)
-        fd = os.open(tmp, os.O_RDONLY | os.O_NOFOLLOW)
+
+    def __init__(self, paths: list[Path], objs: list[Any], *, hash_algo: str = DEFAULT_HASH) -> None:
+        self.paths = [Path(p) for p in paths]
+        self.layouts = [plan_archive(o, archive_name=archive_name_for(p)) for p, o in zip(self.paths, objs)]
+        self.hash_algo = hash_algo
+        self._stack = contextlib.ExitStack()
+        self._files: list[Any] = []
+        self._writers: list[PtArchiveWriter] = []
+        self._storage = [0] * len(self.paths)  # each file's storage being written
+        self._left = [0] * len(self.paths)  # bytes still due in it
+        self.digests: list[str] = []
+        self.sizes: list[int] = []
+
+    def __enter__(self) -> PtFiles:
         try:
-            os.fsync(fd)
-            size = os.fstat(fd).st_size
-        finally:
-            os.close(fd)
-        digest = hash_file(tmp, hash_algo)
-        os.replace(tmp, path)
-    except OSError as e:
-        raise output_error(path, e) from None
-    finally:
-        tmp.unlink(missing_ok=True)
-        private.rmdir()
-    fsync_dir(path.parent)
-    return digest, size
+            for path, layout in zip(self.paths, self.layouts):
+                f = self._stack.enter_context(open_atomic(path, hash_algo=self.hash_algo, staged=True))
+                self._files.append(f)
+                self._writers.append(PtArchiveWriter(f.write, layout))
+            self._left = [lay.tensors[0].nbytes if lay.tensors else 0 for lay in self.layouts]
+        except BaseException:
+            self._stack.__exit__(*sys.exc_info())
+            raise
+        return self
+
+    def write(self, i: int, block: np.ndarray) -> None:
+        """The next bytes of file ``i``'s current storage (it moves on to the next storage once complete)."""
+        while not self._left[i] and self._storage[i] + 1 < len(self.layouts[i].tensors):
+            self._storage[i] += 1
+            self._left[i] = self.layouts[i].tensors[self._storage[i]].nbytes
+        data = memoryview(np.ascontiguousarray(block)).cast("B")
+        self._writers[i].write(self._storage[i], data)
+        self._left[i] -= len(data)
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            try:
+                for w in self._writers:
+                    w.finish()
+            except BaseException:
+                self._stack.__exit__(*sys.exc_info())
+                raise
+        self._stack.__exit__(exc_type, exc, tb)
+        if exc_type is None:
+            self.digests = [f.hexdigest() for f in self._files]
+            self.sizes = [f.size for f in self._files]
 
 
-def bookkeeping(target: NeoXTarget, module: Shard | None) -> dict[str, Any]:
+def bookkeeping(target: NeoXTarget, module: dict[str, TensorSpec] | None) -> dict[str, Any]:
     """What DeepSpeed and gpt-neox read from ``mp_rank_XX_model_states.pt`` (ints and None only)."""
     return {
         "module": module, "buffer_names": [], "global_steps": target.step, "global_samples": 0,
@@ -253,15 +327,89 @@ def bookkeeping(target: NeoXTarget, module: Shard | None) -> dict[str, Any]:
     }
 
 
-def shard_bytes(shard: Shard) -> int:
-    return sum(t.numel() * t.element_size() for t in shard.values())
-
-
 def _tensor_bytes(path: Path) -> int:
     """The tensor bytes of a rank file this run keeps (its zip's data records; the file was just proven ours by
-    its hash): what writing it would have added to the progress bar (`shard_bytes` of its shards)."""
+    its hash): what writing it would have added to the progress bar."""
     with zipfile.ZipFile(path) as z:
         return sum(i.file_size for i in z.infolist() if "/data/" in i.filename)
+
+
+# ----- a dry run: the files, their bytes and the free disk, nothing written ------------------------------------
+@dataclass
+class NeoXOutputPlan:
+    """What `split` / `reshard` would write into OUT (``--dry-run``): every file with its exact size (the
+    archives' layouts are decided by names, dtypes and shapes alone), the free disk there, and whether OUT is
+    usable (as ``inspect --out`` tells for merge)."""
+
+    out_dir: Path
+    tp_degree: int
+    layout: str
+    step: int
+    dtype: str
+    key_generation: str | None
+    files: list[tuple[str, int]]  # (path relative to OUT, bytes), in the order they would be written
+    out_free_bytes: int
+    out_free_bytes_at: str
+    out_problem: str | None
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(size for _, size in self.files)
+
+    @property
+    def fits(self) -> bool:
+        return self.out_problem is None and self.out_free_bytes >= self.total_bytes
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"dry_run": True, "out": str(self.out_dir), "tp_degree": self.tp_degree, "layout": self.layout,
+                "step": self.step, "dtype": self.dtype, "key_generation": self.key_generation,
+                "files": [{"name": n, "bytes": b} for n, b in self.files], "total_bytes": self.total_bytes,
+                "out_free_bytes": self.out_free_bytes, "out_free_bytes_at": self.out_free_bytes_at,
+                "out_problem": self.out_problem, "out_fits": self.fits}
+
+    def summary(self) -> str:
+        """For people: one line per file, then the totals."""
+        lines = [f"{size:>16,}  {name}" for name, size in self.files]
+        free = f"{self.out_free_bytes:,} bytes free at {self.out_free_bytes_at}"
+        verdict = (f"OUT UNUSABLE: {self.out_problem}" if self.out_problem else
+                   "fits" if self.fits else "NOT ENOUGH free space")
+        lines.append(f"dry run: TP={self.tp_degree} ({self.layout}, {self.step_name}, {self.dtype}) -> {self.out_dir}: "
+                     f"{len(self.files)} file(s), {self.total_bytes:,} bytes; {free}; {verdict}; nothing written")
+        return "\n".join(lines)
+
+    @property
+    def step_name(self) -> str:
+        return f"global_step{self.step}"
+
+
+def plan_neox_output(out: Path, target: NeoXTarget, tensors: Callable[[SourceLayer], list[ShardTensor]], *,
+                     tokenizer: Path | None) -> NeoXOutputPlan:
+    """The files `write_neox_checkpoint` would write for ``target`` (from ``tensors``, metadata only) with their
+    exact sizes, and the free disk at OUT; nothing is read or written."""
+    from neoxconv.output.describe import free_bytes, out_problem
+
+    T = target.tp_degree
+    rel = lambda name: f"{target.step_name}/{name}"  # noqa: E731
+    spec = lambda ts: {t.key: TensorSpec(t.dtype, t.shape) for t in ts}  # noqa: E731
+    objs: list[tuple[str, Any]] = []
+    if target.layout == "pipeline":
+        for layer in target.layers:
+            shard = spec(tensors(layer))
+            objs += [(rel(pipeline_file_name(layer.index, r)), shard) for r in range(T)]
+        objs += [(rel(sequential_file_name(r)), bookkeeping(target, None)) for r in range(T)]
+    else:
+        module = {f"sequential.{layer.index}.{k}": v for layer in target.layers for k, v in spec(tensors(layer)).items()}
+        objs += [(rel(sequential_file_name(r)), bookkeeping(target, module)) for r in range(T)]
+    files = [(name, plan_archive(obj, archive_name=archive_name_for(name)).size) for name, obj in objs]
+    divisor = vocab_divisor(target.config.vocab_size or 0, T, target.tokenizer_size)
+    files.append((f"configs/{CONFIG_NAME}", len(neox_yaml(target, divisor).encode())))
+    if tokenizer is not None:
+        files.append((TOKENIZER_NAME, tokenizer.stat().st_size))
+    files.append(("latest", len(target.step_name.encode())))
+    where, free = free_bytes(out)
+    return NeoXOutputPlan(out_dir=Path(out), tp_degree=T, layout=target.layout, step=target.step, dtype=target.dtype,
+                          key_generation=target.generation, files=files, out_free_bytes=free,
+                          out_free_bytes_at=str(where), out_problem=out_problem(out))
 
 
 # ----- the output folder: what is ours ---------------------------------------------------------------------
@@ -282,8 +430,8 @@ def _step_folders(out: Path) -> list[str]:
 
 
 def _remove_private_folders(out: Path) -> None:
-    """`save_pt`'s private folders left by a killed run (and the previous version's ``.staging.neoxconv-tmp``),
-    in an OUT that is ours: our files in them are removed, a folder only when then empty; a link under such a
+    """The private folders an earlier version's writer left when killed (``.neoxconv-pt-*.neoxconv-tmp``,
+    ``.staging.neoxconv-tmp``; this version writes hidden temporaries beside the final names), in an OUT that is ours: our files in them are removed, a folder only when then empty; a link under such a
     name is never followed."""
     for step in _step_folders(out):
         for folder in sorted((out / step).iterdir()):
@@ -305,19 +453,21 @@ def _digest(obj: Any) -> str:
 
 @dataclass
 class _Group:
-    """Files written together from the same source layers: a pipeline layer's rank files, or one mp_rank file."""
+    """Files written together from the same source layers, all ranks side by side: a pipeline layer's rank
+    files, the sequential layout's mp_rank files (every layer), or the pipeline layout's bookkeeping files."""
 
-    names: list[str]
+    names: list[str]  # one per rank
     layers: list[SourceLayer]
     fingerprint: str
-    rank: int | None = None  # sequential: the rank; pipeline: None (all ranks of ``layers[0]``)
+    ranks: list[int] = field(default_factory=list)  # the ranks whose files this run writes
+    sequential: bool = False
     bookkeeping: bool = False
 
 
 def write_neox_checkpoint(
     out: Path,
     target: NeoXTarget,
-    rank_shards: Callable[[SourceLayer, list[int]], Iterator[Shard]],
+    feed: LayerStream,
     *,
     source: dict[str, Any],
     recorded: dict[str, Any],
@@ -332,17 +482,19 @@ def write_neox_checkpoint(
     hash_algo: str = DEFAULT_HASH,
     desc: str = "split",
 ) -> WriteReport:
-    """Write the checkpoint. ``rank_shards(layer, ranks)`` yields that layer's shard for each of ``ranks``.
+    """Write the checkpoint, every rank's file of a layer side by side, from ``feed`` (`LayerStream`).
 
     ``source`` says which source this is (a different one is refused without --force); ``fingerprint(layers)``
     is the proof of what those source layers hold (JSON-able), recorded with each file: a resumed run keeps a
     file only when its fingerprint is unchanged, its bytes hash as recorded, and (inf/nan in it) this run allows
-    non-finite values. Every tensor is checked for inf/nan before it is written (`report_nonfinite`).
+    non-finite values. Every tensor is checked for inf/nan as it is written (`report_nonfinite`), before its
+    file is renamed into place.
 
-    Pipeline: one layer in memory (its full tensors, inside ``rank_shards``) plus one rank's shard.
-    Sequential: each rank's file holds that rank's whole model, so ranks are written one after another and
-    ``rank_shards`` is asked for every layer once per rank (memory: 1/T of the model plus one layer).
-    OUT is held through `OutputFolder` (locked) for the whole run.
+    Memory: the staging buffers of T open files and one row block, whatever the layer count or width. The
+    source is read once: each block goes to every rank that needs part of it. Sequential layout: the T
+    ``mp_rank`` files are written side by side, layer after layer. OUT is held through `OutputFolder` (locked)
+    for the whole run; a file enters the journal once ``feed.confirmed`` says its source bytes passed their
+    check (on a failure, files not confirmed yet are removed).
     """
     t0 = time.monotonic()
     out = Path(out)
@@ -358,8 +510,8 @@ def write_neox_checkpoint(
         groups.append(_Group([rel(sequential_file_name(r)) for r in range(T)], [], _digest(fingerprint([])),
                              bookkeeping=True))
     else:
-        whole = _digest(fingerprint(target.layers))
-        groups += [_Group([rel(sequential_file_name(r))], target.layers, whole, rank=r) for r in range(T)]
+        groups.append(_Group([rel(sequential_file_name(r)) for r in range(T)], target.layers,
+                             _digest(fingerprint(target.layers)), sequential=True))
     rows = target.config.vocab_size or 0
     divisor = vocab_divisor(rows, T, target.tokenizer_size)
     small = {f"configs/{CONFIG_NAME}": neox_yaml(target, divisor).encode()}
@@ -367,6 +519,7 @@ def write_neox_checkpoint(
         small[TOKENIZER_NAME] = tokenizer.read_bytes()
     small["latest"] = target.step_name.encode()
     allowed = lambda e: allow_nonfinite or not e.nonfinite
+    doing = "splitting" if desc == "split" else "resharding"
 
     with OutputFolder(out, spec, source=source, options=recorded, hash_algo=hash_algo, resume=resume,
                       force=force) as folder:
@@ -376,70 +529,103 @@ def write_neox_checkpoint(
         todo: list[_Group] = []
         reused = kept_bytes = 0
         with recheck_bar(sum(folder.resumable_bytes(n, g.fingerprint) for g in groups for n in g.names),
-                         quiet=quiet) as bar:
+                         quiet=quiet) as rbar:
             for g in groups:
                 guard.check()
                 kept = {n: folder.reusable(n, g.fingerprint, allowed) for n in g.names}
-                bar.update(sum(folder.resumable_bytes(n, g.fingerprint) for n in g.names))
-                if all(e is not None for e in kept.values()):
+                rbar.update(sum(folder.resumable_bytes(n, g.fingerprint) for n in g.names))
+                redo = [r for r, n in enumerate(g.names) if kept[n] is None]
+                if g.sequential:  # each rank's file holds every layer: kept or redone on its own
+                    folder.keep({n: e for n, e in kept.items() if e is not None})
+                    reused += T - len(redo)
+                    kept_bytes += sum(_tensor_bytes(out / n) for n, e in kept.items() if e is not None)
+                elif not redo:
                     folder.keep(kept)
-                    reused += len(g.names) if not g.bookkeeping else 0
-                    kept_bytes += sum(_tensor_bytes(out / n) for n in g.names)
+                    reused += 0 if g.bookkeeping else T
+                    kept_bytes += 0 if g.bookkeeping else sum(_tensor_bytes(out / n) for n in g.names)
+                    continue
                 else:
+                    redo = list(range(T))
+                if redo:
+                    g.ranks = redo
                     todo.append(g)
         folder.begin([n for g in groups for n in g.names], small, planned_bytes if todo else 0)
         written = bytes_written = 0
+        unconfirmed: list[tuple[_Group, dict[str, FileEntry]]] = []
 
-        def save(name: str, obj: Any, g: _Group, warnings: list[str], nonfinite: int) -> int:
-            digest, size = save_pt(folder.path(name), obj, hash_algo=folder.hash)
-            folder.record({name: FileEntry(size=size, algo=folder.hash, digest=digest, fingerprint=g.fingerprint,
-                                           nonfinite=nonfinite, warnings=warnings)})
-            return size
-
-        def checked(shard: Shard, where: str, warnings: list[str]) -> int:
-            n = 0
-            for key, t in shard.items():
-                k = count_tensor_nonfinite(t, target.dtype)
-                report_nonfinite(k, f"{where}: {key!r}", target.dtype, allow=allow_nonfinite, warnings=warnings,
-                                 doing="splitting" if desc == "split" else "resharding")
-                n += k
-            return n
-
-        # the bar counts tensor bytes as they are written: of a resumed run, only what is left (it ends at 100%)
-        with progress_bar(total=max(planned_bytes - kept_bytes, 0), desc=desc, unit="B",
-                          quiet=quiet or not todo) as bar:
-            for g in todo:
-                guard.check()
-                if g.bookkeeping:
-                    for name in g.names:
-                        save(name, bookkeeping(target, None), g, [], 0)
-                elif g.rank is None:
-                    layer = g.layers[0]
+        def write_group(g: _Group, bar) -> dict[str, FileEntry]:
+            names = [g.names[r] for r in g.ranks]
+            if g.bookkeeping:
+                return {n: _entry(*save_pt(folder.path(n), bookkeeping(target, None), hash_algo=folder.hash), g, 0, [])
+                        for n in names}
+            per_layer = [feed.tensors(layer) for layer in g.layers]
+            if g.sequential:
+                module = {f"sequential.{layer.index}.{t.key}": TensorSpec(t.dtype, t.shape)
+                          for layer, ts in zip(g.layers, per_layer) for t in ts}
+                objs = [bookkeeping(target, module) for _ in g.ranks]
+            else:
+                objs = [{t.key: TensorSpec(t.dtype, t.shape) for t in per_layer[0]} for _ in g.ranks]
+            slot = {r: i for i, r in enumerate(g.ranks)}  # rank -> open file
+            warnings: list[list[str]] = [[] for _ in g.ranks]
+            nonfinite = [0] * len(g.ranks)
+            with PtFiles([folder.path(n) for n in names], objs, hash_algo=folder.hash) as files:
+                for layer, tensors in zip(g.layers, per_layer):
+                    guard.check()
                     bar.set_postfix_str(layer.label, refresh=False)
-                    for r, (name, shard) in enumerate(zip(g.names, rank_shards(layer, list(range(T))))):
-                        warnings: list[str] = []
-                        n = checked(shard, f"{layer.label} (rank {r})", warnings)
-                        size = save(name, shard, g, warnings, n)
-                        written += 1
-                        bytes_written += size
-                        bar.update(shard_bytes(shard))
-                        del shard  # before the next rank's part is made
-                else:
-                    module: Shard = {}
-                    warnings = []
-                    n = 0
-                    for layer in g.layers:
-                        bar.set_postfix_str(f"rank {g.rank}, {layer.label}", refresh=False)
-                        for shard in rank_shards(layer, [g.rank]):
-                            n += checked(shard, f"{layer.label} (rank {g.rank})", warnings)
-                            module.update({f"sequential.{layer.index}.{k}": v for k, v in shard.items()})
-                            bar.update(shard_bytes(shard))
+                    counts = [[0] * len(tensors) for _ in g.ranks]  # inf/nan per rank and tensor
+                    counter = NonFiniteCounter(target.dtype)  # one scratch buffer for every block
+
+                    def emit(rank: int, index: int, block: np.ndarray, counts=counts) -> None:
+                        i = slot.get(rank)
+                        if i is None:  # a rank whose file is kept
+                            return
+                        counter.count = 0
+                        counter.update(block)
+                        counts[i][index] += counter.count
+                        files.write(i, block)
+                        bar.update(block.nbytes)
                         guard.check()
-                    size = save(g.names[0], bookkeeping(target, module), g, warnings, n)
-                    del module
-                    written += 1
-                    bytes_written += size
-                guard.check()
+
+                    feed.stream(layer, emit)
+                    for i, r in enumerate(g.ranks):  # rank by rank, in key order, before the files are renamed
+                        for t, n in zip(tensors, counts[i]):
+                            report_nonfinite(n, f"{layer.label} (rank {r}): {t.key!r}", target.dtype,
+                                             allow=allow_nonfinite, warnings=warnings[i], doing=doing)
+                            nonfinite[i] += n
+            return {n: _entry(files.digests[i], files.sizes[i], g, nonfinite[i], warnings[i])
+                    for i, n in enumerate(names)}
+
+        def _entry(digest: str, size: int, g: _Group, nonfinite: int, warnings: list[str]) -> FileEntry:
+            return FileEntry(size=size, algo=folder.hash, digest=digest, fingerprint=g.fingerprint,
+                             nonfinite=nonfinite, warnings=warnings)
+
+        try:
+            # the bar counts tensor bytes as they are written: of a resumed run, only what is left (it ends at 100%)
+            with progress_bar(total=max(planned_bytes - kept_bytes, 0), desc=desc, unit="B",
+                              quiet=quiet or not todo) as bar:
+                for g in todo:
+                    guard.check()
+                    entries = write_group(g, bar)
+                    if not g.bookkeeping:
+                        written += len(entries)
+                        bytes_written += sum(e.size for e in entries.values())
+                    unconfirmed.append((g, entries))
+                    done = [(grp, e) for grp, e in unconfirmed if feed.confirmed(grp.layers)]
+                    if done:  # progress survives a crash from here on
+                        folder.record({n: e for _, es in done for n, e in es.items()})
+                        unconfirmed = [u for u in unconfirmed if u not in done]
+                    guard.check()
+                if unconfirmed:
+                    feed.settle()
+                    folder.record({n: e for g, es in unconfirmed if feed.confirmed(g.layers) for n, e in es.items()})
+                    unconfirmed = [u for u in unconfirmed if not feed.confirmed(u[0].layers)]
+                if unconfirmed:
+                    raise RuntimeError(f"{out}: source reads of {unconfirmed[0][0].names[0]} were never checked")
+        except BaseException:
+            for _, entries in unconfirmed:  # written from source bytes whose check did not pass (or did not run)
+                for name in entries:
+                    remove_file(folder.path(name))
+            raise
         state = folder.finish({"config": dataclasses.asdict(target.config),
                                "make_vocab_size_divisible_by": divisor})
     entries = state.entries.values()

@@ -1,36 +1,45 @@
 """`reshard_checkpoint`: a GPT-NeoX checkpoint at TP T becomes one at TP M, one source layer at a time.
 
-Each layer is merged in memory by the merge rules (read with neoxconv's own safe .pt reader, CRC-checked,
-replicas checked against the tolerance) and split again by `neoxconv.output.split.shard_layer`. So
+Each layer is merged by the merge rules block by block (read with neoxconv's own safe .pt reader, CRC-checked,
+replicas checked against the tolerance) and split again as it streams (`neoxconv.output.split.stream_shards`). So
 ``merge(reshard(SRC, M)) == merge(SRC)`` bit for bit: concatenations are exact, a row-parallel bias is written
 as its merged value on rank 0 and zeros elsewhere, and replicated tensors are written as their merged value.
 """
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import re
-from collections import Counter
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
-from neoxconv.source.checkpoint import SourceLayer
-from neoxconv.dtypes import TORCH_FLOAT_DTYPES, as_torch_dtype
+from neoxconv.dtypes import TORCH_FLOAT_DTYPES, from_f32, to_f32
 from neoxconv.errors import ConfigError, OutputError
-from neoxconv.plan.fingerprint import config_digest, layer_fingerprint, source_identity
 from neoxconv.interrupt import deferred_sigint
+from neoxconv.merge import Rule, check_replicas, merge_tensor, resolve_row_bias
 from neoxconv.output.folder import check_out_path
 from neoxconv.output.hashing import DEFAULT_HASH
-from neoxconv.merge import Rule, check_replicas, merge_tensor, resolve_row_bias
-from neoxconv.plan.plan import LayerPlan, PlanOptions, TensorPlan, part_key, plan_source
-from neoxconv.output.neox import NeoXTarget, Shard, WriteReport, check_target, write_neox_checkpoint
-from neoxconv.output.streaming import iter_merged_chunks
+from neoxconv.output.neox import (
+    Emit,
+    LayerStream,
+    NeoXOutputPlan,
+    NeoXTarget,
+    ShardTensor,
+    WriteReport,
+    check_target,
+    plan_neox_output,
+    write_neox_checkpoint,
+)
+from neoxconv.output.split import planned_bytes, shard_tensors, stream_shards, tokenizer_size
+from neoxconv.plan.fingerprint import config_digest, layer_fingerprint, source_identity
+from neoxconv.plan.plan import LayerPlan, PlanOptions, TensorPlan, plan_source
+from neoxconv.source.checkpoint import SourceLayer
+from neoxconv.source.ptfile import TensorRef
 from neoxconv.source.storage import Reads, SourceReader
-from neoxconv.output.split import planned_bytes, shard_layer, tokenizer_size
 
 _STEP = re.compile(r"^global_step(\d+)$")
 
@@ -51,22 +60,11 @@ class ReshardOptions:
     force: bool = False
     quiet: bool = False
     hash: str = DEFAULT_HASH  # the digest the manifest records for every file
-
-
-def _to_torch(a: np.ndarray, dtype: str) -> torch.Tensor:
-    t = torch.from_numpy(np.ascontiguousarray(a))
-    return t.view(torch.bfloat16) if dtype == "bfloat16" else t
+    dry_run: bool = False  # plan only: the files, their bytes and the free disk (`NeoXOutputPlan`), nothing written
 
 
 def merged_tensor(t: TensorPlan, *, tolerance: float, where: str, reader: Reads) -> np.ndarray:
-    """The merged value of one planned tensor (the whole tensor, in ``t.out_dtype``)."""
-    if t.rule in (Rule.CONCAT_ROWS, Rule.CONCAT_COLS, Rule.SPLIT_ROWS):
-        full = np.empty(t.shape, dtype=np.uint16 if t.out_dtype == "bfloat16" else np.dtype(t.out_dtype))
-        row = 0
-        for chunk in iter_merged_chunks(t, reader=reader):
-            full[row:row + chunk.shape[0]] = chunk
-            row += chunk.shape[0]
-        return full
+    """The merged value of a small planned tensor (sums, replicas, dropped buffers), in ``t.out_dtype``."""
     arrays = [reader.read(r, key=t.key) for r in t.shards]
     if t.rule in (Rule.REPLICATED, Rule.DROP):
         check_replicas(arrays, dtype=t.src_dtype, tolerance=tolerance, key=t.key, ranks=[r.path.name for r in t.shards],
@@ -74,9 +72,63 @@ def merged_tensor(t: TensorPlan, *, tolerance: float, where: str, reader: Reads)
     return merge_tensor(t.rule, arrays, dtype=t.src_dtype, out_dtype=t.out_dtype)
 
 
-def reshard_checkpoint(src: Path, out: Path, options: ReshardOptions) -> WriteReport:
-    """Reshard the NeoX checkpoint ``src`` to TP ``options.tp`` in ``out`` (checked fully before writing)."""
-    check_out_path(Path(out))
+def _small(t: TensorPlan) -> bool:
+    return t.rule in (Rule.SUM, Rule.REPLICATED, Rule.DROP)
+
+
+class _MergedLayer:
+    """One source layer's merged tensors as `FullTensors`, read in row blocks through the layer's ``Reads``
+    (the merge rules, block by block: `iter_merged_chunks`' reads, by row range); the small ones merged
+    beforehand."""
+
+    def __init__(self, plan: LayerPlan, small: dict[str, np.ndarray], reads: Reads | None) -> None:
+        self._reads = reads
+        self._plans: dict[str, TensorPlan] = {}
+        self._small = small
+        self._pieces: dict[str, tuple[list[int], list[tuple[TensorRef, int, int]]]] = {}
+        for t in plan.tensors:
+            key = t.hf_name
+            self._plans[key] = t
+            if t.rule in (Rule.CONCAT_ROWS, Rule.SPLIT_ROWS):  # the merged rows: each rank's rows (segments), in order
+                pieces = [(ref, s, c) for ref in t.shards for s, c in (t.segments or [(0, ref.shape[0])])]
+                starts = list(itertools.accumulate([0, *(c for _, _, c in pieces)]))[:-1]
+                self._pieces[key] = (starts, pieces)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self._plans[key].shape
+
+    def rows(self, key: str, start: int, count: int) -> np.ndarray:
+        t = self._plans[key]
+        if key in self._small:
+            return self._small[key][start:start + count]
+        if t.rule is Rule.CONCAT_COLS:
+            blocks = [self._reads.rows(ref, start, count, key=t.key) for ref in t.shards]
+            return merge_tensor(Rule.CONCAT_COLS, blocks, dtype=t.src_dtype, out_dtype=t.out_dtype)
+        starts, pieces = self._pieces[key]
+        out = []
+        i = bisect.bisect_right(starts, start) - 1
+        while count:
+            ref, first, n = pieces[i]
+            skip = start - starts[i]
+            take = min(count, n - skip)
+            out.append(self._reads.rows(ref, first + skip, take, key=t.key))
+            start, count, i = start + take, count - take, i + 1
+        block = out[0] if len(out) == 1 else np.concatenate(out, axis=0)
+        return block if t.src_dtype == t.out_dtype else from_f32(to_f32(block, t.src_dtype), t.out_dtype)
+
+
+def reshard_checkpoint(src: Path, out: Path, options: ReshardOptions) -> WriteReport | NeoXOutputPlan:
+    """Reshard the NeoX checkpoint ``src`` to TP ``options.tp`` in ``out`` (checked fully before writing).
+
+    Each source byte is read once: the small tensors (norms, biases, buffers) of every layer first, merged and
+    checked across ranks before anything is written; then layer by layer the big ones in row blocks, each
+    block split at once between the new ranks' files. A storage several layers share (a ZeRO flat buffer) is
+    CRC-checked when the last of them has read it (`SourceReader`'s plan), and their files enter the journal
+    only then: a failed check removes them. ``options.dry_run``: the `NeoXOutputPlan` of what it would write,
+    after the checks that need no tensor data; nothing read beyond the archives' descriptions, nothing written.
+    """
+    if not options.dry_run:  # (a dry run reports it)
+        check_out_path(Path(out))
     source_plan = plan_source(src, PlanOptions(
         dtype=options.dtype, row_bias=options.row_bias, qkv_layout=options.qkv_layout,  # as `merge` reads it
         config_path=options.config_path, tokenizer_path=options.tokenizer_path))
@@ -96,45 +148,52 @@ def reshard_checkpoint(src: Path, out: Path, options: ReshardOptions) -> WriteRe
     m = _STEP.match(ckpt.step_dir.name)
     step = options.step if options.step is not None else (int(m.group(1)) if m else 0)
     layout = options.layout or ckpt.layout
+    generations = {p.key_generation for p in plans} - {None}  # the source's MLP key names, kept (one: planned)
     target = NeoXTarget(config=config, tp_degree=options.tp, layout=layout, dtype=dtype, step=step,
-                        tokenizer_size=tokenizer_size(tokenizer_json, config.vocab_size))
+                        tokenizer_size=tokenizer_size(tokenizer_json, config.vocab_size),
+                        generation=generations.pop() if len(generations) == 1 else None)
     check_target(target, where=ckpt.config_source)
     row_bias = resolve_row_bias("auto", config)  # how the output's row-parallel biases are split
     by_index: dict[int, LayerPlan] = {p.layer.index: p for p in plans}
-    torch_dtype = as_torch_dtype(dtype)
     if Path(out).resolve() in (ckpt.root.resolve(), ckpt.step_dir.resolve()):
         raise OutputError(f"{out}: OUT is the source checkpoint; choose another folder")
-    # A storage that several tensors read (a ZeRO flat buffer, the HF converter's full tensors) is CRC-checked
-    # once, whole, before anything is written, its tensors' spans remembered; every layer's reads are checked
-    # (against those spans, or the storage's own CRC-32) before the layer is written.
-    reader = SourceReader()
-    reads = Counter((r.path, r.data_offset) for p in plans for t in [*p.tensors, *p.dropped] for r in t.shards)
+    generation = {i: p.key_generation for i, p in by_index.items()}  # the source's key names, kept
+    qkv_split = None if qkv is None else qkv.split  # and its QKV layout
+    small: dict[int, dict[str, np.ndarray]] = {}
+
+    def tensors(layer: SourceLayer) -> list[ShardTensor]:
+        full = _MergedLayer(by_index[layer.index], small.get(layer.index, {}), reads=None)
+        return shard_tensors(layer, full, config=config, tp=options.tp, row_bias=row_bias, dtype=dtype,
+                             generation=generation[layer.index])
+
+    if options.dry_run:
+        return plan_neox_output(Path(out), target, tensors, tokenizer=tokenizer_json)
+    # scope 0 reads every layer's small tensors, then one scope per layer its big ones (in the order written)
+    small_refs = [r for p in plans for t in [*p.tensors, *p.dropped] if _small(t) for r in t.shards]
+    big_refs = {p.layer.index: [r for t in p.tensors if not _small(t) for r in t.shards] for p in plans}
+    reader = SourceReader(plan=[small_refs, *(big_refs[layer.index] for layer in target.layers)])
     try:
-        reader.check(r for p in plans for t in [*p.tensors, *p.dropped] for r in t.shards
-                     if reads[(r.path, r.data_offset)] > 1)
-        for plan in plans:  # the small tensors (norms, buffers) are checked across ranks before anything is written
-            where = f"{plan.layer.label} [{', '.join(plan.files)}]"
-            with reader.scope() as reads:
+        with reader.scope() as reads:  # checked across ranks (replicas within the tolerance) before writing
+            for plan in plans:
+                where = f"{plan.layer.label} [{', '.join(plan.files)}]"
                 for t in plan.dropped:
                     merged_tensor(t, tolerance=0.0, where=where, reader=reads)
-                for t in plan.tensors:
-                    if t.rule is Rule.REPLICATED:
-                        merged_tensor(t, tolerance=options.replica_tolerance, where=where, reader=reads)
+                small[plan.layer.index] = {
+                    t.hf_name: merged_tensor(t, tolerance=options.replica_tolerance, where=where, reader=reads)
+                    for t in plan.tensors if _small(t)}
     except BaseException:
         reader.close()
         raise
 
-    def rank_shards(layer: SourceLayer, ranks: list[int]) -> Iterator[Shard]:
-        plan = by_index[layer.index]
-        where = f"{layer.label} [{', '.join(plan.files)}]"
-        with reader.scope() as reads:  # the layer's reads are checked as it closes, before anything is written
-            full = {t.key if t.split is None else part_key(t.key, t.part):
-                    _to_torch(merged_tensor(t, tolerance=options.replica_tolerance, where=where, reader=reads),
-                              t.out_dtype)
-                    for t in plan.tensors}
-        yield from shard_layer(layer, full, config=config, tp=options.tp, ranks=ranks, row_bias=row_bias,
-                               dtype=torch_dtype, generation=plan.key_generation,
-                               qkv_split=None if qkv is None else qkv.split)  # the source's layout and key names
+    def stream(layer: SourceLayer, emit: Emit) -> None:
+        with reader.scope() as reads:  # the layer's reads are checked as it closes (or with a later layer)
+            full = _MergedLayer(by_index[layer.index], small[layer.index], reads)
+            stream_shards(layer, full, emit, config=config, tp=options.tp, row_bias=row_bias, dtype=dtype,
+                          generation=generation[layer.index], qkv_split=qkv_split)
+
+    def confirmed(layers: list[SourceLayer]) -> bool:
+        return reader.verified(r for layer in layers for t in [*by_index[layer.index].tensors,
+                                                               *by_index[layer.index].dropped] for r in t.shards)
 
     config_sha = config_digest(config)
     layer_fps: dict[int, dict[str, Any]] = {}
@@ -152,7 +211,8 @@ def reshard_checkpoint(src: Path, out: Path, options: ReshardOptions) -> WriteRe
         recorded["qkv_layout"] = qkv.split.value
     with reader, deferred_sigint() as guard:
         return write_neox_checkpoint(
-            Path(out), target, rank_shards, source=source_identity(ckpt, out), recorded=recorded, fingerprint=fingerprint,
+            Path(out), target, LayerStream(tensors, stream, confirmed, reader.check_served),
+            source=source_identity(ckpt, out), recorded=recorded, fingerprint=fingerprint,
             planned_bytes=planned_bytes(config, options.tp, dtype, row_bias), tokenizer=tokenizer_json,
             guard=guard, resume=options.resume, force=options.force, quiet=options.quiet,
             allow_nonfinite=options.allow_nonfinite, hash_algo=options.hash, desc="reshard")

@@ -19,91 +19,192 @@ buffers gpt-neox derives from the config are declared in `DERIVED`. A new archit
                     (`merge.join_split`): QKV as today's gpt-neox lays it out ([heads, 3, head_dim] without GQA,
                     [Q|K|V] blocks with it; reshard keeps the source's layout), linear1 as [up | gate]
 
-Only safetensors are read (never a pickle). One source layer is in memory at a time.
+Only safetensors are read (never a pickle), in row blocks: memory is flat in the layer count and width.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
-import torch
 
-from neoxconv.config import GPT_NEOX, NeoXConfig
-from neoxconv.dtypes import TORCH_FLOAT_DTYPES, as_torch_dtype, canonical_dtype, tensor_nbytes
+from neoxconv.config import GPT_NEOX, LLAMA, NeoXConfig
+from neoxconv.dtypes import NUMPY_DTYPES, TORCH_FLOAT_DTYPES, canonical_dtype, tensor_nbytes
 from neoxconv.errors import CheckpointError, ConfigError
 from neoxconv.interrupt import deferred_sigint
-from neoxconv.merge import Rule, Split, expected_shape, join_split, key_table, resolve_row_bias, shape_of, split_tensor
+from neoxconv.merge import (
+    LLAMA_GATED_KEYS,
+    LLAMA_W123_KEYS,
+    NEOX_20B_KEYS,
+    NEOX_LINEAR_KEYS,
+    Rule,
+    RuleSpec,
+    Split,
+    expected_shape,
+    key_table,
+    resolve_qkv_split,
+    resolve_row_bias,
+    shape_of,
+    split_segments,
+    split_tensor,
+)
 from neoxconv.output.folder import check_out_path
 from neoxconv.output.hashing import DEFAULT_HASH
+from neoxconv.output.neox import (
+    Emit,
+    LayerStream,
+    NeoXOutputPlan,
+    NeoXTarget,
+    ShardTensor,
+    WriteReport,
+    check_target,
+    plan_neox_output,
+    write_neox_checkpoint,
+)
 from neoxconv.plan.fingerprint import config_digest, file_fingerprint, public_place
-from neoxconv.plan.plan import FolderPlan, part_key, plan_hf_folder
+from neoxconv.plan.plan import FolderPlan, plan_hf_folder
 from neoxconv.source.checkpoint import SourceLayer, model_layers
-from neoxconv.source.hf_folder import HFModel
+from neoxconv.source.hf_folder import HFModel, HFRows
 from neoxconv.source.tokenizer import checked_token_count
-from neoxconv.output.neox import NeoXTarget, Shard, WriteReport, check_target, write_neox_checkpoint
 
 log = logging.getLogger(__name__)
 
 
-# ----- the inverse rules (declared once, in neoxconv.merge: `split_tensor`, `join_split`) ----------------------
-def _numpy(t: torch.Tensor) -> np.ndarray:
-    """The tensor's values as numpy (bfloat16 as its int16 bits: numpy has no bfloat16); no copy."""
-    return t.view(torch.int16).numpy() if t.dtype == torch.bfloat16 else t.numpy()
+# ----- the inverse rules (declared once, in neoxconv.merge: `split_tensor`, `join_split`), streamed -----------
+def rotary_inv_freq_torch(config: NeoXConfig, dtype):
+    """gpt-neox's RotaryEmbedding buffer: 1 / base^(2i/d) in fp32, then ``dtype`` (a torch dtype)."""
+    import torch
 
-
-def _torch(a: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
-    """A rank's shard as a tensor that owns a fresh, contiguous storage (what torch.save writes whole)."""
-    t = torch.from_numpy(np.array(a, order="C"))
-    return t.view(torch.bfloat16) if dtype == torch.bfloat16 else t
-
-
-def rotary_inv_freq(config: NeoXConfig, dtype: torch.dtype) -> torch.Tensor:
-    """gpt-neox's RotaryEmbedding buffer: 1 / base^(2i/d) in fp32, then the model's dtype."""
     d = config.rotary_dims
     return (1.0 / (config.rotary_emb_base ** (torch.arange(0, d, 2).float() / d))).to(dtype)
 
 
-DERIVED: dict[str, Callable[[NeoXConfig, torch.dtype], torch.Tensor]] = {
+def rotary_inv_freq(config: NeoXConfig, dtype: str) -> np.ndarray:
+    """`rotary_inv_freq_torch` as numpy bits (bfloat16 as uint16).
+
+    Computed by torch, as gpt-neox computes it (torch's fp32 ``pow`` is not numpy's, and the bytes must be
+    gpt-neox's): a vector of rotary_dims / 2 values, the one use of torch on the split/reshard path."""
+    import torch
+
+    t = rotary_inv_freq_torch(config, getattr(torch, dtype))
+    return t.view(torch.int16).numpy().view(np.uint16) if dtype == "bfloat16" else t.numpy()
+
+
+# Rows are streamed ~1 MB at a time: each block is counted for inf/nan, CRC'd and hashed while in the CPU cache.
+BLOCK_BYTES = 1 << 20
+
+DERIVED: dict[str, Callable[[NeoXConfig, str], np.ndarray]] = {
     "attention.rotary_emb.inv_freq": rotary_inv_freq,
 }
 
 
-def shard_layer(layer: SourceLayer, full: dict[str, torch.Tensor], *, config: NeoXConfig, tp: int,
-                ranks: list[int], row_bias: Rule, dtype: torch.dtype,
-                generation: str | None = None, qkv_split: Split | None = None) -> Iterator[Shard]:
-    """Rank shards of one source layer from its full tensors, in the key table's order.
+class FullTensors(Protocol):
+    """A layer's full (Hugging Face, or merged) tensors, read in row blocks in the output dtype (numpy bits).
 
-    ``full`` and the shards are keyed as ``generation`` spells the keys (`merge.key_table`; None: the
-    architecture's first generation). ``qkv_split``: the Llama-style QKV layout to write (default: today's
-    gpt-neox layout, `current_split`).
-    """
-    table = key_table(config, layer.kind, generation)
-    per_rank: dict[str, list[np.ndarray]] = {}  # each key's rank shards (views of ``full`` where they can be)
-    for key, spec in table.items():
-        if spec.rule is Rule.DROP:
-            continue
-        if spec.rule is Rule.SPLIT_ROWS:  # every rank's rows from the parts, in gpt-neox's current layout
-            split = (qkv_split or current_split(config)) if spec.split is Split.QKV else spec.split
-            parts = [_numpy(full[part_key(key, i)]) for i in range(len(spec.parts))]
-            per_rank[key] = join_split(split, parts, tp, heads=config.num_heads, kv_heads=config.kv_heads,
-                                       head_dim=config.head_dim)
+    Keyed by their Hugging Face names (`_hf`): the same in every key generation of the NeoX files."""
+
+    def shape(self, key: str) -> tuple[int, ...]: ...
+
+    def rows(self, key: str, start: int, count: int) -> np.ndarray: ...
+
+
+def _hf(spec: RuleSpec, layer: SourceLayer, part: int | None = None) -> str:
+    """The Hugging Face name of a row's tensor (``part`` of a SPLIT_ROWS row)."""
+    template = spec.hf_name if part is None else spec.parts[part][0]
+    return (template or "").format(i=layer.block)
+
+
+def _written(config: NeoXConfig, layer: SourceLayer, generation: str | None) -> list[tuple[str, RuleSpec]]:
+    """(key as written, row) of every tensor a rank file of ``layer`` holds, in the key table's order."""
+    return [(key, spec) for key, spec in key_table(config, layer.kind, generation).items()
+            if spec.rule is not Rule.DROP or (spec.key in DERIVED and config.architecture == GPT_NEOX)]
+
+
+def shard_tensors(layer: SourceLayer, full: FullTensors, *, config: NeoXConfig, tp: int, row_bias: Rule, dtype: str,
+                  generation: str | None = None) -> list[ShardTensor]:
+    """What each rank's file of ``layer`` holds (key, dtype, each rank's shape), in file order (metadata only)."""
+    out = []
+    for key, spec in _written(config, layer, generation):
+        rule = row_bias if spec.rule is Rule.ROW_BIAS else spec.rule
+        if rule is Rule.DROP:
+            shape: tuple[int, ...] = (config.rotary_dims // 2,)
+        elif rule is Rule.SPLIT_ROWS:
+            parts = [full.shape(_hf(spec, layer, i)) for i in range(len(spec.parts))]
+            shape = (sum(p[0] for p in parts) // tp, *parts[0][1:])
         else:
-            per_rank[key] = split_tensor(row_bias if spec.rule is Rule.ROW_BIAS else spec.rule, _numpy(full[key]), tp)
-    for rank in ranks:
-        shard: Shard = {}
-        for key, spec in table.items():
-            if spec.rule is Rule.DROP:
-                if spec.key in DERIVED and config.architecture == GPT_NEOX:  # Llama-style: not saved by gpt-neox
-                    shard[key] = DERIVED[spec.key](config, dtype)
-                continue
-            src = full[part_key(key, 0) if spec.rule is Rule.SPLIT_ROWS else key]
-            shard[key] = _torch(per_rank[key][rank], src.dtype)
-        yield shard
+            shape = full.shape(_hf(spec, layer))
+            if rule is Rule.CONCAT_ROWS:
+                shape = (shape[0] // tp, *shape[1:])
+            elif rule is Rule.CONCAT_COLS:
+                shape = (shape[0], shape[1] // tp)
+        out.append(ShardTensor(key, dtype, shape))
+    return out
+
+
+def _step(shape: tuple[int, ...], itemsize: int, block_bytes: int) -> int:
+    """Rows per block of a tensor of ``shape``."""
+    return max(1, block_bytes // max(1, itemsize * math.prod(shape[1:])))
+
+
+def stream_shards(layer: SourceLayer, full: FullTensors, emit: Emit, *, config: NeoXConfig, tp: int, row_bias: Rule,
+                  dtype: str, generation: str | None = None, qkv_split: Split | None = None,
+                  block_bytes: int = BLOCK_BYTES) -> None:
+    """Every rank's shard of ``layer``, streamed to ``emit(rank, index, block)`` in row blocks, each source
+    row read once (the inverse of each merge rule, `neoxconv.merge.split_tensor` / `join_split`, block by block).
+
+    ``generation``: how the written keys are spelled (`merge.key_table`; None: the architecture's first).
+    ``qkv_split``: the Llama-style QKV layout to write (default: today's gpt-neox layout, `current_split`).
+    Row-parallel biases under SUM: rank 0 the whole bias, the others zeros (`split_tensor`).
+    """
+    itemsize = NUMPY_DTYPES[dtype].itemsize
+    for index, (_, spec) in enumerate(_written(config, layer, generation)):
+        rule = row_bias if spec.rule is Rule.ROW_BIAS else spec.rule
+        if rule is Rule.DROP:  # a buffer gpt-neox derives from the config (Llama-style: not saved by gpt-neox)
+            value = DERIVED[spec.key](config, dtype)
+            for r in range(tp):
+                emit(r, index, value)
+        elif rule is Rule.SPLIT_ROWS:  # rank r's rows: block r of every part, where the split places it
+            split = (qkv_split or current_split(config)) if spec.split is Split.QKV else spec.split
+            names = [_hf(spec, layer, i) for i in range(len(spec.parts))]
+            part_rows = [full.shape(n)[0] // tp for n in names]
+            pieces = []  # (start in the rank's rows, count, part, offset in the part's block)
+            for part in range(len(spec.parts)):
+                done = 0
+                for start, count in split_segments(split, part, sum(part_rows), heads=config.num_heads // tp,
+                                                   kv_heads=config.kv_heads // tp, head_dim=config.head_dim):
+                    pieces.append((start, count, part, done))
+                    done += count
+            step = _step(full.shape(names[0]), itemsize, block_bytes)
+            for r in range(tp):
+                for _, count, part, offset in sorted(pieces):
+                    first = r * part_rows[part] + offset
+                    for i in range(0, count, step):
+                        emit(r, index, full.rows(names[part], first + i, min(step, count - i)))
+        elif rule is Rule.CONCAT_ROWS:  # rank r: its block of rows
+            k = _hf(spec, layer)
+            shape = full.shape(k)
+            n, step = shape[0] // tp, _step(shape, itemsize, block_bytes)
+            for r in range(tp):
+                for i in range(0, n, step):
+                    emit(r, index, full.rows(k, r * n + i, min(step, n - i)))
+        elif rule is Rule.CONCAT_COLS:  # every row block, cut into the ranks' columns
+            k = _hf(spec, layer)
+            rows, cols = full.shape(k)
+            w, step = cols // tp, _step((rows, cols), itemsize, block_bytes)
+            for i in range(0, rows, step):
+                block = full.rows(k, i, min(step, rows - i))
+                for r in range(tp):
+                    emit(r, index, block[:, r * w:(r + 1) * w])
+        else:  # REPLICATED / SUM: small vectors, whole
+            k = _hf(spec, layer)
+            value = full.rows(k, 0, full.shape(k)[0])
+            for r, part in enumerate(split_tensor(rule, value, tp)):
+                emit(r, index, part)
 
 
 def current_split(config: NeoXConfig) -> Split:
@@ -142,8 +243,10 @@ def check_dropped_tensors(hf: HFModel, planned: FolderPlan) -> None:
     silently: transformers 5 keeps a different one untied, transformers 4 ties it, so the folder is ambiguous)."""
     config, where = planned.config, hf.folder / "config.json"
     for name in planned.rotary_buffers:
+        import torch
+
         got = hf.read_tensor(name)
-        want = rotary_inv_freq(config, got.dtype)
+        want = rotary_inv_freq_torch(config, got.dtype)
         close = got.shape == want.shape and bool(torch.allclose(
             got.float(), want.float(), rtol=2 * torch.finfo(got.dtype).eps if got.is_floating_point() else 0, atol=0))
         if not close:
@@ -159,6 +262,33 @@ def check_dropped_tensors(hf: HFModel, planned: FolderPlan) -> None:
                 f"to false in config.json to keep {name!r} as the readout, or remove it from the folder to tie them")
 
 
+# ----- which gpt-neox reads it ----------------------------------------------------------------------------------
+KEY_NAMES = ("current", "20b")
+# --key-names -> the key table's generation (`merge.key_table`) per architecture. gpt-neox renamed the MLP in
+# 2024-09 (0d4bdb96, with mlp_multiple_of defaulting to 1 since adbf5d6f): ParallelMLP.linear1/linear2, gated
+# for Llama-style models. Before: ParallelMLP.dense_h_to_4h/dense_4h_to_h (4 x hidden, with biases) and, with
+# mlp_type llama (2023-05 .. 2024-09), LLaMAParallelMLP.w1 (gate) / w3 (up) / w2 (down), without biases.
+_GENERATION = {("current", GPT_NEOX): NEOX_LINEAR_KEYS, ("20b", GPT_NEOX): NEOX_20B_KEYS,
+               ("current", LLAMA): LLAMA_GATED_KEYS, ("20b", LLAMA): LLAMA_W123_KEYS}
+
+
+def key_generation(config: NeoXConfig, key_names: str, *, tp: int, where: str) -> tuple[str, Split | None]:
+    """(the key generation ``--key-names`` writes, the QKV layout that gpt-neox version expects); a ConfigError
+    when that gpt-neox version cannot hold the model."""
+    if key_names not in KEY_NAMES:
+        raise ConfigError(f"--key-names must be one of {', '.join(KEY_NAMES)}, got {key_names!r}")
+    generation = _GENERATION[key_names, config.architecture]
+    if generation == NEOX_20B_KEYS and config.ffn_size != 4 * config.hidden_size:
+        raise ConfigError(f"{where}: intermediate_size {config.ffn_size} is not 4 x hidden_size; gpt-neox before "
+                          "2024-09 (mlp.dense_h_to_4h) cannot size its MLP so: use --key-names current")
+    if generation == LLAMA_W123_KEYS and config.mlp_bias:
+        raise ConfigError(f"{where}: the MLP has biases, which gpt-neox's LLaMAParallelMLP (mlp_type llama, "
+                          "mlp.w1/w2/w3) does not: use --key-names current")
+    if generation == LLAMA_W123_KEYS and config.gqa:  # gpt-neox 2024-02 .. 2024-09: rows interleaved per query head
+        return generation, resolve_qkv_split("interleaved", config, tp, generation).split
+    return generation, None
+
+
 # ----- the job ---------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class SplitOptions:
@@ -172,6 +302,8 @@ class SplitOptions:
     force: bool = False
     quiet: bool = False
     hash: str = DEFAULT_HASH  # the digest the manifest records for every file
+    key_names: str = "current"  # current: mlp.linear1/linear2 (gpt-neox since 2024-09); 20b: the names before
+    dry_run: bool = False  # plan only: the files, their bytes and the free disk (`NeoXOutputPlan`), nothing written
 
 
 def _source_identity(hf: HFModel, out: Path) -> dict[str, Any]:
@@ -180,12 +312,16 @@ def _source_identity(hf: HFModel, out: Path) -> dict[str, Any]:
     return {"hf_dir": public_place(hf.folder, out), "files": sorted({t.file.name for t in hf.tensors.values()})}
 
 
-def split_model(hf_dir: Path, out: Path, options: SplitOptions) -> WriteReport:
+def split_model(hf_dir: Path, out: Path, options: SplitOptions) -> WriteReport | NeoXOutputPlan:
     """Split the Hugging Face GPT-NeoX model at ``hf_dir`` into a NeoX checkpoint at TP ``options.tp`` in ``out``.
 
-    Everything is checked (config, names, shapes, dtypes, divisibility) before the first byte is written.
+    Everything is checked (config, names, shapes, dtypes, divisibility) before the first byte is written; then
+    every rank file of a layer is written side by side while the safetensors rows stream through (each read
+    once, in row blocks: memory flat in the layer count and width). ``options.dry_run``: the `NeoXOutputPlan`
+    of what it would write, after the same checks; no tensor data read, nothing written.
     """
-    check_out_path(Path(out))
+    if not options.dry_run:  # (a dry run reports it)
+        check_out_path(Path(out))
     hf = HFModel(hf_dir, tokenizer_path=options.tokenizer_path)
     planned = plan_hf_folder(hf)
     config, names, src_dtype = planned.config, planned.names, planned.dtype
@@ -198,17 +334,28 @@ def split_model(hf_dir: Path, out: Path, options: SplitOptions) -> WriteReport:
         dtype = canonical_dtype(options.dtype)
     if dtype not in TORCH_FLOAT_DTYPES:
         raise ConfigError(f"{hf_dir}: weights are {dtype}; choose --dtype fp16, bf16 or fp32")
+    generation, qkv_split = key_generation(config, options.key_names, tp=options.tp,
+                                           where=str(Path(hf_dir) / "config.json"))
     target = NeoXTarget(config=config, tp_degree=options.tp, layout=options.layout, dtype=dtype, step=options.step,
-                        tokenizer_size=tokenizer_size(hf.tokenizer, config.vocab_size))
+                        tokenizer_size=tokenizer_size(hf.tokenizer, config.vocab_size), generation=generation)
     check_target(target, where=str(Path(hf_dir) / "config.json"))
     row_bias = resolve_row_bias("auto", config)
-    torch_dtype = as_torch_dtype(dtype)
+    rows = hf.open_rows()
 
-    def rank_shards(layer: SourceLayer, ranks: list[int]) -> Iterator[Shard]:
-        full = hf.read_layer(names[layer], torch_dtype)  # one layer in memory
-        yield from shard_layer(layer, full, config=config, tp=options.tp, ranks=ranks, row_bias=row_bias,
-                               dtype=torch_dtype)
+    full = _HFLayer(rows, dtype)
 
+    def tensors(layer: SourceLayer) -> list[ShardTensor]:
+        return shard_tensors(layer, full, config=config, tp=options.tp, row_bias=row_bias, dtype=dtype,
+                             generation=generation)
+
+    def stream(layer: SourceLayer, emit: Emit) -> None:
+        stream_shards(layer, full, emit, config=config, tp=options.tp, row_bias=row_bias, dtype=dtype,
+                      generation=generation, qkv_split=qkv_split)
+        rows.check_unchanged()  # what was written is what the checked headers describe
+
+    if options.dry_run:
+        rows.close()
+        return plan_neox_output(Path(out), target, tensors, tokenizer=hf.tokenizer)
     config_sha = config_digest(config)
     file_fps: dict[Path, dict[str, Any]] = {}
 
@@ -220,12 +367,24 @@ def split_model(hf_dir: Path, out: Path, options: SplitOptions) -> WriteReport:
                 file_fps[f] = file_fingerprint(f, safetensors_header=True)
         return {"config": config_sha, "files": {f.name: file_fps[f] for f in files}}
 
-    recorded = {"command": "split", "tp": options.tp, "layout": options.layout, "dtype": dtype, "step": options.step}
-    with deferred_sigint() as guard:
+    recorded = {"command": "split", "tp": options.tp, "layout": options.layout, "dtype": dtype, "step": options.step,
+                "key_names": options.key_names, "key_generation": generation}
+    with rows, deferred_sigint() as guard:
         return write_neox_checkpoint(
-            Path(out), target, rank_shards, source=_source_identity(hf, Path(out)), recorded=recorded,
-            fingerprint=fingerprint,
-            planned_bytes=planned_bytes(config, options.tp, dtype, row_bias), tokenizer=hf.tokenizer,
-            guard=guard, resume=options.resume, force=options.force, quiet=options.quiet,
+            Path(out), target, LayerStream(tensors, stream), source=_source_identity(hf, Path(out)), recorded=recorded,
+            fingerprint=fingerprint, planned_bytes=planned_bytes(config, options.tp, dtype, row_bias),
+            tokenizer=hf.tokenizer, guard=guard, resume=options.resume, force=options.force, quiet=options.quiet,
             allow_nonfinite=options.allow_nonfinite, hash_algo=options.hash)
 
+
+class _HFLayer:
+    """The Hugging Face tensors as `FullTensors`: row blocks read from the safetensors files and cast."""
+
+    def __init__(self, rows: HFRows, dtype: str) -> None:
+        self._rows, self._dtype = rows, dtype
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._rows.model.tensors[name].shape
+
+    def rows(self, name: str, start: int, count: int) -> np.ndarray:
+        return self._rows.rows(name, start, count, self._dtype)

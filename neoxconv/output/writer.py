@@ -332,10 +332,11 @@ def atomic_write_json(path: Path, obj, *, hash_algo: str = "sha256") -> str:
     return atomic_write(path, json_bytes(obj), hash_algo=hash_algo)
 
 
-def open_atomic(path: Path, *, hash_algo: str = DEFAULT_HASH) -> _AtomicFile:
+def open_atomic(path: Path, *, hash_algo: str = DEFAULT_HASH, staged: bool = False) -> _AtomicFile:
     """A file written to a hidden temporary and renamed to ``path`` when the ``with`` block ends without an
-    error; ``write`` hashes as it writes (``hexdigest()``, ``size`` once closed)."""
-    return _AtomicFile(path, hash_algo=hash_algo)
+    error; ``write`` hashes as it writes (``hexdigest()``, ``size`` once closed). ``staged``: big files, through
+    the staging buffers and O_DIRECT (as `SafetensorsWriter` writes)."""
+    return _AtomicFile(path, hash_algo=hash_algo, staged=staged)
 
 
 def safetensors_header(entries: list[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str]) -> bytes:

@@ -5,14 +5,25 @@ by `neoxconv.plan.plan.plan_hf_folder` through the key table; this module only r
 from __future__ import annotations
 
 import json
+import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from neoxconv.config import NeoXConfig
-from neoxconv.dtypes import FROM_SAFETENSORS, tensor_nbytes
+from neoxconv.dtypes import FROM_SAFETENSORS, NUMPY_DTYPES, from_f32, tensor_nbytes, to_f32
 from neoxconv.errors import CheckpointError, ConfigError
-from neoxconv.source.safetensors import FileState, check_unchanged, checked_safetensors_header, file_state
+from neoxconv.source.safetensors import (
+    FileState,
+    check_unchanged,
+    checked_safetensors_header,
+    file_state,
+    read_header,
+)
+from neoxconv.source.storage import pread_exactly
 
 if TYPE_CHECKING:  # torch stays off the merge path, which plans through neoxconv.plan
     import torch
@@ -23,6 +34,7 @@ class HFTensor:
     file: Path
     dtype: str
     shape: tuple[int, ...]
+    offset: int = 0  # where its data starts in ``file``
 
 
 class HFModel:
@@ -65,9 +77,11 @@ class HFModel:
                 raise CheckpointError(f"{f}: listed in the index but not a file in {self.folder}")
             self.states[f] = file_state(f)
             try:
+                header, data_len = read_header(f)
                 header = checked_safetensors_header(f)
             except (OSError, ValueError) as e:
                 raise CheckpointError(f"{f}: not a readable safetensors file: {e}") from None
+            data_start = self.states[f].size - data_len
             for name, info in header.items():
                 if name == "__metadata__":
                     continue
@@ -76,7 +90,8 @@ class HFModel:
                 dtype = FROM_SAFETENSORS.get(str(info.get("dtype")))
                 if dtype is None:
                     raise CheckpointError(f"{f}: {name!r} has dtype {info.get('dtype')!r}, which neoxconv does not read")
-                tensors[name] = HFTensor(f, dtype, tuple(int(s) for s in info.get("shape", [])))
+                tensors[name] = HFTensor(f, dtype, tuple(int(s) for s in info.get("shape", [])),
+                                         data_start + int(info["data_offsets"][0]))
         return tensors
 
     def _find_tokenizer(self, explicit: Path | None) -> Path | None:
@@ -111,6 +126,10 @@ class HFModel:
         return out
 
 
+    def open_rows(self) -> HFRows:
+        """A reader of row blocks (``with hf.open_rows() as rows: rows.rows(name, start, count, dtype)``)."""
+        return HFRows(self)
+
     def read_tensor(self, name: str) -> torch.Tensor:
         """One (small) tensor as stored, in its own dtype."""
         return self.read_layer({name: name}, self._torch_dtype(name))[name]
@@ -138,6 +157,49 @@ class HFModel:
         import torch
 
         return getattr(torch, self.tensors[name].dtype)
+
+class HFRows:
+    """Row blocks of the model's tensors, read with ``os.preadv`` straight from the safetensors files at the
+    offsets their checked headers give (no torch, no memory map: memory is the block asked for), cast with
+    torch's rounding (`neoxconv.dtypes.from_f32`). `check_unchanged` then proves every file read is still as
+    its header was checked (else the bytes used might not be the ones it describes)."""
+
+    def __init__(self, model: HFModel) -> None:
+        self.model = model
+        self._fds: dict[Path, int] = {}
+
+    def __enter__(self) -> HFRows:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        fds, self._fds = self._fds, {}
+        for fd in fds.values():
+            os.close(fd)
+
+    def rows(self, name: str, start: int, count: int, dtype: str) -> np.ndarray:
+        """Rows ``start .. start + count`` of tensor ``name`` (elements of a vector), as ``dtype`` (numpy bits)."""
+        t = self.model.tensors[name]
+        row = math.prod(t.shape[1:])
+        out = np.empty((count, *t.shape[1:]) if t.shape else (), dtype=NUMPY_DTYPES[t.dtype])
+        fd = self._fds.get(t.file)
+        if fd is None:
+            try:
+                fd = self._fds[t.file] = os.open(t.file, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            except OSError as e:
+                raise CheckpointError(f"{t.file}: cannot read: {e.strerror or e}") from None
+        itemsize = NUMPY_DTYPES[t.dtype].itemsize
+        pread_exactly(fd, memoryview(out.reshape(-1)).cast("B"), t.offset + start * row * itemsize, t.file,
+                      f"ends inside the data of {name!r} (truncated?)")
+        return out if t.dtype == dtype else from_f32(to_f32(out, t.dtype), dtype).reshape(out.shape)
+
+    def check_unchanged(self) -> None:
+        """Every file read so far is as it was when its header was checked (else a CheckpointError naming it)."""
+        for f in self._fds:
+            check_unchanged(f, self.model.states[f])
+
 
 def _read_json(path: Path, error: type) -> dict[str, Any]:
     try:
