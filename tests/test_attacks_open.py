@@ -366,3 +366,17 @@ def test_merge_of_a_tied_config_with_a_readout_file_is_refused_or_verifiable(tmp
         return
     check = cli("verify", out, "--ids", "1,2", "--max-new-tokens", 1)
     assert check.exit_code == 0, check.output
+
+
+@pytest.mark.xfail(strict=True, reason="reshard drops a readout that differs from the embedding under a tied config")
+def test_reshard_of_a_tied_config_with_a_readout_file_does_not_drop_it_silently(tmp_path):
+    """The same source (tied in the YAML, readout files present and different from the embedding): `reshard
+    --tp 1` exited 0 without a word and wrote no readout layer file, so ``merge(reshard(SRC))`` differs from
+    ``merge(SRC)`` (which keeps ``embed_out.weight``), against reshard's own promise. It should refuse the
+    ambiguous source as split does (exit 3/4, naming the YAML and the readout files)."""
+    src = tmp_path / "src"
+    shutil.copytree(COMMITTED_FIXTURE, src)
+    yml = src / "configs" / "model.yml"
+    yml.write_text(yml.read_text().replace('"no-weight-tying": true', '"no-weight-tying": false'))
+    result = cli("reshard", "-q", src, tmp_path / "out", "--tp", 1)
+    assert result.exit_code in (3, 4), result.output
