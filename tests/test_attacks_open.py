@@ -26,7 +26,6 @@ def _tiny_tokenizer(path: Path) -> None:
         "model": {"type": "WordLevel", "vocab": {"a": 0, "b": 1}, "unk_token": "a"}}))
 
 
-@pytest.mark.xfail(strict=True, reason="inspect prints discovered file names raw (format_inspect not escaped)")
 @pytest.mark.parametrize("where", ["config", "tokenizer"])
 def test_inspect_escapes_discovered_file_names(tmp_path, where):
     """`inspect SRC` finds configs/*.yml and *tokenizer*.json next to SRC by listing folders; a file named

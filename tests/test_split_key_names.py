@@ -26,9 +26,8 @@ from neoxconv.output.hf_merge import MergeOptions, merge_checkpoint
 from neoxconv.output.reshard import ReshardOptions, reshard_checkpoint
 from neoxconv.output.split import SplitOptions, split_model
 
-from conftest import cli, one_line_error
+from conftest import cli, hf_tensors, make_hf_folder, one_line_error, tensor_bits
 from llama_checkpoints import LlamaSpec, hf_llama, neox_shards
-from test_split import _bits, _hf_tensors, _make_hf
 
 CURRENT_PARALLEL_MLP = {"mlp.linear1.weight", "mlp.linear1.bias", "mlp.linear2.weight", "mlp.linear2.bias"}
 OLD_PARALLEL_MLP = {"mlp.dense_h_to_4h.weight", "mlp.dense_h_to_4h.bias", "mlp.dense_4h_to_h.weight",
@@ -42,7 +41,7 @@ GQA = LlamaSpec(tp=2, heads=8, kv_heads=2, intermediate=96)
 
 @pytest.fixture(scope="module")
 def neox_hf(tmp_path_factory):
-    return _make_hf(tmp_path_factory.mktemp("neox-hf"), dtype=torch.float16, intermediate_size=F, seed=21)
+    return make_hf_folder(tmp_path_factory.mktemp("neox-hf"), dtype=torch.float16, intermediate_size=F, seed=21)
 
 
 @pytest.fixture(scope="module")
@@ -67,8 +66,8 @@ def test_gpt_neox_model_key_names(neox_hf, tmp_path, key_names, want):
     manifest = json.loads((tmp_path / "n" / "neoxconv.json").read_text())
     assert manifest["options"]["key_names"] == key_names
     merge_checkpoint(tmp_path / "n", tmp_path / "m", MergeOptions(quiet=True))  # both read back, bit for bit
-    a, b = _hf_tensors(neox_hf), _hf_tensors(tmp_path / "m")
-    assert set(a) == set(b) and all(_bits(a[k]) == _bits(b[k]) for k in a)
+    a, b = hf_tensors(neox_hf), hf_tensors(tmp_path / "m")
+    assert set(a) == set(b) and all(tensor_bits(a[k]) == tensor_bits(b[k]) for k in a)
     assert report.files_written > 0
 
 
@@ -95,8 +94,8 @@ def test_llama_model_key_names_equal_gpt_neox_s_own_layout(llama_hf, tmp_path, k
     else:
         assert '"activation": "swiglu"' in yml and "mlp_type" not in yml
     merge_checkpoint(tmp_path / "n", tmp_path / "m", MergeOptions(quiet=True))  # auto-detects both
-    a, b = _hf_tensors(folder), _hf_tensors(tmp_path / "m")
-    assert set(a) == set(b) and all(_bits(a[k]) == _bits(b[k]) for k in a)
+    a, b = hf_tensors(folder), hf_tensors(tmp_path / "m")
+    assert set(a) == set(b) and all(tensor_bits(a[k]) == tensor_bits(b[k]) for k in a)
 
 
 def test_reshard_keeps_the_source_s_key_names(neox_hf, llama_hf, tmp_path):
@@ -113,7 +112,7 @@ def test_reshard_keeps_the_source_s_key_names(neox_hf, llama_hf, tmp_path):
 
 
 def test_what_an_old_gpt_neox_cannot_hold_is_refused_naming_the_option(tmp_path):
-    wide = _make_hf(tmp_path / "wide", dtype=torch.float16, seed=2)  # transformers' default intermediate_size
+    wide = make_hf_folder(tmp_path / "wide", dtype=torch.float16, seed=2)  # transformers' default intermediate_size
     one_line_error(cli("split", wide, tmp_path / "o", "--tp", 2, "--key-names", "20b"), 3, "not 4 x hidden_size",
                    "--key-names current")
     biased = tmp_path / "biased"
@@ -156,7 +155,7 @@ def test_deepspeed_loads_each_generation_into_its_gpt_neox_modules_strictly(neox
 
     tp = 2
     split_model(neox_hf, tmp_path / "n", SplitOptions(tp=tp, quiet=True, key_names=key_names))
-    sd = _hf_tensors(neox_hf)
+    sd = hf_tensors(neox_hf)
     for rank in range(tp):
         module = PipelineModule.__new__(PipelineModule)
         nn.Module.__init__(module)
@@ -219,14 +218,14 @@ def test_a_tied_model_s_pipeline_files_are_what_deepspeed_saves_and_loads(tmp_pa
     from test_deepspeed_load import _Embedding, _Norm
 
     tp, names = 2, ("linear1", "linear2")
-    hf = _make_hf(tmp_path / "hf", dtype=torch.float16, intermediate_size=F, seed=31, tie_word_embeddings=True)
+    hf = make_hf_folder(tmp_path / "hf", dtype=torch.float16, intermediate_size=F, seed=31, tie_word_embeddings=True)
     split_model(hf, tmp_path / "n", SplitOptions(tp=tp, quiet=True))
     step = tmp_path / "n" / "global_step0"
     specs = [TiedLayerSpec("embed", _Embedding, tp, tied_weight_attr="word_embeddings.weight"), lambda x: x,
              LayerSpec(_Block, names, tp), LayerSpec(_Block, names, tp), lambda x: x, LayerSpec(_Norm),
              TiedLayerSpec("embed", _Embedding, tp, forward_fn=lambda emb, x: x,
                            tied_weight_attr="word_embeddings.weight")]
-    sd = _hf_tensors(hf)
+    sd = hf_tensors(hf)
     for rank in range(tp):
         module = PipelineModule.__new__(PipelineModule)  # no process group: what _build / save / load use
         nn.Module.__init__(module)
@@ -249,5 +248,5 @@ def test_a_tied_model_s_pipeline_files_are_what_deepspeed_saves_and_loads(tmp_pa
     merge_checkpoint(tmp_path / "n", tmp_path / "m", MergeOptions(quiet=True))  # merge reads it back, tied
     config = json.loads((tmp_path / "m" / "config.json").read_text())
     assert config["tie_word_embeddings"] is True
-    a, b = _hf_tensors(hf), _hf_tensors(tmp_path / "m")
-    assert set(b) <= set(a) and all(_bits(a[k]) == _bits(b[k]) for k in b)
+    a, b = hf_tensors(hf), hf_tensors(tmp_path / "m")
+    assert set(b) <= set(a) and all(tensor_bits(a[k]) == tensor_bits(b[k]) for k in b)

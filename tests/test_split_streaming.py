@@ -18,8 +18,7 @@ from neoxconv.output.reshard import ReshardOptions, reshard_checkpoint
 from neoxconv.output.split import SplitOptions, split_model
 from neoxconv.source.ptfile import read_pt
 
-from conftest import cli, one_line_error, subprocess_env
-from test_split import _hf_tensors, _make_hf
+from conftest import cli, hf_tensors, make_hf_folder, one_line_error, subprocess_env
 
 
 def _tree(folder: Path) -> dict[str, bytes]:
@@ -28,12 +27,12 @@ def _tree(folder: Path) -> dict[str, bytes]:
 
 @pytest.fixture(scope="module")
 def hf16(tmp_path_factory):
-    return _make_hf(tmp_path_factory.mktemp("hf16"), dtype=torch.float16, seed=11)
+    return make_hf_folder(tmp_path_factory.mktemp("hf16"), dtype=torch.float16, seed=11)
 
 
 @pytest.fixture(scope="module")
 def hfbf16(tmp_path_factory):
-    return _make_hf(tmp_path_factory.mktemp("hfbf16"), dtype=torch.bfloat16, seed=12, use_parallel_residual=False)
+    return make_hf_folder(tmp_path_factory.mktemp("hfbf16"), dtype=torch.bfloat16, seed=12, use_parallel_residual=False)
 
 
 # ----- the archives are torch.save's ------------------------------------------------------------------------
@@ -52,7 +51,7 @@ def test_every_archive_is_byte_for_byte_what_torch_save_writes_for_what_it_loads
         torch.save(loaded, again)
         assert again.read_bytes() == pt.read_bytes(), pt
     # and the values are the model's: rank r of TP 4 holds its quarter of the embedding
-    sd = _hf_tensors(src)
+    sd = hf_tensors(src)
     emb = sd["gpt_neox.embed_in.weight"]
     step = tmp_path / "re" / "global_step0"
     for r in range(4):
@@ -75,11 +74,11 @@ def test_deepspeed_pipeline_loader_reads_a_reshard_output_strictly(tmp_path):
     from test_deepspeed_load import F, H, V, _stages
     from torch import nn
 
-    hf = _make_hf(tmp_path / "hf", dtype=torch.float16, intermediate_size=F, seed=4)
+    hf = make_hf_folder(tmp_path / "hf", dtype=torch.float16, intermediate_size=F, seed=4)
     split_model(hf, tmp_path / "neox2", SplitOptions(tp=2, quiet=True, key_names="20b"))  # reshard keeps them
     reshard_checkpoint(tmp_path / "neox2", tmp_path / "neox4", ReshardOptions(tp=4, quiet=True))
     step = tmp_path / "neox4" / "global_step0"
-    sd = _hf_tensors(hf)
+    sd = hf_tensors(hf)
     for rank in range(4):
         module = PipelineModule.__new__(PipelineModule)
         nn.Module.__init__(module)
@@ -159,7 +158,7 @@ def test_an_inf_or_nan_in_the_source_is_refused_unless_allowed(hf16, tmp_path, v
 @pytest.mark.parametrize("command", ["split", "reshard"])
 def test_sigkill_mid_write_then_rerun_is_byte_identical(command, make_checkpoint, tmp_path):
     if command == "split":
-        src = _make_hf(tmp_path / "hf", dtype=torch.float32, seed=6, hidden_size=256, num_attention_heads=8,
+        src = make_hf_folder(tmp_path / "hf", dtype=torch.float32, seed=6, hidden_size=256, num_attention_heads=8,
                        vocab_size=2048)
         args = ["--tp", "2", "--layout", "sequential"]
     else:
@@ -213,7 +212,7 @@ def _deeper(hf: Path, out: Path, layers: int) -> Path:
 
 def test_peak_memory_is_flat_in_the_layer_count_and_below_one_layer(tmp_path):
     # hidden 512, fp32: one block layer is 12.6 MB (the old writer held it, then each rank's shard)
-    two = _make_hf(tmp_path / "hf2", dtype=torch.float32, seed=1, hidden_size=512, num_attention_heads=8,
+    two = make_hf_folder(tmp_path / "hf2", dtype=torch.float32, seed=1, hidden_size=512, num_attention_heads=8,
                    vocab_size=1024)
     peaks = {}
     for layers, hf in ((2, two), (5, _deeper(two, tmp_path / "hf5", 5))):
