@@ -39,12 +39,12 @@ def main() -> None:
     import torch
 
     sys.path.insert(0, str(REPO / "tests"))
-    from llama_checkpoints import LlamaSpec, write_llama_checkpoint
-
-    from neoxconv.output.hf_merge import MergeOptions, merge_checkpoint
     from neoxconv.config import load_out_config
     from neoxconv.model.kv_cache import KVCache
+    from neoxconv.output.hf_merge import MergeOptions, merge_checkpoint
     from neoxconv.verify import VerifyOptions, format_report, verify_model
+
+    from llama_checkpoints import LlamaSpec, write_llama_checkpoint
 
     work = args.workdir or Path(tempfile.mkdtemp(prefix="neoxconv-llama-gpu-"))
     spec = LlamaSpec(tp=2, hidden=args.hidden, heads=args.heads, kv_heads=args.kv_heads, layers=args.layers,

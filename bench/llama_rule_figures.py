@@ -21,10 +21,11 @@ def main() -> None:
 
     sys.path.insert(0, str(REPO / "tests"))
     import test_llama as t
-    from llama_checkpoints import write_llama_checkpoint
 
     from neoxconv import config as config_mod
     from neoxconv.output.hf_merge import MergeOptions, merge_checkpoint
+
+    from llama_checkpoints import write_llama_checkpoint
 
     cases = {"correct, GQA TP=2 fp32": (t.GQA_TP2, lambda m: None),
              "correct, MHA TP=4 fp16 (biases)": (t.MHA_TP4, lambda m: None),

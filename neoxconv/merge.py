@@ -32,10 +32,10 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from neoxconv.source.checkpoint import LayerKind, SourceLayer
 from neoxconv.config import GPT_NEOX, LLAMA, NeoXConfig
 from neoxconv.dtypes import FLOAT_DTYPES, from_f32, to_f32
 from neoxconv.errors import CheckpointError, ConfigError, MergeError
+from neoxconv.source.checkpoint import LayerKind, SourceLayer
 
 
 class Rule(str, enum.Enum):

@@ -15,7 +15,6 @@ from neoxconv.output.hf_merge import output_names
 from neoxconv.plan.plan import PlanOptions, plan_source
 from neoxconv.progress import format_bytes, terminal_text
 
-
 _LISTED = 20
 
 

@@ -26,8 +26,8 @@ import numpy as np
 
 from neoxconv.dtypes import NUMPY_DTYPES, NonFiniteCounter, from_f32, to_f32
 from neoxconv.merge import Rule, merge_tensor
-from neoxconv.plan.plan import TensorPlan
 from neoxconv.output.writer import SafetensorsWriter
+from neoxconv.plan.plan import TensorPlan
 from neoxconv.source.ptfile import TensorRef
 from neoxconv.source.storage import CHUNK_BYTES, Reads
 

@@ -30,8 +30,8 @@ from typing import Any
 
 from neoxconv.errors import CheckpointError
 from neoxconv.plan.plan import LayerPlan
-from neoxconv.source.safetensors import header_bytes
 from neoxconv.source.checkpoint import Checkpoint
+from neoxconv.source.safetensors import header_bytes
 
 
 def public_place(path: Path, out: Path) -> str:

@@ -68,8 +68,8 @@ def _workdir_refusal(work: Path) -> str:
 def _demo(work: Path, tp_degree: int, tokenizer: Path | None, echo: Callable[[str], None]) -> None:
     from safetensors import safe_open
 
-    from neoxconv.output.hf_merge import MergeOptions, merge_checkpoint
     from neoxconv.output.describe import inspect_checkpoint
+    from neoxconv.output.hf_merge import MergeOptions, merge_checkpoint
     from neoxconv.tools.synthetic import SyntheticSpec, tiny_config, write_checkpoint
 
     tok = find_demo_tokenizer(tokenizer)
