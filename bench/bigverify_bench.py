@@ -10,7 +10,8 @@ activations, KV cache, logits; not the page cache of the memory-mapped safetenso
 Prints, per pair: peak memory capped vs uncapped (targets: <= half and <= 1 GiB), identical generated ids,
 decode tokens/s capped vs uncapped, and the bytes read per generated token (every weight of a stage on disk
 is read once per forward, the embedding only its looked-up rows: computed from the device map, in the files'
-dtype and after the cast to fp32) against the model's size. Sha256 checks are off (--no-check-hashes): they are not what is measured.
+dtype and after the cast to fp32) against the model's size. Sha256 checks are off (--no-check-hashes): they
+are not what is measured.
 """
 
 from __future__ import annotations

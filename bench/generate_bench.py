@@ -154,10 +154,12 @@ def main() -> None:
     print(f"  neoxconv (sdpa)         {med['sdpa_e2e']:7.1f} tok/s end-to-end, {med['sdpa_decode']:7.1f} tok/s decode")
     print(f"  ratio neoxconv/transformers: end-to-end {med['ours_e2e'] / med['hf_e2e']:.2f}x, "
           f"decode {med['ours_decode'] / med['hf_decode']:.2f}x (target >= 1.1x); same greedy ids: {same_ids}")
-    print(f"  memory bound: read rate {rate / 1e9:.1f} GB/s / {read_bytes / 1e9:.3f} GB read per token = {bound:.1f} tok/s; "
+    print(f"  memory bound: read rate {rate / 1e9:.1f} GB/s / {read_bytes / 1e9:.3f} GB read per token = "
+          f"{bound:.1f} tok/s; "
           f"neoxconv decode reaches {med['ours_decode'] / bound:.0%} of it")
     print("  per-step latency (ms): " + ", ".join(f"step {i + 1}: {step_med[i] * 1e3:.2f}" for i in probe)
-          + (f"; last/step 8 = {step_med[probe[-1]] / step_med[probe[0]]:.2f}x (target <= 1.2x)" if len(probe) > 1 else ""))
+          + (f"; last/step 8 = {step_med[probe[-1]] / step_med[probe[0]]:.2f}x (target <= 1.2x)"
+             if len(probe) > 1 else ""))
     print(f"  load: {statistics.median(loads):.3f} s vs reading the bytes {read_s:.3f} s = "
           f"{statistics.median(loads) / read_s:.2f}x (target <= 1.5x)")
 

@@ -100,7 +100,8 @@ def main() -> None:
           f"{ideal_layer * 1e6:.1f} us = {per_layer / ideal_layer:.2f}x (target <= 1.5x)")
     if "int8" in results:
         i8 = results["int8"]["int8"]
-        print(f"int8: weights {i8['weight_bytes_after'] / 2**30:.2f} GiB vs fp16 {i8['weight_bytes_before'] / 2**30:.2f} GiB"
+        print(f"int8: weights {i8['weight_bytes_after'] / 2**30:.2f} GiB vs fp16 "
+              f"{i8['weight_bytes_before'] / 2**30:.2f} GiB"
               f" = {i8['memory_ratio']:.2f}x (target <= 0.55x incl. embedding/readout kept in fp16); "
               f"top-1 agreement {i8['top1_agreement']:.0%}, {i8['tokens_per_second']:.1f} tokens/s")
     (work / "gpu_check.json").write_text(json.dumps(results, indent=2))

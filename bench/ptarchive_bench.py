@@ -103,7 +103,8 @@ def main() -> None:
     obj = shard(args.mb)
     gb = sum(t.numel() * t.element_size() for t in obj.values()) / 1e9
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
-        ref, mine = Path(tmp) / "a" / "layer_02-model_00-model_states.pt", Path(tmp) / "b" / "layer_02-model_00-model_states.pt"
+        ref = Path(tmp) / "a" / "layer_02-model_00-model_states.pt"
+        mine = Path(tmp) / "b" / "layer_02-model_00-model_states.pt"
         ref.parent.mkdir()
         mine.parent.mkdir()
         rows = [

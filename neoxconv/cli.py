@@ -231,7 +231,8 @@ def _parse_max_memory(ctx, param, value: str | None):
               help="Tokens to generate (stops at EOS).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
               help="auto = cuda when available.")
-@click.option("--dtype", type=_dtype_choice, default="auto", show_default=True, help="auto = fp16 on cuda, fp32 on cpu.")
+@click.option("--dtype", type=_dtype_choice, default="auto", show_default=True,
+              help="auto = fp16 on cuda, fp32 on cpu.")
 @click.option("--tokenizer", "tokenizer_path", type=click.Path(path_type=Path, dir_okay=False),
               help="tokenizer.json (default: OUT/tokenizer.json).")
 @click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy.")
@@ -345,7 +346,8 @@ def _print_neox_report(report, as_json: bool, quiet: bool) -> None:
 @main.command()
 @click.argument("hf_dir", type=click.Path(path_type=Path))
 @click.argument("out", type=click.Path(path_type=Path))
-@click.option("--tp", type=click.IntRange(min=1), required=True, help="Tensor-parallel degree (gpt-neox model-parallel-size).")
+@click.option("--tp", type=click.IntRange(min=1), required=True,
+              help="Tensor-parallel degree (gpt-neox model-parallel-size).")
 @click.option("--layout", type=_layout_choice, default="pipeline", show_default=True,
               help="pipeline: layer_XX-model_YY files (pipe-parallel-size >= 1); sequential: mp_rank_XX files only.")
 @click.option("--dtype", type=_dtype_choice, default="auto", show_default=True, help="auto keeps the weights' own.")
@@ -355,7 +357,8 @@ def _print_neox_report(report, as_json: bool, quiet: bool) -> None:
 @click.option("--key-names", type=click.Choice(["current", "20b"]), default="current", show_default=True,
               help="current: mlp.linear1/linear2 (gpt-neox since 2024-09); 20b: mlp.dense_h_to_4h/dense_4h_to_h "
                    "(Llama-style: mlp.w1/w2/w3 of mlp_type llama), for gpt-neox before 2024-09.")
-@click.option("--dry-run", is_flag=True, help="Only list the files, their bytes and the free disk at OUT; write nothing.")
+@click.option("--dry-run", is_flag=True,
+              help="Only list the files, their bytes and the free disk at OUT; write nothing.")
 @_neox_output_options
 @_run
 def split(hf_dir: Path, out: Path, tp: int, layout: str, dtype: str, step: int, tokenizer_path: Path | None,
@@ -392,7 +395,8 @@ def split(hf_dir: Path, out: Path, tp: int, layout: str, dtype: str, step: int, 
               help="NeoX YAML of the source; default: configs/*.yml next to SRC.")
 @click.option("--tokenizer", "tokenizer_path", type=click.Path(path_type=Path, dir_okay=False),
               help="tokenizer.json to copy; default: *tokenizer*.json next to SRC.")
-@click.option("--dry-run", is_flag=True, help="Only list the files, their bytes and the free disk at OUT; write nothing.")
+@click.option("--dry-run", is_flag=True,
+              help="Only list the files, their bytes and the free disk at OUT; write nothing.")
 @_neox_output_options
 @_run
 def reshard(src: Path, out: Path, tp: int, layout: str | None, dtype: str, step: int | None, row_bias: str,

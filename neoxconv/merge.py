@@ -111,7 +111,8 @@ RULES: dict[LayerKind, dict[str, RuleSpec]] = {
     LayerKind.BLOCK: {
         "input_layernorm.weight": RuleSpec(Rule.REPLICATED, _BLOCK + "input_layernorm.weight", "H"),
         "input_layernorm.bias": RuleSpec(Rule.REPLICATED, _BLOCK + "input_layernorm.bias", "H"),
-        "attention.query_key_value.weight": RuleSpec(Rule.CONCAT_ROWS, _BLOCK + "attention.query_key_value.weight", "3H,H"),
+        "attention.query_key_value.weight": RuleSpec(Rule.CONCAT_ROWS, _BLOCK + "attention.query_key_value.weight",
+                                                     "3H,H"),
         "attention.query_key_value.bias": RuleSpec(Rule.CONCAT_ROWS, _BLOCK + "attention.query_key_value.bias", "3H"),
         "attention.dense.weight": RuleSpec(Rule.CONCAT_COLS, _BLOCK + "attention.dense.weight", "H,H"),
         "attention.dense.bias": RuleSpec(Rule.ROW_BIAS, _BLOCK + "attention.dense.bias", "H"),

@@ -317,6 +317,8 @@ def test_torch_dtypes_have_one_home_that_imports_torch_lazily():
 def test_memory_and_file_sizes_share_one_formatter():
     from neoxconv.progress import format_bytes
 
-    assert format_bytes(116_500) == "116.5 kB" and format_bytes(41.12e9) == "41.12 GB" and format_bytes(999) == "999 B"
+    assert format_bytes(116_500) == "116.5 kB" and format_bytes(41.12e9) == "41.12 GB"
+    assert format_bytes(999) == "999 B"
     # memory too is decimal (issue 20): 1 GiB is 1.07 GB, never "1.00 GiB" beside a "GB" elsewhere
-    assert format_bytes(1.5 * 2**30) == "1.61 GB" and format_bytes(1000) == "1.00 kB" and format_bytes(300e6) == "300.0 MB"
+    assert format_bytes(1.5 * 2**30) == "1.61 GB" and format_bytes(1000) == "1.00 kB"
+    assert format_bytes(300e6) == "300.0 MB"

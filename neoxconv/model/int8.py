@@ -22,7 +22,9 @@ def require_bitsandbytes():
         logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
         import bitsandbytes as bnb
     except ImportError:
-        raise UsageError("--int8 needs bitsandbytes: pip install 'neoxconv[int8]' (or pip install bitsandbytes)") from None
+        raise UsageError(
+            "--int8 needs bitsandbytes: pip install 'neoxconv[int8]' (or pip install bitsandbytes)"
+        ) from None
     return bnb
 
 

@@ -179,7 +179,8 @@ def format_inspect(info: dict[str, Any], *, summary: bool = False) -> str:
         rows += [("row-parallel bias", info["row_bias"]), ("output dtype", info["output_dtype"]),
                  ("output bytes", f"{info['output_bytes']:,} ({format_bytes(info['output_bytes'])})")]
     if "out_free_bytes" in info:
-        free = f"{info['out_free_bytes']:,} bytes ({format_bytes(info['out_free_bytes'])}) at {info['out_free_bytes_at']}"
+        free = (f"{info['out_free_bytes']:,} bytes ({format_bytes(info['out_free_bytes'])}) "
+                f"at {info['out_free_bytes_at']}")
         if info.get("out_fits") is False and not info.get("out_problem"):
             free += "; NOT ENOUGH for the merge"
         rows.append(("free at OUT", free))

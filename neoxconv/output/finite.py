@@ -28,7 +28,8 @@ def count_tensor_nonfinite(t, dtype: str) -> int:
     return counter.count
 
 
-def report_nonfinite(n: int, what: str, dtype: str, *, allow: bool, warnings: list[str], doing: str = "merging") -> None:
+def report_nonfinite(n: int, what: str, dtype: str, *, allow: bool, warnings: list[str],
+                     doing: str = "merging") -> None:
     """``what`` (where, key, name) holds ``n`` inf/nan values after ``doing`` to ``dtype``: refused, or a
     warning when allowed."""
     if n:

@@ -3,9 +3,9 @@
 Every writer (merge, split, reshard) hashes each file while writing it (`neoxconv.output.writer`) and never
 re-reads it for that. The manifest records the algorithm twice: once for the whole run (``"hash": "blake3"``)
 and as the key of each file's digest (``{"blake3": "…", "size": N}``), so a manifest written before BLAKE3
-(``"sha256"`` entries, as split/reshard wrote them) still verifies. BLAKE3 costs ~4x less CPU per byte than sha256 on one core and spreads over all
-cores for large buffers (bench/checks_bench.py); sha256 stays available (``merge --hash sha256``) for
-comparing against Hugging Face Hub LFS ids.
+(``"sha256"`` entries, as split/reshard wrote them) still verifies. BLAKE3 costs ~4x less CPU per byte than
+sha256 on one core and spreads over all cores for large buffers (bench/checks_bench.py); sha256 stays
+available (``merge --hash sha256``) for comparing against Hugging Face Hub LFS ids.
 """
 
 from __future__ import annotations

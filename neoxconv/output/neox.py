@@ -188,7 +188,8 @@ def neox_yaml(target: NeoXTarget, divisible_by: int) -> str:
     lines += [
         '  "pos-emb": "rotary",',
         f'  "rotary_pct": {_yaml_float(c.rotary_pct)},',
-        f'  "rotary_emb_base": {int(c.rotary_emb_base) if float(c.rotary_emb_base).is_integer() else _yaml_float(c.rotary_emb_base)},',
+        f'  "rotary_emb_base": '
+        f'{int(c.rotary_emb_base) if float(c.rotary_emb_base).is_integer() else _yaml_float(c.rotary_emb_base)},',
         '  "rotary_save_freqs_buffer": false,  # as gpt-neox saves Llama-style models: no inv_freq' if llama else
         '  "rotary_save_freqs_buffer": true,  # the block files carry attention.rotary_emb.inv_freq',
         f'  "no-weight-tying": {b(not c.tie_word_embeddings)},',
@@ -398,7 +399,8 @@ def plan_neox_output(out: Path, target: NeoXTarget, tensors: Callable[[SourceLay
             objs += [(rel(pipeline_file_name(layer.index, r)), shard) for r in range(T)]
         objs += [(rel(sequential_file_name(r)), bookkeeping(target, None)) for r in range(T)]
     else:
-        module = {f"sequential.{layer.index}.{k}": v for layer in target.layers for k, v in spec(tensors(layer)).items()}
+        module = {f"sequential.{layer.index}.{k}": v
+                  for layer in target.layers for k, v in spec(tensors(layer)).items()}
         objs += [(rel(sequential_file_name(r)), bookkeeping(target, module)) for r in range(T)]
     files = [(name, plan_archive(obj, archive_name=archive_name_for(name)).size) for name, obj in objs]
     divisor = vocab_divisor(target.config.vocab_size or 0, T, target.tokenizer_size)
@@ -431,8 +433,9 @@ def _step_folders(out: Path) -> list[str]:
 
 def _remove_private_folders(out: Path) -> None:
     """The private folders an earlier version's writer left when killed (``.neoxconv-pt-*.neoxconv-tmp``,
-    ``.staging.neoxconv-tmp``; this version writes hidden temporaries beside the final names), in an OUT that is ours: our files in them are removed, a folder only when then empty; a link under such a
-    name is never followed."""
+    ``.staging.neoxconv-tmp``; this version writes hidden temporaries beside the final names), in an OUT that
+    is ours: our files in them are removed, a folder only when then empty; a link under such a name is never
+    followed."""
     for step in _step_folders(out):
         for folder in sorted((out / step).iterdir()):
             private = folder.name.startswith(PRIVATE_PREFIX) and folder.name.endswith(TMP_SUFFIX)
@@ -501,7 +504,10 @@ def write_neox_checkpoint(
     T = target.tp_degree
     spec = FolderSpec(kind=NEOX, command=desc, is_ours=is_neox_output_name, noun="NeoX output",
                       folders=(target.step_name, "configs"), stale_folders=_step_folders)
-    rel = lambda name: f"{target.step_name}/{name}"
+
+    def rel(name: str) -> str:
+        return f"{target.step_name}/{name}"
+
     groups: list[_Group] = []
     if target.layout == "pipeline":
         for layer in target.layers:
@@ -518,7 +524,10 @@ def write_neox_checkpoint(
     if tokenizer is not None:
         small[TOKENIZER_NAME] = tokenizer.read_bytes()
     small["latest"] = target.step_name.encode()
-    allowed = lambda e: allow_nonfinite or not e.nonfinite
+
+    def allowed(e: FileEntry) -> bool:
+        return allow_nonfinite or not e.nonfinite
+
     doing = "splitting" if desc == "split" else "resharding"
 
     with OutputFolder(out, spec, source=source, options=recorded, hash_algo=hash_algo, resume=resume,
@@ -575,7 +584,7 @@ def write_neox_checkpoint(
                     counts = [[0] * len(tensors) for _ in g.ranks]  # inf/nan per rank and tensor
                     counter = NonFiniteCounter(target.dtype)  # one scratch buffer for every block
 
-                    def emit(rank: int, index: int, block: np.ndarray, counts=counts) -> None:
+                    def emit(rank: int, index: int, block: np.ndarray, counts=counts, counter=counter) -> None:
                         i = slot.get(rank)
                         if i is None:  # a rank whose file is kept
                             return

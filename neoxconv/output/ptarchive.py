@@ -363,7 +363,8 @@ def _std_hash(data: bytes) -> int:
     aligned = n & ~7
     h = (0xC70F6907 ^ (n * _MUL)) & _M64
     for i in range(0, aligned, 8):
-        h = ((h ^ ((_shift_mix((int.from_bytes(data[i : i + 8], "little") * _MUL) & _M64) * _MUL) & _M64)) * _MUL) & _M64
+        k = (_shift_mix((int.from_bytes(data[i : i + 8], "little") * _MUL) & _M64) * _MUL) & _M64
+        h = ((h ^ k) * _MUL) & _M64
     if n & 7:
         h = ((h ^ int.from_bytes(data[aligned:], "little")) * _MUL) & _M64
     return _shift_mix((_shift_mix(h) * _MUL) & _M64)

@@ -257,8 +257,9 @@ def check_dropped_tensors(hf: HFModel, planned: FolderPlan) -> None:
     for name in planned.tied_readouts:
         if not hf.same_values(planned.embedding, name):
             raise CheckpointError(
-                f"{where}: tie_word_embeddings is true, but {name!r} differs from {planned.embedding!r} (transformers 5 "
-                f"then uses {name!r} untied, transformers 4 ties it to {planned.embedding!r}); set tie_word_embeddings "
+                f"{where}: tie_word_embeddings is true, but {name!r} differs from {planned.embedding!r} "
+                f"(transformers 5 then uses {name!r} untied, transformers 4 ties it to {planned.embedding!r}); "
+                f"set tie_word_embeddings "
                 f"to false in config.json to keep {name!r} as the readout, or remove it from the folder to tie them")
 
 

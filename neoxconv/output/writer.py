@@ -79,7 +79,9 @@ def fsync_dir(d: Path) -> None:
 def output_error(path: Path, e: OSError) -> OutputError:
     """The OutputError for a failed write of ``path``: a full disk says how to resume."""
     if e.errno == errno.ENOSPC:
-        return OutputError(f"{path}: no space left on the device; free some space and re-run the same command to resume")
+        return OutputError(
+            f"{path}: no space left on the device; free some space and re-run the same command to resume"
+        )
     return OutputError(f"{path}: cannot write: {e.strerror or e}")
 
 

@@ -10,8 +10,9 @@ dropped right after. The KV cache of each layer lives on that layer's execution 
 Three things are neoxconv's own, because accelerate does not do them:
 * the device map itself (``plan_placement``): accelerate's ``infer_auto_device_map`` keeps room for the
   largest layer on every device, so a cap below the largest module (the fp32 embedding of a 50k vocabulary
-  is ~400 MB at hidden 2048) maps *everything* to disk, and nothing stays resident. Here the cap bounds the weights kept resident between uses, first fit in execution order; a module
-  larger than the cap is mapped to disk, brought in for its use and dropped after (with a note saying so);
+  is ~400 MB at hidden 2048) maps *everything* to disk, and nothing stays resident. Here the cap bounds the
+  weights kept resident between uses, first fit in execution order; a module larger than the cap is mapped
+  to disk, brought in for its use and dropped after (with a note saying so);
 * the offloaded embedding and readout (``RowStreamedEmbedding``, ``RowStreamedLinear``): accelerate brings
   in whole modules, i.e. all V rows of the embedding to look up one per token, and the whole (V, H) readout
   in the compute dtype (1.24 GB in fp32 for 20B); here the embedding reads only the rows it looks up and
@@ -35,7 +36,6 @@ import threading
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Union
 
 import torch
 import torch.nn.functional as F
@@ -53,7 +53,7 @@ class PlacementError(UsageError):
     """--max-memory / --device-map ask for devices this run does not have (exit 2)."""
 
 
-Device = Union[int, str]  # accelerate's spelling: a CUDA index, "cpu" or "disk"
+Device = int | str  # accelerate's spelling: a CUDA index, "cpu" or "disk"
 DEVICE_MAPS = ("auto", "balanced", "sequential")
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
