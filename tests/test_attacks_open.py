@@ -292,39 +292,3 @@ def test_a_tensor_saved_with_its_negative_bit_reads_as_torch_load_reads_it(tmp_p
     name = "model-00002-of-00005.safetensors"
     got, want = load_file(tmp_path / "out" / name), load_file(plain / name)
     assert all(torch.equal(got[k], want[k]) for k in want)
-
-
-@pytest.mark.xfail(strict=True, reason="merge writes a readout beside tie_word_embeddings: true (split refuses it)")
-def test_merge_of_a_tied_config_with_a_readout_file_is_refused_or_verifiable(tmp_path):
-    """The NeoX YAML says the embedding is tied (``no-weight-tying: false``) but the readout layer files are
-    there (and differ from the embedding): `merge` exited 0 writing ``embed_out.weight`` and config.json
-    ``tie_word_embeddings: true``. Its own `verify` then refuses the folder ("unexpected tensor
-    'embed_out.weight' for this config", exit 7); transformers 5 loads the readout untied, 4.x ties it to the
-    embedding. merge should refuse as split does for the same ambiguity (naming the YAML and the readout files),
-    or drop the readout only when it equals the embedding."""
-    src = tmp_path / "src"
-    shutil.copytree(COMMITTED_FIXTURE, src)
-    yml = src / "configs" / "model.yml"
-    assert '"no-weight-tying": true' in yml.read_text()
-    yml.write_text(yml.read_text().replace('"no-weight-tying": true', '"no-weight-tying": false'))
-    out = tmp_path / "out"
-    result = cli("merge", "-q", src, out)
-    if result.exit_code != 0:
-        assert result.exit_code in (3, 4) and "internal error" not in result.output, result.output
-        return
-    check = cli("verify", out, "--ids", "1,2", "--max-new-tokens", 1)
-    assert check.exit_code == 0, check.output
-
-
-@pytest.mark.xfail(strict=True, reason="reshard drops a readout that differs from the embedding under a tied config")
-def test_reshard_of_a_tied_config_with_a_readout_file_does_not_drop_it_silently(tmp_path):
-    """The same source (tied in the YAML, readout files present and different from the embedding): `reshard
-    --tp 1` exited 0 without a word and wrote no readout layer file, so ``merge(reshard(SRC))`` differs from
-    ``merge(SRC)`` (which keeps ``embed_out.weight``), against reshard's own promise. It should refuse the
-    ambiguous source as split does (exit 3/4, naming the YAML and the readout files)."""
-    src = tmp_path / "src"
-    shutil.copytree(COMMITTED_FIXTURE, src)
-    yml = src / "configs" / "model.yml"
-    yml.write_text(yml.read_text().replace('"no-weight-tying": true', '"no-weight-tying": false'))
-    result = cli("reshard", "-q", src, tmp_path / "out", "--tp", 1)
-    assert result.exit_code in (3, 4), result.output
