@@ -71,6 +71,16 @@ def is_output_name(name: str) -> bool:
     return name in _FIXED_NAMES or bool(_WEIGHT_FILE.match(name))
 
 
+def competing_weight_files(out: Path, indexed: Iterable[str]) -> list[str]:
+    """Weight files in OUT that transformers' ``from_pretrained(OUT)`` may load instead of, or beside, the
+    safetensors index naming ``indexed``: ``model.safetensors`` (looked for before the index), ``pytorch_model*.bin``
+    and their index, any ``*.safetensors`` the index does not name. A merge never writes them."""
+    indexed = set(indexed)
+    return sorted(p.name for p in _entries(out)
+                  if p.name == "model.safetensors" or (p.name.endswith(".safetensors") and p.name not in indexed)
+                  or (p.name.startswith("pytorch_model") and p.name.endswith((".bin", ".bin.index.json"))))
+
+
 def is_temp_name(name: str, is_ours: Callable[[str], bool] = is_output_name, folder: str = "") -> bool:
     """The hidden temporary of one of neoxconv's own output names (``.config.json.neoxconv-tmp``).
 

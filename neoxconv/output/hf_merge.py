@@ -28,14 +28,15 @@ import numpy as np
 from neoxconv.source.checkpoint import Checkpoint
 from neoxconv.config import NeoXConfig
 from neoxconv.dtypes import count_nonfinite
-from neoxconv.errors import CheckpointError, MergeError, UsageError
+from neoxconv.errors import CheckpointError, MergeError, OutputError, UsageError, few
 from neoxconv.plan.fingerprint import config_digest, layer_fingerprint, source_identity
 from neoxconv.output.hashing import DEFAULT_HASH, check_algorithm
 from neoxconv.interrupt import InterruptGuard, deferred_sigint
 from neoxconv.merge import QkvLayout, Rule, check_replicas, merge_tensor
 from neoxconv.plan.plan import LayerPlan, PlanOptions, SourcePlan, TensorPlan, plan_source
 from neoxconv.output.finite import report_nonfinite
-from neoxconv.output.folder import HF, INDEX, FileEntry, FolderSpec, OutputFolder, check_out_path, is_output_name
+from neoxconv.output.folder import (HF, INDEX, FileEntry, FolderSpec, OutputFolder, check_out_path,
+                                    competing_weight_files, is_output_name)
 from neoxconv.output.hub import (CARD, DEFAULT_LICENSE, GENERATION_CONFIG, CardFacts, check_license, generation_config,
                                  model_card, public_command)
 from neoxconv.output.prefetch import prefetch
@@ -371,6 +372,10 @@ def _merge(src: Path, out: Path, options: MergeOptions, guard: InterruptGuard,
     small = _small_files(ckpt, config, config_dtype, names, plans, tokenizer)
     folder = held.enter_context(OutputFolder(out, FOLDER, source=source, options=recorded, hash_algo=options.hash,
                                              resume=options.resume, force=options.force))
+    competing = competing_weight_files(out, names)  # (after the folder removed what was ours)
+    if competing:
+        raise OutputError(f"{out}: holds {few(competing)}, weight files this merge does not write that transformers' "
+                          "from_pretrained may load instead of the merged ones; remove them, or choose another OUT")
 
     # which layers are already done (same inputs, allowed under these options, file present, its hash as
     # recorded); a bar while re-hashing them
