@@ -633,3 +633,21 @@ def test_split_reshard_out_on_a_read_only_filesystem(writer_command, tmp_path, m
 
     monkeypatch.setattr(os, "open", read_only)
     one_line_error(cli(name, src, ro / "out", "--tp", "2"), 6, ro / "out", "Read-only file system")
+
+
+@pytest.mark.parametrize("command", ["merge", "split"])
+def test_a_hard_link_planted_as_the_lock_never_changes_the_file_outside_out(merged_fixture, tmp_path, command):
+    """``OUT/.neoxconv.lock`` a hard link to ``victim.txt`` outside OUT (OUT holds nothing else, so it counts as
+    empty): `OutputLock` opens it O_RDWR (O_NOFOLLOW stops symlinks only), ``ftruncate``s it and writes
+    "PID merge" into it: the victim's contents were replaced, exit 0. The lock should refuse (or unlink and
+    recreate) a lock file with ``st_nlink > 1`` before writing to it, so nothing outside OUT changes."""
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious data\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    os.link(victim, out / ".neoxconv.lock")
+    if command == "merge":
+        cli("merge", "-q", COMMITTED_FIXTURE, out)
+    else:
+        cli("split", "-q", merged_fixture, out, "--tp", 1)
+    assert victim.read_text() == "precious data\n"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ from neoxconv.config import read_neox_yaml
 from neoxconv.output.hf_merge import MergeOptions, merge_checkpoint
 from neoxconv.output.reshard import ReshardOptions, reshard_checkpoint
 
-from conftest import cli, one_line_error
+from conftest import COMMITTED_FIXTURE, cli, one_line_error
 
 
 def _merged(src: Path, out: Path, **kw) -> dict[str, torch.Tensor]:
@@ -125,3 +126,16 @@ def test_reshard_of_a_corrupt_flat_buffer_fails_before_writing(tmp_path):
     one_line_error(cli("reshard", "-q", root, tmp_path / "out", "--tp", 1), 4, files[1].name, "CRC-32")
     out = tmp_path / "out"
     assert not out.exists() or not any(out.rglob("*.pt"))
+
+
+def test_reshard_of_a_tied_config_with_a_readout_file_does_not_drop_it_silently(tmp_path):
+    """The same source (tied in the YAML, readout files present and different from the embedding): `reshard
+    --tp 1` exited 0 without a word and wrote no readout layer file, so ``merge(reshard(SRC))`` differs from
+    ``merge(SRC)`` (which keeps ``embed_out.weight``), against reshard's own promise. It should refuse the
+    ambiguous source as split does (exit 3/4, naming the YAML and the readout files)."""
+    src = tmp_path / "src"
+    shutil.copytree(COMMITTED_FIXTURE, src)
+    yml = src / "configs" / "model.yml"
+    yml.write_text(yml.read_text().replace('"no-weight-tying": true', '"no-weight-tying": false'))
+    result = cli("reshard", "-q", src, tmp_path / "out", "--tp", 1)
+    assert result.exit_code in (3, 4), result.output

@@ -628,3 +628,33 @@ def test_remerge_with_other_options_names_the_difference(tmp_path):
     assert cli("merge", COMMITTED_FIXTURE, auto, "-q").exit_code == 0
     result = cli("merge", COMMITTED_FIXTURE, auto, "--dtype", "bf16")
     assert result.exit_code == 6 and "dtype: auto (float16) before, bf16 now; use --no-resume" in result.stderr
+
+
+_LAYER = "model-00003-of-00005.safetensors"
+
+
+@pytest.mark.parametrize("edit", ["tensor entry a string", "tensors null", "tensors a list", "extra field NaN"])
+def test_resume_over_a_hand_edited_manifest_is_never_an_internal_error(merged_fixture_copy, edit):
+    """One layer's entry in OUT/neoxconv.json hand-edited (its file and hash untouched), then the same merge
+    re-run: the layer is kept (`_allowed` skips what it cannot read) and `_merge`'s summary then calls
+    ``.get``/``.values()`` on what the manifest holds (``internal error: AttributeError``), or the new
+    manifest cannot be written strictly (a NaN carried over in the entry's meta: ``internal error:
+    ValueError: Out of range float values``). A layer whose recorded metadata is not what merge writes
+    should be redone (or the metadata rebuilt from the plan), never carried over; exit 0 with a manifest
+    equal to a fresh merge's."""
+    out = merged_fixture_copy
+    raw = json.loads((out / "neoxconv.json").read_text())
+    fresh = json.loads(json.dumps(raw))
+    entry = raw["layers"][_LAYER]
+    if edit == "tensor entry a string":
+        entry["tensors"][next(iter(entry["tensors"]))] = "x"
+    elif edit == "tensors null":
+        entry["tensors"] = None
+    elif edit == "tensors a list":
+        entry["tensors"] = []
+    else:
+        entry["note"] = float("nan")
+    (out / "neoxconv.json").write_text(json.dumps(raw))
+    result = cli("merge", "-q", COMMITTED_FIXTURE, out)
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "neoxconv.json").read_text())["layers"][_LAYER] == fresh["layers"][_LAYER]

@@ -19,7 +19,7 @@ from neoxconv.plan.plan import plan_layer
 from neoxconv.source.checkpoint import LayerKind, SourceLayer
 from neoxconv.source.ptfile import read_pt
 
-from conftest import COMMITTED_FIXTURE, STEP, merge_fails, rewrite_pt, run_cli
+from conftest import COMMITTED_FIXTURE, STEP, cli, merge_fails, rewrite_pt, run_cli
 
 NEOX_20B_BLOCK_KEYS = {
     "input_layernorm.weight", "input_layernorm.bias",
@@ -264,3 +264,50 @@ def test_bad_last_layer_fails_before_anything_is_written(tmp_path):
     with pytest.raises(MergeError, match="final_linear.weight"):
         merge_checkpoint(tmp_path / "src", tmp_path / "out", MergeOptions(quiet=True))
     assert not (tmp_path / "out").exists()
+
+
+def test_merge_of_a_tied_config_with_a_readout_file_is_refused_or_verifiable(tmp_path):
+    """The NeoX YAML says the embedding is tied (``no-weight-tying: false``) but the readout layer files are
+    there (and differ from the embedding): `merge` exited 0 writing ``embed_out.weight`` and config.json
+    ``tie_word_embeddings: true``. Its own `verify` then refuses the folder ("unexpected tensor
+    'embed_out.weight' for this config", exit 7); transformers 5 loads the readout untied, 4.x ties it to the
+    embedding. merge should refuse as split does for the same ambiguity (naming the YAML and the readout files),
+    or drop the readout only when it equals the embedding."""
+    src = tmp_path / "src"
+    shutil.copytree(COMMITTED_FIXTURE, src)
+    yml = src / "configs" / "model.yml"
+    assert '"no-weight-tying": true' in yml.read_text()
+    yml.write_text(yml.read_text().replace('"no-weight-tying": true', '"no-weight-tying": false'))
+    out = tmp_path / "out"
+    result = cli("merge", "-q", src, out)
+    if result.exit_code != 0:
+        assert result.exit_code in (3, 4) and "internal error" not in result.output, result.output
+        return
+    check = cli("verify", out, "--ids", "1,2", "--max-new-tokens", 1)
+    assert check.exit_code == 0, check.output
+
+
+def test_merge_of_a_tied_config_drops_a_readout_equal_to_the_embedding_and_refuses_one_that_differs(tmp_path):
+    """A tied config (``no-weight-tying: false``) with readout layer files present: a readout equal to the
+    embedding bit for bit is dropped (as split drops it), so the output is a tied model that verifies; one
+    that differs is refused (exit 4), the message naming the setting and the readout files."""
+    src = tmp_path / "src"
+    shutil.copytree(COMMITTED_FIXTURE, src)
+    yml = src / "configs" / "model.yml"
+    yml.write_text(yml.read_text().replace('"no-weight-tying": true', '"no-weight-tying": false'))
+    refused = cli("merge", "-q", src, tmp_path / "refused")
+    assert refused.exit_code == 4, refused.output
+    assert "no-weight-tying" in refused.output and "layer_06-model_00-model_states.pt" in refused.output
+    assert not (tmp_path / "refused").exists() or not any((tmp_path / "refused").glob("*.safetensors"))
+    for rank in (0, 1):
+        emb = torch.load(src / STEP / f"layer_00-model_0{rank}-model_states.pt", weights_only=True)
+        rewrite_pt(src / STEP / f"layer_06-model_0{rank}-model_states.pt",
+                   lambda d, w=emb["word_embeddings.weight"]: d.__setitem__("final_linear.weight", w.clone()))
+    out = tmp_path / "out"
+    result = cli("merge", "-q", src, out)
+    assert result.exit_code == 0, result.output
+    config = json.loads((out / "config.json").read_text())
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert config["tie_word_embeddings"] is True and "embed_out.weight" not in index["weight_map"]
+    check = cli("verify", out, "--ids", "1,2", "--max-new-tokens", 1)
+    assert check.exit_code == 0, check.output

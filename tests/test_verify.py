@@ -444,3 +444,42 @@ def test_index_naming_a_tensor_no_file_holds_fails_integrity(merged_fp32, tmp_pa
     result = cli("verify", copy, "--ids", "1,2", "--device", "cpu", "--no-manifest", "--max-new-tokens", "1")
     assert result.exit_code == 7, result.output
     assert "places tensors in files that do not hold them" in result.output and "attention.extra" in result.output
+
+
+def test_verify_fails_when_from_pretrained_would_load_a_planted_single_file(merged_fixture_copy):
+    """A ``model.safetensors`` added to a merged OUT (every tensor negated): ``from_pretrained(OUT)`` loads it
+    instead of the sharded index (transformers looks for the single file first), yet `verify OUT` said
+    'all checks passed' (exit 0), integrity listed it in neither 'proven' nor 'not proven', and
+    ``--against SRC`` passed too (both read the index); only ``--reference hf`` saw it. Integrity should fail
+    (or at least report) weight files that transformers would load besides the index: ``model.safetensors``,
+    ``pytorch_model.bin*``, safetensors files the index does not name. (The same file survives a
+    ``merge --force`` into a folder that held a single-file save, so the new merge is not what loads.)"""
+    from safetensors.torch import load_file, save_file
+
+    out = merged_fixture_copy
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    state = {}
+    for f in sorted(set(index["weight_map"].values())):
+        state.update(load_file(out / f))
+    save_file({k: (-v).contiguous() for k, v in state.items()}, out / "model.safetensors", metadata={"format": "pt"})
+    result = cli("verify", out, "--ids", "1,2,3", "--max-new-tokens", 1)
+    assert result.exit_code != 0, result.output
+
+
+@pytest.mark.parametrize("planted", ["model.safetensors", "pytorch_model.bin"])
+def test_merge_over_a_folder_holding_a_weight_file_transformers_would_load_refuses_naming_it(merged_fixture_copy,
+                                                                                          tmp_path, planted):
+    """A weight file a merge never writes (``model.safetensors``, which from_pretrained looks for before the index;
+    ``pytorch_model.bin``) in OUT: a re-run of the merge into its own output, or ``--force`` over a folder that
+    held a single-file save, refuses (exit 6) naming it rather than leave it beside the new index."""
+    (merged_fixture_copy / planted).write_bytes(b"not ours")
+    result = cli("merge", "-q", COMMITTED_FIXTURE, merged_fixture_copy)
+    assert result.exit_code == 6 and planted in result.output, result.output
+    assert (merged_fixture_copy / planted).read_bytes() == b"not ours"
+    single = tmp_path / "single"
+    single.mkdir()
+    (single / planted).write_bytes(b"not ours")
+    (single / "config.json").write_text("{}")
+    result = cli("merge", "-q", "--force", COMMITTED_FIXTURE, single)
+    assert result.exit_code == 6 and planted in result.output, result.output
+    assert (single / planted).read_bytes() == b"not ours"

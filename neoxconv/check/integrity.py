@@ -9,7 +9,7 @@ from pathlib import Path
 from neoxconv.config import NeoXConfig
 from neoxconv.dtypes import FROM_SAFETENSORS
 from neoxconv.errors import CheckpointError, VerificationError, few
-from neoxconv.output.folder import INDEX, JOURNAL, MANIFEST
+from neoxconv.output.folder import INDEX, JOURNAL, MANIFEST, competing_weight_files
 from neoxconv.merge import output_shapes
 from neoxconv.output.hashing import hash_file, recorded_hash
 from neoxconv.progress import format_bytes
@@ -147,6 +147,10 @@ def check_output(out: Path, config: NeoXConfig, *, hashes: bool | None = None,
         if unlisted:
             problems.append(f"{INDEX}: names {few(unlisted)}, which the manifest does not list (added file?)")
     report.hashes_checked = manifest is not None and bool(hash_weights)
+    competing = competing_weight_files(out, index_files)
+    if competing:  # from_pretrained(OUT) would load model.safetensors, not what the index and manifest prove
+        problems.append(f"{few(competing)}: weight files beside {INDEX} that the merge did not write and "
+                        "transformers' from_pretrained may load instead of the indexed ones; remove them")
 
     expected = expected_tensors(config)
     seen: dict[str, str] = {}

@@ -71,6 +71,16 @@ def is_output_name(name: str) -> bool:
     return name in _FIXED_NAMES or bool(_WEIGHT_FILE.match(name))
 
 
+def competing_weight_files(out: Path, indexed: Iterable[str]) -> list[str]:
+    """Weight files in OUT that transformers' ``from_pretrained(OUT)`` may load instead of, or beside, the
+    safetensors index naming ``indexed``: ``model.safetensors`` (looked for before the index), ``pytorch_model*.bin``
+    and their index, any ``*.safetensors`` the index does not name. A merge never writes them."""
+    indexed = set(indexed)
+    return sorted(p.name for p in _entries(out)
+                  if p.name == "model.safetensors" or (p.name.endswith(".safetensors") and p.name not in indexed)
+                  or (p.name.startswith("pytorch_model") and p.name.endswith((".bin", ".bin.index.json"))))
+
+
 def is_temp_name(name: str, is_ours: Callable[[str], bool] = is_output_name, folder: str = "") -> bool:
     """The hidden temporary of one of neoxconv's own output names (``.config.json.neoxconv-tmp``).
 
@@ -619,6 +629,8 @@ class OutputLock:
                     raise OutputError(f"{self.path}: is {what}, not neoxconv's lock file; remove it, "
                                       "then re-run") from None
                 raise OutputError(f"{self.out}: cannot write in the output folder: {e.strerror or e}") from None
+            if not self._own_lock_file(fd):  # a hard link or special file planted as the lock: never write it
+                continue
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -646,6 +658,25 @@ class OutputLock:
                 self.__exit__(None, None, None)
                 raise OutputError(f"{self.path}: cannot write: {e.strerror or e}") from None
         return self
+
+    def _own_lock_file(self, fd: int) -> bool:
+        """Whether ``fd`` is a plain file with no other name (a lock we may truncate and write). A hard link
+        to a file elsewhere (O_NOFOLLOW stops symlinks only) or a special file is closed and unlinked from OUT,
+        never written, so the caller re-creates the lock; False then."""
+        st = os.fstat(fd)
+        if stat.S_ISREG(st.st_mode) and st.st_nlink <= 1:
+            return True
+        os.close(fd)
+        try:
+            here = os.stat(self.path, follow_symlinks=False)
+            if (here.st_dev, here.st_ino) == (st.st_dev, st.st_ino):
+                os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            raise OutputError(f"{self.path}: is not neoxconv's lock file (a hard link or special file) and "
+                              f"cannot be removed: {e.strerror or e}; remove it, then re-run") from None
+        return False
 
     def _same_file(self, fd: int) -> bool:
         try:

@@ -28,14 +28,15 @@ import numpy as np
 from neoxconv.source.checkpoint import Checkpoint
 from neoxconv.config import NeoXConfig
 from neoxconv.dtypes import count_nonfinite
-from neoxconv.errors import CheckpointError, MergeError, UsageError
+from neoxconv.errors import CheckpointError, MergeError, OutputError, UsageError, few
 from neoxconv.plan.fingerprint import config_digest, layer_fingerprint, source_identity
 from neoxconv.output.hashing import DEFAULT_HASH, check_algorithm
 from neoxconv.interrupt import InterruptGuard, deferred_sigint
 from neoxconv.merge import QkvLayout, Rule, check_replicas, merge_tensor
 from neoxconv.plan.plan import LayerPlan, PlanOptions, SourcePlan, TensorPlan, plan_source
 from neoxconv.output.finite import report_nonfinite
-from neoxconv.output.folder import HF, INDEX, FileEntry, FolderSpec, OutputFolder, check_out_path, is_output_name
+from neoxconv.output.folder import (HF, INDEX, FileEntry, FolderSpec, OutputFolder, check_out_path,
+                                    competing_weight_files, is_output_name)
 from neoxconv.output.hub import (CARD, DEFAULT_LICENSE, GENERATION_CONFIG, CardFacts, check_license, generation_config,
                                  model_card, public_command)
 from neoxconv.output.prefetch import prefetch
@@ -144,15 +145,39 @@ def output_names(n: int) -> list[str]:
     return [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
 
 
-def _allowed(entry: FileEntry, options: MergeOptions) -> bool:
-    """A finished layer may be kept under this run's options: its inf/nan only with --allow-nonfinite, its
-    replicas' divergence within --replica-tolerance (as a fresh merge would check them)."""
+_DIVERGENCE = "max_replica_divergence"
+
+
+def _layer_meta(plan: LayerPlan, divergence: dict[str, float | None]) -> dict[str, Any]:
+    """What the manifest records for a layer file beside its hash (``divergence``: by source key, the largest
+    difference between replicated ranks, None or absent where there is none)."""
+    tensors_meta: dict[str, Any] = {}
+    for t in plan.tensors:
+        meta: dict[str, Any] = {"source_key": t.key, "rule": t.rule_label, "dtype": t.out_dtype, "shape": list(t.shape)}
+        if divergence.get(t.key) is not None:
+            meta[_DIVERGENCE] = divergence[t.key]
+        tensors_meta[t.hf_name] = meta
+    return {"source_layer": plan.layer.index, "kind": plan.layer.kind.value, "source_files": list(plan.files),
+            "tensors": tensors_meta, "dropped": {t.key: t.rule.value for t in plan.dropped}}
+
+
+def _allowed(entry: FileEntry, plan: LayerPlan, options: MergeOptions) -> bool:
+    """A finished layer may be kept under this run's options: its recorded description exactly what this merge
+    would record (a hand-edited or foreign entry is redone, never carried over), its inf/nan only with
+    --allow-nonfinite, its replicas' divergence a finite number within --replica-tolerance (as a fresh merge
+    would check them)."""
     if entry.nonfinite and not options.allow_nonfinite:
         return False
     tensors = entry.meta.get("tensors")
-    divergences = [m.get("max_replica_divergence", 0.0) for m in tensors.values() if isinstance(m, dict)] \
-        if isinstance(tensors, dict) else []
-    return all(isinstance(d, (int, float)) and d <= options.replica_tolerance for d in divergences)
+    if not isinstance(tensors, dict) or not all(isinstance(m, dict) for m in tensors.values()):
+        return False
+    divergences = [m[_DIVERGENCE] for m in tensors.values() if _DIVERGENCE in m]
+    if not all(type(d) in (int, float) and math.isfinite(d) and 0 <= d <= options.replica_tolerance
+               for d in divergences):
+        return False
+    recorded = {**entry.meta, "tensors": {n: {k: v for k, v in m.items() if k != _DIVERGENCE}
+                                          for n, m in tensors.items()}}
+    return recorded == json.loads(json.dumps(_layer_meta(plan, {})))
 
 
 def _check_dropped(t: TensorPlan, where: str, reader: Reads) -> None:
@@ -214,14 +239,7 @@ def _write_layer(path: Path, plan: LayerPlan, options: MergeOptions, bar, guard:
                     nonfinite += _nonfinite(chunk, t, where, options.allow_nonfinite, warnings)
                     w.write_chunk(t.hf_name, chunk)
                     bar.update(chunk.nbytes)
-    tensors_meta: dict[str, Any] = {}
-    for t in plan.tensors:
-        meta: dict[str, Any] = {"source_key": t.key, "rule": t.rule_label, "dtype": t.out_dtype, "shape": list(t.shape)}
-        if t.key in small and small[t.key][1] is not None:
-            meta["max_replica_divergence"] = small[t.key][1]
-        tensors_meta[t.hf_name] = meta
-    meta = {"source_layer": plan.layer.index, "kind": plan.layer.kind.value, "source_files": plan.files,
-            "tensors": tensors_meta, "dropped": {t.key: t.rule.value for t in plan.dropped}}
+    meta = _layer_meta(plan, {key: d for key, (_, d) in small.items()})
     return FileEntry(size=w.size, algo=w.hash_algo, digest=w.hexdigest(), nonfinite=nonfinite, warnings=warnings,
                      meta=meta)
 
@@ -354,6 +372,10 @@ def _merge(src: Path, out: Path, options: MergeOptions, guard: InterruptGuard,
     small = _small_files(ckpt, config, config_dtype, names, plans, tokenizer)
     folder = held.enter_context(OutputFolder(out, FOLDER, source=source, options=recorded, hash_algo=options.hash,
                                              resume=options.resume, force=options.force))
+    competing = competing_weight_files(out, names)  # (after the folder removed what was ours)
+    if competing:
+        raise OutputError(f"{out}: holds {few(competing)}, weight files this merge does not write that transformers' "
+                          "from_pretrained may load instead of the merged ones; remove them, or choose another OUT")
 
     # which layers are already done (same inputs, allowed under these options, file present, its hash as
     # recorded); a bar while re-hashing them
@@ -362,7 +384,7 @@ def _merge(src: Path, out: Path, options: MergeOptions, guard: InterruptGuard,
     with recheck_bar(sum(recheck.values()), quiet=options.quiet) as bar:
         for name, plan in zip(names, plans):
             bar.set_postfix_str(name, refresh=False)
-            entry = folder.reusable(name, fingerprints[name], lambda e: _allowed(e, options))
+            entry = folder.reusable(name, fingerprints[name], lambda e, plan=plan: _allowed(e, plan, options))
             if entry is not None:
                 folder.keep({name: entry})
             else:

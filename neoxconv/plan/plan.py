@@ -9,6 +9,7 @@ the same table. Only tensor descriptions are read here, never tensor data.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from dataclasses import dataclass, field
@@ -16,7 +17,7 @@ from pathlib import Path
 
 from neoxconv.config import LLAMA, NeoXConfig
 from neoxconv.dtypes import FLOAT_DTYPES, canonical_dtype, tensor_nbytes
-from neoxconv.errors import CheckpointError, ConfigError, MergeError
+from neoxconv.errors import CheckpointError, ConfigError, MergeError, few
 from neoxconv.merge import (
     QkvLayout, Rule, RuleSpec, Split, detect_generations, expected_shape, hf_name, key_table, layer_generation,
     output_names, resolve_qkv_split, resolve_row_bias, shape_of, split_segments,
@@ -24,6 +25,7 @@ from neoxconv.merge import (
 from neoxconv.source.checkpoint import Checkpoint, LayerKind, SourceLayer, model_layers, open_checkpoint
 from neoxconv.source.hf_folder import HFModel
 from neoxconv.source.ptfile import TensorRef
+from neoxconv.source.storage import SourceReader
 
 log = logging.getLogger(__name__)
 
@@ -258,9 +260,43 @@ def plan_source(src: Path | Checkpoint, options: PlanOptions | None = None) -> S
     row_bias = resolve_row_bias(options.row_bias, ckpt.config)
     if ckpt.missing_files:
         return SourcePlan(ckpt, ckpt.config, row_bias, None, [])
+    ckpt = _without_tied_readout(ckpt)
     qkv = checkpoint_qkv_layout(ckpt, options.qkv_layout)
     config, layers = plan_checkpoint(ckpt, row_bias=row_bias, out_dtype=out_dtype, qkv=qkv)
     return SourcePlan(ckpt, config, row_bias, qkv, layers)
+
+
+def _without_tied_readout(ckpt: Checkpoint) -> Checkpoint:
+    """A tied config (``no-weight-tying: false``) with readout layer files present: the checkpoint without them
+    when every rank's readout equals its embedding shard bit for bit (as split drops a tied readout), else a
+    CheckpointError naming the files and the setting (transformers 5 would load a different readout untied,
+    4.x would tie it to the embedding: the folder is ambiguous, never resolved silently)."""
+    readouts = [layer for layer in ckpt.layers if layer.kind is LayerKind.READOUT]
+    if not ckpt.config.tie_word_embeddings or not readouts:
+        return ckpt
+    files = [p.name for layer in readouts for p in ckpt.layer_files(layer)]
+    embedding = next(layer for layer in ckpt.layers if layer.kind is LayerKind.EMBEDDING)
+    same = True
+    with SourceReader() as reader, reader.scope() as reads:  # the storages read are CRC-checked as it closes
+        for rank in range(ckpt.tp_degree):
+            emb = ckpt.tensors(embedding, rank).get("word_embeddings.weight")
+            out = {k: r for layer in readouts for k, r in ckpt.tensors(layer, rank).items()}
+            readout = out.get("final_linear.weight")
+            if emb is None or readout is None or set(out) != {"final_linear.weight"} \
+                    or not reads.same([emb, readout], key="final_linear.weight"):
+                same = False
+                break
+    for layer in readouts:
+        ckpt.release(layer)
+    if not same:
+        raise CheckpointError(
+            f"{ckpt.config_source}: no-weight-tying is false (the readout is the embedding), but readout layer files "
+            f"{few(files)} are present and differ from 'word_embeddings.weight' (transformers 5 would use them untied, "
+            "4.x ties them to the embedding); set no-weight-tying: true to keep them as the readout, or remove them "
+            "to tie it")
+    log.info("%s: the readout equals the embedding (no-weight-tying: false): %s not written", ckpt.step_dir,
+             few(files))
+    return dataclasses.replace(ckpt, layers=[layer for layer in ckpt.layers if layer.kind is not LayerKind.READOUT])
 
 
 def checkpoint_qkv_layout(ckpt: Checkpoint, choice: str = "auto") -> QkvLayout | None:
