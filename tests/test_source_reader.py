@@ -700,3 +700,39 @@ def test_a_tensor_saved_with_its_negative_bit_reads_as_torch_load_reads_it(tmp_p
     name = "model-00002-of-00005.safetensors"
     got, want = load_file(tmp_path / "out" / name), load_file(plain / name)
     assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+_RANK_CHILD = r"""
+import resource, sys
+resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
+sys.path.insert(0, sys.argv[2])
+from neoxconv.errors import NeoXConvError
+from neoxconv.source.checkpoint import open_checkpoint
+try:
+    open_checkpoint(sys.argv[1], strict=False)
+except NeoXConvError as e:
+    print("refused:", type(e).__name__, str(e)[:200])
+else:
+    print("accepted")
+"""
+
+
+def test_a_stray_sequential_file_with_a_huge_rank_number_is_refused_cheaply(make_checkpoint, tmp_path):
+    """An empty file ``mp_rank_1000000000000_model_states.pt`` beside a sequential checkpoint: `open_checkpoint`
+    takes ``tp = max(rank) + 1`` and builds ``set(range(tp))``: `inspect` used 2.3 GB and 10 s for rank 1e8,
+    then ``internal error: MemoryError`` under a 4 GiB cap (rank 1e12 never ends). The rank file names
+    should be checked against the ranks found (e.g. a rank >= the number of rank files is named as a stray or
+    missing-files problem without building the range), in bounded memory."""
+    import subprocess
+    import sys
+
+    from conftest import REPO, subprocess_env
+
+    root, _, _ = make_checkpoint(tp=2, layout="sequential")
+    src = tmp_path / "src"
+    shutil.copytree(root, src)
+    step = next(src.glob("global_step*"))
+    (step / "mp_rank_1000000000000_model_states.pt").touch()
+    child = subprocess.run([sys.executable, "-c", _RANK_CHILD, str(src), str(REPO)], capture_output=True,
+                           text=True, timeout=60, env=subprocess_env())
+    assert child.stdout.startswith("refused: CheckpointError"), (child.stdout, child.stderr[-500:])
