@@ -9,6 +9,7 @@ replicated tensors are copied (optionally with a little per-rank noise).
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -294,10 +295,15 @@ def synthesize(out: Path, spec: SyntheticSpec) -> SynthResult:
     is a file or a non-empty folder. Returns what was written (parameters, bytes, files).
     """
     from neoxconv.errors import OutputError
+    from neoxconv.output.folder import check_out_path
 
     check_split(spec)
     config = spec.config
     out = Path(out)
+    check_out_path(out)  # a dangling symlink or a file: one-line OutputError, nothing created
+    if out.is_symlink():
+        raise OutputError(f"{out}: is a symlink (to {os.readlink(out)}); synth writes only into a new or empty "
+                          "folder, never through a link")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise OutputError(f"{out}: exists and is {'a file' if not out.is_dir() else 'not empty'}; "
                           "synth writes only into a new or empty folder")
