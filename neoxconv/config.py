@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from neoxconv.smallfile import read_small_text
 from neoxconv.errors import CheckpointError, ConfigError
 
 # tanh-approximated GELU is what NeoX's fused bias-GELU kernel computes; Hugging Face calls it gelu_fast.
@@ -359,7 +360,7 @@ class NeoXConfig:
     @classmethod
     def from_hf_json(cls, path: Path) -> NeoXConfig:
         try:
-            d = json.loads(Path(path).read_text())
+            d = json.loads(read_small_text(Path(path), ConfigError))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
             raise ConfigError(f"{path}: cannot read config.json: {str(e)[:200]}") from None
         if not isinstance(d, dict):
@@ -574,7 +575,7 @@ def read_neox_yaml(path: Path) -> dict[str, Any]:
     import yaml
 
     try:
-        text = Path(path).read_text()
+        text = read_small_text(Path(path), ConfigError)
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: cannot read the config: {e}") from None
     try:

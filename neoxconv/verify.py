@@ -37,11 +37,12 @@ from typing import Any
 
 import torch
 
+from neoxconv.smallfile import read_small_text
 from neoxconv.check.integrity import check_output
 from neoxconv.source.safetensors import read_safetensors_header
 from neoxconv.config import NeoXConfig, load_out_config
 from neoxconv.dtypes import FROM_SAFETENSORS, TORCH_FLOAT_DTYPES, as_torch_dtype
-from neoxconv.errors import CheckpointError, ConfigError, UsageError
+from neoxconv.errors import CheckpointError, ConfigError, UsageError, VerificationError
 from neoxconv.check.perplexity import Perplexity, Windows, close_enough, model_perplexity, text_perplexity
 from neoxconv.layers import last_non_pad, weight_bytes
 from neoxconv.model.generation import GenerationResult, Sampling, full_forward_logits, generate
@@ -204,7 +205,7 @@ def _peak_memory(device: torch.device, sampler: PeakAnonMemory) -> tuple[int, st
 def stored_dtype(out: Path) -> torch.dtype | None:
     """The coarsest float dtype the merged weights are stored in, from the safetensors headers (None: unknown)."""
     try:
-        files = set(json.loads((Path(out) / INDEX).read_text())["weight_map"].values())
+        files = set(json.loads(read_small_text(Path(out) / INDEX, VerificationError))["weight_map"].values())
         dtypes = {FROM_SAFETENSORS.get(info.get("dtype")) for f in files
                   for name, info in read_safetensors_header(Path(out) / f).items() if name != "__metadata__"}
     except (OSError, ValueError, KeyError, TypeError, AttributeError):

@@ -6,6 +6,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from neoxconv.smallfile import read_small_text
 from neoxconv.config import NeoXConfig
 from neoxconv.dtypes import FROM_SAFETENSORS
 from neoxconv.errors import CheckpointError, VerificationError, few
@@ -76,7 +77,7 @@ def check_output(out: Path, config: NeoXConfig, *, hashes: bool | None = None,
     manifest = None
     if (out / MANIFEST).is_file():
         try:
-            manifest = json.loads((out / MANIFEST).read_text())
+            manifest = json.loads(read_small_text(out / MANIFEST, VerificationError))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
             problems.append(f"{MANIFEST}: unreadable ({e})")
         else:
@@ -88,7 +89,7 @@ def check_output(out: Path, config: NeoXConfig, *, hashes: bool | None = None,
     if not (out / INDEX).is_file():
         raise CheckpointError(f"{out}: no {INDEX}; not a finished merge output (re-run the merge to resume it)")
     try:
-        weight_map = json.loads((out / INDEX).read_text())["weight_map"]
+        weight_map = json.loads(read_small_text(out / INDEX, VerificationError))["weight_map"]
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
             raise TypeError("weight_map is not a {tensor: file} table")
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError, KeyError, TypeError) as e:

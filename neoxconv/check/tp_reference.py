@@ -26,9 +26,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from neoxconv.smallfile import read_small_text
 from neoxconv.source.checkpoint import Checkpoint, LayerKind, SourceLayer
 from neoxconv.config import GELU_TANH, LLAMA, NeoXConfig
-from neoxconv.errors import ConfigError
+from neoxconv.errors import ConfigError, VerificationError
 from neoxconv.check.integrity import MANIFEST
 from neoxconv.layers import RotaryTables, apply_partial_rotary, causal_attention
 from neoxconv.merge import Rule, Split, key_table
@@ -225,7 +226,7 @@ class AgainstReference:
 def recorded_qkv_layout(out: Path) -> dict | None:
     """The QKV layout the merge of ``out`` recorded in its manifest ({split, assumed, reason}), or None."""
     try:
-        recorded = json.loads((Path(out) / MANIFEST).read_text()).get("qkv_layout")
+        recorded = json.loads(read_small_text(Path(out) / MANIFEST, VerificationError)).get("qkv_layout")
     except (OSError, ValueError, AttributeError, RecursionError):
         return None
     return recorded if isinstance(recorded, dict) and isinstance(recorded.get("split"), str) else None

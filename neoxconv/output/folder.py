@@ -44,6 +44,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from neoxconv.smallfile import read_small_text
 from neoxconv import __version__
 from neoxconv.errors import OutputError
 from neoxconv.output.hashing import HASH_ALGORITHMS, hash_bytes, hash_file, recorded_hash
@@ -349,7 +350,7 @@ def load_state(out: Path, kind: str) -> Manifest | None:
         p = Path(out) / name
         if p.is_file() and not p.is_symlink():
             try:
-                raw = json.loads(p.read_text())
+                raw = json.loads(read_small_text(p, OutputError))
             except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
                 continue
             state = Manifest.from_json(raw, kind)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from neoxconv.smallfile import read_small_text
 from neoxconv.config import NeoXConfig, load_out_config
 from neoxconv.dtypes import as_torch_dtype, canonical_dtype
 from neoxconv.errors import NeoXConvError, UsageError, VerificationError
@@ -66,7 +67,7 @@ def read_weight_map(out: Path) -> dict[str, str]:
     """The index's tensor name -> file table (VerificationError naming the index when it is unreadable)."""
     path = Path(out) / INDEX
     try:
-        weight_map = json.loads(path.read_text())["weight_map"]
+        weight_map = json.loads(read_small_text(path, VerificationError))["weight_map"]
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
             raise TypeError("weight_map is not a {tensor: file} table")
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError, KeyError, TypeError) as e:

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from neoxconv.smallfile import read_small_text
 from neoxconv.config import NeoXConfig
 from neoxconv.dtypes import FROM_SAFETENSORS, NUMPY_DTYPES, from_f32, tensor_nbytes, to_f32
 from neoxconv.errors import CheckpointError, ConfigError
@@ -203,7 +204,7 @@ class HFRows:
 
 def _read_json(path: Path, error: type) -> dict[str, Any]:
     try:
-        d = json.loads(Path(path).read_text())
+        d = json.loads(read_small_text(Path(path), error))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise error(f"{path}: not readable JSON: {e}") from None
     if not isinstance(d, dict):
