@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from neoxconv.smallfile import read_small_text
 from neoxconv.errors import CheckpointError, ConfigError
+from neoxconv.smallfile import read_small_text
 
 # tanh-approximated GELU is what NeoX's fused bias-GELU kernel computes; Hugging Face calls it gelu_fast.
 GELU_TANH = "gelu_fast"

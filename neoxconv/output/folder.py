@@ -44,11 +44,11 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from neoxconv.smallfile import read_small_text
 from neoxconv import __version__
 from neoxconv.errors import OutputError
 from neoxconv.output.hashing import HASH_ALGORITHMS, hash_bytes, hash_file, recorded_hash
 from neoxconv.output.writer import TMP_SUFFIX, atomic_write, atomic_write_json
+from neoxconv.smallfile import read_small_text
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import torch
 
-from neoxconv.smallfile import read_small_text
 from neoxconv.config import NeoXConfig, load_out_config
 from neoxconv.dtypes import as_torch_dtype, canonical_dtype
 from neoxconv.errors import NeoXConvError, UsageError, VerificationError
@@ -25,6 +24,7 @@ from neoxconv.model.generation import ExecutionDevices
 from neoxconv.output.folder import INDEX
 from neoxconv.progress import progress_bar
 from neoxconv.runtime.placement import Device, PlacementPlan, dispatch_placed, plan_placement, require_accelerate
+from neoxconv.smallfile import read_small_text
 
 log = logging.getLogger(__name__)
 

@@ -13,10 +13,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from neoxconv.smallfile import read_small_text
 from neoxconv.config import NeoXConfig
 from neoxconv.dtypes import FROM_SAFETENSORS, NUMPY_DTYPES, from_f32, tensor_nbytes, to_f32
 from neoxconv.errors import CheckpointError, ConfigError
+from neoxconv.smallfile import read_small_text
 from neoxconv.source.safetensors import (
     FileState,
     check_unchanged,
