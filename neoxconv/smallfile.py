@@ -20,7 +20,15 @@ def read_small_text(path: Path, error: type[NeoXConvError], limit: int = SMALL_F
     OSError and UnicodeDecodeError reach the caller as ``Path.read_text`` raises them."""
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
-        data = f.read(limit + 1) if size <= limit else b""
+        chunks: list[bytes] = []
+        got = 0
+        while size <= limit and got <= limit:  # read what is there (a file may grow), never a limit-sized buffer
+            chunk = f.read(min(max(size - got, 0), limit) + 1 + (1 << 16))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            got += len(chunk)
+        data = b"".join(chunks)
     if size > limit or len(data) > limit:
         raise error(f"{path}: {max(size, len(data))} bytes, more than the {limit >> 20} MiB such a file can "
                     "plausibly hold; refused unread (replace it with the real file)")
