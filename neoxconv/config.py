@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from neoxconv.errors import CheckpointError, ConfigError
+from neoxconv.smallfile import read_small_text
 
 # tanh-approximated GELU is what NeoX's fused bias-GELU kernel computes; Hugging Face calls it gelu_fast.
 GELU_TANH = "gelu_fast"
@@ -359,7 +360,7 @@ class NeoXConfig:
     @classmethod
     def from_hf_json(cls, path: Path) -> NeoXConfig:
         try:
-            d = json.loads(Path(path).read_text())
+            d = json.loads(read_small_text(Path(path), ConfigError))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
             raise ConfigError(f"{path}: cannot read config.json: {str(e)[:200]}") from None
         if not isinstance(d, dict):
@@ -377,14 +378,15 @@ class NeoXConfig:
         missing = [k for k in ("num_layers", "hidden_size", "num_attention_heads") if k not in d]
         if missing:
             raise ConfigError(f"NeoX config lacks {', '.join(missing)}")
-        problems = []
-        if str(d.get("pos_emb", "rotary")) != "rotary":
-            problems.append(f"pos-emb {d['pos_emb']!r} (only 'rotary' is supported)")
-        norm = str(d.get("norm", LAYERNORM))
+        problems: list[str] = []
+        pos_emb = _word(d, "pos_emb", "rotary", problems)
+        if pos_emb != "rotary":
+            problems.append(f"pos-emb {pos_emb!r} (only 'rotary' is supported)")
+        norm = _word(d, "norm", LAYERNORM, problems)
         if norm not in _NORMS:
             problems.append(f"norm {norm!r} (only 'layernorm' and 'rmsnorm' are supported)")
-        activation = str(d.get("activation", "gelu"))
-        old_llama_mlp = str(d.get("mlp_type", "regular")) == "llama"  # gpt-neox 2023-05 .. 2024-09: w1/w2/w3
+        activation = _word(d, "activation", "gelu", problems)
+        old_llama_mlp = _word(d, "mlp_type", "regular", problems) == "llama"  # gpt-neox 2023-05..2024-09: w1/w2/w3
         if old_llama_mlp and activation not in ("silu", "swish"):
             problems.append(f"mlp_type 'llama' with activation {activation!r} (only 'silu' is supported)")
         elif not old_llama_mlp and activation not in ("gelu", SWIGLU):
@@ -393,7 +395,7 @@ class NeoXConfig:
             problems.append("gpt_j_tied (shared layer norms) is not supported")
         if _as_bool(d.get("use_qk_layernorm", False)):
             problems.append("use_qk_layernorm is not supported")
-        train_impl = str(d.get("train_impl", "normal"))
+        train_impl = _word(d, "train_impl", "normal", problems)
         if train_impl not in ("normal", "rm", "dpo", "kto", "reinforce"):
             problems.append(f"train_impl {train_impl!r} (gpt-neox has normal, dpo, kto, reinforce and rm)")
         if problems:
@@ -406,7 +408,8 @@ class NeoXConfig:
                 intermediate = llama_mlp_intermediate_size(hidden, _whole(d, "intermediate_size"))
             elif gated:
                 intermediate = gated_intermediate_size(
-                    hidden, intermediate_size=_whole(d, "intermediate_size"), expansion_factor=d.get("expansion_factor"),
+                    hidden, intermediate_size=_whole(d, "intermediate_size"),
+                    expansion_factor=d.get("expansion_factor"),
                     multiple_of=_whole(d, "mlp_multiple_of") or 1)
             else:
                 intermediate = _whole(d, "intermediate_size") or None
@@ -540,16 +543,46 @@ def _as_bool(v: Any) -> bool:
     return bool(v)
 
 
+def _word(d: dict[str, Any], key: str, default: str, problems: list[str]) -> str:
+    """``d[key]`` as text when it is a scalar; a container is a problem named by key, never turned into text
+    (a YAML alias bomb is small as objects and huge as text)."""
+    value = d.get(key, default)
+    if isinstance(value, str):
+        return value
+    if value is None or isinstance(value, (bool, int, float)):
+        return str(value)
+    problems.append(f"{key.replace('_', '-')} is a {type(value).__name__}, not a string")
+    return default
+
+
+def _yaml_loader():
+    """``yaml.SafeLoader`` that refuses anchors and aliases: NeoX configs never use them, and aliases nested a
+    few levels deep describe exponentially large values (a "billion laughs" config)."""
+    import yaml
+
+    class NoAliasLoader(yaml.SafeLoader):
+        def compose_node(self, parent, index):
+            event = self.peek_event()
+            if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+                raise ConfigError(f"line {event.start_mark.line + 1}: YAML anchors/aliases (&name, *name) are not "
+                                  "allowed in a NeoX config; write the values out")
+            return super().compose_node(parent, index)
+
+    return NoAliasLoader
+
+
 def read_neox_yaml(path: Path) -> dict[str, Any]:
     """Read a NeoX YAML config (JSON-like braces, comments, ``True``, trailing commas)."""
     import yaml
 
     try:
-        text = Path(path).read_text()
+        text = read_small_text(Path(path), ConfigError)
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: cannot read the config: {e}") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_yaml_loader())  # noqa: S506 (a SafeLoader subclass)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
     except (yaml.YAMLError, RecursionError) as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(data, dict):

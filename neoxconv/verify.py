@@ -38,11 +38,10 @@ from typing import Any
 import torch
 
 from neoxconv.check.integrity import check_output
-from neoxconv.source.safetensors import read_safetensors_header
+from neoxconv.check.perplexity import Perplexity, Windows, close_enough, model_perplexity, text_perplexity
 from neoxconv.config import NeoXConfig, load_out_config
 from neoxconv.dtypes import FROM_SAFETENSORS, TORCH_FLOAT_DTYPES, as_torch_dtype
-from neoxconv.errors import CheckpointError, ConfigError, UsageError
-from neoxconv.check.perplexity import Perplexity, Windows, close_enough, model_perplexity, text_perplexity
+from neoxconv.errors import CheckpointError, ConfigError, UsageError, VerificationError
 from neoxconv.layers import last_non_pad, weight_bytes
 from neoxconv.model.generation import GenerationResult, Sampling, full_forward_logits, generate
 from neoxconv.model.kv_cache import KVCache
@@ -50,6 +49,8 @@ from neoxconv.output.folder import INDEX
 from neoxconv.progress import format_bytes, format_rate, terminal_json, terminal_text
 from neoxconv.runtime.loading import LoadedModel, load_model, resolve_device, resolve_dtype
 from neoxconv.runtime.placement import PeakAnonMemory, PlacementPlan, runtime_reserve
+from neoxconv.smallfile import read_small_text
+from neoxconv.source.safetensors import read_safetensors_header
 
 log = logging.getLogger(__name__)
 
@@ -204,7 +205,7 @@ def _peak_memory(device: torch.device, sampler: PeakAnonMemory) -> tuple[int, st
 def stored_dtype(out: Path) -> torch.dtype | None:
     """The coarsest float dtype the merged weights are stored in, from the safetensors headers (None: unknown)."""
     try:
-        files = set(json.loads((Path(out) / INDEX).read_text())["weight_map"].values())
+        files = set(json.loads(read_small_text(Path(out) / INDEX, VerificationError))["weight_map"].values())
         dtypes = {FROM_SAFETENSORS.get(info.get("dtype")) for f in files
                   for name, info in read_safetensors_header(Path(out) / f).items() if name != "__metadata__"}
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
@@ -307,7 +308,8 @@ def against_check(model, gen: GenerationResult, options: VerifyOptions, dtype: t
     tp_logits, layout_note = reference.logits, (f"; {reference.note}" if reference.note else "")
     ours = gen.prompt_logits
     if tp_logits.shape != ours.shape:
-        return Check("against", False, None, None, f"logit shapes differ: TP {list(tp_logits.shape)} vs {list(ours.shape)}")
+        return Check("against", False, None, None,
+                     f"logit shapes differ: TP {list(tp_logits.shape)} vs {list(ours.shape)}")
     diff = _max_abs(ours, tp_logits)
     tol = MODEL_TOL[coarser(dtype, rounding[0] if rounding else None)] * _scale(tp_logits)
     agree = float((ours.argmax(-1) == tp_logits.argmax(-1)).float().mean())
@@ -434,10 +436,12 @@ def int8_checks(loaded: LoadedModel, gen: GenerationResult, options: VerifyOptio
         after = before - sum(lin.weight.numel() * (size - 1) - lin.out_features * 4 for lin in lins)
         quantize_int8_placed(loaded.model, loaded.placement, threshold=options.int8_threshold)
     seq = gen.prompt_ids + gen.generated_ids[:-1]
-    logits = full_forward_logits(loaded.model, seq, devices=loaded.devices)  # teacher-forced on the full-precision tokens
+    # teacher-forced on the full-precision tokens
+    logits = full_forward_logits(loaded.model, seq, devices=loaded.devices)
     P = len(gen.prompt_ids)
     steps = logits[P - 1:]
-    agreement = float((steps.argmax(-1) == torch.tensor(gen.generated_ids)).float().mean()) if gen.generated_ids else 1.0
+    agreement = (float((steps.argmax(-1) == torch.tensor(gen.generated_ids)).float().mean())
+                 if gen.generated_ids else 1.0)
     prompt_diff = _max_abs(logits[:P], gen.prompt_logits)
     int8_gen = generate(loaded.model, gen.prompt_ids, max_new_tokens=len(gen.generated_ids) or 1,
                         sampling=Sampling(), dtype=loaded.dtype, devices=loaded.devices)
@@ -622,7 +626,8 @@ def _perplexity_check(name: str, ours: Perplexity, theirs: Perplexity, tolerance
 
 def format_report(report: VerifyReport) -> str:
     lines = [
-        f"prompt ids ({len(report.prompt_ids)}): {report.prompt_ids[:16]}{' ...' if len(report.prompt_ids) > 16 else ''}",
+        f"prompt ids ({len(report.prompt_ids)}): {report.prompt_ids[:16]}"
+        f"{' ...' if len(report.prompt_ids) > 16 else ''}",
         f"generated ({len(report.generated_ids)} tokens): {report.text!r}" if report.text
         else f"generated ids: {report.generated_ids}",
         f"device {report.device}, dtype {report.dtype}; load {report.load_seconds:.2f} s, prefill "

@@ -190,3 +190,15 @@ def test_demo_with_a_tp_its_model_cannot_take_is_a_usage_error(tp, tmp_path):
     result = cli("demo", "--tp", tp, "--workdir", tmp_path / "w")
     assert result.exit_code == 2 and "cannot split this model" in result.output, result.output
     assert not (tmp_path / "w").exists()  # refused before anything is written
+
+
+def test_synth_into_a_dangling_symlink_is_a_one_line_output_error(tmp_path):
+    """`neoxconv synth LINK` where LINK is a dangling symlink: ``internal error: FileExistsError`` (exit 1).
+    It should be refused as merge refuses it (`check_out_path`: exit 6, 'OUT is a dangling symlink'), and
+    nothing created at the link's target."""
+    link = tmp_path / "dl"
+    link.symlink_to(tmp_path / "nowhere")
+    result = cli("synth", link, "--layers", 1, "--hidden", 32, "--heads", 4, "--vocab", 64)
+    assert result.exit_code == 6, result.output
+    assert "internal error" not in result.output
+    assert not (tmp_path / "nowhere").exists()

@@ -250,3 +250,47 @@ def test_llama_rope_theta_spellings_that_disagree_are_refused():
     assert llama["model_type"] == "llama" and NeoXConfig.from_hf_dict(llama).rotary_emb_base == 1e6
     with pytest.raises(ConfigError, match="rope_parameters.rope_theta = 1e\\+06, rope_theta = 500000"):
         NeoXConfig.from_hf_dict({**llama, "rope_theta": 5e5})
+
+
+def _cap_1gib() -> None:
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
+
+
+_LAUGHS = "".join(
+    [' "lol0": &a0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"],\n']
+    + [f' "lol{i}": &a{i} [{", ".join([f"*a{i - 1}"] * 9)}],\n' for i in range(1, 9)])
+
+
+def test_a_yaml_alias_bomb_in_the_neox_config_is_refused_quickly(tmp_path):
+    """A NeoX YAML of ~700 bytes whose ``norm`` is an alias nested 9 levels (9**9 strings once expanded):
+    ``yaml.safe_load`` builds it cheaply (shared references), but `from_neox_dict` calls ``str()`` on the value
+    (and a message would ``repr`` it): `inspect` ran past 60 s at 1.5 GB and grew. Values should be type-checked
+    before they are turned into text (a non-scalar ``norm`` is a ConfigError naming the key, the value never
+    expanded), or aliases refused by the loader; exit 3 in well under a second."""
+    import subprocess
+    import sys
+
+    from conftest import subprocess_env
+
+    src = tmp_path / "src"
+    shutil.copytree(COMMITTED_FIXTURE, src)
+    yml = src / "configs" / "model.yml"
+    text = yml.read_text()
+    assert '"norm": "layernorm",' in text
+    yml.write_text(text.replace("{\n", "{\n" + _LAUGHS, 1).replace('"norm": "layernorm",', '"norm": *a8,'))
+    try:
+        child = subprocess.run([sys.executable, "-m", "neoxconv", "inspect", str(src)], capture_output=True,
+                               text=True, timeout=10, env=subprocess_env(), preexec_fn=_cap_1gib)
+    except subprocess.TimeoutExpired:
+        pytest.fail("inspect still running after 10 s")
+    assert child.returncode == 3, child.stderr
+
+
+@pytest.mark.parametrize("key", ["norm", "pos-emb", "activation", "mlp_type", "train_impl"])
+def test_a_non_scalar_neox_text_value_is_a_config_error_naming_the_key(key):
+    """A list or mapping where the NeoX config expects a word is refused by key, never turned into text."""
+    raw = {"num-layers": 2, "hidden-size": 64, "num-attention-heads": 4, key: [["x"] * 3] * 3}
+    with pytest.raises(ConfigError, match=f"{key.replace('_', '-')} is a list, not a string"):
+        NeoXConfig.from_neox_dict(raw)

@@ -606,3 +606,186 @@ def test_flipped_tensor_byte_is_caught_by_crc(tmp_path):
     victim.write_bytes(bytes(data))
     with pytest.raises(NeoXConvError, match="layer_02-model_01.*mlp.dense_4h_to_h.weight.*CRC"):
         merge_checkpoint(tmp_path / "src", tmp_path / "out", MergeOptions(quiet=True))
+
+
+def _case_twin_storage(src: Path, dst: Path) -> None:
+    """Rewrite the torch.save archive ``src`` as ``dst``: storage key '0' renamed 'a' (the pickle's only
+    reference to it), member ``data/a`` its real bytes, then a member ``data/A`` holding the same bytes with
+    every sign bit flipped (a valid CRC-32 for each)."""
+    import zipfile
+
+    import numpy as np
+
+    zin = zipfile.ZipFile(src)
+    names = zin.namelist()
+    pkl_name = next(n for n in names if n.endswith("data.pkl"))
+    prefix = pkl_name[: -len("data.pkl")]
+    pkl = zin.read(pkl_name)
+    old = b"X\x01\x00\x00\x000"  # BINUNICODE '0'
+    assert pkl.count(old) == 1
+    with zipfile.ZipFile(dst, "w", zipfile.ZIP_STORED) as z:
+        for n in names:
+            if n == pkl_name:
+                z.writestr(n, pkl.replace(old, b"X\x01\x00\x00\x00a"))
+            elif n == prefix + "data/0":
+                real = zin.read(n)
+                z.writestr(prefix + "data/a", real)
+                z.writestr(prefix + "data/A", (np.frombuffer(real, np.uint16) ^ 0x8000).astype(np.uint16).tobytes())
+            else:
+                z.writestr(n, zin.read(n))
+
+
+def test_storage_members_differing_only_in_case_are_read_as_torch_reads_them_or_refused(tmp_path):
+    """An archive holding ``data/a`` (the storage the pickle names) and ``data/A`` (its negation): miniz's
+    ``mz_zip_reader_locate_file`` (flags 0) compares names case-insensitively, so ``torch.load`` returned the
+    negated tensor while `read_pt` returned the other one, both with valid CRC-32s, and `merge` exited 0 with
+    the tensor torch does not see. Names equal under case folding should be refused as duplicate names are
+    (`read_pt`: ``len({n.lower() for n in members}) != len(members)``)."""
+    import torch
+
+    from neoxconv.errors import CheckpointError
+    from neoxconv.source.ptfile import read_pt
+
+    t = torch.arange(1, 9, dtype=torch.float16)
+    plain = tmp_path / "plain.pt"
+    torch.save({"w": t}, plain)
+    twin = tmp_path / "twin.pt"
+    _case_twin_storage(plain, twin)
+    want = torch.load(twin, weights_only=True)["w"].numpy()
+    assert (want == -t.numpy()).all()  # what torch reads: the negated copy
+    try:
+        got = read_pt(twin).tensors()["w"].array()
+    except CheckpointError:
+        return
+    assert (got == want).all(), (got, want)
+
+
+def test_merge_of_a_layer_file_with_a_case_twin_storage_is_refused(tmp_path):
+    """The same case twin planted in a layer file of the committed fixture: `merge` exited 0 with weights
+    torch.load does not read from that file. It should refuse the file (exit 4) naming it."""
+    src = tmp_path / "src"
+    shutil.copytree(COMMITTED_FIXTURE, src)
+    layer = src / "global_step150000" / "layer_02-model_00-model_states.pt"
+    _case_twin_storage(layer, tmp_path / "twin.pt")
+    shutil.move(tmp_path / "twin.pt", layer)
+    result = cli("merge", "-q", src, tmp_path / "out")
+    assert result.exit_code == 4, result.output
+
+
+def test_a_tensor_saved_with_its_negative_bit_reads_as_torch_load_reads_it(tmp_path):
+    """``torch.save`` of a negative view (``torch._neg_view``) writes the storage as it is plus the metadata
+    ``{'neg': True}`` as the 7th argument of ``_rebuild_tensor_v2``; ``torch.load`` (weights_only or not) gives
+    the negated values. A layer file re-saved with one tensor stored that way (``_neg_view(-w)``: torch.load
+    still gives ``w``) merged with exit 0 to ``-w``: `_rebuild_tensor` drops the metadata. It should apply
+    the neg bit (negate on read) or refuse metadata it does not implement (``conj``/``neg``), naming file and
+    key."""
+    import torch
+    from safetensors.torch import load_file
+
+    src = tmp_path / "src"
+    shutil.copytree(COMMITTED_FIXTURE, src)
+    layer = src / "global_step150000" / "layer_02-model_00-model_states.pt"
+    state = torch.load(layer, weights_only=True)
+    key = "attention.dense.weight"
+    state[key] = torch._neg_view(-state[key])
+    torch.save(state, layer)
+    assert torch.equal(torch.load(layer, weights_only=True)[key].resolve_neg(),
+                       torch.load(COMMITTED_FIXTURE / "global_step150000" / layer.name, weights_only=True)[key])
+    result = cli("merge", "-q", src, tmp_path / "out")
+    if result.exit_code != 0:
+        assert result.exit_code == 4 and "internal error" not in result.output, result.output
+        return
+    plain = tmp_path / "plain"
+    assert cli("merge", "-q", COMMITTED_FIXTURE, plain).exit_code == 0
+    name = "model-00002-of-00005.safetensors"
+    got, want = load_file(tmp_path / "out" / name), load_file(plain / name)
+    assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+_RANK_CHILD = r"""
+import resource, sys
+resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
+sys.path.insert(0, sys.argv[2])
+from neoxconv.errors import NeoXConvError
+from neoxconv.source.checkpoint import open_checkpoint
+try:
+    open_checkpoint(sys.argv[1], strict=False)
+except NeoXConvError as e:
+    print("refused:", type(e).__name__, str(e)[:200])
+else:
+    print("accepted")
+"""
+
+
+def test_a_stray_sequential_file_with_a_huge_rank_number_is_refused_cheaply(make_checkpoint, tmp_path):
+    """An empty file ``mp_rank_1000000000000_model_states.pt`` beside a sequential checkpoint: `open_checkpoint`
+    takes ``tp = max(rank) + 1`` and builds ``set(range(tp))``: `inspect` used 2.3 GB and 10 s for rank 1e8,
+    then ``internal error: MemoryError`` under a 4 GiB cap (rank 1e12 never ends). The rank file names
+    should be checked against the ranks found (e.g. a rank >= the number of rank files is named as a stray or
+    missing-files problem without building the range), in bounded memory."""
+    import subprocess
+    import sys
+
+    from conftest import REPO, subprocess_env
+
+    root, _, _ = make_checkpoint(tp=2, layout="sequential")
+    src = tmp_path / "src"
+    shutil.copytree(root, src)
+    step = next(src.glob("global_step*"))
+    (step / "mp_rank_1000000000000_model_states.pt").touch()
+    child = subprocess.run([sys.executable, "-c", _RANK_CHILD, str(src), str(REPO)], capture_output=True,
+                           text=True, timeout=60, env=subprocess_env())
+    assert child.stdout.startswith("refused: CheckpointError"), (child.stdout, child.stderr[-500:])
+
+
+def _merge_capped(src: Path, out: Path, cap: int = 1 << 30):
+    """``python -m neoxconv merge -q SRC OUT`` in a child under RLIMIT_AS = ``cap``."""
+    import resource
+    import subprocess
+    import sys
+
+    from conftest import subprocess_env
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+
+    return subprocess.run([sys.executable, "-m", "neoxconv", "merge", "-q", str(src), str(out)], capture_output=True,
+                          text=True, timeout=120, env={**subprocess_env(), "OPENBLAS_NUM_THREADS": "1"},
+                          preexec_fn=limit)
+
+
+@pytest.mark.parametrize("which", ["yaml", "manifest", "journal"])
+def test_a_huge_sparse_small_file_is_refused_not_read_whole(tmp_path, which):
+    """A 2 GiB sparse file (a few KB on disk) as the NeoX YAML (``configs/model.yml``), or as OUT's
+    ``neoxconv.json`` / ``.neoxconv-journal.json`` before a re-run: ``read_text()`` reads it whole and the merge
+    ends in ``internal error: MemoryError`` under a 1 GiB cap (without a cap it takes 2 GiB+ of RAM; the same
+    holds for ``verify`` on the index, manifest or config.json, and ``split`` on an HF folder's index).
+    Config, index and manifest files should be size-capped before reading (as tokenizer.json is at 256 MiB
+    and safetensors headers at 16 MiB) and refused with a one-line error naming the file."""
+    src = tmp_path / "src"
+    shutil.copytree(COMMITTED_FIXTURE, src)
+    out = tmp_path / "out"
+    if which == "yaml":
+        target = src / "configs" / "model.yml"
+    else:
+        assert cli("merge", "-q", src, out).exit_code == 0
+        target = out / ("neoxconv.json" if which == "manifest" else ".neoxconv-journal.json")
+    with open(target, "r+b" if target.exists() else "wb") as f:  # the journal exists only mid-run
+        f.truncate(2 << 30)
+    child = _merge_capped(src, out)
+    assert "internal error" not in child.stderr, child.stderr
+    assert child.returncode in (0, 3, 4, 6), child.stderr
+
+
+def test_merge_capped_baseline(tmp_path):
+    """The child itself fits the cap: a plain merge of the fixture under RLIMIT_AS = 1 GiB exits 0."""
+    child = _merge_capped(COMMITTED_FIXTURE, tmp_path / "out")
+    assert child.returncode == 0, child.stderr
+
+
+def test_a_latest_naming_a_path_with_a_nul_byte_is_one_line(tmp_path):
+    """``latest`` holding ``global_step150000\\0x``: a one-line checkpoint error quoting it escaped (exit 4)."""
+    src = tmp_path / "src"
+    shutil.copytree(COMMITTED_FIXTURE, src)
+    (src / "latest").write_bytes(b"global_step150000\0x")
+    one_line_error(cli("inspect", src), 4, "latest")

@@ -173,3 +173,34 @@ def test_verify_against_a_source_in_a_hostile_folder_name(merged_fixture, tmp_pa
     assert_terminal_safe(result.stdout_bytes + result.stderr_bytes)
     assert [ln for ln in result.stdout.splitlines() if "all checks passed" in ln][-1] == "all checks passed"
     assert "src\\x1b]0;pwned\\x07\\nall checks passed" in result.stdout
+
+
+# ----- names found by listing folders (inspect) ------------------------------------------------------------
+_RAW_CONTROL = re.compile(r"[\x00-\x09\x0b-\x1f\x7f-\x9f\u2028\u2029]")
+_OSC = "\x1b]0;PWN\x07"
+
+
+def _wordlevel_tokenizer(path: Path) -> None:
+    path.write_text(json.dumps({
+        "version": "1.0", "truncation": None, "padding": None, "added_tokens": [], "normalizer": None,
+        "pre_tokenizer": None, "post_processor": None, "decoder": None,
+        "model": {"type": "WordLevel", "vocab": {"a": 0, "b": 1}, "unk_token": "a"}}))
+
+
+@pytest.mark.parametrize("where", ["config", "tokenizer"])
+def test_inspect_escapes_discovered_file_names(tmp_path, where):
+    """`inspect SRC` finds configs/*.yml and *tokenizer*.json next to SRC by listing folders; a file named
+    with an OSC sequence (``m\\x1b]0;PWN\\x07.yml``) was printed raw in the ``config:`` / ``tokenizer:`` rows
+    (it sets the terminal title). Every name from a folder listing should be escaped (`terminal_text`), as
+    the error line and log lines are."""
+    src = tmp_path / "src"
+    shutil.copytree(COMMITTED_FIXTURE, src)
+    if where == "config":
+        (src / "configs" / "model.yml").rename(src / "configs" / f"m{_OSC}.yml")
+    else:
+        _wordlevel_tokenizer(src / f"{_OSC}tokenizer.json")
+    result = cli("inspect", src)
+    assert result.exit_code == 0, result.output
+    assert "PWN" in result.output
+    assert not _RAW_CONTROL.search(result.output), repr(result.output)
+

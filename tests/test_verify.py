@@ -483,3 +483,18 @@ def test_merge_over_a_folder_holding_a_weight_file_transformers_would_load_refus
     result = cli("merge", "-q", "--force", COMMITTED_FIXTURE, single)
     assert result.exit_code == 6 and planted in result.output, result.output
     assert (single / planted).read_bytes() == b"not ours"
+
+
+_DEEP = "[" * 100_000 + "]" * 100_000
+
+
+@pytest.mark.parametrize("name", ["neoxconv.json", "model.safetensors.index.json", "config.json"])
+def test_verify_names_a_deeply_nested_small_file(merged_fixture_copy, name):
+    """A small file of a merged OUT with JSON nested 100,000 deep (RecursionError in json.loads): a one-line
+    error naming the file (exit 3, 4 or 7), never an internal error."""
+    path = merged_fixture_copy / name
+    raw = json.loads(path.read_text())
+    path.write_text(json.dumps(raw)[:-1] + ', "zz": ' + _DEEP + "}")
+    result = cli("verify", merged_fixture_copy, "--ids", "1,2", "--max-new-tokens", 1)
+    assert result.exit_code in (3, 4, 7), result.output
+    assert "internal error" not in result.output and name in result.output

@@ -9,10 +9,11 @@ from pathlib import Path
 from neoxconv.config import NeoXConfig
 from neoxconv.dtypes import FROM_SAFETENSORS
 from neoxconv.errors import CheckpointError, VerificationError, few
-from neoxconv.output.folder import INDEX, JOURNAL, MANIFEST, competing_weight_files
 from neoxconv.merge import output_shapes
+from neoxconv.output.folder import INDEX, JOURNAL, MANIFEST, competing_weight_files
 from neoxconv.output.hashing import hash_file, recorded_hash
 from neoxconv.progress import format_bytes
+from neoxconv.smallfile import read_small_text
 from neoxconv.source.checkpoint import model_layers
 from neoxconv.source.safetensors import layout_problems, read_header
 
@@ -76,7 +77,7 @@ def check_output(out: Path, config: NeoXConfig, *, hashes: bool | None = None,
     manifest = None
     if (out / MANIFEST).is_file():
         try:
-            manifest = json.loads((out / MANIFEST).read_text())
+            manifest = json.loads(read_small_text(out / MANIFEST, VerificationError))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
             problems.append(f"{MANIFEST}: unreadable ({e})")
         else:
@@ -88,7 +89,7 @@ def check_output(out: Path, config: NeoXConfig, *, hashes: bool | None = None,
     if not (out / INDEX).is_file():
         raise CheckpointError(f"{out}: no {INDEX}; not a finished merge output (re-run the merge to resume it)")
     try:
-        weight_map = json.loads((out / INDEX).read_text())["weight_map"]
+        weight_map = json.loads(read_small_text(out / INDEX, VerificationError))["weight_map"]
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
             raise TypeError("weight_map is not a {tensor: file} table")
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError, KeyError, TypeError) as e:
@@ -187,7 +188,8 @@ def check_output(out: Path, config: NeoXConfig, *, hashes: bool | None = None,
             if info.get("dtype") not in FROM_SAFETENSORS or FROM_SAFETENSORS[info["dtype"]] not in (
                     "float16", "bfloat16", "float32"):
                 problems.append(f"{file}: {name!r} has dtype {info.get('dtype')!r}")
-    phantom = sorted(f"{name!r:.80} (in {file})" for name, file in weight_map.items() if file in read and name not in seen)
+    phantom = sorted(f"{name!r:.80} (in {file})" for name, file in weight_map.items()
+                     if file in read and name not in seen)
     if phantom:
         problems.append(f"{INDEX}: places tensors in files that do not hold them: {few(phantom)}")
     missing = sorted(set(expected) - set(seen))

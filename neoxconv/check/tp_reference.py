@@ -26,16 +26,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from neoxconv.source.checkpoint import Checkpoint, LayerKind, SourceLayer
-from neoxconv.config import GELU_TANH, LLAMA, NeoXConfig
-from neoxconv.errors import ConfigError
 from neoxconv.check.integrity import MANIFEST
+from neoxconv.config import GELU_TANH, LLAMA, NeoXConfig
+from neoxconv.errors import ConfigError, VerificationError
 from neoxconv.layers import RotaryTables, apply_partial_rotary, causal_attention
 from neoxconv.merge import Rule, Split, key_table
 from neoxconv.plan.plan import PlanOptions, SourcePlan, plan_source
+from neoxconv.smallfile import read_small_text
+from neoxconv.source.checkpoint import Checkpoint, LayerKind, SourceLayer
 from neoxconv.source.ptfile import TensorRef
 from neoxconv.source.storage import Reads, SourceReader
-
 
 READ_BLOCK_BYTES = 64 << 20  # fp32 bytes of weight rows in memory at a time for the vocab-sized tensors
 
@@ -97,7 +97,8 @@ def _ln(x: torch.Tensor, shard: _Shard, prefix: str, eps: float) -> torch.Tensor
 
 
 def tensor_parallel_logits(src: Path, ids: list[int], *, row_bias: str = "auto",
-                           config_path: Path | None = None, qkv_layout: str = "auto") -> tuple[torch.Tensor, NeoXConfig]:
+                           config_path: Path | None = None,
+                           qkv_layout: str = "auto") -> tuple[torch.Tensor, NeoXConfig]:
     """Logits (T, V) fp32 of the tensor-parallel model at ``src`` on ``ids``, one layer in memory at a time.
 
     ``qkv_layout``: for Llama-style GQA checkpoints, 'blocked' or 'interleaved' (gpt-neox 2024-02..2024-11),
@@ -225,7 +226,7 @@ class AgainstReference:
 def recorded_qkv_layout(out: Path) -> dict | None:
     """The QKV layout the merge of ``out`` recorded in its manifest ({split, assumed, reason}), or None."""
     try:
-        recorded = json.loads((Path(out) / MANIFEST).read_text()).get("qkv_layout")
+        recorded = json.loads(read_small_text(Path(out) / MANIFEST, VerificationError)).get("qkv_layout")
     except (OSError, ValueError, AttributeError, RecursionError):
         return None
     return recorded if isinstance(recorded, dict) and isinstance(recorded.get("split"), str) else None

@@ -48,6 +48,7 @@ from neoxconv import __version__
 from neoxconv.errors import OutputError
 from neoxconv.output.hashing import HASH_ALGORITHMS, hash_bytes, hash_file, recorded_hash
 from neoxconv.output.writer import TMP_SUFFIX, atomic_write, atomic_write_json
+from neoxconv.smallfile import read_small_text
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +171,8 @@ def remove_stale_temps(out: Path, is_ours: Callable[[str], bool] = is_output_nam
             remove_file(p)
 
 
-def remove_previous_output(out: Path, listed: Iterable[str], is_ours: Callable[[str], bool] = is_output_name) -> list[str]:
+def remove_previous_output(out: Path, listed: Iterable[str],
+                           is_ours: Callable[[str], bool] = is_output_name) -> list[str]:
     """--force over another neoxconv output: remove what its manifest lists AND neoxconv writes. Returns them."""
     removed = []
     for name in dict.fromkeys(map(str, listed)):
@@ -359,7 +361,7 @@ def load_state(out: Path, kind: str) -> Manifest | None:
         p = Path(out) / name
         if p.is_file() and not p.is_symlink():
             try:
-                raw = json.loads(p.read_text())
+                raw = json.loads(read_small_text(p, OutputError))
             except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
                 continue
             state = Manifest.from_json(raw, kind)

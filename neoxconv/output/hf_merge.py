@@ -25,26 +25,42 @@ from typing import Any
 
 import numpy as np
 
-from neoxconv.source.checkpoint import Checkpoint
 from neoxconv.config import NeoXConfig
 from neoxconv.dtypes import count_nonfinite
 from neoxconv.errors import CheckpointError, MergeError, OutputError, UsageError, few
-from neoxconv.plan.fingerprint import config_digest, layer_fingerprint, source_identity
-from neoxconv.output.hashing import DEFAULT_HASH, check_algorithm
 from neoxconv.interrupt import InterruptGuard, deferred_sigint
 from neoxconv.merge import QkvLayout, Rule, check_replicas, merge_tensor
-from neoxconv.plan.plan import LayerPlan, PlanOptions, SourcePlan, TensorPlan, plan_source
 from neoxconv.output.finite import report_nonfinite
-from neoxconv.output.folder import (HF, INDEX, FileEntry, FolderSpec, OutputFolder, check_out_path,
-                                    competing_weight_files, is_output_name)
-from neoxconv.output.hub import (CARD, DEFAULT_LICENSE, GENERATION_CONFIG, CardFacts, check_license, generation_config,
-                                 model_card, public_command)
+from neoxconv.output.folder import (
+    HF,
+    INDEX,
+    FileEntry,
+    FolderSpec,
+    OutputFolder,
+    check_out_path,
+    competing_weight_files,
+    is_output_name,
+)
+from neoxconv.output.hashing import DEFAULT_HASH, check_algorithm
+from neoxconv.output.hub import (
+    CARD,
+    DEFAULT_LICENSE,
+    GENERATION_CONFIG,
+    CardFacts,
+    check_license,
+    generation_config,
+    model_card,
+    public_command,
+)
 from neoxconv.output.prefetch import prefetch
-from neoxconv.progress import format_bytes, progress_bar, recheck_bar
-from neoxconv.source.storage import Reads, SourceReader
 from neoxconv.output.streaming import iter_merged_chunks, stream_tensor, streams_direct
-from neoxconv.source.tokenizer import HF_JSON, TokenizerInfo, check_tokenizer, output_files, token_content
 from neoxconv.output.writer import SafetensorsWriter, json_bytes
+from neoxconv.plan.fingerprint import config_digest, layer_fingerprint, source_identity
+from neoxconv.plan.plan import LayerPlan, PlanOptions, SourcePlan, TensorPlan, plan_source
+from neoxconv.progress import format_bytes, progress_bar, recheck_bar
+from neoxconv.source.checkpoint import Checkpoint
+from neoxconv.source.storage import Reads, SourceReader
+from neoxconv.source.tokenizer import HF_JSON, TokenizerInfo, check_tokenizer, output_files, token_content
 
 log = logging.getLogger(__name__)
 
@@ -368,7 +384,8 @@ def _merge(src: Path, out: Path, options: MergeOptions, guard: InterruptGuard,
     source = source_identity(ckpt, out)
     recorded = options.recorded(row_bias, qkv)
     names = output_names(len(plans))
-    fingerprints = {name: {**layer_fingerprint(plan, ckpt.step_dir), "config": model} for name, plan in zip(names, plans)}
+    fingerprints = {name: {**layer_fingerprint(plan, ckpt.step_dir), "config": model}
+                    for name, plan in zip(names, plans)}
     small = _small_files(ckpt, config, config_dtype, names, plans, tokenizer)
     folder = held.enter_context(OutputFolder(out, FOLDER, source=source, options=recorded, hash_algo=options.hash,
                                              resume=options.resume, force=options.force))
@@ -432,7 +449,8 @@ def _merge(src: Path, out: Path, options: MergeOptions, guard: InterruptGuard,
     if ckpt.tokenizer is not None:  # which files, and how they were found (names only, never a path)
         info["tokenizer_source"] = {"kind": ckpt.tokenizer.kind, "found_by": ckpt.tokenizer.found_by,
                                     "files": [p.name for _, p in ckpt.tokenizer.files],
-                                    "written": sorted(n for n in small if n.startswith(("tokenizer", "vocab", "merges")))}
+                                    "written": sorted(n for n in small
+                                                      if n.startswith(("tokenizer", "vocab", "merges")))}
     if qkv is not None:
         info["qkv_layout"] = {"split": qkv.split.value, "assumed": qkv.assumed, "reason": qkv.reason}
         if qkv.assumed:

@@ -19,8 +19,20 @@ from neoxconv.config import LLAMA, NeoXConfig
 from neoxconv.dtypes import FLOAT_DTYPES, canonical_dtype, tensor_nbytes
 from neoxconv.errors import CheckpointError, ConfigError, MergeError, few
 from neoxconv.merge import (
-    QkvLayout, Rule, RuleSpec, Split, detect_generations, expected_shape, hf_name, key_table, layer_generation,
-    output_names, resolve_qkv_split, resolve_row_bias, shape_of, split_segments,
+    QkvLayout,
+    Rule,
+    RuleSpec,
+    Split,
+    detect_generations,
+    expected_shape,
+    hf_name,
+    key_table,
+    layer_generation,
+    output_names,
+    resolve_qkv_split,
+    resolve_row_bias,
+    shape_of,
+    split_segments,
 )
 from neoxconv.source.checkpoint import Checkpoint, LayerKind, SourceLayer, model_layers, open_checkpoint
 from neoxconv.source.hf_folder import HFModel
@@ -326,7 +338,8 @@ def plan_checkpoint(ckpt: Checkpoint, *, row_bias: Rule, out_dtype: str | None,
     """
     emb = ckpt.tensors(ckpt.layers[0], 0).get("word_embeddings.weight")
     if emb is None or not emb.shape:
-        raise CheckpointError(f"{ckpt.layer_files(ckpt.layers[0])[0]}: no 'word_embeddings.weight' in the embedding layer")
+        raise CheckpointError(f"{ckpt.layer_files(ckpt.layers[0])[0]}: no 'word_embeddings.weight' in the "
+                              "embedding layer")
     config = ckpt.config
     if config.vocab_size is None:
         config = config.with_(vocab_size=emb.shape[0] * ckpt.tp_degree)

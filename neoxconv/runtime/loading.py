@@ -24,6 +24,7 @@ from neoxconv.model.generation import ExecutionDevices
 from neoxconv.output.folder import INDEX
 from neoxconv.progress import progress_bar
 from neoxconv.runtime.placement import Device, PlacementPlan, dispatch_placed, plan_placement, require_accelerate
+from neoxconv.smallfile import read_small_text
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +67,7 @@ def read_weight_map(out: Path) -> dict[str, str]:
     """The index's tensor name -> file table (VerificationError naming the index when it is unreadable)."""
     path = Path(out) / INDEX
     try:
-        weight_map = json.loads(path.read_text())["weight_map"]
+        weight_map = json.loads(read_small_text(path, VerificationError))["weight_map"]
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
             raise TypeError("weight_map is not a {tensor: file} table")
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError, KeyError, TypeError) as e:

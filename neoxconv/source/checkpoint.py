@@ -26,8 +26,8 @@ from neoxconv.source.tokenizer import GIVEN, TokenizerSource, tokenizer_source
 
 log = logging.getLogger(__name__)
 
-_PIPE_FILE = re.compile(r"^layer_(\d+)-model_(\d+)-model_states\.pt$")
-_SEQ_FILE = re.compile(r"^mp_rank_(\d+)_model_states\.pt$")
+_PIPE_FILE = re.compile(r"^layer_(\d+)-model_(\d+)-model_states\.pt$", re.ASCII)
+_SEQ_FILE = re.compile(r"^mp_rank_(\d+)_model_states\.pt$", re.ASCII)
 # A sequential key exactly as gpt-neox writes it (fullmatch, ASCII digits, no leading zeros, a plain module path):
 # one key, one (layer, name). A looser parse maps several keys torch.load keeps apart onto one tensor
 # ("sequential.02.x", "sequential.\u0662.x", "sequential.2.x\n" all read as layer 2's "x").
@@ -311,11 +311,15 @@ def open_checkpoint(
             raise CheckpointError(f"{step_dir}: " + few(missing_problems + problems, sep="; "))
     else:
         have = ranks[-1]
-        tp = max(have) + 1
-        missing = sorted(set(range(tp)) - have)
-        missing_files = [sequential_file_name(r) for r in missing]
-        if missing and strict:
-            raise CheckpointError(f"{step_dir}: missing {few(missing_files)}")
+        # n rank files must be ranks 0..n-1: a rank >= n is named (with the ranks it leaves missing) without
+        # ever sizing anything by a number taken from a file name.
+        tp = len(have)
+        stray = sorted(r for r in have if r >= tp)
+        if stray:
+            gaps = [sequential_file_name(r) for r in sorted(set(range(tp)) - have)]
+            raise CheckpointError(
+                f"{step_dir}: {few([sequential_file_name(r) for r in stray])} do not fit {tp} rank files "
+                f"(ranks 0..{tp - 1}); missing {few(gaps)}, or stray files to remove")
         expected_layers = model_layers(config, with_readout=not config.tie_word_embeddings)
 
     problems = config.tp_model_parallel_check(tp)

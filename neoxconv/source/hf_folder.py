@@ -16,6 +16,7 @@ import numpy as np
 from neoxconv.config import NeoXConfig
 from neoxconv.dtypes import FROM_SAFETENSORS, NUMPY_DTYPES, from_f32, tensor_nbytes, to_f32
 from neoxconv.errors import CheckpointError, ConfigError
+from neoxconv.smallfile import read_small_text
 from neoxconv.source.safetensors import (
     FileState,
     check_unchanged,
@@ -89,7 +90,8 @@ class HFModel:
                     raise CheckpointError(f"{f}: holds {name!r}, which {tensors[name].file.name} holds too")
                 dtype = FROM_SAFETENSORS.get(str(info.get("dtype")))
                 if dtype is None:
-                    raise CheckpointError(f"{f}: {name!r} has dtype {info.get('dtype')!r}, which neoxconv does not read")
+                    raise CheckpointError(f"{f}: {name!r} has dtype {info.get('dtype')!r}, "
+                                          "which neoxconv does not read")
                 tensors[name] = HFTensor(f, dtype, tuple(int(s) for s in info.get("shape", [])),
                                          data_start + int(info["data_offsets"][0]))
         return tensors
@@ -121,7 +123,8 @@ class HFModel:
                     for key, name in items:
                         out[key] = f.get_tensor(name).to(dtype, copy=True)  # our copy: the file may change later
             except (OSError, SafetensorError) as e:
-                raise CheckpointError(f"{file}: cannot read the tensors of {', '.join(n for _, n in items)}: {e}") from None
+                raise CheckpointError(
+                    f"{file}: cannot read the tensors of {', '.join(n for _, n in items)}: {e}") from None
             check_unchanged(file, self.states[file])  # what we hold is what the checked header describes
         return out
 
@@ -203,7 +206,7 @@ class HFRows:
 
 def _read_json(path: Path, error: type) -> dict[str, Any]:
     try:
-        d = json.loads(Path(path).read_text())
+        d = json.loads(read_small_text(Path(path), error))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise error(f"{path}: not readable JSON: {e}") from None
     if not isinstance(d, dict):

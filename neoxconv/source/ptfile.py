@@ -164,10 +164,11 @@ class _StorageType(_Sealed):
 
 
 class _PendingTensor(_Sealed):
-    __slots__ = ("storage", "storage_offset", "shape", "stride")
+    __slots__ = ("storage", "storage_offset", "shape", "stride", "bits")
 
-    def __init__(self, storage: StorageRef, storage_offset: int, shape: tuple[int, ...], stride: tuple[int, ...]):
-        self._init(storage=storage, storage_offset=storage_offset, shape=shape, stride=stride)
+    def __init__(self, storage: StorageRef, storage_offset: int, shape: tuple[int, ...], stride: tuple[int, ...],
+                 bits: tuple[str, ...] = ()):
+        self._init(storage=storage, storage_offset=storage_offset, shape=shape, stride=stride, bits=bits)
 
 
 class _Global(_Sealed):
@@ -201,13 +202,20 @@ def _int(x: Any, what: str) -> int:
     return x
 
 
-def _rebuild_tensor(storage, storage_offset, size, stride, *_ignored):
+def _rebuild_tensor(storage, storage_offset, size, stride, *rest):
+    """``_rebuild_tensor(storage, offset, size, stride)`` or ``_rebuild_tensor_v2(..., requires_grad,
+    backward_hooks, metadata=None)``. The metadata dict carries torch's lazy ``neg``/``conj`` bits, which
+    torch.load applies to the values; the bits set are kept so that `read_pt` refuses the tensor by name."""
     if not isinstance(storage, StorageRef):
         raise pickle.UnpicklingError("tensor rebuilt from something that is not a storage")
     if not isinstance(size, (tuple, list)) or not isinstance(stride, (tuple, list)):
         raise pickle.UnpicklingError("tensor size/stride is not a tuple")
+    metadata = rest[2] if len(rest) > 2 else None
+    if metadata is not None and not isinstance(metadata, dict):
+        raise pickle.UnpicklingError(f"tensor metadata is a {type(metadata).__name__}, not a dict")
+    bits = tuple(sorted(_short(k, 20) for k, v in (metadata or {}).items() if v))
     return _PendingTensor(storage, _int(storage_offset, "storage offset"),
-                          tuple(_int(s, "size") for s in size), tuple(_int(s, "stride") for s in stride))
+                          tuple(_int(s, "size") for s in size), tuple(_int(s, "stride") for s in stride), bits)
 
 
 def _rebuild_parameter(data, *_ignored):
@@ -462,11 +470,17 @@ def read_pt(path: Path, *, lenient: bool = False) -> PtArchive:
             infos = zf.infolist()
             _check_zip_layout(path, f, size, infos)
             members = {i.filename: i for i in infos}
-            if len(members) != len(infos):
-                dup = sorted({i.filename for i in infos if sum(j.filename == i.filename for j in infos) > 1})
+            # torch.load's miniz looks members up case-insensitively (data/A can stand for data/a): names
+            # equal once lower-cased are refused, as exact duplicates are (data.pkl and byteorder included).
+            folded: dict[str, int] = {}
+            for i in infos:
+                folded[i.filename.lower()] = folded.get(i.filename.lower(), 0) + 1
+            if len(folded) != len(infos):
+                dup = sorted({i.filename for i in infos if folded[i.filename.lower()] > 1})
                 raise CheckpointError(
-                    f"{path}: the archive has duplicate member names ({', '.join(dup[:3])}); readers disagree on "
-                    "which copy counts, so it is refused (the file was tampered with or badly re-zipped)"[:400])
+                    f"{path}: the archive has duplicate member names ({', '.join(map(repr, dup[:3]))}, equal "
+                    "ignoring case); readers disagree on which copy counts, so it is refused (the file was "
+                    "tampered with or badly re-zipped)"[:400])
             pkl = [n for n in members if n.endswith("/data.pkl") or n == "data.pkl"]
             if len(pkl) != 1:
                 raise CheckpointError(f"{path}: expected one data.pkl in the archive, found {len(pkl)}")
@@ -520,6 +534,11 @@ def read_pt(path: Path, *, lenient: bool = False) -> PtArchive:
                 if isinstance(node, _PendingTensor):
                     st = node.storage
                     _check_view(path, key, node)
+                    if node.bits:
+                        raise CheckpointError(
+                            f"{path}: tensor {key!r} was saved with torch's lazy {'/'.join(node.bits)} bit set "
+                            "(torch.load applies it to the values; neoxconv does not); re-save it after "
+                            "t.resolve_neg().resolve_conj()")
                     start, nbytes, crc = locate(st)
                     out: Any = TensorRef(
                         path=path, name=key, dtype=st.dtype, shape=node.shape, stride=node.stride,

@@ -9,6 +9,7 @@ replicated tensors are copied (optionally with a little per-rank noise).
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -16,11 +17,10 @@ from typing import Any
 
 import torch
 
-from neoxconv.source.checkpoint import LayerKind, SourceLayer, model_layers, pipeline_file_name, sequential_file_name
 from neoxconv.config import GELU_TANH, NeoXConfig
 from neoxconv.dtypes import as_torch_dtype
 from neoxconv.merge import Rule, hf_name, key_table
-
+from neoxconv.source.checkpoint import LayerKind, SourceLayer, model_layers, pipeline_file_name, sequential_file_name
 
 
 @dataclass(frozen=True)
@@ -267,8 +267,8 @@ def _check_resources(out: Path, spec: SyntheticSpec) -> None:
     sequential layout, whose rank files are written at the end), in the available memory (UsageError, exit 2)."""
     from neoxconv.errors import OutputError, UsageError
     from neoxconv.output.describe import free_bytes
-    from neoxconv.runtime.placement import meminfo
     from neoxconv.progress import format_bytes
+    from neoxconv.runtime.placement import meminfo
 
     config = spec.config
     itemsize = 4 if spec.dtype == "float32" else 2
@@ -294,10 +294,15 @@ def synthesize(out: Path, spec: SyntheticSpec) -> SynthResult:
     is a file or a non-empty folder. Returns what was written (parameters, bytes, files).
     """
     from neoxconv.errors import OutputError
+    from neoxconv.output.folder import check_out_path
 
     check_split(spec)
     config = spec.config
     out = Path(out)
+    check_out_path(out)  # a dangling symlink or a file: one-line OutputError, nothing created
+    if out.is_symlink():
+        raise OutputError(f"{out}: is a symlink (to {os.readlink(out)}); synth writes only into a new or empty "
+                          "folder, never through a link")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise OutputError(f"{out}: exists and is {'a file' if not out.is_dir() else 'not empty'}; "
                           "synth writes only into a new or empty folder")

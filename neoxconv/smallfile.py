@@ -1,0 +1,35 @@
+"""The one reader of small text files (configs, indexes, manifests, journals): size-capped before reading.
+
+A config or index is kB to a few MB; a 2 GiB (possibly sparse) file under such a name is refused by name,
+never read whole.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from neoxconv.errors import NeoXConvError
+
+SMALL_FILE_LIMIT = 64 << 20  # bytes; real configs, indexes and manifests are far smaller
+
+
+def read_small_text(path: Path, error: type[NeoXConvError], limit: int = SMALL_FILE_LIMIT) -> str:
+    """``path``'s UTF-8 text; ``error`` naming the file when it holds more than ``limit`` bytes.
+
+    OSError and UnicodeDecodeError reach the caller as ``Path.read_text`` raises them."""
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        chunks: list[bytes] = []
+        got = 0
+        while size <= limit and got <= limit:  # read what is there (a file may grow), never a limit-sized buffer
+            chunk = f.read(min(max(size - got, 0), limit) + 1 + (1 << 16))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            got += len(chunk)
+        data = b"".join(chunks)
+    if size > limit or len(data) > limit:
+        raise error(f"{path}: {max(size, len(data))} bytes, more than the {limit >> 20} MiB such a file can "
+                    "plausibly hold; refused unread (replace it with the real file)")
+    return data.decode("utf-8")
