@@ -294,3 +294,16 @@ def test_a_non_scalar_neox_text_value_is_a_config_error_naming_the_key(key):
     raw = {"num-layers": 2, "hidden-size": 64, "num-attention-heads": 4, key: [["x"] * 3] * 3}
     with pytest.raises(ConfigError, match=f"{key.replace('_', '-')} is a list, not a string"):
         NeoXConfig.from_neox_dict(raw)
+
+
+@pytest.mark.xfail(strict=True, reason="a YAML integer over 4300 digits raises ValueError inside int(): internal error")
+def test_yaml_integer_over_python_digit_limit_is_a_config_error(tmp_path):
+    """What happened: ``"hidden-size": 999…9`` (5000 digits) in the NeoX YAML makes PyYAML's int constructor hit
+    Python's int-string digit limit; ``inspect`` exits 1 with ``internal error: ValueError: Exceeds the limit``.
+    What should happen: exit 3, one ``neoxconv: error:`` line naming the YAML (catch ValueError with the YAML
+    errors in ``config.read_neox_yaml``)."""
+    src = tmp_path / "src"
+    shutil.copytree(COMMITTED_FIXTURE, src)
+    yml = src / "configs" / "model.yml"
+    yml.write_text(yml.read_text().replace('"hidden-size": 32', '"hidden-size": ' + "9" * 5000))
+    one_line_error(cli("inspect", src), 3, "model.yml")
