@@ -583,7 +583,7 @@ def read_neox_yaml(path: Path) -> dict[str, Any]:
         data = yaml.load(text, Loader=_yaml_loader())  # noqa: S506 (a SafeLoader subclass)
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
-    except (yaml.YAMLError, RecursionError) as e:
+    except (yaml.YAMLError, RecursionError, ValueError) as e:  # ValueError: an integer past Python's digit limit
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of NeoX arguments, got {type(data).__name__}")

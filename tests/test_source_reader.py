@@ -791,7 +791,6 @@ def test_a_latest_naming_a_path_with_a_nul_byte_is_one_line(tmp_path):
     one_line_error(cli("inspect", src), 4, "latest")
 
 
-@pytest.mark.xfail(strict=True, reason="member names folded with Unicode str.lower(); miniz folds ASCII only")
 def test_member_names_differing_only_in_non_ascii_case_are_not_duplicates(tmp_path):
     """What happened: an archive holding ``…/extraK`` (U+212A KELVIN SIGN) and ``…/extrak`` is refused as
     having duplicate member names, yet torch.load (miniz: ASCII-only tolower) reads it as two different members.

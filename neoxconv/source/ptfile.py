@@ -196,6 +196,8 @@ class _StateDict(dict):
         pass  # torch.load would set ._metadata (per-module versions); the merge has no use for it
 
 
+_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")  # miniz's tolower
+
 def _int(x: Any, what: str) -> int:
     if isinstance(x, bool) or not isinstance(x, int):
         raise pickle.UnpicklingError(f"{what} is a {type(x).__name__}, not an int")
@@ -470,13 +472,15 @@ def read_pt(path: Path, *, lenient: bool = False) -> PtArchive:
             infos = zf.infolist()
             _check_zip_layout(path, f, size, infos)
             members = {i.filename: i for i in infos}
-            # torch.load's miniz looks members up case-insensitively (data/A can stand for data/a): names
-            # equal once lower-cased are refused, as exact duplicates are (data.pkl and byteorder included).
+            # torch.load's miniz looks members up case-insensitively in ASCII only (data/A can stand for data/a;
+            # the Kelvin sign is not k): names equal once A-Z are lower-cased are refused, as exact duplicates are
+            # (data.pkl and byteorder included).
             folded: dict[str, int] = {}
             for i in infos:
-                folded[i.filename.lower()] = folded.get(i.filename.lower(), 0) + 1
+                key = i.filename.translate(_ASCII_LOWER)
+                folded[key] = folded.get(key, 0) + 1
             if len(folded) != len(infos):
-                dup = sorted({i.filename for i in infos if folded[i.filename.lower()] > 1})
+                dup = sorted({i.filename for i in infos if folded[i.filename.translate(_ASCII_LOWER)] > 1})
                 raise CheckpointError(
                     f"{path}: the archive has duplicate member names ({', '.join(map(repr, dup[:3]))}, equal "
                     "ignoring case); readers disagree on which copy counts, so it is refused (the file was "
