@@ -10,22 +10,9 @@ from __future__ import annotations
 
 import logging
 
-import numpy as np
-
-from neoxconv.dtypes import NonFiniteCounter
 from neoxconv.errors import MergeError
 
 log = logging.getLogger(__name__)
-
-
-def count_tensor_nonfinite(t, dtype: str) -> int:
-    """inf/nan in a CPU torch tensor of ``dtype`` (float16 | bfloat16 | float32), from its bits."""
-    import torch
-
-    counter = NonFiniteCounter(dtype)
-    flat = t.detach().reshape(-1)
-    counter.update(flat.view(torch.int16).numpy() if t.dtype == torch.bfloat16 else np.asarray(flat.numpy()))
-    return counter.count
 
 
 def report_nonfinite(n: int, what: str, dtype: str, *, allow: bool, warnings: list[str],
