@@ -24,7 +24,7 @@ from neoxconv.source.safetensors import (
     file_state,
     read_header,
 )
-from neoxconv.source.storage import pread_exactly
+from neoxconv.source.storage import cached_fd, pread_exactly
 
 if TYPE_CHECKING:  # torch stays off the merge path, which plans through neoxconv.plan
     import torch
@@ -187,12 +187,7 @@ class HFRows:
         t = self.model.tensors[name]
         row = math.prod(t.shape[1:])
         out = np.empty((count, *t.shape[1:]) if t.shape else (), dtype=NUMPY_DTYPES[t.dtype])
-        fd = self._fds.get(t.file)
-        if fd is None:
-            try:
-                fd = self._fds[t.file] = os.open(t.file, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-            except OSError as e:
-                raise CheckpointError(f"{t.file}: cannot read: {e.strerror or e}") from None
+        fd = cached_fd(self._fds, t.file)
         itemsize = NUMPY_DTYPES[t.dtype].itemsize
         pread_exactly(fd, memoryview(out.reshape(-1)).cast("B"), t.offset + start * row * itemsize, t.file,
                       f"ends inside the data of {name!r} (truncated?)")

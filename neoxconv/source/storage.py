@@ -86,6 +86,18 @@ def crc32_combine(crc1: int, crc2: int, len2: int) -> int:
     return _multmodp(p, crc1) ^ crc2
 
 
+def cached_fd(fds: dict[Path, int], path: Path) -> int:
+    """The read-only descriptor of ``path`` in ``fds``, opened on first use; CheckpointError naming ``path`` when it
+    cannot be opened. The caller closes the descriptors in ``fds``."""
+    fd = fds.get(path)
+    if fd is None:
+        try:
+            fd = fds[path] = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        except OSError as e:
+            raise CheckpointError(f"{path}: cannot read: {e.strerror or e}") from None
+    return fd
+
+
 def pread_exactly(fd: int, view: memoryview, offset: int, path: Path | str, truncated: str) -> int:
     """Fill ``view`` from ``fd`` at ``offset`` (short reads retried); CheckpointError naming ``path`` when it
     cannot be read or ends first (``truncated`` says what it ends inside). Returns the bytes read."""
@@ -265,12 +277,7 @@ class SourceReader:
 
     def _pread(self, st: _Storage, start: int, view: memoryview) -> None:
         """The one read of the reader: ``len(view)`` bytes of ``st`` from byte ``start``."""
-        fd = self._fds.get(st.path)
-        if fd is None:
-            try:
-                fd = self._fds[st.path] = os.open(st.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-            except OSError as e:
-                raise CheckpointError(f"{st.path}: cannot read: {e.strerror or e}") from None
+        fd = cached_fd(self._fds, st.path)
         self.bytes_read += pread_exactly(fd, view, st.offset + start, st.path,
                                          "ends inside storage data (truncated; re-download it)")
 
