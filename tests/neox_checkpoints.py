@@ -22,14 +22,13 @@ weights in Hugging Face names (``embed_out.weight`` for the readout, as neoxconv
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from neoxconv.config import NeoXConfig
-from neoxconv.tools.synthetic import SyntheticSpec, neox_yaml
+from neoxconv.tools.synthetic import SyntheticSpec, write_root
 
 from hf_reference import hf_config
 from neox_tp_split import tp_split
@@ -146,13 +145,7 @@ def _rank_layers(config: NeoXConfig, T: int, dtype: torch.dtype) -> list[torch.n
 
 def _write(root: Path, spec: SyntheticSpec, shards: dict[int, list[dict[str, torch.Tensor]]]) -> None:
     config, T, dtype = spec.config, spec.tp_degree, DTYPES[spec.dtype]
-    step = root / f"global_step{spec.step}"
-    step.mkdir(parents=True, exist_ok=True)
-    (root / "configs").mkdir(exist_ok=True)
-    (root / "latest").write_text(step.name)
-    (root / "configs" / "model.yml").write_text(neox_yaml(config, spec))
-    if spec.tokenizer is not None:
-        shutil.copyfile(spec.tokenizer, root / "20B_tokenizer.json")
+    step = write_root(root, spec)  # latest, configs, tokenizer: the folder layout, no rule
     books = WriterSpec(tp=T, layout=spec.layout, step=spec.step, seed=spec.seed)
     for rank in range(T):
         layers = _rank_layers(config, T, dtype)

@@ -200,6 +200,19 @@ def neox_yaml(config: NeoXConfig, spec: SyntheticSpec) -> str:
 """
 
 
+def write_root(root: Path, spec: SyntheticSpec) -> Path:
+    """What a checkpoint root holds besides the weights, as the 20B release lays it out: ``latest``, the
+    ``global_step*`` folder (returned), ``configs/model.yml`` and the tokenizer (when ``spec`` names one)."""
+    step = root / f"global_step{spec.step}"
+    step.mkdir(parents=True, exist_ok=True)
+    (root / "configs").mkdir(exist_ok=True)
+    (root / "latest").write_text(step.name)
+    (root / "configs" / "model.yml").write_text(neox_yaml(spec.config, spec))
+    if spec.tokenizer is not None:
+        shutil.copyfile(spec.tokenizer, root / "20B_tokenizer.json")
+    return step
+
+
 def write_checkpoint(root: Path, spec: SyntheticSpec, *, keep_reference: bool = True) -> dict[str, torch.Tensor]:
     """Write a checkpoint under ``root`` (latest, configs/, global_step*/); return the reference weights.
 
@@ -209,13 +222,7 @@ def write_checkpoint(root: Path, spec: SyntheticSpec, *, keep_reference: bool = 
     if config.vocab_size is None:
         raise ValueError("a synthetic checkpoint needs a vocab_size")
     root = Path(root)
-    step = root / f"global_step{spec.step}"
-    step.mkdir(parents=True, exist_ok=True)
-    (root / "configs").mkdir(exist_ok=True)
-    (root / "latest").write_text(step.name)
-    (root / "configs" / "model.yml").write_text(neox_yaml(config, spec))
-    if spec.tokenizer is not None:
-        shutil.copyfile(spec.tokenizer, root / "20B_tokenizer.json")
+    step = write_root(root, spec)
 
     reference: dict[str, torch.Tensor] = {}
     g_weights = torch.Generator().manual_seed(spec.seed)
