@@ -27,6 +27,8 @@ SAFETENSORS_NAMES = {
 }
 FROM_SAFETENSORS = {v: k for k, v in SAFETENSORS_NAMES.items()}
 FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
+# machine epsilon (the spacing of values just above 1) of each float dtype, as torch.finfo(dtype).eps
+FLOAT_EPS = {"float16": 2.0**-10, "bfloat16": 2.0**-7, "float32": 2.0**-23, "float64": 2.0**-52}
 
 # user-facing spellings -> canonical names
 DTYPE_ALIASES = {

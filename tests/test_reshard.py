@@ -139,3 +139,86 @@ def test_reshard_of_a_tied_config_with_a_readout_file_does_not_drop_it_silently(
     yml.write_text(yml.read_text().replace('"no-weight-tying": true', '"no-weight-tying": false'))
     result = cli("reshard", "-q", src, tmp_path / "out", "--tp", 1)
     assert result.exit_code in (3, 4), result.output
+
+
+# ----- derived buffers: the source's own, kept ------------------------------------------------------------------
+_INV = "attention.rotary_emb.inv_freq"
+
+
+def _block_buffers(step: Path) -> dict[str, torch.Tensor]:
+    """The rotary buffer of every block file (layers 02, 03) in ``step``."""
+    out = {}
+    for p in sorted(step.glob("layer_0[23]-*")):
+        sd = torch.load(p, weights_only=True)
+        if _INV in sd:
+            out[p.name] = sd[_INV]
+    return out
+
+
+def test_reshard_keeps_the_source_s_rotary_buffers_byte_for_byte(make_checkpoint, tmp_path):
+    """A reshard copies the source's inv_freq (checked identical on every rank), it does not recompute it: a
+    buffer planted one ulp off gpt-neox's formula survives; a --dtype change computes it in the new dtype; a
+    source without the buffer (gpt-neox since 2024-03 by default) gives none, and the config says so."""
+    root, _, spec = make_checkpoint(2, "pipeline", "float16")
+    src = tmp_path / "src"
+    shutil.copytree(root, src)
+    step = src / f"global_step{spec.step}"
+    planted = None
+    for p in sorted(step.glob("layer_0[23]-*")):
+        sd = torch.load(p, weights_only=True)
+        inv = sd[_INV].clone()
+        inv[0] = torch.nextafter(inv[0], torch.tensor(2.0, dtype=inv.dtype))  # one ulp up, on every rank
+        planted = inv
+        sd[_INV] = inv
+        torch.save(sd, p)
+    reshard_checkpoint(src, tmp_path / "re", ReshardOptions(tp=4, quiet=True))
+    got = _block_buffers(tmp_path / "re" / f"global_step{spec.step}")
+    assert len(got) == 2 * 4
+    for name, value in got.items():
+        assert value.dtype == torch.float16 and torch.equal(value.view(torch.int16), planted.view(torch.int16)), name
+    assert read_neox_yaml(tmp_path / "re" / "configs" / "neox.yml")["rotary_save_freqs_buffer"] is True
+
+    reshard_checkpoint(src, tmp_path / "fp32", ReshardOptions(tp=1, dtype="fp32", quiet=True))
+    d = spec.config.rotary_dims
+    want = 1.0 / (spec.config.rotary_emb_base ** (torch.arange(0, d, 2).float() / d))  # gpt-neox's, in fp32
+    for name, value in _block_buffers(tmp_path / "fp32" / f"global_step{spec.step}").items():
+        assert value.dtype == torch.float32 and torch.equal(value, want), name
+
+    # an fp32 buffer beside fp16 weights (a buffer registered after .half()): kept in fp32, counted as fp32
+    for p in sorted(step.glob("layer_0[23]-*")):
+        sd = torch.load(p, weights_only=True)
+        sd[_INV] = want * 3  # values fp16 could not hold exactly, identical on every rank
+        torch.save(sd, p)
+    reshard_checkpoint(src, tmp_path / "mixed", ReshardOptions(tp=4, quiet=True))
+    for name, value in _block_buffers(tmp_path / "mixed" / f"global_step{spec.step}").items():
+        assert value.dtype == torch.float32 and torch.equal(value, want * 3), name
+
+    bare, _, bare_spec = make_checkpoint(2, "pipeline", "float16", with_inv_freq=False)
+    reshard_checkpoint(bare, tmp_path / "bare", ReshardOptions(tp=1, quiet=True))
+    assert _block_buffers(tmp_path / "bare" / f"global_step{bare_spec.step}") == {}
+    assert read_neox_yaml(tmp_path / "bare" / "configs" / "neox.yml")["rotary_save_freqs_buffer"] is False
+    _same(_merged(bare, tmp_path / "m1"), _merged(tmp_path / "bare", tmp_path / "m2"))
+
+
+_NO_TORCH = """
+import sys
+from neoxconv.cli import main
+try:
+    main(sys.argv[1:], standalone_mode=False)
+finally:
+    print("torch imported:", "torch" in sys.modules)
+"""
+
+
+def test_split_and_reshard_never_import_torch(make_checkpoint, merged_fp32, tmp_path):
+    """The data path is numpy and the .pt writer is torch-free: importing torch alone costs more CPU than
+    a split of a small model. (A split for the 20B-era gpt-neox computes inv_freq with torch: not here.)"""
+    import subprocess
+    import sys
+
+    root, _, _ = make_checkpoint(2, "pipeline", "float16")
+    for args in (["reshard", str(root), str(tmp_path / "re"), "--tp", "1", "--quiet"],
+                 ["split", str(merged_fp32[1]), str(tmp_path / "sp"), "--tp", "2", "--quiet"]):
+        run = subprocess.run([sys.executable, "-c", _NO_TORCH, *args], capture_output=True, text=True)
+        assert run.returncode == 0, run.stderr
+        assert "torch imported: False" in run.stdout, (args[0], run.stdout)

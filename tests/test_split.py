@@ -70,7 +70,8 @@ def test_split_equals_an_independent_tp_split(hf_dir, tmp_path, tp, parallel_res
 
 def test_every_file_loads_with_weights_only_and_holds_what_deepspeed_reads(hf_dir, tmp_path):
     split_model(hf_dir(torch.float16), tmp_path / "p", SplitOptions(tp=2, step=7, quiet=True))
-    split_model(hf_dir(torch.float16), tmp_path / "s", SplitOptions(tp=2, layout="sequential", quiet=True))
+    split_model(hf_dir(torch.float16, intermediate_size=256), tmp_path / "s",
+                SplitOptions(tp=2, layout="sequential", quiet=True, key_names="20b"))  # 4h: the 20B MLP
     assert (tmp_path / "p" / "latest").read_text() == "global_step7"
     for pt in [*tmp_path.glob("*/global_step*/*.pt")]:
         torch.load(pt, weights_only=True)
@@ -81,10 +82,15 @@ def test_every_file_loads_with_weights_only_and_holds_what_deepspeed_reads(hf_di
         assert (book["mp_world_size"], book["dp_world_size"]) == (2, 1)
         seq = torch.load(tmp_path / "s" / "global_step0" / f"mp_rank_{r:02d}_model_states.pt", weights_only=True)
         assert "sequential.0.word_embeddings.weight" in seq["module"] and seq["mp_world_size"] == 2
-        assert "sequential.2.attention.rotary_emb.inv_freq" in seq["module"]
-    # every block file carries inv_freq, in the checkpoint's dtype (the sequential files: checked above)
-    block = torch.load(next((tmp_path / "p" / "global_step7").glob("layer_02-*")), weights_only=True)
-    assert block["attention.rotary_emb.inv_freq"].dtype == torch.float16
+        assert "sequential.2.attention.rotary_emb.inv_freq" in seq["module"]  # 20b: the buffer gpt-neox saved
+        assert seq["module"]["sequential.2.attention.rotary_emb.inv_freq"].dtype == torch.float16  # the model's dtype
+    # the current key names: no inv_freq (gpt-neox saves it only with rotary_save_freqs_buffer since 2024-03)
+    for block in (tmp_path / "p" / "global_step7").glob("layer_0[23]-*"):
+        assert not any("inv_freq" in k for k in torch.load(block, weights_only=True)), block
+    from neoxconv.config import read_neox_yaml
+
+    assert read_neox_yaml(tmp_path / "p" / "configs" / "neox.yml")["rotary_save_freqs_buffer"] is False
+    assert read_neox_yaml(tmp_path / "s" / "configs" / "neox.yml")["rotary_save_freqs_buffer"] is True
 
 
 def test_written_config_reads_back_and_pads_the_vocab_onto_the_embedding(hf_dir, tmp_path):
@@ -96,7 +102,7 @@ def test_written_config_reads_back_and_pads_the_vocab_onto_the_embedding(hf_dir,
     for name, pipe in (("seq", 0), ("pipe", 1)):
         raw = read_neox_yaml(tmp_path / name / "configs" / "neox.yml")
         assert raw["pipe-parallel-size"] == pipe and raw["model-parallel-size"] == 4
-        assert raw["finetune"] is True and raw["rotary_save_freqs_buffer"] is True
+        assert raw["finetune"] is True and raw["rotary_save_freqs_buffer"] is False
         assert isinstance(raw["layernorm-epsilon"], float) and isinstance(raw["rotary_pct"], float)  # 1e-05 is a str
         back = NeoXConfig.from_neox_dict(raw)
         hf = NeoXConfig.from_hf_json(src / "config.json")
@@ -126,12 +132,13 @@ def test_vocab_divisor_keeps_128_when_it_fits_and_otherwise_lands_on_the_rows():
 
 
 def test_both_hf_config_forms_give_the_same_checkpoint(hf_dir, tmp_path):
-    new = hf_dir(torch.float32, seed=3, rotary_emb_base=5000.0, rotary_pct=0.5)
-    old = hf_dir(torch.float32, seed=3, rotary_emb_base=5000.0, rotary_pct=0.5, legacy_config=True)
+    new = hf_dir(torch.float32, seed=3, rotary_emb_base=5000.0, rotary_pct=0.5, intermediate_size=256)
+    old = hf_dir(torch.float32, seed=3, rotary_emb_base=5000.0, rotary_pct=0.5, intermediate_size=256,
+                 legacy_config=True)  # 4h: the 20B MLP, so --key-names 20b writes inv_freq
     assert "rope_parameters" in json.loads((new / "config.json").read_text())
     assert "rotary_pct" in json.loads((old / "config.json").read_text())
     for name, src in (("new", new), ("old", old)):
-        split_model(src, tmp_path / name, SplitOptions(tp=2, quiet=True))
+        split_model(src, tmp_path / name, SplitOptions(tp=2, quiet=True, key_names="20b"))
     a = NeoXConfig.from_neox_yaml(tmp_path / "new" / "configs" / "neox.yml")
     b = NeoXConfig.from_neox_yaml(tmp_path / "old" / "configs" / "neox.yml")
     assert a == b and (a.rotary_pct, a.rotary_emb_base) == (0.5, 5000.0)

@@ -138,8 +138,8 @@ class _Block(nn.Module):
         self.input_layernorm = nn.LayerNorm(H)
         self.attention = nn.Module()
         self.attention.query_key_value = nn.Linear(H, 3 * H // tp)
-        self.attention.rotary_emb = nn.Module()
-        self.attention.rotary_emb.register_buffer("inv_freq", torch.zeros(1))
+        self.attention.rotary_emb = nn.Module()  # persistent before 2024-03 (e109bf5e), then rotary_save_freqs_buffer
+        self.attention.rotary_emb.register_buffer("inv_freq", torch.zeros(1), persistent=names[0] == "dense_h_to_4h")
         self.attention.dense = nn.Linear(H // tp, H)
         self.post_attention_layernorm = nn.LayerNorm(H)
         self.mlp = _MLP(names, tp)

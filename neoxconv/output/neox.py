@@ -73,6 +73,7 @@ class NeoXTarget:
     step: int = 0
     tokenizer_size: int | None = None  # entries in the tokenizer, when known (for the vocab padding rule)
     generation: str | None = None  # the MLP key generation written (`merge.key_table`; None: the table's first)
+    rotary_buffers: bool = False  # the block files carry attention.rotary_emb.inv_freq (rotary_save_freqs_buffer)
 
     @property
     def step_name(self) -> str:
@@ -190,8 +191,8 @@ def neox_yaml(target: NeoXTarget, divisible_by: int) -> str:
         f'  "rotary_pct": {_yaml_float(c.rotary_pct)},',
         f'  "rotary_emb_base": '
         f'{int(c.rotary_emb_base) if float(c.rotary_emb_base).is_integer() else _yaml_float(c.rotary_emb_base)},',
-        '  "rotary_save_freqs_buffer": false,  # as gpt-neox saves Llama-style models: no inv_freq' if llama else
-        '  "rotary_save_freqs_buffer": true,  # the block files carry attention.rotary_emb.inv_freq',
+        '  "rotary_save_freqs_buffer": true,  # the block files carry attention.rotary_emb.inv_freq'
+        if target.rotary_buffers else '  "rotary_save_freqs_buffer": false,  # no inv_freq in the block files',
         f'  "no-weight-tying": {b(not c.tie_word_embeddings)},',
         f'  "gpt_j_residual": {b(c.parallel_residual)},',
         '  "output_layer_parallelism": "column",',
@@ -582,12 +583,15 @@ def write_neox_checkpoint(
                     guard.check()
                     bar.set_postfix_str(layer.label, refresh=False)
                     counts = [[0] * len(tensors) for _ in g.ranks]  # inf/nan per rank and tensor
-                    counter = NonFiniteCounter(target.dtype)  # one scratch buffer for every block
+                    # one scratch buffer for every block of a dtype (a kept buffer may not have the weights')
+                    counters = {t.dtype: NonFiniteCounter(t.dtype) for t in tensors}
 
-                    def emit(rank: int, index: int, block: np.ndarray, counts=counts, counter=counter) -> None:
+                    def emit(rank: int, index: int, block: np.ndarray, counts=counts, counters=counters,
+                             tensors=tensors) -> None:
                         i = slot.get(rank)
                         if i is None:  # a rank whose file is kept
                             return
+                        counter = counters[tensors[index].dtype]
                         counter.count = 0
                         counter.update(block)
                         counts[i][index] += counter.count
@@ -598,7 +602,7 @@ def write_neox_checkpoint(
                     feed.stream(layer, emit)
                     for i, r in enumerate(g.ranks):  # rank by rank, in key order, before the files are renamed
                         for t, n in zip(tensors, counts[i]):
-                            report_nonfinite(n, f"{layer.label} (rank {r}): {t.key!r}", target.dtype,
+                            report_nonfinite(n, f"{layer.label} (rank {r}): {t.key!r}", t.dtype,
                                              allow=allow_nonfinite, warnings=warnings[i], doing=doing)
                             nonfinite[i] += n
             return {n: _entry(files.digests[i], files.sizes[i], g, nonfinite[i], warnings[i])

@@ -11,16 +11,17 @@ from __future__ import annotations
 import bisect
 import itertools
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from neoxconv.config import NeoXConfig
 from neoxconv.dtypes import TORCH_FLOAT_DTYPES, from_f32, to_f32
 from neoxconv.errors import ConfigError, OutputError
 from neoxconv.interrupt import deferred_sigint
-from neoxconv.merge import Rule, check_replicas, merge_tensor, resolve_row_bias
+from neoxconv.merge import Rule, check_replicas, key_table, merge_tensor, resolve_row_bias
 from neoxconv.output.folder import check_out_path
 from neoxconv.output.hashing import DEFAULT_HASH
 from neoxconv.output.neox import (
@@ -34,7 +35,7 @@ from neoxconv.output.neox import (
     plan_neox_output,
     write_neox_checkpoint,
 )
-from neoxconv.output.split import planned_bytes, shard_tensors, stream_shards, tokenizer_size
+from neoxconv.output.split import DERIVED, Buffer, planned_bytes, shard_tensors, stream_shards, tokenizer_size
 from neoxconv.plan.fingerprint import config_digest, layer_fingerprint, source_identity
 from neoxconv.plan.plan import LayerPlan, PlanOptions, TensorPlan, plan_source
 from neoxconv.source.checkpoint import SourceLayer
@@ -74,6 +75,19 @@ def merged_tensor(t: TensorPlan, *, tolerance: float, where: str, reader: Reads)
 
 def _small(t: TensorPlan) -> bool:
     return t.rule in (Rule.SUM, Rule.REPLICATED, Rule.DROP)
+
+
+def table_key(config: NeoXConfig, plan: LayerPlan, t: TensorPlan) -> str:
+    """The key table's own key of a planned source tensor (the same in every key generation)."""
+    return key_table(config, plan.layer.kind, plan.key_generation)[t.key].key
+
+
+def _kept(saved: dict[str, TensorPlan], weights_dtype: set[str], dtype: str) -> dict[str, Buffer]:
+    """The saved derived buffers written as the source holds them, by table key (values not read yet: the
+    dtypes, for the plan). Each keeps its own dtype unless it had the weights' dtype and ``--dtype`` changes
+    that: then it is computed in the new dtype, as gpt-neox computes it for a model of that dtype."""
+    return {k: Buffer(t.src_dtype, np.empty(0)) for k, t in saved.items()
+            if t.src_dtype not in weights_dtype or t.src_dtype == dtype}
 
 
 class _MergedLayer:
@@ -149,9 +163,14 @@ def reshard_checkpoint(src: Path, out: Path, options: ReshardOptions) -> WriteRe
     step = options.step if options.step is not None else (int(m.group(1)) if m else 0)
     layout = options.layout or ckpt.layout
     generations = {p.key_generation for p in plans} - {None}  # the source's MLP key names, kept (one: planned)
+    # the source's derived buffers (rotary inv_freq, saved with rotary_save_freqs_buffer) are kept: their own
+    # bytes, once checked identical on every rank (`given`), so no torch is needed to compute them
+    saved = {p.layer.index: {table_key(config, p, t): t for t in p.dropped if table_key(config, p, t) in DERIVED}
+             for p in plans}
     target = NeoXTarget(config=config, tp_degree=options.tp, layout=layout, dtype=dtype, step=step,
                         tokenizer_size=tokenizer_size(tokenizer_json, config.vocab_size),
-                        generation=generations.pop() if len(generations) == 1 else None)
+                        generation=generations.pop() if len(generations) == 1 else None,
+                        rotary_buffers=any(saved.values()))
     check_target(target, where=ckpt.config_source)
     row_bias = resolve_row_bias("auto", config)  # how the output's row-parallel biases are split
     by_index: dict[int, LayerPlan] = {p.layer.index: p for p in plans}
@@ -160,11 +179,14 @@ def reshard_checkpoint(src: Path, out: Path, options: ReshardOptions) -> WriteRe
     generation = {i: p.key_generation for i, p in by_index.items()}  # the source's key names, kept
     qkv_split = None if qkv is None else qkv.split  # and its QKV layout
     small: dict[int, dict[str, np.ndarray]] = {}
+    weights_dtype = {t.src_dtype for p in plans for t in p.tensors}
+    given: dict[int, dict[str, Buffer]] = {}  # the derived buffers written as the source holds them
 
     def tensors(layer: SourceLayer) -> list[ShardTensor]:
         full = _MergedLayer(by_index[layer.index], small.get(layer.index, {}), reads=None)
         return shard_tensors(layer, full, config=config, tp=options.tp, row_bias=row_bias, dtype=dtype,
-                             generation=generation[layer.index])
+                             generation=generation[layer.index], buffers=target.rotary_buffers,
+                             given=_kept(saved[layer.index], weights_dtype, dtype))
 
     if options.dry_run:
         return plan_neox_output(Path(out), target, tensors, tokenizer=tokenizer_json)
@@ -176,8 +198,11 @@ def reshard_checkpoint(src: Path, out: Path, options: ReshardOptions) -> WriteRe
         with reader.scope() as reads:  # checked across ranks (replicas within the tolerance) before writing
             for plan in plans:
                 where = f"{plan.layer.label} [{', '.join(plan.files)}]"
-                for t in plan.dropped:
-                    merged_tensor(t, tolerance=0.0, where=where, reader=reads)
+                for t in plan.dropped:  # checked identical on every rank; a derived buffer is kept as it is
+                    value = merged_tensor(replace(t, out_dtype=t.src_dtype), tolerance=0.0, where=where, reader=reads)
+                    key = table_key(config, plan, t)
+                    if key in _kept(saved[plan.layer.index], weights_dtype, dtype):
+                        given.setdefault(plan.layer.index, {})[key] = Buffer(t.src_dtype, value)
                 small[plan.layer.index] = {
                     t.hf_name: merged_tensor(t, tolerance=options.replica_tolerance, where=where, reader=reads)
                     for t in plan.tensors if _small(t)}
@@ -189,7 +214,8 @@ def reshard_checkpoint(src: Path, out: Path, options: ReshardOptions) -> WriteRe
         with reader.scope() as reads:  # the layer's reads are checked as it closes (or with a later layer)
             full = _MergedLayer(by_index[layer.index], small[layer.index], reads)
             stream_shards(layer, full, emit, config=config, tp=options.tp, row_bias=row_bias, dtype=dtype,
-                          generation=generation[layer.index], qkv_split=qkv_split)
+                          generation=generation[layer.index], qkv_split=qkv_split, buffers=target.rotary_buffers,
+                          given=given.get(layer.index))
 
     def confirmed(layers: list[SourceLayer]) -> bool:
         return reader.verified(r for layer in layers for t in [*by_index[layer.index].tensors,
@@ -213,6 +239,7 @@ def reshard_checkpoint(src: Path, out: Path, options: ReshardOptions) -> WriteRe
         return write_neox_checkpoint(
             Path(out), target, LayerStream(tensors, stream, confirmed, reader.check_served),
             source=source_identity(ckpt, out), recorded=recorded, fingerprint=fingerprint,
-            planned_bytes=planned_bytes(config, options.tp, dtype, row_bias), tokenizer=tokenizer_json,
+            planned_bytes=planned_bytes(config, options.tp, dtype, row_bias, target.rotary_buffers),
+            tokenizer=tokenizer_json,
             guard=guard, resume=options.resume, force=options.force, quiet=options.quiet,
             allow_nonfinite=options.allow_nonfinite, hash_algo=options.hash, desc="reshard")

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -34,7 +34,15 @@ from typing import Any, Protocol
 import numpy as np
 
 from neoxconv.config import GPT_NEOX, LLAMA, NeoXConfig
-from neoxconv.dtypes import NUMPY_DTYPES, TORCH_FLOAT_DTYPES, canonical_dtype, tensor_nbytes
+from neoxconv.dtypes import (
+    FLOAT_DTYPES,
+    FLOAT_EPS,
+    NUMPY_DTYPES,
+    TORCH_FLOAT_DTYPES,
+    canonical_dtype,
+    tensor_nbytes,
+    to_f32,
+)
 from neoxconv.errors import CheckpointError, ConfigError
 from neoxconv.interrupt import deferred_sigint
 from neoxconv.merge import (
@@ -87,20 +95,43 @@ def rotary_inv_freq_torch(config: NeoXConfig, dtype):
 def rotary_inv_freq(config: NeoXConfig, dtype: str) -> np.ndarray:
     """`rotary_inv_freq_torch` as numpy bits (bfloat16 as uint16).
 
-    Computed by torch, as gpt-neox computes it (torch's fp32 ``pow`` is not numpy's, and the bytes must be
-    gpt-neox's): a vector of rotary_dims / 2 values, the one use of torch on the split/reshard path."""
+    Computed by torch, as gpt-neox computes it (torch's vectorised fp32 ``pow`` is not numpy's, and the bytes
+    must be gpt-neox's). Needed only where no source carries the buffer: a split for a gpt-neox older than
+    2024-03 (``--key-names 20b``), or a reshard that changes the dtype; everywhere else no torch is imported."""
     import torch
 
     t = rotary_inv_freq_torch(config, getattr(torch, dtype))
     return t.view(torch.int16).numpy().view(np.uint16) if dtype == "bfloat16" else t.numpy()
 
 
+def rotary_inv_freq_close(config: NeoXConfig, value: np.ndarray, dtype: str) -> bool:
+    """True when ``value`` (numpy bits of ``dtype``) holds the config's frequencies 1 / base^(2i/d) within two
+    units in the last place of ``dtype`` (a saved buffer may be rounded by its writer's arithmetic)."""
+    d = config.rotary_dims
+    want = 1.0 / (float(config.rotary_emb_base) ** (np.arange(0, d, 2, dtype=np.float64) / d))
+    if value.shape != want.shape or dtype not in FLOAT_DTYPES:
+        return False
+    got = (to_f32(value, dtype) if dtype == "bfloat16" else np.asarray(value)).astype(np.float64)
+    return bool(np.all(np.abs(got - want) <= 2 * FLOAT_EPS[dtype] * np.abs(want)))
+
+
 # Rows are streamed ~1 MB at a time: each block is counted for inf/nan, CRC'd and hashed while in the CPU cache.
 BLOCK_BYTES = 1 << 20
 
+# Buffers gpt-neox derives from the config and saves in the block files only with ``rotary_save_freqs_buffer``
+# (always before 2024-03, e109bf5e: persistent by default until then). Written when the target asks for them
+# (`NeoXTarget.rotary_buffers`): a reshard copies the source's own checked bytes, a split computes them.
 DERIVED: dict[str, Callable[[NeoXConfig, str], np.ndarray]] = {
     "attention.rotary_emb.inv_freq": rotary_inv_freq,
 }
+
+
+@dataclass(frozen=True)
+class Buffer:
+    """A derived buffer as a source holds it (checked identical on every rank): written as it is."""
+
+    dtype: str
+    value: np.ndarray  # numpy bits (bfloat16 as uint16)
 
 
 class FullTensors(Protocol):
@@ -119,20 +150,27 @@ def _hf(spec: RuleSpec, layer: SourceLayer, part: int | None = None) -> str:
     return (template or "").format(i=layer.block)
 
 
-def _written(config: NeoXConfig, layer: SourceLayer, generation: str | None) -> list[tuple[str, RuleSpec]]:
-    """(key as written, row) of every tensor a rank file of ``layer`` holds, in the key table's order."""
+def _written(config: NeoXConfig, layer: SourceLayer, generation: str | None,
+             buffers: bool) -> list[tuple[str, RuleSpec]]:
+    """(key as written, row) of every tensor a rank file of ``layer`` holds, in the key table's order
+    (``buffers``: with the derived buffers of `DERIVED`)."""
     return [(key, spec) for key, spec in key_table(config, layer.kind, generation).items()
-            if spec.rule is not Rule.DROP or (spec.key in DERIVED and config.architecture == GPT_NEOX)]
+            if spec.rule is not Rule.DROP or (buffers and spec.key in DERIVED)]
 
 
 def shard_tensors(layer: SourceLayer, full: FullTensors, *, config: NeoXConfig, tp: int, row_bias: Rule, dtype: str,
-                  generation: str | None = None) -> list[ShardTensor]:
-    """What each rank's file of ``layer`` holds (key, dtype, each rank's shape), in file order (metadata only)."""
+                  generation: str | None = None, buffers: bool = False,
+                  given: Mapping[str, Buffer] | None = None) -> list[ShardTensor]:
+    """What each rank's file of ``layer`` holds (key, dtype, each rank's shape), in file order (metadata only);
+    ``buffers``: with the derived buffers (`DERIVED`), ``given`` ones in their own dtype (`stream_shards`)."""
     out = []
-    for key, spec in _written(config, layer, generation):
+    for key, spec in _written(config, layer, generation, buffers):
         rule = row_bias if spec.rule is Rule.ROW_BIAS else spec.rule
         if rule is Rule.DROP:
             shape: tuple[int, ...] = (config.rotary_dims // 2,)
+            if given and spec.key in given:
+                out.append(ShardTensor(key, given[spec.key].dtype, shape))
+                continue
         elif rule is Rule.SPLIT_ROWS:
             parts = [full.shape(_hf(spec, layer, i)) for i in range(len(spec.parts))]
             shape = (sum(p[0] for p in parts) // tp, *parts[0][1:])
@@ -152,20 +190,22 @@ def _step(shape: tuple[int, ...], itemsize: int, block_bytes: int) -> int:
 
 
 def stream_shards(layer: SourceLayer, full: FullTensors, emit: Emit, *, config: NeoXConfig, tp: int, row_bias: Rule,
-                  dtype: str, generation: str | None = None, qkv_split: Split | None = None,
-                  block_bytes: int = BLOCK_BYTES) -> None:
+                  dtype: str, generation: str | None = None, qkv_split: Split | None = None, buffers: bool = False,
+                  given: Mapping[str, Buffer] | None = None, block_bytes: int = BLOCK_BYTES) -> None:
     """Every rank's shard of ``layer``, streamed to ``emit(rank, index, block)`` in row blocks, each source
     row read once (the inverse of each merge rule, `neoxconv.merge.split_tensor` / `join_split`, block by block).
 
     ``generation``: how the written keys are spelled (`merge.key_table`; None: the architecture's first).
     ``qkv_split``: the Llama-style QKV layout to write (default: today's gpt-neox layout, `current_split`).
     Row-parallel biases under SUM: rank 0 the whole bias, the others zeros (`split_tensor`).
+    ``buffers``: write the derived buffers (`DERIVED`): ``given`` ones (by table key: a source's own, checked
+    across its ranks) as they are, in their own dtype; the others computed in ``dtype``.
     """
     itemsize = NUMPY_DTYPES[dtype].itemsize
-    for index, (_, spec) in enumerate(_written(config, layer, generation)):
+    for index, (_, spec) in enumerate(_written(config, layer, generation, buffers)):
         rule = row_bias if spec.rule is Rule.ROW_BIAS else spec.rule
-        if rule is Rule.DROP:  # a buffer gpt-neox derives from the config (Llama-style: not saved by gpt-neox)
-            value = DERIVED[spec.key](config, dtype)
+        if rule is Rule.DROP:  # a buffer gpt-neox derives from the config, saved with rotary_save_freqs_buffer
+            value = given[spec.key].value if given and spec.key in given else DERIVED[spec.key](config, dtype)
             for r in range(tp):
                 emit(r, index, value)
         elif rule is Rule.SPLIT_ROWS:  # rank r's rows: block r of every part, where the split places it
@@ -212,14 +252,14 @@ def current_split(config: NeoXConfig) -> Split:
     return Split.QKV_BLOCKS if config.gqa else Split.QKV_PER_HEAD
 
 
-def planned_bytes(config: NeoXConfig, tp: int, dtype: str, row_bias: Rule) -> int:
-    """Bytes of weights the split writes (replicated tensors count once per rank)."""
+def planned_bytes(config: NeoXConfig, tp: int, dtype: str, row_bias: Rule, buffers: bool = False) -> int:
+    """Bytes of weights the split writes (replicated tensors count once per rank; ``buffers``: derived ones too)."""
     total = 0
     for layer in model_layers(config, with_readout=not config.tie_word_embeddings):
         for spec in key_table(config, layer.kind).values():
             rule = row_bias if spec.rule is Rule.ROW_BIAS else spec.rule
             if rule is Rule.DROP:
-                derived = spec.key in DERIVED and config.architecture == GPT_NEOX
+                derived = buffers and spec.key in DERIVED
                 total += tp * tensor_nbytes(dtype, (config.rotary_dims // 2,)) if derived else 0
                 continue
             if rule is Rule.SPLIT_ROWS:
@@ -242,18 +282,15 @@ def check_dropped_tensors(hf: HFModel, planned: FolderPlan) -> None:
     frequencies, and a readout present beside tie_word_embeddings must equal the embedding (never dropped
     silently: transformers 5 keeps a different one untied, transformers 4 ties it, so the folder is ambiguous)."""
     config, where = planned.config, hf.folder / "config.json"
-    for name in planned.rotary_buffers:
-        import torch
-
-        got = hf.read_tensor(name)
-        want = rotary_inv_freq_torch(config, got.dtype)
-        close = got.shape == want.shape and bool(torch.allclose(
-            got.float(), want.float(), rtol=2 * torch.finfo(got.dtype).eps if got.is_floating_point() else 0, atol=0))
-        if not close:
-            raise ConfigError(
-                f"{where}: {name!r} holds rotary frequencies {list(got.shape)} that the config does not give "
-                f"(head_dim {config.head_dim}, rotary dims {config.rotary_dims}, base {config.rotary_emb_base:g}: "
-                f"{want.shape[0]} values 1/base^(2i/d)); check rope_theta / rotary_pct in config.json")
+    with hf.open_rows() as rows:
+        for name in planned.rotary_buffers:
+            t = hf.tensors[name]
+            if not rotary_inv_freq_close(config, rows.rows(name, 0, t.shape[0] if t.shape else 1, t.dtype), t.dtype):
+                raise ConfigError(
+                    f"{where}: {name!r} holds rotary frequencies {list(t.shape)} that the config does not give "
+                    f"(head_dim {config.head_dim}, rotary dims {config.rotary_dims}, base {config.rotary_emb_base:g}: "
+                    f"{config.rotary_dims // 2} values 1/base^(2i/d)); check rope_theta / rotary_pct in config.json")
+        rows.check_unchanged()
     for name in planned.tied_readouts:
         if not hf.same_values(planned.embedding, name):
             raise CheckpointError(
@@ -337,8 +374,12 @@ def split_model(hf_dir: Path, out: Path, options: SplitOptions) -> WriteReport |
         raise ConfigError(f"{hf_dir}: weights are {dtype}; choose --dtype fp16, bf16 or fp32")
     generation, qkv_split = key_generation(config, options.key_names, tp=options.tp,
                                            where=str(Path(hf_dir) / "config.json"))
+    # gpt-neox saves the rotary buffers only with rotary_save_freqs_buffer since 2024-03 (e109bf5e), always
+    # before: the 20B-era gpt-neox that reads `--key-names 20b` files needs them, a current one does not
+    buffers = generation == NEOX_20B_KEYS
     target = NeoXTarget(config=config, tp_degree=options.tp, layout=options.layout, dtype=dtype, step=options.step,
-                        tokenizer_size=tokenizer_size(hf.tokenizer, config.vocab_size), generation=generation)
+                        tokenizer_size=tokenizer_size(hf.tokenizer, config.vocab_size), generation=generation,
+                        rotary_buffers=buffers)
     check_target(target, where=str(Path(hf_dir) / "config.json"))
     row_bias = resolve_row_bias("auto", config)
     rows = hf.open_rows()
@@ -347,11 +388,11 @@ def split_model(hf_dir: Path, out: Path, options: SplitOptions) -> WriteReport |
 
     def tensors(layer: SourceLayer) -> list[ShardTensor]:
         return shard_tensors(layer, full, config=config, tp=options.tp, row_bias=row_bias, dtype=dtype,
-                             generation=generation)
+                             generation=generation, buffers=buffers)
 
     def stream(layer: SourceLayer, emit: Emit) -> None:
         stream_shards(layer, full, emit, config=config, tp=options.tp, row_bias=row_bias, dtype=dtype,
-                      generation=generation, qkv_split=qkv_split)
+                      generation=generation, qkv_split=qkv_split, buffers=buffers)
         rows.check_unchanged()  # what was written is what the checked headers describe
 
     if options.dry_run:
@@ -373,7 +414,7 @@ def split_model(hf_dir: Path, out: Path, options: SplitOptions) -> WriteReport |
     with rows, deferred_sigint() as guard:
         return write_neox_checkpoint(
             Path(out), target, LayerStream(tensors, stream), source=_source_identity(hf, Path(out)), recorded=recorded,
-            fingerprint=fingerprint, planned_bytes=planned_bytes(config, options.tp, dtype, row_bias),
+            fingerprint=fingerprint, planned_bytes=planned_bytes(config, options.tp, dtype, row_bias, buffers),
             tokenizer=hf.tokenizer, guard=guard, resume=options.resume, force=options.force, quiet=options.quiet,
             allow_nonfinite=options.allow_nonfinite, hash_algo=options.hash)
 

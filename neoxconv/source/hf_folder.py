@@ -128,38 +128,27 @@ class HFModel:
             check_unchanged(file, self.states[file])  # what we hold is what the checked header describes
         return out
 
-
     def open_rows(self) -> HFRows:
         """A reader of row blocks (``with hf.open_rows() as rows: rows.rows(name, start, count, dtype)``)."""
         return HFRows(self)
 
-    def read_tensor(self, name: str) -> torch.Tensor:
-        """One (small) tensor as stored, in its own dtype."""
-        return self.read_layer({name: name}, self._torch_dtype(name))[name]
-
     def same_values(self, a: str, b: str, *, block_bytes: int = 64 << 20) -> bool:
-        """True when tensors ``a`` and ``b`` hold the same dtype, shape and bits (read a block of rows at a time)."""
-        import torch
-        from safetensors import safe_open
-
+        """True when tensors ``a`` and ``b`` hold the same dtype, shape and bits (compared as raw bits, a block of
+        rows at a time: -0.0 != 0.0, a NaN equals the same NaN)."""
         ta, tb = self.tensors[a], self.tensors[b]
         if (ta.dtype, ta.shape) != (tb.dtype, tb.shape):
             return False
-        if not ta.shape:
-            return bool(self.read_tensor(a).view(-1).equal(self.read_tensor(b).view(-1)))
+        rows = ta.shape[0] if ta.shape else 1
         step = max(1, block_bytes // max(1, tensor_nbytes(ta.dtype, ta.shape[1:])))
-        with safe_open(str(ta.file), framework="pt") as fa, safe_open(str(tb.file), framework="pt") as fb:
-            sa, sb = fa.get_slice(a), fb.get_slice(b)
-            for i in range(0, ta.shape[0], step):  # compared as raw bits: -0.0 != 0.0, NaN == same NaN
-                x, y = sa[i:i + step], sb[i:i + step]
-                if not x.contiguous().view(torch.uint8).equal(y.contiguous().view(torch.uint8)):
+        with self.open_rows() as reader:
+            for i in range(0, rows, step):
+                n = min(step, rows - i)
+                if reader.rows(a, i, n, ta.dtype).tobytes() != reader.rows(b, i, n, tb.dtype).tobytes():
                     return False
+            reader.check_unchanged()
         return True
 
-    def _torch_dtype(self, name: str) -> torch.dtype:
-        import torch
 
-        return getattr(torch, self.tensors[name].dtype)
 
 class HFRows:
     """Row blocks of the model's tensors, read with ``os.preadv`` straight from the safetensors files at the
