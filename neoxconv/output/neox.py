@@ -40,7 +40,7 @@ import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -236,9 +236,16 @@ class ShardTensor:
         return tensor_nbytes(self.dtype, self.shape)
 
 
-# ``emit(rank, index, block)``: the next bytes (a C-contiguous numpy block) of tensor ``index`` of the layer
-# being streamed, for ``rank``; each rank's tensors arrive in order, each whole before the next begins.
-Emit = Callable[[int, int, np.ndarray], None]
+class Emit(Protocol):
+    """Where a layer's shards go. ``emit(rank, index, block)``: the next bytes (a C-contiguous numpy block) of
+    tensor ``index`` of the layer being streamed, for ``rank``; ``emit.fill(rank, index, nbytes, fill, unit)``:
+    the next ``nbytes`` of it, filled by ``fill(view)`` straight into the output's staging buffer (consecutive
+    views of whole ``unit``s: read the source into them, no copy). Each rank's tensors arrive in order, each
+    whole before the next begins."""
+
+    def __call__(self, rank: int, index: int, block: np.ndarray) -> None: ...
+
+    def fill(self, rank: int, index: int, nbytes: int, fill: Callable[[memoryview], None], unit: int) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -253,6 +260,57 @@ class LayerStream:
     stream: Callable[[SourceLayer, Emit], None]
     confirmed: Callable[[list[SourceLayer]], bool] = lambda layers: True
     settle: Callable[[], None] = lambda: None
+
+
+class _RankSink:
+    """The `Emit` of one layer: each block or filled view is counted for inf/nan in its tensor's dtype while in
+    the CPU cache, written to its rank's file (`PtFiles`), and shown on the progress bar."""
+
+    def __init__(self, files: PtFiles, slot: dict[int, int], tensors: list[ShardTensor], counts: list[list[int]],
+                 bar: Any, guard: Any) -> None:
+        self._files, self._slot, self._tensors, self._counts = files, slot, tensors, counts
+        self._bar, self._guard = bar, guard
+        # one scratch buffer per dtype (a kept buffer may not have the weights' dtype)
+        self._counters = {t.dtype: NonFiniteCounter(t.dtype) for t in tensors}
+
+    def _counted(self, i: int, index: int, data) -> None:
+        counter = self._counters[self._tensors[index].dtype]
+        counter.count = 0
+        counter.update(data)
+        self._counts[i][index] += counter.count
+
+    def __call__(self, rank: int, index: int, block: np.ndarray) -> None:
+        i = self._slot.get(rank)
+        if i is None:  # a rank whose file is kept
+            return
+        if block.ndim > 1 and not block.flags.c_contiguous and block.nbytes:
+            # a rank's columns of a row block: copied once, whole rows at a time, into the staging buffer
+            rows, done = block.reshape(block.shape[0], -1), [0]
+
+            def copy(view: memoryview) -> None:
+                n = len(view) // rows[0].nbytes
+                np.frombuffer(view, dtype=block.dtype).reshape(n, -1)[:] = rows[done[0]:done[0] + n]
+                done[0] += n
+
+            self.fill(rank, index, block.nbytes, copy, rows[0].nbytes)
+            return
+        self._counted(i, index, block)
+        self._files.write(i, block)
+        self._bar.update(block.nbytes)
+        self._guard.check()
+
+    def fill(self, rank: int, index: int, nbytes: int, fill: Callable[[memoryview], None], unit: int) -> None:
+        i = self._slot.get(rank)
+        if i is None:  # a rank whose file is kept: nothing read for it
+            return
+
+        def filled(view: memoryview) -> None:
+            fill(view)
+            self._counted(i, index, view)
+            self._bar.update(len(view))
+            self._guard.check()
+
+        self._files.fill(i, nbytes, filled, unit=unit)
 
 
 def save_pt(path: Path, obj: Any, *, hash_algo: str = DEFAULT_HASH) -> tuple[str, int]:
@@ -291,7 +349,7 @@ class PtFiles:
             for path, layout in zip(self.paths, self.layouts):
                 f = self._stack.enter_context(open_atomic(path, hash_algo=self.hash_algo, staged=True))
                 self._files.append(f)
-                self._writers.append(PtArchiveWriter(f.write, layout))
+                self._writers.append(PtArchiveWriter(f.write, layout, fill=f.fill))
             self._left = [lay.tensors[0].nbytes if lay.tensors else 0 for lay in self.layouts]
         except BaseException:
             self._stack.__exit__(*sys.exc_info())
@@ -300,12 +358,22 @@ class PtFiles:
 
     def write(self, i: int, block: np.ndarray) -> None:
         """The next bytes of file ``i``'s current storage (it moves on to the next storage once complete)."""
-        while not self._left[i] and self._storage[i] + 1 < len(self.layouts[i].tensors):
-            self._storage[i] += 1
-            self._left[i] = self.layouts[i].tensors[self._storage[i]].nbytes
+        self._advance(i)
         data = memoryview(np.ascontiguousarray(block)).cast("B")
         self._writers[i].write(self._storage[i], data)
         self._left[i] -= len(data)
+
+    def fill(self, i: int, nbytes: int, fill: Callable[[memoryview], None], *, unit: int = 1) -> None:
+        """The next ``nbytes`` of file ``i``'s current storage, filled by ``fill(view)`` in the file's staging
+        buffer itself (`_AtomicFile.fill`: consecutive views of whole ``unit``s)."""
+        self._advance(i)
+        self._writers[i].fill(self._storage[i], nbytes, fill, unit=unit)
+        self._left[i] -= nbytes
+
+    def _advance(self, i: int) -> None:
+        while not self._left[i] and self._storage[i] + 1 < len(self.layouts[i].tensors):
+            self._storage[i] += 1
+            self._left[i] = self.layouts[i].tensors[self._storage[i]].nbytes
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None:
@@ -583,23 +651,7 @@ def write_neox_checkpoint(
                     guard.check()
                     bar.set_postfix_str(layer.label, refresh=False)
                     counts = [[0] * len(tensors) for _ in g.ranks]  # inf/nan per rank and tensor
-                    # one scratch buffer for every block of a dtype (a kept buffer may not have the weights')
-                    counters = {t.dtype: NonFiniteCounter(t.dtype) for t in tensors}
-
-                    def emit(rank: int, index: int, block: np.ndarray, counts=counts, counters=counters,
-                             tensors=tensors) -> None:
-                        i = slot.get(rank)
-                        if i is None:  # a rank whose file is kept
-                            return
-                        counter = counters[tensors[index].dtype]
-                        counter.count = 0
-                        counter.update(block)
-                        counts[i][index] += counter.count
-                        files.write(i, block)
-                        bar.update(block.nbytes)
-                        guard.check()
-
-                    feed.stream(layer, emit)
+                    feed.stream(layer, _RankSink(files, slot, tensors, counts, bar, guard))
                     for i, r in enumerate(g.ranks):  # rank by rank, in key order, before the files are renamed
                         for t, n in zip(tensors, counts[i]):
                             report_nonfinite(n, f"{layer.label} (rank {r}): {t.key!r}", t.dtype,

@@ -196,10 +196,11 @@ class PtArchiveWriter:
     """
 
     def __init__(self, write: Callable[[Any], Any], layout: PtLayout, *,
-                 on_bytes: Callable[[Any], Any] | None = None) -> None:
+                 on_bytes: Callable[[Any], Any] | None = None, fill: Callable[..., None] | None = None) -> None:
         self.layout = layout
         self._write = write
         self._on_bytes = on_bytes
+        self._fill = fill  # the sink's own ``fill(nbytes, fill, unit=)`` (`_AtomicFile.fill`), for `fill`
         self._pos = 0
         self._crcs: list[int] = []  # of every member so far, in file order (for the central directory)
         self._id_crc = 0  # torch's running combination of the data descriptors' CRCs
@@ -218,6 +219,33 @@ class PtArchiveWriter:
         """Append ``block`` (any C-contiguous buffer) to storage ``index`` (``data/{index}``)."""
         mv = memoryview(block)
         n = mv.nbytes
+        self._take(index, n)
+        if not n:
+            return
+        mv = mv.cast("B")  # (refuses a non-contiguous buffer)
+        self._emit(mv)
+        self._took(mv)
+
+    def fill(self, index: int, nbytes: int, fill: Callable[[memoryview], None], *, unit: int = 1) -> None:
+        """Append ``nbytes`` to storage ``index`` by calling ``fill(view)`` on the sink's own buffer (no copy:
+        the writer was given the sink's ``fill``); each view is CRC'd and hashed right after it is filled."""
+        self._take(index, nbytes)
+        if not nbytes:
+            return
+        if self._fill is None:
+            raise ValueError(f"{self.layout.archive_name}: fill() needs a writer made with the sink's fill")
+
+        def filled(view: memoryview) -> None:
+            fill(view)
+            if self._on_bytes is not None:
+                self._on_bytes(view)
+            self._pos += len(view)
+            self._took(view)
+
+        self._fill(nbytes, filled, unit=unit)
+
+    def _take(self, index: int, n: int) -> None:
+        """Check that ``n`` more bytes of storage ``index`` are due now (closing the storages before it)."""
         storages = self.layout.storages
         if self._finished:
             raise ValueError(f"{self.layout.archive_name}: write after finish()")
@@ -229,14 +257,14 @@ class PtArchiveWriter:
         if s.written + n > storages[index].size:
             raise ValueError(f"{self.layout.archive_name}: {self._what(index)} gets {s.written + n} bytes, "
                              f"more than its {storages[index].size}")
-        if not n:
-            return
-        mv = mv.cast("B")  # (refuses a non-contiguous buffer)
+
+    def _took(self, mv: memoryview) -> None:
+        """The storage's bytes ``mv`` are written: its CRC-32 and head."""
+        s = self._s
         if len(s.head) < 8:
             s.head += bytes(mv[: 8 - len(s.head)])
         s.crc = crc32(mv, s.crc)
-        self._emit(mv)
-        s.written += n
+        s.written += len(mv)
 
     def finish(self) -> PtArchiveResult:
         """Close the last storage and write the tail; returns the size, the storages' CRCs and the id."""

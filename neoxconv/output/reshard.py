@@ -11,6 +11,7 @@ from __future__ import annotations
 import bisect
 import itertools
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from neoxconv.config import NeoXConfig
-from neoxconv.dtypes import TORCH_FLOAT_DTYPES, from_f32, to_f32
+from neoxconv.dtypes import TORCH_FLOAT_DTYPES, from_f32, tensor_nbytes, to_f32
 from neoxconv.errors import ConfigError, OutputError
 from neoxconv.interrupt import deferred_sigint
 from neoxconv.merge import Rule, check_replicas, key_table, merge_tensor, resolve_row_bias
@@ -129,6 +130,39 @@ class _MergedLayer:
             start, count, i = start + take, count - take, i + 1
         block = out[0] if len(out) == 1 else np.concatenate(out, axis=0)
         return block if t.src_dtype == t.out_dtype else from_f32(to_f32(block, t.src_dtype), t.out_dtype)
+
+    def filler(self, key: str, start: int, count: int) -> Callable[[memoryview], None] | None:
+        """Merged rows read straight into the caller's views, piece after piece (each a contiguous run of one
+        rank's rows), when they need no cast."""
+        t = self._plans[key]
+        if key in self._small or key not in self._pieces or t.src_dtype != t.out_dtype:
+            return None
+        starts, pieces = self._pieces[key]
+        row = tensor_nbytes(t.src_dtype, t.shape[1:])
+        runs = []  # (ref, byte offset in it, bytes)
+        i = bisect.bisect_right(starts, start) - 1
+        while count:
+            ref, first, n = pieces[i]
+            if not ref.is_contiguous:
+                return None
+            skip = start - starts[i]
+            take = min(count, n - skip)
+            runs.append((ref, (first + skip) * row, take * row))
+            start, count, i = start + take, count - take, i + 1
+        at = [0, 0]  # the run being read, bytes of it done
+
+        def fill(view: memoryview) -> None:
+            done = 0
+            while done < len(view):
+                ref, offset, nbytes = runs[at[0]]
+                take = min(nbytes - at[1], len(view) - done)
+                self._reads.read_into(ref, offset + at[1], view[done:done + take], key=t.key)
+                done += take
+                at[1] += take
+                if at[1] == nbytes:
+                    at[0], at[1] = at[0] + 1, 0
+
+        return fill
 
 
 def reshard_checkpoint(src: Path, out: Path, options: ReshardOptions) -> WriteReport | NeoXOutputPlan:

@@ -143,6 +143,10 @@ class FullTensors(Protocol):
 
     def rows(self, key: str, start: int, count: int) -> np.ndarray: ...
 
+    def filler(self, key: str, start: int, count: int) -> Callable[[memoryview], None] | None:
+        """A reader of rows ``start .. start + count`` straight into the caller's consecutive views (each a
+        multiple of the element size), for `Emit.fill`; None when the rows need a cast or a gather."""
+
 
 def _hf(spec: RuleSpec, layer: SourceLayer, part: int | None = None) -> str:
     """The Hugging Face name of a row's tensor (``part`` of a SPLIT_ROWS row)."""
@@ -219,19 +223,15 @@ def stream_shards(layer: SourceLayer, full: FullTensors, emit: Emit, *, config: 
                                                    kv_heads=config.kv_heads // tp, head_dim=config.head_dim):
                     pieces.append((start, count, part, done))
                     done += count
-            step = _step(full.shape(names[0]), itemsize, block_bytes)
             for r in range(tp):
                 for _, count, part, offset in sorted(pieces):
-                    first = r * part_rows[part] + offset
-                    for i in range(0, count, step):
-                        emit(r, index, full.rows(names[part], first + i, min(step, count - i)))
+                    _emit_rows(emit, r, index, full, names[part], r * part_rows[part] + offset, count,
+                               itemsize=itemsize, block_bytes=block_bytes)
         elif rule is Rule.CONCAT_ROWS:  # rank r: its block of rows
             k = _hf(spec, layer)
-            shape = full.shape(k)
-            n, step = shape[0] // tp, _step(shape, itemsize, block_bytes)
+            n = full.shape(k)[0] // tp
             for r in range(tp):
-                for i in range(0, n, step):
-                    emit(r, index, full.rows(k, r * n + i, min(step, n - i)))
+                _emit_rows(emit, r, index, full, k, r * n, n, itemsize=itemsize, block_bytes=block_bytes)
         elif rule is Rule.CONCAT_COLS:  # every row block, cut into the ranks' columns
             k = _hf(spec, layer)
             rows, cols = full.shape(k)
@@ -245,6 +245,20 @@ def stream_shards(layer: SourceLayer, full: FullTensors, emit: Emit, *, config: 
             value = full.rows(k, 0, full.shape(k)[0])
             for r, part in enumerate(split_tensor(rule, value, tp)):
                 emit(r, index, part)
+
+
+def _emit_rows(emit: Emit, rank: int, index: int, full: FullTensors, key: str, first: int, count: int, *,
+               itemsize: int, block_bytes: int) -> None:
+    """Rows ``first .. first + count`` of ``key`` to ``rank``: read straight into its file's staging buffer
+    when they need no cast (`FullTensors.filler`), else in row blocks."""
+    shape = full.shape(key)
+    filler = full.filler(key, first, count)
+    if filler is not None:
+        emit.fill(rank, index, count * math.prod(shape[1:]) * itemsize, filler, itemsize)
+        return
+    step = _step(shape, itemsize, block_bytes)
+    for i in range(0, count, step):
+        emit(rank, index, full.rows(key, first + i, min(step, count - i)))
 
 
 def current_split(config: NeoXConfig) -> Split:
@@ -430,3 +444,15 @@ class _HFLayer:
 
     def rows(self, name: str, start: int, count: int) -> np.ndarray:
         return self._rows.rows(name, start, count, self._dtype)
+
+    def filler(self, name: str, start: int, count: int) -> Callable[[memoryview], None] | None:
+        t = self._rows.model.tensors[name]
+        if t.dtype != self._dtype or not t.shape:
+            return None
+        pos = [start * tensor_nbytes(t.dtype, t.shape[1:])]
+
+        def fill(view: memoryview) -> None:
+            self._rows.read_into(name, pos[0], view)
+            pos[0] += len(view)
+
+        return fill

@@ -186,6 +186,28 @@ class _AtomicFile:
     def stage_space(self) -> int:
         return _STAGE_BYTES - self._fill
 
+    def fill(self, nbytes: int, fill: Callable[[memoryview], None], *, unit: int = 1) -> None:
+        """Append ``nbytes`` by calling ``fill(view)`` on the staging buffer itself (staged mode only): no copy.
+
+        ``fill`` receives consecutive writable views, each a multiple of ``unit`` bytes (a whole element or
+        row) of at most ~1 MB (they stay in the CPU cache while checked), and must fill each completely, in
+        order. A unit that would straddle two staging buffers is filled in a bounce buffer and copied.
+        """
+        if nbytes % unit:
+            raise ValueError(f"{self.path}: {nbytes} bytes is not a multiple of the unit {unit}")
+        left = nbytes
+        while left:
+            n = min(left, max(_FILL_BYTES // unit, 1) * unit, self.stage_space // unit * unit)
+            if n:
+                fill(self.reserve(n))
+                self.commit(n)
+            else:  # less than one unit left in this stage
+                n = unit
+                bounce = bytearray(n)
+                fill(memoryview(bounce))
+                self.write(bounce)
+            left -= n
+
     def commit(self, nbytes: int) -> None:
         """The first ``nbytes`` of the last `reserve` view are filled; a full stage goes to the writer."""
         # hashed here, by the thread that just filled these bytes: they are still in its core's cache
@@ -414,20 +436,8 @@ class SafetensorsWriter:
         if nbytes % unit:
             raise ValueError(f"{name!r}: {nbytes} bytes is not a multiple of the unit {unit}")
         self._advance(name, nbytes)
-        left = nbytes
-        while left:
-            n = min(left, max(_FILL_BYTES // unit, 1) * unit, self._file.stage_space // unit * unit)
-            if n:
-                view = self._file.reserve(n)
-                fill(view)
-                self._file.commit(n)
-            else:  # less than one unit left in this stage
-                n = unit
-                bounce = bytearray(n)
-                fill(memoryview(bounce))
-                self._file.write(bounce)
-            left -= n
-            self._written += n
+        self._file.fill(nbytes, fill, unit=unit)
+        self._written += nbytes
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None:

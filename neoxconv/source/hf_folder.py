@@ -182,6 +182,15 @@ class HFRows:
                       f"ends inside the data of {name!r} (truncated?)")
         return out if t.dtype == dtype else from_f32(to_f32(out, t.dtype), dtype).reshape(out.shape)
 
+    def read_into(self, name: str, offset: int, view: memoryview) -> None:
+        """Bytes ``offset .. offset + len(view)`` of tensor ``name``'s data, into the caller's buffer (split reads
+        straight into the output's staging buffer this way)."""
+        t = self.model.tensors[name]
+        if offset < 0 or offset + len(view) > tensor_nbytes(t.dtype, t.shape):
+            raise ValueError(f"{t.file}: bytes {offset}+{len(view)} are not inside {name!r}")
+        pread_exactly(cached_fd(self._fds, t.file), view, t.offset + offset, t.file,
+                      f"ends inside the data of {name!r} (truncated?)")
+
     def check_unchanged(self) -> None:
         """Every file read so far is as it was when its header was checked (else a CheckpointError naming it)."""
         for f in self._fds:
