@@ -63,6 +63,7 @@ from neoxconv.output.neox import (
     ShardTensor,
     WriteReport,
     check_target,
+    output_layout,
     plan_neox_output,
     write_neox_checkpoint,
 )
@@ -294,7 +295,7 @@ def key_generation(config: NeoXConfig, key_names: str, *, tp: int, where: str) -
 @dataclass(frozen=True)
 class SplitOptions:
     tp: int
-    layout: str = "pipeline"  # pipeline | sequential
+    layout: str | None = None  # pipeline | sequential; None: pipeline, sequential for a reward model (`output_layout`)
     dtype: str = "auto"  # auto (the weights' own) | fp16 | bf16 | fp32
     step: int = 0
     tokenizer_path: Path | None = None
@@ -337,7 +338,8 @@ def split_model(hf_dir: Path, out: Path, options: SplitOptions) -> WriteReport |
         raise ConfigError(f"{hf_dir}: weights are {dtype}; choose --dtype fp16, bf16 or fp32")
     generation, qkv_split = key_generation(config, options.key_names, tp=options.tp,
                                            where=str(Path(hf_dir) / "config.json"))
-    target = NeoXTarget(config=config, tp_degree=options.tp, layout=options.layout, dtype=dtype, step=options.step,
+    layout = output_layout(config, options.layout)
+    target = NeoXTarget(config=config, tp_degree=options.tp, layout=layout, dtype=dtype, step=options.step,
                         tokenizer_size=tokenizer_size(hf.tokenizer, config.vocab_size), generation=generation)
     check_target(target, where=str(Path(hf_dir) / "config.json"))
     row_bias = resolve_row_bias("auto", config)
@@ -368,7 +370,7 @@ def split_model(hf_dir: Path, out: Path, options: SplitOptions) -> WriteReport |
                 file_fps[f] = file_fingerprint(f, safetensors_header=True)
         return {"config": config_sha, "files": {f.name: file_fps[f] for f in files}}
 
-    recorded = {"command": "split", "tp": options.tp, "layout": options.layout, "dtype": dtype, "step": options.step,
+    recorded = {"command": "split", "tp": options.tp, "layout": layout, "dtype": dtype, "step": options.step,
                 "key_names": options.key_names, "key_generation": generation}
     with rows, deferred_sigint() as guard:
         return write_neox_checkpoint(
