@@ -365,7 +365,10 @@ def _print_neox_report(report, as_json: bool, quiet: bool) -> None:
 def split(hf_dir: Path, out: Path, tp: int, layout: str | None, dtype: str, step: int, tokenizer_path: Path | None,
           key_names: str, dry_run: bool, allow_nonfinite: bool, no_resume: bool, force: bool, as_json: bool,
           quiet: bool) -> None:
-    """Split the Hugging Face GPT-NeoX or Llama model HF_DIR into a gpt-neox checkpoint OUT at TP degree --tp.
+    """Split the Hugging Face GPT-NeoX, Llama or Mistral model HF_DIR into a gpt-neox checkpoint OUT at TP degree --tp.
+
+    A *ForSequenceClassification folder with one label is a reward model: written with train_impl rm (rm_linear),
+    in the sequential layout (gpt-neox trains reward models with pipe-parallel-size 0).
 
     OUT gets latest, global_step*/ (rank files and DeepSpeed bookkeeping), configs/neox.yml and the
     tokenizer. Row-parallel biases with parallel residual go whole to rank 0 (zeros elsewhere), so the

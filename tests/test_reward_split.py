@@ -252,6 +252,44 @@ def test_split_refuses_what_gpt_neox_cannot_hold_naming_the_folder(hf_rm, tmp_pa
     one_line_error(cli("split", two, tmp_path / "t", "--tp", 2), 3, two / "config.json", "2 labels")
 
 
+def test_a_classifier_s_tie_word_embeddings_ties_nothing(hf_rm, tmp_path):
+    """A reward model fine-tuned from a tied base (Llama 3.2) keeps tie_word_embeddings: true in config.json;
+    transformers' classifier has no vocabulary readout to tie, so the score is its own tensor: split as untied."""
+    src, model = hf_rm("llama")
+    tied = tmp_path / "tied"
+    tied.mkdir()
+    (tied / "model.safetensors").write_bytes((src / "model.safetensors").read_bytes())
+    cfg = json.loads((src / "config.json").read_text())
+    (tied / "config.json").write_text(json.dumps({**cfg, "tie_word_embeddings": True}))
+    theirs = transformers.AutoModelForSequenceClassification.from_pretrained(tied, attn_implementation="eager")
+    assert torch.equal(_pooled(theirs), _pooled(model))  # transformers ties nothing either
+    result = cli("split", tied, tmp_path / "sp", "--tp", 2, "-q")
+    assert result.exit_code == 0, result.output
+    assert yaml.safe_load((tmp_path / "sp" / "configs" / "neox.yml").read_text())["no-weight-tying"] is True
+    merged_back(tmp_path / "sp", tmp_path / "hf", src, model, "--qkv-layout", "blocked")
+
+
+def test_split_of_a_mistral_causal_lm_keeps_its_window(tmp_path):
+    """Not a reward model: MistralForCausalLM folders split too, with sliding_window_width = transformers' - 1."""
+    llama = hf_llama(GQA)
+    skip = ("model_type", "architectures", "transformers_version")
+    cfg = transformers.MistralConfig(**{k: v for k, v in llama.config.to_dict().items() if k not in skip},
+                                     sliding_window=W + 1)
+    cfg._attn_implementation = "eager"
+    model = transformers.MistralForCausalLM(cfg).eval()
+    model.load_state_dict(llama.state_dict())
+    model.save_pretrained(tmp_path / "src")
+    result = cli("split", tmp_path / "src", tmp_path / "sp", "--tp", 2, "-q")
+    assert result.exit_code == 0, result.output
+    neox = yaml.safe_load((tmp_path / "sp" / "configs" / "neox.yml").read_text())
+    assert neox["sliding_window_width"] == W and neox["pipe-parallel-size"] == 1 and "train_impl" not in neox
+    result = cli("merge", tmp_path / "sp", tmp_path / "hf", "-q", "--qkv-layout", "blocked")
+    assert result.exit_code == 0, result.output
+    a, b = hf_tensors(tmp_path / "src"), hf_tensors(tmp_path / "hf")
+    assert set(a) == set(b) and all(tensor_bits(a[k]) == tensor_bits(b[k]) for k in a)
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["sliding_window"] == W + 1
+
+
 # ----- reshard ----------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("tp, layout", [(1, "pipeline"), (4, "sequential")])
 def test_reshard_reward_model_gives_the_same_scores(tmp_path, tp, layout):
