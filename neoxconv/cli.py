@@ -348,8 +348,9 @@ def _print_neox_report(report, as_json: bool, quiet: bool) -> None:
 @click.argument("out", type=click.Path(path_type=Path))
 @click.option("--tp", type=click.IntRange(min=1), required=True,
               help="Tensor-parallel degree (gpt-neox model-parallel-size).")
-@click.option("--layout", type=_layout_choice, default="pipeline", show_default=True,
-              help="pipeline: layer_XX-model_YY files (pipe-parallel-size >= 1); sequential: mp_rank_XX files only.")
+@click.option("--layout", type=_layout_choice,
+              help="pipeline: layer_XX-model_YY files (pipe-parallel-size >= 1; the default); sequential: mp_rank_XX "
+                   "files only (pipe-parallel-size 0; the default for reward models, which gpt-neox trains so).")
 @click.option("--dtype", type=_dtype_choice, default="auto", show_default=True, help="auto keeps the weights' own.")
 @click.option("--step", type=int, default=0, show_default=True, help="Writes global_step{STEP} and 'latest'.")
 @click.option("--tokenizer", "tokenizer_path", type=click.Path(path_type=Path, dir_okay=False),
@@ -361,10 +362,13 @@ def _print_neox_report(report, as_json: bool, quiet: bool) -> None:
               help="Only list the files, their bytes and the free disk at OUT; write nothing.")
 @_neox_output_options
 @_run
-def split(hf_dir: Path, out: Path, tp: int, layout: str, dtype: str, step: int, tokenizer_path: Path | None,
+def split(hf_dir: Path, out: Path, tp: int, layout: str | None, dtype: str, step: int, tokenizer_path: Path | None,
           key_names: str, dry_run: bool, allow_nonfinite: bool, no_resume: bool, force: bool, as_json: bool,
           quiet: bool) -> None:
-    """Split the Hugging Face GPT-NeoX or Llama model HF_DIR into a gpt-neox checkpoint OUT at TP degree --tp.
+    """Split the Hugging Face GPT-NeoX, Llama or Mistral model HF_DIR into a gpt-neox checkpoint OUT at TP degree --tp.
+
+    A *ForSequenceClassification folder with one label is a reward model: written with train_impl rm (rm_linear),
+    in the sequential layout (gpt-neox trains reward models with pipe-parallel-size 0).
 
     OUT gets latest, global_step*/ (rank files and DeepSpeed bookkeeping), configs/neox.yml and the
     tokenizer. Row-parallel biases with parallel residual go whole to rank 0 (zeros elsewhere), so the
@@ -382,7 +386,8 @@ def split(hf_dir: Path, out: Path, tp: int, layout: str, dtype: str, step: int, 
 @click.argument("src", type=click.Path(path_type=Path))
 @click.argument("out", type=click.Path(path_type=Path))
 @click.option("--tp", type=click.IntRange(min=1), required=True, help="The new tensor-parallel degree.")
-@click.option("--layout", type=_layout_choice, help="Output layout (default: the source's).")
+@click.option("--layout", type=_layout_choice,
+              help="Output layout (default: the source's; sequential for reward models, which gpt-neox trains so).")
 @click.option("--dtype", type=_dtype_choice, default="auto", show_default=True, help="auto keeps the checkpoint's own.")
 @click.option("--step", type=int, help="Output step (default: the source's global_step number).")
 @click.option("--row-bias", type=_row_bias_choice, default="auto", show_default=True,

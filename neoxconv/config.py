@@ -307,7 +307,6 @@ class NeoXConfig:
                                                 ("rope_theta", d.get("rope_theta"))) if value is not None], 10000.0),
             layernorm_eps=float(d.get("rms_norm_eps", 1e-6)),
             parallel_residual=False,
-            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
             activation=SWIGLU,
             norm=RMSNORM,
             attention_bias=bool(d.get("attention_bias", False)),
@@ -346,7 +345,6 @@ class NeoXConfig:
                     ("rope_parameters.rope_theta", rope.get("rope_theta", _ABSENT))], 10000.0),
                 layernorm_eps=float(d.get("layer_norm_eps", 1e-5)),
                 parallel_residual=bool(d.get("use_parallel_residual", True)),
-                tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
                 activation=str(d.get("hidden_act", GELU_EXACT)),
                 bos_token_id=_hf_whole(d, "bos_token_id", 0),
                 eos_token_id=_hf_whole(d, "eos_token_id", 0),
@@ -522,8 +520,10 @@ def _hf_whole(d: dict[str, Any], key: str, default: int | None = None) -> int:
 
 
 def _hf_head(d: dict[str, Any]) -> dict[str, Any]:
-    """The head settings of config.json: a reward model (``*ForSequenceClassification`` with one label) and
-    ``pad_token_id``. Another head (several labels, token classification, ...) is not a gpt-neox model."""
+    """The head settings of config.json: a reward model (``*ForSequenceClassification`` with one label),
+    ``pad_token_id`` and tied embeddings. Another head (several labels, token classification, ...) is not a gpt-neox
+    model. A classifier's ``tie_word_embeddings`` (kept from its base model, e.g. Llama 3.2's true) ties nothing:
+    it has no readout of the vocabulary, and its score is its own tensor (gpt-neox's untied rm_linear)."""
     archs = d.get("architectures") or []
     if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
         raise ConfigError(f"config.json has a bad value: architectures {archs!r:.60}")
@@ -534,7 +534,8 @@ def _hf_head(d: dict[str, Any]) -> dict[str, Any]:
             raise ConfigError(f"config.json is a sequence classifier with {labels} labels; gpt-neox reward models "
                               "(train_impl rm) have one")
     pad = d.get("pad_token_id")
-    return {"reward_model": classifier, "pad_token_id": None if pad is None else _hf_whole(d, "pad_token_id")}
+    return {"reward_model": classifier, "pad_token_id": None if pad is None else _hf_whole(d, "pad_token_id"),
+            "tie_word_embeddings": bool(d.get("tie_word_embeddings", False)) and not classifier}
 
 
 def _as_bool(v: Any) -> bool:

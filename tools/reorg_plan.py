@@ -49,6 +49,9 @@ MOVES = {
  "test_reward_models.py": {
    "*": KEEP,
  },
+ "test_reward_split.py": {
+   "*": KEEP,
+ },
  "test_split_key_names.py": {
    "*": KEEP,
  },

@@ -109,12 +109,27 @@ class WriteReport:
                 "warnings": list(self.warnings)}
 
 
+def output_layout(config: NeoXConfig, requested: str | None, *, source_layout: str | None = None) -> str:
+    """The layout written when ``--layout`` is ``requested`` (None: the source's, else pipeline). A reward model
+    defaults to the sequential layout: gpt-neox trains ``train_impl: rm`` with pipe-parallel-size 0 only
+    (megatron/training.py ``get_batch_pipe`` asserts it), i.e. from the ``mp_rank_XX`` files' ``module``."""
+    if requested is not None:
+        return requested
+    if config.reward_model:
+        return "sequential"
+    return source_layout or "pipeline"
+
+
 def check_target(target: NeoXTarget, *, where: str) -> None:
     """Every reason the model cannot be written at this TP degree / layout, as one ConfigError (exit 3)."""
     if target.tp_degree < 1:
         raise ConfigError(f"--tp must be at least 1, got {target.tp_degree}")
     if target.layout not in LAYOUTS:
         raise ConfigError(f"--layout must be one of {', '.join(LAYOUTS)}, got {target.layout!r}")
+    if target.config.reward_model and target.layout == "pipeline":
+        raise ConfigError(f"{where}: a reward model (train_impl rm) is written in the sequential layout only: "
+                          "gpt-neox trains reward models with pipe-parallel-size 0 (its get_batch_pipe refuses rm), "
+                          "which loads the mp_rank files; use --layout sequential (the default for reward models)")
     if target.step < 0:
         raise ConfigError(f"--step must not be negative, got {target.step}")
     problems = target.config.tp_model_parallel_check(target.tp_degree)
@@ -154,6 +169,15 @@ def neox_yaml(target: NeoXTarget, divisible_by: int) -> str:
         "# Add your training settings (data, optimizer, batch sizes) in another config file; set 'load' to this",
         "# folder. The checkpoint has no optimizer or RNG state: keep 'finetune: true' (iteration restarts at 0)",
         "# or replace it by 'no_load_optim: true' and 'no_load_rng: true' (iteration continues from the step).",
+    ]
+    if c.reward_model:  # what else an rm run needs is data (pairwise) and the tokenizer's pad token, not model keys
+        pad = "unknown" if c.pad_token_id is None else f"id {c.pad_token_id}"
+        lines += [
+            "# A reward model (train_impl rm): rm_linear [1, hidden], row-parallel, instead of final_linear. gpt-neox",
+            "# trains it with pipe-parallel-size 0 (as written below) and 'dataset_impl: pairwise' (pos/neg data).",
+            f"# Pad token: {pad} (gpt-neox pads with its tokenizer's <|padding|>); merge back with --pad-token-id.",
+        ]
+    lines += [
         "{",
         f'  "pipe-parallel-size": {1 if target.layout == "pipeline" else 0},',
         f'  "model-parallel-size": {target.tp_degree},',
@@ -179,6 +203,8 @@ def neox_yaml(target: NeoXTarget, divisible_by: int) -> str:
         f'  "seq-length": {c.max_position_embeddings},',
         f'  "max-position-embeddings": {c.max_position_embeddings},',
     ]
+    if c.sliding_window is not None:  # Mistral: a query sees itself and the W keys before it (get_attn_mask)
+        lines.append(f'  "sliding_window_width": {c.sliding_window},')
     if llama:
         lines += ['  "norm": "rmsnorm",', f'  "rms_norm_epsilon": {_yaml_float(c.layernorm_eps)},',
                   f'  "use_bias_in_attn_linear": {b(c.attention_bias)},', '  "use_bias_in_norms": false,']
@@ -204,6 +230,8 @@ def neox_yaml(target: NeoXTarget, divisible_by: int) -> str:
     else:
         lines += ['  "activation": "gelu",',
                   f'  "bias-gelu-fusion": {b(c.activation == GELU_TANH)},  # true: the tanh GELU (gelu_fast)']
+    if c.reward_model:  # ParallelLinear then ignores output_layer_parallelism: rm_linear is row-parallel
+        lines.append('  "train_impl": "rm",')
     lines += [
         f'  "make_vocab_size_divisible_by": {divisible_by},  # pads the vocabulary to {c.vocab_size} rows',
         "",
@@ -421,6 +449,7 @@ class NeoXOutputPlan:
     out_free_bytes: int
     out_free_bytes_at: str
     out_problem: str | None
+    train_impl: str = "normal"  # gpt-neox's train_impl the config says: rm for a reward model (rm_linear readout)
 
     @property
     def total_bytes(self) -> int:
@@ -433,7 +462,8 @@ class NeoXOutputPlan:
     def as_dict(self) -> dict[str, Any]:
         return {"dry_run": True, "out": str(self.out_dir), "tp_degree": self.tp_degree, "layout": self.layout,
                 "step": self.step, "dtype": self.dtype, "key_generation": self.key_generation,
-                "files": [{"name": n, "bytes": b} for n, b in self.files], "total_bytes": self.total_bytes,
+                "train_impl": self.train_impl, "files": [{"name": n, "bytes": b} for n, b in self.files],
+                "total_bytes": self.total_bytes,
                 "out_free_bytes": self.out_free_bytes, "out_free_bytes_at": self.out_free_bytes_at,
                 "out_problem": self.out_problem, "out_fits": self.fits}
 
@@ -443,7 +473,9 @@ class NeoXOutputPlan:
         free = f"{self.out_free_bytes:,} bytes free at {self.out_free_bytes_at}"
         verdict = (f"OUT UNUSABLE: {self.out_problem}" if self.out_problem else
                    "fits" if self.fits else "NOT ENOUGH free space")
-        lines.append(f"dry run: TP={self.tp_degree} ({self.layout}, {self.step_name}, {self.dtype}) -> {self.out_dir}: "
+        model = ", reward model (train_impl rm)" if self.train_impl == "rm" else ""
+        lines.append(f"dry run: TP={self.tp_degree} ({self.layout}, {self.step_name}, {self.dtype}{model}) -> "
+                     f"{self.out_dir}: "
                      f"{len(self.files)} file(s), {self.total_bytes:,} bytes; {free}; {verdict}; nothing written")
         return "\n".join(lines)
 
@@ -480,7 +512,8 @@ def plan_neox_output(out: Path, target: NeoXTarget, tensors: Callable[[SourceLay
     where, free = free_bytes(out)
     return NeoXOutputPlan(out_dir=Path(out), tp_degree=T, layout=target.layout, step=target.step, dtype=target.dtype,
                           key_generation=target.generation, files=files, out_free_bytes=free,
-                          out_free_bytes_at=str(where), out_problem=out_problem(out))
+                          out_free_bytes_at=str(where), out_problem=out_problem(out),
+                          train_impl="rm" if target.config.reward_model else "normal")
 
 
 # ----- the output folder: what is ours ---------------------------------------------------------------------

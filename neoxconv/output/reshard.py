@@ -33,6 +33,7 @@ from neoxconv.output.neox import (
     ShardTensor,
     WriteReport,
     check_target,
+    output_layout,
     plan_neox_output,
     write_neox_checkpoint,
 )
@@ -49,7 +50,7 @@ _STEP = re.compile(r"^global_step(\d+)$")
 @dataclass(frozen=True)
 class ReshardOptions:
     tp: int
-    layout: str | None = None  # None: keep the source's
+    layout: str | None = None  # None: keep the source's (a reward model: sequential, `output_layout`)
     dtype: str = "auto"
     step: int | None = None  # None: keep the source's (from its global_step folder name), else 0
     row_bias: str = "auto"  # how the source's row-parallel biases merge (as `merge --row-bias`)
@@ -195,7 +196,7 @@ def reshard_checkpoint(src: Path, out: Path, options: ReshardOptions) -> WriteRe
         raise ConfigError(f"{ckpt.step_dir}: weights are {dtype}; choose --dtype fp16, bf16 or fp32")
     m = _STEP.match(ckpt.step_dir.name)
     step = options.step if options.step is not None else (int(m.group(1)) if m else 0)
-    layout = options.layout or ckpt.layout
+    layout = output_layout(config, options.layout, source_layout=ckpt.layout)
     generations = {p.key_generation for p in plans} - {None}  # the source's MLP key names, kept (one: planned)
     # the source's derived buffers (rotary inv_freq, saved with rotary_save_freqs_buffer) are kept: their own
     # bytes, once checked identical on every rank (`given`), so no torch is needed to compute them

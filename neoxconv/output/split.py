@@ -71,6 +71,7 @@ from neoxconv.output.neox import (
     ShardTensor,
     WriteReport,
     check_target,
+    output_layout,
     plan_neox_output,
     write_neox_checkpoint,
 )
@@ -345,7 +346,7 @@ def key_generation(config: NeoXConfig, key_names: str, *, tp: int, where: str) -
 @dataclass(frozen=True)
 class SplitOptions:
     tp: int
-    layout: str = "pipeline"  # pipeline | sequential
+    layout: str | None = None  # pipeline | sequential; None: pipeline, sequential for a reward model (`output_layout`)
     dtype: str = "auto"  # auto (the weights' own) | fp16 | bf16 | fp32
     step: int = 0
     tokenizer_path: Path | None = None
@@ -391,7 +392,8 @@ def split_model(hf_dir: Path, out: Path, options: SplitOptions) -> WriteReport |
     # gpt-neox saves the rotary buffers only with rotary_save_freqs_buffer since 2024-03 (e109bf5e), always
     # before: the 20B-era gpt-neox that reads `--key-names 20b` files needs them, a current one does not
     buffers = generation == NEOX_20B_KEYS
-    target = NeoXTarget(config=config, tp_degree=options.tp, layout=options.layout, dtype=dtype, step=options.step,
+    layout = output_layout(config, options.layout)
+    target = NeoXTarget(config=config, tp_degree=options.tp, layout=layout, dtype=dtype, step=options.step,
                         tokenizer_size=tokenizer_size(hf.tokenizer, config.vocab_size), generation=generation,
                         rotary_buffers=buffers)
     check_target(target, where=str(Path(hf_dir) / "config.json"))
@@ -423,7 +425,7 @@ def split_model(hf_dir: Path, out: Path, options: SplitOptions) -> WriteReport |
                 file_fps[f] = file_fingerprint(f, safetensors_header=True)
         return {"config": config_sha, "files": {f.name: file_fps[f] for f in files}}
 
-    recorded = {"command": "split", "tp": options.tp, "layout": options.layout, "dtype": dtype, "step": options.step,
+    recorded = {"command": "split", "tp": options.tp, "layout": layout, "dtype": dtype, "step": options.step,
                 "key_names": options.key_names, "key_generation": generation}
     with rows, deferred_sigint() as guard:
         return write_neox_checkpoint(

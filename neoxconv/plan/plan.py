@@ -418,8 +418,15 @@ def plan_hf_folder(hf: HFModel) -> FolderPlan:
                 if t.dtype not in FLOAT_DTYPES:
                     problems.append(f"{name!r} has dtype {t.dtype}, not a floating-point type")
     tied_readouts = tuple(n for n in _HF_READOUTS if n in hf.tensors) if config.tie_word_embeddings else ()
+    # a *ForSequenceClassification score with a bias (transformers writes none): named apart, not a stray tensor
+    score = key_table(config, LayerKind.READOUT).get("rm_linear.weight")
+    score_bias = (score.hf_name or "").removesuffix("weight") + "bias" if score is not None else None
+    if score_bias in hf.tensors:
+        problems.append(f"{score_bias!r}: the score head has a bias, which gpt-neox's reward head rm_linear "
+                        "(RowParallelLinear, bias=False) cannot hold; a reward model with a biased score is not a "
+                        "gpt-neox model")
     unknown = sorted(n for n in hf.tensors if n not in expected and n not in tied_readouts
-                     and not n.endswith(_HF_DERIVED_SUFFIXES))
+                     and n != score_bias and not n.endswith(_HF_DERIVED_SUFFIXES))
     if unknown:
         shown = ", ".join(map(repr, unknown[:8])) + (f" and {len(unknown) - 8} more" if len(unknown) > 8 else "")
         problems.append(f"unknown tensor(s) {shown} (is this a GPT-NeoX model?)")

@@ -39,7 +39,8 @@ class HFTensor:
 
 
 class HFModel:
-    """A Hugging Face GPT-NeoX folder: config.json and safetensors (one file or an index of shards)."""
+    """A Hugging Face GPT-NeoX, Llama or Mistral folder (``*ForCausalLM``, or ``*ForSequenceClassification`` with one
+    label: a reward model, `NeoXConfig` reads which): config.json and safetensors (one file or an index of shards)."""
 
     def __init__(self, folder: Path, *, tokenizer_path: Path | None = None) -> None:
         self.folder = Path(folder)
@@ -49,8 +50,9 @@ class HFModel:
         if not cfg.is_file():
             raise ConfigError(f"{self.folder}: no config.json (a Hugging Face GPT-NeoX folder has one)")
         raw = _read_json(cfg, ConfigError)
-        if raw.get("model_type") not in (None, "gpt_neox", "llama"):
-            raise ConfigError(f"{cfg}: model_type {raw.get('model_type')!r}: split writes GPT-NeoX and Llama models")
+        if raw.get("model_type") not in (None, "gpt_neox", "llama", "mistral"):
+            raise ConfigError(f"{cfg}: model_type {raw.get('model_type')!r}: split writes GPT-NeoX, Llama and Mistral "
+                              "models")
         if raw.get("model_type") in (None, "gpt_neox") and raw.get("attention_bias") is False:
             raise ConfigError(f"{cfg}: attention_bias is false; GPT-NeoX checkpoints have attention biases")
         self.config = NeoXConfig.from_hf_json(cfg)
