@@ -112,7 +112,9 @@ def expected_shards(kind: str, model, tp: int, key_names: str = "current"):
                                       base=c.rotary_emb_base, tp=tp, parallel_residual=c.parallel_residual)
         if key_names == "current":
             rename = lambda k: next((k.replace(a, b) for a, b in CURRENT_MLP.items() if k.startswith(a)), k)  # noqa: E731
-            shards = {i: [{rename(k): v for k, v in s.items()} for s in ranks] for i, ranks in shards.items()}
+            # current gpt-neox keeps inv_freq out of its checkpoints (rotary_save_freqs_buffer false since 2024-03)
+            shards = {i: [{rename(k): v for k, v in s.items() if not k.endswith("inv_freq")} for s in ranks]
+                      for i, ranks in shards.items()}
             row_biases = {(i, rename(k)): v for (i, k), v in row_biases.items()}
         layers = c.num_layers
     else:  # tied=True only leaves out lm_head (a classifier has none); 20b: w1/w2/w3, GQA rows per query head
