@@ -122,7 +122,8 @@ def _hf(spec: RuleSpec, layer: SourceLayer, part: int | None = None) -> str:
 def _written(config: NeoXConfig, layer: SourceLayer, generation: str | None) -> list[tuple[str, RuleSpec]]:
     """(key as written, row) of every tensor a rank file of ``layer`` holds, in the key table's order."""
     return [(key, spec) for key, spec in key_table(config, layer.kind, generation).items()
-            if spec.rule is not Rule.DROP or (spec.key in DERIVED and config.architecture == GPT_NEOX)]
+            if spec.rule not in (Rule.DROP, Rule.EXTRA_STATE)
+            or (spec.key in DERIVED and config.architecture == GPT_NEOX)]
 
 
 def shard_tensors(layer: SourceLayer, full: FullTensors, *, config: NeoXConfig, tp: int, row_bias: Rule, dtype: str,
