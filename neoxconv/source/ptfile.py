@@ -564,6 +564,11 @@ def read_pt(path: Path, *, lenient: bool = False) -> PtArchive:
             try:
                 objects = unpickler.load()
             except UnsafePickleError as e:
+                if e.args[0].startswith("transformer_engine."):  # Float8Tensor & co. (TE's fp8_model_init)
+                    raise UnsafePickleError(
+                        f"{path}: refused to load: the pickle asks for {e.args[0]!r}: weights saved as Transformer "
+                        "Engine fp8 tensors (fp8_model_init), which neoxconv does not read; nothing from it was "
+                        "executed (save the model with its weights in params_dtype)") from None
                 raise UnsafePickleError(
                     f"{path}: refused to load: the pickle asks for {e.args[0]!r}, which is not a tensor; "
                     "nothing from it was executed (the file is corrupt or hostile)"
