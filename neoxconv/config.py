@@ -398,7 +398,9 @@ class NeoXConfig:
             problems.append(f"train_impl {train_impl!r} (gpt-neox has normal, dpo, kto, reinforce and rm)")
         if problems:
             raise ConfigError("unsupported NeoX config: " + "; ".join(problems))
-        fused = _as_bool(d.get("bias_gelu_fusion", False))
+        # tanh GELU: gpt-neox's fused bias-gelu, or Transformer Engine's LayerNormMLP (its gelu kernel is the tanh
+        # form, TE common/util/math.h, whatever bias_gelu_fusion says)
+        fused = _as_bool(d.get("bias_gelu_fusion", False)) or _as_bool(d.get("te_layernorm_mlp", False))
         gated = old_llama_mlp or activation == SWIGLU
         try:
             hidden = _whole(d, "hidden_size")

@@ -46,6 +46,7 @@ class Rule(str, enum.Enum):
     DROP = "drop"
     ROW_BIAS = "row_bias"  # resolved to SUM or REPLICATED
     SPLIT_ROWS = "split_rows"  # per-rank parts by a `Split`, then concat over ranks
+    EXTRA_STATE = "extra_state"  # Transformer Engine's `_extra_state` (fp8 scaling state): opaque, not written
 
 
 class Split(str, enum.Enum):
@@ -92,17 +93,61 @@ class KeyTable:
 
 
 # GPT-NeoX key generations: gpt-neox renamed the GELU MLP's projections in 2024-09 (same math, same Hugging
-# Face names): mlp.dense_h_to_4h/dense_4h_to_h (the 20B release) became mlp.linear1/linear2.
+# Face names): mlp.dense_h_to_4h/dense_4h_to_h (the 20B release) became mlp.linear1/linear2. Since 2024-12
+# (gpt-neox 8900d05c, "TransformerEngine Integration") Transformer Engine modules can replace the attention
+# (te_mha: TEMultiheadAttention) and the post-attention norm + MLP (te_layernorm_mlp: TELayerNormMLP), each on
+# its own: three more generations, spelled as TE's modules name their parameters (checked at gpt-neox ea7aefd8,
+# megatron/model/transformer.py and transformer_engine.py; TE v1.12 and d0067d0d, pytorch/attention.py
+# MultiheadAttention with input_layernorm=False, fuse_qkv_params=True; pytorch/module/layernorm_mlp.py):
+#   attention.query_key_value.* -> attention.qkv.*   (TE Linear, parameters_split None: "weight", "bias"; no GQA
+#                                  for GPT-NeoX, so qkv_weight_interleaved rows are [groups = heads, 3, head_dim]:
+#                                  the 20B layout, column-parallel: concat dim 0)
+#   attention.dense.*           -> attention.proj.*  (TE Linear, parallel_mode "row")
+#   attention.rotary_emb        -> attention.rotary_embeddings (gpt-neox's TEMultiheadAttention names it so)
+#   post_attention_layernorm.*  -> mlp.layer_norm_{weight,bias} (fused into LayerNormMLP; no other norm key)
+#   mlp.linear1/linear2.*       -> mlp.fc1_{weight,bias} / mlp.fc2_{weight,bias}
+# Every TE module saves an `_extra_state` entry (fp8 scaling state, `Rule.EXTRA_STATE`); te_columnparallel /
+# te_rowparallel swap in TE Linears under the linear1/linear2 names, which then carry `_extra_state` too.
+# TE's row-parallel Linears hold the full bias on every rank and add it once, after their own all-reduce
+# (module/linear.py: bias of out_features, "bias has to be added after TP collectives"): with gpt_j_residual
+# at TP > 1 gpt-neox all-reduces their output a second time, which `plan` refuses.
 NEOX_20B_KEYS, NEOX_LINEAR_KEYS = "dense_h_to_4h/dense_4h_to_h", "linear1/linear2"
+NEOX_TE_KEYS = "te_mha+te_layernorm_mlp"  # what gpt-neox's converter calls "transformer_engine"
+NEOX_TE_MHA_KEYS, NEOX_TE_MLP_KEYS = "te_mha", "te_layernorm_mlp"
+TE_GENERATIONS = (NEOX_TE_KEYS, NEOX_TE_MHA_KEYS, NEOX_TE_MLP_KEYS)
+_TE_ATTENTION, _TE_MLP = (NEOX_TE_KEYS, NEOX_TE_MHA_KEYS), (NEOX_TE_KEYS, NEOX_TE_MLP_KEYS)
 _BLOCK = "gpt_neox.layers.{i}."
 _LINEAR12 = {"dense_h_to_4h": "linear1", "dense_4h_to_h": "linear2"}
+_TE_FC = {"dense_h_to_4h": "fc1", "dense_4h_to_h": "fc2"}
 
 
 def _renamed(key: str) -> tuple[tuple[str, str], ...]:
-    """The ``linear1/linear2`` spelling of a 20B MLP key."""
+    """The later spellings of a 20B MLP key: ``linear1/linear2`` (also under te_mha) and TE LayerNormMLP's."""
     module, _, param = key.removeprefix("mlp.").partition(".")
-    return ((NEOX_LINEAR_KEYS, f"mlp.{_LINEAR12[module]}.{param}"),)
+    linear = f"mlp.{_LINEAR12[module]}.{param}"
+    return ((NEOX_LINEAR_KEYS, linear), (NEOX_TE_MHA_KEYS, linear),
+            *((g, f"mlp.{_TE_FC[module]}_{param}") for g in _TE_MLP))
 
+
+def _te_attention(key: str) -> tuple[tuple[str, str], ...]:
+    """TE MultiheadAttention's spelling of an attention key (``attention.qkv``/``attention.proj``)."""
+    te = key.replace("query_key_value", "qkv").replace("attention.dense", "attention.proj")
+    return tuple((g, te) for g in _TE_ATTENTION)
+
+
+def _extra_state(generations: tuple[str, ...]) -> RuleSpec:
+    """A TE module's ``_extra_state`` entry (optional: written by TE modules only, dropped by the merge)."""
+    return RuleSpec(Rule.EXTRA_STATE, None, "extra_state", generations=generations, optional=True)
+
+
+# Keys that tell which TE modules a layer has (`plan` checks what each implies)
+TE_ROW_PARALLEL_KEYS = frozenset({"attention.proj.weight", "mlp.fc2_weight", "attention.dense._extra_state",
+                                  "mlp.linear2._extra_state"})  # TE Linears in parallel_mode "row"
+TE_LAYERNORM_MLP_KEY = "mlp.fc1_weight"  # TE LayerNormMLP: tanh gelu (common/util/math.h), its norm's eps fixed
+TE_LAYERNORM_MLP_EPS = 1e-5  # gpt-neox TELayerNormMLP: self.eps = 1.0e-5 for (te_)layernorm, whatever the config
+
+_NOT_TE_ATTENTION = (NEOX_LINEAR_KEYS, NEOX_TE_MLP_KEYS)  # query_key_value/dense (TE Linears with te_*parallel)
+_NOT_TE_MLP = (NEOX_LINEAR_KEYS, NEOX_TE_MHA_KEYS)  # linear1/linear2 (TE Linears with te_*parallel)
 
 RULES: dict[LayerKind, dict[str, RuleSpec]] = {
     LayerKind.EMBEDDING: {
@@ -112,12 +157,17 @@ RULES: dict[LayerKind, dict[str, RuleSpec]] = {
         "input_layernorm.weight": RuleSpec(Rule.REPLICATED, _BLOCK + "input_layernorm.weight", "H"),
         "input_layernorm.bias": RuleSpec(Rule.REPLICATED, _BLOCK + "input_layernorm.bias", "H"),
         "attention.query_key_value.weight": RuleSpec(Rule.CONCAT_ROWS, _BLOCK + "attention.query_key_value.weight",
-                                                     "3H,H"),
-        "attention.query_key_value.bias": RuleSpec(Rule.CONCAT_ROWS, _BLOCK + "attention.query_key_value.bias", "3H"),
-        "attention.dense.weight": RuleSpec(Rule.CONCAT_COLS, _BLOCK + "attention.dense.weight", "H,H"),
-        "attention.dense.bias": RuleSpec(Rule.ROW_BIAS, _BLOCK + "attention.dense.bias", "H"),
-        "post_attention_layernorm.weight": RuleSpec(Rule.REPLICATED, _BLOCK + "post_attention_layernorm.weight", "H"),
-        "post_attention_layernorm.bias": RuleSpec(Rule.REPLICATED, _BLOCK + "post_attention_layernorm.bias", "H"),
+                                                     "3H,H", aliases=_te_attention("attention.query_key_value.weight")),
+        "attention.query_key_value.bias": RuleSpec(Rule.CONCAT_ROWS, _BLOCK + "attention.query_key_value.bias", "3H",
+                                                   aliases=_te_attention("attention.query_key_value.bias")),
+        "attention.dense.weight": RuleSpec(Rule.CONCAT_COLS, _BLOCK + "attention.dense.weight", "H,H",
+                                           aliases=_te_attention("attention.dense.weight")),
+        "attention.dense.bias": RuleSpec(Rule.ROW_BIAS, _BLOCK + "attention.dense.bias", "H",
+                                         aliases=_te_attention("attention.dense.bias")),
+        "post_attention_layernorm.weight": RuleSpec(Rule.REPLICATED, _BLOCK + "post_attention_layernorm.weight", "H",
+                                                    aliases=tuple((g, "mlp.layer_norm_weight") for g in _TE_MLP)),
+        "post_attention_layernorm.bias": RuleSpec(Rule.REPLICATED, _BLOCK + "post_attention_layernorm.bias", "H",
+                                                  aliases=tuple((g, "mlp.layer_norm_bias") for g in _TE_MLP)),
         "mlp.dense_h_to_4h.weight": RuleSpec(Rule.CONCAT_ROWS, _BLOCK + "mlp.dense_h_to_4h.weight", "F,H",
                                              aliases=_renamed("mlp.dense_h_to_4h.weight")),
         "mlp.dense_h_to_4h.bias": RuleSpec(Rule.CONCAT_ROWS, _BLOCK + "mlp.dense_h_to_4h.bias", "F",
@@ -127,9 +177,19 @@ RULES: dict[LayerKind, dict[str, RuleSpec]] = {
         "mlp.dense_4h_to_h.bias": RuleSpec(Rule.ROW_BIAS, _BLOCK + "mlp.dense_4h_to_h.bias", "H",
                                            aliases=_renamed("mlp.dense_4h_to_h.bias")),
         # derived buffers, deliberately not written; saved by some writers only
-        "attention.rotary_emb.inv_freq": RuleSpec(Rule.DROP, None, "R", optional=True),
+        "attention.rotary_emb.inv_freq": RuleSpec(Rule.DROP, None, "R", optional=True,
+                                                  aliases=_te_attention("attention.rotary_embeddings.inv_freq")),
         "attention.bias": RuleSpec(Rule.DROP, None, "mask", optional=True),  # causal mask [1, 1, P, P]
         "attention.masked_bias": RuleSpec(Rule.DROP, None, "scalar", optional=True),
+        # Transformer Engine's per-module fp8 state (`Rule.EXTRA_STATE`): never weights
+        "attention.qkv._extra_state": _extra_state(_TE_ATTENTION),
+        "attention.core_attention._extra_state": _extra_state(_TE_ATTENTION),
+        "attention.proj._extra_state": _extra_state(_TE_ATTENTION),
+        "mlp._extra_state": _extra_state(_TE_MLP),
+        "attention.query_key_value._extra_state": _extra_state(_NOT_TE_ATTENTION),
+        "attention.dense._extra_state": _extra_state(_NOT_TE_ATTENTION),
+        "mlp.linear1._extra_state": _extra_state(_NOT_TE_MLP),
+        "mlp.linear2._extra_state": _extra_state(_NOT_TE_MLP),
     },
     LayerKind.FINAL_NORM: {
         "norm.weight": RuleSpec(Rule.REPLICATED, "gpt_neox.final_layer_norm.weight", "H"),
@@ -198,7 +258,7 @@ def architecture_table(config: NeoXConfig) -> KeyTable:
     """The key table of this config's architecture (GPT-NeoX or Llama-style)."""
     if config.architecture == LLAMA:
         return KeyTable(LLAMA, (LLAMA_GATED_KEYS, LLAMA_W123_KEYS), LLAMA_RULES)
-    return KeyTable(GPT_NEOX, (NEOX_20B_KEYS, NEOX_LINEAR_KEYS), RULES)
+    return KeyTable(GPT_NEOX, (NEOX_20B_KEYS, NEOX_LINEAR_KEYS, *TE_GENERATIONS), RULES)
 
 
 def key_table(config: NeoXConfig, kind: LayerKind, generation: str | None = None) -> dict[str, RuleSpec]:
@@ -219,18 +279,27 @@ def key_table(config: NeoXConfig, kind: LayerKind, generation: str | None = None
     return out
 
 
+def te_key_names() -> set[str]:
+    """Every block key only Transformer Engine modules write (TE spellings and every ``_extra_state``)."""
+    te = {spec.spelled(k, g) for k, spec in RULES[LayerKind.BLOCK].items() for g in TE_GENERATIONS}
+    plain = {spec.spelled(k, g) for k, spec in RULES[LayerKind.BLOCK].items() for g in (NEOX_20B_KEYS,
+                                                                                          NEOX_LINEAR_KEYS)}
+    return {k for k in te - plain if k} | {k for k in plain if k and k.endswith("_extra_state")}
+
+
 def detect_generations(config: NeoXConfig, kind: LayerKind, keys: set[str]) -> list[str]:
-    """The key generations whose own spellings (keys no other generation has) appear in ``keys``: none for
-    layers without such keys, one for a consistent layer, several for a layer of mixed generations."""
+    """The key generations that spell ``keys``: the one generation that knows every key and that others do not
+    (one for a consistent layer); none for layers whose keys every generation spells alike (or that several
+    generations spell entirely); when none knows them all, those that leave the fewest unknown (several: a layer
+    of mixed generations, one: a layer of that generation with keys it does not know)."""
     arch = architecture_table(config)
-    spellings = {g: {spec.spelled(k, g) for k, spec in arch.layers[kind].items()} - {None}
-                 for g in arch.generations}
-    found = []
-    for g, own in spellings.items():
-        others = set().union(*(s for h, s in spellings.items() if h != g))
-        if keys & (own - others):
-            found.append(g)
-    return found
+    known = {g: {spec.spelled(k, g) for k, spec in arch.layers[kind].items()} - {None} for g in arch.generations}
+    unknown = {g: len(keys - spelled) for g, spelled in known.items()}
+    fewest = min(unknown.values())
+    best = [g for g in arch.generations if unknown[g] == fewest]
+    if len(best) == 1:
+        return best
+    return [] if fewest == 0 else best
 
 
 def layer_generation(config: NeoXConfig, layer: SourceLayer, shards: list[dict], files: list[str]) -> str | None:
@@ -241,7 +310,7 @@ def layer_generation(config: NeoXConfig, layer: SourceLayer, shards: list[dict],
     found = [detect_generations(config, layer.kind, set(shard)) for shard in shards]
     if any(len(g) > 1 for g in found) or len({tuple(g) for g in found}) > 1:
         per_rank = ", ".join(f"{files[r]}: {' + '.join(g) or 'none'}" for r, g in enumerate(found))
-        raise CheckpointError(f"{layer.label}: MLP key names of different gpt-neox generations mixed ({per_rank})")
+        raise CheckpointError(f"{layer.label}: key names of different gpt-neox generations mixed ({per_rank})")
     return found[0][0] if found and found[0] else None
 
 

@@ -50,6 +50,7 @@ from neoxconv.progress import format_bytes, format_rate, terminal_json, terminal
 from neoxconv.runtime.loading import LoadedModel, load_model, resolve_device, resolve_dtype
 from neoxconv.runtime.placement import PeakAnonMemory, PlacementPlan, runtime_reserve
 from neoxconv.smallfile import read_small_text
+from neoxconv.source.ptfile import TensorRef
 from neoxconv.source.safetensors import read_safetensors_header
 
 log = logging.getLogger(__name__)
@@ -229,7 +230,8 @@ def merge_rounding(out: Path, options: VerifyOptions) -> tuple[torch.dtype, torc
 
     stored = stored_dtype(out)
     ckpt = open_checkpoint(options.against, config_path=options.against_config)
-    names = {ref.dtype for ref in ckpt.tensors(ckpt.layers[0], 0).values()}  # the embedding: metadata only
+    names = {ref.dtype for ref in ckpt.tensors(ckpt.layers[0], 0).values()  # the embedding: metadata only
+             if isinstance(ref, TensorRef)}  # (not a Transformer Engine `ExtraState`)
     source = [as_torch_dtype(d) for d in names if d in TORCH_FLOAT_DTYPES]
     if stored is None or len(source) != 1 or _COARSENESS[stored] <= _COARSENESS[source[0]]:
         return None

@@ -82,6 +82,7 @@ def inspect_checkpoint(src: Path, *, config_path: Path | None = None, out: Path 
         "dtype": None,
         "parameters": None,
         "key_generation": None,
+        "fp8_state": None,
         "row_bias": None,
         "output_dtype": None,
         "output_bytes": None,
@@ -108,6 +109,7 @@ def inspect_checkpoint(src: Path, *, config_path: Path | None = None, out: Path 
     result["parameters"] = sum(math.prod(t.shape) for t in tensors)
     result["dtype"] = dtypes.pop() if len(dtypes) == 1 else sorted(dtypes)
     result["key_generation"] = plan.key_generation
+    result["fp8_state"] = plan.fp8_state  # Transformer Engine's _extra_state, when it holds fp8 state
     result["row_bias"] = plan.row_bias.value
     result["output_dtype"] = out_dtypes.pop() if len(out_dtypes) == 1 else sorted(out_dtypes)
     result["output_bytes"] = plan.nbytes
@@ -175,6 +177,8 @@ def format_inspect(info: dict[str, Any], *, summary: bool = False) -> str:
         # the reason is the warning logged when the plan was made: said once, referred to here
         rows.append(("QKV layout", qkv["split"] + (" (ASSUMED: the warning above says why; --qkv-layout "
                                                    "blocked|interleaved states it)" if qkv["assumed"] else "")))
+    if info.get("fp8_state"):
+        rows.append(("fp8 state", info["fp8_state"]))
     if info["output_bytes"] is not None:
         rows += [("row-parallel bias", info["row_bias"]), ("output dtype", info["output_dtype"]),
                  ("output bytes", f"{info['output_bytes']:,} ({format_bytes(info['output_bytes'])})")]

@@ -455,6 +455,9 @@ def _merge(src: Path, out: Path, options: MergeOptions, guard: InterruptGuard,
         info["qkv_layout"] = {"split": qkv.split.value, "assumed": qkv.assumed, "reason": qkv.reason}
         if qkv.assumed:
             warnings.append(f"assumed QKV layout {qkv.split.value}: {qkv.reason}")
+    if source_plan.fp8_state:  # Transformer Engine's fp8 scaling state: said, not converted
+        warnings.append(source_plan.fp8_state)
+        log.warning("%s", source_plan.fp8_state)
     info["warnings"] = warnings
     card = model_card(_card_facts(src, source_plan, config_dtype, options, folder.state.layers, names))
     for name in folder.hand_over({CARD: card.encode()}):

@@ -22,7 +22,7 @@ from neoxconv.config import NeoXConfig
 from neoxconv.dtypes import TORCH_FLOAT_DTYPES, from_f32, tensor_nbytes, to_f32
 from neoxconv.errors import ConfigError, OutputError
 from neoxconv.interrupt import deferred_sigint
-from neoxconv.merge import Rule, check_replicas, key_table, merge_tensor, resolve_row_bias
+from neoxconv.merge import TE_GENERATIONS, Rule, check_replicas, key_table, merge_tensor, resolve_row_bias
 from neoxconv.output.folder import check_out_path
 from neoxconv.output.hashing import DEFAULT_HASH
 from neoxconv.output.neox import (
@@ -198,6 +198,11 @@ def reshard_checkpoint(src: Path, out: Path, options: ReshardOptions) -> WriteRe
     step = options.step if options.step is not None else (int(m.group(1)) if m else 0)
     layout = output_layout(config, options.layout, source_layout=ckpt.layout)
     generations = {p.key_generation for p in plans} - {None}  # the source's MLP key names, kept (one: planned)
+    if generations & set(TE_GENERATIONS) or any(p.extra_states for p in plans):
+        raise ConfigError(
+            f"{ckpt.step_dir}: Transformer Engine checkpoint (key names {' + '.join(sorted(generations))}, with "
+            "_extra_state entries): reshard does not write TE modules' extra state back; merge it and split the "
+            "Hugging Face folder (gpt-neox's own module names: train on with the te_* settings off)")
     # the source's derived buffers (rotary inv_freq, saved with rotary_save_freqs_buffer) are kept: their own
     # bytes, once checked identical on every rank (`given`), so no torch is needed to compute them
     saved = {p.layer.index: {table_key(config, p, t): t for t in p.dropped if table_key(config, p, t) in DERIVED}

@@ -160,7 +160,7 @@ def _written(config: NeoXConfig, layer: SourceLayer, generation: str | None,
     """(key as written, row) of every tensor a rank file of ``layer`` holds, in the key table's order
     (``buffers``: with the derived buffers of `DERIVED`)."""
     return [(key, spec) for key, spec in key_table(config, layer.kind, generation).items()
-            if spec.rule is not Rule.DROP or (buffers and spec.key in DERIVED)]
+            if spec.rule not in (Rule.DROP, Rule.EXTRA_STATE) or (buffers and spec.key in DERIVED)]
 
 
 def shard_tensors(layer: SourceLayer, full: FullTensors, *, config: NeoXConfig, tp: int, row_bias: Rule, dtype: str,

@@ -15,10 +15,13 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from neoxconv.config import LLAMA, NeoXConfig
+from neoxconv.config import GELU_TANH, LLAMA, NeoXConfig
 from neoxconv.dtypes import FLOAT_DTYPES, canonical_dtype, tensor_nbytes
 from neoxconv.errors import CheckpointError, ConfigError, MergeError, few
 from neoxconv.merge import (
+    TE_LAYERNORM_MLP_EPS,
+    TE_LAYERNORM_MLP_KEY,
+    TE_ROW_PARALLEL_KEYS,
     QkvLayout,
     Rule,
     RuleSpec,
@@ -33,10 +36,11 @@ from neoxconv.merge import (
     resolve_row_bias,
     shape_of,
     split_segments,
+    te_key_names,
 )
 from neoxconv.source.checkpoint import Checkpoint, LayerKind, SourceLayer, model_layers, open_checkpoint
 from neoxconv.source.hf_folder import HFModel
-from neoxconv.source.ptfile import TensorRef
+from neoxconv.source.ptfile import ExtraState, TensorRef
 from neoxconv.source.storage import SourceReader
 
 log = logging.getLogger(__name__)
@@ -78,6 +82,7 @@ class LayerPlan:
     tensors: list[TensorPlan] = field(default_factory=list)
     dropped: list[TensorPlan] = field(default_factory=list)
     key_generation: str | None = None  # the key generation the files spell (None: no generation's own keys)
+    extra_states: list[ExtraState] = field(default_factory=list)  # Transformer Engine's, every rank's: not written
 
     @property
     def nbytes(self) -> int:
@@ -117,6 +122,10 @@ def plan_layer(
     tp = len(shards)
     plan.key_generation = layer_generation(config, layer, shards, files)
     table = key_table(config, layer.kind, plan.key_generation)  # in the files' own spelling
+    te_problem = _transformer_engine_problem(config, set(shards[0]) if shards else set(), tp)
+    if te_problem:
+        raise (CheckpointError if config.architecture == LLAMA else ConfigError)(
+            f"{layer.label}, {files[0]}{' ...' if tp > 1 else ''}: {te_problem}")
     for rank, shard in enumerate(shards):
         unknown = sorted(set(shard) - set(table))
         if unknown:
@@ -133,6 +142,9 @@ def plan_layer(
         if not present or len(present) != tp:
             if present and spec.optional:
                 problems.append(f"{key!r}: present on ranks {present} only, of {tp}")
+            continue
+        if spec.rule is Rule.EXTRA_STATE:  # fp8 scaling state, opaque (`ExtraState`): reported, not written
+            plan.extra_states.extend(shards[r][key] for r in range(tp))
             continue
         refs = [shards[r][key] for r in range(tp)]
         rule = row_bias if spec.rule is Rule.ROW_BIAS else spec.rule
@@ -193,6 +205,32 @@ def plan_layer(
     return plan
 
 
+def _transformer_engine_problem(config: NeoXConfig, keys: set[str], tp: int) -> str | None:
+    """Why a layer with Transformer Engine modules (told by its keys) cannot be converted as its config says;
+    None when it can (or has none)."""
+    te = keys & te_key_names()
+    if config.architecture == LLAMA and (te or any(k.endswith("_extra_state") for k in keys)):
+        shown = ", ".join(map(repr, sorted(te or {k for k in keys if k.endswith("_extra_state")})[:4]))
+        return (f"Transformer Engine keys ({shown}) in a Llama-style (rmsnorm) checkpoint are not supported: TE's "
+                "fused QKV with grouped-query attention is laid out per kv group ([groups, heads/groups + 2, "
+                "head_dim]) and gpt-neox's own converter maps TE names for GPT-NeoX models only")
+    if config.parallel_residual and tp > 1 and keys & TE_ROW_PARALLEL_KEYS:
+        shown = ", ".join(map(repr, sorted(keys & TE_ROW_PARALLEL_KEYS)))
+        return (f"Transformer Engine row-parallel modules ({shown}) with gpt_j_residual at TP {tp}: TE's row-parallel "
+                "Linear all-reduces its output itself and gpt-neox's parallel residual all-reduces it again, so the "
+                f"trained function scales those outputs by {tp} and no Hugging Face model computes it; convert a "
+                "TP 1 checkpoint of it, or one trained with gpt_j_residual false")
+    if TE_LAYERNORM_MLP_KEY in keys:
+        if config.activation != GELU_TANH:
+            return (f"{TE_LAYERNORM_MLP_KEY!r} is TE LayerNormMLP, whose gelu is the tanh form, but the config gives "
+                    f"{config.activation!r}: set te_layernorm_mlp: true (or bias-gelu-fusion: true) in the config")
+        if config.layernorm_eps != TE_LAYERNORM_MLP_EPS:
+            return (f"{TE_LAYERNORM_MLP_KEY!r} is TE LayerNormMLP, whose fused norm gpt-neox builds with eps "
+                    f"{TE_LAYERNORM_MLP_EPS:g} while the other norms use layernorm-epsilon {config.layernorm_eps:g}; "
+                    "a Hugging Face GPT-NeoX model has one epsilon")
+    return None
+
+
 def _split_plans(key: str, spec: RuleSpec, split: Split, refs: list[TensorRef], layer: SourceLayer,
                  config: NeoXConfig, src_dtype: str, out_dtype: str) -> list[TensorPlan]:
     """One plan per part of a SPLIT_ROWS key; raises ValueError when the shards do not fit the split."""
@@ -251,6 +289,17 @@ class SourcePlan:
     @property
     def nbytes(self) -> int:
         return sum(p.nbytes for p in self.layers)
+
+    @property
+    def fp8_state(self) -> str | None:
+        """What `merge` and `inspect` say when Transformer Engine modules saved fp8 scaling state (None: none)."""
+        held = [e for p in self.layers for e in p.extra_states if not e.empty]
+        if not held:
+            return None
+        first = held[0]
+        return (f"{len(held)} Transformer Engine _extra_state entr{'y holds' if len(held) == 1 else 'ies hold'} fp8 "
+                f"scaling state (e.g. {first.path.name}: {first.name!r}, {first.nbytes} bytes as {first.form}): scales "
+                "and amax histories, not weights (gpt-neox keeps the weights in params_dtype); not converted")
 
     @property
     def key_generation(self) -> str | list[str] | None:

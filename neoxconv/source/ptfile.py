@@ -108,6 +108,31 @@ class TensorRef:
         )
 
 
+EXTRA_STATE_SUFFIX = "_extra_state"  # torch.nn.modules.module._EXTRA_STATE_KEY_SUFFIX
+# pickle.dumps(None) at protocols 0..5: what TE writes (a uint8 tensor of it, or torch.save'd into an
+# io.BytesIO) when a module has no fp8 state; recognised by its bytes, never unpickled
+_PICKLED_NONE = frozenset({b"N.", b"\x80\x02N.", b"\x80\x03N.", b"\x80\x04N.", b"\x80\x05N."})
+
+
+@dataclass(frozen=True)
+class ExtraState:
+    """A Transformer Engine module's ``_extra_state`` entry, described and never unpickled.
+
+    TE's ``get_extra_state`` (pytorch/module/base.py) wrote, across versions: ``None`` (v0.3-v0.5 without fp8),
+    a 1-D ``torch.uint8`` tensor of ``pickle.dumps(state)`` (v0.6-v0.11 and v2.0-v2.3; ``pickle.dumps(None)``
+    without fp8) or ``torch.empty(0, dtype=torch.uint8)`` without fp8 (v2.4 on), and an ``io.BytesIO`` holding
+    ``torch.save(state)`` (v0.12-v1.13, the TE gpt-neox pins). Its content is fp8 scaling state (scales, amax
+    histories, the recipe), pickled: opaque here. ``empty``: the bytes say "no state" (nothing, or a pickled
+    None); otherwise the module had fp8 state (``nbytes`` of it).
+    """
+
+    path: Path
+    name: str
+    form: str  # "none" | "uint8 tensor" | "io.BytesIO"
+    nbytes: int
+    empty: bool
+
+
 class _Inert:
     """Base of what lenient mode returns for a global outside the allowlist: inert, absorbs everything."""
 
@@ -186,6 +211,38 @@ class _Global(_Sealed):
         return f"<{self.qualname}>"
 
 
+class _OpaqueBytesIO(_Sealed):
+    """What ``_io.BytesIO`` becomes (torch.save pickles one as NEWOBJ, then BUILD with (bytes, position, dict)):
+    its bytes, kept and never read as a pickle. Each load gets a fresh subclass (NEWOBJ needs a type)."""
+
+    __slots__ = ("value",)
+
+    def __new__(cls, *args: Any) -> _OpaqueBytesIO:
+        if args:
+            raise pickle.UnpicklingError("io.BytesIO built with arguments (torch.save pickles it with none)")
+        self = object.__new__(cls)
+        object.__setattr__(self, "value", None)
+        return self
+
+    def __init__(self, *args: Any) -> None:
+        pass
+
+    def __setstate__(self, state: Any) -> None:
+        if self.value is not None:
+            raise pickle.UnpicklingError("io.BytesIO given its state twice")
+        if not (isinstance(state, tuple) and len(state) == 3 and isinstance(state[0], bytes)
+                and type(state[1]) is int and state[2] in (None, {})):
+            raise pickle.UnpicklingError("io.BytesIO state is not (bytes, position, None)")
+        object.__setattr__(self, "value", state[0])
+
+
+def _latin1_bytes(text: Any, encoding: Any = None) -> bytes:
+    """``_codecs.encode(str, "latin1")``: how pickle protocol 2 (torch.save's) writes a ``bytes`` object."""
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise pickle.UnpicklingError("_codecs.encode is allowed only as pickle protocol 2 writes bytes (latin1)")
+    return text.encode("latin-1")
+
+
 class _StateDict(dict):
     """What ``collections.OrderedDict`` becomes: a plain dict (insertion-ordered) that accepts the BUILD
     step ``nn.Module.state_dict()`` pickles carry (its ``_metadata`` attribute) and keeps nothing of it."""
@@ -236,6 +293,7 @@ _ALLOWED_FUNCTIONS: dict[tuple[str, str], Any] = {
     ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
     ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
     ("collections", "OrderedDict"): _ordered_dict,
+    ("_codecs", "encode"): _latin1_bytes,  # bytes at protocol 2 (a TE io.BytesIO's content)
 }
 
 # Memo indices a pickle may use: a real pickler numbers them 0, 1, 2, ... as it goes, so an index is
@@ -264,6 +322,7 @@ class _SafeUnpickler(pickle.Unpickler):
         self._globals: dict[tuple[str, str], Any] = {
             k: _Global(f"{k[0]}.{k[1]}", fn) for k, fn in _ALLOWED_FUNCTIONS.items()}
         self._globals.update({("torch", name): _StorageType(dtype) for name, dtype in _STORAGES.items()})
+        self._globals[("_io", "BytesIO")] = type("BytesIO", (_OpaqueBytesIO,), {"__slots__": ()})
         self._inert: dict[str, type] = {}
         self._storages: dict[str, StorageRef] = {}
 
@@ -427,8 +486,10 @@ class PtArchive:
     objects: Any  # the unpickled structure, with TensorRef in place of tensors
     refused_globals: tuple[str, ...] = ()
 
-    def tensors(self, prefix_path: tuple[str, ...] = ()) -> dict[str, TensorRef]:
-        """The flat ``{key: TensorRef}`` dict at ``prefix_path`` (e.g. ``("module",)``)."""
+    def tensors(self, prefix_path: tuple[str, ...] = ()) -> dict[str, TensorRef | ExtraState]:
+        """The flat ``{key: TensorRef}`` dict at ``prefix_path`` (e.g. ``("module",)``); a key ending in
+        ``_extra_state`` (torch's suffix for a module's extra state) is an `ExtraState` in one of the forms
+        Transformer Engine writes, and anything else under such a key is refused, naming file and key."""
         node = self.objects
         for part in prefix_path:
             if not isinstance(node, dict) or part not in node:
@@ -436,13 +497,16 @@ class PtArchive:
             node = node[part]
         if not isinstance(node, dict):
             raise CheckpointError(f"{self.path}: expected a dict of tensors, got {type(node).__name__}")
-        out: dict[str, TensorRef] = {}
+        out: dict[str, TensorRef | ExtraState] = {}
         for k, v in node.items():
             if not isinstance(k, str):
                 raise CheckpointError(f"{self.path}: a key is a {type(k).__name__}, not a tensor name (corrupt)")
-            if not isinstance(v, TensorRef):
+            if k.endswith(EXTRA_STATE_SUFFIX):
+                out[k] = _extra_state(self.path, k, v)
+            elif isinstance(v, TensorRef):
+                out[k] = v
+            else:
                 raise CheckpointError(f"{self.path}: key {_short(k)!r} holds {type(v).__name__}, not a tensor")
-            out[k] = v
         return out
 
 
@@ -500,6 +564,11 @@ def read_pt(path: Path, *, lenient: bool = False) -> PtArchive:
             try:
                 objects = unpickler.load()
             except UnsafePickleError as e:
+                if e.args[0].startswith("transformer_engine."):  # Float8Tensor & co. (TE's fp8_model_init)
+                    raise UnsafePickleError(
+                        f"{path}: refused to load: the pickle asks for {e.args[0]!r}: weights saved as Transformer "
+                        "Engine fp8 tensors (fp8_model_init), which neoxconv does not read; nothing from it was "
+                        "executed (save the model with its weights in params_dtype)") from None
                 raise UnsafePickleError(
                     f"{path}: refused to load: the pickle asks for {e.args[0]!r}, which is not a tensor; "
                     "nothing from it was executed (the file is corrupt or hostile)"
@@ -549,6 +618,10 @@ def read_pt(path: Path, *, lenient: bool = False) -> PtArchive:
                         storage_offset=node.storage_offset, storage_numel=st.numel, data_offset=start,
                         storage_nbytes=nbytes, storage_crc=crc,
                     )
+                elif isinstance(node, _OpaqueBytesIO):
+                    if node.value is None:
+                        raise CheckpointError(f"{path}: {key!r} holds an io.BytesIO without content (corrupt)")
+                    out = _BytesIOValue(node.value)
                 elif isinstance(node, dict):
                     out = done[id(node)] = {}
                     for k, v in node.items():
@@ -573,6 +646,55 @@ def read_pt(path: Path, *, lenient: bool = False) -> PtArchive:
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read: {e.strerror or e}") from None
     return PtArchive(path=path, objects=objects, refused_globals=tuple(unpickler.refused))
+
+
+@dataclass(frozen=True)
+class _BytesIOValue:
+    """An io.BytesIO's bytes as `read_pt` leaves them (only an ``_extra_state`` key may hold one)."""
+
+    data: bytes
+
+
+_MAX_EXTRA_STATE_BYTES = 1 << 20  # TE's fp8 state is a few kB (scales and amax histories per GEMM)
+
+
+def _extra_state(path: Path, key: str, value: Any) -> ExtraState:
+    """The `ExtraState` a ``..._extra_state`` entry holds, in one of the forms TE writes; a CheckpointError naming
+    file and key for anything else. Its bytes are compared, never unpickled."""
+    if value is None:
+        return ExtraState(path, key, "none", 0, True)
+    if isinstance(value, TensorRef):
+        if value.dtype != "uint8" or len(value.shape) != 1 or not value.is_contiguous:
+            raise CheckpointError(
+                f"{path}: {_short(key)!r} is a {value.dtype} tensor of shape {list(value.shape)}; Transformer Engine "
+                "saves its extra state as a 1-D uint8 tensor (or an io.BytesIO): not a TE checkpoint entry")
+        if value.nbytes > _MAX_EXTRA_STATE_BYTES:
+            raise CheckpointError(f"{path}: {_short(key)!r} holds {value.nbytes} bytes of extra state; Transformer "
+                                  "Engine's fp8 state is a few kB (corrupt or not a TE checkpoint)")
+        empty = value.nbytes == 0 or (value.nbytes <= 8 and bytes(value.array()) in _PICKLED_NONE)
+        return ExtraState(path, key, "uint8 tensor", value.nbytes, empty)
+    if isinstance(value, _BytesIOValue):
+        if len(value.data) > _MAX_EXTRA_STATE_BYTES:
+            raise CheckpointError(f"{path}: {_short(key)!r} holds an io.BytesIO of {len(value.data)} bytes; "
+                                  "Transformer Engine's fp8 state is a few kB (corrupt or not a TE checkpoint)")
+        return ExtraState(path, key, "io.BytesIO", len(value.data), _saved_none(value.data))
+    raise CheckpointError(
+        f"{path}: {_short(key)!r} holds {'bytes' if isinstance(value, bytes) else type(value).__name__}; Transformer "
+        "Engine saves extra state as None, a uint8 tensor or an io.BytesIO, so it is refused (corrupt or hostile)")
+
+
+def _saved_none(data: bytes) -> bool:
+    """True when ``data`` is ``torch.save(None)``: a zip whose only pickle is a pickled None and that has no
+    storages (read as bytes: the nested pickle is compared, never run)."""
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as z:
+            infos = z.infolist()
+            pkl = [i for i in infos if i.filename.endswith("data.pkl")]
+            if len(pkl) != 1 or pkl[0].file_size > 8 or any("/data/" in i.filename for i in infos):
+                return False
+            return z.read(pkl[0]) in _PICKLED_NONE
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError, EOFError, zlib.error, struct.error):
+        return False
 
 
 def _short(x: Any, limit: int = 80) -> str:

@@ -1,0 +1,305 @@
+"""Checkpoints trained with Transformer Engine modules (issue 21): read by merge, inspect and verify --against.
+
+The generator below does not use neoxconv's key table: a random ``transformers.GPTNeoXForCausalLM`` (the truth) is
+split by the tests' own TP splitter (``neox_tp_split``), its keys renamed as TE's and gpt-neox's module
+definitions name them, each TE module given an ``_extra_state`` entry in a form TE really writes, and the files
+saved the way DeepSpeed saves them (a plain dict per pipeline layer and rank, or ``{"module": ...}`` per rank in
+the sequential layout). Sources of the names (read at the commits named):
+
+* gpt-neox ea7aefd8 megatron/model/transformer.py, ParallelTransformerLayer: ``self.attention =
+  TEMultiheadAttention(...)`` with te_mha; with te_layernorm_mlp ``self.mlp = TELayerNormMLP(...)`` and no
+  ``post_attention_layernorm``; otherwise ParallelMLP's ``linear1``/``linear2``.
+* gpt-neox ea7aefd8 megatron/model/transformer_engine.py: TEMultiheadAttention passes input_layernorm=False,
+  fuse_qkv_params=True and keeps its RotaryEmbedding as ``self.rotary_embeddings``.
+* TransformerEngine v1.12 transformer_engine/pytorch/attention.py, MultiheadAttention: ``self.qkv = Linear(...)``
+  (parameters_split None: ``weight``/``bias``), ``self.core_attention = DotProductAttention(...)`` (a
+  TransformerEngineBaseModule: it has extra state), ``self.proj = Linear(...)``; with no GQA the interleaved
+  rows are [groups = heads, 3, head_dim], gpt-neox's own layout (so the per-head split of the splitter holds).
+* TransformerEngine v1.12 pytorch/module/layernorm_mlp.py: ``layer_norm_weight``, ``layer_norm_bias``,
+  ``fc1_weight``, ``fc1_bias``, ``fc2_weight``, ``fc2_bias`` registered on the module itself.
+* TransformerEngine pytorch/module/base.py ``get_extra_state`` (v1.12: ``io.BytesIO`` of ``torch.save(state)``;
+  v2.0-2.3: uint8 tensor of ``pickle.dumps(state)``; v2.4 on: ``torch.empty(0, dtype=torch.uint8)`` without fp8).
+* TE row-parallel Linears hold the full bias on every rank (module/linear.py): with sequential residual the
+  splitter's full bias per rank is what TE saves.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from neoxconv.config import NeoXConfig
+from neoxconv.tools.synthetic import SyntheticSpec, write_root
+
+from conftest import cli, one_line_error
+from hf_reference import hf_logits
+from neox_checkpoints import neoxconv_names, random_hf_model
+from neox_tp_split import tp_split
+
+IDS = [3, 17, 42, 5, 99, 64, 1, 7]
+
+# key renames per TE module (see the module docstring); the splitter writes the 20B spellings
+_MHA = {"attention.query_key_value.": "attention.qkv.", "attention.dense.": "attention.proj.",
+        "attention.rotary_emb.inv_freq": "attention.rotary_embeddings.inv_freq"}
+_LINEAR12 = {"mlp.dense_h_to_4h.": "mlp.linear1.", "mlp.dense_4h_to_h.": "mlp.linear2."}
+_LNMLP = {"post_attention_layernorm.weight": "mlp.layer_norm_weight", "post_attention_layernorm.bias":
+          "mlp.layer_norm_bias", "mlp.dense_h_to_4h.weight": "mlp.fc1_weight", "mlp.dense_h_to_4h.bias": "mlp.fc1_bias",
+          "mlp.dense_4h_to_h.weight": "mlp.fc2_weight", "mlp.dense_4h_to_h.bias": "mlp.fc2_bias"}
+_EXTRA = {"mha": ("attention.qkv", "attention.core_attention", "attention.proj"), "lnmlp": ("mlp",),
+          "linear": ("attention.query_key_value", "attention.dense")}  # te_columnparallel/te_rowparallel
+
+
+def _torch_saved(obj) -> io.BytesIO:
+    buf = io.BytesIO()
+    torch.save(obj, buf)  # what TE 1.x get_extra_state returns (position left at the end, as TE leaves it)
+    return buf
+
+
+class _Planted:
+    """Pickled as ``open(path, "w")``: running this pickle creates ``path``."""
+
+    def __init__(self, path: Path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def extra_state(form: str, marker: Path | None = None):
+    """One ``_extra_state`` value in a form TE writes (``fp8``/``planted``: with state, as TE 1.x writes it)."""
+    if form == "none":
+        return None
+    if form == "bytesio":
+        return _torch_saved(None)
+    if form == "uint8-empty":
+        return torch.empty(0, dtype=torch.uint8)
+    if form == "uint8-pickled-none":
+        return torch.frombuffer(bytearray(pickle.dumps(None)), dtype=torch.uint8)
+    if form == "fp8":
+        return _torch_saved({"scale_fwd": torch.ones(3), "amax_history_fwd": torch.zeros(1, 3),
+                             "extra_fp8_variables": {"num_gemms": 1}})
+    if form == "planted-bytesio":
+        return _torch_saved({"scale_fwd": torch.ones(3), "hook": _Planted(marker)})
+    if form == "planted-uint8":
+        return torch.frombuffer(bytearray(pickle.dumps({"recipe": _Planted(marker)})), dtype=torch.uint8)
+    raise ValueError(form)
+
+
+def _rename(key: str, modules: str) -> str:
+    table = {"mha": _MHA, "mha+lnmlp": _MHA, "lnmlp": {}, "linear": {}}[modules]
+    mlp = _LNMLP if "lnmlp" in modules else _LINEAR12
+    for old, new in {**table, **mlp}.items():
+        if key.startswith(old):
+            return new + key[len(old):] if old.endswith(".") else new
+    return key
+
+
+def build_te_checkpoint(root: Path, config: NeoXConfig, *, tp: int, layout: str, modules: str, form: str,
+                        marker: Path | None = None, seed: int = 0):
+    """A TE-trained checkpoint of a random GPTNeoXForCausalLM (returned: the truth), see the module docstring."""
+    spec = SyntheticSpec(config=config, tp_degree=tp, layout=layout, dtype="float32", seed=seed, step=10)
+    model = random_hf_model(config, seed=seed)
+    hf_sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    shards, row_bias = tp_split(neoxconv_names(hf_sd, tied=False), layers=config.num_layers, heads=config.num_heads,
+                                rotary_dims=config.rotary_dims, base=config.rotary_emb_base, tp=tp,
+                                parallel_residual=config.parallel_residual)
+    for (idx, key), bias in row_bias.items():  # parallel residual (TP 1 only here): the one rank holds the bias
+        for shard in shards[idx]:
+            shard[key] = bias.clone()
+    step = write_root(root, spec)
+    yml = root / "configs" / "model.yml"
+    flags = {"mha": '"te_mha": true,', "lnmlp": '"te_layernorm_mlp": true,',
+             "mha+lnmlp": '"te_mha": true, "te_layernorm_mlp": true,',
+             "linear": '"te_columnparallel": true, "te_rowparallel": true,'}
+    text = yml.read_text()
+    if "lnmlp" in modules:  # TE LayerNormMLP's gelu is the tanh form whatever bias-gelu-fusion says
+        text = text.replace('"bias-gelu-fusion": true,', '"bias-gelu-fusion": false,')
+    yml.write_text(text.replace('"output_layer_parallelism"', flags[modules] + '\n  "output_layer_parallelism"'))
+    extras = [m for part in modules.split("+") for m in _EXTRA[part]]
+    module: list[dict] = [{} for _ in range(tp)]
+    for idx, ranks in sorted(shards.items()):
+        for r, shard in enumerate(ranks):
+            sd = {(_rename(k, modules) if 2 <= idx < config.num_layers + 2 else k): v.contiguous().clone()
+                  for k, v in shard.items()}
+            if 2 <= idx < config.num_layers + 2:
+                sd.update({f"{m}._extra_state": extra_state(form, marker) for m in extras})
+            if layout == "pipeline":
+                torch.save(sd, step / f"layer_{idx:02d}-model_{r:02d}-model_states.pt")
+            else:
+                module[r].update({f"sequential.{idx}.{k}": v for k, v in sd.items()})
+    for r in range(tp):
+        torch.save({"module": module[r] if layout == "sequential" else None, "dp_world_size": 1,
+                    "mp_world_size": tp, "iteration": 10, "global_steps": 10},
+                   step / f"mp_rank_{r:02d}_model_states.pt")
+    return model
+
+
+def _config(parallel_residual: bool) -> NeoXConfig:
+    return NeoXConfig(num_layers=2, hidden_size=64, num_heads=4, vocab_size=256, max_position_embeddings=64,
+                      rotary_pct=0.25, parallel_residual=parallel_residual, activation="gelu_fast")
+
+
+def _merged_logits(out: Path, config: NeoXConfig) -> torch.Tensor:
+    from transformers import GPTNeoXForCausalLM
+
+    model = GPTNeoXForCausalLM.from_pretrained(out, torch_dtype=torch.float32).eval()
+    return hf_logits(model, IDS)
+
+
+CASES = {  # modules, TP, layout, residual, extra-state form
+    "mha+lnmlp-tp1-pipeline-parallel-bytesio": ("mha+lnmlp", 1, "pipeline", True, "bytesio"),
+    "mha+lnmlp-tp2-sequential-uint8": ("mha+lnmlp", 2, "sequential", False, "uint8-empty"),
+    "mha-tp2-pipeline-pickled-none": ("mha", 2, "pipeline", False, "uint8-pickled-none"),
+    "lnmlp-tp2-sequential-none": ("lnmlp", 2, "sequential", False, "none"),
+    "linear-tp2-pipeline-bytesio": ("linear", 2, "pipeline", False, "bytesio"),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_merge_of_te_checkpoints_gives_transformers_logits(case, tmp_path):
+    modules, tp, layout, residual, form = CASES[case]
+    config = _config(residual)
+    truth = build_te_checkpoint(tmp_path / "src", config, tp=tp, layout=layout, modules=modules, form=form)
+    result = cli("merge", "-q", tmp_path / "src", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    assert "fp8" not in result.output  # empty extra state: nothing to say
+    merged = {}
+    for f in (tmp_path / "out").glob("*.safetensors"):
+        merged.update(load_file(f))
+    want = neoxconv_names(truth.state_dict(), tied=False)
+    assert set(merged) == set(want)
+    for k, v in want.items():
+        assert torch.equal(merged[k], v), k
+    torch.testing.assert_close(_merged_logits(tmp_path / "out", config), hf_logits(truth, IDS), rtol=1e-4, atol=1e-4)
+    info = json.loads(cli("inspect", "--json", tmp_path / "src").output)
+    want_generation = {"mha+lnmlp": "te_mha+te_layernorm_mlp", "mha": "te_mha", "lnmlp": "te_layernorm_mlp",
+                       "linear": "linear1/linear2"}[modules]
+    assert info["key_generation"] == want_generation and info["fp8_state"] is None
+
+
+@pytest.fixture(scope="module")
+def te_tp2(tmp_path_factory):
+    root = tmp_path_factory.mktemp("te") / "src"
+    truth = build_te_checkpoint(root, _config(False), tp=2, layout="pipeline", modules="mha+lnmlp", form="bytesio")
+    return root, truth
+
+
+def test_verify_against_passes_and_catches_upstreams_summed_te_biases(te_tp2, tmp_path):
+    root, _ = te_tp2
+    assert cli("merge", "-q", root, tmp_path / "ok").exit_code == 0
+    verify = ("--against", root, "--max-new-tokens", "2", "--ids", "3,17,42", "--device", "cpu")
+    result = cli("verify", tmp_path / "ok", *verify)
+    assert result.exit_code == 0, result.output
+    # gpt-neox's converter sums every row-parallel bias; TE's are full on every rank: summing doubles them
+    assert cli("merge", "-q", "--row-bias", "sum", root, tmp_path / "summed").exit_code == 0
+    result = cli("verify", tmp_path / "summed", *verify)
+    assert result.exit_code == 7, result.output
+
+
+def test_a_wrong_layer_norm_mapping_is_caught_by_transformers_logits(te_tp2, tmp_path, monkeypatch):
+    """The fused LayerNormMLP norm mapped to input_layernorm (and the other way round): merge still runs (both are
+    [H] norms), but transformers' logits on the merged folder leave the truth's."""
+    import dataclasses
+
+    from neoxconv import merge
+
+    root, truth = te_tp2
+    block = dict(merge.RULES[merge.LayerKind.BLOCK])
+    for param in ("weight", "bias"):
+        post, inp = f"post_attention_layernorm.{param}", f"input_layernorm.{param}"
+        block[post] = dataclasses.replace(block[post], hf_name=block[inp].hf_name)
+        block[inp] = dataclasses.replace(block[inp], hf_name=merge.RULES[merge.LayerKind.BLOCK][post].hf_name)
+    monkeypatch.setitem(merge.RULES, merge.LayerKind.BLOCK, block)
+    assert cli("merge", "-q", root, tmp_path / "wrong").exit_code == 0
+    wrong = _merged_logits(tmp_path / "wrong", _config(False))
+    assert not torch.allclose(wrong, hf_logits(truth, IDS), rtol=1e-2, atol=1e-2)
+    monkeypatch.undo()
+    assert cli("merge", "-q", root, tmp_path / "right").exit_code == 0
+    torch.testing.assert_close(_merged_logits(tmp_path / "right", _config(False)), hf_logits(truth, IDS),
+                               rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("form", ["planted-bytesio", "planted-uint8"])
+def test_extra_state_pickles_are_never_run(form, tmp_path, caplog):
+    marker = tmp_path / "pwned"
+    build_te_checkpoint(tmp_path / "src", _config(False), tp=1, layout="pipeline", modules="mha+lnmlp", form=form,
+                        marker=marker)
+    merged = cli("merge", tmp_path / "src", tmp_path / "out")
+    assert merged.exit_code == 0, merged.output
+    assert "fp8 scaling state" in caplog.text  # non-empty extra state is said, not converted
+    inspected = cli("inspect", tmp_path / "src")
+    assert inspected.exit_code == 0 and "fp8 state" in inspected.output
+    verified = cli("verify", tmp_path / "out", "--against", tmp_path / "src", "--max-new-tokens", "1",
+                   "--ids", "3,17", "--device", "cpu")
+    assert verified.exit_code == 0, verified.output
+    assert not marker.exists()
+    # the plant works: what TE's set_extra_state would do with it (torch.load / pickle.loads) creates the file
+    sd = torch.load(tmp_path / "src" / "global_step10" / "layer_02-model_00-model_states.pt", weights_only=False)
+    value = sd["attention.qkv._extra_state"]
+    if isinstance(value, io.BytesIO):
+        value.seek(0)
+        torch.load(value, weights_only=False)
+    else:
+        pickle.loads(value.numpy().tobytes())
+    assert marker.exists()
+
+
+def test_fp8_state_is_reported_by_merge_and_inspect_json(tmp_path):
+    build_te_checkpoint(tmp_path / "src", _config(False), tp=1, layout="sequential", modules="mha", form="fp8")
+    info = json.loads(cli("inspect", "--json", tmp_path / "src").output)
+    # te_mha: qkv, core_attention and proj in each of the 2 blocks
+    assert info["fp8_state"].startswith("6 Transformer Engine _extra_state entries hold fp8 scaling state")
+    result = cli("merge", "--json", "-q", tmp_path / "src", tmp_path / "out")
+    assert result.exit_code == 0 and any("fp8 scaling state" in w for w in json.loads(result.output)["warnings"])
+
+
+@pytest.mark.parametrize("value,words", [
+    ("a string", ["holds str"]),
+    (torch.zeros(3), ["float32 tensor of shape [3]"]),
+    ({"scale": torch.ones(1)}, ["holds dict"]),
+    (b"\x80\x02N.", ["holds bytes"]),
+])
+def test_an_unknown_extra_state_value_is_refused_naming_file_and_key(value, words, tmp_path):
+    build_te_checkpoint(tmp_path / "src", _config(False), tp=1, layout="pipeline", modules="mha+lnmlp", form="none")
+    path = tmp_path / "src" / "global_step10" / "layer_03-model_00-model_states.pt"
+    sd = torch.load(path, weights_only=False)
+    sd["attention.proj._extra_state"] = value
+    torch.save(sd, path)
+    for cmd in (("merge", "-q", tmp_path / "src", tmp_path / "out"), ("inspect", tmp_path / "src")):
+        one_line_error(cli(*cmd), 4, "layer_03-model_00", "attention.proj._extra_state", *words)
+
+
+def test_an_extra_state_of_a_module_te_does_not_have_is_an_unknown_key(tmp_path):
+    build_te_checkpoint(tmp_path / "src", _config(False), tp=1, layout="pipeline", modules="mha", form="none")
+    path = tmp_path / "src" / "global_step10" / "layer_02-model_00-model_states.pt"
+    sd = torch.load(path, weights_only=False)
+    sd["input_layernorm._extra_state"] = None
+    torch.save(sd, path)
+    one_line_error(cli("merge", "-q", tmp_path / "src", tmp_path / "out"), 4, "unknown key",
+                   "input_layernorm._extra_state")
+
+
+def test_te_row_parallel_with_parallel_residual_at_tp2_is_refused(tmp_path):
+    build_te_checkpoint(tmp_path / "src", _config(True), tp=2, layout="pipeline", modules="mha+lnmlp", form="none")
+    one_line_error(cli("merge", "-q", tmp_path / "src", tmp_path / "out"), 3, "gpt_j_residual", "TP 2",
+                   "attention.proj.weight")
+
+
+def test_te_layernorm_mlp_with_another_epsilon_is_refused(tmp_path):
+    build_te_checkpoint(tmp_path / "src", _config(False), tp=1, layout="pipeline", modules="lnmlp", form="none")
+    yml = tmp_path / "src" / "configs" / "model.yml"
+    yml.write_text(yml.read_text().replace('"layernorm-epsilon": 1e-05', '"layernorm-epsilon": 1.0e-6'))
+    one_line_error(cli("merge", "-q", tmp_path / "src", tmp_path / "out"), 3, "LayerNormMLP", "eps")
+
+
+def test_reshard_refuses_a_te_source_in_one_line(te_tp2, tmp_path):
+    root, _ = te_tp2
+    one_line_error(cli("reshard", "-q", root, tmp_path / "re", "--tp", 1), 3, "Transformer Engine", "reshard",
+                   "split")
+    assert not (tmp_path / "re" / "latest").exists()
