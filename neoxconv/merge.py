@@ -88,7 +88,7 @@ class KeyTable:
     """One architecture: its rows per layer kind, keyed by the table's own key, and its key generations."""
 
     architecture: str
-    generations: tuple[str, ...]  # every key generation; the first is the one `split` writes
+    generations: tuple[str, ...]  # every key generation; the first is `key_table`'s default
     layers: dict[LayerKind, dict[str, RuleSpec]]
 
 
@@ -263,7 +263,7 @@ def architecture_table(config: NeoXConfig) -> KeyTable:
 
 def key_table(config: NeoXConfig, kind: LayerKind, generation: str | None = None) -> dict[str, RuleSpec]:
     """THE table: the rows of one layer kind as ``generation`` spells their keys (None: the architecture's first
-    generation, the one `split` writes), leaving out rows that generation or this config does not have.
+    generation; `split --key-names` chooses its own), leaving out rows that generation or this config does not have.
 
     Keyed by the source's own key; each row's ``key`` is the table's key for it (the same across generations).
     """

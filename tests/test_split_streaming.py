@@ -138,20 +138,24 @@ def test_a_safetensors_file_changed_while_split_reads_it_is_refused(hf16, tmp_pa
 
 
 @pytest.mark.parametrize("value", [float("inf"), float("nan")])
-def test_an_inf_or_nan_in_the_source_is_refused_unless_allowed(hf16, tmp_path, value):
+@pytest.mark.parametrize("name, key", [
+    ("gpt_neox.layers.1.mlp.dense_4h_to_h.weight", "mlp.linear2.weight"),  # columns: copied from a row block
+    ("gpt_neox.layers.1.mlp.dense_h_to_4h.weight", "mlp.linear1.weight"),  # rows: read into the staging buffer
+])
+def test_an_inf_or_nan_in_the_source_is_refused_unless_allowed(hf16, tmp_path, value, name, key):
     src = Path(shutil.copytree(hf16, tmp_path / "hf"))
     sd = load_file(str(src / "model.safetensors"))
-    name = "gpt_neox.layers.1.mlp.dense_4h_to_h.weight"
-    sd[name][5, -1] = value  # column -1: the last rank's part
+    sd[name][-5, -1] = value  # the last row and column: the last rank's part either way
     save_file(sd, str(src / "model.safetensors"), metadata={"format": "pt"})
     out = tmp_path / "out"
     line = one_line_error(cli("split", src, out, "--tp", 2), 5, "non-finite", "--allow-nonfinite")
-    assert "layer 03 (block 1) (rank 1): 'mlp.linear2.weight'" in line
+    assert f"layer 03 (block 1) (rank 1): '{key}'" in line
     assert not list(out.rglob("layer_03-*")) and not list(out.rglob("*.neoxconv-tmp"))
     result = cli("split", src, out, "--tp", 2, "--allow-nonfinite", "-q")
     assert result.exit_code == 0, result.output
     back = torch.load(out / "global_step0" / "layer_03-model_01-model_states.pt", weights_only=True)
-    assert not torch.isfinite(back["mlp.linear2.weight"][5, -1])
+    assert not torch.isfinite(back[key][-5, -1])
+    assert int((~torch.isfinite(back[key])).sum()) == 1
 
 
 # ----- SIGKILL mid-write ----------------------------------------------------------------------------------
