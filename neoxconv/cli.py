@@ -99,6 +99,9 @@ _qkv_layout_choice = click.Choice(["auto", "blocked", "interleaved"])
               help="NeoX YAML (or Hugging Face config.json) of the model; default: configs/*.yml next to SRC.")
 @click.option("--tokenizer", "tokenizer_path", type=click.Path(path_type=Path, dir_okay=False),
               help="tokenizer.json to copy into OUT; default: *tokenizer*.json next to SRC.")
+@click.option("--no-tokenizer", is_flag=True,
+              help="Do not write the tokenizer into OUT (it is still found and checked: its bos/eos ids go to "
+                   "config.json), as gpt-neox's converter's --no_save_tokenizer.")
 @click.option("--pad-token-id", type=click.IntRange(min=0),
               help="The padding token's id, written to config.json and tokenizer_config.json (and so "
                    "generation_config.json). Required for reward models (train_impl: rm).")
@@ -118,8 +121,9 @@ _qkv_layout_choice = click.Choice(["auto", "blocked", "interleaved"])
                    "progress stays on stderr.")
 @_run
 def merge(src: Path, out: Path, dtype: str, row_bias: str, qkv_layout: str, replica_tolerance: float,
-          config_path: Path | None, tokenizer_path: Path | None, pad_token_id: int | None, allow_nonfinite: bool,
-          no_resume: bool, force: bool, hash_algo: str, license_id: str, quiet: bool, as_json: bool) -> None:
+          config_path: Path | None, tokenizer_path: Path | None, no_tokenizer: bool, pad_token_id: int | None,
+          allow_nonfinite: bool, no_resume: bool, force: bool, hash_algo: str, license_id: str, quiet: bool,
+          as_json: bool) -> None:
     """Merge the tensor-parallel checkpoint SRC into a Hugging Face folder OUT.
 
     SRC is a checkpoint root (with 'latest' or one global_step* folder) or a global_step* folder, in the
@@ -135,7 +139,7 @@ def merge(src: Path, out: Path, dtype: str, row_bias: str, qkv_layout: str, repl
     options = MergeOptions(dtype=dtype, row_bias=row_bias, qkv_layout=qkv_layout, replica_tolerance=replica_tolerance,
                            allow_nonfinite=allow_nonfinite, config_path=config_path, tokenizer_path=tokenizer_path,
                            resume=not no_resume, force=force, quiet=quiet, hash=hash_algo, pad_token_id=pad_token_id,
-                           license=license_id)
+                           license=license_id, save_tokenizer=not no_tokenizer)
     report = merge_checkpoint(src, out, options)
     if as_json:
         click.echo(json.dumps(report.to_json()))

@@ -324,3 +324,28 @@ def test_unreadable_tokenizer_is_an_input_error(merged_fp32, tmp_path):
     (copy / "tokenizer.json").write_text("[1")
     result = cli("verify", copy, "--ids", "1,2", "--device", "cpu", "--max-new-tokens", "1")
     assert result.exit_code == 4 and "cannot load the tokenizer" in result.output, result.output
+
+
+def test_no_tokenizer_leaves_it_out_of_out_but_still_takes_its_ids(make_checkpoint, tmp_path):
+    """`merge --no-tokenizer` (gpt-neox's converter's --no_save_tokenizer): no tokenizer file in OUT, config.json
+    as with it (bos/eos from the tokenizer), the card and the manifest say so; over an earlier merge that wrote
+    it, the files go."""
+    from tiny_tokenizer import write_tokenizer
+
+    tok = write_tokenizer(tmp_path / "tokenizer.json", ["hello", "world"])
+    root, _, _ = make_checkpoint(2, "pipeline", "float16", tokenizer=tok)
+    with_tok, without = tmp_path / "with", tmp_path / "without"
+    assert cli("merge", "-q", root, with_tok).exit_code == 0
+    assert cli("merge", "-q", root, without, "--no-tokenizer").exit_code == 0
+    written = {p.name for p in with_tok.iterdir()}
+    assert {"tokenizer.json", "tokenizer_config.json"} <= written
+    assert {p.name for p in without.iterdir()} == written - {"tokenizer.json", "tokenizer_config.json"}
+    assert (without / "config.json").read_bytes() == (with_tok / "config.json").read_bytes()
+    assert "--no-tokenizer" in (without / "README.md").read_text()
+    manifest = json.loads((without / "neoxconv.json").read_text())
+    assert manifest["tokenizer_source"]["written"] == []
+    # over the earlier merge (same source, same weights): the tokenizer files are not kept
+    result = cli("merge", root, with_tok, "--no-tokenizer", "--json")
+    assert result.exit_code == 0, result.output
+    assert {p.name for p in with_tok.iterdir()} == {p.name for p in without.iterdir()}
+    assert "not written" in json.loads(result.stdout)["tokenizer"]

@@ -595,6 +595,11 @@ class OutputFolder:
                 digest = atomic_write(self.path(name), data, hash_algo=self.hash)
                 self.state.files[name] = FileEntry(size=len(data), algo=self.hash, digest=digest)
         self.state.files = {n: self.state.files[n] for n in self._small}
+        for name in self.previous:  # what the last run wrote and this one does not (e.g. --no-tokenizer): gone
+            path = safe_path(self.out, name)
+            if name not in {**self.state.files, **self.state.layers, **self.state.user_files} and self._ours(name) \
+                    and path is not None and path.is_file() and not path.is_symlink():
+                remove_file(path)
         self.state.info = dict(info)
         atomic_write_json(self.path(MANIFEST), self.state.to_json())
         remove_file(self.out / JOURNAL)

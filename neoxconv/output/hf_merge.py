@@ -84,6 +84,7 @@ class MergeOptions:
     hash: str = DEFAULT_HASH  # blake3 | sha256: the digest the manifest records for every file
     pad_token_id: int | None = None  # written to config.json and tokenizer_config.json; required for reward models
     license: str = DEFAULT_LICENSE  # the model card's license (a Hub id); the card only, no weight depends on it
+    save_tokenizer: bool = True  # False (--no-tokenizer): found and checked (bos/eos ids), but not written to OUT
 
     def recorded(self, row_bias_rule: Rule, qkv: QkvLayout | None = None) -> dict[str, Any]:
         """The options that determine the output bytes (a resume must match them)."""
@@ -318,8 +319,15 @@ def _card_facts(src: Path, source_plan: SourcePlan, dtype: str, options: MergeOp
         qkv_layout=qkv_text, row_bias=source_plan.row_bias.value, dtype=dtype,
         shape=(f"{config.num_layers} layers, hidden {config.hidden_size}, {config.num_heads} heads, "
                f"{config.vocab_size} vocabulary rows"),
-        tokenizer=ckpt.tokenizer.describe() if ckpt.tokenizer is not None else "none (no tokenizer found)",
-        checks=checks, command=public_command(_command(src, options)), license=options.license)
+        tokenizer=_tokenizer_text(ckpt, options), checks=checks, command=public_command(_command(src, options)),
+        license=options.license)
+
+
+def _tokenizer_text(ckpt: Checkpoint, options: MergeOptions) -> str:
+    """Which tokenizer the model card and the summary name (and whether it was left out of OUT)."""
+    if ckpt.tokenizer is None:
+        return "none (no tokenizer found)"
+    return ckpt.tokenizer.describe() + ("" if options.save_tokenizer else " (not written: --no-tokenizer)")
 
 
 def _command(src: Path, options: MergeOptions) -> list[str]:
@@ -339,7 +347,8 @@ def _command(src: Path, options: MergeOptions) -> list[str]:
                                        ("--license", options.license, default.license)):
         if value != default_value:
             argv += [flag, str(value)]
-    return argv + (["--allow-nonfinite"] if options.allow_nonfinite else [])
+    return argv + (["--allow-nonfinite"] if options.allow_nonfinite else []) + \
+        ([] if options.save_tokenizer else ["--no-tokenizer"])
 
 
 def merge_checkpoint(src: Path, out: Path, options: MergeOptions | None = None) -> MergeReport:
@@ -386,7 +395,7 @@ def _merge(src: Path, out: Path, options: MergeOptions, guard: InterruptGuard,
     names = output_names(len(plans))
     fingerprints = {name: {**layer_fingerprint(plan, ckpt.step_dir), "config": model}
                     for name, plan in zip(names, plans)}
-    small = _small_files(ckpt, config, config_dtype, names, plans, tokenizer)
+    small = _small_files(ckpt, config, config_dtype, names, plans, tokenizer if options.save_tokenizer else None)
     folder = held.enter_context(OutputFolder(out, FOLDER, source=source, options=recorded, hash_algo=options.hash,
                                              resume=options.resume, force=options.force))
     competing = competing_weight_files(out, names)  # (after the folder removed what was ours)
@@ -475,6 +484,6 @@ def _merge(src: Path, out: Path, options: MergeOptions, guard: InterruptGuard,
         seconds=time.perf_counter() - started, write_seconds=write_seconds,
         dtype=out_dtypes[0] if len(out_dtypes) == 1 else out_dtypes,
         num_layers=config.num_layers, row_bias=row_bias.value,
-        tokenizer=ckpt.tokenizer.describe() if ckpt.tokenizer is not None else None,
+        tokenizer=_tokenizer_text(ckpt, options) if ckpt.tokenizer is not None else None,
     )
     return report
