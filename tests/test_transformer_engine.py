@@ -303,3 +303,23 @@ def test_reshard_refuses_a_te_source_in_one_line(te_tp2, tmp_path):
     one_line_error(cli("reshard", "-q", root, tmp_path / "re", "--tp", 1), 3, "Transformer Engine", "reshard",
                    "split")
     assert not (tmp_path / "re" / "latest").exists()
+
+
+@pytest.mark.parametrize("te_key", ["attention.qkv.weight", "attention.qkv._extra_state"])
+def test_te_names_in_a_llama_style_checkpoint_are_refused(tmp_path, te_key):
+    """gpt-neox's converter maps TE names for GPT-NeoX models only, and TE's GQA rows lie per kv group: a
+    Llama-style (rmsnorm) block with a TE key is refused (exit 4) naming it, before anything is written."""
+    from llama_checkpoints import LlamaSpec, write_llama_checkpoint
+
+    root = tmp_path / "llama"
+    write_llama_checkpoint(root, LlamaSpec(tp=2))
+    for f in sorted((root / "global_step10").glob("layer_02-*")):
+        sd = torch.load(f, weights_only=True)
+        if te_key.endswith("_extra_state"):
+            sd[te_key] = torch.empty(0, dtype=torch.uint8)  # TE >= 2.4's "no fp8 state"
+        else:
+            sd[te_key] = sd.pop("attention.query_key_value.weight")
+        torch.save(sd, f)
+    line = one_line_error(cli("merge", root, tmp_path / "out"), 4, "Transformer Engine", "Llama-style", repr(te_key))
+    assert "layer 02" in line
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").glob("*.safetensors"))
