@@ -412,7 +412,9 @@ class NeoXConfig:
                     expansion_factor=d.get("expansion_factor"),
                     multiple_of=_whole(d, "mlp_multiple_of") or 1)
             else:
-                intermediate = _whole(d, "intermediate_size") or None
+                intermediate = ungated_intermediate_size(
+                    hidden, intermediate_size=_whole(d, "intermediate_size"),
+                    expansion_factor=d.get("expansion_factor"), multiple_of=_whole(d, "mlp_multiple_of") or 1)
             eps_key, eps_default = ("rms_norm_epsilon", NEOX_RMSNORM_EPS) if norm == RMSNORM else \
                 ("layernorm_epsilon", NEOX_LAYERNORM_EPS)
             return cls(
@@ -489,6 +491,32 @@ def gated_intermediate_size(hidden_size: int, *, intermediate_size: Any = None, 
         raise ConfigError(f"intermediate size {intermediate_size or expansion_factor} with mlp_multiple_of "
                           f"{multiple_of} gives linear1 {ffn} rows but linear2 {ffn_in} inputs (not two halves)")
     return ffn_in
+
+
+def ungated_intermediate_size(hidden_size: int, *, intermediate_size: Any = None, expansion_factor: Any = None,
+                              multiple_of: int = 1) -> int | None:
+    """Hugging Face ``intermediate_size`` of a GELU gpt-neox MLP (None: 4 x hidden, nothing set).
+
+    gpt-neox's ParallelMLP (since 2024-09): ffn = intermediate_size, or expansion_factor x h, or 4h; linear1's
+    rows round up to a multiple of 2 x mlp_multiple_of and linear2's inputs to a multiple of mlp_multiple_of,
+    which must agree (else gpt-neox itself cannot run the model). Before 2024-09 the MLP was always 4h.
+    """
+    if multiple_of <= 0:
+        raise ConfigError(f"mlp_multiple_of must be positive, got {multiple_of}")
+    given = bool(intermediate_size or expansion_factor)
+    if intermediate_size:
+        ffn = int(intermediate_size)
+    elif expansion_factor:
+        ffn = int(float(expansion_factor) * hidden_size)
+    else:
+        ffn = 4 * hidden_size
+    rows = 2 * multiple_of * -(-ffn // (2 * multiple_of))
+    inputs = multiple_of * -(-ffn // multiple_of)
+    if rows != inputs:
+        raise ConfigError(f"intermediate size {intermediate_size or expansion_factor or ffn} with mlp_multiple_of "
+                          f"{multiple_of} gives linear1 {rows} rows but linear2 {inputs} inputs: gpt-neox's "
+                          "ParallelMLP cannot run such a model")
+    return rows if given or rows != 4 * hidden_size else None
 
 
 def llama_mlp_intermediate_size(hidden_size: int, intermediate_size: Any = None) -> int:

@@ -306,3 +306,21 @@ def test_yaml_integer_over_python_digit_limit_is_a_config_error(tmp_path):
     yml = src / "configs" / "model.yml"
     yml.write_text(yml.read_text().replace('"hidden-size": 32', '"hidden-size": ' + "9" * 5000))
     one_line_error(cli("inspect", src), 3, "model.yml")
+
+
+def test_a_gelu_mlp_is_sized_as_gpt_neox_sizes_it():
+    """gpt-neox's ParallelMLP (ea7aefd8): intermediate_size, else expansion_factor x h, else 4h; linear1's rows
+    round up to 2 x mlp_multiple_of, linear2's inputs to mlp_multiple_of, and a size where they differ cannot run."""
+    from neoxconv.config import ungated_intermediate_size
+
+    assert ungated_intermediate_size(64) is None  # 4h
+    assert ungated_intermediate_size(64, expansion_factor=2.5) == 160
+    assert ungated_intermediate_size(64, intermediate_size=200, multiple_of=100) == 200
+    with pytest.raises(ConfigError, match="linear1 400 rows but linear2 300 inputs"):
+        ungated_intermediate_size(64, intermediate_size=300, multiple_of=100)
+    with pytest.raises(ConfigError, match="linear1 258 rows but linear2 257"):
+        ungated_intermediate_size(64, intermediate_size=257)
+    base = {"num-layers": 2, "hidden-size": 64, "num-attention-heads": 4, "max-position-embeddings": 128,
+            "norm": "layernorm", "pos-emb": "rotary", "activation": "gelu"}
+    assert NeoXConfig.from_neox_dict({**base, "expansion_factor": 3}).ffn_size == 192
+    assert NeoXConfig.from_neox_dict(base).ffn_size == 256

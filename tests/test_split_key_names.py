@@ -250,3 +250,11 @@ def test_a_tied_model_s_pipeline_files_are_what_deepspeed_saves_and_loads(tmp_pa
     assert config["tie_word_embeddings"] is True
     a, b = hf_tensors(hf), hf_tensors(tmp_path / "m")
     assert set(b) <= set(a) and all(tensor_bits(a[k]) == tensor_bits(b[k]) for k in b)
+
+
+def test_an_odd_gelu_mlp_that_gpt_neox_cannot_build_is_refused(tmp_path):
+    """Today's ParallelMLP rounds linear1's rows up to an even count but not linear2's inputs: an odd
+    intermediate_size cannot be trained on; refused (exit 3) before anything is written."""
+    odd = make_hf_folder(tmp_path / "odd", dtype=torch.float16, seed=2, intermediate_size=255)
+    one_line_error(cli("split", odd, tmp_path / "o", "--tp", 1), 3, "linear1 256 rows but linear2 255 inputs")
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").rglob("*.pt"))

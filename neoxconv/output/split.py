@@ -33,7 +33,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from neoxconv.config import GPT_NEOX, LLAMA, NeoXConfig
+from neoxconv.config import GPT_NEOX, LLAMA, NeoXConfig, ungated_intermediate_size
 from neoxconv.dtypes import (
     FLOAT_DTYPES,
     FLOAT_EPS,
@@ -334,6 +334,11 @@ def key_generation(config: NeoXConfig, key_names: str, *, tp: int, where: str) -
     if generation == NEOX_20B_KEYS and config.ffn_size != 4 * config.hidden_size:
         raise ConfigError(f"{where}: intermediate_size {config.ffn_size} is not 4 x hidden_size; gpt-neox before "
                           "2024-09 (mlp.dense_h_to_4h) cannot size its MLP so: use --key-names current")
+    if generation == NEOX_LINEAR_KEYS:  # today's ParallelMLP rounds linear1's rows to an even count
+        try:
+            ungated_intermediate_size(config.hidden_size, intermediate_size=config.ffn_size)
+        except ConfigError as e:
+            raise ConfigError(f"{where}: {e}") from None
     if generation == LLAMA_W123_KEYS and config.mlp_bias:
         raise ConfigError(f"{where}: the MLP has biases, which gpt-neox's LLaMAParallelMLP (mlp_type llama, "
                           "mlp.w1/w2/w3) does not: use --key-names current")
