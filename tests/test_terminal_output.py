@@ -204,3 +204,31 @@ def test_inspect_escapes_discovered_file_names(tmp_path, where):
     assert "PWN" in result.output
     assert not _RAW_CONTROL.search(result.output), repr(result.output)
 
+
+
+# ----- every --json output -----------------------------------------------------------------------------------
+_DEL_C1 = "\x7f\x9b2J\u2028"  # what json.dumps leaves raw: DEL, a C1 CSI, a line separator
+
+
+def test_every_json_output_escapes_what_json_dumps_leaves_raw(merged_fixture, tmp_path):
+    """merge, inspect, split (and --dry-run), reshard and synth print their --json with `terminal_json`: the same
+    JSON value, but DEL, the C1 controls and the line separators escaped (json.dumps escapes only C0)."""
+    src = tmp_path / f"src{_DEL_C1}"
+    shutil.copytree(COMMITTED_FIXTURE, src)
+    runs = {
+        "merge": (["merge", "-q", src, tmp_path / f"hf{_DEL_C1}", "--json"], "out"),
+        "inspect": (["inspect", src, "--json", "--summary"], None),
+        "split --dry-run": (["split", merged_fixture, tmp_path / f"dry{_DEL_C1}", "--tp", 2, "--dry-run", "--json"],
+                            None),
+        "split": (["split", "-q", merged_fixture, tmp_path / f"sp{_DEL_C1}", "--tp", 2, "--json"], "out"),
+        "reshard": (["reshard", "-q", src, tmp_path / f"rs{_DEL_C1}", "--tp", 1, "--json"], "out"),
+        "synth": (["synth", tmp_path / f"syn{_DEL_C1}", "--layers", 1, "--json"], "out"),
+    }
+    for name, (args, key) in runs.items():
+        result = cli(*args)
+        assert result.exit_code == 0, (name, result.output)
+        assert_terminal_safe(result.stdout_bytes)
+        value = json.loads(result.stdout)
+        assert _DEL_C1 in json.dumps(value, ensure_ascii=False), name  # the name itself, unchanged in the value
+        if key:
+            assert value[key].endswith(_DEL_C1), (name, value[key])
