@@ -590,3 +590,22 @@ def test_bookkeeping_files_never_run_code(tmp_path, make_checkpoint):
     _payload_file(path, marker, module)
     merge_checkpoint(tmp_path / "seq", tmp_path / "out2", MergeOptions(quiet=True))
     assert not marker.exists()
+
+
+# ---- persistent ids as torch reads them --------------------------------------------------------------------
+@pytest.mark.parametrize("extra", [b"N", b"NN"], ids=["6 fields", "7 fields"])
+def test_a_persistent_id_with_more_than_five_fields_is_refused_as_torch_refuses_it(tmp_path, extra):
+    """torch unpacks a storage's persistent id as exactly (typename, storage type, key, location, numel)
+    (serialization.py persistent_load): one with more fields fails there, so neoxconv refuses it too."""
+    import re
+
+    src = copy_fixture(tmp_path)
+    victim = src / STEP / "layer_02-model_00-model_states.pt"
+    rezip(victim, pkl=lambda d: re.sub(rb"(X\x03\x00\x00\x00cpuq.K.)t", lambda m: m.group(1) + extra + b"t", d,
+                                       count=1, flags=re.S))
+    with pytest.raises(Exception):  # noqa: B017  (torch raises a ValueError or an UnpicklingError)
+        torch.load(victim, map_location="cpu", weights_only=True)
+    with pytest.raises(CheckpointError, match="persistent id"):
+        read_pt(victim)
+    rc, err, _ = run_cli("merge", str(src), str(tmp_path / "out"), "--quiet")
+    assert rc == 4 and "layer_02-model_00-model_states.pt" in err and "Traceback" not in err, err

@@ -343,9 +343,12 @@ class _SafeUnpickler(pickle.Unpickler):
         raise UnsafePickleError(qualname)
 
     def persistent_load(self, pid: Any) -> StorageRef:
-        if not (isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage"):
+        # torch unpacks exactly (typename, storage type, key, location, numel) and refuses any other shape
+        if not (isinstance(pid, tuple) and pid and pid[0] == "storage"):
             raise pickle.UnpicklingError(f"unsupported persistent id (a {type(pid).__name__})")
-        storage_type, key, _location, numel = pid[1], pid[2], pid[3], pid[4]
+        if len(pid) != 5:
+            raise pickle.UnpicklingError(f"a storage's persistent id has {len(pid)} fields, not 5 (torch refuses it)")
+        storage_type, key, _location, numel = pid[1:]
         if not isinstance(storage_type, _StorageType):
             raise pickle.UnpicklingError(f"unsupported storage type (a {type(storage_type).__name__})")
         if not isinstance(key, str) or len(key) > 64:
