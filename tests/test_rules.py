@@ -19,7 +19,7 @@ from neoxconv.plan.plan import plan_layer
 from neoxconv.source.checkpoint import LayerKind, SourceLayer
 from neoxconv.source.ptfile import read_pt
 
-from conftest import COMMITTED_FIXTURE, STEP, cli, merge_fails, rewrite_pt, run_cli
+from conftest import COMMITTED_FIXTURE, STEP, cli, merge_fails, one_line_error, rewrite_pt, run_cli
 
 NEOX_20B_BLOCK_KEYS = {
     "input_layernorm.weight", "input_layernorm.bias",
@@ -311,3 +311,36 @@ def test_merge_of_a_tied_config_drops_a_readout_equal_to_the_embedding_and_refus
     assert config["tie_word_embeddings"] is True and "embed_out.weight" not in index["weight_map"]
     check = cli("verify", out, "--ids", "1,2", "--max-new-tokens", 1)
     assert check.exit_code == 0, check.output
+
+
+def _sequential_copy(make_checkpoint, tmp_path: Path) -> tuple[Path, Path]:
+    root, _, _ = make_checkpoint(2, "sequential", "float16")
+    src = tmp_path / "seq"
+    shutil.copytree(root, src)
+    return src, next((src / "configs").glob("*.yml"))
+
+
+def test_sequential_keys_of_layers_the_config_does_not_have_are_refused(make_checkpoint, tmp_path):
+    """The sequential layout keeps every layer in one mp_rank file per rank: a config with fewer layers than the
+    files hold (num-layers 1 for a 2-block model) made `merge` exit 0 with the first block only. Keys of a layer
+    num_layers does not give are refused (exit 4), naming the layers and the config."""
+    src, yml = _sequential_copy(make_checkpoint, tmp_path)
+    text = yml.read_text()
+    assert '"num-layers": 2' in text
+    yml.write_text(text.replace('"num-layers": 2', '"num-layers": 1'))
+    for command in (["merge", "-q", src, tmp_path / "out"], ["inspect", src], ["reshard", "-q", src, tmp_path / "r",
+                                                                             "--tp", 1]):
+        line = one_line_error(cli(*command), 4, "module keys of layers", "num_layers=1", yml.name)
+        assert "mp_rank_00_model_states.pt" in line
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").glob("*.safetensors"))
+
+
+def test_a_tied_config_over_sequential_files_with_a_readout_is_refused_as_for_the_pipeline(make_checkpoint, tmp_path):
+    """no-weight-tying: false over sequential files that hold a readout (its keys at layer L+4) that differs from
+    the embedding: the readout was ignored (a tied model written, exit 0); now refused as the pipeline layout's
+    readout files are (exit 4, naming the setting)."""
+    src, yml = _sequential_copy(make_checkpoint, tmp_path)
+    text = yml.read_text()
+    assert '"no-weight-tying": true' in text
+    yml.write_text(text.replace('"no-weight-tying": true', '"no-weight-tying": false'))
+    one_line_error(cli("merge", "-q", src, tmp_path / "out"), 4, "no-weight-tying is false", "differ")

@@ -124,6 +124,28 @@ class Checkpoint:
                 self._archives.pop(f, None)
 
 
+def _sequential_layers(ckpt: Checkpoint) -> list[SourceLayer]:
+    """The layers the ``mp_rank`` files' module keys hold (their pickles read, no tensor data): every key's layer
+    must be one ``num_layers`` gives (keys of other layers mean another model, never ignored); a tied config's
+    readout is included when keys for it are present (`plan_source` then drops it only if it equals the
+    embedding, as for the pipeline layout's files)."""
+    config = ckpt.config
+    known = {layer.index for layer in model_layers(config, with_readout=True)}
+    found: set[int] = set()
+    for path in (ckpt.step_dir / sequential_file_name(r) for r in range(ckpt.tp_degree)):
+        for key in ckpt.archive(path).tensors(("module",)):
+            m = _SEQ_KEY.fullmatch(key)
+            if m is not None:  # (any other key is refused, naming it, when the layers are read)
+                found.add(int(m.group(1)))
+        stray = sorted(found - known)
+        if stray:
+            raise CheckpointError(
+                f"{path}: module keys of layers {few(stray)} do not fit num_layers={config.num_layers} from "
+                f"{ckpt.config_source} (expected layers {few(sorted(known))}): another model's files, or the config's "
+                "num-layers is wrong")
+    return model_layers(config, with_readout=not config.tie_word_embeddings or config.readout_index in found)
+
+
 def find_step_dir(src: Path) -> tuple[Path, Path]:
     """(root, step_dir) for SRC = a checkpoint root (with ``latest`` or one global_step*) or a step folder."""
     src = Path(src)
@@ -320,7 +342,7 @@ def open_checkpoint(
             raise CheckpointError(
                 f"{step_dir}: {few([sequential_file_name(r) for r in stray])} do not fit {tp} rank files "
                 f"(ranks 0..{tp - 1}); missing {few(gaps)}, or stray files to remove")
-        expected_layers = model_layers(config, with_readout=not config.tie_word_embeddings)
+        expected_layers = None  # from the module keys, below (after the TP check)
 
     problems = config.tp_model_parallel_check(tp)
     if problems:
@@ -330,9 +352,11 @@ def open_checkpoint(
                                config_dirs=list(dict.fromkeys(p.parent for p in ymls)), strict=strict)
     ckpt = Checkpoint(
         root=root, step_dir=step_dir, layout=layout, tp_degree=tp, config=config, config_source=config_source,
-        layers=expected_layers, tokenizer=tokenizer, missing_files=missing_files,
+        layers=expected_layers or [], tokenizer=tokenizer, missing_files=missing_files,
     )
-    log.debug("checkpoint %s: layout %s, TP %d, %d layers", step_dir, layout, tp, len(expected_layers))
+    if expected_layers is None:
+        ckpt.layers = _sequential_layers(ckpt)
+    log.debug("checkpoint %s: layout %s, TP %d, %d layers", step_dir, layout, tp, len(ckpt.layers))
     if tokenizer is not None:
         log.info("tokenizer: %s", tokenizer.describe())
     return ckpt
