@@ -16,14 +16,13 @@ Source layer indices of the NeoX pipeline layout, for ``num_layers = L``::
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from neoxconv.errors import CheckpointError, ConfigError
-from neoxconv.smallfile import read_small_text
+from neoxconv.smallfile import read_json_object, read_small_text
 
 # tanh-approximated GELU is what NeoX's fused bias-GELU kernel computes; Hugging Face calls it gelu_fast.
 GELU_TANH = "gelu_fast"
@@ -357,12 +356,7 @@ class NeoXConfig:
 
     @classmethod
     def from_hf_json(cls, path: Path) -> NeoXConfig:
-        try:
-            d = json.loads(read_small_text(Path(path), ConfigError))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-            raise ConfigError(f"{path}: cannot read config.json: {str(e)[:200]}") from None
-        if not isinstance(d, dict):
-            raise ConfigError(f"{path}: config.json is not a JSON object")
+        d = read_json_object(Path(path), ConfigError, what="config.json")
         try:
             return cls.from_hf_dict(d)
         except ConfigError as e:

@@ -6,8 +6,10 @@ never read whole.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
+from typing import Any
 
 from neoxconv.errors import NeoXConvError
 
@@ -33,3 +35,21 @@ def read_small_text(path: Path, error: type[NeoXConvError], limit: int = SMALL_F
         raise error(f"{path}: {max(size, len(data))} bytes, more than the {limit >> 20} MiB such a file can "
                     "plausibly hold; refused unread (replace it with the real file)")
     return data.decode("utf-8")
+
+
+def read_json(path: Path, error: type[NeoXConvError], *, what: str = "JSON", limit: int = SMALL_FILE_LIMIT) -> Any:
+    """``path``'s JSON value (size-capped as `read_small_text`); ``error`` naming the file and ``what`` it should
+    be when it cannot be read, is not UTF-8 or not JSON."""
+    try:
+        return json.loads(read_small_text(Path(path), error, limit))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise error(f"{path}: not readable {what}: {str(e)[:200]}") from None
+
+
+def read_json_object(path: Path, error: type[NeoXConvError], *, what: str = "JSON",
+                     limit: int = SMALL_FILE_LIMIT) -> dict[str, Any]:
+    """`read_json`, and the value must be a JSON object (``error`` naming the file otherwise)."""
+    d = read_json(path, error, what=what, limit=limit)
+    if not isinstance(d, dict):
+        raise error(f"{path}: expected a JSON object ({what})")
+    return d

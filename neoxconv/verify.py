@@ -24,7 +24,6 @@ from the safetensors headers) its tolerance is the coarser of the compute dtype 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import resource
@@ -41,7 +40,7 @@ from neoxconv.check.integrity import check_output
 from neoxconv.check.perplexity import Perplexity, Windows, close_enough, model_perplexity, text_perplexity
 from neoxconv.config import NeoXConfig, load_out_config
 from neoxconv.dtypes import FROM_SAFETENSORS, TORCH_FLOAT_DTYPES, as_torch_dtype
-from neoxconv.errors import CheckpointError, ConfigError, UsageError, VerificationError
+from neoxconv.errors import CheckpointError, ConfigError, NeoXConvError, UsageError, VerificationError
 from neoxconv.layers import last_non_pad, weight_bytes
 from neoxconv.model.generation import GenerationResult, Sampling, full_forward_logits, generate
 from neoxconv.model.kv_cache import KVCache
@@ -49,7 +48,7 @@ from neoxconv.output.folder import INDEX
 from neoxconv.progress import format_bytes, format_rate, terminal_json, terminal_text
 from neoxconv.runtime.loading import LoadedModel, load_model, resolve_device, resolve_dtype
 from neoxconv.runtime.placement import PeakAnonMemory, PlacementPlan, runtime_reserve
-from neoxconv.smallfile import read_small_text
+from neoxconv.source.hf_folder import read_weight_map
 from neoxconv.source.ptfile import TensorRef
 from neoxconv.source.safetensors import read_safetensors_header
 
@@ -206,10 +205,10 @@ def _peak_memory(device: torch.device, sampler: PeakAnonMemory) -> tuple[int, st
 def stored_dtype(out: Path) -> torch.dtype | None:
     """The coarsest float dtype the merged weights are stored in, from the safetensors headers (None: unknown)."""
     try:
-        files = set(json.loads(read_small_text(Path(out) / INDEX, VerificationError))["weight_map"].values())
+        files = set(read_weight_map(Path(out) / INDEX, VerificationError).values())
         dtypes = {FROM_SAFETENSORS.get(info.get("dtype")) for f in files
                   for name, info in read_safetensors_header(Path(out) / f).items() if name != "__metadata__"}
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+    except (NeoXConvError, OSError, ValueError, KeyError, TypeError, AttributeError):
         return None  # the integrity check has already named what is wrong with these files
     found = [as_torch_dtype(d) for d in dtypes if d in TORCH_FLOAT_DTYPES]
     return max(found, key=_COARSENESS.__getitem__, default=None)

@@ -248,7 +248,7 @@ def test_a_deeply_nested_json_in_the_split_source_is_named_not_an_internal_error
     make_hf_folder(hf)
     (hf / file).write_text("[" * 100_000)
     r = cli("split", "-q", "--tp", "1", hf, tmp_path / "out")
-    one_line_error(r, code, file, "not readable JSON")
+    one_line_error(r, code, file, "not readable")
 
 
 @pytest.mark.parametrize("entry, message", [

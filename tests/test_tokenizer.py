@@ -231,8 +231,15 @@ def test_the_size_bound_comes_before_any_parse(tmp_path):
     huge = tmp_path / "tokenizer.json"
     with open(huge, "wb") as f:  # sparse: no disk used
         f.truncate((256 << 20) + 1)
-    with pytest.raises(CheckpointError, match="implausibly large"):
+    with pytest.raises(CheckpointError, match="more than the 256 MiB such a file can plausibly hold"):
         checked_token_count(huge, None)
+    vocab = tmp_path / "vocab.json"  # a GPT-2 vocab.json (with merges.txt) is bounded the same way
+    with open(vocab, "wb") as f:
+        f.write(b'{"a": 0}')
+        f.truncate((256 << 20) + 1)
+    (tmp_path / "merges.txt").write_text("#version: 0.2\n")
+    with pytest.raises(CheckpointError, match="plausibly hold"):
+        checked_token_count(vocab, None)
     assert os.path.getsize(huge) > 256 << 20
 
 

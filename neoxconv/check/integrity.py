@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -13,8 +12,9 @@ from neoxconv.merge import output_shapes
 from neoxconv.output.folder import INDEX, JOURNAL, MANIFEST, competing_weight_files
 from neoxconv.output.hashing import hash_file, recorded_hash
 from neoxconv.progress import format_bytes
-from neoxconv.smallfile import read_small_text
+from neoxconv.smallfile import read_json
 from neoxconv.source.checkpoint import model_layers
+from neoxconv.source.hf_folder import read_weight_map
 from neoxconv.source.safetensors import layout_problems, read_header
 
 
@@ -77,8 +77,8 @@ def check_output(out: Path, config: NeoXConfig, *, hashes: bool | None = None,
     manifest = None
     if (out / MANIFEST).is_file():
         try:
-            manifest = json.loads(read_small_text(out / MANIFEST, VerificationError))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+            manifest = read_json(out / MANIFEST, VerificationError, what="manifest")
+        except VerificationError as e:
             problems.append(f"{MANIFEST}: unreadable ({e})")
         else:
             if not isinstance(manifest, dict) or not isinstance(manifest.get("layers"), dict) \
@@ -88,12 +88,7 @@ def check_output(out: Path, config: NeoXConfig, *, hashes: bool | None = None,
     report = IntegrityReport(manifest_found=manifest is not None)
     if not (out / INDEX).is_file():
         raise CheckpointError(f"{out}: no {INDEX}; not a finished merge output (re-run the merge to resume it)")
-    try:
-        weight_map = json.loads(read_small_text(out / INDEX, VerificationError))["weight_map"]
-        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-            raise TypeError("weight_map is not a {tensor: file} table")
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError, KeyError, TypeError) as e:
-        raise VerificationError(f"{out / INDEX}: unreadable index ({e})") from None
+    weight_map = read_weight_map(out / INDEX, VerificationError)
 
     small: dict[str, dict] = {}
     weights: dict[str, dict] = {}

@@ -17,7 +17,6 @@ cross-check of a 20B merge needs about one layer of memory on top of what ``veri
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +31,7 @@ from neoxconv.errors import ConfigError, VerificationError
 from neoxconv.layers import RotaryTables, apply_partial_rotary, causal_attention
 from neoxconv.merge import Rule, Split, key_table
 from neoxconv.plan.plan import PlanOptions, SourcePlan, plan_source
-from neoxconv.smallfile import read_small_text
+from neoxconv.smallfile import read_json_object
 from neoxconv.source.checkpoint import Checkpoint, LayerKind, SourceLayer
 from neoxconv.source.ptfile import TensorRef
 from neoxconv.source.storage import Reads, SourceReader
@@ -226,8 +225,8 @@ class AgainstReference:
 def recorded_qkv_layout(out: Path) -> dict | None:
     """The QKV layout the merge of ``out`` recorded in its manifest ({split, assumed, reason}), or None."""
     try:
-        recorded = json.loads(read_small_text(Path(out) / MANIFEST, VerificationError)).get("qkv_layout")
-    except (OSError, ValueError, AttributeError, RecursionError):
+        recorded = read_json_object(Path(out) / MANIFEST, VerificationError, what="manifest").get("qkv_layout")
+    except VerificationError:
         return None
     return recorded if isinstance(recorded, dict) and isinstance(recorded.get("split"), str) else None
 

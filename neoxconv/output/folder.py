@@ -32,7 +32,6 @@ from __future__ import annotations
 import dataclasses
 import errno
 import fcntl
-import json
 import logging
 import os
 import re
@@ -48,7 +47,7 @@ from neoxconv import __version__
 from neoxconv.errors import OutputError
 from neoxconv.output.hashing import HASH_ALGORITHMS, hash_bytes, hash_file, recorded_hash
 from neoxconv.output.writer import TMP_SUFFIX, atomic_write, atomic_write_json
-from neoxconv.smallfile import read_small_text
+from neoxconv.smallfile import read_json
 
 log = logging.getLogger(__name__)
 
@@ -361,8 +360,8 @@ def load_state(out: Path, kind: str) -> Manifest | None:
         p = Path(out) / name
         if p.is_file() and not p.is_symlink():
             try:
-                raw = json.loads(read_small_text(p, OutputError))
-            except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+                raw = read_json(p, OutputError)
+            except OutputError:
                 continue
             state = Manifest.from_json(raw, kind)
             if state is not None:

@@ -8,7 +8,6 @@ says where the model runs (``devices``, for `generate`), never state hung on the
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass
@@ -24,7 +23,7 @@ from neoxconv.model.generation import ExecutionDevices
 from neoxconv.output.folder import INDEX
 from neoxconv.progress import progress_bar
 from neoxconv.runtime.placement import Device, PlacementPlan, dispatch_placed, plan_placement, require_accelerate
-from neoxconv.smallfile import read_small_text
+from neoxconv.source.hf_folder import read_weight_map
 
 log = logging.getLogger(__name__)
 
@@ -63,18 +62,6 @@ class LoadedModel:
         return weight_bytes(self.model)
 
 
-def read_weight_map(out: Path) -> dict[str, str]:
-    """The index's tensor name -> file table (VerificationError naming the index when it is unreadable)."""
-    path = Path(out) / INDEX
-    try:
-        weight_map = json.loads(read_small_text(path, VerificationError))["weight_map"]
-        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-            raise TypeError("weight_map is not a {tensor: file} table")
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError, KeyError, TypeError) as e:
-        raise VerificationError(f"{path}: unreadable index ({e})") from None
-    return weight_map
-
-
 def _check_names(out: Path, model: torch.nn.Module, weight_map: dict[str, str]) -> None:
     """Every weight of the model in the index, and nothing else: checked before a byte is read."""
     missing = [n for n, _ in model.named_parameters() if n not in weight_map]  # a tied readout is not listed
@@ -99,7 +86,7 @@ def load_model(out: Path, *, device: str | torch.device = "auto", dtype: str | t
     dev = device if isinstance(device, torch.device) else resolve_device(device)
     tdtype = resolve_dtype(dtype, dev) if isinstance(dtype, str) else dtype
     config = load_out_config(out)
-    weight_map = read_weight_map(out)
+    weight_map = read_weight_map(Path(out) / INDEX, VerificationError)
     t0 = time.perf_counter()
     with torch.device("meta"):
         model = build_model(config).to(dtype=tdtype)  # NeoXForCausalLM or LlamaForCausalLM; offloaded weights

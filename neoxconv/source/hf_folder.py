@@ -4,19 +4,18 @@ by `neoxconv.plan.plan.plan_hf_folder` through the key table; this module only r
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from neoxconv.config import NeoXConfig
 from neoxconv.dtypes import FROM_SAFETENSORS, NUMPY_DTYPES, from_f32, tensor_nbytes, to_f32
-from neoxconv.errors import CheckpointError, ConfigError
-from neoxconv.smallfile import read_small_text
+from neoxconv.errors import CheckpointError, ConfigError, NeoXConvError
+from neoxconv.smallfile import read_json_object
 from neoxconv.source.safetensors import (
     FileState,
     check_unchanged,
@@ -49,7 +48,7 @@ class HFModel:
         cfg = self.folder / "config.json"
         if not cfg.is_file():
             raise ConfigError(f"{self.folder}: no config.json (a Hugging Face GPT-NeoX folder has one)")
-        raw = _read_json(cfg, ConfigError)
+        raw = read_json_object(cfg, ConfigError, what="config.json")
         if raw.get("model_type") not in (None, "gpt_neox", "llama", "mistral"):
             raise ConfigError(f"{cfg}: model_type {raw.get('model_type')!r}: split writes GPT-NeoX, Llama and Mistral "
                               "models")
@@ -62,10 +61,7 @@ class HFModel:
     def _scan(self) -> dict[str, HFTensor]:
         index = self.folder / "model.safetensors.index.json"
         if index.is_file():
-            weight_map = _read_json(index, CheckpointError).get("weight_map")
-            if not isinstance(weight_map, dict):
-                raise CheckpointError(f"{index}: no 'weight_map' object")
-            files = sorted({self.folder / str(f) for f in weight_map.values()})
+            files = sorted({self.folder / f for f in read_weight_map(index, CheckpointError).values()})
         else:
             files = sorted(self.folder.glob("*.safetensors"))
         if not files:
@@ -199,11 +195,10 @@ class HFRows:
             check_unchanged(f, self.model.states[f])
 
 
-def _read_json(path: Path, error: type) -> dict[str, Any]:
-    try:
-        d = json.loads(read_small_text(Path(path), error))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        raise error(f"{path}: not readable JSON: {e}") from None
-    if not isinstance(d, dict):
-        raise error(f"{path}: expected a JSON object")
-    return d
+def read_weight_map(index: Path, error: type[NeoXConvError]) -> dict[str, str]:
+    """A ``model.safetensors.index.json``'s tensor name -> file table (the one reader of indexes: split, verify,
+    the loader); ``error`` naming the index when it is unreadable or its ``weight_map`` is not such a table."""
+    weight_map = read_json_object(index, error, what="safetensors index").get("weight_map")
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise error(f"{index}: its 'weight_map' is not a {{tensor: file}} table")
+    return weight_map

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from neoxconv.errors import CheckpointError
+from neoxconv.smallfile import read_json, read_small_text
 
 log = logging.getLogger(__name__)
 
@@ -28,10 +29,7 @@ _MAX_BYTES = 256 << 20  # a tokenizer.json is a few MB (20B's: 2 MB)
 def _read(path: Path) -> tuple[str, dict[str, Any]]:
     """(the file's text, its JSON) after a bounded-size read and the shape checks."""
     try:
-        size = Path(path).stat().st_size
-        if size > _MAX_BYTES:
-            raise CheckpointError(f"{path}: {size} bytes is implausibly large for a tokenizer.json")
-        text = Path(path).read_text(encoding="utf-8")
+        text = read_small_text(Path(path), CheckpointError, _MAX_BYTES)
         data = json.loads(text)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise CheckpointError(f"{path}: not a readable tokenizer.json: {str(e)[:200]}") from None
@@ -209,10 +207,9 @@ def tokenizer_source(path: Path, found_by: str, *, merges: Path | None = None) -
     if not _head(path).lstrip().startswith((b"{", b"[")):  # not JSON text: read as a SentencePiece model
         return TokenizerSource(SPM, (("tokenizer.model", path),), found_by)
     try:
-        text = path.read_text(encoding="utf-8") if path.stat().st_size <= _MAX_BYTES else ""
-        data = json.loads(text) if text else None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
-        data = None
+        data = json.loads(read_small_text(path, CheckpointError, _MAX_BYTES))
+    except (CheckpointError, OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        data = None  # (refused by name when it is read as the kind it looks like)
     if isinstance(data, dict) and "model" not in data and data and all(type(v) is int for v in data.values()):
         merges = Path(merges) if merges is not None else path.with_name("merges.txt")
         if not merges.is_file():
@@ -340,7 +337,7 @@ def _gpt2_parts(src: TokenizerSource) -> tuple[dict[str, int], list[tuple[str, s
     vocab_path, merges_path = src.files[0][1], src.files[1][1]
     vocab = _load_vocab(vocab_path)
     try:
-        lines = merges_path.read_text(encoding="utf-8").splitlines()
+        lines = read_small_text(merges_path, CheckpointError, _MAX_BYTES).splitlines()
     except (OSError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{merges_path}: not a readable merges.txt: {str(e)[:200]}") from None
     merges = []
@@ -355,10 +352,7 @@ def _gpt2_parts(src: TokenizerSource) -> tuple[dict[str, int], list[tuple[str, s
 
 
 def _load_vocab(path: Path) -> dict[str, int]:
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        raise CheckpointError(f"{path}: not a readable vocab.json: {str(e)[:200]}") from None
+    data = read_json(Path(path), CheckpointError, what="vocab.json", limit=_MAX_BYTES)
     if not isinstance(data, dict) or not all(type(v) is int and 0 <= v < 1 << 31 for v in data.values()):
         raise CheckpointError(f"{path}: not a GPT-2 vocab.json (a {{token: id}} table)")
     return data
