@@ -13,7 +13,7 @@ from typing import Any
 
 from neoxconv.errors import NeoXConvError
 
-SMALL_FILE_LIMIT = 64 << 20  # bytes; real configs, indexes and manifests are far smaller
+SMALL_FILE_LIMIT = 64_000_000  # bytes (64 MB); real configs, indexes and manifests are far smaller
 
 
 def read_small_text(path: Path, error: type[NeoXConvError], limit: int = SMALL_FILE_LIMIT) -> str:
@@ -32,7 +32,7 @@ def read_small_text(path: Path, error: type[NeoXConvError], limit: int = SMALL_F
             got += len(chunk)
         data = b"".join(chunks)
     if size > limit or len(data) > limit:
-        raise error(f"{path}: {max(size, len(data))} bytes, more than the {limit >> 20} MiB such a file can "
+        raise error(f"{path}: {max(size, len(data))} bytes, more than the {limit / 1e6:g} MB such a file can "
                     "plausibly hold; refused unread (replace it with the real file)")
     return data.decode("utf-8")
 

@@ -261,3 +261,28 @@ def test_json_outputs_name_the_output_folder_out(merged_fixture, tmp_path):
     split = json.loads(cli("split", merged_fixture, tmp_path / "s", "--tp", 1, "--json").stdout)
     assert merged["out"] == str(tmp_path / "m") and split["out"] == str(tmp_path / "s")
     assert verified["out"] == verified["out_dir"] == str(merged_fixture)
+
+
+def test_every_limit_is_stated_in_decimal_units(tmp_path):
+    """The refusals of oversized inputs name their limits in the units every printed size uses (decimal): the
+    small-file cap, the tokenizer cap, the safetensors header cap and the `latest` file's."""
+    from neoxconv.errors import ConfigError
+    from neoxconv.smallfile import SMALL_FILE_LIMIT, read_small_text
+    from neoxconv.source.safetensors import MAX_HEADER_BYTES, read_header
+
+    big = tmp_path / "config.json"
+    with open(big, "wb") as f:
+        f.truncate(SMALL_FILE_LIMIT + 1)
+    with pytest.raises(ConfigError) as e:
+        read_small_text(big, ConfigError)
+    assert "64 MB" in str(e.value) and not BINARY_UNITS.search(str(e.value))
+    header = tmp_path / "h.safetensors"
+    header.write_bytes((MAX_HEADER_BYTES + 1).to_bytes(8, "little") + b"{}")
+    with pytest.raises(ValueError) as e:
+        read_header(header)
+    assert "16 MB" in str(e.value) and not BINARY_UNITS.search(str(e.value))
+    src = tmp_path / "ckpt"
+    (src / "global_step1").mkdir(parents=True)
+    (src / "latest").write_bytes(b"x" * 5000)
+    line = one_line_error(cli("merge", src, tmp_path / "out"), 4, "4096 bytes")
+    assert not BINARY_UNITS.search(line)

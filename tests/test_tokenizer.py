@@ -231,7 +231,7 @@ def test_the_size_bound_comes_before_any_parse(tmp_path):
     huge = tmp_path / "tokenizer.json"
     with open(huge, "wb") as f:  # sparse: no disk used
         f.truncate((256 << 20) + 1)
-    with pytest.raises(CheckpointError, match="more than the 256 MiB such a file can plausibly hold"):
+    with pytest.raises(CheckpointError, match="more than the 256 MB such a file can plausibly hold"):
         checked_token_count(huge, None)
     vocab = tmp_path / "vocab.json"  # a GPT-2 vocab.json (with merges.txt) is bounded the same way
     with open(vocab, "wb") as f:

@@ -166,7 +166,7 @@ def find_step_dir(src: Path) -> tuple[Path, Path]:
         except OSError as e:
             raise CheckpointError(f"{latest}: cannot read: {e.strerror or e}") from None
         if name is None:  # DeepSpeed writes the step folder's name there, nothing else
-            raise CheckpointError(f"{latest}: not a step folder name (binary or over 4 KiB); "
+            raise CheckpointError(f"{latest}: not a step folder name (binary or over 4096 bytes); "
                                   "pass the step folder itself as SRC")
         step = src / name
         if not step.is_dir():

@@ -22,9 +22,9 @@ from pathlib import Path
 from neoxconv.dtypes import FROM_SAFETENSORS, tensor_nbytes
 from neoxconv.errors import CheckpointError
 
-# The largest header neoxconv reads: 16 MiB is ~100k tensors, far above any real model's file (a 405B
+# The largest header neoxconv reads: 16 MB is ~100k tensors, far above any real model's file (a 405B
 # model's shards hold a few hundred tensors each), and parses in well under a second.
-MAX_HEADER_BYTES = 16 << 20
+MAX_HEADER_BYTES = 16_000_000  # 16 MB
 
 
 def header_bytes(path: Path) -> tuple[bytes, int]:
@@ -36,7 +36,7 @@ def header_bytes(path: Path) -> tuple[bytes, int]:
         (n,) = struct.unpack("<Q", raw)
         size = os.fstat(f.fileno()).st_size
         if n > MAX_HEADER_BYTES:
-            raise ValueError(f"its header claims {n} bytes, more than neoxconv reads ({MAX_HEADER_BYTES >> 20} MiB; "
+            raise ValueError(f"its header claims {n} bytes, more than neoxconv reads ({MAX_HEADER_BYTES / 1e6:g} MB; "
                              "real safetensors headers are kB to a few MB)")
         if n > size - 8:
             raise ValueError(f"header length {n} runs past the end of the file")

@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 EOS_TEXT = "<|endoftext|>"
 
 
-_MAX_BYTES = 256 << 20  # a tokenizer.json is a few MB (20B's: 2 MB)
+_MAX_BYTES = 256_000_000  # a tokenizer.json is a few MB (20B's: 2 MB)
 
 
 def _read(path: Path) -> tuple[str, dict[str, Any]]:
