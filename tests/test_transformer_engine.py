@@ -323,3 +323,28 @@ def test_te_names_in_a_llama_style_checkpoint_are_refused(tmp_path, te_key):
     line = one_line_error(cli("merge", root, tmp_path / "out"), 4, "Transformer Engine", "Llama-style", repr(te_key))
     assert "layer 02" in line
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").glob("*.safetensors"))
+
+
+def test_a_deflate_bomb_in_an_io_bytesio_extra_state_is_bounded():
+    """An io.BytesIO extra state is a torch.save zip whose data.pkl is compared with a pickled None: a member that
+    claims 2 bytes but inflates to 200 MB must cost neither the 200 MB nor the time (read at most 9 bytes)."""
+    import struct
+    import time
+    import tracemalloc
+    import zipfile
+
+    from neoxconv.source.ptfile import _saved_none
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("archive/data.pkl", b"\x80\x02N." + bytes(200 << 20))
+    data = bytearray(buf.getvalue())
+    local, central = data.index(b"PK\x03\x04"), data.index(b"PK\x01\x02")
+    struct.pack_into("<I", data, local + 22, 2)  # the uncompressed size, in both headers: a lie
+    struct.pack_into("<I", data, central + 24, 2)
+    tracemalloc.start()
+    t = time.perf_counter()
+    assert _saved_none(bytes(data)) is False
+    elapsed, peak = time.perf_counter() - t, tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert elapsed < 1 and peak < 8 << 20, (elapsed, peak)
