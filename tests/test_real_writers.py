@@ -147,7 +147,7 @@ def test_inspect_cli_says_which_key_generation_it_found(written):
     assert result.exit_code == 0, result.output
     assert json.loads(result.output)["key_generation"] == "linear1/linear2"
     human = CliRunner().invoke(main, ["inspect", str(root)])
-    assert "MLP key names: linear1/linear2" in human.output
+    assert "key names: linear1/linear2" in human.output
 
 
 def test_cuda_tags_and_metadata_are_really_in_the_files(written):

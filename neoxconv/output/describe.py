@@ -166,7 +166,7 @@ def format_inspect(info: dict[str, Any], *, summary: bool = False) -> str:
         ("activation", info["activation"]), ("config", info["config_source"]),
         ("tokenizer", info["tokenizer"] or "none found (merge --tokenizer FILE)"),
         ("dtype", info["dtype"]), ("parameters", info["parameters"]),
-        ("MLP key names", info["key_generation"]),
+        ("key names", info["key_generation"]),
         ("files found", f"{len(info['files_found'])} file(s)"),
         ("files missing", (", ".join(info["files_missing"]) or "none") + (
             f" and {info['files_missing_count'] - len(info['files_missing'])} more"
