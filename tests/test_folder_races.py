@@ -150,3 +150,42 @@ def test_merge_out_swapped_for_a_link_is_never_written_through(tmp_path, tmp_pat
     assert swapped, "the swap never ran"
     assert _snapshot(outside) == before
     _check_outcome(result, out, swapped[0], clean)
+
+
+# ----- the clean-up of a previous run's temporaries ---------------------------------------------------------------
+@pytest.mark.parametrize("mode", ["replace", "move"])
+def test_a_step_folder_swapped_before_the_clean_up_of_stale_temporaries_loses_nothing_outside(
+        hf_sharded, tmp_path, tmp_path_factory, monkeypatch, clean_outputs, mode):
+    """A re-run over its own interrupted output removes its stale temporaries: the step folder swapped for a link
+    right before that clean-up (after its check) makes it remove nothing outside OUT."""
+    from neoxconv.output.folder import OutputFolder
+
+    clean = _clean(clean_outputs, tmp_path_factory, "split", hf_sharded)
+    out = tmp_path / "out"
+    assert cli("split", hf_sharded, out, "--tp", "2", "-q").exit_code == 0
+    stale = out / "global_step0" / ".layer_00-model_00-model_states.pt.neoxconv-tmp"
+    stale.write_bytes(b"half-written by an interrupted run")
+    outside = _outside(tmp_path)
+    before = _snapshot(outside)
+    real = OutputFolder._remove_stale
+    swapped: list[Path | None] = []
+
+    def remove_stale(self):
+        place = out / "global_step0"
+        if mode == "replace":
+            shutil.rmtree(place)
+            swapped.append(None)
+        else:
+            swapped.append(place.with_name("global_step0.moved"))
+            place.rename(swapped[0])
+        place.symlink_to(outside, target_is_directory=True)
+        return real(self)
+
+    monkeypatch.setattr(OutputFolder, "_remove_stale", remove_stale)
+    result = cli("split", hf_sharded, out, "--tp", "2", "-q")
+
+    assert swapped, "the swap never ran"
+    assert _snapshot(outside) == before
+    one_line_error(result, 6, out / "global_step0")
+    if mode == "move":  # the stale temporary went from the folder that was checked; the rank files are intact
+        assert tree_bytes(swapped[0]) == tree_bytes(clean / "global_step0")

@@ -35,6 +35,7 @@ import fcntl
 import logging
 import os
 import re
+import shutil
 import stat
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -239,7 +240,8 @@ class OutDir:
         try:
             return os.listdir(d)
         except OSError as e:
-            raise OutputError(f"{self.out / rel}: cannot list the folder: {e.strerror or e}") from None
+            where = f"{self.out / rel}: cannot list the folder" if rel else f"{self.out}: cannot list the output folder"
+            raise OutputError(f"{where}: {e.strerror or e}") from None
 
     def open_read(self, rel: str) -> BinaryIO | None:
         """``OUT/rel`` opened for reading when it is a regular file (never through a link); None otherwise."""
@@ -283,11 +285,6 @@ class OutDir:
             os.rmdir(at[1], dir_fd=at[0])
         except OSError:
             pass
-
-    def free_bytes(self) -> int:
-        """Free bytes on OUT's filesystem (as ``shutil.disk_usage`` counts them)."""
-        st = os.statvfs(self.fd)
-        return st.f_bavail * st.f_frsize
 
     def check_in_place(self) -> None:
         """Every held folder still stands at its path: OUT at the path the user gave, each folder under it in its
@@ -711,7 +708,7 @@ class OutputFolder:
             else:
                 changing = True
         if changing:
-            free = self.dirs.free_bytes()
+            free = shutil.disk_usage(self.out).free  # (a read: by path)
             if need_bytes > free:
                 raise OutputError(f"{self.out}: needs {need_bytes / 1e9:.2f} GB for the output but only "
                                   f"{free / 1e9:.2f} GB is free")
