@@ -80,7 +80,7 @@ def _check_outcome(result, place: Path, checked: Path | None, clean: Path) -> No
         assert {n: b for n, b in done.items() if n != "neoxconv.json"} == \
                {n: b for n, b in tree_bytes(clean).items() if n != "neoxconv.json"}
         return
-    one_line_error(result, 6, place)
+    one_line_error(result, 6, place, "another process")
     if checked is not None:
         assert not [p for p in checked.rglob("*") if p.name.endswith(".neoxconv-tmp")]
         written = {n: b for n, b in tree_bytes(checked).items() if Path(n).name != ".neoxconv-journal.json"}
@@ -186,6 +186,6 @@ def test_a_step_folder_swapped_before_the_clean_up_of_stale_temporaries_loses_no
 
     assert swapped, "the swap never ran"
     assert _snapshot(outside) == before
-    one_line_error(result, 6, out / "global_step0")
+    one_line_error(result, 6, out / "global_step0", "another process")
     if mode == "move":  # the stale temporary went from the folder that was checked; the rank files are intact
         assert tree_bytes(swapped[0]) == tree_bytes(clean / "global_step0")

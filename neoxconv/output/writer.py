@@ -143,6 +143,9 @@ class _AtomicFile:
             if fd is not None and self._f is None:
                 os.close(fd)
             self._abandon()
+            if e.errno == errno.ENOENT and isinstance(self._where, OutFile):  # only a removed folder says that
+                raise OutputError(f"{self.path}: cannot write: its folder was removed by another process after "
+                                  "neoxconv checked it; make sure no other process changes OUT, then re-run") from None
             raise output_error(self.path, e) from None
         return self
 
@@ -154,7 +157,10 @@ class _AtomicFile:
         try:
             return self._open_new()
         except FileExistsError:
-            os.unlink(self.tmp.name, dir_fd=self._dir_fd)
+            try:
+                os.unlink(self.tmp.name, dir_fd=self._dir_fd)
+            except FileNotFoundError:  # gone meanwhile
+                pass
             return self._open_new()
 
     def _open_new(self) -> int:
