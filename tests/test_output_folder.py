@@ -444,10 +444,11 @@ def test_merge_out_on_a_read_only_filesystem(tmp_path, monkeypatch):
     (ro / "out").mkdir()
     real_open = os.open
 
-    def read_only(path, flags, *args, **kwargs):
-        if str(path).startswith(str(ro)) and flags & os.O_CREAT:
-            raise OSError(errno.EROFS, "Read-only file system", str(path))
-        return real_open(path, flags, *args, **kwargs)
+    def read_only(path, flags, *args, dir_fd=None, **kwargs):  # files are created relative to a folder's fd
+        where = str(path) if dir_fd is None else os.path.join(os.readlink(f"/proc/self/fd/{dir_fd}"), path)
+        if where.startswith(str(ro)) and flags & os.O_CREAT:
+            raise OSError(errno.EROFS, "Read-only file system", where)
+        return real_open(path, flags, *args, dir_fd=dir_fd, **kwargs)
 
     monkeypatch.setattr(os, "open", read_only)
     one_line_error(cli("merge", COMMITTED_FIXTURE, ro / "out"), 6, ro / "out", "Read-only file system")
@@ -626,10 +627,11 @@ def test_split_reshard_out_on_a_read_only_filesystem(writer_command, tmp_path, m
     (ro / "out").mkdir()  # simulated: the folder exists, but nothing can be created in it
     real_open = os.open
 
-    def read_only(path, flags, *args, **kwargs):
-        if str(path).startswith(str(ro)) and flags & os.O_CREAT:
-            raise OSError(errno.EROFS, "Read-only file system", str(path))
-        return real_open(path, flags, *args, **kwargs)
+    def read_only(path, flags, *args, dir_fd=None, **kwargs):  # files are created relative to a folder's fd
+        where = str(path) if dir_fd is None else os.path.join(os.readlink(f"/proc/self/fd/{dir_fd}"), path)
+        if where.startswith(str(ro)) and flags & os.O_CREAT:
+            raise OSError(errno.EROFS, "Read-only file system", where)
+        return real_open(path, flags, *args, dir_fd=dir_fd, **kwargs)
 
     monkeypatch.setattr(os, "open", read_only)
     one_line_error(cli(name, src, ro / "out", "--tp", "2"), 6, ro / "out", "Read-only file system")

@@ -41,12 +41,12 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, BinaryIO
 
 from neoxconv import __version__
 from neoxconv.errors import OutputError
 from neoxconv.output.hashing import HASH_ALGORITHMS, hash_bytes, hash_file, recorded_hash
-from neoxconv.output.writer import TMP_SUFFIX, atomic_write, atomic_write_json
+from neoxconv.output.writer import TMP_SUFFIX, OutFile, atomic_write, atomic_write_json, open_folder
 from neoxconv.smallfile import read_json
 
 log = logging.getLogger(__name__)
@@ -108,41 +108,244 @@ def make_out_dir(out: Path) -> None:
         raise OutputError(f"{out}: cannot create the output folder: {e.strerror or e}") from None
 
 
-def safe_path(out: Path, rel: str) -> Path | None:
-    """``OUT/rel`` when ``rel`` is a plain relative path whose every folder is a real folder inside OUT (no
-    symlink, no ``..``, nothing absolute); None otherwise. What neoxconv may delete or write through."""
+def _parts(rel: str) -> list[str] | None:
+    """The parts of ``rel`` when it is a plain relative path (no ``..``, ``.``, empty part or backslash, nothing
+    absolute); None otherwise. Only such paths are written or deleted under OUT."""
     parts = rel.split("/")
     if not rel or rel.startswith("/") or any(p in ("", ".", "..") or "\\" in p for p in parts):
         return None
-    path = Path(out)
-    for part in parts[:-1]:
-        path = path / part
-        if path.is_symlink() or not path.is_dir():
-            return None
-    return path / parts[-1]
+    return parts
 
 
-def check_folder(path: Path) -> None:
-    """``path`` is a real folder or absent: never a symlink (to a folder or not) or a file."""
-    if path.is_symlink() or (path.exists() and not path.is_dir()):
-        what = "a symlink" if path.is_symlink() else "not a folder"
-        raise OutputError(f"{path}: is {what}; neoxconv writes its own folder there: remove it or choose another OUT")
+_FOLDER_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
 
 
-def make_folder(out: Path, rel: str) -> Path:
-    """Create ``OUT/rel`` (each part a real folder, created if missing, never followed through a link)."""
-    path = Path(out)
-    for part in rel.split("/"):
-        path = path / part
+class OutDir:
+    """OUT and the folders under it, held open for a run: every create, rename, unlink and fsync under OUT is
+    relative to these descriptors.
+
+    OUT is opened once (a link the user gave as OUT is followed: they named it). A folder under it is opened part
+    by part from OUT's descriptor with ``O_DIRECTORY|O_NOFOLLOW`` (made first where missing; a link or a file there
+    is an `OutputError`, never followed), checked by that open and held until `close`. The writers get an
+    `OutFile` (a held descriptor and a name). A folder swapped for a link, or renamed away, after it was opened
+    changes nothing: writes land in the folder that was checked, never through the new link; `check_in_place`
+    refuses to go on (before a manifest claims a complete OUT) once a held folder no longer stands at its path.
+    """
+
+    def __init__(self, out: Path) -> None:
+        self.out = Path(out)
+        self._fds: dict[str, int] = {}  # "" (OUT) or a relative folder -> its descriptor
+
+    def __enter__(self) -> OutDir:
         try:
-            os.mkdir(path)  # does not follow a link in the last part: a planted one is EEXIST, then refused
-        except FileExistsError:
+            self._fds[""] = open_folder(self.out)
+        except OSError as e:
+            raise OutputError(f"{self.out}: cannot open the output folder: {e.strerror or e}") from None
+        return self
+
+    def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        self.close()
+
+    def close(self) -> None:
+        fds, self._fds = self._fds, {}
+        for fd in fds.values():
+            os.close(fd)
+
+    @property
+    def fd(self) -> int:
+        """OUT's descriptor."""
+        return self._fds[""]
+
+    def folder(self, rel: str, *, create: bool = False) -> int | None:
+        """The descriptor of the folder ``OUT/rel`` (``""``: OUT), opened part by part, never through a link;
+        None when a part is missing (``create``: made instead). An `OutputError` when ``rel`` is not a plain
+        relative path, or a part of it is a link or not a folder."""
+        if rel in self._fds:
+            return self._fds[rel]
+        parts = _parts(rel)
+        if parts is None:
+            raise OutputError(f"{self.out / rel}: not a path neoxconv writes inside OUT")
+        parent = self.folder("/".join(parts[:-1]), create=create)
+        if parent is None:
+            return None
+        path, name = self.out / rel, parts[-1]
+        if create:
+            try:
+                os.mkdir(name, dir_fd=parent)  # does not follow a link: a planted one is EEXIST, then refused
+            except FileExistsError:
+                pass
+            except OSError as e:
+                raise OutputError(f"{path}: cannot create the folder: {e.strerror or e}") from None
+        try:
+            fd = os.open(name, _FOLDER_FLAGS, dir_fd=parent)
+        except FileNotFoundError:
+            if create:
+                raise OutputError(f"{path}: cannot create the folder: removed as it was made") from None
+            return None
+        except OSError as e:
+            if e.errno in (errno.ELOOP, errno.ENOTDIR):
+                st = _lstat_at(parent, name)
+                what = "a symlink" if st is not None and stat.S_ISLNK(st.st_mode) else "not a folder"
+                raise OutputError(f"{path}: is {what}; neoxconv writes its own folder there: remove it or choose "
+                                  "another OUT") from None
+            raise OutputError(f"{path}: cannot open the folder: {e.strerror or e}") from None
+        self._fds[rel] = fd
+        return fd
+
+    def _find(self, rel: str) -> int | None:
+        """`folder` for cleaning up: None, not an error, for anything but a real folder."""
+        try:
+            return self.folder(rel)
+        except OutputError:
+            return None
+
+    def _at(self, rel: str) -> tuple[int, str] | None:
+        """(its folder's descriptor, its name) for ``OUT/rel`` when its folders are real folders inside OUT."""
+        parts = _parts(rel)
+        if parts is None:
+            return None
+        d = self._find("/".join(parts[:-1]))
+        return None if d is None else (d, parts[-1])
+
+    def file(self, rel: str) -> OutFile:
+        """Where ``rel`` is written: its folders opened (made where missing) as `folder` opens them."""
+        parts = _parts(rel)
+        if parts is None:
+            raise OutputError(f"{self.out / rel}: not a path neoxconv writes inside OUT")
+        d = self.folder("/".join(parts[:-1]), create=True)
+        st = _lstat_at(d, parts[-1])
+        if st is not None and stat.S_ISDIR(st.st_mode):
+            raise OutputError(f"{self.out / rel}: is a folder where neoxconv writes a file; remove it or choose "
+                              "another OUT")
+        return OutFile(self.out / rel, d)
+
+    def lstat(self, rel: str) -> os.stat_result | None:
+        """``OUT/rel`` itself (a link is not followed); None when it, or a real folder holding it, is missing."""
+        at = self._at(rel)
+        return None if at is None else _lstat_at(*at)
+
+    def is_file(self, rel: str) -> bool:
+        """``OUT/rel`` is a regular file (not a link) in real folders inside OUT."""
+        st = self.lstat(rel)
+        return st is not None and stat.S_ISREG(st.st_mode)
+
+    def is_folder(self, rel: str) -> bool:
+        return self._find(rel) is not None
+
+    def listdir(self, rel: str = "") -> list[str]:
+        """The names in ``OUT/rel`` ([] when it is not a real folder inside OUT)."""
+        d = self.fd if not rel else self._find(rel)
+        if d is None:
+            return []
+        try:
+            return os.listdir(d)
+        except OSError as e:
+            where = f"{self.out / rel}: cannot list the folder" if rel else f"{self.out}: cannot list the output folder"
+            raise OutputError(f"{where}: {e.strerror or e}") from None
+
+    def open_read(self, rel: str) -> BinaryIO | None:
+        """``OUT/rel`` opened for reading when it is a regular file (never through a link); None otherwise."""
+        at = self._at(rel)
+        if at is None:
+            return None
+        try:
+            fd = os.open(at[1], os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0), dir_fd=at[0])
+        except OSError:
+            return None
+        f = open(fd, "rb", buffering=0)
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            f.close()
+            return None
+        return f
+
+    def remove(self, rel: str) -> None:
+        """Remove ``OUT/rel`` (a link itself, never its target; gone already is fine); anything else that fails is
+        an `OutputError` naming it."""
+        at = self._at(rel)
+        if at is None:
+            return
+        try:
+            os.unlink(at[1], dir_fd=at[0])
+        except FileNotFoundError:
             pass
         except OSError as e:
-            raise OutputError(f"{path}: cannot create the folder: {e.strerror or e}") from None
-        if not stat.S_ISDIR(os.lstat(path).st_mode):
-            check_folder(path)
-    return path
+            raise OutputError(f"{self.out / rel}: cannot remove: {e.strerror or e}") from None
+
+    def rmdir(self, rel: str) -> None:
+        """Remove the folder ``OUT/rel`` when it is empty and still the one held (quietly otherwise)."""
+        at, fd = self._at(rel), self._find(rel)
+        if at is None or fd is None:
+            return
+        st = _lstat_at(*at)
+        if st is None or (st.st_dev, st.st_ino) != _identity(fd):
+            return
+        for held in [r for r in self._fds if r == rel or r.startswith(rel + "/")]:
+            os.close(self._fds.pop(held))
+        try:
+            os.rmdir(at[1], dir_fd=at[0])
+        except OSError:
+            pass
+
+    def check_in_place(self) -> None:
+        """Every held folder still stands at its path: OUT at the path the user gave, each folder under it in its
+        parent. An `OutputError` otherwise (another process moved it or put something else there): what was
+        written is in the folder that was checked, not at that path, and no manifest may say otherwise."""
+        for rel, fd in list(self._fds.items()):
+            if not rel:
+                try:
+                    here = os.stat(self.out)
+                    st: tuple[int, int] | None = (here.st_dev, here.st_ino)
+                except OSError:
+                    st = None
+            else:
+                parts = rel.split("/")
+                parent = self._fds.get("/".join(parts[:-1]))
+                found = None if parent is None else _lstat_at(parent, parts[-1])
+                st = None if found is None else (found.st_dev, found.st_ino)
+            if st != _identity(fd):
+                raise OutputError(
+                    f"{self.out / rel if rel else self.out}: was replaced by another process while neoxconv wrote "
+                    "into it (moved away, or a link or another folder put in its place); nothing was written through "
+                    "the new entry: make sure no other process changes OUT, then re-run")
+
+
+def _lstat_at(dir_fd: int, name: str) -> os.stat_result | None:
+    try:
+        return os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except OSError:
+        return None
+
+
+def _identity(fd: int) -> tuple[int, int]:
+    st = os.fstat(fd)
+    return st.st_dev, st.st_ino
+
+
+def foreign_entries(dirs: OutDir, is_ours: Callable[[str], bool] = is_output_name) -> list[str]:
+    """Entries of OUT that are not neoxconv's lock or temporaries (what makes a folder someone else's)."""
+    return sorted(n for n in dirs.listdir() if n != LOCK and not is_temp_name(n, is_ours))
+
+
+def remove_stale_temps(dirs: OutDir, is_ours: Callable[[str], bool] = is_output_name, folder: str = "") -> None:
+    """Our own temporaries from an interrupted run (only called once OUT is known to be ours).
+
+    ``folder``: a subfolder of OUT (``global_step0/``); nothing is removed unless it is a real folder inside OUT.
+    """
+    for name in dirs.listdir(folder.rstrip("/")):
+        if is_temp_name(name, is_ours, folder) and dirs.is_file(folder + name):
+            dirs.remove(folder + name)
+
+
+def remove_previous_output(dirs: OutDir, listed: Iterable[str],
+                           is_ours: Callable[[str], bool] = is_output_name) -> list[str]:
+    """--force over another neoxconv output: remove what its manifest lists AND neoxconv writes. Returns them."""
+    removed = []
+    for name in dict.fromkeys(map(str, listed)):
+        if is_ours(name) and dirs.is_file(name):
+            dirs.remove(name)
+            removed.append(name)
+    remove_stale_temps(dirs, is_ours)
+    return removed
 
 
 def _entries(out: Path) -> list[Path]:
@@ -150,47 +353,6 @@ def _entries(out: Path) -> list[Path]:
         return list(Path(out).iterdir())
     except OSError as e:
         raise OutputError(f"{out}: cannot list the output folder: {e.strerror or e}") from None
-
-
-def foreign_entries(out: Path, is_ours: Callable[[str], bool] = is_output_name) -> list[str]:
-    """Entries of OUT that are not neoxconv's lock or temporaries (what makes a folder someone else's)."""
-    return sorted(p.name for p in _entries(out) if p.name != LOCK and not is_temp_name(p.name, is_ours))
-
-
-def remove_stale_temps(out: Path, is_ours: Callable[[str], bool] = is_output_name, folder: str = "") -> None:
-    """Our own temporaries from an interrupted run (only called once OUT is known to be ours).
-
-    ``folder``: a subfolder of OUT (``global_step0/``), checked with `safe_path` first.
-    """
-    d = safe_path(out, folder.rstrip("/")) if folder else Path(out)
-    if d is None or d.is_symlink() or not d.is_dir():
-        return
-    for p in _entries(d):
-        if is_temp_name(p.name, is_ours, folder) and p.is_file() and not p.is_symlink():
-            remove_file(p)
-
-
-def remove_previous_output(out: Path, listed: Iterable[str],
-                           is_ours: Callable[[str], bool] = is_output_name) -> list[str]:
-    """--force over another neoxconv output: remove what its manifest lists AND neoxconv writes. Returns them."""
-    removed = []
-    for name in dict.fromkeys(map(str, listed)):
-        path = safe_path(out, name) if is_ours(name) else None
-        if path is not None and path.is_file() and not path.is_symlink():
-            remove_file(path)
-            removed.append(name)
-    remove_stale_temps(out, is_ours)
-    return removed
-
-
-def remove_file(path: Path) -> None:
-    """Remove one file (gone already is fine); anything else that fails is an `OutputError` naming it."""
-    try:
-        path.unlink()
-    except FileNotFoundError:
-        pass
-    except OSError as e:
-        raise OutputError(f"{path}: cannot remove: {e.strerror or e}") from None
 
 
 # ----- the typed manifest -------------------------------------------------------------------------------------
@@ -232,13 +394,13 @@ class FileEntry:
                    warnings=[str(w) for w in warnings] if isinstance(warnings, list) else [],
                    meta={k: v for k, v in raw.items() if k not in skip})
 
-    def matches(self, path: Path) -> bool:
-        """The file at ``path`` is a regular file with this size and hash (re-hashed: it is an older file)."""
-        try:
-            st = os.lstat(path)
-        except OSError:
+    def matches(self, dirs: OutDir, rel: str) -> bool:
+        """``OUT/rel`` is a regular file with this size and hash (re-hashed: it is an older file)."""
+        f = dirs.open_read(rel)
+        if f is None:
             return False
-        return stat.S_ISREG(st.st_mode) and st.st_size == self.size and hash_file(path, self.algo) == self.digest
+        with f:
+            return os.fstat(f.fileno()).st_size == self.size and hash_file(f.fileno(), self.algo) == self.digest
 
 
 @dataclass
@@ -391,7 +553,7 @@ class OutputFolder:
             entry = folder.reusable(name, fingerprint, allowed) # per file, before writing anything
             folder.keep({name: entry})                          # when it may be kept
             folder.begin(names, {name: bytes}, need_bytes)      # disk check, manifest out, journal in
-            path = folder.path(name); ...write...; folder.record({name: entry})
+            where = folder.file(name); ...write...; folder.record({name: entry})
             folder.finish(info)                                 # small files, manifest, no journal
     """
 
@@ -406,6 +568,7 @@ class OutputFolder:
         self._small: dict[str, bytes] = {}
         self._layer_names: list[str] = []
         self._lock: OutputLock | None = None
+        self.dirs = OutDir(self.out)  # OUT and its folders, held open while the run holds OUT
 
     @property
     def hash(self) -> str:
@@ -413,8 +576,14 @@ class OutputFolder:
 
     def __enter__(self) -> OutputFolder:
         make_out_dir(self.out)
-        self._lock = OutputLock(self.out, self.spec.command)
-        self._lock.__enter__()
+        self.dirs.__enter__()
+        try:
+            self._lock = OutputLock(self.out, self.spec.command, dir_fd=self.dirs.fd)
+            self._lock.__enter__()
+        except BaseException:
+            self._lock = None
+            self.dirs.close()
+            raise
         try:
             previous = load_state(self.out, self.spec.kind)
             self.ours = previous is not None
@@ -422,21 +591,25 @@ class OutputFolder:
             if previous is not None:  # what neoxconv wrote last for the user, whatever this run redoes
                 self.state.user_files = dict(previous.user_files)
         except BaseException:
-            self._lock.__exit__(None, None, None)
+            self.__exit__(None, None, None)
             raise
         return self
 
     def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         lock, self._lock = self._lock, None
-        if lock is not None:
-            lock.__exit__(exc_type, exc, tb)
+        try:
+            if lock is not None:
+                lock.__exit__(exc_type, exc, tb)
+        finally:
+            self.dirs.close()
 
     def _ours(self, rel: str) -> bool:
         return rel in (MANIFEST, JOURNAL, *LEGACY_MANIFESTS.get(self.spec.kind, ())) or self.spec.is_ours(rel)
 
     def _check_folders(self) -> None:
+        """Each folder this writer writes into is a real folder or absent; opened (and held) now when present."""
         for rel in self.spec.folders:
-            check_folder(self.out / rel)
+            self.dirs.folder(rel)
 
     def _prepare(self, state: Manifest | None) -> dict[str, FileEntry]:
         """Decide whether OUT is ours before deleting anything; return the entries that may be reused.
@@ -446,7 +619,7 @@ class OutputFolder:
         """
         out, ours = self.out, self._ours
         if state is None:
-            foreign = foreign_entries(out, ours)
+            foreign = foreign_entries(self.dirs, ours)
             if foreign and not self.force:
                 shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
                 raise OutputError(
@@ -466,8 +639,8 @@ class OutputFolder:
                 raise OutputError(f"{out}: holds a neoxconv {command} {what}: "
                                   f"{'; '.join(state.describe_differences(source, options))}; {fix}")
         if not same:
-            remove_previous_output(out, [*state.listed, MANIFEST, JOURNAL, *LEGACY_MANIFESTS.get(self.spec.kind, ())],
-                                   ours)
+            remove_previous_output(self.dirs,
+                                   [*state.listed, MANIFEST, JOURNAL, *LEGACY_MANIFESTS.get(self.spec.kind, ())], ours)
         self._remove_stale()
         if not same:
             self._remove_empty_folders()
@@ -476,18 +649,13 @@ class OutputFolder:
         return state.entries
 
     def _remove_stale(self) -> None:
-        remove_stale_temps(self.out, self._ours)
+        remove_stale_temps(self.dirs, self._ours)
         for rel in dict.fromkeys([*self.spec.folders, *self.spec.stale_folders(self.out)]):
-            remove_stale_temps(self.out, self._ours, f"{rel}/")
+            remove_stale_temps(self.dirs, self._ours, f"{rel}/")
 
     def _remove_empty_folders(self) -> None:
         for rel in dict.fromkeys([*self.spec.stale_folders(self.out), *self.spec.folders]):
-            p = safe_path(self.out, rel)
-            if p is not None and p.is_dir() and not p.is_symlink():
-                try:
-                    p.rmdir()  # only when empty
-                except OSError:
-                    pass
+            self.dirs.rmdir(rel)  # only when empty
 
     # ----- reuse ----------------------------------------------------------------------------------------------
     def reusable(self, name: str, fingerprint: Any, allowed: Callable[[FileEntry], bool] = lambda e: True
@@ -496,12 +664,15 @@ class OutputFolder:
         (``fingerprint``), allowed under this run's options, present with its recorded size and hash. Returned
         with this run's hash (re-hashed when it recorded another). `keep` it to record it."""
         entry = self.previous.get(name)
-        path = safe_path(self.out, name)
-        if entry is None or path is None or entry.fingerprint != fingerprint or not allowed(entry) \
-                or not entry.matches(path):
+        if entry is None or entry.fingerprint != fingerprint or not allowed(entry) \
+                or not entry.matches(self.dirs, name):
             return None
         if entry.algo != self.hash:  # the hash this run records (the file was just proven intact)
-            entry = dataclasses.replace(entry, algo=self.hash, digest=hash_file(path, self.hash))
+            f = self.dirs.open_read(name)
+            if f is None:
+                return None
+            with f:
+                entry = dataclasses.replace(entry, algo=self.hash, digest=hash_file(f.fileno(), self.hash))
         return entry
 
     def keep(self, entries: dict[str, FileEntry]) -> None:
@@ -514,16 +685,12 @@ class OutputFolder:
         return entry.size if entry is not None and entry.fingerprint == fingerprint else 0
 
     # ----- writing --------------------------------------------------------------------------------------------
-    def path(self, rel: str) -> Path:
-        """Where ``rel`` is written: its folders made real folders inside OUT (never through a link)."""
-        if "/" in rel:
-            make_folder(self.out, rel.rsplit("/", 1)[0])
-        path = safe_path(self.out, rel)
-        if path is None:
-            raise OutputError(f"{self.out / rel}: not a path neoxconv writes inside OUT")
-        if path.is_dir() and not path.is_symlink():
-            raise OutputError(f"{path}: is a folder where neoxconv writes a file; remove it or choose another OUT")
-        return path
+    def file(self, rel: str) -> OutFile:
+        """Where ``rel`` is written: its name in its folder, held open (made a real folder inside OUT where
+        missing, never opened through a link: `OutDir`). A held folder that no longer stands at its path stops
+        the run here (`OutDir.check_in_place`)."""
+        self.dirs.check_in_place()
+        return self.dirs.file(rel)
 
     def begin(self, layers: list[str], small: dict[str, bytes], need_bytes: int) -> None:
         """Before the first byte. ``layers``: the big files this run ends with, in order (those not reused are
@@ -535,22 +702,18 @@ class OutputFolder:
         changing = any(n not in self.state.layers for n in self._layer_names)
         for name, data in self._small.items():
             entry = self.previous.get(name)
-            path = safe_path(self.out, name)
-            if entry is not None and path is not None and entry.fingerprint is None \
-                    and entry.digest == hash_bytes(data, entry.algo) and entry.matches(path):
+            if entry is not None and entry.fingerprint is None \
+                    and entry.digest == hash_bytes(data, entry.algo) and entry.matches(self.dirs, name):
                 self.state.files[name] = FileEntry(size=len(data), algo=self.hash, digest=hash_bytes(data, self.hash))
             else:
                 changing = True
         if changing:
-            free = shutil.disk_usage(self.out).free
+            free = shutil.disk_usage(self.out).free  # (a read: by path)
             if need_bytes > free:
                 raise OutputError(f"{self.out}: needs {need_bytes / 1e9:.2f} GB for the output but only "
                                   f"{free / 1e9:.2f} GB is free")
-            remove_file(self.out / MANIFEST)  # the manifest only exists beside a complete output
-            for legacy in LEGACY_MANIFESTS.get(self.spec.kind, ()):
-                p = self.out / legacy
-                if p.is_file() and not p.is_symlink():
-                    remove_file(p)
+            self.dirs.remove(MANIFEST)  # the manifest only exists beside a complete output
+            self._remove_legacy_manifests()
         # a no-op re-run changes no file and keeps the old manifest until the new one replaces it (a Ctrl-C
         # never leaves none)
         self.save_journal()
@@ -561,7 +724,12 @@ class OutputFolder:
         self.save_journal()
 
     def save_journal(self) -> None:
-        atomic_write_json(self.path(JOURNAL), self.state.to_json())
+        atomic_write_json(self.file(JOURNAL), self.state.to_json())
+
+    def _remove_legacy_manifests(self) -> None:
+        for legacy in LEGACY_MANIFESTS.get(self.spec.kind, ()):
+            if self.dirs.is_file(legacy):
+                self.dirs.remove(legacy)
 
     def hand_over(self, files: dict[str, bytes]) -> list[str]:
         """Write files that become the user's to edit (the model card).
@@ -573,13 +741,13 @@ class OutputFolder:
         """
         outdated = []
         for name, data in files.items():
-            path = self.path(name)
+            where = self.file(name)
             new = FileEntry(size=len(data), algo=self.hash, digest=hash_bytes(data, self.hash))
             recorded = self.state.user_files.get(name)
-            if new.matches(path):
+            if new.matches(self.dirs, name):
                 self.state.user_files[name] = new
-            elif not os.path.lexists(path) or (recorded is not None and recorded.matches(path)):
-                atomic_write(path, data, hash_algo=self.hash)
+            elif self.dirs.lstat(name) is None or (recorded is not None and recorded.matches(self.dirs, name)):
+                atomic_write(where, data, hash_algo=self.hash)
                 self.state.user_files[name] = new
             elif recorded is None or hash_bytes(data, recorded.algo) != recorded.digest:
                 outdated.append(name)  # kept, though what neoxconv writes for it has changed since
@@ -591,21 +759,17 @@ class OutputFolder:
         self.state.layers = {n: self.state.layers[n] for n in self._layer_names}
         for name, data in self._small.items():
             if name not in self.state.files:
-                digest = atomic_write(self.path(name), data, hash_algo=self.hash)
+                digest = atomic_write(self.file(name), data, hash_algo=self.hash)
                 self.state.files[name] = FileEntry(size=len(data), algo=self.hash, digest=digest)
         self.state.files = {n: self.state.files[n] for n in self._small}
         for name in self.previous:  # what the last run wrote and this one does not (e.g. --no-tokenizer): gone
-            path = safe_path(self.out, name)
             if name not in {**self.state.files, **self.state.layers, **self.state.user_files} and self._ours(name) \
-                    and path is not None and path.is_file() and not path.is_symlink():
-                remove_file(path)
+                    and self.dirs.is_file(name):
+                self.dirs.remove(name)
         self.state.info = dict(info)
-        atomic_write_json(self.path(MANIFEST), self.state.to_json())
-        remove_file(self.out / JOURNAL)
-        for legacy in LEGACY_MANIFESTS.get(self.spec.kind, ()):  # the new manifest replaces it
-            p = self.out / legacy
-            if p.is_file() and not p.is_symlink():
-                remove_file(p)
+        atomic_write_json(self.file(MANIFEST), self.state.to_json())  # (every folder checked in place first)
+        self.dirs.remove(JOURNAL)
+        self._remove_legacy_manifests()  # the new manifest replaces it
         return self.state
 
 
@@ -615,20 +779,42 @@ class OutputLock:
 
     The lock file is removed (while still locked) when the merge ends, so a finished OUT holds only its
     outputs. A merge killed with SIGKILL leaves the file behind unlocked; the next merge takes it over.
+    Every open, stat and unlink of it is relative to OUT's descriptor (``dir_fd``, the run's `OutDir`; opened
+    here when not given): OUT swapped for a link meanwhile never makes it create or remove a lock elsewhere.
     """
 
-    def __init__(self, out: Path, command: str = "merge") -> None:
+    def __init__(self, out: Path, command: str = "merge", *, dir_fd: int | None = None) -> None:
         self.out = Path(out)
         self.command = command
         self.path = self.out / LOCK
         self._fd: int | None = None
+        self._given_dir = dir_fd
+        self._dir: int | None = None
 
     def __enter__(self) -> OutputLock:
+        if self._dir is None:
+            try:
+                self._dir = self._given_dir if self._given_dir is not None else open_folder(self.out)
+            except OSError as e:
+                raise OutputError(f"{self.out}: cannot write in the output folder: {e.strerror or e}") from None
+        try:
+            self._take()
+        except BaseException:
+            self._release_dir()
+            raise
+        return self
+
+    def _release_dir(self) -> None:
+        d, self._dir = self._dir, None
+        if d is not None and d != self._given_dir:
+            os.close(d)
+
+    def _take(self) -> None:
         while self._fd is None:
             try:
                 # O_NOFOLLOW: a symlink planted as the lock must not make us create or lock a file elsewhere
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0),
-                             0o644)
+                fd = os.open(LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0), 0o644,
+                             dir_fd=self._dir)
             except OSError as e:
                 if e.errno in (errno.ELOOP, errno.EISDIR):
                     what = "a symbolic link" if e.errno == errno.ELOOP else "a directory"
@@ -661,9 +847,8 @@ class OutputLock:
                 os.ftruncate(fd, 0)
                 os.pwrite(fd, f"{os.getpid()} {self.command}\n".encode(), 0)
             except OSError as e:
-                self.__exit__(None, None, None)
+                self._unlock()
                 raise OutputError(f"{self.path}: cannot write: {e.strerror or e}") from None
-        return self
 
     def _own_lock_file(self, fd: int) -> bool:
         """Whether ``fd`` is a plain file with no other name (a lock we may truncate and write). A hard link
@@ -674,9 +859,9 @@ class OutputLock:
             return True
         os.close(fd)
         try:
-            here = os.stat(self.path, follow_symlinks=False)
+            here = os.stat(LOCK, dir_fd=self._dir, follow_symlinks=False)
             if (here.st_dev, here.st_ino) == (st.st_dev, st.st_ino):
-                os.unlink(self.path)
+                os.unlink(LOCK, dir_fd=self._dir)
         except FileNotFoundError:
             pass
         except OSError as e:
@@ -686,21 +871,27 @@ class OutputLock:
 
     def _same_file(self, fd: int) -> bool:
         try:
-            st = os.stat(self.path, follow_symlinks=False)
+            st = os.stat(LOCK, dir_fd=self._dir, follow_symlinks=False)
         except FileNotFoundError:
             return False
         mine = os.fstat(fd)
         return (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino)
 
-    def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+    def _unlock(self) -> None:
         fd, self._fd = self._fd, None
         if fd is None:
             return
         try:
-            os.unlink(self.path)  # while still locked: a waiting opener sees a different file and retries
+            os.unlink(LOCK, dir_fd=self._dir)  # while still locked: a waiting opener sees a different file, retries
         except OSError:
             pass
         os.close(fd)
+
+    def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        try:
+            self._unlock()
+        finally:
+            self._release_dir()
 
 
 def _read_holder(fd: int) -> tuple[int | None, str | None]:

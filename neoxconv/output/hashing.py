@@ -47,13 +47,14 @@ class StreamHasher:
         return self._h.hexdigest()
 
 
-def hash_file(path: Path, algo: str = DEFAULT_HASH) -> str:
+def hash_file(path: Path | int, algo: str = DEFAULT_HASH) -> str:
     """Hex digest of a file's bytes, read through one reused buffer (memory stays flat in the file size;
-    BLAKE3 hashes each buffer on all cores)."""
+    BLAKE3 hashes each buffer on all cores). ``path`` may be an open descriptor: read from where it stands, left
+    open."""
     h = StreamHasher(algo, threads=os.cpu_count() or 1)
     buf = bytearray(_FILE_CHUNK)
     view = memoryview(buf)
-    with open(path, "rb", buffering=0) as f:
+    with open(path, "rb", buffering=0, closefd=not isinstance(path, int)) as f:
         while n := f.readinto(buf):
             h.update(view[:n])
     return h.hexdigest()

@@ -54,7 +54,7 @@ from neoxconv.output.hub import (
 )
 from neoxconv.output.prefetch import prefetch
 from neoxconv.output.streaming import iter_merged_chunks, stream_tensor, streams_direct
-from neoxconv.output.writer import SafetensorsWriter, json_bytes
+from neoxconv.output.writer import OutFile, SafetensorsWriter, json_bytes
 from neoxconv.plan.fingerprint import config_digest, layer_fingerprint, source_identity
 from neoxconv.plan.plan import LayerPlan, PlanOptions, SourcePlan, TensorPlan, plan_source
 from neoxconv.progress import format_bytes, progress_bar, recheck_bar
@@ -223,7 +223,7 @@ def _nonfinite(values: np.ndarray, t: TensorPlan, where: str, allow: bool, warni
     return _report_nonfinite(count_nonfinite(values, t.out_dtype), t, where, allow, warnings)
 
 
-def _write_layer(path: Path, plan: LayerPlan, options: MergeOptions, bar, guard: InterruptGuard,
+def _write_layer(target: OutFile, plan: LayerPlan, options: MergeOptions, bar, guard: InterruptGuard,
                  reader: Reads) -> FileEntry:
     where = f"{plan.layer.label} [{', '.join(plan.files)}]"
     warnings: list[str] = []
@@ -241,7 +241,7 @@ def _write_layer(path: Path, plan: LayerPlan, options: MergeOptions, bar, guard:
         guard.check()
         bar.update(nbytes)
 
-    with SafetensorsWriter(path, entries, hash_algo=options.hash) as w:  # its thread hashes and writes
+    with SafetensorsWriter(target, entries, hash_algo=options.hash) as w:  # its thread hashes and writes
         for t in plan.tensors:
             guard.check()
             if t.key in small:
@@ -434,7 +434,7 @@ def _merge(src: Path, out: Path, options: MergeOptions, guard: InterruptGuard,
                 bar.set_postfix_str(f"{plan.layer.label} -> {name}", refresh=False)
                 unconfirmed.append((name, None, refs))  # its file is not trusted until its storages pass
                 with reader.scope() as reads:  # checks what the layer read as it closes (or with a later layer)
-                    entry = _write_layer(folder.path(name), plan, options, bar, guard, reads)
+                    entry = _write_layer(folder.file(name), plan, options, bar, guard, reads)
                 entry.fingerprint = fingerprints[name]
                 unconfirmed[-1] = (name, entry, refs)
                 confirmed = {n: e for n, e, rs in unconfirmed if e is not None and reader.verified(rs)}
@@ -443,7 +443,7 @@ def _merge(src: Path, out: Path, options: MergeOptions, guard: InterruptGuard,
                     unconfirmed = [u for u in unconfirmed if u[0] not in confirmed]
         except BaseException:
             for name, _, _ in unconfirmed:  # written from data whose CRC was not (or could not be) confirmed
-                (out / name).unlink(missing_ok=True)
+                folder.dirs.remove(name)
             raise
         guard.check()
     write_seconds = time.perf_counter() - writing

@@ -50,10 +50,10 @@ from neoxconv.errors import ConfigError
 from neoxconv.interrupt import InterruptGuard
 from neoxconv.merge import LLAMA_W123_KEYS
 from neoxconv.output.finite import report_nonfinite
-from neoxconv.output.folder import NEOX, FileEntry, FolderSpec, OutputFolder, remove_file
+from neoxconv.output.folder import NEOX, FileEntry, FolderSpec, OutputFolder
 from neoxconv.output.hashing import DEFAULT_HASH
 from neoxconv.output.ptarchive import PtArchiveWriter, TensorSpec, archive_name_for, plan_archive
-from neoxconv.output.writer import TMP_SUFFIX, open_atomic
+from neoxconv.output.writer import TMP_SUFFIX, OutFile, open_atomic
 from neoxconv.progress import progress_bar, recheck_bar
 from neoxconv.source.checkpoint import SourceLayer, model_layers, pipeline_file_name, sequential_file_name
 
@@ -341,10 +341,10 @@ class _RankSink:
         self._files.fill(i, nbytes, filled, unit=unit)
 
 
-def save_pt(path: Path, obj: Any, *, hash_algo: str = DEFAULT_HASH) -> tuple[str, int]:
+def save_pt(where: Path | OutFile, obj: Any, *, hash_algo: str = DEFAULT_HASH) -> tuple[str, int]:
     """Write a small archive without tensors (the bookkeeping files) as ``torch.save(obj, path)`` writes it,
     atomically; returns (hex digest, size)."""
-    with PtFiles([path], [obj], hash_algo=hash_algo) as files:
+    with PtFiles([where], [obj], hash_algo=hash_algo) as files:
         pass
     return files.digests[0], files.sizes[0]
 
@@ -352,16 +352,17 @@ def save_pt(path: Path, obj: Any, *, hash_algo: str = DEFAULT_HASH) -> tuple[str
 class PtFiles:
     """Write several ``torch.save`` archives side by side, their storages streamed in blocks (`PtArchiveWriter`).
 
-    ``objs[i]`` is the object saved to ``paths[i]`` with every tensor a `TensorSpec`; ``write(i, block)``
-    appends the next bytes of file i's current storage. Each file is written through the merge's staged
-    O_DIRECT path (`open_atomic(..., staged=True)`): a hidden temporary (O_EXCL|O_NOFOLLOW), hashed while
-    written, CRC-32s computed while the bytes are in cache, fsynced and renamed when the ``with`` block ends
-    without an error; an error (or Ctrl-C) leaves no file. The archives are named as torch names them after
-    their final file name. Memory: the staging buffers, whatever the tensor sizes.
+    ``objs[i]`` is the object saved to ``targets[i]`` (an `OutFile`, or a path) with every tensor a `TensorSpec`;
+    ``write(i, block)`` appends the next bytes of file i's current storage. Each file is written through the
+    merge's staged O_DIRECT path (`open_atomic(..., staged=True)`): a hidden temporary (O_EXCL|O_NOFOLLOW),
+    hashed while written, CRC-32s computed while the bytes are in cache, fsynced and renamed when the ``with``
+    block ends without an error; an error (or Ctrl-C) leaves no file. The archives are named as torch names them
+    after their final file name. Memory: the staging buffers, whatever the tensor sizes.
     """
 
-    def __init__(self, paths: list[Path], objs: list[Any], *, hash_algo: str = DEFAULT_HASH) -> None:
-        self.paths = [Path(p) for p in paths]
+    def __init__(self, targets: list[Path | OutFile], objs: list[Any], *, hash_algo: str = DEFAULT_HASH) -> None:
+        self.targets = list(targets)
+        self.paths = [t.path if isinstance(t, OutFile) else Path(t) for t in self.targets]
         self.layouts = [plan_archive(o, archive_name=archive_name_for(p)) for p, o in zip(self.paths, objs)]
         self.hash_algo = hash_algo
         self._stack = contextlib.ExitStack()
@@ -374,8 +375,8 @@ class PtFiles:
 
     def __enter__(self) -> PtFiles:
         try:
-            for path, layout in zip(self.paths, self.layouts):
-                f = self._stack.enter_context(open_atomic(path, hash_algo=self.hash_algo, staged=True))
+            for target, layout in zip(self.targets, self.layouts):
+                f = self._stack.enter_context(open_atomic(target, hash_algo=self.hash_algo, staged=True))
                 self._files.append(f)
                 self._writers.append(PtArchiveWriter(f.write, layout, fill=f.fill))
             self._left = [lay.tensors[0].nbytes if lay.tensors else 0 for lay in self.layouts]
@@ -425,10 +426,13 @@ def bookkeeping(target: NeoXTarget, module: dict[str, TensorSpec] | None) -> dic
     }
 
 
-def _tensor_bytes(path: Path) -> int:
+def _tensor_bytes(folder: OutputFolder, rel: str) -> int:
     """The tensor bytes of a rank file this run keeps (its zip's data records; the file was just proven ours by
     its hash): what writing it would have added to the progress bar."""
-    with zipfile.ZipFile(path) as z:
+    f = folder.dirs.open_read(rel)
+    if f is None:
+        return 0
+    with f, zipfile.ZipFile(f) as z:
         return sum(i.file_size for i in z.infolist() if "/data/" in i.filename)
 
 
@@ -533,23 +537,22 @@ def _step_folders(out: Path) -> list[str]:
                   and p.is_dir() and not p.is_symlink())
 
 
-def _remove_private_folders(out: Path) -> None:
+def _remove_private_folders(folder: OutputFolder) -> None:
     """The private folders an earlier version's writer left when killed (``.neoxconv-pt-*.neoxconv-tmp``,
     ``.staging.neoxconv-tmp``; this version writes hidden temporaries beside the final names), in an OUT that
     is ours: our files in them are removed, a folder only when then empty; a link under such a name is never
-    followed."""
-    for step in _step_folders(out):
-        for folder in sorted((out / step).iterdir()):
-            private = folder.name.startswith(PRIVATE_PREFIX) and folder.name.endswith(TMP_SUFFIX)
-            if not (private or folder.name == LEGACY_STAGING) or folder.is_symlink() or not folder.is_dir():
+    followed (every step through the run's held folders, `OutDir`)."""
+    dirs = folder.dirs
+    for step in _step_folders(folder.out):
+        for name in sorted(dirs.listdir(step)):
+            rel = f"{step}/{name}"
+            private = name.startswith(PRIVATE_PREFIX) and name.endswith(TMP_SUFFIX)
+            if not (private or name == LEGACY_STAGING) or not dirs.is_folder(rel):
                 continue
-            for p in folder.iterdir():
-                if is_neox_output_name(f"{step}/{p.name}") and p.is_file() and not p.is_symlink():
-                    remove_file(p)
-            try:
-                folder.rmdir()
-            except OSError:
-                pass
+            for inside in dirs.listdir(rel):
+                if is_neox_output_name(f"{step}/{inside}") and dirs.is_file(f"{rel}/{inside}"):
+                    dirs.remove(f"{rel}/{inside}")
+            dirs.rmdir(rel)
 
 
 def _digest(obj: Any) -> str:
@@ -635,7 +638,7 @@ def write_neox_checkpoint(
     with OutputFolder(out, spec, source=source, options=recorded, hash_algo=hash_algo, resume=resume,
                       force=force) as folder:
         if folder.ours:
-            _remove_private_folders(out)
+            _remove_private_folders(folder)
         # which files are kept (same inputs, allowed, hash as recorded), what else changes: decided before writing
         todo: list[_Group] = []
         reused = kept_bytes = 0
@@ -649,11 +652,11 @@ def write_neox_checkpoint(
                 if g.sequential:  # each rank's file holds every layer: kept or redone on its own
                     folder.keep({n: e for n, e in kept.items() if e is not None})
                     reused += T - len(redo)
-                    kept_bytes += sum(_tensor_bytes(out / n) for n, e in kept.items() if e is not None)
+                    kept_bytes += sum(_tensor_bytes(folder, n) for n, e in kept.items() if e is not None)
                 elif not redo:
                     folder.keep(kept)
                     reused += 0 if g.bookkeeping else T
-                    kept_bytes += 0 if g.bookkeeping else sum(_tensor_bytes(out / n) for n in g.names)
+                    kept_bytes += 0 if g.bookkeeping else sum(_tensor_bytes(folder, n) for n in g.names)
                     continue
                 else:
                     redo = list(range(T))
@@ -667,7 +670,7 @@ def write_neox_checkpoint(
         def write_group(g: _Group, bar) -> dict[str, FileEntry]:
             names = [g.names[r] for r in g.ranks]
             if g.bookkeeping:
-                return {n: _entry(*save_pt(folder.path(n), bookkeeping(target, None), hash_algo=folder.hash), g, 0, [])
+                return {n: _entry(*save_pt(folder.file(n), bookkeeping(target, None), hash_algo=folder.hash), g, 0, [])
                         for n in names}
             per_layer = [feed.tensors(layer) for layer in g.layers]
             if g.sequential:
@@ -679,7 +682,7 @@ def write_neox_checkpoint(
             slot = {r: i for i, r in enumerate(g.ranks)}  # rank -> open file
             warnings: list[list[str]] = [[] for _ in g.ranks]
             nonfinite = [0] * len(g.ranks)
-            with PtFiles([folder.path(n) for n in names], objs, hash_algo=folder.hash) as files:
+            with PtFiles([folder.file(n) for n in names], objs, hash_algo=folder.hash) as files:
                 for layer, tensors in zip(g.layers, per_layer):
                     guard.check()
                     bar.set_postfix_str(layer.label, refresh=False)
@@ -722,7 +725,7 @@ def write_neox_checkpoint(
         except BaseException:
             for _, entries in unconfirmed:  # written from source bytes whose check did not pass (or did not run)
                 for name in entries:
-                    remove_file(folder.path(name))
+                    folder.dirs.remove(name)
             raise
         state = folder.finish({"config": dataclasses.asdict(target.config),
                                "make_vocab_size_divisible_by": divisor})

@@ -1,11 +1,14 @@
 """Crash-safe output: files appear under their final name complete or not at all.
 
 `atomic_write` and `SafetensorsWriter` write to a hidden temporary name in the same folder, fsync, then
-``os.replace`` into place (and fsync the folder). An exception, Ctrl-C or SIGKILL at any moment leaves at
-most a ``.*.neoxconv-tmp`` file, which the next run removes. The safetensors header is computed up front
-from the planned names, dtypes and shapes, so tensor data is streamed straight to disk in order while its
-hash (BLAKE3 by default, see `neoxconv.output.hashing`) is computed on the way. Tensor data can be read from the
-source straight into the buffer that is written (`SafetensorsWriter.fill_chunk`): no copy in between.
+``os.replace`` into place (and fsync the folder). Where a file goes is an `OutFile`: its name in a folder held
+open as a descriptor (`neoxconv.output.folder.OutDir` holds OUT's); the create, rename, unlink and fsync are
+relative to that descriptor, so a folder swapped for a link after it was opened is never written through. An
+exception, Ctrl-C or SIGKILL at any moment leaves at most a ``.*.neoxconv-tmp`` file, which the next run
+removes. The safetensors header is computed up front from the planned names, dtypes and shapes, so tensor data
+is streamed straight to disk in order while its hash (BLAKE3 by default, see `neoxconv.output.hashing`) is
+computed on the way. Tensor data can be read from the source straight into the buffer that is written
+(`SafetensorsWriter.fill_chunk`): no copy in between.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import os
 import struct
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
@@ -63,17 +67,22 @@ def tmp_path_for(path: Path) -> Path:
     return path.with_name(f".{path.name}{TMP_SUFFIX}")
 
 
-def fsync_dir(d: Path) -> None:
-    try:
-        fd = os.open(d, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+@dataclass(frozen=True)
+class OutFile:
+    """Where a file is written: ``path.name`` in the folder open as ``dir_fd`` (held by its owner, an
+    `neoxconv.output.folder.OutDir`, for the whole run); ``path`` is what messages show."""
+
+    path: Path
+    dir_fd: int
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+
+def open_folder(path: Path) -> int:
+    """A descriptor of the folder ``path`` names (a link the caller gave is followed: they named it)."""
+    return os.open(path, os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_CLOEXEC", 0))
 
 
 def output_error(path: Path, e: OSError) -> OutputError:
@@ -96,9 +105,13 @@ class _AtomicFile:
     Falls back to buffered writes, with the kernel's writeback started early, wherever O_DIRECT is refused.
     """
 
-    def __init__(self, path: Path, *, staged: bool = False, hash_algo: str = DEFAULT_HASH) -> None:
-        self.path = Path(path)
+    def __init__(self, where: Path | OutFile, *, staged: bool = False, hash_algo: str = DEFAULT_HASH) -> None:
+        """``where``: an `OutFile` (its folder's descriptor is the owner's), or a path (its folder is opened here,
+        once, and closed with the file)."""
+        self._where = where
+        self.path = where.path if isinstance(where, OutFile) else Path(where)
         self.tmp = tmp_path_for(self.path)
+        self._dir_fd: int | None = None  # the folder every call below is relative to
         self.hash_algo = hash_algo
         self._hash = StreamHasher(hash_algo, threads=_HASH_THREADS)
         self._staged = staged
@@ -120,6 +133,7 @@ class _AtomicFile:
     def __enter__(self) -> _AtomicFile:
         fd = None
         try:
+            self._dir_fd = self._where.dir_fd if isinstance(self._where, OutFile) else open_folder(self.path.parent)
             fd = self._create()
             self._f = open(fd, "wb", buffering=0)
             if self._staged:  # page-aligned, as O_DIRECT requires; reused, so touched (faulted in) once
@@ -129,30 +143,37 @@ class _AtomicFile:
             if fd is not None and self._f is None:
                 os.close(fd)
             self._abandon()
+            if e.errno == errno.ENOENT and isinstance(self._where, OutFile):  # only a removed folder says that
+                raise OutputError(f"{self.path}: cannot write: its folder was removed by another process after "
+                                  "neoxconv checked it; make sure no other process changes OUT, then re-run") from None
             raise output_error(self.path, e) from None
         return self
 
     def _create(self) -> int:
         """Create the temporary: O_EXCL|O_NOFOLLOW, so a file or symlink planted (or left) under its name is
         never written through; such a leftover is removed (the link itself, never its target) and the
-        temporary created afresh. A folder there is refused (EISDIR/EPERM), never entered."""
+        temporary created afresh. A folder there is refused (EISDIR/EPERM), never entered. Relative to the folder's
+        descriptor: a folder swapped for a link since it was opened is not followed."""
         try:
             return self._open_new()
         except FileExistsError:
-            os.unlink(self.tmp)
+            try:
+                os.unlink(self.tmp.name, dir_fd=self._dir_fd)
+            except FileNotFoundError:  # gone meanwhile
+                pass
             return self._open_new()
 
     def _open_new(self) -> int:
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
         if self._want_direct:
             try:
-                fd = os.open(self.tmp, flags | os.O_DIRECT, 0o644)
+                fd = os.open(self.tmp.name, flags | os.O_DIRECT, 0o644, dir_fd=self._dir_fd)
                 self._direct = True
                 return fd
             except OSError as e:
                 if e.errno != errno.EINVAL:
                     raise
-        return os.open(self.tmp, flags, 0o644)
+        return os.open(self.tmp.name, flags, 0o644, dir_fd=self._dir_fd)
 
     # ----- filling -----
     def write(self, data) -> None:
@@ -303,7 +324,7 @@ class _AtomicFile:
                 self._f.flush()
                 os.fsync(self._f.fileno())
                 self._f.close()
-                os.replace(self.tmp, self.path)
+                os.replace(self.tmp.name, self.path.name, src_dir_fd=self._dir_fd, dst_dir_fd=self._dir_fd)
             except BaseException as e:  # OSError, or Ctrl-C landing here: no temp file left behind
                 self._abandon()
                 if isinstance(e, OSError):
@@ -311,7 +332,11 @@ class _AtomicFile:
                 raise
             self._f = None
             self._release_stages()
-            fsync_dir(self.path.parent)
+            try:
+                os.fsync(self._dir_fd)  # the rename
+            except OSError:
+                pass
+            self._release_folder()
             return
         self._abandon()
 
@@ -321,7 +346,18 @@ class _AtomicFile:
         if f is not None:
             _close_quietly(f)
         self._release_stages()
-        _unlink_quietly(self.tmp)
+        if self._dir_fd is not None:
+            try:
+                os.unlink(self.tmp.name, dir_fd=self._dir_fd)
+            except OSError:
+                pass
+        self._release_folder()
+
+    def _release_folder(self) -> None:
+        """Close the folder's descriptor when this file opened it (an `OutFile`'s belongs to its owner)."""
+        fd, self._dir_fd = self._dir_fd, None
+        if fd is not None and not isinstance(self._where, OutFile):
+            os.close(fd)
 
 
 def _close_quietly(f) -> None:
@@ -331,17 +367,10 @@ def _close_quietly(f) -> None:
         pass
 
 
-def _unlink_quietly(p: Path) -> None:
-    try:
-        os.unlink(p)
-    except OSError:
-        pass
-
-
-def atomic_write(path: Path, data: bytes, *, hash_algo: str = "sha256") -> str:
-    """Write ``data`` to ``path`` atomically; returns its hex digest under ``hash_algo`` (sha256 unless asked:
+def atomic_write(where: Path | OutFile, data: bytes, *, hash_algo: str = "sha256") -> str:
+    """Write ``data`` to ``where`` atomically; returns its hex digest under ``hash_algo`` (sha256 unless asked:
     callers that record the digest name the algorithm)."""
-    with _AtomicFile(path, hash_algo=hash_algo) as f:
+    with _AtomicFile(where, hash_algo=hash_algo) as f:
         f.write(data)
     return f.hexdigest()
 
@@ -352,15 +381,15 @@ def json_bytes(obj) -> bytes:
     return (json.dumps(obj, indent=2, sort_keys=False, allow_nan=False) + "\n").encode()
 
 
-def atomic_write_json(path: Path, obj, *, hash_algo: str = "sha256") -> str:
-    return atomic_write(path, json_bytes(obj), hash_algo=hash_algo)
+def atomic_write_json(where: Path | OutFile, obj, *, hash_algo: str = "sha256") -> str:
+    return atomic_write(where, json_bytes(obj), hash_algo=hash_algo)
 
 
-def open_atomic(path: Path, *, hash_algo: str = DEFAULT_HASH, staged: bool = False) -> _AtomicFile:
-    """A file written to a hidden temporary and renamed to ``path`` when the ``with`` block ends without an
+def open_atomic(where: Path | OutFile, *, hash_algo: str = DEFAULT_HASH, staged: bool = False) -> _AtomicFile:
+    """A file written to a hidden temporary and renamed to ``where`` when the ``with`` block ends without an
     error; ``write`` hashes as it writes (``hexdigest()``, ``size`` once closed). ``staged``: big files, through
     the staging buffers and O_DIRECT (as `SafetensorsWriter` writes)."""
-    return _AtomicFile(path, hash_algo=hash_algo, staged=staged)
+    return _AtomicFile(where, hash_algo=hash_algo, staged=staged)
 
 
 def safetensors_header(entries: list[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str]) -> bytes:
@@ -387,13 +416,13 @@ class SafetensorsWriter:
         w.hexdigest(), w.hash_algo, w.size
     """
 
-    def __init__(self, path: Path, entries: list[tuple[str, str, tuple[int, ...]]],
+    def __init__(self, where: Path | OutFile, entries: list[tuple[str, str, tuple[int, ...]]],
                  metadata: dict[str, str] | None = None, *, hash_algo: str = DEFAULT_HASH) -> None:
-        self.path = Path(path)
+        self._file = _AtomicFile(where, staged=True, hash_algo=hash_algo)
+        self.path = self._file.path
         self.entries = list(entries)
         self.header = safetensors_header(self.entries, {"format": "pt", **(metadata or {})})
         self._sizes = {name: tensor_nbytes(dtype, shape) for name, dtype, shape in self.entries}
-        self._file = _AtomicFile(self.path, staged=True, hash_algo=hash_algo)
         self.hash_algo = hash_algo
         self._pos = 0  # index into entries of the tensor being written
         self._written = 0  # bytes written of that tensor
