@@ -360,8 +360,9 @@ def _print_neox_report(report, as_json: bool, quiet: bool) -> None:
 @click.option("--tokenizer", "tokenizer_path", type=click.Path(path_type=Path, dir_okay=False),
               help="tokenizer.json to copy (default: HF_DIR/tokenizer.json).")
 @click.option("--key-names", type=click.Choice(["current", "20b"]), default="current", show_default=True,
-              help="current: mlp.linear1/linear2 (gpt-neox since 2024-09); 20b: mlp.dense_h_to_4h/dense_4h_to_h "
-                   "(Llama-style: mlp.w1/w2/w3 of mlp_type llama), for gpt-neox before 2024-09.")
+              help="current: mlp.linear1/linear2 (gpt-neox since 2024-09), no rotary inv_freq buffer; 20b: "
+                   "mlp.dense_h_to_4h/dense_4h_to_h (Llama-style: mlp.w1/w2/w3 of mlp_type llama) and, for "
+                   "GPT-NeoX, the inv_freq buffer in every block file, for gpt-neox before 2024-09.")
 @click.option("--dry-run", is_flag=True,
               help="Only list the files, their bytes and the free disk at OUT; write nothing.")
 @_neox_output_options
