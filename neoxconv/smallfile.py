@@ -20,6 +20,12 @@ def read_small_text(path: Path, error: type[NeoXConvError], limit: int = SMALL_F
     """``path``'s UTF-8 text; ``error`` naming the file when it holds more than ``limit`` bytes.
 
     OSError and UnicodeDecodeError reach the caller as ``Path.read_text`` raises them."""
+    return read_small_bytes(path, error, limit).decode("utf-8")
+
+
+def read_small_bytes(path: Path, error: type[NeoXConvError], limit: int = SMALL_FILE_LIMIT) -> bytes:
+    """``path``'s bytes; ``error`` naming the file when it holds more than ``limit`` bytes (a file that grows
+    while it is read included). OSError reaches the caller."""
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
         chunks: list[bytes] = []
@@ -34,7 +40,7 @@ def read_small_text(path: Path, error: type[NeoXConvError], limit: int = SMALL_F
     if size > limit or len(data) > limit:
         raise error(f"{path}: {max(size, len(data))} bytes, more than the {limit / 1e6:g} MB such a file can "
                     "plausibly hold; refused unread (replace it with the real file)")
-    return data.decode("utf-8")
+    return data
 
 
 def read_json(path: Path, error: type[NeoXConvError], *, what: str = "JSON", limit: int = SMALL_FILE_LIMIT) -> Any:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from neoxconv.errors import CheckpointError
-from neoxconv.smallfile import read_json, read_small_text
+from neoxconv.smallfile import read_json, read_small_bytes, read_small_text
 
 log = logging.getLogger(__name__)
 
@@ -451,7 +451,10 @@ def spm_tokenizer_json(path: Path) -> bytes | None:
 def output_files(src: TokenizerSource, info: TokenizerInfo, max_length: int) -> dict[str, bytes]:
     """The tokenizer files of OUT: the source's files under the names transformers reads, tokenizer.json where it
     can be built, and a tokenizer_config.json naming a class that loads them (transformers 4.x and 5.x)."""
-    out = {name: path.read_bytes() for name, path in src.files}
+    try:  # (each was read and checked before, under the same bound: a file that grew since is refused)
+        out = {name: read_small_bytes(path, CheckpointError, _MAX_BYTES) for name, path in src.files}
+    except OSError as e:
+        raise CheckpointError(f"{e.filename}: cannot read: {e.strerror or e}") from None
     if src.kind == HF_JSON:
         out["tokenizer_config.json"] = _json(tokenizer_config(src.path, max_length))
         return out
