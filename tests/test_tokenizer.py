@@ -356,3 +356,62 @@ def test_no_tokenizer_leaves_it_out_of_out_but_still_takes_its_ids(make_checkpoi
     assert result.exit_code == 0, result.output
     assert {p.name for p in with_tok.iterdir()} == {p.name for p in without.iterdir()}
     assert "not written" in json.loads(result.stdout)["tokenizer"]
+
+
+# ----- a Hugging Face tokenizer folder's own settings --------------------------------------------------------
+_CHAT = "{% for m in messages %}<s>[{{ m['role'] }}] {{ m['content'] }}</s>{% endfor %}"
+
+
+def _hf_tokenizer_folder(folder: Path, config: dict | None, *, jinja: str | None = None) -> Path:
+    """A tokenizer folder as transformers saves one: tokenizer.json with <s> and </s>, its tokenizer_config.json."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    folder.mkdir(parents=True)
+    vocab = {w: i for i, w in enumerate(["<unk>", "<s>", "</s>", "<pad>", "hello", "world", "[user]", "[assistant]"])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.add_special_tokens(["<s>", "</s>", "<pad>"])
+    tok.save(str(folder / "tokenizer.json"))
+    if config is not None:
+        (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    if jinja is not None:
+        (folder / "chat_template.jinja").write_text(jinja)
+    return folder / "tokenizer.json"
+
+
+def test_a_tokenizer_folder_s_special_tokens_and_chat_template_are_carried(make_checkpoint, tmp_path):
+    """gpt-neox's converter (--vocab-is-hf-tokenizer) saves the tokenizer folder with AutoTokenizer: its special
+    tokens and chat template survive. neoxconv carries them from the tokenizer.json's folder into OUT's
+    tokenizer_config.json (keeping its own class), and config.json's bos/eos ids are those tokens'."""
+    import transformers
+
+    root, _, _ = make_checkpoint(2, "pipeline", "float16")
+    tok = _hf_tokenizer_folder(tmp_path / "tok", {
+        "tokenizer_class": "LlamaTokenizer", "bos_token": {"content": "<s>", "special": True}, "eos_token": "</s>",
+        "pad_token": "<pad>", "unk_token": "<unk>", "add_bos_token": False, "chat_template": _CHAT,
+        "auto_map": {"AutoTokenizer": ["evil.Tokenizer", None]}})
+    out = tmp_path / "out"
+    result = cli("merge", "-q", root, out, "--tokenizer", tok)
+    assert result.exit_code == 0, result.output
+    cfg = json.loads((out / "tokenizer_config.json").read_text())
+    assert cfg["tokenizer_class"] == "PreTrainedTokenizerFast" and "auto_map" not in cfg
+    assert (cfg["bos_token"], cfg["eos_token"], cfg["pad_token"], cfg["add_bos_token"]) == ("<s>", "</s>", "<pad>",
+                                                                                          False)
+    loaded = transformers.AutoTokenizer.from_pretrained(out)
+    messages = [{"role": "user", "content": "hello world"}]
+    assert loaded.apply_chat_template(messages, tokenize=False) == "<s>[user] hello world</s>"
+    model_cfg = json.loads((out / "config.json").read_text())
+    assert (model_cfg["bos_token_id"], model_cfg["eos_token_id"]) == (1, 2)
+    # a chat_template.jinja beside it (transformers >= 4.50 saves the template there) is carried the same way
+    tok2 = _hf_tokenizer_folder(tmp_path / "tok2", {"eos_token": "</s>"}, jinja=_CHAT)
+    assert cli("merge", "-q", root, tmp_path / "out2", "--tokenizer", tok2).exit_code == 0
+    assert json.loads((tmp_path / "out2" / "tokenizer_config.json").read_text())["chat_template"] == _CHAT
+
+
+def test_a_tokenizer_config_naming_tokens_the_tokenizer_lacks_is_refused(make_checkpoint, tmp_path):
+    root, _, _ = make_checkpoint(2, "pipeline", "float16")
+    tok = _hf_tokenizer_folder(tmp_path / "tok", {"eos_token": "<|im_end|>"})
+    one_line_error(cli("merge", "-q", root, tmp_path / "out", "--tokenizer", tok), 4, "tokenizer_config.json",
+                   "'<|im_end|>' is not a token of tokenizer.json")
+    bad = _hf_tokenizer_folder(tmp_path / "bad", {"chat_template": 42})
+    one_line_error(cli("merge", "-q", root, tmp_path / "out2", "--tokenizer", bad), 4, "chat_template")

@@ -124,14 +124,77 @@ def tokenizer_config(path: Path, max_length: int) -> dict[str, Any]:
     The class stays PreTrainedTokenizerFast, which uses tokenizer.json as written in both major versions
     (5.x's GPTNeoXTokenizer rebuilds the pipeline from vocab and merges with its own normalizer and
     pre-tokenizer, which is right for the 20B tokenizer but not for every tokenizer a checkpoint may ship);
-    ``model_input_names`` keeps token_type_ids out.
+    ``model_input_names`` keeps token_type_ids out. The special tokens, chat template and BOS/EOS settings of a
+    Hugging Face tokenizer folder the tokenizer.json comes from are carried (`companion_settings`).
     """
-    has_eos = eos_token_id(path) is not None
     cfg: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast", "model_input_names": MODEL_INPUT_NAMES,
                            "model_max_length": max_length}
-    if has_eos:
+    if eos_token_id(path) is not None:
         cfg.update(bos_token=EOS_TEXT, eos_token=EOS_TEXT, unk_token=EOS_TEXT)
+    cfg.update(companion_settings(path))
     return cfg
+
+
+COMPANION = "tokenizer_config.json"  # of a Hugging Face tokenizer folder (what --vocab-is-hf-tokenizer loads upstream)
+CHAT_TEMPLATE_FILE = "chat_template.jinja"  # where transformers >= 4.50 saves a folder's chat template
+_SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "pad_token")
+_FLAGS = ("add_bos_token", "add_eos_token", "clean_up_tokenization_spaces")
+_MAX_TEMPLATE_BYTES = 1_000_000  # chat templates are a few kB
+
+
+def companion_settings(path: Path) -> dict[str, Any]:
+    """What a Hugging Face tokenizer folder says beside its tokenizer.json (``tokenizer_config.json``, and a
+    ``chat_template.jinja``): the special tokens (as text; each must be a token of this tokenizer), the chat
+    template and the BOS/EOS flags, as gpt-neox's converter keeps them when it loads the folder with AutoTokenizer
+    (``--vocab-is-hf-tokenizer``). Empty when there is no such file, or the tokenizer is not named tokenizer.json
+    (a standalone 20B_tokenizer.json). Anything else in the file (its class, its
+    auto_map code) is not carried. A CheckpointError names the file when a value is malformed."""
+    folder = Path(path).parent
+    cfg_path, jinja = folder / COMPANION, folder / CHAT_TEMPLATE_FILE
+    out: dict[str, Any] = {}
+    if Path(path).name != HF_JSON:  # a folder's own file is tokenizer.json; 20B_tokenizer.json stands alone
+        return out
+    raw = read_json(cfg_path, CheckpointError, what=COMPANION) if cfg_path.is_file() else {}
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{cfg_path}: not a JSON object ({COMPANION})")
+    if not raw and not jinja.is_file():
+        return out
+    data = _load(path)
+    for key in _SPECIAL_TOKENS:
+        value = raw.get(key)
+        text = value.get("content") if isinstance(value, dict) else value
+        if value is None:
+            continue
+        if not isinstance(text, str) or _token_id(data, text) is None:
+            raise CheckpointError(f"{cfg_path}: {key} {str(text)[:60]!r} is not a token of {Path(path).name}; "
+                                  "this is not that tokenizer's config (remove it, or pass the tokenizer's own folder)")
+        out[key] = text
+    for key in _FLAGS:
+        if key in raw:
+            if not isinstance(raw[key], bool):
+                raise CheckpointError(f"{cfg_path}: {key} is {raw[key]!r:.40}, not true or false")
+            out[key] = raw[key]
+    template = raw.get("chat_template")
+    if jinja.is_file():  # (transformers prefers the file to the key)
+        template = read_small_text(jinja, CheckpointError, _MAX_TEMPLATE_BYTES)
+    if template is not None:
+        named = isinstance(template, list) and all(
+            isinstance(t, dict) and isinstance(t.get("name"), str) and isinstance(t.get("template"), str)
+            for t in template)
+        if not (isinstance(template, str) or named) or len(json.dumps(template)) > _MAX_TEMPLATE_BYTES:
+            raise CheckpointError(f"{cfg_path}: chat_template is not a template (a string, or a list of "
+                                  "{name, template}) under 1 MB")
+        out["chat_template"] = template
+    return out
+
+
+def _token_id(data: dict[str, Any], text: str) -> int | None:
+    """The id of the token ``text`` (an added token's, or the vocabulary's); None when there is none."""
+    found = next((t.get("id") for t in data.get("added_tokens") or [] if t.get("content") == text), None)
+    vocab = data["model"].get("vocab")
+    if found is None and isinstance(vocab, dict):
+        found = vocab.get(text)
+    return found if type(found) is int else None
 
 
 # ----- every kind of tokenizer gpt-neox trains with ---------------------------------------------------------------
@@ -395,7 +458,16 @@ def check_tokenizer(src: TokenizerSource, rows: int | None) -> TokenizerInfo:
         tokens = checked_token_count(src.path, rows)
         eos = eos_token_id(src.path)
         text = EOS_TEXT if eos is not None else None
-        return TokenizerInfo(tokens=tokens, bos_id=eos, eos_id=eos, bos_token=text, eos_token=text, unk_token=text)
+        info = TokenizerInfo(tokens=tokens, bos_id=eos, eos_id=eos, bos_token=text, eos_token=text, unk_token=text)
+        carried = companion_settings(src.path)  # a tokenizer folder's own special tokens win
+        if "eos_token" in carried or "bos_token" in carried:
+            data = _load(src.path)
+            eos_text = carried.get("eos_token", info.eos_token)
+            bos_text = carried.get("bos_token", eos_text)
+            info = TokenizerInfo(tokens=tokens, bos_id=_token_id(data, bos_text) if bos_text else None,
+                                 eos_id=_token_id(data, eos_text) if eos_text else None, bos_token=bos_text,
+                                 eos_token=eos_text, unk_token=carried.get("unk_token", info.unk_token))
+        return info
     info = _spm_info(src.path) if src.kind == SPM else _gpt2_info(src)
     if info.tokens is not None and rows is not None and info.tokens > rows:
         raise CheckpointError(f"{src.path}: has {info.tokens} tokens but the model's embedding has {rows} rows: "
