@@ -46,7 +46,7 @@ import numpy as np
 
 from neoxconv.config import GELU_TANH, LLAMA, NeoXConfig, padded_vocab_size
 from neoxconv.dtypes import NonFiniteCounter, tensor_nbytes
-from neoxconv.errors import ConfigError
+from neoxconv.errors import CheckpointError, ConfigError
 from neoxconv.interrupt import InterruptGuard
 from neoxconv.merge import LLAMA_W123_KEYS
 from neoxconv.output.finite import report_nonfinite
@@ -55,7 +55,9 @@ from neoxconv.output.hashing import DEFAULT_HASH
 from neoxconv.output.ptarchive import PtArchiveWriter, TensorSpec, archive_name_for, plan_archive
 from neoxconv.output.writer import TMP_SUFFIX, OutFile, open_atomic
 from neoxconv.progress import progress_bar, recheck_bar
+from neoxconv.smallfile import read_small_bytes
 from neoxconv.source.checkpoint import SourceLayer, model_layers, pipeline_file_name, sequential_file_name
+from neoxconv.source.tokenizer import TOKENIZER_MAX_BYTES
 
 CONFIG_NAME = "neox.yml"
 TOKENIZER_NAME = "tokenizer.json"  # whatever the source's tokenizer file is called
@@ -627,7 +629,7 @@ def write_neox_checkpoint(
     divisor = vocab_divisor(rows, T, target.tokenizer_size)
     small = {f"configs/{CONFIG_NAME}": neox_yaml(target, divisor).encode()}
     if tokenizer is not None:
-        small[TOKENIZER_NAME] = tokenizer.read_bytes()
+        small[TOKENIZER_NAME] = read_small_bytes(tokenizer, CheckpointError, TOKENIZER_MAX_BYTES)  # (checked so)
     small["latest"] = target.step_name.encode()
 
     def allowed(e: FileEntry) -> bool:

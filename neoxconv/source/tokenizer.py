@@ -23,13 +23,13 @@ log = logging.getLogger(__name__)
 EOS_TEXT = "<|endoftext|>"
 
 
-_MAX_BYTES = 256_000_000  # a tokenizer.json is a few MB (20B's: 2 MB)
+TOKENIZER_MAX_BYTES = 256_000_000  # a tokenizer.json is a few MB (20B's: 2 MB)
 
 
 def _read(path: Path) -> tuple[str, dict[str, Any]]:
     """(the file's text, its JSON) after a bounded-size read and the shape checks."""
     try:
-        text = read_small_text(Path(path), CheckpointError, _MAX_BYTES)
+        text = read_small_text(Path(path), CheckpointError, TOKENIZER_MAX_BYTES)
         data = json.loads(text)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise CheckpointError(f"{path}: not a readable tokenizer.json: {str(e)[:200]}") from None
@@ -270,7 +270,7 @@ def tokenizer_source(path: Path, found_by: str, *, merges: Path | None = None) -
     if not _head(path).lstrip().startswith((b"{", b"[")):  # not JSON text: read as a SentencePiece model
         return TokenizerSource(SPM, (("tokenizer.model", path),), found_by)
     try:
-        data = json.loads(read_small_text(path, CheckpointError, _MAX_BYTES))
+        data = json.loads(read_small_text(path, CheckpointError, TOKENIZER_MAX_BYTES))
     except (CheckpointError, OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         data = None  # (refused by name when it is read as the kind it looks like)
     if isinstance(data, dict) and "model" not in data and data and all(type(v) is int for v in data.values()):
@@ -283,7 +283,7 @@ def tokenizer_source(path: Path, found_by: str, *, merges: Path | None = None) -
 
 
 # ----- SentencePiece: a protobuf ModelProto, read without the sentencepiece package --------------------------------
-_SPM_MAX = 64 << 20  # Llama's tokenizer.model is 0.5 MB; large multilingual ones a few MB
+_SPM_MAX = 64_000_000  # Llama's tokenizer.model is 0.5 MB; large multilingual ones a few MB
 _SPM_DEFAULT_IDS = {40: 0, 41: 1, 42: 2, 43: -1}  # TrainerSpec unk_id, bos_id, eos_id, pad_id (sentencepiece's)
 _SPM_DEFAULT_PIECES = {45: "<unk>", 46: "<s>", 47: "</s>", 48: "<pad>"}
 
@@ -338,10 +338,7 @@ class SpmModel:
 def read_spm(path: Path) -> SpmModel:
     """The pieces and special ids of a SentencePiece model; a CheckpointError naming the file when it is not one."""
     try:
-        size = Path(path).stat().st_size
-        if size > _SPM_MAX:
-            raise CheckpointError(f"{path}: {size} bytes is implausibly large for a SentencePiece model")
-        data = Path(path).read_bytes()
+        data = read_small_bytes(Path(path), CheckpointError, _SPM_MAX)
         pieces, ids, special = [], dict(_SPM_DEFAULT_IDS), dict(_SPM_DEFAULT_PIECES)
         for number, wire, value in _fields(data):
             if number == 1 and wire == 2:
@@ -375,7 +372,7 @@ def _spm_library_check(path: Path) -> None:
     except ImportError:
         return
     try:
-        sentencepiece.SentencePieceProcessor(model_proto=Path(path).read_bytes())
+        sentencepiece.SentencePieceProcessor(model_proto=read_small_bytes(Path(path), CheckpointError, _SPM_MAX))
     except Exception as e:  # noqa: BLE001  (it raises RuntimeError/OSError, varying by version)
         raise CheckpointError(f"{path}: the sentencepiece library cannot load this model: {str(e)[:200]}") from None
 
@@ -400,7 +397,7 @@ def _gpt2_parts(src: TokenizerSource) -> tuple[dict[str, int], list[tuple[str, s
     vocab_path, merges_path = src.files[0][1], src.files[1][1]
     vocab = _load_vocab(vocab_path)
     try:
-        lines = read_small_text(merges_path, CheckpointError, _MAX_BYTES).splitlines()
+        lines = read_small_text(merges_path, CheckpointError, TOKENIZER_MAX_BYTES).splitlines()
     except (OSError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{merges_path}: not a readable merges.txt: {str(e)[:200]}") from None
     merges = []
@@ -415,7 +412,7 @@ def _gpt2_parts(src: TokenizerSource) -> tuple[dict[str, int], list[tuple[str, s
 
 
 def _load_vocab(path: Path) -> dict[str, int]:
-    data = read_json(Path(path), CheckpointError, what="vocab.json", limit=_MAX_BYTES)
+    data = read_json(Path(path), CheckpointError, what="vocab.json", limit=TOKENIZER_MAX_BYTES)
     if not isinstance(data, dict) or not all(type(v) is int and 0 <= v < 1 << 31 for v in data.values()):
         raise CheckpointError(f"{path}: not a GPT-2 vocab.json (a {{token: id}} table)")
     return data
@@ -505,7 +502,7 @@ def spm_tokenizer_json(path: Path) -> bytes | None:
     # through LlamaTokenizerFast. Whichever encodes like SentencePiece is kept.
     for cls in ("PreTrainedTokenizerFast", "LlamaTokenizerFast"):
         with tempfile.TemporaryDirectory() as tmp:
-            (Path(tmp) / "tokenizer.model").write_bytes(Path(path).read_bytes())
+            (Path(tmp) / "tokenizer.model").write_bytes(read_small_bytes(Path(path), CheckpointError, _SPM_MAX))
             (Path(tmp) / "tokenizer_config.json").write_text(json.dumps(
                 {"tokenizer_class": cls, "add_bos_token": False, "add_eos_token": False}))
             try:
@@ -524,7 +521,7 @@ def output_files(src: TokenizerSource, info: TokenizerInfo, max_length: int) -> 
     """The tokenizer files of OUT: the source's files under the names transformers reads, tokenizer.json where it
     can be built, and a tokenizer_config.json naming a class that loads them (transformers 4.x and 5.x)."""
     try:  # (each was read and checked before, under the same bound: a file that grew since is refused)
-        out = {name: read_small_bytes(path, CheckpointError, _MAX_BYTES) for name, path in src.files}
+        out = {name: read_small_bytes(path, CheckpointError, TOKENIZER_MAX_BYTES) for name, path in src.files}
     except OSError as e:
         raise CheckpointError(f"{e.filename}: cannot read: {e.strerror or e}") from None
     if src.kind == HF_JSON:
