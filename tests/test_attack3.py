@@ -61,7 +61,8 @@ _BYTESIO = b"c_io\nBytesIO\n"
     # BUILD applied to the BytesIO stand-in's class itself
     (b"\x80\x02}X\x0e\x00\x00\x00a._extra_state" + _BYTESIO + b"(C\x01xK\x00Ntbs.", "corrupt"),
     # NEWOBJ_EX with keyword arguments, and NEWOBJ with arguments
-    (b"\x80\x04}X\x0e\x00\x00\x00a._extra_state" + _BYTESIO + b")}X\x01\x00\x00\x00kK\x01s\x92(C\x01xK\x00Ntbs.", "corrupt"),
+    (b"\x80\x04}X\x0e\x00\x00\x00a._extra_state" + _BYTESIO + b")}X\x01\x00\x00\x00kK\x01s\x92(C\x01xK\x00Ntbs.",
+     "corrupt"),
     (b"\x80\x02}X\x0e\x00\x00\x00a._extra_state" + _BYTESIO + b"C\x01x\x85\x81s.", "corrupt"),
     # state given twice; a state dict that is not empty; a state whose data is not bytes
     (b"\x80\x02}X\x0e\x00\x00\x00a._extra_state" + _BYTESIO + b")\x81(C\x01xK\x00Ntb(C\x01yK\x00Ntbs.", "twice"),
@@ -125,7 +126,8 @@ def test_one_io_bytesio_shared_by_many_extra_state_keys_is_parsed_once(tmp_path,
     monkeypatch.setattr(zipfile, "ZipFile", Counting)
     entries = read_pt(pt).tensors()
     assert len(entries) == 40
-    assert sum(parsed) <= 2 * len(data), f"{len(parsed)} parses of {len(data)} bytes"
+    size = len(data)
+    assert sum(parsed) <= 2 * size, f"{len(parsed)} parses of a {size}-byte zip"
 
 
 def _te_config(ffn: int | None = None) -> NeoXConfig:
