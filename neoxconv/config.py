@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +71,10 @@ class NeoXConfig:
     sliding_window: int | None = None
     reward_model: bool = False  # NeoX train_impl: rm -> *ForSequenceClassification (rm_linear -> score, 1 label)
     pad_token_id: int | None = None  # merge --pad-token-id; required for reward models (their score's position)
+    # NeoX te_layernorm_mlp: the post-attention norm and MLP are Transformer Engine's LayerNormMLP (tanh gelu, ffn
+    # size not rounded); the files must then hold its keys. Its effect on the output is in activation and
+    # intermediate_size already, so it is not part of the config digest (`plan.fingerprint.config_digest`).
+    te_layernorm_mlp: bool = field(default=False, metadata={"digest": False})
 
     def __post_init__(self) -> None:
         problems = []
@@ -394,7 +398,8 @@ class NeoXConfig:
             raise ConfigError("unsupported NeoX config: " + "; ".join(problems))
         # tanh GELU: gpt-neox's fused bias-gelu, or Transformer Engine's LayerNormMLP (its gelu kernel is the tanh
         # form, TE common/util/math.h, whatever bias_gelu_fusion says)
-        fused = _as_bool(d.get("bias_gelu_fusion", False)) or _as_bool(d.get("te_layernorm_mlp", False))
+        te_mlp = _as_bool(d.get("te_layernorm_mlp", False))
+        fused = _as_bool(d.get("bias_gelu_fusion", False)) or te_mlp
         gated = old_llama_mlp or activation == SWIGLU
         try:
             hidden = _whole(d, "hidden_size")
@@ -405,10 +410,11 @@ class NeoXConfig:
                     hidden, intermediate_size=_whole(d, "intermediate_size"),
                     expansion_factor=d.get("expansion_factor"),
                     multiple_of=_whole(d, "mlp_multiple_of") or 1)
-            else:
+            else:  # TELayerNormMLP takes the size as it is (gpt-neox transformer_engine.py); ParallelMLP rounds it
                 intermediate = ungated_intermediate_size(
                     hidden, intermediate_size=_whole(d, "intermediate_size"),
-                    expansion_factor=d.get("expansion_factor"), multiple_of=_whole(d, "mlp_multiple_of") or 1)
+                    expansion_factor=d.get("expansion_factor"), multiple_of=_whole(d, "mlp_multiple_of") or 1,
+                    rounded=not te_mlp)
             eps_key, eps_default = ("rms_norm_epsilon", NEOX_RMSNORM_EPS) if norm == RMSNORM else \
                 ("layernorm_epsilon", NEOX_LAYERNORM_EPS)
             return cls(
@@ -431,6 +437,7 @@ class NeoXConfig:
                 mlp_bias=False if old_llama_mlp else _as_bool(d.get("use_bias_in_mlp", True)),
                 sliding_window=_whole(d, "sliding_window_width"),
                 reward_model=train_impl == "rm",  # dpo/kto/reinforce train a language model: final_linear
+                te_layernorm_mlp=te_mlp,
             )
         except (TypeError, ValueError, OverflowError) as e:  # int(.inf) is an OverflowError
             raise ConfigError(f"NeoX config has a bad value: {e}") from None
@@ -488,12 +495,13 @@ def gated_intermediate_size(hidden_size: int, *, intermediate_size: Any = None, 
 
 
 def ungated_intermediate_size(hidden_size: int, *, intermediate_size: Any = None, expansion_factor: Any = None,
-                              multiple_of: int = 1) -> int | None:
+                              multiple_of: int = 1, rounded: bool = True) -> int | None:
     """Hugging Face ``intermediate_size`` of a GELU gpt-neox MLP (None: 4 x hidden, nothing set).
 
     gpt-neox's ParallelMLP (since 2024-09): ffn = intermediate_size, or expansion_factor x h, or 4h; linear1's
     rows round up to a multiple of 2 x mlp_multiple_of and linear2's inputs to a multiple of mlp_multiple_of,
     which must agree (else gpt-neox itself cannot run the model). Before 2024-09 the MLP was always 4h.
+    ``rounded=False``: Transformer Engine's LayerNormMLP (te_layernorm_mlp), which takes the size as it is.
     """
     if multiple_of <= 0:
         raise ConfigError(f"mlp_multiple_of must be positive, got {multiple_of}")
@@ -504,8 +512,8 @@ def ungated_intermediate_size(hidden_size: int, *, intermediate_size: Any = None
         ffn = int(float(expansion_factor) * hidden_size)
     else:
         ffn = 4 * hidden_size
-    rows = 2 * multiple_of * -(-ffn // (2 * multiple_of))
-    inputs = multiple_of * -(-ffn // multiple_of)
+    rows = 2 * multiple_of * -(-ffn // (2 * multiple_of)) if rounded else ffn
+    inputs = multiple_of * -(-ffn // multiple_of) if rounded else ffn
     if rows != inputs:
         raise ConfigError(f"intermediate size {intermediate_size or expansion_factor or ffn} with mlp_multiple_of "
                           f"{multiple_of} gives linear1 {rows} rows but linear2 {inputs} inputs: gpt-neox's "

@@ -33,7 +33,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from neoxconv.config import GPT_NEOX, LLAMA, NeoXConfig
-from neoxconv.dtypes import FLOAT_DTYPES, from_f32, to_f32
+from neoxconv.dtypes import FLOAT_DTYPES, FLOAT_EPS, from_f32, to_f32
 from neoxconv.errors import CheckpointError, ConfigError, MergeError
 from neoxconv.source.checkpoint import LayerKind, SourceLayer
 
@@ -554,6 +554,28 @@ def max_divergence(shards: list[np.ndarray], dtype: str) -> float:
         if np.isnan(diff).any():
             return float("nan")
     return worst
+
+
+def rotary_inv_freq_close(config: NeoXConfig, value: np.ndarray, dtype: str) -> bool:
+    """True when ``value`` (numpy bits of ``dtype``) holds the config's frequencies 1 / base^(2i/d) within two
+    units in the last place of ``dtype`` (a saved buffer may be rounded by its writer's arithmetic)."""
+    d = config.rotary_dims
+    want = 1.0 / (float(config.rotary_emb_base) ** (np.arange(0, d, 2, dtype=np.float64) / d))
+    if value.shape != want.shape or dtype not in FLOAT_DTYPES:
+        return False
+    got = (to_f32(value, dtype) if dtype == "bfloat16" else np.asarray(value)).astype(np.float64)
+    return bool(np.all(np.abs(got - want) <= 2 * FLOAT_EPS[dtype] * np.abs(want)))
+
+
+def check_derived(key: str, value: np.ndarray, dtype: str, config: NeoXConfig, where: str) -> None:
+    """A derived buffer a source saved (checked identical on every rank) must be what the config derives: a rotary
+    ``inv_freq`` of another base or width than the config's means the config is not the files' (gpt-neox before
+    2024-03 computed with the saved buffer). A ConfigError naming the key and where it is otherwise."""
+    if key.endswith(".inv_freq") and not rotary_inv_freq_close(config, value, dtype):
+        raise ConfigError(
+            f"{where}: {key!r} holds rotary frequencies ({dtype}, {list(value.shape)}) that the config does not give "
+            f"(head_dim {config.head_dim}, rotary dims {config.rotary_dims}, base {config.rotary_emb_base:g}: "
+            f"{config.rotary_dims // 2} values 1/base^(2i/d)); check rotary_emb_base / rotary_pct in the config")
 
 
 def check_replicas(shards: list[np.ndarray], *, dtype: str, tolerance: float, key: str, ranks: list[str],

@@ -105,8 +105,6 @@ def _many_member_zip(min_bytes: int) -> bytes:
     return buf.getvalue()
 
 
-@pytest.mark.xfail(strict=True, reason="ptfile._extra_state re-parses an io.BytesIO shared by many _extra_state keys "
-                                       "as a zip once per key (_saved_none): time = keys x zip size, from one file")
 def test_one_io_bytesio_shared_by_many_extra_state_keys_is_parsed_once(tmp_path, monkeypatch):
     """A pickle may reference one memoised io.BytesIO from every key: 2000 keys and a 1 MB zip of 11k members took
     87 s in `tensors()` (a 1 MB file). The work must not grow with the number of keys that share the value."""
@@ -135,8 +133,6 @@ def _te_config(ffn: int | None = None) -> NeoXConfig:
                       rotary_pct=0.25, parallel_residual=False, activation="gelu_fast", intermediate_size=ffn)
 
 
-@pytest.mark.xfail(strict=True, reason="config.ungated_intermediate_size rounds the GELU MLP as gpt-neox's ParallelMLP "
-                                       "does, but TELayerNormMLP (te_layernorm_mlp) takes the ffn size unrounded")
 def test_a_te_layernorm_mlp_checkpoint_with_an_odd_ffn_size_merges(tmp_path):
     """gpt-neox ea7aefd8 transformer_engine.py TELayerNormMLP: ffn_dim = intermediate_size (or expansion_factor x h,
     or 4h), passed to TE as is (no mlp_multiple_of rounding): fc1 has 171 rows. Refused today (exit 3, 'ParallelMLP
@@ -155,8 +151,6 @@ def test_a_te_layernorm_mlp_checkpoint_with_an_odd_ffn_size_merges(tmp_path):
         assert torch.equal(merged[k], v), k
 
 
-@pytest.mark.xfail(strict=True, reason="config.py: te_layernorm_mlp: true makes the activation gelu_fast for every "
-                                       "layer, also when the files hold no TE LayerNormMLP (plain MLP keys)")
 def test_te_layernorm_mlp_in_the_config_of_files_without_it_is_not_taken_as_tanh_gelu(tmp_path):
     """A checkpoint with plain MLP keys and bias-gelu-fusion false (exact GELU), under a config that also says
     te_layernorm_mlp: true: gpt-neox with that config would build TELayerNormMLP and could not load these files, so
@@ -224,9 +218,6 @@ def _with_inv_freq(root: Path, make) -> None:
         torch.save(sd, p)
 
 
-@pytest.mark.xfail(strict=True, reason="plan/reshard check a saved inv_freq only across ranks and by shape: an int64 "
-                                       "buffer, or one of another rotary base than the config's, is kept (reshard) "
-                                       "or dropped (merge) with exit 0; split checks HF ones (rotary_inv_freq_close)")
 @pytest.mark.parametrize("command, buffer", [("reshard", "int64"), ("reshard", "base 1000"), ("merge", "base 1000")])
 def test_a_saved_inv_freq_that_contradicts_the_config_is_refused(command, buffer, tmp_path):
     """gpt-neox saves inv_freq as a float (1 / base^(2i/d), in params_dtype or fp32); before 2024-03 it used the
@@ -246,8 +237,6 @@ def test_a_saved_inv_freq_that_contradicts_the_config_is_refused(command, buffer
 
 
 # ----- 4. merge --no-tokenizer's removal of the previous run's files ----------------------------------------------
-@pytest.mark.xfail(strict=True, reason="OutputFolder.finish removes every file the previous manifest lists and this "
-                                       "run does not write, without checking it still holds what was written")
 def test_no_tokenizer_keeps_a_tokenizer_file_the_user_edited(tmp_path):
     """merge, then the user puts their own tokenizer_config.json (a chat template) in OUT, then `merge
     --no-tokenizer` (same source, same recorded options: the resume path) to leave the tokenizer alone: today the

@@ -762,9 +762,11 @@ class OutputFolder:
                 digest = atomic_write(self.file(name), data, hash_algo=self.hash)
                 self.state.files[name] = FileEntry(size=len(data), algo=self.hash, digest=digest)
         self.state.files = {n: self.state.files[n] for n in self._small}
-        for name in self.previous:  # what the last run wrote and this one does not (e.g. --no-tokenizer): gone
+        # what the last run wrote and this one does not (e.g. --no-tokenizer) goes, if it still holds what was
+        # written (a file the user edited since is theirs, as an edited model card is: `hand_over`)
+        for name, entry in self.previous.items():
             if name not in {**self.state.files, **self.state.layers, **self.state.user_files} and self._ours(name) \
-                    and self.dirs.is_file(name):
+                    and self.dirs.is_file(name) and entry.matches(self.dirs, name):
                 self.dirs.remove(name)
         self.state.info = dict(info)
         atomic_write_json(self.file(MANIFEST), self.state.to_json())  # (every folder checked in place first)

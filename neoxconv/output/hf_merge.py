@@ -29,7 +29,7 @@ from neoxconv.config import NeoXConfig
 from neoxconv.dtypes import count_nonfinite
 from neoxconv.errors import CheckpointError, MergeError, OutputError, UsageError, few
 from neoxconv.interrupt import InterruptGuard, deferred_sigint
-from neoxconv.merge import QkvLayout, Rule, check_replicas, merge_tensor
+from neoxconv.merge import QkvLayout, Rule, check_derived, check_replicas, merge_tensor
 from neoxconv.output.finite import report_nonfinite
 from neoxconv.output.folder import (
     HF,
@@ -197,11 +197,14 @@ def _allowed(entry: FileEntry, plan: LayerPlan, options: MergeOptions) -> bool:
     return recorded == json.loads(json.dumps(_layer_meta(plan, {})))
 
 
-def _check_dropped(t: TensorPlan, where: str, reader: Reads) -> None:
-    """Derived buffers are not written, but every rank must hold the same bytes (compared by storage)."""
+def _check_dropped(t: TensorPlan, where: str, reader: Reads, config: NeoXConfig) -> None:
+    """Derived buffers are not written, but every rank must hold the same bytes (compared by storage), and they
+    must be what the config derives (`check_derived`)."""
     if not reader.same(t.shards, key=t.key):
         ranks = ", ".join(r.path.name for r in t.shards)
         raise MergeError(f"{where}: derived buffer differs across ranks for {t.key!r} [{ranks}]")
+    if t.key.endswith(".inv_freq") and math.prod(t.shards[0].shape) <= 1 << 16:  # (a small vector)
+        check_derived(t.key, reader.read(t.shards[0], key=t.key), t.src_dtype, config, where)
 
 
 def _merge_small(t: TensorPlan, tolerance: float, where: str, reader: Reads) -> tuple[np.ndarray, float | None]:
@@ -224,13 +227,13 @@ def _nonfinite(values: np.ndarray, t: TensorPlan, where: str, allow: bool, warni
 
 
 def _write_layer(target: OutFile, plan: LayerPlan, options: MergeOptions, bar, guard: InterruptGuard,
-                 reader: Reads) -> FileEntry:
+                 reader: Reads, config: NeoXConfig) -> FileEntry:
     where = f"{plan.layer.label} [{', '.join(plan.files)}]"
     warnings: list[str] = []
     nonfinite = 0
     small: dict[str, tuple[np.ndarray, float | None]] = {}
     for t in plan.dropped:
-        _check_dropped(t, where, reader)
+        _check_dropped(t, where, reader, config)
     for t in plan.tensors:
         if t.rule in (Rule.SUM, Rule.REPLICATED):
             small[t.key] = _merge_small(t, options.replica_tolerance, where, reader)
@@ -434,7 +437,7 @@ def _merge(src: Path, out: Path, options: MergeOptions, guard: InterruptGuard,
                 bar.set_postfix_str(f"{plan.layer.label} -> {name}", refresh=False)
                 unconfirmed.append((name, None, refs))  # its file is not trusted until its storages pass
                 with reader.scope() as reads:  # checks what the layer read as it closes (or with a later layer)
-                    entry = _write_layer(folder.file(name), plan, options, bar, guard, reads)
+                    entry = _write_layer(folder.file(name), plan, options, bar, guard, reads, config)
                 entry.fingerprint = fingerprints[name]
                 unconfirmed[-1] = (name, entry, refs)
                 confirmed = {n: e for n, e, rs in unconfirmed if e is not None and reader.verified(rs)}

@@ -22,7 +22,15 @@ from neoxconv.config import NeoXConfig
 from neoxconv.dtypes import TORCH_FLOAT_DTYPES, from_f32, tensor_nbytes, to_f32
 from neoxconv.errors import ConfigError, OutputError
 from neoxconv.interrupt import deferred_sigint
-from neoxconv.merge import TE_GENERATIONS, Rule, check_replicas, key_table, merge_tensor, resolve_row_bias
+from neoxconv.merge import (
+    TE_GENERATIONS,
+    Rule,
+    check_derived,
+    check_replicas,
+    key_table,
+    merge_tensor,
+    resolve_row_bias,
+)
 from neoxconv.output.folder import check_out_path
 from neoxconv.output.hashing import DEFAULT_HASH
 from neoxconv.output.neox import (
@@ -238,8 +246,9 @@ def reshard_checkpoint(src: Path, out: Path, options: ReshardOptions) -> WriteRe
         with reader.scope() as reads:  # checked across ranks (replicas within the tolerance) before writing
             for plan in plans:
                 where = f"{plan.layer.label} [{', '.join(plan.files)}]"
-                for t in plan.dropped:  # checked identical on every rank; a derived buffer is kept as it is
+                for t in plan.dropped:  # checked identical on every rank and against the config; kept as it is
                     value = merged_tensor(replace(t, out_dtype=t.src_dtype), tolerance=0.0, where=where, reader=reads)
+                    check_derived(t.key, value, t.src_dtype, config, where)
                     key = table_key(config, plan, t)
                     if key in _kept(saved[plan.layer.index], weights_dtype, dtype):
                         given.setdefault(plan.layer.index, {})[key] = Buffer(t.src_dtype, value)

@@ -35,13 +35,10 @@ import numpy as np
 
 from neoxconv.config import GPT_NEOX, LLAMA, NeoXConfig, ungated_intermediate_size
 from neoxconv.dtypes import (
-    FLOAT_DTYPES,
-    FLOAT_EPS,
     NUMPY_DTYPES,
     TORCH_FLOAT_DTYPES,
     canonical_dtype,
     tensor_nbytes,
-    to_f32,
 )
 from neoxconv.errors import CheckpointError, ConfigError
 from neoxconv.interrupt import deferred_sigint
@@ -57,6 +54,7 @@ from neoxconv.merge import (
     key_table,
     resolve_qkv_split,
     resolve_row_bias,
+    rotary_inv_freq_close,
     shape_of,
     split_segments,
     split_tensor,
@@ -103,17 +101,6 @@ def rotary_inv_freq(config: NeoXConfig, dtype: str) -> np.ndarray:
 
     t = rotary_inv_freq_torch(config, getattr(torch, dtype))
     return t.view(torch.int16).numpy().view(np.uint16) if dtype == "bfloat16" else t.numpy()
-
-
-def rotary_inv_freq_close(config: NeoXConfig, value: np.ndarray, dtype: str) -> bool:
-    """True when ``value`` (numpy bits of ``dtype``) holds the config's frequencies 1 / base^(2i/d) within two
-    units in the last place of ``dtype`` (a saved buffer may be rounded by its writer's arithmetic)."""
-    d = config.rotary_dims
-    want = 1.0 / (float(config.rotary_emb_base) ** (np.arange(0, d, 2, dtype=np.float64) / d))
-    if value.shape != want.shape or dtype not in FLOAT_DTYPES:
-        return False
-    got = (to_f32(value, dtype) if dtype == "bfloat16" else np.asarray(value)).astype(np.float64)
-    return bool(np.all(np.abs(got - want) <= 2 * FLOAT_EPS[dtype] * np.abs(want)))
 
 
 # Rows are streamed ~1 MB at a time: each block is counted for inf/nan, CRC'd and hashed while in the CPU cache.

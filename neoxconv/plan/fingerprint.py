@@ -93,5 +93,8 @@ def file_fingerprint(path: Path, *, safetensors_header: bool = False) -> dict[st
 
 
 def config_digest(config: Any) -> str:
-    """The sha256 of a model config (a dataclass): every output depends on it."""
-    return hashlib.sha256(json.dumps(dataclasses.asdict(config), sort_keys=True).encode()).hexdigest()
+    """The sha256 of a model config (a dataclass): every output depends on it (fields marked
+    ``metadata={"digest": False}`` only through other fields, so they are left out)."""
+    skip = {f.name for f in dataclasses.fields(config) if f.metadata.get("digest") is False}
+    values = {k: v for k, v in dataclasses.asdict(config).items() if k not in skip}
+    return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()

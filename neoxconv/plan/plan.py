@@ -122,7 +122,7 @@ def plan_layer(
     tp = len(shards)
     plan.key_generation = layer_generation(config, layer, shards, files)
     table = key_table(config, layer.kind, plan.key_generation)  # in the files' own spelling
-    te_problem = _transformer_engine_problem(config, set(shards[0]) if shards else set(), tp)
+    te_problem = _transformer_engine_problem(config, set(shards[0]) if shards else set(), tp, layer.kind)
     if te_problem:
         raise (CheckpointError if config.architecture == LLAMA else ConfigError)(
             f"{layer.label}, {files[0]}{' ...' if tp > 1 else ''}: {te_problem}")
@@ -205,9 +205,13 @@ def plan_layer(
     return plan
 
 
-def _transformer_engine_problem(config: NeoXConfig, keys: set[str], tp: int) -> str | None:
+def _transformer_engine_problem(config: NeoXConfig, keys: set[str], tp: int, kind: LayerKind) -> str | None:
     """Why a layer with Transformer Engine modules (told by its keys) cannot be converted as its config says;
     None when it can (or has none)."""
+    if kind is LayerKind.BLOCK and config.te_layernorm_mlp and TE_LAYERNORM_MLP_KEY not in keys:
+        return (f"the config sets te_layernorm_mlp (Transformer Engine's LayerNormMLP: tanh gelu, ffn size as given) "
+                f"but the block holds no {TE_LAYERNORM_MLP_KEY!r}: the config is not this checkpoint's (remove "
+                "te_layernorm_mlp, or pass the config it was trained with)")
     te = keys & te_key_names()
     if config.architecture == LLAMA and (te or any(k.endswith("_extra_state") for k in keys)):
         shown = ", ".join(map(repr, sorted(te or {k for k in keys if k.endswith("_extra_state")})[:4]))

@@ -501,11 +501,12 @@ class PtArchive:
         if not isinstance(node, dict):
             raise CheckpointError(f"{self.path}: expected a dict of tensors, got {type(node).__name__}")
         out: dict[str, TensorRef | ExtraState] = {}
+        empty: dict[int, bool] = {}  # a value shared by many keys (the pickle's memo) is looked at once
         for k, v in node.items():
             if not isinstance(k, str):
                 raise CheckpointError(f"{self.path}: a key is a {type(k).__name__}, not a tensor name (corrupt)")
             if k.endswith(EXTRA_STATE_SUFFIX):
-                out[k] = _extra_state(self.path, k, v)
+                out[k] = _extra_state(self.path, k, v, empty)
             elif isinstance(v, TensorRef):
                 out[k] = v
             else:
@@ -659,9 +660,10 @@ class _BytesIOValue:
 
 
 _MAX_EXTRA_STATE_BYTES = 1 << 20  # TE's fp8 state is a few kB (scales and amax histories per GEMM)
+_SAVED_NONE_MAX = 4096  # torch.save(None) is 1261 bytes (torch 2.13); its archive names make it vary a little
 
 
-def _extra_state(path: Path, key: str, value: Any) -> ExtraState:
+def _extra_state(path: Path, key: str, value: Any, empty: dict[int, bool]) -> ExtraState:
     """The `ExtraState` a ``..._extra_state`` entry holds, in one of the forms TE writes; a CheckpointError naming
     file and key for anything else. Its bytes are compared, never unpickled."""
     if value is None:
@@ -680,7 +682,9 @@ def _extra_state(path: Path, key: str, value: Any) -> ExtraState:
         if len(value.data) > _MAX_EXTRA_STATE_BYTES:
             raise CheckpointError(f"{path}: {_short(key)!r} holds an io.BytesIO of {len(value.data)} bytes; "
                                   "Transformer Engine's fp8 state is a few kB (corrupt or not a TE checkpoint)")
-        return ExtraState(path, key, "io.BytesIO", len(value.data), _saved_none(value.data))
+        if id(value) not in empty:  # torch.save(None) is ~1.3 kB: a bigger zip holds state, never parsed
+            empty[id(value)] = len(value.data) <= _SAVED_NONE_MAX and _saved_none(value.data)
+        return ExtraState(path, key, "io.BytesIO", len(value.data), empty[id(value)])
     raise CheckpointError(
         f"{path}: {_short(key)!r} holds {'bytes' if isinstance(value, bytes) else type(value).__name__}; Transformer "
         "Engine saves extra state as None, a uint8 tensor or an io.BytesIO, so it is refused (corrupt or hostile)")
