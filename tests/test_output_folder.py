@@ -35,6 +35,7 @@ from conftest import (
     assert_manifest_proves,
     cli,
     folder_bytes,
+    make_hf_folder,
     model_files,
     one_line_error,
     poison_pt,
@@ -653,3 +654,29 @@ def test_a_hard_link_planted_as_the_lock_never_changes_the_file_outside_out(merg
     else:
         cli("split", "-q", merged_fixture, out, "--tp", 1)
     assert victim.read_text() == "precious data\n"
+
+
+# ----- 5. folder descriptors --------------------------------------------------------------------------------------
+def test_no_descriptor_is_left_open_by_runs_that_finish_resume_or_are_refused(tmp_path):
+    """Held: merge (written, no-op resume, refused for other options, refused over a foreign folder), split and
+    reshard, in-process: /proc/self/fd counts the same after each round."""
+    if not Path("/proc/self/fd").is_dir():
+        pytest.skip("no /proc/self/fd")
+    hf = make_hf_folder(tmp_path / "hf", dtype=torch.float16, seed=1)
+
+    def round_() -> list[int]:
+        return [cli(*a).exit_code for a in (
+            ("merge", "-q", COMMITTED_FIXTURE, tmp_path / "m"),
+            ("merge", "-q", COMMITTED_FIXTURE, tmp_path / "m", "--dtype", "fp32"),
+            ("merge", "-q", COMMITTED_FIXTURE, tmp_path / "hf"),
+            ("split", "-q", hf, tmp_path / "s", "--tp", 2),
+            ("split", "-q", hf, tmp_path / "m", "--tp", 2),
+            ("reshard", "-q", tmp_path / "s", tmp_path / "r", "--tp", 1),
+        )]
+
+    first = round_()
+    assert first[0] == 0 and first[3] == 0 and first[5] == 0 and 0 not in (first[1], first[2], first[4]), first
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(3):
+        assert round_() == first
+    assert len(os.listdir("/proc/self/fd")) == before

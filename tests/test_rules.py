@@ -18,6 +18,7 @@ from neoxconv.output.hf_merge import MergeOptions, merge_checkpoint
 from neoxconv.plan.plan import plan_layer
 from neoxconv.source.checkpoint import LayerKind, SourceLayer
 from neoxconv.source.ptfile import read_pt
+from neoxconv.tools.synthetic import SyntheticSpec, tiny_config, write_checkpoint
 
 from conftest import COMMITTED_FIXTURE, STEP, cli, merge_fails, one_line_error, rewrite_pt, run_cli
 
@@ -344,3 +345,30 @@ def test_a_tied_config_over_sequential_files_with_a_readout_is_refused_as_for_th
     assert '"no-weight-tying": true' in text
     yml.write_text(text.replace('"no-weight-tying": true', '"no-weight-tying": false'))
     one_line_error(cli("merge", "-q", src, tmp_path / "out"), 4, "no-weight-tying is false", "differ")
+
+
+# ----- 3. reshard's kept rotary buffers ---------------------------------------------------------------------------
+def _with_inv_freq(root: Path, make) -> None:
+    """Every block file's attention.rotary_emb.inv_freq replaced by ``make(original)`` (same on every rank)."""
+    for p in sorted((root / "global_step10").glob("layer_0[2-3]-model_*-model_states.pt")):
+        sd = torch.load(p, weights_only=True)
+        sd["attention.rotary_emb.inv_freq"] = make(sd["attention.rotary_emb.inv_freq"])
+        torch.save(sd, p)
+
+
+@pytest.mark.parametrize("command, buffer", [("reshard", "int64"), ("reshard", "base 1000"), ("merge", "base 1000")])
+def test_a_saved_inv_freq_that_contradicts_the_config_is_refused(command, buffer, tmp_path):
+    """gpt-neox saves inv_freq as a float (1 / base^(2i/d), in params_dtype or fp32); before 2024-03 it used the
+    saved buffer in the forward pass. An int64 [0, 1], or base 1000 under a config of base 10000 (DESIGN 6: the
+    1000-vs-10000 bug), means the config is not the files': reshard writes the buffer on as it is and says
+    rotary_save_freqs_buffer: true; merge writes a model of base 10000."""
+    config = tiny_config(vocab_size=512)
+    write_checkpoint(tmp_path / "src", SyntheticSpec(config=config, tp_degree=2, dtype="float16", step=10))
+    d = config.rotary_dims
+    base1000 = (1.0 / (1000.0 ** (torch.arange(0, d, 2, dtype=torch.float32) / d)))
+    _with_inv_freq(tmp_path / "src", lambda t: torch.arange(t.numel(), dtype=torch.int64) if buffer == "int64"
+                   else base1000.to(t.dtype))
+    args = ("--tp", 1) if command == "reshard" else ()
+    result = cli(command, "-q", tmp_path / "src", tmp_path / "out", *args)
+    assert "Traceback" not in result.output
+    assert result.exit_code != 0 and "inv_freq" in result.output, result.output

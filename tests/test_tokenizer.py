@@ -415,3 +415,21 @@ def test_a_tokenizer_config_naming_tokens_the_tokenizer_lacks_is_refused(make_ch
                    "'<|im_end|>' is not a token of tokenizer.json")
     bad = _hf_tokenizer_folder(tmp_path / "bad", {"chat_template": 42})
     one_line_error(cli("merge", "-q", root, tmp_path / "out2", "--tokenizer", bad), 4, "chat_template")
+
+
+# ----- 4. merge --no-tokenizer's removal of the previous run's files ----------------------------------------------
+def test_no_tokenizer_keeps_a_tokenizer_file_the_user_edited(tmp_path):
+    """merge, then the user puts their own tokenizer_config.json (a chat template) in OUT, then `merge
+    --no-tokenizer` (same source, same recorded options: the resume path) to leave the tokenizer alone: the user's
+    file was deleted. It is kept now, as the model card's rule (`hand_over`) keeps a file that differs from its recorded entry."""
+    from tiny_tokenizer import write_tokenizer
+
+    shutil.copytree(COMMITTED_FIXTURE, tmp_path / "src")
+    write_tokenizer(tmp_path / "src" / "tokenizer.json", ["hello", "world"])
+    assert cli("merge", "-q", tmp_path / "src", tmp_path / "out").exit_code == 0
+    mine = tmp_path / "out" / "tokenizer_config.json"
+    assert mine.is_file()
+    mine.write_text('{"chat_template": "the user\'s own"}')
+    result = cli("merge", "-q", tmp_path / "src", tmp_path / "out", "--no-tokenizer")
+    assert result.exit_code == 0, result.output
+    assert mine.is_file() and "the user's own" in mine.read_text()

@@ -28,14 +28,18 @@ from __future__ import annotations
 import io
 import json
 import pickle
+import zipfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from neoxconv.config import NeoXConfig
-from neoxconv.tools.synthetic import SyntheticSpec, write_root
+from neoxconv.errors import CheckpointError
+from neoxconv.source.ptfile import read_pt
+from neoxconv.tools.synthetic import SyntheticSpec, tiny_config, write_checkpoint, write_root
 
 from conftest import cli, one_line_error
 from hf_reference import hf_logits
@@ -348,3 +352,138 @@ def test_a_deflate_bomb_in_an_io_bytesio_extra_state_is_bounded():
     elapsed, peak = time.perf_counter() - t, tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     assert elapsed < 1 and peak < 8 << 20, (elapsed, peak)
+
+
+# ----- adversary's attacks on the extra-state reader and the TE config flags --------------------------------
+class _RawPickler:
+    """A ``pickle_module.Pickler`` for torch.save that writes the given bytes as data.pkl: torch's own zip layout
+    (what `read_pt` requires) around a pickle written by hand."""
+
+    def __init__(self, f, protocol=None):
+        self.f = f
+
+    def dump(self, obj: bytes) -> None:
+        self.f.write(obj)
+
+
+def _save_raw_pickle(path: Path, payload: bytes) -> Path:
+    torch.save(payload, path, pickle_module=SimpleNamespace(__name__="raw", Pickler=_RawPickler))
+    return path
+
+
+_BYTESIO = b"c_io\nBytesIO\n"
+
+
+@pytest.mark.parametrize("payload, words", [
+    # an io.BytesIO under a weight's key (the allow-listed global outside an _extra_state key)
+    (b"\x80\x02}X\x08\x00\x00\x00w.weight" + _BYTESIO + b")\x81(C\x01xK\x00Ntbs.", "w.weight"),
+    # BUILD applied to the BytesIO stand-in's class itself
+    (b"\x80\x02}X\x0e\x00\x00\x00a._extra_state" + _BYTESIO + b"(C\x01xK\x00Ntbs.", "corrupt"),
+    # NEWOBJ_EX with keyword arguments, and NEWOBJ with arguments
+    (b"\x80\x04}X\x0e\x00\x00\x00a._extra_state" + _BYTESIO + b")}X\x01\x00\x00\x00kK\x01s\x92(C\x01xK\x00Ntbs.",
+     "corrupt"),
+    (b"\x80\x02}X\x0e\x00\x00\x00a._extra_state" + _BYTESIO + b"C\x01x\x85\x81s.", "corrupt"),
+    # state given twice; a state dict that is not empty; a state whose data is not bytes
+    (b"\x80\x02}X\x0e\x00\x00\x00a._extra_state" + _BYTESIO + b")\x81(C\x01xK\x00Ntb(C\x01yK\x00Ntbs.", "twice"),
+    (b"\x80\x02}X\x0e\x00\x00\x00a._extra_state" + _BYTESIO + b")\x81(C\x01xK\x00}X\x01\x00\x00\x00kK\x01stbs.",
+     "corrupt"),
+    (b"\x80\x02}X\x0e\x00\x00\x00a._extra_state" + _BYTESIO + b")\x81(X\x01\x00\x00\x00xK\x00Ntbs.", "corrupt"),
+    # _codecs.encode other than protocol 2's latin1 bytes (utf-8, a non-latin1 text)
+    (b"\x80\x02}X\x0e\x00\x00\x00a._extra_state" + _BYTESIO + b")\x81(c_codecs\nencode\nX\x01\x00\x00\x00x"
+     b"X\x05\x00\x00\x00utf-8\x86RK\x00Ntbs.", "_codecs"),
+    (b"\x80\x02}X\x0e\x00\x00\x00a._extra_state" + _BYTESIO + b")\x81(c_codecs\nencode\nX\x02\x00\x00\x00\xc4\x81"
+     b"X\x06\x00\x00\x00latin1\x86RK\x00Ntbs.", "corrupt"),
+    # bytes (not an io.BytesIO) under an _extra_state key, and a real weight under one
+    (b"\x80\x02}X\x0e\x00\x00\x00a._extra_state" + b"c_codecs\nencode\nX\x01\x00\x00\x00xX\x06\x00\x00\x00latin1"
+     b"\x86Rs.", "bytes"),
+])
+def test_abuse_of_the_te_allow_listed_globals_is_refused_naming_the_file(payload, words, tmp_path):
+    """Held: the new globals (_io.BytesIO, _codecs.encode) do nothing outside the forms torch.save writes."""
+    pt = _save_raw_pickle(tmp_path / "layer_02-model_00-model_states.pt", payload)
+    with pytest.raises(CheckpointError) as e:
+        read_pt(pt).tensors()
+    assert str(pt) in str(e.value) and words in str(e.value), str(e.value)
+
+
+def test_a_real_weight_under_an_extra_state_key_is_refused(tmp_path):
+    pt = tmp_path / "layer_02-model_00-model_states.pt"
+    torch.save({"attention.qkv._extra_state": torch.randn(4, 4)}, pt)
+    with pytest.raises(CheckpointError, match="qkv._extra_state"):
+        read_pt(pt).tensors()
+
+
+def _many_member_zip(min_bytes: int) -> bytes:
+    """A zip holding ``torch.save(None)``'s pickle and many empty members (not a TE state: only its size counts)."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as z:
+        z.writestr("a/data.pkl", pickle.dumps(None, protocol=2))
+        i = 0
+        while buf.tell() * 2 < min_bytes:
+            z.writestr(f"m{i}", b"")
+            i += 1
+    return buf.getvalue()
+
+
+def test_one_io_bytesio_shared_by_many_extra_state_keys_is_parsed_once(tmp_path, monkeypatch):
+    """A pickle may reference one memoised io.BytesIO from every key: 2000 keys and a 1 MB zip of 11k members took
+    87 s in `tensors()` (a 1 MB file). The work must not grow with the number of keys that share the value."""
+    data = _many_member_zip(200_000)
+    pt = tmp_path / "layer_02-model_00-model_states.pt"
+    shared = io.BytesIO(data)  # pickled once, then referenced from the memo by every key
+    torch.save({f"attention.k{i}._extra_state": shared for i in range(40)}, pt)
+    parsed = []
+    real_zipfile = zipfile.ZipFile
+
+    class Counting(real_zipfile):
+        def __init__(self, file, *args, **kwargs):
+            if isinstance(file, io.BytesIO):
+                parsed.append(len(file.getbuffer()))
+            super().__init__(file, *args, **kwargs)
+
+    monkeypatch.setattr(zipfile, "ZipFile", Counting)
+    entries = read_pt(pt).tensors()
+    assert len(entries) == 40
+    size = len(data)
+    assert sum(parsed) <= 2 * size, f"{len(parsed)} parses of a {size}-byte zip"
+
+
+def _te_config(ffn: int | None = None) -> NeoXConfig:
+    return NeoXConfig(num_layers=2, hidden_size=64, num_heads=4, vocab_size=256, max_position_embeddings=64,
+                      rotary_pct=0.25, parallel_residual=False, activation="gelu_fast", intermediate_size=ffn)
+
+
+def test_a_te_layernorm_mlp_checkpoint_with_an_odd_ffn_size_merges(tmp_path):
+    """gpt-neox ea7aefd8 transformer_engine.py TELayerNormMLP: ffn_dim = intermediate_size (or expansion_factor x h,
+    or 4h), passed to TE as is (no mlp_multiple_of rounding): fc1 has 171 rows. It was refused (exit 3, 'ParallelMLP
+    cannot run such a model') though gpt-neox built and trained it."""
+    config = _te_config(171)
+    truth = build_te_checkpoint(tmp_path / "src", config, tp=1, layout="pipeline", modules="mha+lnmlp",
+                                form="bytesio")
+    result = cli("merge", "-q", tmp_path / "src", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    merged = {}
+    for f in (tmp_path / "out").glob("*.safetensors"):
+        merged.update(load_file(f))
+    want = neoxconv_names(truth.state_dict(), tied=False)
+    assert set(merged) == set(want)
+    for k, v in want.items():
+        assert torch.equal(merged[k], v), k
+
+
+def test_te_layernorm_mlp_in_the_config_of_files_without_it_is_not_taken_as_tanh_gelu(tmp_path):
+    """A checkpoint with plain MLP keys and bias-gelu-fusion false (exact GELU), under a config that also says
+    te_layernorm_mlp: true: gpt-neox with that config would build TELayerNormMLP and could not load these files, so
+    the config does not describe them. Today: exit 0 and hidden_act gelu_fast (the tanh form), silently."""
+    config = tiny_config(vocab_size=512, activation="gelu", parallel_residual=False)
+    write_checkpoint(tmp_path / "src", SyntheticSpec(config=config, tp_degree=2, dtype="float32", step=10))
+    yml = tmp_path / "src" / "configs" / "model.yml"
+    text = yml.read_text()
+    assert '"bias-gelu-fusion": false,' in text
+    yml.write_text(text.replace('"bias-gelu-fusion": false,', '"bias-gelu-fusion": false, "te_layernorm_mlp": true,'))
+    result = cli("merge", "-q", tmp_path / "src", tmp_path / "out")
+    assert "Traceback" not in result.output
+    if result.exit_code == 0:  # following the files (exact GELU) would do too
+        assert json.loads((tmp_path / "out" / "config.json").read_text())["hidden_act"] == "gelu"
+    else:
+        assert "te_layernorm_mlp" in result.output, result.output
+

@@ -286,18 +286,6 @@ MOVES = {
  "test_folder_races.py": {
    "*": KEEP,
  },
- "test_attack3.py": {
-   "test_abuse_of_the_te_allow_listed_globals_is_refused_naming_the_file": 'test_transformer_engine.py',
-   "test_a_real_weight_under_an_extra_state_key_is_refused": 'test_transformer_engine.py',
-   "test_one_io_bytesio_shared_by_many_extra_state_keys_is_parsed_once": 'test_transformer_engine.py',
-   "test_a_te_layernorm_mlp_checkpoint_with_an_odd_ffn_size_merges": 'test_transformer_engine.py',
-   "test_te_layernorm_mlp_in_the_config_of_files_without_it_is_not_taken_as_tanh_gelu": 'test_transformer_engine.py',
-   "test_fill_views_straddling_tiny_staging_buffers_give_the_same_bytes": 'test_split_streaming.py',
-   "test_a_saved_inv_freq_that_contradicts_the_config_is_refused": 'test_rules.py',
-   "test_no_tokenizer_keeps_a_tokenizer_file_the_user_edited": 'test_tokenizer.py',
-   "test_no_descriptor_is_left_open_by_runs_that_finish_resume_or_are_refused": 'test_output_folder.py',
-   "*": 'test_output_folder.py',
- },
  # ----- destinations created by this plan (they keep what they hold when the script runs again) -----
  "test_inspect.py": {
    "*": KEEP,
