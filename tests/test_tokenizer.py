@@ -421,7 +421,8 @@ def test_a_tokenizer_config_naming_tokens_the_tokenizer_lacks_is_refused(make_ch
 def test_no_tokenizer_keeps_a_tokenizer_file_the_user_edited(tmp_path):
     """merge, then the user puts their own tokenizer_config.json (a chat template) in OUT, then `merge
     --no-tokenizer` (same source, same recorded options: the resume path) to leave the tokenizer alone: the user's
-    file was deleted. It is kept now, as the model card's rule (`hand_over`) keeps a file that differs from its recorded entry."""
+    file was deleted. It is kept now, as the model card's rule (`hand_over`) keeps a file that differs from its
+    recorded entry."""
     from tiny_tokenizer import write_tokenizer
 
     shutil.copytree(COMMITTED_FIXTURE, tmp_path / "src")

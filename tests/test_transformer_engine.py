@@ -376,7 +376,7 @@ _BYTESIO = b"c_io\nBytesIO\n"
 
 @pytest.mark.parametrize("payload, words", [
     # an io.BytesIO under a weight's key (the allow-listed global outside an _extra_state key)
-    (b"\x80\x02}X\x08\x00\x00\x00w.weight" + _BYTESIO + b")\x81(C\x01xK\x00Ntbs.", "w.weight"),
+    (b"\x80\x02}X\x08\x00\x00\x00w.weight" + _BYTESIO + b")\x81(C\x01xK\x00Ntbs.", "'w.weight' holds an io.BytesIO"),
     # BUILD applied to the BytesIO stand-in's class itself
     (b"\x80\x02}X\x0e\x00\x00\x00a._extra_state" + _BYTESIO + b"(C\x01xK\x00Ntbs.", "corrupt"),
     # NEWOBJ_EX with keyword arguments, and NEWOBJ with arguments

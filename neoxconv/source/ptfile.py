@@ -510,7 +510,8 @@ class PtArchive:
             elif isinstance(v, TensorRef):
                 out[k] = v
             else:
-                raise CheckpointError(f"{self.path}: key {_short(k)!r} holds {type(v).__name__}, not a tensor")
+                what = "an io.BytesIO" if isinstance(v, _BytesIOValue) else type(v).__name__
+                raise CheckpointError(f"{self.path}: key {_short(k)!r} holds {what}, not a tensor")
         return out
 
 
