@@ -536,9 +536,12 @@ def _whole(d: dict[str, Any], key: str, default: int | None = None, *, name: str
     v = d.get(key)
     if v is None or v == "":
         return default
-    if isinstance(v, bool) or (isinstance(v, float) and not v.is_integer()):
-        raise ConfigError(f"{name or key.replace('_', '-')} must be a whole number, got {v!r}")
-    return int(v)
+    if isinstance(v, bool) or (isinstance(v, float) and not v.is_integer()) or not isinstance(v, (int, float, str)):
+        raise ConfigError(f"{name or key.replace('_', '-')} must be a whole number, got {str(v)[:60]!r}")
+    try:
+        return int(v)
+    except ValueError:  # a text that is not a number ("12 heads"); (int(inf) is an OverflowError, handled above)
+        raise ConfigError(f"{name or key.replace('_', '-')} must be a whole number, got {v[:60]!r}") from None
 
 
 def _hf_whole(d: dict[str, Any], key: str, default: int | None = None) -> int:

@@ -324,3 +324,14 @@ def test_a_gelu_mlp_is_sized_as_gpt_neox_sizes_it():
             "norm": "layernorm", "pos-emb": "rotary", "activation": "gelu"}
     assert NeoXConfig.from_neox_dict({**base, "expansion_factor": 3}).ffn_size == 192
     assert NeoXConfig.from_neox_dict(base).ffn_size == 256
+
+
+@pytest.mark.parametrize("bad", [[1, 2], {"a": 1}, "x", "12 heads"])
+def test_a_non_number_where_a_whole_number_goes_names_the_key(bad):
+    """`pad_token_id: [1, 2]` was refused as "int() argument must be ..." without the key's name."""
+    d = {"model_type": "gpt_neox", "num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 4,
+         "vocab_size": 128, "pad_token_id": bad}
+    with pytest.raises(ConfigError, match="pad_token_id must be a whole number"):
+        NeoXConfig.from_hf_dict(d)
+    with pytest.raises(ConfigError, match="num-attention-heads must be a whole number"):
+        NeoXConfig.from_neox_dict({"num-layers": 2, "hidden-size": 64, "num-attention-heads": bad})
