@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 from neoxconv.cli import main
 from neoxconv.config import read_neox_yaml
+from neoxconv.errors import ConfigError
 from neoxconv.output.hf_merge import MergeOptions, merge_checkpoint
 from neoxconv.output.reshard import ReshardOptions, reshard_checkpoint
 
@@ -184,14 +185,23 @@ def test_reshard_keeps_the_source_s_rotary_buffers_byte_for_byte(make_checkpoint
     for name, value in _block_buffers(tmp_path / "fp32" / f"global_step{spec.step}").items():
         assert value.dtype == torch.float32 and torch.equal(value, want), name
 
-    # an fp32 buffer beside fp16 weights (a buffer registered after .half()): kept in fp32, counted as fp32
+    # an fp32 buffer beside fp16 weights (a buffer registered after .half()): kept in fp32 (one ulp off gpt-neox's
+    # values, so a recomputation would show), counted as fp32
+    fp32 = torch.nextafter(want, torch.full_like(want, 2.0))
     for p in sorted(step.glob("layer_0[23]-*")):
         sd = torch.load(p, weights_only=True)
-        sd[_INV] = want * 3  # values fp16 could not hold exactly, identical on every rank
+        sd[_INV] = fp32
         torch.save(sd, p)
     reshard_checkpoint(src, tmp_path / "mixed", ReshardOptions(tp=4, quiet=True))
     for name, value in _block_buffers(tmp_path / "mixed" / f"global_step{spec.step}").items():
-        assert value.dtype == torch.float32 and torch.equal(value, want * 3), name
+        assert value.dtype == torch.float32 and torch.equal(value, fp32), name
+    # one the config does not give (another base) is refused, not carried on
+    for p in sorted(step.glob("layer_0[23]-*")):
+        sd = torch.load(p, weights_only=True)
+        sd[_INV] = want * 3
+        torch.save(sd, p)
+    with pytest.raises(ConfigError, match="rotary frequencies"):
+        reshard_checkpoint(src, tmp_path / "refused", ReshardOptions(tp=4, quiet=True))
 
     bare, _, bare_spec = make_checkpoint(2, "pipeline", "float16", with_inv_freq=False)
     reshard_checkpoint(bare, tmp_path / "bare", ReshardOptions(tp=1, quiet=True))
