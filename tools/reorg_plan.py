@@ -286,6 +286,9 @@ MOVES = {
  "test_folder_races.py": {
    "*": KEEP,
  },
+ "test_attack4.py": {
+   "*": KEEP,
+ },
  # ----- destinations created by this plan (they keep what they hold when the script runs again) -----
  "test_inspect.py": {
    "*": KEEP,
