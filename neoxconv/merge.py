@@ -28,6 +28,7 @@ every command that reads or writes NeoX keys goes through it.
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -557,14 +558,19 @@ def max_divergence(shards: list[np.ndarray], dtype: str) -> float:
 
 
 def rotary_inv_freq_close(config: NeoXConfig, value: np.ndarray, dtype: str) -> bool:
-    """True when ``value`` (numpy bits of ``dtype``) holds the config's frequencies 1 / base^(2i/d) within two
-    units in the last place of ``dtype`` (a saved buffer may be rounded by its writer's arithmetic)."""
+    """True when ``value`` (numpy bits of ``dtype``) holds the config's frequencies 1 / base^(2i/d) as gpt-neox's
+    arithmetic gives them: computed in fp32 (the exponent 2i/d rounded, then pow: a relative error up to about
+    (4 + ln base) fp32 ulps), then stored in ``dtype`` (half an ulp more, and fp16's subnormal spacing for the
+    smallest frequencies of a large base). Another base or width is far outside that."""
     d = config.rotary_dims
-    want = 1.0 / (float(config.rotary_emb_base) ** (np.arange(0, d, 2, dtype=np.float64) / d))
+    base = float(config.rotary_emb_base)
+    want = 1.0 / (base ** (np.arange(0, d, 2, dtype=np.float64) / d))
     if value.shape != want.shape or dtype not in FLOAT_DTYPES:
         return False
     got = (to_f32(value, dtype) if dtype == "bfloat16" else np.asarray(value)).astype(np.float64)
-    return bool(np.all(np.abs(got - want) <= 2 * FLOAT_EPS[dtype] * np.abs(want)))
+    relative = 2 * FLOAT_EPS[dtype] + (4 + math.log(max(base, 1.0))) * FLOAT_EPS["float32"]
+    floor = 2.0**-24 if dtype == "float16" else 0.0  # fp16's subnormal spacing
+    return bool(np.all(np.abs(got - want) <= relative * np.abs(want) + floor))
 
 
 def check_derived(key: str, value: np.ndarray, dtype: str, config: NeoXConfig, where: str) -> None:

@@ -28,7 +28,7 @@ from safetensors.torch import load_file  # noqa: E402
 from neoxconv.cli import main  # noqa: E402
 from neoxconv.output.hashing import hash_file, recorded_hash  # noqa: E402
 from neoxconv.output.hf_merge import MergeOptions, merge_checkpoint  # noqa: E402
-from neoxconv.tools.synthetic import SyntheticSpec, tiny_config  # noqa: E402
+from neoxconv.tools.synthetic import SyntheticSpec, tiny_config, write_checkpoint  # noqa: E402
 
 from neox_checkpoints import NeoXCheckpoint, build_neox_checkpoint  # noqa: E402
 
@@ -350,3 +350,11 @@ def rewrite_safetensors_header(path, text: bytes):
 
 def split_tp2(src, out):
     return cli("split", src, out, "--tp", "2", "-q")
+
+
+@pytest.fixture(scope="session")
+def vocab512_src(tmp_path_factory) -> Path:
+    """A small TP 2 fp32 checkpoint (vocabulary 512, global_step10) without a tokenizer of its own (read-only)."""
+    root = tmp_path_factory.mktemp("vocab512") / "src"
+    write_checkpoint(root, SyntheticSpec(config=tiny_config(vocab_size=512), tp_degree=2, dtype="float32", step=10))
+    return root

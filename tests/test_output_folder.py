@@ -662,15 +662,15 @@ def test_no_descriptor_is_left_open_by_runs_that_finish_resume_or_are_refused(tm
     reshard, in-process: /proc/self/fd counts the same after each round."""
     if not Path("/proc/self/fd").is_dir():
         pytest.skip("no /proc/self/fd")
-    hf = make_hf_folder(tmp_path / "hf", dtype=torch.float16, seed=1)
+    hf_single = make_hf_folder(tmp_path / "hf", dtype=torch.float16, seed=1)
 
     def round_() -> list[int]:
         return [cli(*a).exit_code for a in (
             ("merge", "-q", COMMITTED_FIXTURE, tmp_path / "m"),
             ("merge", "-q", COMMITTED_FIXTURE, tmp_path / "m", "--dtype", "fp32"),
             ("merge", "-q", COMMITTED_FIXTURE, tmp_path / "hf"),
-            ("split", "-q", hf, tmp_path / "s", "--tp", 2),
-            ("split", "-q", hf, tmp_path / "m", "--tp", 2),
+            ("split", "-q", hf_single, tmp_path / "s", "--tp", 2),
+            ("split", "-q", hf_single, tmp_path / "m", "--tp", 2),
             ("reshard", "-q", tmp_path / "s", tmp_path / "r", "--tp", 1),
         )]
 
@@ -680,3 +680,7 @@ def test_no_descriptor_is_left_open_by_runs_that_finish_resume_or_are_refused(tm
     for _ in range(3):
         assert round_() == first
     assert len(os.listdir("/proc/self/fd")) == before
+
+
+
+

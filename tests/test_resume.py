@@ -27,6 +27,7 @@ from neoxconv.errors import OutputError
 from neoxconv.output import writer
 from neoxconv.output.hashing import hash_file
 from neoxconv.output.hf_merge import MergeOptions, merge_checkpoint
+from neoxconv.tools.synthetic import SyntheticSpec, tiny_config, write_checkpoint
 
 from conftest import (
     COMMITTED_FIXTURE,
@@ -658,3 +659,27 @@ def test_resume_over_a_hand_edited_manifest_is_never_an_internal_error(merged_fi
     result = cli("merge", "-q", COMMITTED_FIXTURE, out)
     assert result.exit_code == 0, result.output
     assert json.loads((out / "neoxconv.json").read_text())["layers"][_LAYER] == fresh["layers"][_LAYER]
+
+
+SYNTH_STEP = 10
+
+
+# ----- 3. te_layernorm_mlp out of the config digest ----------------------------------------------------------
+def test_a_resume_under_another_activation_or_te_flag_does_not_keep_stale_output(tmp_path):
+    """Merge with bias-gelu-fusion (gelu_fast); then the same OUT under te_layernorm_mlp: true over files without
+    TE keys (refused, OUT untouched); then bias-gelu-fusion false: config.json and the manifest say exact gelu."""
+    config = tiny_config(vocab_size=512, parallel_residual=False)
+    write_checkpoint(tmp_path / "src", SyntheticSpec(config=config, tp_degree=2, dtype="float32", step=SYNTH_STEP))
+    yml = tmp_path / "src" / "configs" / "model.yml"
+    text = yml.read_text()
+    assert '"bias-gelu-fusion": true,' in text
+    out = tmp_path / "out"
+    assert cli("merge", "-q", tmp_path / "src", out).exit_code == 0
+    before = (out / "config.json").read_bytes()
+    yml.write_text(text.replace('"bias-gelu-fusion": true,', '"bias-gelu-fusion": true, "te_layernorm_mlp": true,'))
+    one_line_error(cli("merge", "-q", tmp_path / "src", out), 3, "te_layernorm_mlp")
+    assert (out / "config.json").read_bytes() == before
+    yml.write_text(text.replace('"bias-gelu-fusion": true,', '"bias-gelu-fusion": false,'))
+    assert cli("merge", "-q", tmp_path / "src", out).exit_code == 0
+    assert json.loads((out / "config.json").read_text())["hidden_act"] == "gelu"
+    assert json.loads((out / "neoxconv.json").read_text())["config"]["activation"] == "gelu"

@@ -13,7 +13,7 @@ import torch
 from neoxconv.config import NeoXConfig
 from neoxconv.dtypes import from_f32, to_f32
 from neoxconv.errors import CheckpointError, MergeError
-from neoxconv.merge import RULES, Rule, merge_tensor, resolve_row_bias, split_tensor
+from neoxconv.merge import RULES, Rule, merge_tensor, resolve_row_bias, rotary_inv_freq_close, split_tensor
 from neoxconv.output.hf_merge import MergeOptions, merge_checkpoint
 from neoxconv.plan.plan import plan_layer
 from neoxconv.source.checkpoint import LayerKind, SourceLayer
@@ -21,6 +21,8 @@ from neoxconv.source.ptfile import read_pt
 from neoxconv.tools.synthetic import SyntheticSpec, tiny_config, write_checkpoint
 
 from conftest import COMMITTED_FIXTURE, STEP, cli, merge_fails, one_line_error, rewrite_pt, run_cli
+
+transformers = pytest.importorskip("transformers")
 
 NEOX_20B_BLOCK_KEYS = {
     "input_layernorm.weight", "input_layernorm.bias",
@@ -372,3 +374,76 @@ def test_a_saved_inv_freq_that_contradicts_the_config_is_refused(command, buffer
     result = cli(command, "-q", tmp_path / "src", tmp_path / "out", *args)
     assert "Traceback" not in result.output
     assert result.exit_code != 0 and "inv_freq" in result.output, result.output
+
+
+SYNTH_STEP = 10
+
+
+# ----- 2. inv_freq against the config ----------------------------------------------------------------------------
+def _gpt_neox_inv_freq(dims: int, base: float) -> torch.Tensor:
+    """gpt-neox ea7aefd8 megatron/model/positional_embeddings.py RotaryEmbedding, in fp32 as it computes it."""
+    return 1.0 / (base ** (torch.arange(0, dims, 2).float() / dims))
+
+
+def _numpy(t: torch.Tensor) -> tuple[np.ndarray, str]:
+    name = str(t.dtype).removeprefix("torch.")
+    return (t.view(torch.uint16).numpy() if t.dtype == torch.bfloat16 else t.numpy()), name
+
+
+def _replace_inv_freq(root: Path, value: torch.Tensor) -> None:
+    for p in sorted((root / f"global_step{SYNTH_STEP}").glob("layer_0[2-3]-model_*-model_states.pt")):
+        sd = torch.load(p, weights_only=True)
+        assert "attention.rotary_emb.inv_freq" in sd
+        sd["attention.rotary_emb.inv_freq"] = value
+        torch.save(sd, p)
+
+
+@pytest.mark.parametrize("hidden, heads, pct, base, dtype", [
+    (6144, 64, 0.25, 10000, torch.float16),   # GPT-NeoX-20B's release: fp16 buffer, 24 rotary dims
+    (6144, 64, 0.25, 10000, torch.bfloat16),
+    (2048, 16, 0.25, 10000, torch.float32),   # Pythia-1.4B: 32 rotary dims
+    (4096, 32, 1.0, 500000, torch.bfloat16),
+])
+def test_real_writers_buffers_pass_the_config_check(hidden, heads, pct, base, dtype):
+    config = NeoXConfig(num_layers=1, hidden_size=hidden, num_heads=heads, vocab_size=512, rotary_pct=pct,
+                        rotary_emb_base=base)
+    value, name = _numpy(_gpt_neox_inv_freq(config.rotary_dims, base).to(dtype))
+    assert rotary_inv_freq_close(config, value, name)
+    wrong, _ = _numpy(_gpt_neox_inv_freq(config.rotary_dims, base / 10).to(dtype))  # another base: caught
+    assert not rotary_inv_freq_close(config, wrong, name)
+
+
+def test_an_fp32_buffer_of_20_rotary_dims_is_not_refused(tmp_path):
+    """Pythia-2.8B's shape (head_dim 80, rotary_pct 0.25: 20 rotary dims) trained in fp32 (or bf16 where the buffer
+    stays fp32): gpt-neox's own fp32 inv_freq, on every rank. Today merge exits 3 ('the config does not give')."""
+    config = tiny_config(vocab_size=512, hidden_size=160, num_heads=2)
+    assert config.rotary_dims == 20
+    write_checkpoint(tmp_path / "src", SyntheticSpec(config=config, tp_degree=2, dtype="bfloat16", step=SYNTH_STEP))
+    _replace_inv_freq(tmp_path / "src", _gpt_neox_inv_freq(20, 10000.0))
+    result = cli("merge", "-q", tmp_path / "src", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+
+
+def test_an_fp16_buffer_of_a_large_rotary_base_is_not_refused(tmp_path):
+    """fp16 training halves the buffer (gpt-neox's _prepare_cache: inv_freq.to(precision)); base 1e6, 16 rotary
+    dims: the last values are fp16 subnormals. Today merge (and reshard) exit 3."""
+    config = tiny_config(vocab_size=512, hidden_size=128, num_heads=2, rotary_emb_base=1_000_000)
+    write_checkpoint(tmp_path / "src", SyntheticSpec(config=config, tp_degree=2, dtype="float16", step=SYNTH_STEP))
+    _replace_inv_freq(tmp_path / "src", _gpt_neox_inv_freq(config.rotary_dims, 1e6).half())
+    result = cli("merge", "-q", tmp_path / "src", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+
+
+@pytest.mark.parametrize("command", ["merge", "reshard"])
+def test_strided_views_and_huge_buffers(command, tmp_path):
+    """A buffer that is a strided view of a larger storage (the right values at every other element) passes; a
+    70000-value buffer is refused by its shape before its values are read (held)."""
+    config = tiny_config(vocab_size=512)
+    write_checkpoint(tmp_path / "src", SyntheticSpec(config=config, tp_degree=2, dtype="float16", step=SYNTH_STEP))
+    right = _gpt_neox_inv_freq(config.rotary_dims, 10000.0).half()
+    _replace_inv_freq(tmp_path / "src", torch.stack([right, torch.zeros_like(right)], 1).reshape(-1)[::2])
+    args = ("--tp", 1) if command == "reshard" else ()
+    result = cli(command, "-q", tmp_path / "src", tmp_path / "ok", *args)
+    assert result.exit_code == 0, result.output
+    _replace_inv_freq(tmp_path / "src", torch.zeros(70000, dtype=torch.float16))
+    one_line_error(cli(command, "-q", tmp_path / "src", tmp_path / "bad", *args), 5, "inv_freq", "70000")

@@ -363,20 +363,13 @@ _CHAT = "{% for m in messages %}<s>[{{ m['role'] }}] {{ m['content'] }}</s>{% en
 
 
 def _hf_tokenizer_folder(folder: Path, config: dict | None, *, jinja: str | None = None) -> Path:
-    """A tokenizer folder as transformers saves one: tokenizer.json with <s> and </s>, its tokenizer_config.json."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    folder.mkdir(parents=True)
-    vocab = {w: i for i, w in enumerate(["<unk>", "<s>", "</s>", "<pad>", "hello", "world", "[user]", "[assistant]"])}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.add_special_tokens(["<s>", "</s>", "<pad>"])
-    tok.save(str(folder / "tokenizer.json"))
-    if config is not None:
-        (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    """A tokenizer folder as transformers saves one (`_tokenizer_folder`, with <s> and </s>), and a
+    chat_template.jinja when given."""
+    path = _tokenizer_folder(folder, ["<unk>", "<s>", "</s>", "<pad>", "hello", "world", "[user]", "[assistant]"],
+                             config)
     if jinja is not None:
         (folder / "chat_template.jinja").write_text(jinja)
-    return folder / "tokenizer.json"
+    return path
 
 
 def test_a_tokenizer_folder_s_special_tokens_and_chat_template_are_carried(make_checkpoint, tmp_path):
@@ -434,3 +427,186 @@ def test_no_tokenizer_keeps_a_tokenizer_file_the_user_edited(tmp_path):
     result = cli("merge", "-q", tmp_path / "src", tmp_path / "out", "--no-tokenizer")
     assert result.exit_code == 0, result.output
     assert mine.is_file() and "the user's own" in mine.read_text()
+
+
+
+
+
+
+# ----- 1. a tokenizer folder's settings ------------------------------------------------------------------------
+def _tokenizer_folder(folder: Path, words: list[str], config: dict | None) -> Path:
+    """A Hugging Face tokenizer folder: a word-level tokenizer.json (the words' ids are their positions; the ones
+    in angle brackets are special) and, when given, its tokenizer_config.json."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    folder.mkdir(parents=True)
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token=words[0]))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.add_special_tokens([w for w in words if w.startswith("<")])
+    tok.save(str(folder / "tokenizer.json"))
+    if config is not None:
+        (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    return folder / "tokenizer.json"
+
+
+def _ids(out: Path) -> tuple[tuple, tuple]:
+    """(config.json's bos/eos ids, AutoTokenizer(OUT)'s bos/eos ids)."""
+    model = json.loads((out / "config.json").read_text())
+    tok = transformers.AutoTokenizer.from_pretrained(out)
+    return (model.get("bos_token_id"), model.get("eos_token_id")), (tok.bos_token_id, tok.eos_token_id)
+
+
+WITH_EOT = ["<|endoftext|>", "<s>", "</s>", "<pad>", "hello", "world"]
+
+
+WITHOUT_EOT = ["<unk>", "<s>", "</s>", "<pad>", "hello", "world"]
+
+
+def test_the_held_case_bos_and_eos_both_given_agree_with_transformers(vocab512_src, tmp_path):
+    """Both special tokens named by the folder: config.json's ids are what transformers loads from OUT (held)."""
+    tok = _tokenizer_folder(tmp_path / "tok", WITHOUT_EOT, {"bos_token": "<s>", "eos_token": {"content": "</s>",
+                                                                                            "__type": "AddedToken",
+                                                                                            "odd": [1]}})
+    assert cli("merge", "-q", vocab512_src, tmp_path / "out", "--tokenizer", tok).exit_code == 0
+    assert _ids(tmp_path / "out") == ((1, 2), (1, 2))
+    # a deliberately wrong id in config.json is what this comparison catches
+    cfg = json.loads((tmp_path / "out" / "config.json").read_text())
+    (tmp_path / "out" / "config.json").write_text(json.dumps({**cfg, "bos_token_id": 0}))
+    model_ids, tok_ids = _ids(tmp_path / "out")
+    assert model_ids != tok_ids
+
+
+def test_a_folder_naming_only_eos_gives_the_same_bos_in_config_and_tokenizer(vocab512_src, tmp_path):
+    """tokenizer.json holds <|endoftext|> (0), <s> (1), </s> (2); its tokenizer_config.json names eos_token </s>
+    only. Today: exit 0, config.json bos 2 / eos 2, AutoTokenizer(OUT) bos 0 / eos 2."""
+    tok = _tokenizer_folder(tmp_path / "tok", WITH_EOT, {"eos_token": "</s>"})
+    assert cli("merge", "-q", vocab512_src, tmp_path / "out", "--tokenizer", tok).exit_code == 0
+    model_ids, tok_ids = _ids(tmp_path / "out")
+    assert model_ids == tok_ids
+
+
+def test_a_folder_naming_only_bos_does_not_leave_config_ids_at_the_default(vocab512_src, tmp_path):
+    """No <|endoftext|> in tokenizer.json, tokenizer_config.json names bos_token <s> only. Today: exit 0,
+    config.json bos 0 / eos 0 (the <unk> token; verify stops generating at it), AutoTokenizer bos 1 / eos None."""
+    tok = _tokenizer_folder(tmp_path / "tok", WITHOUT_EOT, {"bos_token": "<s>"})
+    result = cli("merge", "-q", vocab512_src, tmp_path / "out", "--tokenizer", tok)
+    if result.exit_code != 0:  # refusing a folder whose eos cannot be told is a fix too
+        one_line_error(result, 4, "tokenizer")
+        return
+    (bos, eos), (tok_bos, tok_eos) = _ids(tmp_path / "out")
+    assert bos == tok_bos and eos == tok_eos
+
+
+def test_a_non_utf8_chat_template_jinja_is_a_one_line_error_naming_it(vocab512_src, tmp_path):
+    tok = _tokenizer_folder(tmp_path / "tok", WITHOUT_EOT, {"eos_token": "</s>"})
+    (tmp_path / "tok" / "chat_template.jinja").write_bytes(b"\xff\xfe{{ messages }}")
+    one_line_error(cli("merge", "-q", vocab512_src, tmp_path / "out", "--tokenizer", tok), 4, "chat_template.jinja")
+
+
+@pytest.mark.parametrize("value, words", [
+    (["</s>"], "eos_token"), (2, "eos_token"), ({"special": True}, "eos_token"),
+])
+def test_special_tokens_that_are_not_text_are_refused_naming_the_file(vocab512_src, tmp_path, value, words):
+    tok = _tokenizer_folder(tmp_path / "tok", WITHOUT_EOT, {"eos_token": value})
+    one_line_error(cli("merge", "-q", vocab512_src, tmp_path / "out", "--tokenizer", tok), 4, "tokenizer_config.json",
+                   words)
+
+
+@pytest.mark.parametrize("case", ["deep", "huge", "not-utf8", "list", "dev-zero-link"])
+def test_a_hostile_tokenizer_config_json_is_refused_or_ignored_never_an_internal_error(vocab512_src, tmp_path, case):
+    tok = _tokenizer_folder(tmp_path / "tok", WITHOUT_EOT, None)
+    cfg = tmp_path / "tok" / "tokenizer_config.json"
+    if case == "deep":
+        cfg.write_text("[" * 100_000 + "]" * 100_000)
+    elif case == "huge":
+        with open(cfg, "wb") as f:
+            f.truncate(70_000_000)  # sparse: over the small-file bound
+    elif case == "not-utf8":
+        cfg.write_bytes(b'{"eos_token": "\xff"}')
+    elif case == "list":
+        cfg.write_text('["eos_token", "</s>"]')
+    else:
+        os.symlink("/dev/zero", cfg)
+    result = cli("merge", "-q", vocab512_src, tmp_path / "out", "--tokenizer", tok)
+    if case == "dev-zero-link":  # not a regular file: not read (as if absent)
+        assert result.exit_code == 0, result.output
+    else:
+        one_line_error(result, 4, "tokenizer_config.json")
+
+
+def test_chat_templates_as_named_lists_load_in_transformers(vocab512_src, tmp_path):
+    """A list of {name, template} with an extra key: carried, and transformers takes it (held)."""
+    template = [{"name": "default", "template": "{{ messages[0]['content'] }}", "extra": 1},
+                {"name": "tool_use", "template": "T"}]
+    tok = _tokenizer_folder(tmp_path / "tok", WITHOUT_EOT, {"eos_token": "</s>", "chat_template": template})
+    assert cli("merge", "-q", vocab512_src, tmp_path / "out", "--tokenizer", tok).exit_code == 0
+    loaded = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
+    assert loaded.apply_chat_template([{"role": "user", "content": "hello"}], tokenize=False) == "hello"
+    odd = _tokenizer_folder(tmp_path / "odd", WITHOUT_EOT, {"chat_template": [{"name": "x", "template": 3}]})
+    one_line_error(cli("merge", "-q", vocab512_src, tmp_path / "out2", "--tokenizer", odd), 4, "chat_template")
+
+
+def test_no_tokenizer_still_takes_the_folder_s_ids(vocab512_src, tmp_path):
+    tok = _tokenizer_folder(tmp_path / "tok", WITHOUT_EOT, {"bos_token": "<s>", "eos_token": "</s>"})
+    assert cli("merge", "-q", vocab512_src, tmp_path / "with", "--tokenizer", tok).exit_code == 0
+    assert cli("merge", "-q", vocab512_src, tmp_path / "without", "--tokenizer", tok, "--no-tokenizer").exit_code == 0
+    assert not (tmp_path / "without" / "tokenizer.json").exists()
+    with_cfg = json.loads((tmp_path / "with" / "config.json").read_text())
+    without_cfg = json.loads((tmp_path / "without" / "config.json").read_text())
+    assert (without_cfg["bos_token_id"], without_cfg["eos_token_id"]) == (with_cfg["bos_token_id"],
+                                                                          with_cfg["eos_token_id"]) == (1, 2)
+
+
+
+
+
+
+# ----- 5. finish's removal of the previous run's files ---------------------------------------------------------
+def _tokenized(vocab512_src: Path, tmp_path: Path) -> tuple[Path, Path]:
+    tok = _tokenizer_folder(tmp_path / "tok", WITHOUT_EOT, {"bos_token": "<s>", "eos_token": "</s>"})
+    out = tmp_path / "out"
+    assert cli("merge", "-q", vocab512_src, out, "--tokenizer", tok).exit_code == 0
+    return out, tok
+
+
+@pytest.mark.parametrize("planted", ["folder", "symlink"])
+def test_no_tokenizer_never_removes_a_folder_or_a_link_target(vocab512_src, tmp_path, planted):
+    out, tok = _tokenized(vocab512_src, tmp_path)
+    keep = tmp_path / "precious.json"
+    shutil.copyfile(out / "tokenizer.json", keep)  # same bytes as the manifest records
+    written = keep.read_bytes()
+    (out / "tokenizer.json").unlink()
+    if planted == "folder":
+        (out / "tokenizer.json").mkdir()
+        (out / "tokenizer.json" / "inside").write_text("x")
+    else:
+        os.symlink(keep, out / "tokenizer.json")
+    result = cli("merge", "-q", vocab512_src, out, "--tokenizer", tok, "--no-tokenizer")
+    assert "Traceback" not in result.output and "internal error" not in result.output
+    assert keep.read_bytes() == written
+    assert (out / "tokenizer.json").is_symlink() if planted == "symlink" else (out / "tokenizer.json").is_dir()
+    if planted == "folder":
+        assert (out / "tokenizer.json" / "inside").read_text() == "x"
+
+
+@pytest.mark.parametrize("name", ["../other/config.json", "OTHER_ABS", "sub/config.json", "notes.txt"])
+def test_a_hand_edited_manifest_cannot_make_finish_remove_files_it_did_not_write(vocab512_src, tmp_path, name):
+    """The previous manifest lists a file outside OUT (another output's config.json), one in a subfolder, or a
+    name merge never writes, each with its true size and hash: finish leaves them all (held)."""
+    out, tok = _tokenized(vocab512_src, tmp_path)
+    other = tmp_path / "other"
+    other.mkdir()
+    shutil.copyfile(out / "config.json", other / "config.json")
+    (out / "sub").mkdir()
+    shutil.copyfile(out / "config.json", out / "sub" / "config.json")
+    shutil.copyfile(out / "config.json", out / "notes.txt")
+    name = str(other / "config.json") if name == "OTHER_ABS" else name
+    manifest = json.loads((out / "neoxconv.json").read_text())
+    manifest["files"][name] = dict(manifest["files"]["config.json"])
+    (out / "neoxconv.json").write_text(json.dumps(manifest))
+    result = cli("merge", "-q", vocab512_src, out, "--tokenizer", tok, "--no-tokenizer")
+    assert "Traceback" not in result.output and "internal error" not in result.output, result.output
+    for f in (other / "config.json", out / "sub" / "config.json", out / "notes.txt"):
+        assert f.is_file(), f
+    assert result.exit_code == 0, result.output
+    assert not (out / "tokenizer.json").exists()  # what it did write (and is unchanged) goes

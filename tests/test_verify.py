@@ -6,6 +6,7 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -33,6 +34,8 @@ from conftest import (
     subprocess_env,
     verify_json,
 )
+
+transformers = pytest.importorskip("transformers")
 
 PROMPT_IDS = (12092, 1533, 13, 50, 7000)
 
@@ -498,3 +501,63 @@ def test_verify_names_a_deeply_nested_small_file(merged_fixture_copy, name):
     result = cli("verify", merged_fixture_copy, "--ids", "1,2", "--max-new-tokens", 1)
     assert result.exit_code in (3, 4, 7), result.output
     assert "internal error" not in result.output and name in result.output
+
+
+
+
+
+
+def _copy(merged: Path, tmp_path: Path) -> Path:
+    out = tmp_path / "out"
+    shutil.copytree(merged, out)
+    return out
+
+
+def _index(out: Path) -> dict:
+    return json.loads((out / "model.safetensors.index.json").read_text())
+
+
+@pytest.mark.parametrize("edit", ["list", "number values", "dotdot", "absolute"])
+def test_hostile_index_entries_are_named_by_verify_and_split(merged_fp32, tmp_path, edit):
+    out = _copy(merged_fp32[1], tmp_path)
+    index = _index(out)
+    first = next(iter(index["weight_map"]))
+    outside = tmp_path / "elsewhere" / index["weight_map"][first]
+    outside.parent.mkdir()
+    shutil.copyfile(out / index["weight_map"][first], outside)
+    if edit == "list":
+        index["weight_map"] = list(index["weight_map"])
+    elif edit == "number values":
+        index["weight_map"][first] = 1
+    else:
+        index["weight_map"][first] = str(outside) if edit == "absolute" else f"../elsewhere/{outside.name}"
+    (out / "model.safetensors.index.json").write_text(json.dumps(index))
+    one_line_error(cli("verify", out, "--ids", "1,2", "--max-new-tokens", "1", "--no-manifest"), 7,
+                   "model.safetensors.index.json")
+    one_line_error(cli("split", "-q", out, tmp_path / "neox", "--tp", 1), 4)
+
+
+def test_load_model_does_not_read_weights_outside_out(merged_fp32, tmp_path):
+    from neoxconv.errors import NeoXConvError
+    from neoxconv.runtime.loading import load_model
+
+    out = _copy(merged_fp32[1], tmp_path)
+    index = _index(out)
+    name = next(n for n in index["weight_map"] if "embed_in" in n)
+    (tmp_path / "elsewhere").mkdir()
+    shutil.move(out / index["weight_map"][name], tmp_path / "elsewhere" / index["weight_map"][name])
+    index["weight_map"] = {k: (f"../elsewhere/{v}" if v == index["weight_map"][name] else v)
+                           for k, v in index["weight_map"].items()}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(NeoXConvError, match="model.safetensors.index.json"):
+        load_model(out, device="cpu", dtype="fp32")
+
+
+@pytest.mark.parametrize("manifest", ["[]", '{"layers": [], "files": 1}', "[" * 50_000])
+def test_a_manifest_that_is_not_an_object_is_named_by_verify_and_redone_by_merge(merged_fp32, vocab512_src, tmp_path,
+                                                                                 manifest):
+    out = _copy(merged_fp32[1], tmp_path)
+    (out / "neoxconv.json").write_text(manifest)
+    one_line_error(cli("verify", out, "--ids", "1,2", "--max-new-tokens", "1"), 7, "neoxconv.json")
+    result = cli("merge", "-q", vocab512_src, out)  # not neoxconv's state: OUT is someone else's, refused by name
+    one_line_error(result, 6, str(out))

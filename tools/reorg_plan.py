@@ -254,6 +254,8 @@ MOVES = {
    "*": KEEP,
  },
  "test_output_folder.py": {
+   "test_no_tokenizer_never_removes_a_folder_or_a_link_target": 'test_tokenizer.py',
+   "test_a_hand_edited_manifest_cannot_make_finish_remove_files_it_did_not_write": 'test_tokenizer.py',
    "test_merge_resume_without_allow_nonfinite_redoes_the_nan_layer_and_fails": 'test_resume.py',
    "test_merge_resume_with_a_lower_replica_tolerance_redoes_the_layer_and_fails": 'test_resume.py',
    "test_merge_resume_after_the_config_changed_redoes_every_layer": 'test_resume.py',
@@ -284,9 +286,6 @@ MOVES = {
    "*": KEEP,
  },
  "test_folder_races.py": {
-   "*": KEEP,
- },
- "test_attack4.py": {
    "*": KEEP,
  },
  # ----- destinations created by this plan (they keep what they hold when the script runs again) -----

@@ -14,7 +14,7 @@ from neoxconv.output.hashing import hash_file, recorded_hash
 from neoxconv.progress import format_bytes
 from neoxconv.smallfile import read_json
 from neoxconv.source.checkpoint import model_layers
-from neoxconv.source.hf_folder import read_weight_map
+from neoxconv.source.hf_folder import plain_file_name, read_weight_map
 from neoxconv.source.safetensors import layout_problems, read_header
 
 
@@ -103,13 +103,13 @@ def check_output(out: Path, config: NeoXConfig, *, hashes: bool | None = None,
     else:
         report.notes.append(f"no {MANIFEST} (--no-manifest): headers checked, file contents not proven")
     index_files = sorted(set(weight_map.values()))
-    total = sum((out / f).stat().st_size for f in index_files if _plain(f) and (out / f).is_file())
+    total = sum((out / f).stat().st_size for f in index_files if plain_file_name(f) and (out / f).is_file())
     report.total_bytes = total
     hash_weights = hashes if hashes is not None else total < hash_limit_bytes
     for entries, do_hash in ((weights, hash_weights), (small, True)):  # small files: always hashed
         for name, entry in entries.items():
             path = out / name
-            if not _plain(name) or not isinstance(entry, dict):
+            if not plain_file_name(name) or not isinstance(entry, dict):
                 problems.append(f"{MANIFEST}: bad entry {name!r:.80}")
                 continue
             if not path.is_file():
@@ -136,7 +136,7 @@ def check_output(out: Path, config: NeoXConfig, *, hashes: bool | None = None,
         if added:  # e.g. copied in after a merge without a tokenizer: verify and transformers use it, unchecked
             report.not_proven.append(f"{', '.join(added)}: not in the manifest (added after the merge), not checked")
         user_files = manifest.get("user_files") if isinstance(manifest.get("user_files"), dict) else {}
-        for name in sorted(n for n in user_files if _plain(str(n)) and (out / str(n)).is_file()):
+        for name in sorted(n for n in user_files if plain_file_name(str(n)) and (out / str(n)).is_file()):
             # the model card: the user's to edit (license, intended use); neither weights, config nor tokenizer
             report.notes.append(f"{name}: the model card, yours to edit; not checked")
         unlisted = [f for f in index_files if f not in weights]
@@ -153,7 +153,7 @@ def check_output(out: Path, config: NeoXConfig, *, hashes: bool | None = None,
     read: set[str] = set()  # files whose header was read
     for file in index_files:
         path = out / file
-        if not _plain(file):
+        if not plain_file_name(file):
             problems.append(f"{INDEX}: names {file!r:.80}, which is not a file in this folder")
             continue
         if not path.is_file():
@@ -220,6 +220,3 @@ def _read_by_loaders(name: str) -> bool:
     return name in _LOADER_FILES or (name.startswith("tokenizer") and name.endswith(".json"))
 
 
-def _plain(name: str) -> bool:
-    """A plain file name inside the folder (never a path out of it)."""
-    return bool(name) and name not in (".", "..") and Path(name).name == name

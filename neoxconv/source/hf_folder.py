@@ -201,4 +201,13 @@ def read_weight_map(index: Path, error: type[NeoXConvError]) -> dict[str, str]:
     weight_map = read_json_object(index, error, what="safetensors index").get("weight_map")
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise error(f"{index}: its 'weight_map' is not a {{tensor: file}} table")
+    outside = sorted({v for v in weight_map.values() if not plain_file_name(v)})
+    if outside:  # the index names files of its own folder, never a path elsewhere
+        raise error(f"{index}: its 'weight_map' names {', '.join(repr(v[:80]) for v in outside[:3])}, not file names "
+                    "in its folder")
     return weight_map
+
+
+def plain_file_name(name: str) -> bool:
+    """A file name inside one folder: no folder part, not absolute, not '.' or '..', no NUL."""
+    return bool(name) and name not in (".", "..") and not any(c in name for c in "/\\\0")

@@ -118,7 +118,26 @@ def checked_token_count(path: Path, rows: int | None) -> int | None:
 MODEL_INPUT_NAMES = ["input_ids", "attention_mask"]
 
 
-def tokenizer_config(path: Path, max_length: int) -> dict[str, Any]:
+def hf_special_tokens(path: Path, tokens: int | None) -> TokenizerInfo:
+    """The special tokens of a tokenizer.json, the one answer for OUT's tokenizer_config.json and config.json's ids:
+    gpt-neox's ``<|endoftext|>`` as bos, eos and unk when the tokenizer has it; a Hugging Face tokenizer folder's own
+    (`companion_settings`) instead where it names them (bos defaults to eos, as gpt-neox has it). A folder that
+    names a bos but no eos the tokenizer has is refused: config.json's eos_token_id would be a guess."""
+    data = _load(path)
+    eot = EOS_TEXT if _eos_token_id(path, data) is not None else None
+    carried = companion_settings(path)
+    eos = carried.get("eos_token", eot)
+    bos = carried.get("bos_token", eos)
+    if bos is not None and eos is None:
+        raise CheckpointError(f"{Path(path).parent / COMPANION}: names bos_token {bos!r} but no eos_token, and "
+                              f"{Path(path).name} has no {EOS_TEXT!r}: config.json's eos_token_id cannot be told; add "
+                              "eos_token to it")
+    return TokenizerInfo(tokens=tokens, bos_id=_token_id(data, bos) if bos else None,
+                         eos_id=_token_id(data, eos) if eos else None, bos_token=bos, eos_token=eos,
+                         unk_token=carried.get("unk_token", eot), pad_token=carried.get("pad_token"))
+
+
+def tokenizer_config(path: Path, max_length: int, info: TokenizerInfo) -> dict[str, Any]:
     """A minimal tokenizer_config.json that AutoTokenizer (transformers 4.x and 5.x) accepts.
 
     The class stays PreTrainedTokenizerFast, which uses tokenizer.json as written in both major versions
@@ -129,9 +148,9 @@ def tokenizer_config(path: Path, max_length: int) -> dict[str, Any]:
     """
     cfg: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast", "model_input_names": MODEL_INPUT_NAMES,
                            "model_max_length": max_length}
-    if eos_token_id(path) is not None:
-        cfg.update(bos_token=EOS_TEXT, eos_token=EOS_TEXT, unk_token=EOS_TEXT)
-    cfg.update(companion_settings(path))
+    cfg.update({k: v for k, v in (("bos_token", info.bos_token), ("eos_token", info.eos_token),
+                                  ("unk_token", info.unk_token), ("pad_token", info.pad_token)) if v is not None})
+    cfg.update({k: v for k, v in companion_settings(path).items() if k not in _SPECIAL_TOKENS})  # template, flags
     return cfg
 
 
@@ -176,7 +195,10 @@ def companion_settings(path: Path) -> dict[str, Any]:
             out[key] = raw[key]
     template = raw.get("chat_template")
     if jinja.is_file():  # (transformers prefers the file to the key)
-        template = read_small_text(jinja, CheckpointError, _MAX_TEMPLATE_BYTES)
+        try:
+            template = read_small_text(jinja, CheckpointError, _MAX_TEMPLATE_BYTES)
+        except (OSError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{jinja}: not a readable chat template: {str(e)[:200]}") from None
     if template is not None:
         named = isinstance(template, list) and all(
             isinstance(t, dict) and isinstance(t.get("name"), str) and isinstance(t.get("template"), str)
@@ -245,6 +267,7 @@ class TokenizerInfo:
     bos_token: str | None = None
     eos_token: str | None = None
     unk_token: str | None = None
+    pad_token: str | None = None
 
 
 def _head(path: Path) -> bytes:
@@ -452,19 +475,7 @@ def check_tokenizer(src: TokenizerSource, rows: int | None) -> TokenizerInfo:
     """Every check merge makes of a tokenizer before carrying it: readable, loadable by its library, no more
     tokens than the embedding's ``rows``. Returns its size and special tokens."""
     if src.kind == HF_JSON:
-        tokens = checked_token_count(src.path, rows)
-        eos = eos_token_id(src.path)
-        text = EOS_TEXT if eos is not None else None
-        info = TokenizerInfo(tokens=tokens, bos_id=eos, eos_id=eos, bos_token=text, eos_token=text, unk_token=text)
-        carried = companion_settings(src.path)  # a tokenizer folder's own special tokens win
-        if "eos_token" in carried or "bos_token" in carried:
-            data = _load(src.path)
-            eos_text = carried.get("eos_token", info.eos_token)
-            bos_text = carried.get("bos_token", eos_text)
-            info = TokenizerInfo(tokens=tokens, bos_id=_token_id(data, bos_text) if bos_text else None,
-                                 eos_id=_token_id(data, eos_text) if eos_text else None, bos_token=bos_text,
-                                 eos_token=eos_text, unk_token=carried.get("unk_token", info.unk_token))
-        return info
+        return hf_special_tokens(src.path, checked_token_count(src.path, rows))
     info = _spm_info(src.path) if src.kind == SPM else _gpt2_info(src)
     if info.tokens is not None and rows is not None and info.tokens > rows:
         raise CheckpointError(f"{src.path}: has {info.tokens} tokens but the model's embedding has {rows} rows: "
@@ -525,7 +536,7 @@ def output_files(src: TokenizerSource, info: TokenizerInfo, max_length: int) -> 
     except OSError as e:
         raise CheckpointError(f"{e.filename}: cannot read: {e.strerror or e}") from None
     if src.kind == HF_JSON:
-        out["tokenizer_config.json"] = _json(tokenizer_config(src.path, max_length))
+        out["tokenizer_config.json"] = _json(tokenizer_config(src.path, max_length, info))
         return out
     cfg: dict[str, Any] = {"model_input_names": MODEL_INPUT_NAMES, "model_max_length": max_length}
     cfg.update({k: v for k, v in (("bos_token", info.bos_token), ("eos_token", info.eos_token),
