@@ -468,57 +468,53 @@ class NeoXConfig:
         return problems
 
 
-def gated_intermediate_size(hidden_size: int, *, intermediate_size: Any = None, expansion_factor: Any = None,
-                            multiple_of: int = 1) -> int:
-    """Hugging Face ``intermediate_size`` of a gated (SwiGLU) gpt-neox MLP: its ``ffn_dim_in``.
-
-    gpt-neox's ParallelMLP: ffn = intermediate_size, or expansion_factor x h, or 4h; gated: ffn = int(ffn x 2/3)
-    (linear1's rows, both halves), ffn_in = ffn // 2; then ffn rounds up to a multiple of 2 x mlp_multiple_of
-    and ffn_in to a multiple of mlp_multiple_of. linear1 must hold exactly two halves of ffn_in rows.
+def parallel_mlp_sizes(hidden_size: int, *, intermediate_size: Any = None, expansion_factor: Any = None,
+                       multiple_of: int = 1, gated: bool = False, rounded: bool = True) -> tuple[int, int]:
+    """(linear1's rows, linear2's inputs) as gpt-neox's ParallelMLP computes them (transformer.py, ea7aefd8):
+    ffn = intermediate_size, or expansion_factor x h, or 4h; gated: ffn = int(ffn x 2/3) (both halves) and
+    ffn_in = ffn // 2, else ffn_in = ffn; then ffn rounds up to a multiple of 2 x mlp_multiple_of and ffn_in to a
+    multiple of mlp_multiple_of (``rounded=False``: Transformer Engine's LayerNormMLP, which takes the size as it is).
     """
+    if multiple_of <= 0:
+        raise ConfigError(f"mlp_multiple_of must be positive, got {multiple_of}")
     if intermediate_size:
         ffn = int(intermediate_size)
     elif expansion_factor:
         ffn = int(float(expansion_factor) * hidden_size)
     else:
         ffn = 4 * hidden_size
-    if multiple_of <= 0:
-        raise ConfigError(f"mlp_multiple_of must be positive, got {multiple_of}")
-    ffn = int(ffn * 2 / 3)
-    ffn_in = ffn // 2
-    ffn = 2 * multiple_of * -(-ffn // (2 * multiple_of))
-    ffn_in = multiple_of * -(-ffn_in // multiple_of)
-    if ffn != 2 * ffn_in:
+    if gated:
+        ffn = int(ffn * 2 / 3)
+    ffn_in = ffn // 2 if gated else ffn
+    if not rounded:
+        return ffn, ffn_in
+    return 2 * multiple_of * -(-ffn // (2 * multiple_of)), multiple_of * -(-ffn_in // multiple_of)
+
+
+def gated_intermediate_size(hidden_size: int, *, intermediate_size: Any = None, expansion_factor: Any = None,
+                            multiple_of: int = 1) -> int:
+    """Hugging Face ``intermediate_size`` of a gated (SwiGLU) gpt-neox MLP: its ``ffn_dim_in``
+    (`parallel_mlp_sizes`); linear1 must hold exactly two halves of ffn_in rows."""
+    rows, inputs = parallel_mlp_sizes(hidden_size, intermediate_size=intermediate_size,
+                                      expansion_factor=expansion_factor, multiple_of=multiple_of, gated=True)
+    if rows != 2 * inputs:
         raise ConfigError(f"intermediate size {intermediate_size or expansion_factor} with mlp_multiple_of "
-                          f"{multiple_of} gives linear1 {ffn} rows but linear2 {ffn_in} inputs (not two halves)")
-    return ffn_in
+                          f"{multiple_of} gives linear1 {rows} rows but linear2 {inputs} inputs (not two halves)")
+    return inputs
 
 
 def ungated_intermediate_size(hidden_size: int, *, intermediate_size: Any = None, expansion_factor: Any = None,
                               multiple_of: int = 1, rounded: bool = True) -> int | None:
-    """Hugging Face ``intermediate_size`` of a GELU gpt-neox MLP (None: 4 x hidden, nothing set).
-
-    gpt-neox's ParallelMLP (since 2024-09): ffn = intermediate_size, or expansion_factor x h, or 4h; linear1's
-    rows round up to a multiple of 2 x mlp_multiple_of and linear2's inputs to a multiple of mlp_multiple_of,
-    which must agree (else gpt-neox itself cannot run the model). Before 2024-09 the MLP was always 4h.
-    ``rounded=False``: Transformer Engine's LayerNormMLP (te_layernorm_mlp), which takes the size as it is.
-    """
-    if multiple_of <= 0:
-        raise ConfigError(f"mlp_multiple_of must be positive, got {multiple_of}")
-    given = bool(intermediate_size or expansion_factor)
-    if intermediate_size:
-        ffn = int(intermediate_size)
-    elif expansion_factor:
-        ffn = int(float(expansion_factor) * hidden_size)
-    else:
-        ffn = 4 * hidden_size
-    rows = 2 * multiple_of * -(-ffn // (2 * multiple_of)) if rounded else ffn
-    inputs = multiple_of * -(-ffn // multiple_of) if rounded else ffn
+    """Hugging Face ``intermediate_size`` of a GELU gpt-neox MLP (None: 4 x hidden, nothing set), by
+    `parallel_mlp_sizes` (since 2024-09; before, the MLP was always 4h): linear1's rows and linear2's inputs must
+    agree, else gpt-neox itself cannot run the model."""
+    rows, inputs = parallel_mlp_sizes(hidden_size, intermediate_size=intermediate_size,
+                                      expansion_factor=expansion_factor, multiple_of=multiple_of, rounded=rounded)
     if rows != inputs:
-        raise ConfigError(f"intermediate size {intermediate_size or expansion_factor or ffn} with mlp_multiple_of "
-                          f"{multiple_of} gives linear1 {rows} rows but linear2 {inputs} inputs: gpt-neox's "
-                          "ParallelMLP cannot run such a model")
-    return rows if given or rows != 4 * hidden_size else None
+        size = intermediate_size or expansion_factor or f"4 x {hidden_size}"
+        raise ConfigError(f"intermediate size {size} with mlp_multiple_of {multiple_of} gives linear1 {rows} rows but "
+                          f"linear2 {inputs} inputs: gpt-neox's ParallelMLP cannot run such a model")
+    return rows if intermediate_size or expansion_factor or rows != 4 * hidden_size else None
 
 
 def llama_mlp_intermediate_size(hidden_size: int, intermediate_size: Any = None) -> int:

@@ -425,6 +425,20 @@ def test_merge_out_is_a_dangling_symlink(tmp_path):
     one_line_error(cli("merge", COMMITTED_FIXTURE, tmp_path / "out"), 6, "dangling symlink", "nowhere")
 
 
+def _simulate_read_only(monkeypatch, root: Path) -> None:
+    """Nothing can be created under ``root`` (EROFS), whether opened by path or relative to a folder's fd."""
+
+    real_open = os.open
+
+    def read_only(path, flags, *args, dir_fd=None, **kwargs):
+        where = str(path) if dir_fd is None else os.path.join(os.readlink(f"/proc/self/fd/{dir_fd}"), path)
+        if where.startswith(str(root)) and flags & os.O_CREAT:
+            raise OSError(errno.EROFS, "Read-only file system", where)
+        return real_open(path, flags, *args, dir_fd=dir_fd, **kwargs)
+
+    monkeypatch.setattr(os, "open", read_only)
+
+
 def test_merge_out_on_a_read_only_filesystem(tmp_path, monkeypatch):
     """Really read-only where the machine lets an unprivileged user namespace mount one; simulated else."""
     ro = tmp_path / "ro"
@@ -440,18 +454,9 @@ def test_merge_out_on_a_read_only_filesystem(tmp_path, monkeypatch):
         assert f"{ro}/out" in result.stderr and "Read-only file system" in result.stderr
         assert "internal error" not in result.stderr
     # simulated: the folder exists, but nothing can be created in it
-    import errno
 
     (ro / "out").mkdir()
-    real_open = os.open
-
-    def read_only(path, flags, *args, dir_fd=None, **kwargs):  # files are created relative to a folder's fd
-        where = str(path) if dir_fd is None else os.path.join(os.readlink(f"/proc/self/fd/{dir_fd}"), path)
-        if where.startswith(str(ro)) and flags & os.O_CREAT:
-            raise OSError(errno.EROFS, "Read-only file system", where)
-        return real_open(path, flags, *args, dir_fd=dir_fd, **kwargs)
-
-    monkeypatch.setattr(os, "open", read_only)
+    _simulate_read_only(monkeypatch, ro)
     one_line_error(cli("merge", COMMITTED_FIXTURE, ro / "out"), 6, ro / "out", "Read-only file system")
 
 
@@ -626,15 +631,7 @@ def test_split_reshard_out_on_a_read_only_filesystem(writer_command, tmp_path, m
         assert f"{ro}/out" in result.stderr and "Read-only file system" in result.stderr
         assert "internal error" not in result.stderr
     (ro / "out").mkdir()  # simulated: the folder exists, but nothing can be created in it
-    real_open = os.open
-
-    def read_only(path, flags, *args, dir_fd=None, **kwargs):  # files are created relative to a folder's fd
-        where = str(path) if dir_fd is None else os.path.join(os.readlink(f"/proc/self/fd/{dir_fd}"), path)
-        if where.startswith(str(ro)) and flags & os.O_CREAT:
-            raise OSError(errno.EROFS, "Read-only file system", where)
-        return real_open(path, flags, *args, dir_fd=dir_fd, **kwargs)
-
-    monkeypatch.setattr(os, "open", read_only)
+    _simulate_read_only(monkeypatch, ro)
     one_line_error(cli(name, src, ro / "out", "--tp", "2"), 6, ro / "out", "Read-only file system")
 
 

@@ -165,6 +165,17 @@ CASES = {  # modules, TP, layout, residual, extra-state form
 }
 
 
+def _assert_merged_is(out: Path, truth) -> None:
+    """Every tensor of the merged folder ``out`` equals the truth model's (transformers' names), bit for bit."""
+    merged = {}
+    for f in out.glob("*.safetensors"):
+        merged.update(load_file(f))
+    want = neoxconv_names(truth.state_dict(), tied=False)
+    assert set(merged) == set(want)
+    for k, v in want.items():
+        assert torch.equal(merged[k], v), k
+
+
 @pytest.mark.parametrize("case", CASES)
 def test_merge_of_te_checkpoints_gives_transformers_logits(case, tmp_path):
     modules, tp, layout, residual, form = CASES[case]
@@ -173,13 +184,7 @@ def test_merge_of_te_checkpoints_gives_transformers_logits(case, tmp_path):
     result = cli("merge", "-q", tmp_path / "src", tmp_path / "out")
     assert result.exit_code == 0, result.output
     assert "fp8" not in result.output  # empty extra state: nothing to say
-    merged = {}
-    for f in (tmp_path / "out").glob("*.safetensors"):
-        merged.update(load_file(f))
-    want = neoxconv_names(truth.state_dict(), tied=False)
-    assert set(merged) == set(want)
-    for k, v in want.items():
-        assert torch.equal(merged[k], v), k
+    _assert_merged_is(tmp_path / "out", truth)
     torch.testing.assert_close(_merged_logits(tmp_path / "out", config), hf_logits(truth, IDS), rtol=1e-4, atol=1e-4)
     info = json.loads(cli("inspect", "--json", tmp_path / "src").output)
     want_generation = {"mha+lnmlp": "te_mha+te_layernorm_mlp", "mha": "te_mha", "lnmlp": "te_layernorm_mlp",
@@ -461,13 +466,7 @@ def test_a_te_layernorm_mlp_checkpoint_with_an_odd_ffn_size_merges(tmp_path):
                                 form="bytesio")
     result = cli("merge", "-q", tmp_path / "src", tmp_path / "out")
     assert result.exit_code == 0, result.output
-    merged = {}
-    for f in (tmp_path / "out").glob("*.safetensors"):
-        merged.update(load_file(f))
-    want = neoxconv_names(truth.state_dict(), tied=False)
-    assert set(merged) == set(want)
-    for k, v in want.items():
-        assert torch.equal(merged[k], v), k
+    _assert_merged_is(tmp_path / "out", truth)
 
 
 def test_te_layernorm_mlp_in_the_config_of_files_without_it_is_not_taken_as_tanh_gelu(tmp_path):
