@@ -444,13 +444,17 @@ def test_split_refuses_a_source_file_rewritten_after_its_header_was_checked(merg
 
     model = HFModel(merged_out)
     layer, layer_names = next(iter(plan_hf_folder(model).names.items()))
-    file = model.tensors[next(iter(layer_names.values()))].file
-    assert model.read_layer(layer_names, torch.float32)  # unchanged: read
-    data = file.read_bytes()
-    file.write_bytes(data)  # same size, same bytes, but written: its data is no longer the checked file's
-    os.utime(file, ns=(model.states[file].mtime_ns, model.states[file].mtime_ns))  # even with the mtime put back
-    with pytest.raises(CheckpointError, match=f"{file.name}: changed while neoxconv read it"):
-        model.read_layer(layer_names, torch.float32)
+    name = next(iter(layer_names.values()))
+    file = model.tensors[name].file
+    with model.open_rows() as rows:  # split's reader
+        assert rows.rows(name, 0, 1, "float32").size
+        rows.check_unchanged()  # unchanged: fine
+        data = file.read_bytes()
+        file.write_bytes(data)  # same size, same bytes, but written: its data is no longer the checked file's
+        os.utime(file, ns=(model.states[file].mtime_ns, model.states[file].mtime_ns))  # even with the mtime back
+        rows.rows(name, 0, 1, "float32")
+        with pytest.raises(CheckpointError, match=f"{file.name}: changed while neoxconv read it"):
+            rows.check_unchanged()
 
 
 def _redirect_member(path: Path, key: str, to_key: str) -> None:

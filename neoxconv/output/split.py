@@ -83,23 +83,16 @@ log = logging.getLogger(__name__)
 
 
 # ----- the inverse rules (declared once, in neoxconv.merge: `split_tensor`, `join_split`), streamed -----------
-def rotary_inv_freq_torch(config: NeoXConfig, dtype):
-    """gpt-neox's RotaryEmbedding buffer: 1 / base^(2i/d) in fp32, then ``dtype`` (a torch dtype)."""
-    import torch
-
-    d = config.rotary_dims
-    return (1.0 / (config.rotary_emb_base ** (torch.arange(0, d, 2).float() / d))).to(dtype)
-
-
 def rotary_inv_freq(config: NeoXConfig, dtype: str) -> np.ndarray:
-    """`rotary_inv_freq_torch` as numpy bits (bfloat16 as uint16).
+    """gpt-neox's RotaryEmbedding buffer, 1 / base^(2i/d) in fp32, then ``dtype``, as numpy bits (bfloat16 as uint16).
 
     Computed by torch, as gpt-neox computes it (torch's vectorised fp32 ``pow`` is not numpy's, and the bytes
     must be gpt-neox's). Needed only where no source carries the buffer: a split for a gpt-neox older than
     2024-03 (``--key-names 20b``), or a reshard that changes the dtype; everywhere else no torch is imported."""
     import torch
 
-    t = rotary_inv_freq_torch(config, getattr(torch, dtype))
+    d = config.rotary_dims
+    t = (1.0 / (config.rotary_emb_base ** (torch.arange(0, d, 2).float() / d))).to(getattr(torch, dtype))
     return t.view(torch.int16).numpy().view(np.uint16) if dtype == "bfloat16" else t.numpy()
 
 

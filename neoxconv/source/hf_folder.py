@@ -8,7 +8,6 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -24,9 +23,6 @@ from neoxconv.source.safetensors import (
     read_header,
 )
 from neoxconv.source.storage import cached_fd, pread_exactly
-
-if TYPE_CHECKING:  # torch stays off the merge path, which plans through neoxconv.plan
-    import torch
 
 
 @dataclass
@@ -101,30 +97,6 @@ class HFModel:
             return Path(explicit)
         p = self.folder / "tokenizer.json"
         return p if p.is_file() else None
-
-    def read_layer(self, names: dict[str, str], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-        """{NeoX key: tensor} for one layer's HF names, cast to ``dtype``.
-
-        The tensors are copies, read while each file was as it was when its header was checked (else a
-        CheckpointError: the file changed since). Each file is opened for this call only: a safetensors handle
-        keeps its whole file mapped until it is closed.
-        """
-        from safetensors import SafetensorError, safe_open
-
-        by_file: dict[Path, list[tuple[str, str]]] = {}
-        for key, name in names.items():
-            by_file.setdefault(self.tensors[name].file, []).append((key, name))
-        out: dict[str, torch.Tensor] = {}
-        for file, items in by_file.items():
-            try:
-                with safe_open(str(file), framework="pt") as f:
-                    for key, name in items:
-                        out[key] = f.get_tensor(name).to(dtype, copy=True)  # our copy: the file may change later
-            except (OSError, SafetensorError) as e:
-                raise CheckpointError(
-                    f"{file}: cannot read the tensors of {', '.join(n for _, n in items)}: {e}") from None
-            check_unchanged(file, self.states[file])  # what we hold is what the checked header describes
-        return out
 
     def open_rows(self) -> HFRows:
         """A reader of row blocks (``with hf.open_rows() as rows: rows.rows(name, start, count, dtype)``)."""

@@ -70,11 +70,6 @@ def token_count(path: Path) -> int | None:
     return _token_count(_load(path))
 
 
-def eos_token_id(path: Path) -> int | None:
-    """The id of ``<|endoftext|>`` (0 for GPT-NeoX-20B), from added_tokens or the vocabulary."""
-    return _eos_token_id(path, _load(path))
-
-
 def _library_check(path: Path, text: str) -> None:
     """Refuse a file that the ``tokenizers`` library (what transformers and ``verify`` load it with) cannot
     load; nothing to check when the library is not installed."""
